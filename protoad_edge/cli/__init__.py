@@ -1,0 +1,1 @@
+"""Thin click wrappers over the Python API; the shared error handling lives in ``common``."""

@@ -1,0 +1,41 @@
+"""What every CLI shares: user errors become one line on stderr and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Any, Callable, TypeVar
+
+import click
+
+from ..errors import ProtoADError
+
+F = TypeVar("F", bound=Callable[..., Any])
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def fail(message: str, code: int = EXIT_USER_ERROR) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def user_errors(func: F) -> F:
+    """Turn ProtoADError (and the OS errors of files the user named) into one clear line."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except ProtoADError as exc:
+            fail(str(exc))
+        except KeyboardInterrupt:
+            fail("interrupted", EXIT_INTERRUPTED)
+        except (PermissionError, IsADirectoryError, NotADirectoryError, FileNotFoundError) as exc:
+            fail(f"{exc.strerror}: {exc.filename}")
+        except OSError as exc:
+            if exc.filename:
+                fail(f"{exc.strerror or exc}: {exc.filename}")
+            raise
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,64 @@
+"""``protoad-export``: build prototypes from normal images and export the whole network to ONNX."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from .common import user_errors
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--category", required=True, help="Category to build (e.g. bottle, cable, or the built-in demo).")
+@click.option("--data-root", type=click.Path(path_type=Path), default=None,
+              help="Dataset root. Default: $PROTOAD_DATA, then ./data.")
+@click.option("--dataset", type=click.Choice(["mvtec", "btad", "folder"]), default="mvtec", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=Path("models"), show_default=True)
+@click.option("--weights", default="imagenet", show_default=True,
+              help="imagenet (torchvision download), none (seeded random, offline) or PATH to a state_dict.")
+@click.option("--feature-upsample", type=click.Choice(["bilinear", "nearest"]), default="bilinear", show_default=True,
+              help="bilinear = paper text; nearest = the authors' released code.")
+@click.option("--max-prototypes", type=click.IntRange(min=2), default=10_000, show_default=True,
+              help="Take the first FINCH partition with fewer clusters than this.")
+@click.option("--val-split", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.1, show_default=True,
+              help="Share of normal training images held out to set thresholds.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resize", type=click.IntRange(min=32), default=256, show_default=True)
+@click.option("--crop", type=click.IntRange(min=32), default=224, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--threads", type=click.IntRange(min=0), default=0, help="CPU threads for torch (0 = all cores).")
+@user_errors
+def main(category: str, data_root: Path | None, dataset: str, out: Path, weights: str, feature_upsample: str,
+         max_prototypes: int, val_split: float, device: str, seed: int, resize: int, crop: int,
+         batch_size: int, threads: int) -> None:
+    """Learn prototypes from normal images and write OUT/CATEGORY.onnx, .json and .prototypes.npy."""
+    import torch
+
+    from ..build import BuildConfig, build
+
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    report = build(
+        BuildConfig(category=category, data_root=data_root, dataset=dataset, out=out, weights=weights,
+                    feature_upsample=feature_upsample, max_prototypes=max_prototypes, val_split=val_split,
+                    device=device, seed=seed, resize=resize, crop=crop, batch_size=batch_size),
+        log=click.echo,
+    )
+    info = report.info
+    click.echo("\nsummary")
+    click.echo(f"  images        train {report.images['train']}, held out {report.images['held_out']}, test {report.images['test']}")
+    click.echo(f"  patch vectors {report.vectors:,} x 1792")
+    click.echo(f"  FINCH levels  {' -> '.join(f'{c:,}' for c in report.finch_counts)}  (K = {info.num_prototypes:,})")
+    click.echo("  time          " + ", ".join(f"{k} {v:.1f} s" for k, v in report.stage_seconds.items()))
+    click.echo(f"  ONNX parity   max |onnxruntime - PyTorch| = {report.parity:.2e} (tolerance 1e-4)")
+    click.echo(f"  thresholds    image {info.image_threshold:.5f}, pixel {info.pixel_threshold:.5f}")
+    m = report.test_metrics
+    if m:
+        line = f"  test          image AUROC {100 * m['image_auroc']:.1f}"
+        if "pixel_auroc" in m:
+            line += f", pixel AUROC {100 * m['pixel_auroc']:.1f}"
+        line += f"; F1-optimal image threshold {m['image_f1_threshold']:.5f} (F1 {m['image_f1']:.3f})"
+        click.echo(line)
+    click.echo("  files         " + ", ".join(str(f) for f in report.files))

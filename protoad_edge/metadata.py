@@ -1,0 +1,108 @@
+"""What a runtime needs to know about a model, stored in the ONNX ``metadata_props`` and in
+``NAME.json`` beside it (same content, readable by people). No torch here: the runtime reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .atomic import write_text_atomic
+from .errors import ProtoADError
+from .preprocess import Preprocess
+
+FORMAT = "protoad-edge/1"
+INPUT_NAME = "image"
+MAP_NAME = "anomaly_map"
+SCORE_NAME = "score"
+
+
+@dataclass
+class ModelInfo:
+    """Everything about an exported model that is not its weights."""
+
+    category: str
+    resize: int
+    crop: int
+    backbone: str
+    weights: str
+    feature_upsample: str
+    num_prototypes: int
+    image_threshold: float
+    pixel_threshold: float
+    threshold_rule: str = ""
+    blur_sigma: float = 4.0
+    input_name: str = INPUT_NAME
+    # The network input: N x 3 x crop x crop, RGB, float32 pixel values 0-255.
+    input_layout: str = "NCHW"
+    input_channels: str = "RGB"
+    input_range: str = "0-255"
+    outputs: list[str] = field(default_factory=lambda: [MAP_NAME, SCORE_NAME])
+    opset: int = 17
+    seed: int = 0
+    toolkit_version: str = __version__
+    format: str = FORMAT
+    # Filled when a TensorRT engine is built from this model (engines are not portable).
+    tensorrt_version: str = ""
+    gpu_name: str = ""
+    precision: str = ""
+    # Free-form facts about the build (images, levels, timings, parity): informative only.
+    build: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return Preprocess(resize=self.resize, crop=self.crop)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_props(self) -> dict[str, str]:
+        """ONNX metadata_props: one string per field (JSON-encoded)."""
+        return {k: json.dumps(v) for k, v in self.to_dict().items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "metadata") -> "ModelInfo":
+        if data.get("format") != FORMAT:
+            raise ProtoADError(f"{source}: not a protoad-edge model (format {data.get('format')!r}, expected {FORMAT!r})")
+        known = {f.name for f in fields(cls)}
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as exc:
+            raise ProtoADError(f"{source}: incomplete metadata ({exc})") from None
+
+    @classmethod
+    def from_props(cls, props: dict[str, str], source: str = "ONNX metadata") -> "ModelInfo":
+        try:
+            data = {k: json.loads(v) for k, v in props.items()}
+        except json.JSONDecodeError as exc:
+            raise ProtoADError(f"{source}: metadata is not valid JSON ({exc})") from None
+        return cls.from_dict(data, source)
+
+    def save_json(self, path: str | os.PathLike) -> Path:
+        return write_text_atomic(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load_json(cls, path: str | os.PathLike) -> "ModelInfo":
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ProtoADError(f"model sidecar not found: {path}") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ProtoADError(f"cannot read model sidecar {path}: {exc}") from None
+        if not isinstance(data, dict):
+            raise ProtoADError(f"model sidecar {path} is not a JSON object")
+        return cls.from_dict(data, str(path))
+
+
+def sidecar_path(model_path: str | os.PathLike) -> Path:
+    """``models/cable.onnx``, ``models/cable.plan`` and ``models/cable.fp16.onnx`` -> ``models/cable.json``."""
+    p = Path(model_path)
+    name = p.name
+    for suffix in (".fp16.onnx", ".onnx", ".plan", ".engine", ".prototypes.npy"):
+        if name.endswith(suffix):
+            return p.with_name(name[: -len(suffix)] + ".json")
+    return p.with_suffix(".json")

@@ -1,0 +1,73 @@
+"""Shared fixtures: small real model bundles built with the project's own code (weights none, offline)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+TINY_CROP = 64
+TINY_RESIZE = 72
+
+
+@pytest.fixture(scope="session")
+def torch_threads() -> None:
+    torch = pytest.importorskip("torch")
+    torch.set_num_threads(2)
+
+
+def make_bundle(out: Path, name: str = "tiny", crop: int = TINY_CROP, resize: int = TINY_RESIZE,
+                k: int = 48, upsample: str = "bilinear", seed: int = 0) -> Path:
+    """Export NAME.onnx/.json/.prototypes.npy from random-weight features of synthetic images.
+
+    Prototypes are real normalised patch features of smooth 'normal' images, so noisy images score
+    higher - enough structure for runtime tests, in a few seconds.
+    """
+    import torch
+
+    from protoad_edge.export.onnx import export_onnx
+    from protoad_edge.features import BACKBONE, PatchFeatures, build_backbone
+    from protoad_edge.metadata import ModelInfo
+    from protoad_edge.network import L2Norm, ProtoADNet
+    from protoad_edge.preprocess import to_batch
+    from protoad_edge.runtime.ort_backend import OrtBackend
+    from protoad_edge.thresholds import from_normal_maps
+
+    rng = np.random.default_rng(seed)
+    backbone, _ = build_backbone("none", seed)
+    features = PatchFeatures(backbone, crop, upsample)
+    normal = normal_crops(6, crop, seed)
+    with torch.no_grad():
+        f = L2Norm()(features(torch.from_numpy(to_batch(normal)))).permute(0, 2, 3, 1).reshape(-1, 1792).numpy()
+    prototypes = f[rng.choice(len(f), size=k, replace=False)]
+    net = ProtoADNet(features, torch.from_numpy(prototypes), crop).eval()
+    info = ModelInfo(category=name, resize=resize, crop=crop, backbone=BACKBONE, weights="none",
+                     feature_upsample=upsample, num_prototypes=k, image_threshold=0.0, pixel_threshold=0.0, seed=seed)
+    out.mkdir(parents=True, exist_ok=True)
+    onnx_path = export_onnx(net, info, out / f"{name}.onnx")
+    maps = OrtBackend(onnx_path, providers=["CPUExecutionProvider"]).infer(to_batch(normal))[0]
+    t = from_normal_maps(maps)
+    info.image_threshold, info.pixel_threshold, info.threshold_rule = t.image, t.pixel, t.rule
+    export_onnx(net, info, onnx_path)
+    info.save_json(out / f"{name}.json")
+    np.save(out / f"{name}.prototypes.npy", prototypes)
+    return onnx_path
+
+
+def normal_crops(n: int, crop: int, seed: int = 0) -> np.ndarray:
+    """Smooth gradient 'parts' with mild noise: uint8 [n,crop,crop,3]."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:crop, 0:crop] / crop
+    out = []
+    for _ in range(n):
+        base = 120 + 60 * np.sin(2 * np.pi * (xx * rng.uniform(1, 2) + yy * rng.uniform(0, 1)))
+        img = base[..., None] + np.array([10, 0, -10]) + rng.normal(0, 3, (crop, crop, 3))
+        out.append(np.clip(img, 0, 255).astype(np.uint8))
+    return np.stack(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory, torch_threads: None) -> Path:
+    """A small exported bundle (crop 64, K 48): ``.../tiny.onnx`` with ``tiny.json`` beside it."""
+    return make_bundle(tmp_path_factory.mktemp("tiny_model"))
