@@ -108,7 +108,10 @@ def build_backbone(weights: str = "imagenet", seed: int = 0) -> tuple[Backbone, 
         state, desc = _file_state_dict(Path(weights))
     backbone = Backbone(full)
     kept = {k: v for k, v in state.items() if not k.startswith(("layer4.", "fc."))}
-    missing, unexpected = backbone.load_state_dict(kept, strict=False)
+    try:
+        missing, unexpected = backbone.load_state_dict(kept, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise ProtoADError(f"--weights {weights}: not a wide_resnet50_2 state_dict ({str(exc).splitlines()[-1].strip()})") from None
     if missing or unexpected:
         raise ProtoADError(
             f"--weights {weights}: not a wide_resnet50_2 state_dict "

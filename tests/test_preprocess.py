@@ -1,0 +1,94 @@
+"""Host preprocessing equals the authors' torchvision transforms; metadata and atomic writes round-trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from protoad_edge.atomic import write_text_atomic
+from protoad_edge.errors import ProtoADError
+from protoad_edge.metadata import ModelInfo, sidecar_path
+from protoad_edge.preprocess import Preprocess, load_rgb, to_batch
+
+
+@pytest.mark.parametrize("size", [(900, 900), (640, 480), (300, 500), (256, 256)])
+def test_matches_torchvision_resize_centercrop(size: tuple[int, int]) -> None:
+    T = pytest.importorskip("torchvision.transforms")
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    ref = np.asarray(T.Compose([T.Resize(256, Image.BILINEAR), T.CenterCrop(224)])(image))
+    assert np.array_equal(Preprocess(256, 224).pil(image), ref)
+    assert np.array_equal(Preprocess(256, 224)(np.asarray(image)), ref)
+
+
+def test_mask_follows_geometry_and_stays_binary() -> None:
+    mask = np.zeros((900, 900), dtype=bool)
+    mask[450:, :] = True
+    out = Preprocess(256, 224).mask(mask)
+    assert out.shape == (224, 224) and out.dtype == bool
+    assert out[:100].sum() == 0 and out[-100:].all()
+
+
+def test_grey_and_rgba_inputs() -> None:
+    pre = Preprocess(72, 64)
+    grey = np.full((80, 80), 77, dtype=np.uint8)
+    assert pre(grey).shape == (64, 64, 3) and (pre(grey) == 77).all()
+    rgba = np.zeros((80, 80, 4), dtype=np.uint8)
+    assert pre(rgba).shape == (64, 64, 3)
+    with pytest.raises(ProtoADError, match="8-bit"):
+        pre(np.zeros((80, 80, 3), dtype=np.float32))
+
+
+def test_to_batch_layout() -> None:
+    crops = np.zeros((2, 8, 8, 3), dtype=np.uint8)
+    crops[..., 0] = 200  # red
+    batch = to_batch(crops)
+    assert batch.shape == (2, 3, 8, 8) and batch.dtype == np.float32
+    assert (batch[:, 0] == 200).all() and (batch[:, 1:] == 0).all()
+
+
+def test_bad_geometry() -> None:
+    with pytest.raises(ProtoADError, match="resize >= crop"):
+        Preprocess(100, 224)
+
+
+def test_corrupt_and_missing_images(tmp_path: Path) -> None:
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(ProtoADError, match="broken.png"):
+        load_rgb(bad)
+    with pytest.raises(ProtoADError, match="not found.*nope.png"):
+        load_rgb(tmp_path / "nope.png")
+
+
+def test_metadata_round_trip(tmp_path: Path) -> None:
+    info = ModelInfo(category="cable", resize=256, crop=224, backbone="wide_resnet50_2", weights="none",
+                     feature_upsample="nearest", num_prototypes=3680, image_threshold=0.31, pixel_threshold=0.25,
+                     build={"finch_levels": [1000, 100]})
+    assert ModelInfo.from_props(info.to_props()) == info
+    info.save_json(tmp_path / "cable.json")
+    assert ModelInfo.load_json(tmp_path / "cable.json") == info
+    (tmp_path / "foreign.json").write_text('{"format": "something-else"}')
+    with pytest.raises(ProtoADError, match="foreign.json.*not a protoad-edge model"):
+        ModelInfo.load_json(tmp_path / "foreign.json")
+    assert sidecar_path("models/cable.fp16.onnx") == Path("models/cable.json")
+    assert sidecar_path("models/cable.plan") == Path("models/cable.json")
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path: Path) -> None:
+    from protoad_edge.atomic import write_atomic
+
+    target = tmp_path / "out.bin"
+    write_text_atomic(target, "old")
+
+    def boom(f: object) -> None:
+        f.write(b"half")  # type: ignore[attr-defined]
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        write_atomic(target, boom)
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
