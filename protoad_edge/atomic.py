@@ -8,26 +8,48 @@ import tempfile
 from pathlib import Path
 from typing import IO, Callable, Iterator
 
+from .errors import ProtoADError
+
+
+class PendingFile:
+    """A temporary file beside ``path`` that becomes ``path`` on ``commit`` (or vanishes on ``discard``).
+
+    It lives in the same folder, so the final ``os.replace`` is atomic, and it keeps the target's
+    suffix, because some writers (cv2.VideoWriter) choose the container from the file name.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        if self.path.is_dir():
+            raise ProtoADError(f"{self.path} is a folder: expected a file name")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=f".tmp{self.path.suffix}", dir=self.path.parent)
+        os.close(fd)
+        self.tmp = Path(tmp)
+        # mkstemp creates 0600; the finished file should be as readable as any other the user writes.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o666 & ~umask)
+
+    def commit(self) -> Path:
+        with open(self.tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def discard(self) -> None:
+        self.tmp.unlink(missing_ok=True)
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds.
-
-    The temporary file is in the same directory, so the final ``os.replace`` is atomic.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    """Yield a temporary path beside ``path``; it becomes ``path`` only if the block succeeds."""
+    pending = PendingFile(path)
     try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_path, target)
+        yield pending.tmp
+        pending.commit()
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        pending.discard()
 
 
 def write_atomic(path: str | os.PathLike, writer: Callable[[IO[bytes]], None]) -> Path:

@@ -9,10 +9,12 @@ import numpy as np
 
 from ..errors import ProtoADError
 from ..metadata import MAP_NAME, SCORE_NAME, ModelInfo
-from .backend import Backend, check_batch
+from .backend import Backend, check_batch, check_sidecar
 
-# Preferred first; TensorRT EP runs FP16 with an engine cache beside the model.
+# Preferred first. TensorRT EP runs FP16 (the graph's L2 norm is FP16-safe) and caches its engines
+# beside the model, so only the first start on a device pays for the engine build.
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+CACHE_DIR = ".ort_trt_cache"
 
 
 class OrtBackend(Backend):
@@ -39,20 +41,30 @@ class OrtBackend(Backend):
         provider_args: list[tuple[str, dict]] = []
         for p in chosen:
             if p == "TensorrtExecutionProvider":
-                cache = str(path.parent / ".ort_trt_cache")
-                provider_args.append((p, {"trt_fp16_enable": fp16, "trt_engine_cache_enable": True, "trt_engine_cache_path": cache}))
+                cache = str(path.parent / CACHE_DIR)
+                provider_args.append((p, {
+                    "trt_fp16_enable": fp16,
+                    "trt_engine_cache_enable": True,
+                    "trt_engine_cache_path": cache,
+                }))
             else:
                 provider_args.append((p, {}))
         try:
             self.session = ort.InferenceSession(str(path), options, providers=provider_args)
         except Exception as exc:  # onnxruntime raises its own exception types
-            raise ProtoADError(f"cannot load ONNX model {path}: {str(exc).splitlines()[0]}") from None
+            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ProtoADError(f"cannot load ONNX model {path}: {detail}") from None
         props = self.session.get_modelmeta().custom_metadata_map
         self.info = ModelInfo.from_props(props, f"ONNX metadata of {path}")
         self.providers = self.session.get_providers()
         outputs = [o.name for o in self.session.get_outputs()]
         if outputs[:2] != [MAP_NAME, SCORE_NAME]:
             raise ProtoADError(f"{path}: outputs {outputs} are not [{MAP_NAME}, {SCORE_NAME}]")
+        inputs = {i.name: i.shape for i in self.session.get_inputs()}
+        expected = [3, self.info.crop, self.info.crop]
+        if self.info.input_name not in inputs or list(inputs[self.info.input_name])[1:] != expected:
+            raise ProtoADError(f"{path}: input {inputs} does not match its metadata ({self.info.input_name} [N,{','.join(map(str, expected))}])")
+        check_sidecar(path, self.info)
 
     def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         maps, scores = self.session.run([MAP_NAME, SCORE_NAME], {self.info.input_name: check_batch(batch, self.info)})

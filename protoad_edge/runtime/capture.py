@@ -1,0 +1,155 @@
+"""Capture in its own thread, so inference never waits on a camera, a network or a disk.
+
+Frames go through a bounded queue. A live source (camera, stream) that outpaces the model drops
+its oldest queued frame, so the verdict is always about the part in front of the camera now, not
+one from seconds ago. Files and folders never drop: every frame is judged, the reader just waits.
+A live source that stops delivering is reopened after growing pauses (the backoff schedule), and
+reported as a ProtoADError when the schedule is used up.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from ..errors import ProtoADError
+from .sources import Source
+
+DEFAULT_BACKOFF = (0.5, 1.0, 2.0, 4.0)
+# Queue depth: a live source keeps at most two frames waiting (the verdict stays fresh); a file
+# source reads a few ahead so decoding overlaps inference.
+LIVE_QUEUE, FILE_QUEUE = 2, 8
+_END = object()
+
+
+@dataclass
+class Frame:
+    index: int  # position in the source; gaps mean a live source dropped frames
+    rgb: np.ndarray  # HxWx3 uint8 RGB
+    label: str  # the image path, or the source's name
+    timestamp: float  # wall-clock seconds (time.time()) when captured
+
+
+class Capture:
+    """Reads ``source`` on a thread; ``get`` hands out frames in order.
+
+    ``sleep(seconds) -> bool`` waits between reconnects and returns True when the capture is being
+    stopped; it is injectable so tests can run the schedule without real pauses. The capture owns
+    the (already opened) source from ``start`` on and closes it when it finishes.
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        queue_size: int | None = None,
+        backoff: tuple[float, ...] = DEFAULT_BACKOFF,
+        sleep: Callable[[float], bool | None] | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.source = source
+        self.backoff = tuple(backoff)
+        self.dropped = 0
+        self.reconnects = 0
+        size = queue_size or (LIVE_QUEUE if source.live else FILE_QUEUE)
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=max(1, size))
+        self._stop = threading.Event()
+        self._sleep = sleep or self._stop.wait
+        self._log = log or (lambda message: None)
+        self._done = False
+        self._thread = threading.Thread(target=self._run, name=f"capture {source.name}", daemon=True)
+
+    def start(self) -> "Capture":
+        self._thread.start()
+        return self
+
+    def get(self) -> Frame | None:
+        """The next frame; None once the source has ended; the source's error is raised here."""
+        if self._done:
+            return None
+        item = self._queue.get()
+        if isinstance(item, Frame):
+            return item
+        self._done = True
+        if isinstance(item, BaseException):
+            raise item
+        return None
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Ask the thread to finish and wait for it (a camera stuck inside ``read`` is left behind:
+        the thread is a daemon, so it cannot keep the process alive)."""
+        self._stop.set()
+        if self._thread.ident is None:
+            self.source.close()
+            return
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        try:
+            final: object = self._loop()
+        except ProtoADError as exc:
+            final = exc
+        except Exception as exc:  # a bug or an OpenCV failure: re-raised in the consumer's thread
+            final = exc
+        finally:
+            self.source.close()
+        self._put(final, drop_old=False)
+
+    def _loop(self) -> object:
+        name = self.source.name
+        index = 0
+        failures = 0
+        while not self._stop.is_set():
+            got = self.source.read()
+            if got is None:
+                if not self.source.live:
+                    if index == 0:
+                        raise ProtoADError(f"no frame could be read from {name}")
+                    return _END
+                if failures == len(self.backoff):
+                    pauses = ", ".join(f"{d:g}" for d in self.backoff)
+                    raise ProtoADError(
+                        f"{name} stopped delivering frames: nothing after {failures} reconnect attempts "
+                        f"(pauses {pauses} s); check the cable, the device or the stream"
+                    )
+                delay = self.backoff[failures]
+                failures += 1
+                self._log(f"{name}: no frame, reconnecting in {delay:g} s (attempt {failures} of {len(self.backoff)})")
+                if self._sleep(delay):
+                    break
+                try:
+                    self.source.open()
+                except ProtoADError as exc:
+                    self._log(str(exc))
+                continue
+            if failures:
+                self.reconnects += 1
+                self._log(f"{name}: frames again after {failures} reconnect attempt(s)")
+                failures = 0
+            rgb, label = got
+            self._put(Frame(index, rgb, label, time.time()), drop_old=self.source.live)
+            index += 1
+        return _END
+
+    def _put(self, item: object, drop_old: bool) -> None:
+        if drop_old:
+            while True:
+                try:
+                    self._queue.put_nowait(item)
+                    return
+                except queue.Full:
+                    try:
+                        self._queue.get_nowait()
+                        self.dropped += 1
+                    except queue.Empty:
+                        pass
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                pass

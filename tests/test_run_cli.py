@@ -1,0 +1,237 @@
+"""``protoad-run`` end to end on CPU (onnxruntime): a generated video, an image folder, an image file.
+
+Scores in the JSON lines must equal the build stage's path for the same pixels (Pillow decoding +
+Preprocess + to_batch + OrtBackend), and every bad input must end in one 'error:' line that names
+the culprit, a non-zero exit and no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import normal_crops
+from protoad_edge.cli.run import main
+from protoad_edge.preprocess import load_rgb, to_batch
+from protoad_edge.runtime.ort_backend import OrtBackend
+from protoad_edge.runtime.sources import has_gstreamer
+
+FRAMES = 12
+DEFECT_FRAMES = (3, 7, 11)
+
+
+def invoke(*args: str | Path):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def video_frames(path: Path) -> list[np.ndarray]:
+    capture = cv2.VideoCapture(str(path))
+    frames = []
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            return frames
+        frames.append(frame)
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_model: Path) -> OrtBackend:
+    return OrtBackend(tiny_model, providers=["CPUExecutionProvider"])
+
+
+def reference_scores(backend: OrtBackend, rgb_images: list[np.ndarray]) -> np.ndarray:
+    pre = backend.info.preprocess
+    return backend.infer(to_batch([pre(rgb) for rgb in rgb_images]))[1]
+
+
+@pytest.fixture(scope="module")
+def demo_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 frames of 96x96 'parts'; frames 3, 7 and 11 carry a bright scratch."""
+    path = tmp_path_factory.mktemp("video") / "demo.mp4"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10, (96, 96))
+    for i, rgb in enumerate(normal_crops(FRAMES, 96, seed=5)):
+        rgb = rgb.copy()
+        if i in DEFECT_FRAMES:
+            cv2.line(rgb, (20, 30 + i), (76, 60), (255, 250, 240), 3)
+        writer.write(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    writer.release()
+    return path
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("images")
+    crops = normal_crops(4, 100, seed=9)
+    for i, rgb in enumerate(crops):
+        image = Image.fromarray(rgb[:, : 80 + 5 * i])  # non-square, each a different size
+        image.save(folder / (f"part_{i}.jpg" if i == 2 else f"part_{i}.png"))
+    (folder / "README.txt").write_text("not an image")
+    return folder
+
+
+def test_video_end_to_end(tiny_model: Path, backend: OrtBackend, demo_video: Path, tmp_path: Path) -> None:
+    decoded = [cv2.cvtColor(f, cv2.COLOR_BGR2RGB) for f in video_frames(demo_video)]
+    assert len(decoded) == FRAMES
+    expected = reference_scores(backend, decoded)
+    threshold = float(np.median(expected))  # forces about half the frames to be anomalous
+    out = tmp_path / "out"
+    result = invoke(demo_video, "--model", tiny_model, "--threshold", repr(threshold), "--jsonl", out / "run.jsonl",
+                    "--save", out / "overlay.mp4", "--save-masks", out / "masks")
+    assert result.exit_code == 0, result.output
+    records = read_jsonl(out / "run.jsonl")
+    assert [r["frame"] for r in records] == list(range(FRAMES))
+    np.testing.assert_allclose([r["score"] for r in records], expected, rtol=0, atol=1e-5)
+    anomalous = [i for i, s in enumerate(expected) if s > threshold]
+    assert 0 < len(anomalous) < FRAMES
+    assert [r["verdict"] for r in records] == ["anomaly" if i in anomalous else "ok" for i in range(FRAMES)]
+    assert all(r["source"] == str(demo_video) and r["latency_ms"] > 0 and r["timestamp"] > 0 for r in records)
+    masks = sorted((out / "masks").iterdir())
+    assert [p.name for p in masks] == [f"{i:06d}.png" for i in anomalous]
+    mask = np.asarray(Image.open(masks[0]))
+    assert mask.shape == (64, 64) and set(np.unique(mask)) <= {0, 255}
+    frames = video_frames(out / "overlay.mp4")
+    assert len(frames) == FRAMES and frames[0].shape[1] == 320
+    assert sorted(p.name for p in out.iterdir()) == ["masks", "overlay.mp4", "run.jsonl"]  # no temporary files
+    assert f"frames      {FRAMES}, anomalies {len(anomalous)}" in result.stdout
+    assert "p50" in result.stdout and "p90" in result.stdout and "p99" in result.stdout and "FPS" in result.stdout
+
+
+def test_image_folder_matches_the_build_stage(tiny_model: Path, backend: OrtBackend, image_folder: Path,
+                                              tmp_path: Path) -> None:
+    log = tmp_path / "folder.jsonl"
+    result = invoke(image_folder, "--model", tiny_model, "--jsonl", log)
+    assert result.exit_code == 0, result.output
+    paths = sorted(p for p in image_folder.iterdir() if p.suffix != ".txt")
+    pre = backend.info.preprocess
+    expected = backend.infer(to_batch([pre.pil(load_rgb(p)) for p in paths]))[1]  # exactly the build stage's path
+    records = read_jsonl(log)
+    assert [r["source"] for r in records] == [str(p) for p in paths]
+    np.testing.assert_allclose([r["score"] for r in records], expected, rtol=0, atol=1e-5)
+
+
+def test_image_file_to_stdout(tiny_model: Path, backend: OrtBackend, image_folder: Path) -> None:
+    image = image_folder / "part_1.png"
+    result = invoke(image, "--model", tiny_model, "--jsonl", "-")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1  # stdout carries only the JSON lines; the summary went to stderr
+    record = json.loads(lines[0])
+    expected = backend.infer(to_batch(backend.info.preprocess.pil(load_rgb(image))))[1][0]
+    assert record["frame"] == 0 and record["score"] == pytest.approx(float(expected), abs=1e-5)
+    assert "frames      1" in result.stderr
+
+
+def test_max_frames_and_no_display(tiny_model: Path, demo_video: Path, tmp_path: Path,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    log = tmp_path / "five.jsonl"
+    result = invoke(demo_video, "--model", tiny_model, "--max-frames", 5, "--jsonl", log, "--show")
+    assert result.exit_code == 0, result.output
+    assert len(read_jsonl(log)) == 5
+    assert "notice: --show ignored" in result.stderr and "(max frames)" in result.stdout
+
+
+def test_default_model_is_found_in_models(tiny_model: Path, image_folder: Path, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = invoke(image_folder / "part_0.png")
+    assert result.exit_code != 0 and "no --model given and no models/ folder" in result.stderr
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "tiny.onnx").symlink_to(tiny_model)
+    (models / "tiny.json").symlink_to(tiny_model.with_suffix(".json"))
+    result = invoke(image_folder / "part_0.png")
+    assert result.exit_code == 0, result.output
+    assert "model models/tiny.onnx" in result.stderr
+    (models / "screw.onnx").symlink_to(tiny_model)
+    result = invoke(image_folder / "part_0.png")
+    assert result.exit_code != 0
+    assert "several models in models/" in result.stderr and "tiny.onnx" in result.stderr and "screw.onnx" in result.stderr
+
+
+def foreign_onnx(path: Path) -> Path:
+    """A valid ONNX model that is not ours (no protoad metadata)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["image"], ["anomaly_map"])], "foreign",
+                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 64, 64])],
+                              [helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, [1, 3, 64, 64])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def bad(tiny_model: Path, image_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bad")
+    rng = np.random.default_rng(0)
+    (root / "random.onnx").write_bytes(rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    with open(tiny_model, "rb") as f:
+        (root / "truncated.onnx").write_bytes(f.read(200_000))
+    foreign_onnx(root / "foreign.onnx")
+    (root / "stale").mkdir()
+    (root / "stale" / "tiny.onnx").symlink_to(tiny_model)
+    side = json.loads(tiny_model.with_suffix(".json").read_text())
+    side.update(category="screw", crop=96)
+    (root / "stale" / "tiny.json").write_text(json.dumps(side))
+    (root / "not_a_video.mp4").write_text("just text")
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    mixed = root / "mixed"
+    mixed.mkdir()
+    Image.open(image_folder / "part_0.png").save(mixed / "a_good.png")
+    (mixed / "b_broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (root / "empty").mkdir()
+    return {"root": root, "image": image_folder / "part_0.png"}
+
+
+BAD_CASES = {
+    # id: (arguments with {root}/{model}/{image} placeholders, text the error line must contain)
+    "missing source": (["{root}/nothing.mp4"], "nothing.mp4"),
+    "not a video": (["{root}/not_a_video.mp4"], "not_a_video.mp4"),
+    "corrupt image": (["{root}/broken.png"], "broken.png"),
+    "unreadable frame in folder": (["{root}/mixed"], "b_broken.png"),
+    "empty folder": (["{root}/empty"], "empty"),
+    "missing model": (["{image}", "--model", "{root}/absent.onnx"], "absent.onnx"),
+    "random bytes model": (["{image}", "--model", "{root}/random.onnx"], "random.onnx"),
+    "truncated model": (["{image}", "--model", "{root}/truncated.onnx"], "truncated.onnx"),
+    "foreign onnx": (["{image}", "--model", "{root}/foreign.onnx"], "not a protoad-edge model"),
+    "stale sidecar": (["{image}", "--model", "{root}/stale/tiny.onnx"], "tiny.json does not match"),
+    "plan on ort": (["{image}", "--model", "{root}/random.plan", "--backend", "ort"], "random.plan"),
+    "bad video type": (["{image}", "--model", "{model}", "--save", "{root}/out.mov"], "out.mov"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CASES), ids=list(BAD_CASES))
+def test_bad_input_is_one_clear_line(case: str, bad: dict[str, Path], tiny_model: Path) -> None:
+    args, culprit = BAD_CASES[case]
+    root = bad["root"]
+    if case == "plan on ort":
+        (root / "random.plan").write_bytes(b"\x00" * 64)
+    fill = {"root": root, "model": tiny_model, "image": bad["image"]}
+    argv = [a.format(**fill) for a in args]
+    if "--model" not in argv:
+        argv += ["--model", str(tiny_model)]
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code != 0
+    assert isinstance(result.exception, SystemExit), result.exception
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and culprit in errors[0], result.output
+    assert "Traceback" not in result.output
+
+
+def test_csi_without_gstreamer_is_explained(tiny_model: Path) -> None:
+    if has_gstreamer():
+        pytest.skip("this OpenCV has GStreamer: csi0 would try to open a real camera")
+    result = invoke("csi0", "--model", tiny_model)
+    assert result.exit_code != 0 and "csi0 needs OpenCV built with GStreamer" in result.stderr

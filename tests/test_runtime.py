@@ -1,0 +1,402 @@
+"""The torch-free runtime: sources, the capture thread and its reconnect schedule, model discovery,
+the sidecar check, the overlay, and the ``run`` loop's clean endings (Ctrl-C, a source that dies)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from protoad_edge.errors import ProtoADError
+from protoad_edge.preprocess import to_batch
+from protoad_edge.runtime.backend import check_sidecar, find_model
+from protoad_edge.runtime.capture import Capture
+from protoad_edge.runtime.ort_backend import OrtBackend
+from protoad_edge.runtime.outputs import PendingFile, VideoOutput, display_problem
+from protoad_edge.runtime.overlay import HEADER, defect_mask, render, view_scale
+from protoad_edge.runtime.runner import RunAborted, RunOptions, run
+from protoad_edge.runtime.sources import CSI_PIPELINE, OpenCVSource, SourceSpec, open_source, parse_source
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- sources
+
+
+def test_parse_source_kinds(tmp_path: Path) -> None:
+    assert parse_source("camera0") == SourceSpec("camera", 0, "camera0", live=True)
+    assert parse_source("2").target == 2 and parse_source("2").name == "camera2"
+    csi = parse_source("csi1")
+    assert csi.kind == "csi" and csi.live
+    assert csi.target.startswith("nvarguscamerasrc sensor-id=1 !") and csi.target.endswith("appsink drop=true max-buffers=1")
+    assert CSI_PIPELINE.count("!") == csi.target.count("!")
+    assert parse_source("rtsp://10.0.0.5/stream").kind == "stream"
+    assert parse_source("https://cam.local/mjpg").kind == "stream"
+    assert parse_source("videotestsrc ! videoconvert ! appsink").kind == "gstreamer"
+    (tmp_path / "b.png").write_bytes(b"")
+    (tmp_path / "a.JPG").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("x")
+    folder = parse_source(str(tmp_path))
+    assert folder.kind == "folder" and not folder.live
+    assert [p.name for p in folder.target] == ["a.JPG", "b.png"]
+    assert parse_source(str(tmp_path / "b.png")).kind == "image"
+    assert parse_source(str(tmp_path / "notes.txt")).kind == "video"
+
+
+def test_parse_source_errors(tmp_path: Path) -> None:
+    with pytest.raises(ProtoADError, match="source not found: .*nope.mp4"):
+        parse_source(str(tmp_path / "nope.mp4"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ProtoADError, match="no images .* in folder .*empty"):
+        parse_source(str(tmp_path / "empty"))
+
+
+class Plan:
+    """A script for FakeCapture: ``reads`` is consumed across reopens (True: a frame, False: none);
+    once used up every read fails. ``opens`` says whether each (re)open succeeds (default: yes)."""
+
+    def __init__(self, reads: list[bool], opens: list[bool] | None = None) -> None:
+        self.reads = list(reads)
+        self.opens = list(opens or [])
+        self.open_calls = 0
+        self.releases = 0
+        self.served = 0
+
+    def read(self) -> tuple[bool, np.ndarray | None]:
+        ok = self.reads.pop(0) if self.reads else False
+        if not ok:
+            return False, None
+        frame = np.zeros((8, 10, 3), np.uint8)
+        frame[..., 0] = self.served  # blue (BGR) carries the frame number
+        frame[..., 2] = 50  # red
+        self.served += 1
+        return True, frame
+
+
+class FakeCapture:
+    """cv2.VideoCapture stand-in; each instance is one (re)open of the same Plan."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        plan.open_calls += 1
+        self.opened = plan.opens.pop(0) if plan.opens else True
+
+    def isOpened(self) -> bool:  # noqa: N802 - OpenCV's name
+        return self.opened
+
+    def read(self) -> tuple[bool, np.ndarray | None]:
+        return self.plan.read() if self.opened else (False, None)
+
+    def get(self, prop: int) -> float:
+        return 25.0
+
+    def release(self) -> None:
+        self.plan.releases += 1
+
+
+def fake_source(plan: Plan, live: bool) -> OpenCVSource:
+    spec = SourceSpec("camera" if live else "video", 0 if live else "fake.mp4", "camera0" if live else "fake.mp4", live)
+    return open_source(spec, open_capture=lambda target, api: FakeCapture(plan))
+
+
+def wait_for(condition, timeout: float = 5.0) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.005)
+
+
+def test_opencv_source_gives_rgb_and_fps() -> None:
+    source = fake_source(Plan([True]), live=False)
+    rgb, label = source.read()
+    assert source.fps == 25.0 and label == "fake.mp4"
+    assert rgb.shape == (8, 10, 3) and tuple(rgb[0, 0]) == (50, 0, 0) and source.read() is None
+    plan = Plan([], opens=[False])
+    with pytest.raises(ProtoADError, match="cannot open camera0 .*camera index 0"):
+        fake_source(plan, live=True)
+    assert plan.releases == 1
+
+
+def test_file_source_never_drops_and_ends() -> None:
+    plan = Plan([True] * 10)
+    capture = Capture(fake_source(plan, live=False), queue_size=2).start()
+    wait_for(lambda: plan.served == 3)  # two frames queued, the third waits in the reader's hand
+    time.sleep(0.05)
+    assert plan.served == 3
+    frames = []
+    while (frame := capture.get()) is not None:
+        frames.append(frame)
+    assert [f.index for f in frames] == list(range(10))
+    assert [int(f.rgb[0, 0, 2]) for f in frames] == list(range(10))  # BGR -> RGB: blue lands in channel 2
+    assert capture.dropped == 0 and capture.get() is None
+    capture.stop()
+    assert plan.releases == 1
+
+
+def test_file_without_frames_is_an_error() -> None:
+    capture = Capture(fake_source(Plan([]), live=False)).start()
+    with pytest.raises(ProtoADError, match="no frame could be read from fake.mp4"):
+        capture.get()
+
+
+def test_live_source_drops_stale_frames_then_gives_up_after_backoff() -> None:
+    plan = Plan([True] * 10, opens=[True, False, False, False])
+    pauses: list[float] = []
+    capture = Capture(fake_source(plan, live=True), queue_size=2, backoff=(0.5, 1.0, 2.0), sleep=pauses.append).start()
+    wait_for(lambda: len(pauses) == 3 and plan.open_calls == 4)
+    got = [capture.get().index, capture.get().index]
+    assert got == [8, 9]  # only the newest frames survive a slow consumer
+    with pytest.raises(ProtoADError, match=r"camera0 stopped delivering frames: nothing after 3 reconnect attempts \(pauses 0.5, 1, 2 s\)"):
+        capture.get()
+    assert pauses == [0.5, 1.0, 2.0]
+    assert capture.dropped == 8 and capture.reconnects == 0
+
+
+def test_reconnect_resets_the_schedule_after_a_frame() -> None:
+    plan = Plan([True, True, True, False, False, True, True])
+    pauses: list[float] = []
+    messages: list[str] = []
+    capture = Capture(fake_source(plan, live=True), queue_size=16, backoff=(0.5, 1.0, 2.0),
+                      sleep=pauses.append, log=messages.append).start()
+    frames = []
+    with pytest.raises(ProtoADError, match="after 3 reconnect attempts"):
+        while True:
+            frames.append(capture.get())
+    assert [f.index for f in frames] == [0, 1, 2, 3, 4]
+    assert pauses == [0.5, 1.0, 0.5, 1.0, 2.0]
+    assert capture.reconnects == 1 and capture.dropped == 0
+    assert plan.open_calls == 1 + 5
+    assert any("reconnecting in 0.5 s (attempt 1 of 3)" in m for m in messages)
+
+
+def test_stop_during_backoff_ends_quietly() -> None:
+    plan = Plan([True, True])
+    capture = Capture(fake_source(plan, live=True), backoff=(30.0,)).start()
+    assert capture.get().index == 0 and capture.get().index == 1
+    wait_for(lambda: plan.open_calls == 1 and not plan.reads)
+    t0 = time.monotonic()
+    capture.stop()  # the default sleep is the stop event: no 30 s wait
+    assert time.monotonic() - t0 < 2.0
+    assert not capture._thread.is_alive() and plan.releases == 1
+
+
+def test_stop_unblocks_a_reader_waiting_on_a_full_queue() -> None:
+    plan = Plan([True] * 100)
+    capture = Capture(fake_source(plan, live=False), queue_size=1).start()
+    wait_for(lambda: plan.served == 2)
+    capture.stop(timeout=2.0)
+    assert not capture._thread.is_alive() and plan.releases == 1
+
+
+# ---------------------------------------------------------------- models
+
+
+def test_find_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ProtoADError, match="no .*models/ folder"):
+        find_model(tmp_path / "models")
+    models = tmp_path / "models"
+    models.mkdir()
+    with pytest.raises(ProtoADError, match=r"no model \(\*.onnx, \*.fp16.onnx\)"):
+        find_model(models, "ort")
+    for name in ("cable.onnx", "cable.fp16.onnx", "cable.plan", "cable.json", "cable.prototypes.npy"):
+        (models / name).write_bytes(b"x")
+    assert find_model(models, "ort") == models / "cable.onnx"
+    assert find_model(models, "trt") == models / "cable.plan"
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "tensorrt" else real(n, *a))
+    assert find_model(models, "auto") == models / "cable.onnx"  # a plan is useless without TensorRT
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "tensorrt" else real(n, *a))
+    assert find_model(models, "auto") == models / "cable.plan"
+    (models / "screw.onnx").write_bytes(b"x")
+    with pytest.raises(ProtoADError, match="several models .*cable.plan, .*screw.onnx"):
+        find_model(models, "auto")
+
+
+def test_sidecar_must_match_the_onnx(tiny_model: Path, tmp_path: Path) -> None:
+    info = OrtBackend(tiny_model, providers=["CPUExecutionProvider"]).info
+    check_sidecar(tiny_model, info)  # the pair the build wrote
+    model = tmp_path / "tiny.onnx"
+    model.symlink_to(tiny_model)
+    check_sidecar(model, info)  # no sidecar: nothing to compare
+    side = json.loads(tiny_model.with_suffix(".json").read_text())
+    side.update(crop=96, num_prototypes=7, gpu_name="another GPU", build={"note": "informative only"})
+    (tmp_path / "tiny.json").write_text(json.dumps(side))
+    with pytest.raises(ProtoADError, match=r"sidecar .*tiny.json does not match .*tiny.onnx \(crop 96 vs 64; num_prototypes 7 vs 48\)"):
+        OrtBackend(model, providers=["CPUExecutionProvider"])
+    (tmp_path / "tiny.json").write_text("{not json")
+    with pytest.raises(ProtoADError, match="cannot read model sidecar .*tiny.json"):
+        check_sidecar(model, info)
+
+
+# ---------------------------------------------------------------- overlay and outputs
+
+
+def test_overlay_layout_and_outline() -> None:
+    crop = np.full((64, 64, 3), 128, np.uint8)
+    amap = np.zeros((64, 64), np.float32)
+    amap[20:30, 20:30] = 1.0
+    scale = view_scale(64)
+    assert scale == 5 and view_scale(224) == 2 and (33 * view_scale(33)) % 2 == 0
+    ok = render(crop, amap, score=1.0, anomalous=False, threshold=0.5, pixel_threshold=0.5, fps=30.0)
+    bad = render(crop, amap, score=1.0, anomalous=True, threshold=0.5, pixel_threshold=0.5, fps=30.0)
+    assert ok.shape == bad.shape == (HEADER + 64 * scale, 64 * scale, 3) and ok.dtype == np.uint8
+    white = np.all(bad[HEADER:] == 255, axis=2)
+    assert white.any() and not np.all(ok[HEADER:] == 255, axis=2).any()  # outline only on anomalies
+    ys, xs = np.nonzero(white)
+    assert 20 * scale - 3 <= ys.min() and ys.max() <= 30 * scale + 3 and 20 * scale - 3 <= xs.min()
+    assert not np.array_equal(ok[:HEADER], bad[:HEADER])  # the verdict is written in the header
+    mask = defect_mask(amap, 0.5)
+    assert mask.dtype == np.uint8 and set(np.unique(mask)) == {0, 255} and (mask == 255).sum() == 100
+
+
+def test_pending_file_commit_and_discard(tmp_path: Path) -> None:
+    pending = PendingFile(tmp_path / "sub" / "out.mp4")
+    assert pending.tmp.parent == tmp_path / "sub" and pending.tmp.suffix == ".mp4"
+    pending.tmp.write_bytes(b"data")
+    assert not (tmp_path / "sub" / "out.mp4").exists()
+    assert pending.commit().read_bytes() == b"data"
+    other = PendingFile(tmp_path / "other.jsonl")
+    other.discard()
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["out.mp4"]
+    with pytest.raises(ProtoADError, match="sub is a folder"):
+        PendingFile(tmp_path / "sub")
+
+
+def test_live_video_is_padded_to_real_time(tmp_path: Path) -> None:
+    video = VideoOutput(tmp_path / "live.mp4", fps=10.0)
+    frame = np.zeros((32, 48, 3), np.uint8)
+    for until in (0.0, 0.35, 0.36):  # a slow model: the 2nd view covers 0.1-0.3 s too
+        video.write(frame, until=until)
+    video.write(frame)  # file sources: one frame per frame
+    assert video.close(keep=True) == tmp_path / "live.mp4"
+    capture = cv2.VideoCapture(str(tmp_path / "live.mp4"))
+    count = 0
+    while capture.read()[0]:
+        count += 1
+    assert video.frames == count == 6
+
+
+def test_no_display_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    problem = display_problem()
+    if sys.platform.startswith("linux"):
+        assert problem is not None and "DISPLAY" in problem
+
+
+# ---------------------------------------------------------------- the run loop
+
+
+@pytest.fixture(scope="module")
+def tiny_backend(tiny_model: Path) -> OrtBackend:
+    return OrtBackend(tiny_model, providers=["CPUExecutionProvider"], threads=2)
+
+
+def colour_source(n: int, live: bool, size: tuple[int, int] = (80, 96)) -> tuple[OpenCVSource, Plan]:
+    class Coloured(Plan):
+        def read(self) -> tuple[bool, np.ndarray | None]:
+            ok, _ = super().read()
+            if not ok:
+                return False, None
+            rng = np.random.default_rng(self.served)
+            return True, rng.integers(0, 255, (*size, 3), dtype=np.uint8)
+
+    plan = Coloured([True] * n, opens=[True] + [False] * 8)
+    return fake_source(plan, live), plan
+
+
+def test_run_scores_every_frame_with_the_build_preprocessing(tiny_backend: OrtBackend, tmp_path: Path) -> None:
+    source, _ = colour_source(4, live=False)
+    seen = []
+    summary = run(source, tiny_backend, RunOptions(threshold=-1.0, on_frame=seen.append,
+                                                   save_masks=tmp_path / "m", log=lambda m: None))
+    assert summary.frames == summary.anomalies == 4 and summary.stopped == "end of source"
+    pre = tiny_backend.info.preprocess
+    for result in seen:
+        rgb = cv2.cvtColor(np.random.default_rng(result.index + 1).integers(0, 255, (80, 96, 3), dtype=np.uint8),
+                           cv2.COLOR_BGR2RGB)
+        np.testing.assert_array_equal(result.crop, pre(rgb))
+        expected = tiny_backend.infer(to_batch(pre(rgb)))[1][0]
+        assert result.score == pytest.approx(float(expected), abs=1e-6)
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [f"{i:06d}.png" for i in range(4)]
+    assert set(summary.percentiles()) == {"p50", "p90", "p99"} and summary.fps > 0
+
+
+def test_ctrl_c_finalises_every_output(tiny_backend: OrtBackend, tmp_path: Path) -> None:
+    source, plan = colour_source(50, live=False)
+
+    def interrupt(result) -> None:
+        if result.index == 2:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "out"
+    summary = run(source, tiny_backend, RunOptions(jsonl=out / "log.jsonl", save=out / "view.mp4",
+                                                   on_frame=interrupt, log=lambda m: None))
+    assert summary.stopped == "interrupted" and summary.frames == 3
+    assert len((out / "log.jsonl").read_text().splitlines()) == 3
+    video = cv2.VideoCapture(str(out / "view.mp4"))
+    count = 0
+    while video.read()[0]:
+        count += 1
+    assert count == 3
+    assert sorted(p.name for p in out.iterdir()) == ["log.jsonl", "view.mp4"]  # no temporary files left
+    assert plan.releases == 1
+
+
+def test_source_dying_mid_run_keeps_the_outputs(tiny_backend: OrtBackend, tmp_path: Path) -> None:
+    source, plan = colour_source(3, live=True)
+    log = tmp_path / "log.jsonl"
+    with pytest.raises(RunAborted, match="camera0 stopped delivering frames") as caught:
+        run(source, tiny_backend, RunOptions(jsonl=log, backoff=(0.0, 0.0), queue_size=8, log=lambda m: None))
+    assert caught.value.summary.frames == 3 and caught.value.summary.stopped == "failed"
+    assert [json.loads(line)["frame"] for line in log.read_text().splitlines()] == [0, 1, 2]
+    assert plan.open_calls == 3
+
+
+def test_error_before_the_first_frame_leaves_no_files(tiny_backend: OrtBackend, tmp_path: Path) -> None:
+    source = fake_source(Plan([]), live=False)
+    with pytest.raises(ProtoADError, match="no frame could be read") as caught:
+        run(source, tiny_backend, RunOptions(jsonl=tmp_path / "log.jsonl", save=tmp_path / "v.mp4"))
+    assert not isinstance(caught.value, RunAborted)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- no torch
+
+
+BLOCK_TORCH = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'torchvision'):
+            raise ImportError('torch is blocked: ' + name)
+sys.meta_path.insert(0, Block())
+"""
+
+
+def test_runtime_runs_without_torch(tiny_model: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    image = tmp_path / "part.png"
+    Image.fromarray(np.full((70, 90, 3), 100, np.uint8)).save(image)
+    code = BLOCK_TORCH + f"""
+import protoad_edge.runtime, protoad_edge.runtime.runner, protoad_edge.runtime.ort_backend
+import protoad_edge.cli.run
+assert 'torch' not in sys.modules
+sys.argv = ['protoad-run', {str(image)!r}, '--model', {str(tiny_model)!r}, '--jsonl', '-']
+protoad_edge.cli.run.main()
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    record = json.loads(done.stdout)
+    assert record["source"] == str(image) and record["verdict"] in ("ok", "anomaly")
