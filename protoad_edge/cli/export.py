@@ -7,11 +7,12 @@ from pathlib import Path
 
 import click
 
+from ..errors import ProtoADError
 from .common import user_errors
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--category", required=True, help="Category to build (e.g. bottle, cable, or the built-in demo).")
+@click.option("--category", default=None, help="Category to build (e.g. bottle, cable, or the built-in demo).")
 @click.option("--data-root", type=click.Path(path_type=Path), default=None,
               help="Dataset root. Default: $PROTOAD_DATA, then ./data.")
 @click.option("--dataset", type=click.Choice(["mvtec", "btad", "folder"]), default="mvtec", show_default=True)
@@ -30,11 +31,30 @@ from .common import user_errors
 @click.option("--crop", type=click.IntRange(min=32), default=224, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--threads", type=click.IntRange(min=0), default=0, help="CPU threads for torch (0 = all cores).")
+@click.option("--engine", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
+              help="Also build the TensorRT engine OUT/CATEGORY.plan on this GPU (auto: where TensorRT and a GPU exist).")
+@click.option("--precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True,
+              help="TensorRT engine precision; the L2 normalisation always runs in FP32.")
+@click.option("--opt-batch", type=click.IntRange(min=1), default=1, show_default=True, help="Batch TensorRT optimises for.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=None,
+              help="Largest engine batch (default: most that keeps tensors under 2^31 elements, at most 32).")
+@click.option("--from-onnx", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Only build the TensorRT engine for this existing NAME.onnx (no torch needed: the Jetson step).")
 @user_errors
-def main(category: str, data_root: Path | None, dataset: str, out: Path, weights: str, feature_upsample: str,
+def main(category: str | None, data_root: Path | None, dataset: str, out: Path, weights: str, feature_upsample: str,
          max_prototypes: int, val_split: float, device: str, seed: int, resize: int, crop: int,
-         batch_size: int, threads: int) -> None:
-    """Learn prototypes from normal images and write OUT/CATEGORY.onnx, .json and .prototypes.npy."""
+         batch_size: int, threads: int, engine: str, precision: str, opt_batch: int, max_batch: int | None,
+         from_onnx: Path | None) -> None:
+    """Learn prototypes from normal images and write OUT/CATEGORY.onnx, .json and .prototypes.npy
+    (and OUT/CATEGORY.plan where TensorRT and a GPU exist)."""
+    from ..export.engine import engine_for_bundle, engine_from_onnx, engine_summary
+
+    engine_options = dict(precision=precision, opt_batch=opt_batch, max_batch=max_batch, log=click.echo)
+    if from_onnx is not None:
+        click.echo(f"  engine        {engine_summary(engine_from_onnx(from_onnx, engine, **engine_options))}")
+        return
+    if category is None:
+        raise ProtoADError("missing option --category (or --from-onnx PATH to only build a TensorRT engine)")
     import torch
 
     from ..build import BuildConfig, build
@@ -46,6 +66,8 @@ def main(category: str, data_root: Path | None, dataset: str, out: Path, weights
                     device=device, seed=seed, resize=resize, crop=crop, batch_size=batch_size),
         log=click.echo,
     )
+    onnx_path = next(f for f in report.files if f.suffix == ".onnx")
+    built = engine_for_bundle(onnx_path, engine, **engine_options)
     info = report.info
     click.echo("\nsummary")
     click.echo(f"  images        train {report.images['train']}, held out {report.images['held_out']}, test {report.images['test']}")
@@ -62,3 +84,5 @@ def main(category: str, data_root: Path | None, dataset: str, out: Path, weights
         line += f"; F1-optimal image threshold {m['image_f1_threshold']:.5f} (F1 {m['image_f1']:.3f})"
         click.echo(line)
     click.echo("  files         " + ", ".join(str(f) for f in report.files))
+    if built:
+        click.echo(f"  engine        {engine_summary(built)}")

@@ -1,0 +1,161 @@
+"""FP32 ONNX -> mixed-precision ONNX (``NAME.fp16.onnx``) for strongly typed TensorRT builds.
+
+TensorRT 11 dropped the FP16 builder flag: an FP16 engine comes from a graph whose tensors are
+already FP16, with explicit Casts where precision changes. This does what NVIDIA's AutoCast does
+for our one graph, with the ``onnx`` package alone: FP16 compute everywhere except the named
+scopes (by default the L2 normalisation, whose sum of squares over 1792 channels overflows FP16),
+and FP32 at the graph's input and outputs so the runtime interface does not change.
+
+``onnx`` is imported only to convert: the TensorRT 10 path (a Jetson without the onnx package)
+shares :data:`FP32_SCOPES` without needing it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..atomic import atomic_path
+from ..errors import ProtoADError
+
+if TYPE_CHECKING:
+    import onnx
+
+FP32_SCOPES = ("/l2norm/",)
+FP16_MAX = float(np.finfo(np.float16).max)
+# Inputs that the ONNX spec types as float32 whatever the data type (Resize's scales).
+FLOAT32_ONLY_INPUTS = {("Resize", 2), ("Upsample", 1)}
+FP16_SUFFIX = ".fp16.onnx"
+
+
+def fp16_path(onnx_path: str | os.PathLike) -> Path:
+    """``models/cable.onnx`` -> ``models/cable.fp16.onnx``."""
+    p = Path(onnx_path)
+    stem = p.name[: -len(".onnx")] if p.name.endswith(".onnx") else p.name
+    return p.with_name(stem + FP16_SUFFIX)
+
+
+def convert_to_mixed_fp16(model: onnx.ModelProto, fp32_scopes: tuple[str, ...] = FP32_SCOPES) -> onnx.ModelProto:
+    """Return a copy of ``model`` computing in FP16, except nodes whose name contains one of ``fp32_scopes``.
+
+    Float initializers and Constants become FP16 when an FP16 node reads them; a Cast is inserted on
+    every edge where the producer's and the consumer's precision differ; graph inputs and outputs
+    stay FP32. Metadata (``metadata_props``) is kept.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    try:
+        typed = onnx.shape_inference.infer_shapes(model, strict_mode=True).graph
+    except Exception as exc:  # onnx raises InferenceError and friends
+        raise ProtoADError(f"cannot infer the types of the ONNX graph {graph.name!r}: {exc}") from None
+    floats = {v.name for v in [*typed.input, *typed.value_info, *typed.output] if v.type.tensor_type.elem_type == TensorProto.FLOAT}
+    floats |= {t.name for t in graph.initializer if t.data_type == TensorProto.FLOAT}
+
+    def in_fp32_scope(node: onnx.NodeProto) -> bool:
+        return any(scope in node.name for scope in fp32_scopes)
+
+    def wants_half(node: onnx.NodeProto, index: int) -> bool:
+        return not in_fp32_scope(node) and (node.op_type, index) not in FLOAT32_ONLY_INPUTS
+
+    # Which float tensors are stored as FP16: outputs of FP16 nodes; constants read by an FP16 node.
+    read_as_half = {name for node in graph.node for i, name in enumerate(node.input) if name in floats and wants_half(node, i)}
+    half: set[str] = set()
+    for init in graph.initializer:
+        if init.name in floats and init.name in read_as_half:
+            init.CopyFrom(_to_fp16_tensor(init))
+            half.add(init.name)
+    for node in graph.node:
+        if node.op_type in ("Constant", "ConstantOfShape"):
+            attr = next((a for a in node.attribute if a.name == "value"), None)
+            if attr is not None and attr.t.data_type == TensorProto.FLOAT and node.output[0] in read_as_half:
+                attr.t.CopyFrom(_to_fp16_tensor(attr.t, node.name))
+                half.add(node.output[0])
+            continue
+        if in_fp32_scope(node):
+            continue
+        if node.op_type == "Cast":
+            for a in node.attribute:
+                if a.name == "to" and a.i == TensorProto.FLOAT:
+                    a.i = TensorProto.FLOAT16
+        half.update(name for name in node.output if name in floats)
+
+    # Graph outputs keep their FP32 name and type: the FP16 tensor is renamed and cast at the end.
+    tail: list[onnx.NodeProto] = []
+    for output in graph.output:
+        if output.name in half:
+            inner = f"{output.name}/fp16"
+            _rename(graph, output.name, inner)
+            half.discard(output.name)
+            half.add(inner)
+            floats.add(inner)
+            tail.append(helper.make_node("Cast", [inner], [output.name], name=f"cast_to_fp32_{output.name}", to=TensorProto.FLOAT))
+
+    casts: dict[tuple[str, bool], str] = {}
+    nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            target = wants_half(node, i)
+            if name in floats and (name in half) != target:
+                key = (name, target)
+                if key not in casts:
+                    # Named by number, not after the tensor, so a Cast never falls inside an FP32 scope.
+                    kind = "fp16" if target else "fp32"
+                    casts[key] = f"{name}/{kind}"
+                    to = TensorProto.FLOAT16 if target else TensorProto.FLOAT
+                    nodes.append(helper.make_node("Cast", [name], [casts[key]], name=f"cast_to_{kind}_{len(casts)}", to=to))
+                node.input[i] = casts[key]
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes + tail)
+    del graph.value_info[:]  # the FP32 types recorded there are stale; checkers and TensorRT re-infer them
+    try:
+        onnx.checker.check_model(out, full_check=True)
+    except Exception as exc:  # ValidationError, InferenceError
+        raise ProtoADError(f"mixed-precision conversion produced an invalid graph: {exc}") from None
+    return out
+
+
+def write_fp16_onnx(onnx_path: str | os.PathLike, out_path: str | os.PathLike | None = None,
+                    fp32_scopes: tuple[str, ...] = FP32_SCOPES) -> Path:
+    """Write the mixed-precision copy of ``NAME.onnx`` as ``NAME.fp16.onnx`` (atomically); returns its path."""
+    try:
+        import onnx
+    except ImportError:
+        raise ProtoADError("the mixed-precision ONNX for TensorRT 11 FP16 engines needs the onnx package: pip install onnx") from None
+
+    src = Path(onnx_path)
+    dst = Path(out_path) if out_path is not None else fp16_path(src)
+    try:
+        model = onnx.load(str(src))
+    except FileNotFoundError:
+        raise ProtoADError(f"ONNX model not found: {src}") from None
+    except Exception as exc:  # protobuf DecodeError and friends
+        raise ProtoADError(f"cannot read ONNX model {src}: {exc}") from None
+    converted = convert_to_mixed_fp16(model, fp32_scopes)
+    with atomic_path(dst) as tmp:
+        onnx.save(converted, str(tmp))
+    return dst
+
+
+def _to_fp16_tensor(tensor: onnx.TensorProto, owner: str = "") -> onnx.TensorProto:
+    from onnx import numpy_helper
+
+    values = numpy_helper.to_array(tensor)
+    if values.size and float(np.abs(values).max()) > FP16_MAX:
+        raise ProtoADError(f"{owner or tensor.name}: a value exceeds the FP16 range ({FP16_MAX:g}); keep it in FP32 scope")
+    return numpy_helper.from_array(values.astype(np.float16), tensor.name)
+
+
+def _rename(graph: onnx.GraphProto, old: str, new: str) -> None:
+    for node in graph.node:
+        for field in (node.input, node.output):
+            for i, name in enumerate(field):
+                if name == old:
+                    field[i] = new
