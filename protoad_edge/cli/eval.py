@@ -1,0 +1,196 @@
+"""``protoad-eval``: image AUROC, pixel AUROC and PRO of a model bundle on a labelled test split,
+beside the paper's figures; or the same images through several backends, compared."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .. import __version__
+from ..atomic import write_text_atomic
+from ..bundle import BACKENDS
+from ..errors import ProtoADError
+from ..paper import METRIC_LABELS, METRICS, comparison_rows, paper_dataset, paper_source
+from .common import user_errors
+
+ALL = "all"
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--model", required=True, type=click.Path(path_type=Path),
+              help="A bundle file (NAME.onnx, .json or .plan; the others are found beside it) "
+                   "or a folder of bundles CATEGORY.* (required for --category all).")
+@click.option("--category", required=True, help="Category to evaluate, or 'all' for every category under the data root.")
+@click.option("--data-root", type=click.Path(path_type=Path), default=None,
+              help="Dataset root. Default: $PROTOAD_DATA, then ./data.")
+@click.option("--dataset", type=click.Choice(["mvtec", "btad", "folder"]), default="mvtec", show_default=True)
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
+              help="auto: the model file's own kind (.onnx -> ort, .plan -> trt, .json -> torch).")
+@click.option("--compare", "compare", default=None, metavar="B1,B2[,B3]",
+              help="Run the same images through these backends (e.g. torch,ort,trt) and compare them with the first.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Write every metric and per-category result to this JSON file.")
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Write pictures here: CATEGORY.cases.png (worst and best cases), .roc.png, .pro.png.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="torch backend only.")
+@click.option("--fp32", is_flag=True, help="torch backend only: stay in FP32 on a GPU (default there: FP16).")
+@user_errors
+def main(model: Path, category: str, data_root: Path | None, dataset: str, backend: str, compare: str | None,
+         json_path: Path | None, out: Path | None, batch_size: int, device: str, fp32: bool) -> None:
+    """Evaluate a ProtoAD model bundle on the test split of CATEGORY (images with normal/anomalous labels)."""
+    from ..datasets import list_categories, resolve_data_root  # heavy imports wait until after --help
+
+    backends = _parse_compare(compare) if compare else None
+    if backends and out is not None:
+        raise ProtoADError("--out draws the pictures of one backend: use it without --compare")
+    if category == ALL:
+        if not model.is_dir():
+            raise ProtoADError(f"--category all needs --model to be a folder of bundles (CATEGORY.onnx ...), got {model}")
+        categories = list_categories(data_root, dataset)
+        if not categories:
+            raise ProtoADError(f"no {dataset} categories found in {resolve_data_root(data_root)}")
+    else:
+        categories = [category]
+    options = dict(data_root=data_root, dataset=dataset, batch_size=batch_size, device=device,
+                   fp16=False if fp32 else None, progress=True)
+    report: dict[str, Any] = {
+        "tool": "protoad-eval",
+        "version": __version__,
+        "dataset": dataset,
+        "data_root": str(resolve_data_root(data_root)),
+        "mode": "compare" if backends else "evaluate",
+    }
+    results: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, str] = {}
+    for name in categories:
+        try:
+            if backends:
+                results[name] = _compare_one(model, name, backends, options)
+            else:
+                results[name] = _evaluate_one(model, name, backend, options, out, single=len(categories) == 1)
+        except ProtoADError as exc:
+            if len(categories) == 1:
+                raise
+            skipped[name] = str(exc)
+            click.echo(f"skipped {name}: {exc}", err=True)
+    if not results:
+        raise ProtoADError(f"no category could be evaluated ({len(skipped)} skipped, reasons above)")
+    report["comparisons" if backends else "categories"] = results
+    if not backends:
+        rows = comparison_rows(dataset, {c: {m: r[m] for m in METRICS} for c, r in results.items()})
+        if len(categories) > 1:
+            click.echo("\n" + format_table(rows))
+        report["table"] = [row.to_dict() for row in rows]
+        paper = paper_dataset(dataset)
+        if paper is not None:
+            report["paper"] = {**paper_source(), "dataset": paper.name,
+                               "tables": {m: p.table for m, p in paper.metrics.items()}}
+    report["skipped"] = skipped
+    if json_path is not None:
+        write_text_atomic(json_path, json.dumps(report, indent=2, allow_nan=False) + "\n")
+        click.echo(f"wrote {json_path}")
+
+
+def _parse_compare(spec: str) -> list[str]:
+    names = [b.strip() for b in spec.split(",") if b.strip()]
+    bad = [b for b in names if b not in BACKENDS or b == "auto"]
+    if bad or len(names) < 2 or len(set(names)) != len(names):
+        raise ProtoADError(f"bad --compare {spec!r}: give two or more different backends among torch, ort, trt (e.g. torch,ort)")
+    return names
+
+
+def _evaluate_one(model: Path, category: str, backend: str, options: dict[str, Any], out: Path | None,
+                  single: bool) -> dict[str, Any]:
+    from ..evaluate import evaluate_category
+
+    result = evaluate_category(model, category, backend=backend, **options)
+    summary = result.summary()
+    counts = summary["images"]
+    click.echo(f"{category}: {counts['normal']} normal + {counts['anomalous']} anomalous test images "
+               f"({counts['anomalous_with_mask']} with masks), crop {result.info.crop}; "
+               f"model {result.model} on {result.backend}, {result.info.num_prototypes:,} prototypes")
+    if result.info.category != category:
+        click.echo(f"note: {result.model} was built for category {result.info.category!r}, not {category!r}", err=True)
+    if single:
+        rows = [r for r in comparison_rows(options["dataset"], {category: summary}) if not r.is_mean]
+        click.echo(format_table(rows))
+    t = summary["thresholds"]
+    if t["image_threshold"] is not None:
+        click.echo(f"  model thresholds: image {t['image_threshold']:.5f} flags {t['anomalous_caught']}/{t['anomalous']} "
+                   f"anomalous and {t['false_alarms']}/{t['normal']} normal images; pixel {t['pixel_threshold']:.5f}")
+    s = summary["seconds"]
+    click.echo(f"  time: inference {s['infer']:.2f} s ({summary['images_per_second']} images/s, batch "
+               f"{options['batch_size']}), metrics {s['metrics']:.2f} s")
+    if out is not None:
+        from ..report import write_report
+
+        for path in write_report(result, out):
+            click.echo(f"  wrote {path}")
+    return summary
+
+
+def _compare_one(model: Path, category: str, backends: list[str], options: dict[str, Any]) -> dict[str, Any]:
+    from ..evaluate import compare_backends
+
+    comparison = compare_backends(model, category, backends, **options)
+    summary = comparison.summary()
+    counts = summary["images"]
+    ref = comparison.reference.name
+    click.echo(f"{category}: {counts['normal']} normal + {counts['anomalous']} anomalous test images; "
+               f"differences against {ref}")
+    header = ["backend", "what ran", f"max|map-{ref}|", f"max|score-{ref}|", "Spearman", "image AUROC",
+              "pixel AUROC", "PRO", "seconds"]
+    lines = [header]
+    for run in comparison.runs:
+        r = summary["backends"][run.name]
+        is_ref = run.name == ref
+        lines.append([
+            run.name, run.label,
+            "-" if is_ref else _sci(r["max_abs_map_difference"]),
+            "-" if is_ref else _sci(r["max_abs_score_difference"]),
+            "-" if is_ref else _fmt(r["spearman_image_scores"], 4, 1),
+            _fmt(r["image_auroc"]), _fmt(r["pixel_auroc"]), _fmt(r["pro"]), f"{r['seconds']:.2f}",
+        ])
+    click.echo(_columns(lines, left=2))
+    return summary
+
+
+def format_table(rows: list) -> str:
+    """category | ours / paper per metric, in percent; group means after a rule."""
+    head = ["category"] + [label for m in METRICS for label in (METRIC_LABELS[m], "paper")]
+    lines: list[list[str] | None] = [head, None]
+    for i, row in enumerate(rows):
+        if row.is_mean and (i == 0 or not rows[i - 1].is_mean):
+            lines.append(None)
+        lines.append([row.label] + [v for m in METRICS for v in (_fmt(row.ours.get(m)), _fmt(row.paper.get(m)))])
+    return _columns(lines)
+
+
+def _fmt(value: float | None, digits: int = 1, scale: float = 100.0) -> str:
+    if value is None or not math.isfinite(value):
+        return "-"
+    return f"{scale * value:.{digits}f}"
+
+
+def _sci(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2e}"
+
+
+def _columns(lines: list, left: int = 1) -> str:
+    """The first ``left`` columns left-aligned, the others right-aligned; ``None`` is a horizontal rule."""
+    table = [line for line in lines if line is not None]
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    out = []
+    for line in lines:
+        if line is None:
+            out.append("-" * (sum(widths) + 2 * (len(widths) - 1)))
+            continue
+        cells = [cell.ljust(w) if i < left else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths))]
+        out.append("  ".join(cells).rstrip())
+    return "\n".join(out)

@@ -1,0 +1,306 @@
+"""Score a model bundle on a labelled test split, and compare backends on the same images.
+
+``evaluate_category`` is the Python API behind ``protoad-eval``: image AUROC, pixel AUROC and
+PRO (MVTec AD's definition, see ``metrics.pro_curve``), plus how the model's own thresholds fare.
+``compare_backends`` runs one test split through several backends (torch, ort, trt) and reports
+how far their maps are from the first one's, how well their image rankings agree and each one's
+metrics: the check that the exported graph still is the network it came from.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .build import load_crops, load_masks, run_maps
+from .bundle import bundle_file, open_bundle
+from .datasets import Sample, open_dataset
+from .errors import ProtoADError
+from .metadata import ModelInfo
+from .metrics import PRO_FPR_LIMIT, curve_area, pro_curve, roc_curve, spearman
+from .preprocess import Preprocess, to_batch
+from .runtime.backend import Backend
+
+Curve = tuple[np.ndarray, np.ndarray]
+
+
+@dataclass
+class LabelledSplit:
+    """The labelled test split of one category, preprocessed for one model's geometry."""
+
+    category: str
+    kind: str
+    root: Path
+    samples: list[Sample]
+    crops: np.ndarray  # uint8 [N,S,S,3] RGB
+    masks: np.ndarray  # bool [N,S,S]; all False for normal images
+    labels: np.ndarray  # bool [N], True = anomalous
+    pixel_usable: np.ndarray  # bool [N]: normal, or anomalous with a mask (BTAD may lack some)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {
+            "normal": int((~self.labels).sum()),
+            "anomalous": int(self.labels.sum()),
+            "anomalous_with_mask": int((self.labels & self.pixel_usable).sum()),
+        }
+
+
+def load_test_set(
+    category: str, data_root: str | os.PathLike | None, dataset: str, pre: Preprocess, progress: bool = False
+) -> LabelledSplit:
+    data = open_dataset(category, data_root, dataset)
+    if not data.has_labels:
+        raise ProtoADError(
+            f"category {category!r} in {data.root} has no labelled test split: metrics need both normal and "
+            f"anomalous test images ({len(data.test)} test images found, layout {data.kind})"
+        )
+    labels = np.array([s.label == 1 for s in data.test])
+    return LabelledSplit(
+        category=category,
+        kind=data.kind,
+        root=data.root,
+        samples=data.test,
+        crops=load_crops(data.test, pre, "load test", progress),
+        masks=load_masks(data.test, pre),
+        labels=labels,
+        pixel_usable=np.array([s.label == 0 or s.mask_path is not None for s in data.test]),
+    )
+
+
+@dataclass
+class Metrics:
+    """Values are fractions (1.0 = perfect); pixel metrics are None without any ground-truth mask."""
+
+    image_auroc: float
+    pixel_auroc: float | None
+    pro: float | None
+    image_roc: Curve
+    pixel_roc: Curve | None
+    pro_curve: Curve | None
+
+    def values(self) -> dict[str, float | None]:
+        return {"image_auroc": self.image_auroc, "pixel_auroc": self.pixel_auroc, "pro": self.pro}
+
+
+def image_scores(maps: np.ndarray) -> np.ndarray:
+    """The image score is the maximum of its map (the network's ``score`` output)."""
+    return maps.reshape(len(maps), -1).max(axis=1)
+
+
+def compute_metrics(test: LabelledSplit, maps: np.ndarray) -> Metrics:
+    fpr, tpr, _ = roc_curve(test.labels, image_scores(maps))
+    image_auroc = curve_area(fpr, tpr)
+    usable = test.pixel_usable
+    masks = test.masks[usable]
+    if not masks.any():
+        return Metrics(image_auroc, None, None, (fpr, tpr), None, None)
+    pix_fpr, pix_tpr, _ = roc_curve(masks, maps[usable])
+    pro_fpr, pro, _ = pro_curve(masks, maps[usable])
+    return Metrics(
+        image_auroc=image_auroc,
+        pixel_auroc=curve_area(pix_fpr, pix_tpr),
+        pro=curve_area(pro_fpr, pro, PRO_FPR_LIMIT) / PRO_FPR_LIMIT,
+        image_roc=(fpr, tpr),
+        pixel_roc=(pix_fpr, pix_tpr),
+        pro_curve=(pro_fpr, pro),
+    )
+
+
+def describe(backend: Backend) -> str:
+    """One line on what actually ran: backend, device/providers, precision."""
+    if backend.name == "torch":
+        return f"torch ({backend.device.type}, {backend.precision}, eager)"  # type: ignore[attr-defined]
+    if backend.name == "ort":
+        return f"ort ({', '.join(backend.providers)})"  # type: ignore[attr-defined]
+    return f"{backend.name} ({backend.info.precision or 'engine'} on {backend.info.gpu_name or 'GPU'})"
+
+
+@dataclass
+class ThresholdCheck:
+    """The model's own decision thresholds applied to the test split."""
+
+    image_threshold: float
+    pixel_threshold: float
+    anomalous_caught: int
+    anomalous: int
+    false_alarms: int
+    normal: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: _finite(v) for k, v in self.__dict__.items()}
+
+
+@dataclass
+class CategoryResult:
+    category: str
+    kind: str
+    model: Path
+    backend: str  # as ``describe`` puts it
+    info: ModelInfo
+    test: LabelledSplit
+    maps: np.ndarray  # float32 [N,S,S]
+    metrics: Metrics
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def scores(self) -> np.ndarray:
+        return image_scores(self.maps)
+
+    def thresholds(self) -> ThresholdCheck:
+        flagged = self.scores >= self.info.image_threshold
+        labels = self.test.labels
+        return ThresholdCheck(
+            image_threshold=self.info.image_threshold,
+            pixel_threshold=self.info.pixel_threshold,
+            anomalous_caught=int((flagged & labels).sum()),
+            anomalous=int(labels.sum()),
+            false_alarms=int((flagged & ~labels).sum()),
+            normal=int((~labels).sum()),
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """Everything but the arrays, JSON-ready."""
+        n = len(self.maps)
+        return {
+            **{k: _finite(v) for k, v in self.metrics.values().items()},
+            "pro_fpr_limit": PRO_FPR_LIMIT,
+            "images": self.test.counts,
+            "model": str(self.model),
+            "model_category": self.info.category,
+            "backend": self.backend,
+            "crop": self.info.crop,
+            "resize": self.info.resize,
+            "num_prototypes": self.info.num_prototypes,
+            "thresholds": self.thresholds().to_dict(),
+            "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+            "images_per_second": round(n / self.seconds["infer"], 2) if self.seconds.get("infer") else None,
+        }
+
+
+def evaluate_category(
+    model: str | os.PathLike,
+    category: str,
+    data_root: str | os.PathLike | None = None,
+    dataset: str = "mvtec",
+    backend: str = "auto",
+    batch_size: int = 8,
+    device: str = "auto",
+    fp16: bool | None = None,
+    progress: bool = False,
+) -> CategoryResult:
+    """Run ``model`` (a bundle file or a folder of bundles) on the test split of ``category``."""
+    path, backend = bundle_file(model, backend, category)
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    with open_bundle(path, backend, category, device=device, fp16=fp16) as runner:
+        seconds["open"] = time.perf_counter() - start
+        test = load_test_set(category, data_root, dataset, runner.info.preprocess, progress)
+        seconds["load"] = time.perf_counter() - start - seconds["open"]
+        maps, seconds["infer"] = _timed_maps(runner, test, batch_size, progress)
+        label, info = describe(runner), runner.info
+    start = time.perf_counter()
+    metrics = compute_metrics(test, maps)
+    seconds["metrics"] = time.perf_counter() - start
+    return CategoryResult(category, test.kind, path, label, info, test, maps, metrics, seconds)
+
+
+def _timed_maps(runner: Backend, test: LabelledSplit, batch_size: int, progress: bool) -> tuple[np.ndarray, float]:
+    runner.infer(to_batch(test.crops[:1]))  # first-call costs (allocation, engine set-up) are not speed
+    start = time.perf_counter()
+    maps = run_maps(runner, test.crops, batch_size, f"{runner.name} {test.category}", progress)  # type: ignore[arg-type]
+    return maps, time.perf_counter() - start
+
+
+@dataclass
+class BackendRun:
+    name: str
+    label: str
+    model: Path
+    maps: np.ndarray
+    metrics: Metrics
+    seconds: float
+
+
+@dataclass
+class Comparison:
+    """Several backends on one test split; differences are against the first backend."""
+
+    category: str
+    test: LabelledSplit
+    runs: list[BackendRun]
+
+    @property
+    def reference(self) -> BackendRun:
+        return self.runs[0]
+
+    def max_map_difference(self, run: BackendRun) -> float:
+        return float(np.abs(run.maps.astype(np.float64) - self.reference.maps).max())
+
+    def max_score_difference(self, run: BackendRun) -> float:
+        return float(np.abs(image_scores(run.maps).astype(np.float64) - image_scores(self.reference.maps)).max())
+
+    def rank_agreement(self, run: BackendRun) -> float:
+        """Spearman correlation of the image scores with the reference backend's."""
+        return spearman(image_scores(self.reference.maps), image_scores(run.maps))
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "reference": self.reference.name,
+            "images": self.test.counts,
+            "backends": {
+                run.name: {
+                    "backend": run.label,
+                    "model": str(run.model),
+                    **{k: _finite(v) for k, v in run.metrics.values().items()},
+                    "max_abs_map_difference": _finite(self.max_map_difference(run)),
+                    "max_abs_score_difference": _finite(self.max_score_difference(run)),
+                    "spearman_image_scores": _finite(self.rank_agreement(run)),
+                    "seconds": round(run.seconds, 3),
+                }
+                for run in self.runs
+            },
+        }
+
+
+def compare_backends(
+    model: str | os.PathLike,
+    category: str,
+    backends: list[str],
+    data_root: str | os.PathLike | None = None,
+    dataset: str = "mvtec",
+    batch_size: int = 8,
+    device: str = "auto",
+    fp16: bool | None = None,
+    progress: bool = False,
+) -> Comparison:
+    """Run the same test images through each of ``backends`` (at least two, the first is the reference)."""
+    if len(backends) < 2 or len(set(backends)) != len(backends) or "auto" in backends:
+        raise ProtoADError(f"--compare needs two or more different backends among torch, ort, trt, got {','.join(backends)}")
+    files = [bundle_file(model, b, category)[0] for b in backends]  # every file exists before anything runs
+    test: LabelledSplit | None = None
+    runs: list[BackendRun] = []
+    for name, path in zip(backends, files):
+        with open_bundle(path, name, category, device=device, fp16=fp16) as runner:
+            if test is None:
+                pre = runner.info.preprocess
+                test = load_test_set(category, data_root, dataset, pre, progress)
+            elif runner.info.preprocess != pre:
+                raise ProtoADError(f"{path}: preprocessing {runner.info.preprocess} differs from {files[0]}'s {pre}")
+            maps, seconds = _timed_maps(runner, test, batch_size, progress)
+            runs.append(BackendRun(name, describe(runner), path, maps, compute_metrics(test, maps), seconds))
+    assert test is not None
+    return Comparison(category, test, runs)
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN: missing or undefined numbers become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -1,0 +1,259 @@
+"""protoad-eval: the paper's tables, bundle files per backend, and the CLI on demo images, its
+printed and JSON metrics checked against scikit-learn on maps computed here independently."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner, Result
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+from protoad_edge.bundle import bundle_file
+from protoad_edge.cli.eval import main
+from protoad_edge.demo import demo_image
+from protoad_edge.errors import ProtoADError
+from protoad_edge.metrics import au_pro
+from protoad_edge.paper import METRICS, comparison_rows, paper_dataset
+from protoad_edge.preprocess import to_batch
+
+TEXTURES = {"carpet", "grid", "leather", "tile", "wood"}
+OBJECTS = {"bottle", "cable", "capsule", "hazelnut", "metal_nut", "pill", "screw", "toothbrush", "transistor", "zipper"}
+
+
+# --- the paper's numbers ---------------------------------------------------------------------
+
+
+def test_mvtec_tables_hold_fifteen_categories_and_their_printed_means() -> None:
+    mvtec = paper_dataset("mvtec")
+    assert mvtec is not None
+    assert set(mvtec.groups["texture"]) == TEXTURES and set(mvtec.groups["object"]) == OBJECTS
+    assert {m: mvtec.metrics[m].table for m in METRICS} == {"pixel_auroc": "Table 1", "pro": "Table 2", "image_auroc": "Table 3"}
+    for metric in METRICS:
+        table = mvtec.metrics[metric]
+        assert set(table.categories) == TEXTURES | OBJECTS
+        assert all(0.85 < v <= 1.0 for v in table.categories.values())
+        for group, members in (("texture", TEXTURES), ("object", OBJECTS), ("all", TEXTURES | OBJECTS)):
+            mean = np.mean([table.categories[c] for c in members])
+            assert abs(mean - table.means[group]) <= 0.001 + 1e-9, (metric, group)  # 0.1 percentage point
+    # The headline figures (Table 4, FACTS): image AUROC, pixel AUROC, PRO.
+    assert [mvtec.metrics[m].means["all"] for m in ("image_auroc", "pixel_auroc", "pro")] == pytest.approx([0.977, 0.972, 0.936])
+
+
+def test_btad_table_8() -> None:
+    btad = paper_dataset("btad")
+    assert btad is not None and paper_dataset("folder") is None
+    assert set(btad.metrics) == {"image_auroc", "pixel_auroc"}
+    for metric, printed in (("image_auroc", 0.940), ("pixel_auroc", 0.970)):
+        table = btad.metrics[metric]
+        assert table.table == "Table 8" and set(table.categories) == {"01", "02", "03"}
+        assert table.means["all"] == pytest.approx(printed)
+        assert abs(np.mean(list(table.categories.values())) - printed) <= 0.001 + 1e-9
+
+
+def test_comparison_rows_group_like_the_paper() -> None:
+    mvtec = paper_dataset("mvtec")
+    assert mvtec is not None
+    ours = {c: {m: mvtec.value(m, c) for m in METRICS} for c in TEXTURES | OBJECTS}
+    rows = comparison_rows("mvtec", ours)
+    means = {r.label: r for r in rows if r.is_mean}
+    assert [r.label for r in rows[:5]] == mvtec.groups["texture"]  # the paper's order
+    assert list(means) == ["texture", "object", "all"]
+    for group, row in means.items():
+        for m in METRICS:
+            assert row.paper[m] == mvtec.metrics[m].means[group]  # printed mean
+            assert abs(row.ours[m] - row.paper[m]) <= 0.001 + 1e-9
+    partial = comparison_rows("mvtec", {"bottle": {"image_auroc": 0.5, "pixel_auroc": 0.6, "pro": None},
+                                        "screw": {"image_auroc": 0.7, "pixel_auroc": 0.8, "pro": None},
+                                        "demo": {"image_auroc": 0.1, "pixel_auroc": 0.2, "pro": 0.3}})
+    labels = [r.label for r in partial]
+    assert labels == ["bottle", "screw", "demo", "object, 2 of 10", "all, 2 of 15"]
+    obj = partial[3]
+    assert obj.ours["image_auroc"] == pytest.approx(0.6) and obj.ours["pro"] is None
+    assert obj.paper["image_auroc"] == pytest.approx((0.999 + 0.949) / 2)  # same categories, not the printed mean
+    alone = comparison_rows("folder", {"widget": {"image_auroc": 0.9, "pixel_auroc": None, "pro": None}})
+    assert [(r.label, r.is_mean) for r in alone] == [("widget", False), ("all", True)]
+
+
+# --- bundle files ----------------------------------------------------------------------------
+
+
+def test_bundle_file_per_backend(tmp_path: Path) -> None:
+    for suffix in (".onnx", ".json", ".plan", ".prototypes.npy"):
+        (tmp_path / f"cable{suffix}").write_text("x")
+    p = tmp_path / "cable"
+    assert bundle_file(tmp_path, "auto", "cable") == (Path(f"{p}.onnx"), "ort")
+    assert bundle_file(tmp_path, "torch", "cable") == (Path(f"{p}.json"), "torch")
+    assert bundle_file(f"{p}.onnx", "trt") == (Path(f"{p}.plan"), "trt")
+    assert bundle_file(f"{p}.plan") == (Path(f"{p}.plan"), "trt")
+    assert bundle_file(f"{p}.prototypes.npy") == (Path(f"{p}.json"), "torch")
+    (tmp_path / "solo.fp16.onnx").write_text("x")
+    assert bundle_file(tmp_path / "solo.fp16.onnx", "ort") == (tmp_path / "solo.fp16.onnx", "ort")
+    for args, culprit in [((tmp_path / "solo.fp16.onnx", "torch"), "solo.json"),
+                          ((tmp_path / "missing.onnx",), "missing.onnx"),
+                          ((tmp_path, "ort"), "folder"),
+                          ((tmp_path, "ort", "bottle"), "bottle.onnx"),
+                          ((f"{p}.onnx", "tensorflow"), "tensorflow")]:
+        with pytest.raises(ProtoADError, match=culprit):
+            bundle_file(*args)
+
+
+# --- the CLI on demo images -------------------------------------------------------------------
+
+
+CATEGORY = "parts"
+TEST_SPLIT = {"test/good": 4, "test/scratch": 2, "test/spot": 2, "test/crack": 2}
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small MVTec-layout category of demo images, plus 'nolabels' whose test split is all normal."""
+    root = tmp_path_factory.mktemp("data")
+    for split, count in {"train/good": 2, **TEST_SPLIT}.items():
+        for index in range(count):
+            _, image, mask = demo_image(split, index)
+            for category in (CATEGORY, "nolabels") if split.endswith("good") else (CATEGORY,):
+                (root / category / split).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(image).save(root / category / split / f"{index:03d}.png")
+            if mask is not None:
+                truth = root / CATEGORY / "ground_truth" / split.split("/")[1]
+                truth.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(mask).save(truth / f"{index:03d}_mask.png")
+    return root
+
+
+def run(*args: object) -> Result:
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_user_error(result: Result, *words: str) -> None:
+    """Exit 2, exactly one line on stderr naming the culprit, no traceback."""
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    for word in words:
+        assert word in lines[0]
+
+
+def independent_maps(model: Path, root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(labels, masks, maps) of the test split, read and run here without protoad-eval's code paths."""
+    from protoad_edge.runtime.ort_backend import OrtBackend
+
+    backend = OrtBackend(model, providers=["CPUExecutionProvider"])
+    pre = backend.info.preprocess
+    labels, masks, crops = [], [], []
+    for image in sorted((root / CATEGORY / "test").glob("*/*.png")):
+        defect = image.parent.name
+        labels.append(defect != "good")
+        crops.append(pre(np.asarray(Image.open(image).convert("RGB"))))
+        mask_file = root / CATEGORY / "ground_truth" / defect / f"{image.stem}_mask.png"
+        masks.append(pre.mask(np.asarray(Image.open(mask_file))) if defect != "good" else np.zeros((pre.crop,) * 2, bool))
+    maps = backend.infer(to_batch(np.stack(crops)))[0]
+    return np.array(labels), np.stack(masks), maps
+
+
+def test_eval_metrics_json_and_pictures(tiny_model: Path, data_root: Path, tmp_path: Path) -> None:
+    out, report = tmp_path / "pictures", tmp_path / "eval.json"
+    result = run("--model", tiny_model, "--category", CATEGORY, "--data-root", data_root, "--json", report, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "was built for category 'tiny'" in result.stderr  # the tiny bundle is not a demo model
+
+    labels, masks, maps = independent_maps(tiny_model, data_root)
+    expected = {
+        "image_auroc": roc_auc_score(labels, maps.reshape(len(maps), -1).max(axis=1)),
+        "pixel_auroc": roc_auc_score(masks.ravel(), maps.ravel()),
+        "pro": au_pro(masks, maps),
+    }
+    data = json.loads(report.read_text())
+    got = data["categories"][CATEGORY]
+    assert got["images"] == {"normal": 4, "anomalous": 6, "anomalous_with_mask": 6}
+    for metric, value in expected.items():
+        assert got[metric] == pytest.approx(value, abs=1e-6), metric
+    row = next(line.split() for line in result.stdout.splitlines() if line.startswith(CATEGORY + " "))
+    assert row == [CATEGORY, f"{100 * expected['image_auroc']:.1f}", "-", f"{100 * expected['pixel_auroc']:.1f}", "-",
+                   f"{100 * expected['pro']:.1f}", "-"]
+    t = got["thresholds"]
+    assert t["anomalous_caught"] == int((maps[labels].reshape(6, -1).max(axis=1) >= t["image_threshold"]).sum())
+    assert data["mode"] == "evaluate" and data["skipped"] == {}
+
+    pictures = sorted(p.name for p in out.iterdir())
+    assert pictures == [f"{CATEGORY}.{kind}.png" for kind in ("cases", "pro", "roc")]  # nothing temporary left behind
+    for name in pictures:
+        raw = (out / name).read_bytes()
+        assert raw.startswith(b"\x89PNG\r\n\x1a\n")
+        with Image.open(out / name) as im:
+            im.load()
+            assert im.width >= 600 and im.height >= 400
+
+
+def test_compare_torch_and_ort(tiny_model: Path, data_root: Path, tmp_path: Path) -> None:
+    report = tmp_path / "compare.json"
+    result = run("--model", tiny_model, "--category", CATEGORY, "--data-root", data_root,
+                 "--compare", "torch,ort", "--json", report)
+    assert result.exit_code == 0, result.output
+    runs = json.loads(report.read_text())["comparisons"][CATEGORY]["backends"]
+    assert runs["torch"]["backend"].startswith("torch (cpu, fp32")
+    assert runs["torch"]["max_abs_map_difference"] == 0.0
+    assert runs["ort"]["max_abs_map_difference"] <= 1e-4
+    assert runs["ort"]["max_abs_score_difference"] <= 1e-4
+    assert runs["ort"]["spearman_image_scores"] > 0.99
+    # Image AUROC may move by a pair: the tiny random model scores every image within a few 1e-3.
+    for metric in ("pixel_auroc", "pro"):
+        assert runs["ort"][metric] == pytest.approx(runs["torch"][metric], abs=1e-3)
+    assert "max|map-torch|" in result.stdout
+
+
+def test_all_categories_table(tiny_model: Path, data_root: Path, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    for category in (CATEGORY, "nolabels"):
+        shutil.copy(tiny_model, models / f"{category}.onnx")
+    report = tmp_path / "all.json"
+    result = run("--model", models, "--category", "all", "--data-root", data_root, "--json", report)
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    assert list(data["categories"]) == [CATEGORY]
+    assert "no labelled test split" in data["skipped"]["nolabels"]
+    assert [r["label"] for r in data["table"]] == [CATEGORY, "all"]
+    assert "skipped nolabels" in result.stderr
+    table = result.stdout[result.stdout.index("category"):].splitlines()
+    assert table[0].split() == ["category", "image", "AUROC", "paper", "pixel", "AUROC", "paper", "PRO", "paper"]
+    assert [line.split()[0] for line in table[1:] if line and not line.startswith(("-", "wrote"))] == [CATEGORY, "all"]
+
+
+def test_bad_inputs_are_one_line(tiny_model: Path, data_root: Path, tmp_path: Path) -> None:
+    base = ["--category", CATEGORY, "--data-root", data_root]
+    assert_user_error(run("--model", tmp_path / "nope.onnx", *base), "nope.onnx")
+    assert_user_error(run("--model", tiny_model, "--category", "nolabels", "--data-root", data_root), "no labelled test split")
+    assert_user_error(run("--model", tiny_model, "--category", "pumpkin", "--data-root", data_root), "pumpkin")
+    assert_user_error(run("--model", tiny_model, *base, "--compare", "torch"), "--compare")
+    assert_user_error(run("--model", tiny_model, *base, "--compare", "ort,onnx"), "--compare")
+    assert_user_error(run("--model", tiny_model, *base, "--backend", "trt"), "tiny.plan")
+    assert_user_error(run("--model", tiny_model, "--category", "all", "--data-root", data_root), "folder")
+    assert_user_error(run("--model", tiny_model, *base, "--compare", "torch,ort", "--out", tmp_path), "--out")
+    bad = run("--model", tiny_model, *base, "--backend", "tensorflow")
+    assert bad.exit_code == 2 and "Traceback" not in bad.output  # click's own usage error
+
+
+@pytest.mark.gpu
+def test_torch_backend_fp16_on_gpu(tiny_model: Path, data_root: Path) -> None:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from protoad_edge.torch_backend import TorchBackend
+
+    labels, _, ort_maps = independent_maps(tiny_model, data_root)
+    gpu = TorchBackend(tiny_model.with_suffix(".json"), device="cuda")
+    assert gpu.precision == "fp16"
+    pre = gpu.info.preprocess
+    crops = [pre(np.asarray(Image.open(p).convert("RGB"))) for p in sorted((data_root / CATEGORY / "test").glob("*/*.png"))]
+    maps, scores = gpu.infer(to_batch(np.stack(crops)))
+    assert np.isfinite(maps).all()
+    assert np.abs(maps - ort_maps).max() < 5e-3
+    assert np.array_equal(scores, maps.reshape(len(maps), -1).max(axis=1))
