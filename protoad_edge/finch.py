@@ -1,0 +1,308 @@
+"""FINCH clustering (Sarfraz et al., CVPR 2019) of patch features into prototypes, with cosine similarity.
+
+Our own implementation rather than ``finch-clust``: that package computes exact neighbours with a dense
+N x N distance matrix (and switches to approximate search above 20,000 points), while a category has
+about a million patch vectors. Here the exact first neighbours come from tiled matrix products in
+bounded memory, and the partitions equal ``finch-clust``'s exact path level by level (the tests check it).
+
+``finch-clust`` rules replicated so that partitions match (its exact path, below ``ann_threshold``):
+
+- Neighbours: the nearest non-self point by cosine similarity, ties to the lowest index.
+- Clusters: weakly connected components of the graph i -> nn(i) (the paper's three linking rules).
+- Level means are means of the original points (not means of means).
+- A level that ends at 1 cluster, or merges at most one pair (count drops by <= 1), is discarded and
+  the recursion stops.
+
+Not replicated because it has no effect there: ``ensure_early_exit`` (default True) caps later levels'
+edges at the largest level-0 first-neighbour distance, but it "removes" an edge by storing an explicit
+zero in the sparse graph, which ``scipy.sparse.csgraph.connected_components`` still counts as an edge;
+so its partitions are those without the cap, and so are ours (the tests compare with it switched on).
+
+Partitions can differ from ``finch-clust`` only where two candidate neighbours are equally similar up
+to rounding: it computes level 0 in float32 and later levels in float64, we compute all in float32,
+with other summation orders (and it clips cosines above 1, so those all tie).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from scipy.sparse.csgraph import connected_components
+
+from .errors import ProtoADError
+
+DEFAULT_MAX_PROTOTYPES = 10_000
+DEFAULT_SCRATCH_BYTES = 256 * 2**20
+
+
+class Neighbours(NamedTuple):
+    """Each row's first (nearest non-self) neighbour and the cosine similarity to it."""
+
+    index: np.ndarray  # int64 [N]
+    similarity: np.ndarray  # float32 [N]
+
+
+# A first-neighbour search: rows (any scale; cosine similarity) -> Neighbours. ``first_neighbours``
+# is the exact one; another backend (approximate, reduced precision) plugs into ``finch(search=...)``.
+Search = Callable[[np.ndarray], Neighbours]
+
+
+def tile_rows(n: int, dim: int, itemsize: int, scratch_bytes: int) -> int:
+    """Side of the square tiles for N rows: about N/8, at least 1024, and within ``scratch_bytes``.
+
+    With t tiles per side the diagonal tiles, computed whole, add about 1/t to the half matrix's
+    work, so t should not be small; but every tile reloads a row block, and below about 1024 rows
+    that costs more than it saves. Scratch per tile: two float32 row blocks (b x dim each), a staging
+    block in the input dtype (b x dim x itemsize), the float32 similarity tile and a boolean mask of
+    it (b x b each).
+    """
+    p = (8 + itemsize) * dim
+    fits = int((-p + math.sqrt(p * p + 20 * scratch_bytes)) / 10)
+    return max(1, min(n, fits, max(1024, -(-n // 8))))
+
+
+def first_neighbours(x: np.ndarray, *, device: str = "cpu", scratch_bytes: int = DEFAULT_SCRATCH_BYTES,
+                     block: int | None = None) -> Neighbours:
+    """Exact cosine first neighbours of the rows of ``x`` (float16/32/64, may be a ``np.memmap``).
+
+    Rows need not be normalised: each block is converted to float32 and L2-normalised as it is loaded
+    (zero rows stay zero), so the input is never copied whole. Only the tiles on and above the
+    diagonal of the similarity matrix are computed, ``block`` x ``block`` each (default: ``tile_rows``,
+    within ``scratch_bytes``); a tile serves the row-wise and the column-wise search, so each pair's
+    similarity is computed once and no N x N matrix ever exists. Ties go to the lowest index. ``device`` is
+    "cpu" (float32 BLAS) or a CUDA device (full FP32: TF32 is switched off for the call).
+    A single row has no non-self neighbour: it gets itself, with similarity -inf.
+    """
+    n, dim = _check_features(x)
+    b = min(n, block or tile_rows(n, dim, x.dtype.itemsize, scratch_bytes))
+    tiles = _NumpyTiles(x, b) if torch.device(device).type == "cpu" else _CudaTiles(x, b, device)
+    best = np.full(n, -np.inf, np.float32)
+    arg = np.zeros(n, np.int64)
+    for i0 in range(0, n, b):
+        a = tiles.load(i0, 0)
+        for j0 in range(i0, n, b):
+            diagonal = j0 == i0
+            s = tiles.similarities(a, a if diagonal else tiles.load(j0, 1), diagonal)
+            _offer(best, arg, i0, *tiles.row_max(s), j0)
+            if not diagonal:
+                _offer(best, arg, j0, *tiles.col_max(s), i0)
+    return Neighbours(arg, best)
+
+
+@dataclass
+class FinchResult:
+    """The FINCH levels up to the chosen one (the last) and its prototypes."""
+
+    partitions: list[np.ndarray]  # int64 labels [N] per level, 0..count-1
+    counts: list[int]  # clusters per level
+    prototypes: np.ndarray  # float32 [K, D]: L2-normalised means of the chosen partition's clusters
+    level_seconds: list[float]  # wall time per level
+
+    @property
+    def chosen(self) -> int:
+        """Index of the chosen level."""
+        return len(self.partitions) - 1
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Cluster of each input row in the chosen partition (row k of ``prototypes``)."""
+        return self.partitions[-1]
+
+
+def finch(x: np.ndarray, max_prototypes: int = DEFAULT_MAX_PROTOTYPES, *, device: str = "cpu",
+          scratch_bytes: int = DEFAULT_SCRATCH_BYTES, search: Search | None = None,
+          log: Callable[[str], None] = print) -> FinchResult:
+    """FINCH levels on the rows of ``x`` (L2-normalised patch features, float16/32, may be a memmap).
+
+    Stops at the first partition with fewer than ``max_prototypes`` clusters, or, if none gets there,
+    at the last partition before merging stops (the module docstring lists the rules). Prototypes are
+    the re-normalised means of the chosen clusters, so a 1x1 convolution with them gives cosines.
+    ``search`` defaults to exact ``first_neighbours`` on ``device`` within ``scratch_bytes``.
+    Cluster sums are kept in float64 ([K0, D] at level 0).
+    """
+    n, dim = _check_features(x)
+    if max_prototypes < 1:
+        raise ValueError(f"max_prototypes must be >= 1, got {max_prototypes}")
+    search = search or functools.partial(first_neighbours, device=device, scratch_bytes=scratch_bytes)
+
+    start = time.perf_counter()
+    labels, count = _components(search(x).index)
+    sums = _group_sums(x, labels, count, max(1, scratch_bytes // (8 * dim)))
+    partitions, counts, seconds = [labels], [count], [time.perf_counter() - start]
+    log(f"FINCH level 0: {count} clusters of {n} points ({seconds[-1]:.1f} s)")
+
+    while count >= max_prototypes:
+        start = time.perf_counter()
+        merged, new_count = _components(search(_normalised(sums)).index)
+        level = len(partitions)
+        if new_count == 1 or count - new_count <= 1:
+            log(f"FINCH level {level}: {new_count} clusters ({time.perf_counter() - start:.1f} s): "
+                f"merging stopped, keeping level {level - 1}")
+            break
+        labels, count = merged[labels], new_count
+        sums = _group_sums(sums, merged, count, len(sums))
+        partitions.append(labels)
+        counts.append(count)
+        seconds.append(time.perf_counter() - start)
+        log(f"FINCH level {level}: {count} clusters ({seconds[-1]:.1f} s)")
+
+    log(f"FINCH chose level {len(partitions) - 1}: {count} prototypes")
+    return FinchResult(partitions, counts, _normalised(sums), seconds)
+
+
+def _check_features(x: np.ndarray) -> tuple[int, int]:
+    if not isinstance(x, np.ndarray) or x.ndim != 2 or x.dtype.kind != "f":
+        raise ValueError(f"expected a 2-D float array of features, got {type(x).__name__} "
+                         f"{getattr(x, 'shape', '')} {getattr(x, 'dtype', '')}")
+    if len(x) == 0:
+        raise ValueError("no feature vectors to cluster")
+    return x.shape
+
+
+def _check_norms(norms: np.ndarray, start: int) -> None:
+    if not np.isfinite(norms).all():
+        raise ProtoADError(f"features rows {start}-{start + len(norms) - 1} contain NaN or infinite values")
+
+
+def _offer(best: np.ndarray, arg: np.ndarray, start: int, vals: np.ndarray, idx: np.ndarray,
+           offset: int) -> None:
+    """Offer a tile's maxima (at indices ``offset + idx``) to rows ``start...`` of the running best.
+
+    A row's candidates arrive in increasing index order and each maximum is the first one in its
+    tile, so the strict comparison keeps the lowest index among ties.
+    """
+    rows = slice(start, start + len(vals))
+    better = vals > best[rows]
+    best[rows][better] = vals[better]
+    arg[rows][better] = idx[better] + offset
+
+
+class _NumpyTiles:
+    """CPU tiles: numpy's BLAS for the products, numpy reductions between them.
+
+    Not torch: alternating torch's OpenMP pool with OpenBLAS's threads was several times slower on a
+    busy machine, and numpy's allocations are visible to tracemalloc (the tests check the budget).
+    """
+
+    def __init__(self, x: np.ndarray, rows: int) -> None:
+        self.x = x
+        self.blocks = [np.empty((rows, x.shape[1]), np.float32) for _ in range(2)]
+        self.tile = np.empty(rows * rows, np.float32)
+        self.hit = np.empty(rows * rows, bool)
+
+    def load(self, start: int, slot: int) -> np.ndarray:
+        """Rows ``start...`` as a normalised float32 block in buffer ``slot``."""
+        src = self.x[start:start + len(self.blocks[slot])]
+        out = self.blocks[slot][:len(src)]
+        np.copyto(out, src, casting="same_kind")
+        norms = np.sqrt(np.einsum("ij,ij->i", out, out))
+        _check_norms(norms, start)
+        out /= np.maximum(norms, np.finfo(np.float32).tiny)[:, None]
+        return out
+
+    def similarities(self, a: np.ndarray, c: np.ndarray, diagonal: bool) -> np.ndarray:
+        s = self.tile[:len(a) * len(c)].reshape(len(a), len(c))
+        np.matmul(a, c.T, out=s)
+        if diagonal:
+            np.fill_diagonal(s, -np.inf)
+        return s
+
+    def row_max(self, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        idx = s.argmax(axis=1)
+        return s[np.arange(len(s)), idx], idx
+
+    def col_max(self, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # numpy's argmax along axis 0 copies the tile; a maximum along it does not. The first row
+        # reaching each column's maximum is the smallest row among the hits, in row-major order.
+        vals = s.max(axis=0)
+        hit = self.hit[:s.size].reshape(s.shape)
+        np.equal(s, vals, out=hit)
+        if np.count_nonzero(hit) > 4 * s.shape[1]:  # many tied rows (duplicates): slower, bounded
+            return vals, np.concatenate([hit[:, c:c + 256].argmax(axis=0) for c in range(0, s.shape[1], 256)])
+        rows, cols = np.divmod(np.flatnonzero(hit), s.shape[1])
+        idx = np.full(s.shape[1], len(s))
+        np.minimum.at(idx, cols, rows)
+        return vals, idx
+
+
+class _CudaTiles:
+    """CUDA tiles: blocks staged on the host in the input dtype, converted and multiplied on the GPU."""
+
+    def __init__(self, x: np.ndarray, rows: int, device: str) -> None:
+        self.x, self.device = x, torch.device(device)
+        if self.device.type != "cuda" or not torch.cuda.is_available():
+            raise ProtoADError(f"device {device!r}: FINCH runs on 'cpu' or a CUDA device torch can see")
+        stage_dtype = x.dtype if x.dtype in (np.float16, np.float32) else np.float32
+        self.stage = np.empty((rows, x.shape[1]), stage_dtype)
+        self.blocks = [torch.empty(rows, x.shape[1], device=self.device) for _ in range(2)]
+        self.tile = torch.empty(rows * rows, device=self.device)
+
+    def load(self, start: int, slot: int) -> torch.Tensor:
+        src = self.x[start:start + len(self.stage)]
+        np.copyto(self.stage[:len(src)], src, casting="same_kind")
+        out = self.blocks[slot][:len(src)]
+        out.copy_(torch.from_numpy(self.stage[:len(src)]))
+        norms = torch.linalg.vector_norm(out, dim=1, keepdim=True)
+        _check_norms(norms.cpu().numpy(), start)
+        return out.div_(norms.clamp_min_(torch.finfo(torch.float32).tiny))
+
+    def similarities(self, a: torch.Tensor, c: torch.Tensor, diagonal: bool) -> torch.Tensor:
+        s = self.tile[:len(a) * len(c)].view(len(a), len(c))
+        # Full FP32 whatever the global setting: TF32 would change which neighbour wins.
+        saved = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        try:
+            torch.mm(a, c.T, out=s)
+        finally:
+            torch.set_float32_matmul_precision(saved)
+        if diagonal:
+            s.fill_diagonal_(-math.inf)
+        return s
+
+    def row_max(self, s: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        return self._first_max(s, 1)
+
+    def col_max(self, s: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        return self._first_max(s, 0)
+
+    @staticmethod
+    def _first_max(s: torch.Tensor, dim: int) -> tuple[np.ndarray, np.ndarray]:
+        idx = s.argmax(dim=dim)  # the first maximum, as documented
+        vals = s.gather(dim, idx.unsqueeze(dim)).squeeze(dim)
+        return vals.cpu().numpy(), idx.cpu().numpy()
+
+
+def _components(nn: np.ndarray) -> tuple[np.ndarray, int]:
+    """Weakly connected components of the graph i -> nn[i]."""
+    n = len(nn)
+    graph = sp.csr_matrix((np.ones(n, np.float32), (np.arange(n), nn)), shape=(n, n))
+    count, labels = connected_components(graph, directed=True, connection="weak")
+    return labels.astype(np.int64), count
+
+
+def _group_sums(x: np.ndarray, labels: np.ndarray, count: int, chunk: int) -> np.ndarray:
+    """float64 [count, D] sums of the rows of x per label, ``chunk`` rows at a time (x may be a memmap).
+
+    Each chunk is summed by a sparse one-hot product over the labels it contains, so no dense
+    N x K (or count x chunk) matrix is formed.
+    """
+    sums = np.zeros((count, x.shape[1]))
+    for start in range(0, len(x), chunk):
+        present, inverse = np.unique(labels[start:start + chunk], return_inverse=True)
+        onehot = sp.csr_matrix((np.ones(len(inverse)), (inverse, np.arange(len(inverse)))),
+                               shape=(len(present), len(inverse)))
+        sums[present] += onehot @ np.asarray(x[start:start + chunk], dtype=np.float64)
+    return sums
+
+
+def _normalised(sums: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (in float64), as float32."""
+    norms = np.linalg.norm(sums, axis=1, keepdims=True)
+    return (sums / np.maximum(norms, np.finfo(np.float64).tiny)).astype(np.float32)

@@ -1,0 +1,301 @@
+"""FINCH: exact first neighbours in bounded memory, and partitions equal to finch-clust's, level by level."""
+
+from __future__ import annotations
+
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+finch_clust = pytest.importorskip("finch")
+
+from protoad_edge.errors import ProtoADError  # noqa: E402
+from protoad_edge.finch import Neighbours, finch, first_neighbours  # noqa: E402
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def blobs(seed: int, n: int, dim: int, groups: int, per_group: int, spread: float) -> np.ndarray:
+    """Unit vectors in blobs around centres that are themselves grouped: several FINCH levels."""
+    rng = np.random.default_rng(seed)
+    top = rng.standard_normal((groups, dim))
+    centres = np.repeat(top, per_group, axis=0) + 0.8 * rng.standard_normal((groups * per_group, dim))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    x = centres[rng.integers(0, len(centres), n)] + spread * rng.standard_normal((n, dim)) / np.sqrt(dim)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def canonical(labels: np.ndarray) -> np.ndarray:
+    """Labels renumbered by first appearance, so that equal partitions give equal arrays."""
+    _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    return np.argsort(np.argsort(first))[inverse]
+
+
+def reference_levels(x: np.ndarray) -> tuple[list[np.ndarray], list[int]]:
+    """finch-clust's partitions on its exact path (ann_threshold above N), with its default early exit."""
+    c, counts, _ = finch_clust.FINCH(x, distance="cosine", ann_threshold=len(x) + 1, ensure_early_exit=True,
+                                     verbose=False)
+    return [c[:, i] for i in range(c.shape[1])], list(counts)
+
+
+def brute_force(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float64 cosine similarity matrix (diagonal -inf) and its row-wise first argmax."""
+    xn = x.astype(np.float64) / np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)
+    s = xn @ xn.T
+    np.fill_diagonal(s, -np.inf)
+    return s, s.argmax(axis=1)
+
+
+DATASETS = {
+    "d64": dict(seed=0, n=3000, dim=64, groups=6, per_group=5, spread=0.5),
+    "d256": dict(seed=1, n=2500, dim=256, groups=10, per_group=8, spread=0.3),
+    "d1792": dict(seed=2, n=1500, dim=1792, groups=4, per_group=4, spread=1.0),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(DATASETS))
+def case(request: pytest.FixtureRequest) -> tuple[np.ndarray, list[np.ndarray], list[int]]:
+    x = blobs(**DATASETS[request.param])
+    return (x, *reference_levels(x))
+
+
+# ---------------------------------------------------------------- first neighbours
+
+
+@pytest.mark.parametrize("block", [1, 7, 16, 49, 50, None])
+def test_first_neighbours_breaks_exact_ties_by_lowest_index(block: int | None) -> None:
+    # Rows with four entries of +-0.5: unit norm and every dot product exact, so ties are real ties,
+    # spread over blocks (sizes not dividing N included).
+    rng = np.random.default_rng(3)
+    x = np.zeros((50, 8), np.float32)
+    for row in x:
+        row[rng.choice(8, 4, replace=False)] = rng.choice([-0.5, 0.5], 4)
+    x[[4, 17, 31, 49]] = x[40]  # exact duplicates in different blocks
+    s = x.astype(np.float64) @ x.T.astype(np.float64)
+    np.fill_diagonal(s, -np.inf)
+    assert (s == s.max(axis=1, keepdims=True)).sum(axis=1).max() > 1  # the data really has ties
+    nn = first_neighbours(x, block=block)
+    np.testing.assert_array_equal(nn.index, s.argmax(axis=1))
+    np.testing.assert_array_equal(nn.similarity, s.max(axis=1))
+    assert list(nn.index[[4, 17, 31, 40, 49]]) == [17, 4, 4, 4, 4]
+
+
+def test_first_neighbours_with_many_duplicate_and_zero_rows() -> None:
+    # Columns whose maximum many rows share take another code path; the answer must not change.
+    rng = np.random.default_rng(14)
+    x = np.zeros((300, 8), np.float32)
+    for row in x[:20]:
+        row[rng.choice(8, 4, replace=False)] = rng.choice([-0.5, 0.5], 4)
+    x[20:290] = x[rng.integers(0, 20, 270)]  # rows 290-299 stay zero
+    s = x.astype(np.float64) @ x.T.astype(np.float64)
+    np.fill_diagonal(s, -np.inf)
+    for block in (64, 300):
+        nn = first_neighbours(x, block=block)
+        np.testing.assert_array_equal(nn.index, s.argmax(axis=1))
+        np.testing.assert_array_equal(nn.similarity, s.max(axis=1))
+
+
+@pytest.mark.parametrize("block", [64, 100, 301, None])
+def test_first_neighbours_match_float64_brute_force(block: int | None) -> None:
+    x = np.random.default_rng(4).standard_normal((301, 96)).astype(np.float32)
+    s, ref = brute_force(x)
+    nn = first_neighbours(x, block=block)
+    assert nn.index.dtype == np.int64 and nn.similarity.dtype == np.float32
+    np.testing.assert_allclose(nn.similarity, s.max(axis=1), atol=2e-6)
+    # Where the best two are further apart than float32 rounding, the winner must be the same.
+    top2 = np.sort(s, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 1e-5
+    assert clear.mean() > 0.9
+    np.testing.assert_array_equal(nn.index[clear], ref[clear])
+    np.testing.assert_allclose(s[np.arange(len(x)), nn.index], s.max(axis=1), atol=2e-6)
+
+
+def test_first_neighbours_normalise_rows_themselves() -> None:
+    # Scaling rows by powers of two changes nothing, bit for bit (normalisation is exact then).
+    x = blobs(5, 400, 32, 3, 3, 0.5)
+    scales = 2.0 ** np.random.default_rng(5).integers(-6, 7, size=(400, 1))
+    a = first_neighbours(x, block=97)
+    b = first_neighbours((x * scales).astype(np.float32), block=97)
+    np.testing.assert_array_equal(a.index, b.index)
+    np.testing.assert_array_equal(a.similarity, b.similarity)
+
+
+def test_first_neighbours_small_inputs() -> None:
+    one = first_neighbours(np.ones((1, 4), np.float32))
+    assert one.index.tolist() == [0] and one.similarity[0] == -np.inf
+    two = first_neighbours(np.array([[1, 0], [1, 1]], np.float32))
+    assert two.index.tolist() == [1, 0]
+    zero = first_neighbours(np.array([[0, 0], [1, 0], [2, 0.1]], np.float32))  # a zero row stays harmless
+    assert zero.index.tolist() == [1, 2, 1] and zero.similarity[0] == 0
+
+
+def test_first_neighbours_keep_to_the_scratch_budget(tmp_path: Path) -> None:
+    # A float16 memmap whose float32 copy (2 MB) and similarity matrix (64 MB) both exceed the budget.
+    n, dim, budget = 4000, 128, 2**20
+    x = blobs(6, n, dim, 5, 4, 0.5)
+    mm = np.lib.format.open_memmap(tmp_path / "f.npy", mode="w+", dtype=np.float16, shape=x.shape)
+    mm[:] = x
+    mm.flush()
+    features = np.load(tmp_path / "f.npy", mmap_mode="r")
+    tracemalloc.start()
+    try:
+        nn = first_neighbours(features, scratch_bytes=budget)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert budget / 2 < peak <= budget  # the blocks are traced, and they fit
+    np.testing.assert_array_equal(nn.index, first_neighbours(features.astype(np.float32), block=n).index)
+
+
+def test_first_neighbours_reject_non_finite_rows() -> None:
+    x = np.ones((20, 4), np.float32)
+    x[13, 2] = np.nan
+    with pytest.raises(ProtoADError, match="rows 7-13"):
+        first_neighbours(x, block=7)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_first_neighbours_name_a_missing_cuda_device() -> None:
+    with pytest.raises(ProtoADError, match="cuda"):
+        first_neighbours(np.ones((3, 4), np.float32), device="cuda")
+
+
+# ---------------------------------------------------------------- FINCH levels
+
+
+def test_partitions_equal_finch_clust_at_every_level(case) -> None:
+    x, ref_partitions, ref_counts = case
+    assert len(ref_counts) >= 2
+    result = finch(x, max_prototypes=1, log=lambda _: None)  # never satisfied: run until merging stops
+    assert result.counts == ref_counts
+    for ours, ref in zip(result.partitions, ref_partitions):
+        np.testing.assert_array_equal(canonical(ours), canonical(ref))
+
+
+def test_partitions_equal_finch_clust_on_unnormalised_rows() -> None:
+    # Means are of the rows as given (finch-clust's cool_mean), not of normalised rows.
+    x = blobs(7, 1200, 48, 5, 4, 0.6)
+    x = (x * np.random.default_rng(7).uniform(0.2, 3.0, (len(x), 1))).astype(np.float32)
+    ref_partitions, ref_counts = reference_levels(x)
+    result = finch(x, max_prototypes=1, log=lambda _: None)
+    assert result.counts == ref_counts
+    for ours, ref in zip(result.partitions, ref_partitions):
+        np.testing.assert_array_equal(canonical(ours), canonical(ref))
+
+
+def test_stops_at_first_partition_below_max_prototypes(case) -> None:
+    x, ref_partitions, ref_counts = case
+    for limit in (ref_counts[0] + 1, ref_counts[0], ref_counts[1] + 1, ref_counts[-1], 1):
+        below = [i for i, count in enumerate(ref_counts) if count < limit]
+        chosen = below[0] if below else len(ref_counts) - 1
+        result = finch(x, max_prototypes=limit, log=lambda _: None)
+        assert result.chosen == chosen and result.counts == ref_counts[:chosen + 1]
+        np.testing.assert_array_equal(canonical(result.labels), canonical(ref_partitions[chosen]))
+        assert len(result.prototypes) == ref_counts[chosen]
+
+
+def test_prototypes_are_normalised_cluster_means(case) -> None:
+    x = case[0]
+    result = finch(x, max_prototypes=50, log=lambda _: None)
+    k = result.counts[-1]
+    assert result.prototypes.dtype == np.float32 and result.prototypes.shape == (k, x.shape[1])
+    assert set(np.unique(result.labels)) == set(range(k))
+    sums = np.zeros((k, x.shape[1]))
+    np.add.at(sums, result.labels, x.astype(np.float64))
+    means = sums / np.linalg.norm(sums, axis=1, keepdims=True)
+    np.testing.assert_allclose(result.prototypes, means, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(result.prototypes, axis=1), 1, atol=1e-6)
+
+
+def test_deterministic_and_independent_of_block_size() -> None:
+    x = blobs(8, 1500, 64, 5, 4, 0.5)
+    a = finch(x, max_prototypes=1, log=lambda _: None)
+    b = finch(x, max_prototypes=1, log=lambda _: None)
+    c = finch(x, max_prototypes=1, scratch_bytes=200_000, log=lambda _: None)  # tiles of 137 rows
+    for other in (b, c):
+        assert other.counts == a.counts
+        for p, q in zip(a.partitions, other.partitions):
+            np.testing.assert_array_equal(p, q)
+    np.testing.assert_array_equal(a.prototypes, b.prototypes)
+
+
+def test_float16_memmap_gives_the_float32_result(tmp_path: Path) -> None:
+    x16 = blobs(9, 1500, 64, 5, 4, 0.5).astype(np.float16)
+    np.save(tmp_path / "f.npy", x16)
+    a = finch(np.load(tmp_path / "f.npy", mmap_mode="r"), max_prototypes=30, log=lambda _: None)
+    b = finch(x16.astype(np.float32), max_prototypes=30, log=lambda _: None)
+    assert a.counts == b.counts
+    np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_array_equal(a.prototypes, b.prototypes)
+
+
+def test_logs_count_and_time_of_each_level() -> None:
+    lines: list[str] = []
+    result = finch(blobs(10, 800, 32, 4, 4, 0.5), max_prototypes=1, log=lines.append)
+    for level, count in enumerate(result.counts):
+        prefix = f"FINCH level {level}: {count} clusters"
+        assert any(line.startswith(prefix) and " s)" in line for line in lines)
+    assert len(result.level_seconds) == len(result.counts) and min(result.level_seconds) >= 0
+    assert lines[-1] == f"FINCH chose level {result.chosen}: {result.counts[-1]} prototypes"
+
+
+class ScriptedSearch:
+    """A search backend that answers with given first neighbours, level by level, and records its inputs."""
+
+    def __init__(self, *levels: list[int]) -> None:
+        self.levels, self.inputs = list(levels), []
+
+    def __call__(self, x: np.ndarray) -> Neighbours:
+        self.inputs.append(np.array(x, np.float64))
+        index = np.array(self.levels[len(self.inputs) - 1])
+        return Neighbours(index, np.zeros(len(index), np.float32))
+
+
+def test_level_merging_one_pair_is_discarded() -> None:
+    x = np.random.default_rng(11).standard_normal((8, 5)).astype(np.float32)
+    # Level 0: pairs {0,1} {2,3} {4,5} {6,7}; level 1 would merge only clusters 0 and 1 (4 -> 3).
+    search = ScriptedSearch([1, 0, 3, 2, 5, 4, 7, 6], [1, 0, 2, 3])
+    result = finch(x, max_prototypes=1, search=search, log=lambda _: None)
+    assert result.counts == [4] and len(search.inputs) == 2
+    means = search.inputs[1]  # level 1 searches the normalised means of the original points
+    expected = x.reshape(4, 2, 5).astype(np.float64).sum(axis=1)
+    np.testing.assert_allclose(means, expected / np.linalg.norm(expected, axis=1, keepdims=True), atol=1e-6)
+
+
+def test_level_reaching_one_cluster_is_discarded() -> None:
+    x = np.random.default_rng(12).standard_normal((8, 5)).astype(np.float32)
+    # Level 1 merges 4 -> 2 (kept); level 2 would merge the two into one (discarded).
+    search = ScriptedSearch([1, 0, 3, 2, 5, 4, 7, 6], [1, 0, 3, 2], [1, 0])
+    result = finch(x, max_prototypes=1, search=search, log=lambda _: None)
+    assert result.counts == [4, 2] and len(search.inputs) == 3
+    np.testing.assert_array_equal(canonical(result.labels), [0, 0, 0, 0, 1, 1, 1, 1])
+
+
+# ---------------------------------------------------------------- CUDA
+
+
+@cuda
+def test_cuda_matches_cpu() -> None:
+    x = blobs(13, 3000, 256, 6, 5, 0.5)
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # TF32 allowed globally: the exact search must not use it
+    try:
+        gpu = first_neighbours(x.astype(np.float16), device="cuda", block=700)
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(saved)
+    cpu = first_neighbours(x.astype(np.float16), block=700)
+    np.testing.assert_allclose(gpu.similarity, cpu.similarity, atol=1e-6)
+    # Summation orders differ (cuBLAS vs OpenBLAS): a different winner is allowed only in a float32 tie.
+    s, _ = brute_force(x.astype(np.float16))
+    rows = np.flatnonzero(gpu.index != cpu.index)
+    np.testing.assert_allclose(s[rows, gpu.index[rows]], s[rows, cpu.index[rows]], atol=1e-6)
+    assert len(rows) <= 3
+    a = finch(x, max_prototypes=1, device="cuda", log=lambda _: None)
+    b = finch(x, max_prototypes=1, log=lambda _: None)
+    assert a.counts == b.counts
+    for p, q in zip(a.partitions, b.partitions):
+        np.testing.assert_array_equal(canonical(p), canonical(q))
+    np.testing.assert_allclose(a.prototypes, b.prototypes, atol=1e-6)
