@@ -41,9 +41,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from .demo import generate_demo
 from .errors import ProtoADError
-from .preprocess import IMAGE_SUFFIXES
+from .preprocess import IMAGE_SUFFIXES, Preprocess, load_mask, load_rgb
+from .progress import progress_bar
 
 KINDS = ("mvtec", "btad", "folder")
 DEMO = "demo"
@@ -237,3 +240,20 @@ def _anomalous(images: list[Path], defect: str, mask_dir: Path, *, required: boo
         if stem not in stems:
             raise ProtoADError(f"mask {mask} has no image: expected {stem}.* among the {defect} test images")
     return samples
+
+
+def load_crops(samples: list[Sample], pre: Preprocess, label: str = "", progress: bool = False) -> np.ndarray:
+    """uint8 [N,S,S,3] RGB crops of ``samples``; a bad file raises ProtoADError naming it."""
+    crops = np.empty((len(samples), pre.crop, pre.crop, 3), dtype=np.uint8)
+    for i, s in enumerate(progress_bar(samples, label, progress)):
+        crops[i] = pre.pil(load_rgb(s.path))
+    return crops
+
+
+def load_masks(samples: list[Sample], pre: Preprocess) -> np.ndarray:
+    """bool [N,S,S] ground truth; normal images (and anomalies without a mask file) are all False."""
+    masks = np.zeros((len(samples), pre.crop, pre.crop), dtype=bool)
+    for i, s in enumerate(samples):
+        if s.mask_path is not None:
+            masks[i] = pre.mask(load_mask(s.mask_path))
+    return masks

@@ -18,14 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from .build import load_crops, load_masks, run_maps
 from .bundle import bundle_file, open_bundle
-from .datasets import Sample, open_dataset
+from .datasets import Sample, load_crops, load_masks, open_dataset
 from .errors import ProtoADError
 from .metadata import ModelInfo
 from .metrics import PRO_FPR_LIMIT, curve_area, pro_curve, roc_curve, spearman
 from .preprocess import Preprocess, to_batch
-from .runtime.backend import Backend
+from .runtime.backend import Backend, run_maps
 
 Curve = tuple[np.ndarray, np.ndarray]
 

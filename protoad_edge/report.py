@@ -171,7 +171,7 @@ def pick_cases(result: CategoryResult, n: int) -> tuple[list[int], list[int], fl
 def case_grid(result: CategoryResult, n: int = 4) -> np.ndarray:
     """Rows of (image, ground truth, map, outline) for the ``n`` worst then ``n`` best test images; BGR."""
     worst, best, image_thr = pick_cases(result, n)
-    maps, test = result.maps, result.test
+    maps = result.maps
     lo, hi = float(maps.min()), float(maps.max())
     pixel_thr = result.info.pixel_threshold
     tile = max(maps.shape[1], 200)

@@ -16,6 +16,8 @@ import numpy as np
 
 from ..errors import ProtoADError
 from ..metadata import ModelInfo, sidecar_path
+from ..preprocess import to_batch
+from ..progress import progress_bar
 
 BACKENDS = ("auto", "ort", "trt")
 # Model files per backend, preferred first. ``NAME.fp16.onnx`` is the strongly typed graph a TensorRT 11
@@ -137,3 +139,12 @@ def check_sidecar(model: Path, info: ModelInfo) -> None:
 def load_sidecar(model: Path) -> ModelInfo:
     """The ``NAME.json`` beside a model file (required for plans; ONNX also carries it inside)."""
     return ModelInfo.load_json(sidecar_path(model))
+
+
+def run_maps(backend: Backend, crops: np.ndarray, batch_size: int, label: str, progress: bool) -> np.ndarray:
+    """Anomaly maps [N,S,S] of ``crops`` through the exported graph."""
+    maps = np.empty(crops.shape[:3], dtype=np.float32)
+    starts = list(range(0, len(crops), batch_size))
+    for start in progress_bar(starts, label, progress):
+        maps[start : start + batch_size] = backend.infer(to_batch(crops[start : start + batch_size]))[0]
+    return maps
