@@ -12,21 +12,24 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
-import click
 import numpy as np
 import torch
 
-from .datasets import Dataset, Sample, open_dataset
+from .datasets import Dataset, Sample, load_crops, load_masks, open_dataset
 from .errors import ProtoADError
 from .export.onnx import PARITY_TOLERANCE, export_onnx, onnx_parity
+from .feature_cache import cached_features, default_cache_dir, features_key
 from .features import BACKBONE, EMBED_DIM, PatchFeatures, build_backbone
 from .finch import finch
 from .metadata import ModelInfo
 from .metrics import auroc, f1_optimal_threshold
+from .neighbours import make_search
 from .network import L2Norm, ProtoADNet
-from .preprocess import Preprocess, load_mask, load_rgb, to_batch
+from .preprocess import Preprocess, to_batch
+from .progress import progress_bar
+from .runtime.backend import run_maps
 from .runtime.ort_backend import OrtBackend
 from .thresholds import from_normal_maps
 
@@ -49,6 +52,9 @@ class BuildConfig:
     crop: int = 224
     batch_size: int = 8
     progress: bool = True
+    cache_dir: Path | None = None  # None: default_cache_dir()
+    cache: bool = True  # False: extract into a temporary file in ``out``, reuse nothing
+    exact_neighbours: bool = False  # False: approximate first neighbours on the CPU for large levels
 
 
 @dataclass
@@ -89,55 +95,21 @@ def split_train(samples: list[Sample], val_split: float, seed: int) -> tuple[lis
     return fit, val
 
 
-def _progress(items: list, label: str, enabled: bool) -> Iterator:
-    if not enabled:
-        yield from items
-        return
-    with click.progressbar(items, label=label, file=click.get_text_stream("stderr"), show_pos=True) as bar:
-        yield from bar
-
-
-def load_crops(samples: list[Sample], pre: Preprocess, label: str = "", progress: bool = False) -> np.ndarray:
-    """uint8 [N,S,S,3] RGB crops of ``samples``; a bad file raises ProtoADError naming it."""
-    crops = np.empty((len(samples), pre.crop, pre.crop, 3), dtype=np.uint8)
-    for i, s in enumerate(_progress(samples, label, progress)):
-        crops[i] = pre.pil(load_rgb(s.path))
-    return crops
-
-
-def load_masks(samples: list[Sample], pre: Preprocess) -> np.ndarray:
-    """bool [N,S,S] ground truth; normal images (and anomalies without a mask file) are all False."""
-    masks = np.zeros((len(samples), pre.crop, pre.crop), dtype=bool)
-    for i, s in enumerate(samples):
-        if s.mask_path is not None:
-            masks[i] = pre.mask(load_mask(s.mask_path))
-    return masks
-
-
 @torch.no_grad()
 def extract_vectors(
-    features: PatchFeatures, crops: np.ndarray, device: torch.device, batch_size: int, progress: bool
-) -> np.ndarray:
-    """L2-normalised patch vectors [N * h * w, 1792] float32 - exactly the network's own features."""
+    features: PatchFeatures, crops: np.ndarray, device: torch.device, batch_size: int, progress: bool,
+    out: np.ndarray,
+) -> None:
+    """Write the L2-normalised patch vectors [N * h * w, 1792] into ``out`` (float16/32, may be a memmap),
+    batch by batch - exactly the network's own features."""
     features = features.to(device).eval()
     l2norm = L2Norm().to(device)
     h = w = features.size
-    out = np.empty((len(crops) * h * w, EMBED_DIM), dtype=np.float32)
     starts = list(range(0, len(crops), batch_size))
-    for start in _progress(starts, "features", progress):
+    for start in progress_bar(starts, "features", progress):
         x = torch.from_numpy(to_batch(crops[start : start + batch_size])).to(device)
         f = l2norm(features(x)).permute(0, 2, 3, 1).reshape(-1, EMBED_DIM)
         out[start * h * w : start * h * w + f.shape[0]] = f.float().cpu().numpy()
-    return out
-
-
-def run_maps(backend: OrtBackend, crops: np.ndarray, batch_size: int, label: str, progress: bool) -> np.ndarray:
-    """Anomaly maps [N,S,S] of ``crops`` through the exported graph."""
-    maps = np.empty(crops.shape[:3], dtype=np.float32)
-    starts = list(range(0, len(crops), batch_size))
-    for start in _progress(starts, label, progress):
-        maps[start : start + batch_size] = backend.infer(to_batch(crops[start : start + batch_size]))[0]
-    return maps
 
 
 def build(cfg: BuildConfig, log: Log = print) -> BuildReport:
@@ -163,11 +135,18 @@ def build(cfg: BuildConfig, log: Log = print) -> BuildReport:
 
     backbone, weights_desc = build_backbone(cfg.weights, cfg.seed)
     features = PatchFeatures(backbone, cfg.crop, cfg.feature_upsample)
-    vectors = extract_vectors(features, fit_crops, device, cfg.batch_size, cfg.progress)
+    key = features_key(dataset=data.kind, category=data.category, images=[s.path for s in fit], weights=weights_desc,
+                       resize=cfg.resize, crop=cfg.crop, feature_upsample=cfg.feature_upsample)
+    vectors = cached_features(
+        (cfg.cache_dir or default_cache_dir()) if cfg.cache else Path(cfg.out), key,
+        (len(fit) * features.size**2, EMBED_DIM),
+        lambda out: extract_vectors(features, fit_crops, device, cfg.batch_size, cfg.progress, out),
+        keep=cfg.cache, log=log)
     log(f"features: {len(vectors):,} patch vectors of {EMBED_DIM} ({BACKBONE}, {cfg.feature_upsample}, {device.type})")
     lap("features")
 
-    clusters = finch(vectors, cfg.max_prototypes, device=device.type, log=log)
+    clusters = finch(vectors, cfg.max_prototypes, search=make_search(device.type, exact=cfg.exact_neighbours, log=log),
+                     log=log)
     prototypes = clusters.prototypes.astype(np.float32)
     del vectors
     lap("finch")

@@ -171,6 +171,20 @@ def _check_norms(norms: np.ndarray, start: int) -> None:
         raise ProtoADError(f"features rows {start}-{start + len(norms) - 1} contain NaN or infinite values")
 
 
+def load_normalised(x: np.ndarray, start: int, buffer: np.ndarray) -> np.ndarray:
+    """Rows ``start...`` of ``x`` (as many as fit in the float32 ``buffer``), L2-normalised in it.
+
+    Zero rows stay zero; a non-finite row raises ProtoADError naming the rows.
+    """
+    src = x[start:start + len(buffer)]
+    out = buffer[:len(src)]
+    np.copyto(out, src, casting="same_kind")
+    norms = np.sqrt(np.einsum("ij,ij->i", out, out))
+    _check_norms(norms, start)
+    out /= np.maximum(norms, np.finfo(np.float32).tiny)[:, None]
+    return out
+
+
 def _offer(best: np.ndarray, arg: np.ndarray, start: int, vals: np.ndarray, idx: np.ndarray,
            offset: int) -> None:
     """Offer a tile's maxima (at indices ``offset + idx``) to rows ``start...`` of the running best.
@@ -199,13 +213,7 @@ class _NumpyTiles:
 
     def load(self, start: int, slot: int) -> np.ndarray:
         """Rows ``start...`` as a normalised float32 block in buffer ``slot``."""
-        src = self.x[start:start + len(self.blocks[slot])]
-        out = self.blocks[slot][:len(src)]
-        np.copyto(out, src, casting="same_kind")
-        norms = np.sqrt(np.einsum("ij,ij->i", out, out))
-        _check_norms(norms, start)
-        out /= np.maximum(norms, np.finfo(np.float32).tiny)[:, None]
-        return out
+        return load_normalised(self.x, start, self.blocks[slot])
 
     def similarities(self, a: np.ndarray, c: np.ndarray, diagonal: bool) -> np.ndarray:
         s = self.tile[:len(a) * len(c)].reshape(len(a), len(c))

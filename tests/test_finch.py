@@ -13,6 +13,7 @@ finch_clust = pytest.importorskip("finch")
 
 from protoad_edge.errors import ProtoADError  # noqa: E402
 from protoad_edge.finch import Neighbours, finch, first_neighbours  # noqa: E402
+from protoad_edge.neighbours import approximate_first_neighbours, make_search  # noqa: E402
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -299,3 +300,54 @@ def test_cuda_matches_cpu() -> None:
     for p, q in zip(a.partitions, b.partitions):
         np.testing.assert_array_equal(canonical(p), canonical(q))
     np.testing.assert_allclose(a.prototypes, b.prototypes, atol=1e-6)
+
+
+# ---------------------------------------------------------------- approximate search
+
+
+def low_rank_blobs(seed: int, n: int, dim: int, rank: int, groups: int) -> np.ndarray:
+    """Clustered unit vectors whose variance decays over a few directions, as real patch features'."""
+    rng = np.random.default_rng(seed)
+    basis = np.linalg.qr(rng.standard_normal((dim, rank)))[0].T  # [rank, dim], orthonormal rows
+    centres = rng.standard_normal((groups, rank)) * np.geomspace(3, 0.3, rank)
+    z = centres[rng.integers(0, groups, n)] + rng.standard_normal((n, rank)) * np.geomspace(1, 0.05, rank)
+    x = z @ basis + 0.01 * rng.standard_normal((n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_approximate_neighbours_recall() -> None:
+    x = low_rank_blobs(15, 4000, 256, 48, 20)
+    exact = first_neighbours(x)
+    approx = approximate_first_neighbours(x, dims=32, candidates=16, sample=2000)
+    # A hit: the exact neighbour, or one exactly as similar in float32 (the re-rank is full FP32).
+    hit = (approx.index == exact.index) | (np.abs(approx.similarity - exact.similarity) <= 1e-6)
+    assert hit.mean() >= 0.95
+    assert (approx.index != np.arange(len(x))).all()
+    s = x @ x.T  # every answer's similarity is the true one of the pair it names
+    np.testing.assert_allclose(approx.similarity, s[np.arange(len(x)), approx.index], atol=1e-5)
+
+
+def test_approximate_neighbours_break_ties_by_lowest_index() -> None:
+    x = low_rank_blobs(16, 600, 64, 16, 5)
+    x[[30, 300, 500]] = x[200]
+    nn = approximate_first_neighbours(x, dims=16, candidates=8, sample=300)
+    assert list(nn.index[[30, 200, 300, 500]]) == [200, 30, 30, 30]
+
+
+def test_search_choice() -> None:
+    x = low_rank_blobs(17, 1500, 512, 24, 8)
+    exact = first_neighbours(x)
+    lines: list[str] = []
+    for search in (make_search(log=lines.append), make_search(exact=True, approximate_from=10, log=lines.append)):
+        got = search(x)  # below the threshold, or exact forced: the exact answer
+        np.testing.assert_array_equal(got.index, exact.index)
+        np.testing.assert_array_equal(got.similarity, exact.similarity)
+    assert lines == []
+    approx = make_search(approximate_from=1000, log=lines.append)(x)
+    assert len(lines) == 1 and "approximate" in lines[0] and "1,500 rows" in lines[0]
+    assert (approx.index == exact.index).mean() >= 0.95
+    a = finch(x, max_prototypes=1, search=make_search(exact=True), log=lambda _: None)
+    b = finch(x, max_prototypes=1, log=lambda _: None)
+    assert a.counts == b.counts
+    for p, q in zip(a.partitions, b.partitions):
+        np.testing.assert_array_equal(p, q)

@@ -30,6 +30,12 @@ from .common import user_errors
 @click.option("--resize", type=click.IntRange(min=32), default=256, show_default=True)
 @click.option("--crop", type=click.IntRange(min=32), default=224, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Where extracted training features are kept for rebuilds (e.g. another --max-prototypes). "
+                   "Default: $PROTOAD_CACHE, then ~/.cache/protoad-edge/features.")
+@click.option("--no-cache", is_flag=True, help="Neither reuse nor keep extracted features.")
+@click.option("--exact-neighbours", is_flag=True,
+              help="Exact FINCH first neighbours on the CPU at every size (default: approximate from 50,000 vectors).")
 @click.option("--threads", type=click.IntRange(min=0), default=0, help="CPU threads for torch (0 = all cores).")
 @click.option("--engine", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
               help="Also build the TensorRT engine OUT/CATEGORY.plan on this GPU (auto: where TensorRT and a GPU exist).")
@@ -43,7 +49,7 @@ from .common import user_errors
 @user_errors
 def main(category: str | None, data_root: Path | None, dataset: str, out: Path, weights: str, feature_upsample: str,
          max_prototypes: int, val_split: float, device: str, seed: int, resize: int, crop: int,
-         batch_size: int, threads: int, engine: str, precision: str, opt_batch: int, max_batch: int | None,
+         batch_size: int, cache_dir: Path | None, no_cache: bool, exact_neighbours: bool, threads: int, engine: str, precision: str, opt_batch: int, max_batch: int | None,
          from_onnx: Path | None) -> None:
     """Learn prototypes from normal images and write OUT/CATEGORY.onnx, .json and .prototypes.npy
     (and OUT/CATEGORY.plan where TensorRT and a GPU exist)."""
@@ -63,7 +69,8 @@ def main(category: str | None, data_root: Path | None, dataset: str, out: Path, 
     report = build(
         BuildConfig(category=category, data_root=data_root, dataset=dataset, out=out, weights=weights,
                     feature_upsample=feature_upsample, max_prototypes=max_prototypes, val_split=val_split,
-                    device=device, seed=seed, resize=resize, crop=crop, batch_size=batch_size),
+                    device=device, seed=seed, resize=resize, crop=crop, batch_size=batch_size,
+                    cache_dir=cache_dir, cache=not no_cache, exact_neighbours=exact_neighbours),
         log=click.echo,
     )
     onnx_path = next(f for f in report.files if f.suffix == ".onnx")
