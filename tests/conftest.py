@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,12 @@ import pytest
 
 TINY_CROP = 64
 TINY_RESIZE = 72
+
+
+@pytest.fixture(autouse=True, scope="session")
+def feature_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Builds in tests cache their features in a temporary folder, not in the user's ~/.cache."""
+    os.environ["PROTOAD_CACHE"] = str(tmp_path_factory.mktemp("feature_cache"))
 
 
 @pytest.fixture(scope="session")

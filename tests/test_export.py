@@ -1,0 +1,169 @@
+"""protoad-export end to end on generated data: the bundle, its metadata, and clear errors on bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from conftest import normal_crops
+from protoad_edge.cli.export import main as export_main
+from protoad_edge.demo import generate_demo
+from protoad_edge.metadata import ModelInfo
+from protoad_edge.runtime.ort_backend import OrtBackend
+
+SMALL = ["--weights", "none", "--resize", "128", "--crop", "112", "--max-prototypes", "1500"]
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    generate_demo(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def demo_export(demo_root: Path, tmp_path_factory: pytest.TempPathFactory, torch_threads: None) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("models")
+    result = CliRunner().invoke(export_main, ["--category", "demo", "--data-root", str(demo_root), "--out", str(out), *SMALL])
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_writes_the_three_files_and_nothing_else(demo_export: tuple[Path, str]) -> None:
+    out, _ = demo_export
+    assert sorted(p.name for p in out.iterdir()) == ["demo.json", "demo.onnx", "demo.prototypes.npy"]
+
+
+def test_summary_reports_every_stage(demo_export: tuple[Path, str]) -> None:
+    _, output = demo_export
+    for needle in ("images", "train 18, held out 2, test 24", "patch vectors 14,112", "FINCH levels", "K = ",
+                   "time ", "features", "finch", "ONNX parity", "image AUROC", "pixel AUROC", "demo.onnx"):
+        assert needle in output, needle
+    assert "Traceback" not in output
+
+
+def test_onnx_is_valid_with_metadata_and_dynamic_batch(demo_export: tuple[Path, str]) -> None:
+    out, _ = demo_export
+    model = onnx.load(str(out / "demo.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    props = {p.key: p.value for p in model.metadata_props}
+    info = ModelInfo.from_props(props)
+    assert info == ModelInfo.load_json(out / "demo.json")
+    assert (info.category, info.crop, info.resize, info.weights, info.feature_upsample) == ("demo", 112, 128, "none", "bilinear")
+    assert np.isfinite(info.image_threshold) and 0 < info.pixel_threshold <= info.image_threshold
+    assert info.build["onnx_parity_max_abs"] <= 1e-4
+    assert info.build["test"]["image_auroc"] > 0.5
+    # No layer4 in the graph: the backbone stops at layer3.
+    assert not any("layer4" in n.name for n in model.graph.node)
+
+
+def test_prototypes_are_the_kernels(demo_export: tuple[Path, str]) -> None:
+    out, _ = demo_export
+    info = ModelInfo.load_json(out / "demo.json")
+    protos = np.load(out / "demo.prototypes.npy")
+    assert protos.shape == (info.num_prototypes, 1792) and info.num_prototypes < 1500
+    np.testing.assert_allclose(np.linalg.norm(protos, axis=1), 1.0, atol=1e-5)
+    model = onnx.load(str(out / "demo.onnx"))
+    # The prototypes are the only weights with 1792 input channels (one tensor, or blocks of it in order).
+    blocks = [t for t in model.graph.initializer if len(t.dims) >= 2 and t.dims[1] == 1792]
+    blocks.sort(key=lambda t: [int(part) if part.isdigit() else part for part in t.name.split(".")])
+    kernels = np.concatenate([onnx.numpy_helper.to_array(t).reshape(-1, 1792) for t in blocks])
+    assert np.array_equal(kernels, protos)
+
+
+def test_any_batch_size_runs(demo_export: tuple[Path, str]) -> None:
+    out, _ = demo_export
+    backend = OrtBackend(out / "demo.onnx", providers=["CPUExecutionProvider"])
+    crops = np.transpose(normal_crops(3, 112), (0, 3, 1, 2)).astype(np.float32)
+    maps3, scores3 = backend.infer(crops)
+    maps1, scores1 = backend.infer(crops[1:2])
+    assert maps3.shape == (3, 112, 112) and scores3.shape == (3,)
+    assert np.abs(maps3[1] - maps1[0]).max() < 1e-5
+    np.testing.assert_allclose(scores3, maps3.reshape(3, -1).max(axis=1), atol=1e-6)
+
+
+def _tiny_mvtec(root: Path, demo_root: Path) -> Path:
+    """A 4-train, 2-test MVTec-layout copy of a few demo images."""
+    src, cat = demo_root / "demo", root / "part"
+    for rel in ("train/good/000.png", "train/good/001.png", "train/good/002.png", "train/good/003.png",
+                "test/good/000.png", "test/crack/000.png", "ground_truth/crack/000_mask.png"):
+        (cat / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src / rel, cat / rel)
+    return cat
+
+
+def _run(args: list[str]) -> tuple[int, str]:
+    result = CliRunner().invoke(export_main, args)
+    return result.exit_code, result.output
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("missing root", "nowhere"),
+        ("missing category", "nothing"),
+        ("empty folder", "empty"),
+        ("corrupt image", "001.png"),
+        ("mask without image", "005_mask.png"),
+        ("bad val split", "--val-split"),
+        ("bad upsample", "--feature-upsample"),
+        ("bad weights path", "no-such-weights.pth"),
+        ("cuda without gpu", "--device cuda"),
+        ("no category", "--category"),
+    ],
+)
+def test_bad_input_gives_one_clear_line(case: str, expected: str, tmp_path: Path, demo_root: Path) -> None:
+    pytest.importorskip("torch").cuda.is_available() and case == "cuda without gpu" and pytest.skip("has a GPU")
+    data, out = tmp_path / "data", tmp_path / "out"
+    _tiny_mvtec(data, demo_root)
+    args = ["--data-root", str(data), "--category", "part", "--out", str(out), "--weights", "none", "--crop", "64", "--resize", "72"]
+    if case == "missing root":
+        args[1] = str(tmp_path / "nowhere")
+    elif case == "missing category":
+        args[3] = "nothing"
+    elif case == "empty folder":
+        (data / "empty").mkdir()
+        args[3] = "empty"
+        args += ["--dataset", "folder"]
+    elif case == "corrupt image":
+        (data / "part/train/good/001.png").write_bytes(b"\x89PNG\r\n\x1a\ncorrupt")
+    elif case == "mask without image":
+        shutil.copy(data / "part/ground_truth/crack/000_mask.png", data / "part/ground_truth/crack/005_mask.png")
+    elif case == "bad val split":
+        args += ["--val-split", "1.5"]
+    elif case == "bad upsample":
+        args += ["--feature-upsample", "bicubic"]
+    elif case == "bad weights path":
+        args[args.index("none")] = str(tmp_path / "no-such-weights.pth")
+    elif case == "cuda without gpu":
+        args += ["--device", "cuda"]
+    elif case == "no category":
+        args = args[:2] + args[4:]
+    code, output = _run(args)
+    assert code != 0
+    assert "Traceback" not in output
+    errors = [line for line in output.splitlines() if line.startswith(("error:", "Error:"))]
+    assert len(errors) == 1 and expected in errors[0], output
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_late_failure_writes_nothing(tmp_path: Path, demo_root: Path, monkeypatch: pytest.MonkeyPatch,
+                                     torch_threads: None) -> None:
+    """A build that fails at its last check (ONNX parity) leaves no model file, not even a temporary one."""
+    import protoad_edge.build as build_module
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    _tiny_mvtec(data, demo_root)
+    monkeypatch.setattr(build_module, "PARITY_TOLERANCE", -1.0)
+    code, output = _run(["--data-root", str(data), "--category", "part", "--out", str(out), "--weights", "none",
+                         "--crop", "64", "--resize", "72", "--max-prototypes", "50"])
+    assert code != 0 and "ONNX parity check failed" in output and "Traceback" not in output
+    assert list(out.iterdir()) == []
