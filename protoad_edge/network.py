@@ -68,34 +68,69 @@ class GaussianBlur(nn.Module):
         return F.conv2d(x.index_select(2, self.pad_index), self.kernel_h)
 
 
+class NearestPrototype(nn.Module):
+    """Max cosine similarity of every patch vector to K unit prototypes: [N,D,H,W] -> [N,1,H,W].
+
+    Mathematically the paper's 1x1 convolution followed by a max over its K output channels, but
+    computed as matrix products over blocks of ``CHUNK`` prototypes with a running maximum, so the
+    [N,K,H,W] similarity tensor is never materialised: each block's products are reduced while
+    they are still in cache. Through onnxruntime on a CPU this makes the prototype stage ~1.4-2x
+    and the whole graph ~1.3-1.4x faster than the Conv form (benchmarks/RESULTS.md), and each
+    block's tensor stays far below TensorRT's 2^31-element limit. Each similarity is the same dot
+    product as in the convolution and the maximum is exact, so results match it to float rounding.
+    """
+
+    CHUNK = 512
+
+    def __init__(self, prototypes: torch.Tensor) -> None:
+        super().__init__()
+        weight = torch.as_tensor(prototypes, dtype=torch.float32)
+        # One constant per block (not a Split at run time, which would copy all prototypes per call).
+        self.blocks = nn.ParameterList(
+            nn.Parameter(block.contiguous(), requires_grad=False) for block in weight.split(self.CHUNK)
+        )
+
+    @property
+    def num_prototypes(self) -> int:
+        return sum(block.shape[0] for block in self.blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        flat = x.flatten(2)  # [N,D,H*W]
+        best = None
+        for block in self.blocks:
+            sim = torch.matmul(block, flat).amax(dim=1, keepdim=True)  # [N,1,H*W]
+            best = sim if best is None else torch.maximum(best, sim)
+        return best.view(n, 1, h, w)
+
+
 class ProtoADNet(nn.Module):
-    """Pixels -> features -> L2 norm -> 1x1 conv with the prototypes -> channel max -> 1 - x -> upsample -> blur.
+    """Pixels -> features -> L2 norm -> max cosine to the prototypes -> 1 - x -> upsample -> blur.
 
     Input: float [N,3,S,S] RGB 0-255 (the centre crop). Outputs: anomaly map [N,1,S,S] and image score [N].
     """
 
     def __init__(self, features: PatchFeatures, prototypes: torch.Tensor, crop: int, blur_sigma: float = 4.0) -> None:
         super().__init__()
-        prototypes = torch.as_tensor(prototypes, dtype=torch.float32)
-        k, d = prototypes.shape
         self.features = features
         self.l2norm = L2Norm()
-        self.prototypes = nn.Conv2d(d, k, kernel_size=1, bias=False)
-        with torch.no_grad():
-            self.prototypes.weight.copy_(prototypes.view(k, d, 1, 1))
+        self.prototypes = NearestPrototype(prototypes)
         self.crop = crop
         self.blur = GaussianBlur(blur_sigma, crop)
 
     @property
     def num_prototypes(self) -> int:
-        return self.prototypes.out_channels
+        return self.prototypes.num_prototypes
 
     def patch_scores(self, image: torch.Tensor) -> torch.Tensor:
         """The anomaly map at feature resolution: 1 - max cosine similarity to any prototype."""
-        similarity = self.prototypes(self.l2norm(self.features(image)))
-        return 1.0 - similarity.amax(dim=1, keepdim=True)
+        return 1.0 - self.prototypes(self.l2norm(self.features(image)))
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        amap = F.interpolate(self.patch_scores(image), size=(self.crop, self.crop), mode="bilinear", align_corners=False)
+    def postprocess(self, patch_scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[N,1,h,w] patch scores -> (bilinear upsample to the crop, then the blur; image score = max)."""
+        amap = F.interpolate(patch_scores, size=(self.crop, self.crop), mode="bilinear", align_corners=False)
         amap = self.blur(amap)
         return amap, amap.flatten(1).amax(dim=1)
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.postprocess(self.patch_scores(image))
