@@ -1,8 +1,12 @@
 """A small synthetic dataset, so the whole pipeline runs without downloading MVTec AD.
 
-The product is a turned steel flange (bore, six bolt holes, a raised hub) lying on a dark
-rubber belt, seen from above. Normal images differ the way real captures do: position,
-rotation, the grooves of the turning, the light's direction and strength, the belt texture.
+The product is a turned steel flange (bore, six bolt holes, a raised hub) lying in a locating
+nest on a dark rubber belt, seen from above under a fixed lamp. Normal images differ the way
+captures at such an inspection station do: the part sits within a pixel and turned by a degree
+or two, the lamp's brightness drifts a little, the fine detail of the turning marks, the belt's
+grain and the sensor noise change. The variation is kept this tight on purpose: the offline
+backbone (``--weights none``, random weights) has features that each see most of the image, so
+a loosely placed part would move every feature further than a small defect does.
 Test images carry one of four defects - a scratch, a stain, a crack or a chipped rim - each
 with its MVTec-style mask (255 = defect) of the pixels the defect actually changed.
 
@@ -28,6 +32,8 @@ import numpy as np
 from .errors import ProtoADError
 
 SIZE = 256
+# The part's outer radius in pixels: its rim stays ~20 px inside the default 224 centre crop.
+RADIUS = 0.36 * SIZE
 
 DEFECTS = ("scratch", "spot", "crack", "missing")
 # Images per folder. Small on purpose: prototype clustering is quadratic in the training set.
@@ -95,7 +101,7 @@ def demo_image(split: str, index: int, *, seed: int = 0) -> tuple[np.ndarray, np
     if split not in SPLITS:
         raise ProtoADError(f"unknown demo split {split!r}: choose one of {', '.join(SPLITS)}")
     rng = np.random.default_rng([seed, list(SPLITS).index(split), index])
-    scene = _draw_scene(rng)
+    scene = _draw_scene(rng, _lathe_profile(seed))
     clean = _compose(scene)
     defect = split.split("/")[1]
     if defect == "good":
@@ -110,14 +116,14 @@ def demo_image(split: str, index: int, *, seed: int = 0) -> tuple[np.ndarray, np
 # --- the normal part -------------------------------------------------------------------------
 
 
-def _draw_scene(rng: np.random.Generator) -> _Scene:
+def _draw_scene(rng: np.random.Generator, lathe: np.ndarray) -> _Scene:
     # Python floats: a NumPy float64 scalar would promote every float32 layer to float64.
-    cx, cy = (float(v) for v in SIZE / 2 + rng.uniform(-5, 5, size=2))
-    radius = float(SIZE * 0.39 * rng.uniform(0.985, 1.015))
-    turn = float(rng.uniform(0, 2 * np.pi))  # rotation of the bolt-hole pattern
-    light = float(rng.uniform(-0.5, 0.5) - np.pi / 4)  # light from the upper left, give or take
+    cx, cy = (float(v) for v in SIZE / 2 + rng.uniform(-0.7, 0.7, size=2))  # held by the nest
+    radius = float(RADIUS * rng.uniform(0.997, 1.003))  # turning tolerance
+    turn = float(rng.uniform(-0.03, 0.03))  # rotation of the bolt-hole pattern: the nest's play
+    light = float(rng.uniform(-0.03, 0.03) - np.pi / 4)  # the lamp, upper left
     lx, ly = math.cos(light), math.sin(light)
-    gain = float(rng.uniform(0.88, 1.1))
+    gain = float(rng.uniform(0.98, 1.02))
 
     y, x = _grid()
     dx, dy = x - cx, y - cy
@@ -125,11 +131,11 @@ def _draw_scene(rng: np.random.Generator) -> _Scene:
     # cos(angle between the light and the outward radius): which way a ring edge faces.
     facing = (dx * lx + dy * ly) / np.maximum(r, 1)
 
-    # Belt: dark rubber with a fine grain, lit unevenly.
+    # Belt: matte dark rubber with a faint grain, lit unevenly.
     # One noise field serves the belt and the steel: they never show in the same pixel.
     noise = _normal(rng, (SIZE, SIZE))
     fine = _smooth(noise, 0.4)
-    grain = _smooth(noise, 1.0) * 0.025 + fine * 0.02
+    grain = (_smooth(noise, 1.0) + fine) * 0.01
     belt = (0.2 + grain) * (1 - 0.08 * ((x - SIZE / 2) * lx + (y - SIZE / 2) * ly) / SIZE)
 
     # Part outline: disc minus bore and bolt holes.
@@ -149,12 +155,10 @@ def _draw_scene(rng: np.random.Generator) -> _Scene:
     background = (belt * (1 - 0.55 * shadow))[:, :, None] * np.float32([0.93, 0.97, 1.0])
 
     # Turned steel: concentric grooves and bands, and the two highlight lobes across the
-    # grooves (brightest where the radius is perpendicular to the light). The radial profile
-    # has two samples a pixel, so the grooves are finer than the pixels, as on the real part.
-    samples = 2 * int(radius) + 8
-    profile = cv2.GaussianBlur(_normal(rng, (samples, 1)), (0, 0), 1.0)[:, 0] * 0.05
-    profile += cv2.GaussianBlur(_normal(rng, (samples, 1)), (0, 0), 6)[:, 0] * 0.25
-    ring = _lookup(profile, 2 * r)
+    # grooves (brightest where the radius is perpendicular to the light). Every part comes
+    # from the same lathe program, so it has the same grooves, up to the tool's chatter.
+    chatter = cv2.GaussianBlur(_normal(rng, (lathe.size, 1)), (0, 0), 1.0)[:, 0] * 0.01
+    ring = _lookup(lathe + chatter, 2 * r)
     lobes = np.square(np.square(1 - facing * facing))
     hub = radius * 0.47
     steel = 0.5 + 0.22 * lobes + ring + 0.06 * _inside(hub - r) + fine * 0.012
@@ -170,6 +174,21 @@ def _draw_scene(rng: np.random.Generator) -> _Scene:
     metal = steel[:, :, None] * tint
 
     return _Scene(background * gain, metal * gain, alpha, (cx, cy), radius)
+
+
+@functools.cache
+def _lathe_profile(seed: int) -> np.ndarray:
+    """Brightness of the turned face against 2 x radius: fine grooves over broad bands; read only.
+
+    Two samples a pixel, so the grooves are finer than the pixels, as on the real part. Its own
+    stream (the dataset seed alone), so it is the same on every part of one dataset.
+    """
+    rng = np.random.default_rng(seed)
+    samples = 2 * int(RADIUS) + 8  # 2 x the largest radius, with room to spare
+    profile = cv2.GaussianBlur(_normal(rng, (samples, 1)), (0, 0), 1.0)[:, 0] * 0.05
+    profile += cv2.GaussianBlur(_normal(rng, (samples, 1)), (0, 0), 6)[:, 0] * 0.08
+    profile.flags.writeable = False
+    return profile
 
 
 @functools.cache
@@ -270,14 +289,14 @@ def _scratch(scene: _Scene, rng: np.random.Generator) -> _Scene:
     cut = np.zeros((SIZE, SIZE), np.float32)
     _polyline(cut, points, list(depth), 1)
     burr = np.roll(cut, (1, 1), axis=(0, 1))
-    shade = 0.22 * cut - 0.12 * burr * (1 - cut)
+    shade = 0.35 * cut - 0.18 * burr * (1 - cut)
     return replace(scene, metal=scene.metal + shade[:, :, None])
 
 
 def _spot(scene: _Scene, rng: np.random.Generator) -> _Scene:
     """An oil or rust stain: an irregular brownish blot with a darker rim."""
     cx, cy = _point_on_metal(scene, rng, 0.35, 0.85)
-    size = float(rng.uniform(7, 11))
+    size = float(rng.uniform(9, 13))
     y, x = _grid()
     d = np.hypot(x - cx, y - cy) / size + 0.3 * _smooth(_normal(rng, (SIZE, SIZE)), 2.0)
     blot = np.clip((1.0 - d) * 2, 0, 1)
@@ -293,13 +312,13 @@ def _crack(scene: _Scene, rng: np.random.Generator) -> _Scene:
     a = rng.uniform(0, 2 * np.pi)
     start = np.array([cx, cy]) + (scene.radius - 0.5) * np.array([np.cos(a), np.sin(a)])
     inward = a + np.pi + rng.uniform(-0.5, 0.5)
-    points = _walk(start, inward, int(rng.integers(16, 28)), 1.25, 0.6, rng)
+    points = _walk(start, inward, int(rng.integers(20, 30)), 1.25, 0.6, rng)
     crack = np.zeros((SIZE, SIZE), np.float32)
     _polyline(crack, points, [1.0] * len(points), 1)
     fork = len(points) // 3 + int(rng.integers(0, len(points) // 3))
     branch = _walk(points[fork], inward + rng.choice([-1.0, 1.0]) * 0.8, 6, 1.5, 0.7, rng)
     _polyline(crack, branch, list(np.linspace(0.6, 0.2, 6)), 1)
-    return replace(scene, metal=scene.metal * (1 - 0.7 * np.minimum(crack, 1)[:, :, None]))
+    return replace(scene, metal=scene.metal * (1 - 0.85 * np.minimum(crack, 1)[:, :, None]))
 
 
 def _missing(scene: _Scene, rng: np.random.Generator) -> _Scene:

@@ -68,6 +68,11 @@ def test_normal_images_vary(demo_data):
     for image in images:
         assert 60 < image.mean() < 160
         assert image[:8, :8].mean() < 90  # belt in the corner
+        # The part lies well inside the default centre crop (224 of 256 cuts 16 px a side):
+        # the outer 24 px are belt only, no bright steel.
+        border = np.ones(image.shape[:2], bool)
+        border[24:-24, 24:-24] = False
+        assert image[border].max() < 100
 
 
 def test_masks_mark_where_the_defect_changed_the_image(demo_data):

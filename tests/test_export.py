@@ -60,7 +60,7 @@ def test_onnx_is_valid_with_metadata_and_dynamic_batch(demo_export: tuple[Path, 
     assert (info.category, info.crop, info.resize, info.weights, info.feature_upsample) == ("demo", 112, 128, "none", "bilinear")
     assert np.isfinite(info.image_threshold) and 0 < info.pixel_threshold <= info.image_threshold
     assert info.build["onnx_parity_max_abs"] <= 1e-4
-    assert info.build["test"]["image_auroc"] > 0.5
+    assert info.build["test"]["image_auroc"] > 0.65  # 0.82 measured at this small size with random weights
     # No layer4 in the graph: the backbone stops at layer3.
     assert not any("layer4" in n.name for n in model.graph.node)
 
