@@ -22,7 +22,8 @@ from typing import Callable, TypeVar
 import numpy as np
 
 from protoad_edge.finch import DEFAULT_SCRATCH_BYTES, finch, first_neighbours, tile_rows
-from protoad_edge.neighbours import APPROXIMATE_FROM, DEFAULT_CANDIDATES, DEFAULT_DIMS, approximate_first_neighbours, make_search
+from protoad_edge.neighbours import (APPROXIMATE_FROM, DEFAULT_CANDIDATES, DEFAULT_DIMS, DEFAULT_PROBES,
+                                     approximate_first_neighbours, make_search)
 
 T = TypeVar("T")
 
@@ -43,6 +44,7 @@ def main() -> None:
     parser.add_argument("--approximate", action="store_true", help="also time the approximate search")
     parser.add_argument("--dims", type=int, default=DEFAULT_DIMS)
     parser.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES)
+    parser.add_argument("--probes", type=int, default=DEFAULT_PROBES, help="k-means lists searched per row")
     parser.add_argument("--no-reference", action="store_true",
                         help="skip finch-clust (it holds about 3 dense N x N float32 matrices)")
     args = parser.parse_args()
@@ -70,10 +72,11 @@ def main() -> None:
     print(f"  ours  first neighbours: {t_nn:7.2f} s   ({useful:.1f} GFLOP/s of the half matrix it needs)")
     if args.approximate:
         approx, t_ap = timed(lambda: approximate_first_neighbours(x, dims=args.dims, candidates=args.candidates,
-                                                                  scratch_bytes=scratch))
+                                                                  probes=args.probes, scratch_bytes=scratch))
         hit = (approx.index == ours.index) | (np.abs(approx.similarity - ours.similarity) <= 1e-6)
         print(f"  ours  approximate 1-NN: {t_ap:7.2f} s   ({t_nn / t_ap:.2f}x the exact speed; {args.dims} dims, "
-              f"top {args.candidates}); recall {hit.mean():.4f} ({(approx.index == ours.index).mean():.4f} same index)")
+              f"{args.probes} lists, top {args.candidates}); recall {hit.mean():.4f} "
+              f"({(approx.index == ours.index).mean():.4f} same index)")
         approx_finch, t_ap_finch = timed(lambda: finch(x, max_prototypes=1, scratch_bytes=scratch, log=lambda _: None,
                                                        search=make_search(scratch_bytes=scratch, log=lambda _: None)))
         print(f"  ours  FINCH as built:   {t_ap_finch:7.2f} s   (approximate from {APPROXIMATE_FROM:,} rows, "

@@ -1,11 +1,13 @@
 """Approximate cosine first neighbours for large FINCH levels on the CPU, and the choice of search.
 
 Exact search costs N^2 x D multiply-adds: for a category's ~600k-1M patch vectors of 1792 on a
-few CPU cores, hours. Here the candidates come from a search in a ``dims``-dimensional subspace
-(the top principal directions of the uncentred second moment of a row sample, so dot products
-there approximate the full ones), ``candidates`` per row, and the winner is then re-ranked among
-them in full dimension in float32. The cost is about D / dims times lower; a row's true neighbour
-is missed only if it is not among its top candidates in the subspace.
+few CPU cores, hours. Here rows are projected to a ``dims``-dimensional subspace (the top principal
+directions of the uncentred second moment of a row sample, so dot products there approximate the
+full ones) and split into k-means lists there (IVF); each row is compared, in the subspace, with
+the members of its ``probes`` nearest lists only, keeps its ``candidates`` best, and the winner is
+re-ranked among them in full dimension in float32. With about sqrt(N) lists the cost grows as
+N^1.5 rather than N^2. A row's true neighbour is missed if it lies outside the probed lists or
+outside the row's top candidates in the subspace.
 """
 
 from __future__ import annotations
@@ -29,8 +31,12 @@ from .finch import (
 
 APPROXIMATE_FROM = 50_000  # rows; below this exact search takes at most minutes on a CPU
 DEFAULT_DIMS = 256
-DEFAULT_CANDIDATES = 16
+DEFAULT_CANDIDATES = 8  # re-ranked per row; 16 found no more true neighbours on real-like features
 DEFAULT_SAMPLE = 10_000
+DEFAULT_PROBES = 8
+DEFAULT_ITERATIONS = 10
+LISTS_PER_ROOT = 2  # lists per sqrt(N): balances assigning rows to lists against searching them
+TRAIN_PER_LIST = 16  # k-means sample rows per list: enough to place lists that are only probed
 
 
 def make_search(device: str = "cpu", *, exact: bool = False, approximate_from: int = APPROXIMATE_FROM,
@@ -48,29 +54,34 @@ def make_search(device: str = "cpu", *, exact: bool = False, approximate_from: i
     def search(x: np.ndarray) -> Neighbours:
         if len(x) < approximate_from or x.shape[1] <= DEFAULT_DIMS:
             return exact_search(x)
-        log(f"first neighbours: approximate ({DEFAULT_DIMS} of {x.shape[1]} dims, top {DEFAULT_CANDIDATES} "
-            f"re-ranked exactly) for {len(x):,} rows; --exact-neighbours for exact")
+        log(f"first neighbours: approximate ({DEFAULT_DIMS} of {x.shape[1]} dims, {DEFAULT_PROBES} nearest k-means "
+            f"lists, top {DEFAULT_CANDIDATES} re-ranked exactly) for {len(x):,} rows; --exact-neighbours for exact")
         return approximate_first_neighbours(x, scratch_bytes=scratch_bytes)
 
     return search
 
 
 def approximate_first_neighbours(x: np.ndarray, *, dims: int = DEFAULT_DIMS, candidates: int = DEFAULT_CANDIDATES,
-                                 sample: int = DEFAULT_SAMPLE, seed: int = 0,
+                                 sample: int = DEFAULT_SAMPLE, seed: int = 0, lists: int | None = None,
+                                 probes: int = DEFAULT_PROBES, iterations: int = DEFAULT_ITERATIONS,
                                  scratch_bytes: int = DEFAULT_SCRATCH_BYTES) -> Neighbours:
     """Cosine first neighbours of the rows of ``x`` (float16/32, may be a memmap), approximately.
 
-    Candidates: the ``candidates`` most similar rows in the projected space (tiled products,
-    each tile within about ``scratch_bytes``); the answer: the most similar candidate in full
-    float32, ties to the lowest index. Besides the tiles it holds the projection, N x ``dims`` float32.
-    Inputs too small to gain (N <= candidates + 1, or dims >= D) are searched exactly.
+    Candidates: the ``candidates`` most similar rows in the projected space among the members of
+    the row's ``probes`` nearest k-means lists (``lists``, default about ``LISTS_PER_ROOT`` x sqrt(N));
+    the answer: the most similar candidate in full float32, ties to the lowest index. Besides
+    scratch it holds the projection (N x ``dims`` float32) and N x ``probes`` x ``candidates``
+    partial results (12 bytes each). Inputs too small to gain (N <= candidates + 1, or dims >= D)
+    are searched exactly.
     """
     n, dim = x.shape
     dims = min(dims, dim)
     if n <= candidates + 1 or dims >= dim:
         return first_neighbours(x, scratch_bytes=scratch_bytes)
     y = _project(x, _basis(x, dims, sample, seed), scratch_bytes)
-    return _rerank(x, _candidates(y, candidates, scratch_bytes), scratch_bytes)
+    lists = min(n, lists or max(1, round(LISTS_PER_ROOT * math.sqrt(n))))
+    centroids = _kmeans(y, lists, iterations, seed, scratch_bytes)
+    return _rerank(x, _candidates(y, centroids, min(probes, lists), candidates, scratch_bytes), scratch_bytes)
 
 
 def _chunk(scratch_bytes: int, row_bytes: int) -> int:
@@ -100,73 +111,115 @@ def _project(x: np.ndarray, basis: np.ndarray, scratch_bytes: int) -> np.ndarray
     return y
 
 
-def _candidates(y: np.ndarray, c: int, scratch_bytes: int) -> np.ndarray:
-    """int64 [N, c]: each row's ``c`` most similar other rows of ``y`` (by dot product), in any order.
+def _kmeans(y: np.ndarray, lists: int, iterations: int, seed: int, scratch_bytes: int) -> np.ndarray:
+    """float32 [lists, dims]: spherical k-means centroids (Lloyd) of ``TRAIN_PER_LIST`` x ``lists`` sampled rows.
 
-    Only tiles on and above the diagonal are computed; each serves its rows and its columns. A
-    full top-k of every tile would cost more than its product, so each row keeps its best ``c`` so
-    far (sorted), and a tile only offers the entries above a row's current c-th best: after the
-    first tiles, few. A side of a tile with many such entries (a row's first offers) takes torch's
-    top-k instead (several times faster than numpy's argpartition; the tile is shared, not copied).
+    Started from random sample rows; a list that empties keeps its previous centroid.
+    """
+    rng = np.random.default_rng(seed)
+    train = y[np.sort(rng.choice(len(y), min(len(y), TRAIN_PER_LIST * lists), replace=False))]
+    centroids = train[np.sort(rng.choice(len(train), lists, replace=False))].copy()
+    for _ in range(iterations):
+        label = _nearest(train, centroids, 1, scratch_bytes)[:, 0]
+        order = np.argsort(label, kind="stable")
+        present, first = np.unique(label[order], return_index=True)
+        sums = np.add.reduceat(train[order], first, axis=0)
+        centroids[present] = sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), np.finfo(np.float32).tiny)
+    return centroids
+
+
+def _nearest(y: np.ndarray, centroids: np.ndarray, p: int, scratch_bytes: int) -> np.ndarray:
+    """int64 [N, p]: each row's ``p`` most similar centroids, best first (the first: its list)."""
+    out = np.empty((len(y), p), np.int64)
+    rows = _chunk(scratch_bytes, 8 * len(centroids))
+    for start in range(0, len(y), rows):
+        s = np.matmul(y[start:start + rows], centroids.T)
+        out[start:start + len(s)] = torch.from_numpy(s).topk(p, dim=1).indices.numpy()
+    return out
+
+
+def _candidates(y: np.ndarray, centroids: np.ndarray, p: int, c: int, scratch_bytes: int) -> np.ndarray:
+    """int64 [N, c]: each row's ``c`` most similar other rows of ``y`` in its ``p`` nearest lists, any order.
+
+    Every row belongs to its nearest centroid's list. List by list, the rows that probe it are
+    multiplied with its members (query blocks within ``scratch_bytes``), so pairs cost about
+    N x p x N / lists products instead of N^2 / 2; each (row, probe) keeps its best ``c``. A row
+    whose probed lists hold no other row (degenerate lists) is searched against all rows.
     """
     n = len(y)
-    b = min(n, max(c + 1, int(math.sqrt(scratch_bytes / 5))))  # float32 tile and a boolean mask of it
-    vals = np.full((n, c), -np.inf, np.float32)
-    idx = np.zeros((n, c), np.int64)
-    tile = np.empty(b * b, np.float32)
-    mask = np.empty(b * b, bool)
+    near = _nearest(y, centroids, p, scratch_bytes)
+    members = np.argsort(near[:, 0], kind="stable")  # by list, then by index
+    member_bounds = np.concatenate([[0], np.cumsum(np.bincount(near[:, 0], minlength=len(centroids)))])
+    probing = np.argsort(near.ravel(), kind="stable")  # (row, probe) entries by list
+    probing_bounds = np.concatenate([[0], np.cumsum(np.bincount(near.ravel(), minlength=len(centroids)))])
+    vals = np.full((n, p, c), -np.inf, np.float32)
+    idx = np.full((n, p, c), -1, np.int64)
+    for j in range(len(centroids)):
+        mine = members[member_bounds[j]:member_bounds[j + 1]]
+        if len(mine) == 0:
+            continue
+        entries = probing[probing_bounds[j]:probing_bounds[j + 1]]
+        k, block = min(c, len(mine)), y[mine]
+        step = _chunk(scratch_bytes, 8 * len(mine))
+        for q0 in range(0, len(entries), step):
+            rows, slot = np.divmod(entries[q0:q0 + step], p)
+            s = np.matmul(y[rows], block.T)
+            own = np.flatnonzero(near[rows, 0] == j)  # the row itself is a member: never its own neighbour
+            s[own, np.searchsorted(mine, rows[own])] = -np.inf
+            # torch's top-k: several times faster than numpy's argpartition
+            best, top = (t.numpy() for t in torch.from_numpy(s).topk(k, dim=1, sorted=False))
+            vals[rows, slot, :k] = best
+            idx[rows, slot, :k] = np.where(np.isfinite(best), mine[top], -1)
+    return _best(y, vals.reshape(n, -1), idx.reshape(n, -1), c, scratch_bytes)
 
-    def offer(start: int, s: np.ndarray, offset: int) -> None:
-        """Offer tile ``s`` (rows: rows ``start...``; columns: rows ``offset...``) to the running best."""
-        hit = mask[:s.size].reshape(s.shape)
-        np.greater(s, vals[start:start + len(s), -1:], out=hit)
-        local, col = np.nonzero(hit)
-        if len(local) > 2 * c * len(s):
-            top = torch.from_numpy(s).topk(min(c, s.shape[1]), dim=1)
-            local = np.repeat(np.arange(len(s)), top.indices.shape[1])
-            col = top.indices.numpy().ravel()
-        if len(local) == 0:
-            return
-        rows = np.unique(local) + start
-        all_rows = np.concatenate([np.repeat(rows, c), local + start])
-        all_vals = np.concatenate([vals[rows].ravel(), s[local, col]])
-        all_idx = np.concatenate([idx[rows].ravel(), col + offset])
-        order = np.lexsort((-all_vals, all_rows))  # by row, then best first
-        first = np.searchsorted(all_rows[order], rows)
-        keep = order[(first[:, None] + np.arange(c)).ravel()]
-        vals[rows] = all_vals[keep].reshape(-1, c)
-        idx[rows] = all_idx[keep].reshape(-1, c)
 
-    for i0 in range(0, n, b):
-        a = y[i0:i0 + b]
-        for j0 in range(i0, n, b):
-            other = y[j0:j0 + b]
-            s = tile[:len(a) * len(other)].reshape(len(a), len(other))
-            np.matmul(a, other.T, out=s)
-            if j0 == i0:
-                np.fill_diagonal(s, -np.inf)
-            offer(i0, s, j0)
-            if j0 != i0:
-                offer(j0, s.T, i0)
-    return idx
+def _best(y: np.ndarray, vals: np.ndarray, idx: np.ndarray, c: int, scratch_bytes: int) -> np.ndarray:
+    """int64 [N, c]: the ``c`` best of each row's partial results; slots without one repeat its best."""
+    n = len(y)
+    out = np.empty((n, c), np.int64)
+    step = _chunk(scratch_bytes, 12 * vals.shape[1])
+    for start in range(0, n, step):
+        v, i = vals[start:start + step], idx[start:start + step]
+        top = np.argpartition(v, v.shape[1] - c, axis=1)[:, v.shape[1] - c:]
+        cand, cand_vals = np.take_along_axis(i, top, axis=1), np.take_along_axis(v, top, axis=1)
+        first = np.take_along_axis(cand, cand_vals.argmax(axis=1)[:, None], axis=1)
+        out[start:start + len(v)] = np.where(cand >= 0, cand, first)
+    lonely = np.flatnonzero(out[:, 0] < 0)
+    step = _chunk(scratch_bytes, 8 * n)
+    for start in range(0, len(lonely), step):
+        rows = lonely[start:start + step]
+        s = np.matmul(y[rows], y.T)
+        s[np.arange(len(rows)), rows] = -np.inf
+        out[rows] = np.argpartition(s, n - c, axis=1)[:, n - c:]
+    return out
 
 
 def _rerank(x: np.ndarray, cand: np.ndarray, scratch_bytes: int) -> Neighbours:
-    """The most similar candidate of each row in full float32; ties go to the lowest index."""
+    """The most similar candidate of each row in full float32; ties go to the lowest index.
+
+    Rows were checked finite by the projection. They are converted by torch: float16 to float32
+    is several times faster there than in numpy, and this pass reads N x (candidates + 1) rows.
+    """
     n, dim = x.shape
     c = cand.shape[1]
     cand = np.sort(cand, axis=1)  # argmax takes the first maximum: the lowest index among ties
     index = np.empty(n, np.int64)
     similarity = np.empty(n, np.float32)
-    rows = _chunk(scratch_bytes, 4 * dim * (c + 1))
-    own = np.empty((rows, dim), np.float32)
+    rows = _chunk(scratch_bytes, 4 * dim * (2 * c + 1))
     for start in range(0, n, rows):
-        a = load_normalised(x, start, own)
+        a = _normalised(np.array(x[start:start + rows]))
         block = cand[start:start + len(a)]
         present, inverse = np.unique(block, return_inverse=True)
-        others = load_normalised(np.asarray(x[present]), 0, np.empty((len(present), dim), np.float32))
+        others = _normalised(np.asarray(x[present]))
         s = np.matmul(others[inverse.reshape(block.shape)], a[:, :, None])[:, :, 0]
         best = s.argmax(axis=1)
         index[start:start + len(a)] = block[np.arange(len(a)), best]
         similarity[start:start + len(a)] = s[np.arange(len(a)), best]
     return Neighbours(index, similarity)
+
+
+def _normalised(rows: np.ndarray) -> np.ndarray:
+    """``rows`` (an in-memory copy, which may be overwritten) as float32, L2-normalised; zero rows stay zero."""
+    out = torch.from_numpy(rows).float().numpy()
+    out /= np.maximum(np.sqrt(np.einsum("ij,ij->i", out, out)), np.finfo(np.float32).tiny)[:, None]
+    return out

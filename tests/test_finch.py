@@ -327,6 +327,30 @@ def test_approximate_neighbours_recall() -> None:
     np.testing.assert_allclose(approx.similarity, s[np.arange(len(x)), approx.index], atol=1e-5)
 
 
+def test_approximate_neighbours_compare_far_fewer_than_all_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every similarity the search computes (projection, k-means, lists, re-rank) comes out of np.matmul:
+    count the entries. All pairs would be N^2 / 2 at any size, growing 16x from N to 4N."""
+    counted = [0]
+    matmul = np.matmul
+
+    def counting(a, b, *args, **kwargs):
+        out = matmul(a, b, *args, **kwargs)
+        counted[0] += out.size
+        return out
+
+    monkeypatch.setattr(np, "matmul", counting)
+    entries = {}
+    for n in (5000, 20000):
+        x = low_rank_blobs(18, n, 64, 24, 40)
+        counted[0] = 0
+        nn = approximate_first_neighbours(x, dims=16, candidates=8, sample=2000)
+        entries[n] = counted[0]
+        assert (nn.index != np.arange(n)).all()
+    assert entries[5000] >= 5000 * 8  # the counter sees the search: at least each row's candidates
+    assert entries[20000] < 0.2 * 20000 ** 2 / 2
+    assert entries[20000] < 10 * entries[5000]
+
+
 def test_approximate_neighbours_break_ties_by_lowest_index() -> None:
     x = low_rank_blobs(16, 600, 64, 16, 5)
     x[[30, 300, 500]] = x[200]
