@@ -20,7 +20,8 @@ from typing import Callable
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the package, and the tests' bundle builder (make_bundle)
+# the package, the tests' bundle builder (make_bundle), the benchmarks' vector maker (make_synthetic)
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 from protoad_edge.errors import ProtoADError  # noqa: E402
 from protoad_edge.preprocess import to_batch  # noqa: E402
@@ -171,11 +172,61 @@ def check_tensorrt() -> str:
     return "\n    ".join(lines)
 
 
-# One entry per GPU check. Issue 5 adds ("finch_gpu", check_finch_gpu): FINCH clustering on the GPU vs the CPU.
+def check_finch_gpu(n: int = 627_200, sample: int = 2000) -> str:
+    """FINCH of a category's worth of vectors (627,200 x 1792 FP16, 200 images) on the GPU: the issue asks
+    for about a minute on an RTX-class GPU. Level-0 search in FP16 (checked) and FP32, and its answers
+    for sampled rows against the CPU's exact FP32 search."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise Skipped("torch: no CUDA device")
+    from bench_finch_scale import exact_rows, make_synthetic
+    from protoad_edge.finch import finch
+    from protoad_edge.gpu_neighbours import gpu_first_neighbours
+    from protoad_edge.neighbours import make_search
+
+    work = Path(tempfile.mkdtemp(prefix="gpu_check_finch_"))
+    try:
+        path = work / "x.npy"
+        start = time.perf_counter()
+        make_synthetic(path, n, clusters=20_000)
+        x = np.load(path, mmap_mode="r")
+        made = time.perf_counter() - start
+        notes: list[str] = []
+        timings = {}
+        for precision in ("fp16", "fp32"):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            found = gpu_first_neighbours(x, precision=precision, log=notes.append)
+            timings[precision] = time.perf_counter() - start
+            if precision == "fp16":
+                fp16 = found
+        start = time.perf_counter()
+        result = finch(x, search=make_search("cuda", log=notes.append), log=notes.append)
+        total = time.perf_counter() - start
+        rows = np.sort(np.random.default_rng(0).choice(n, sample, replace=False))
+        truth, truth_sim = exact_rows(path, n, rows)
+        hit = (fp16.index[rows] == truth) | (np.abs(fp16.similarity[rows] - truth_sim) <= 1e-6)
+        if not hit.all():
+            raise Failed(f"FP16-checked search differs from the CPU's exact FP32 one on {int((~hit).sum())} of "
+                         f"{sample} sampled rows")
+        diff = float(np.abs(fp16.similarity[rows] - truth_sim).max())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    retried = next((line for line in notes if "searched again" in line), "")
+    return (f"{n:,} x 1792 synthetic vectors (made in {made:.0f} s): level-0 search "
+            f"FP16+check {timings['fp16']:.1f} s, "
+            f"FP32 {timings['fp32']:.1f} s ({timings['fp32'] / timings['fp16']:.1f}x); {retried.split('; ')[-1]}; "
+            f"all FINCH levels {total:.1f} s -> {result.counts} (target: about 60 s on an RTX-class GPU); "
+            f"{sample} sampled rows equal the CPU's exact search (max |similarity diff| {diff:.1e})")
+
+
+# One entry per GPU check.
 CHECKS: list[tuple[str, Callable[[], str]]] = [
     ("cuda_memory", check_cuda_memory),
     ("torch_cuda", check_torch_cuda),
     ("tensorrt", check_tensorrt),
+    ("finch_gpu", check_finch_gpu),
 ]
 
 

@@ -31,11 +31,11 @@ for name in ("torch", "cuda.bindings", "tensorrt", "onnx", "onnxruntime", "cupy"
 EOF
 
 echo "== pytest -m 'gpu or tensorrt'"
-timeout 300 "$PY" -m pytest -q -rs -m "gpu or tensorrt" --continue-on-collection-errors -p no:cacheprovider tests
+timeout 240 "$PY" -m pytest -q -rs -m "gpu or tensorrt" --continue-on-collection-errors -p no:cacheprovider tests
 PYTEST_RC=$?
 
 echo "== checks and figures"
-timeout 270 "$PY" benchmarks/gpu_check.py
+timeout 330 "$PY" benchmarks/gpu_check.py
 CHECK_RC=$?
 
 echo "== done: pytest exit $PYTEST_RC, gpu_check.py exit $CHECK_RC (5 = pytest selected nothing)"

@@ -146,7 +146,7 @@ def build(cfg: BuildConfig, log: Log = print) -> BuildReport:
     lap("features")
 
     clusters = finch(vectors, cfg.max_prototypes, search=make_search(device.type, exact=cfg.exact_neighbours, log=log),
-                     log=log)
+                     progress=cfg.progress, log=log)
     prototypes = clusters.prototypes.astype(np.float32)
     del vectors
     lap("finch")

@@ -29,14 +29,14 @@ import functools
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Protocol
 
 import numpy as np
 import scipy.sparse as sp
-import torch
 from scipy.sparse.csgraph import connected_components
 
 from .errors import ProtoADError
+from .progress import progress_bar
 
 DEFAULT_MAX_PROTOTYPES = 10_000
 DEFAULT_SCRATCH_BYTES = 256 * 2**20
@@ -49,9 +49,12 @@ class Neighbours(NamedTuple):
     similarity: np.ndarray  # float32 [N]
 
 
-# A first-neighbour search: rows (any scale; cosine similarity) -> Neighbours. ``first_neighbours``
-# is the exact one; another backend (approximate, reduced precision) plugs into ``finch(search=...)``.
-Search = Callable[[np.ndarray], Neighbours]
+class Search(Protocol):
+    """A first-neighbour search: rows (any scale; cosine similarity) -> Neighbours, with a progress bar
+    labelled ``progress`` unless it is None. ``first_neighbours`` is the exact CPU one; the others
+    (approximate, GPU) plug into ``finch(search=...)`` through ``neighbours.make_search``."""
+
+    def __call__(self, x: np.ndarray, *, progress: str | None = None) -> Neighbours: ...
 
 
 def tile_rows(n: int, dim: int, itemsize: int, scratch_bytes: int) -> int:
@@ -68,24 +71,24 @@ def tile_rows(n: int, dim: int, itemsize: int, scratch_bytes: int) -> int:
     return max(1, min(n, fits, max(1024, -(-n // 8))))
 
 
-def first_neighbours(x: np.ndarray, *, device: str = "cpu", scratch_bytes: int = DEFAULT_SCRATCH_BYTES,
-                     block: int | None = None) -> Neighbours:
+def first_neighbours(x: np.ndarray, *, scratch_bytes: int = DEFAULT_SCRATCH_BYTES,
+                     block: int | None = None, progress: str | None = None) -> Neighbours:
     """Exact cosine first neighbours of the rows of ``x`` (float16/32/64, may be a ``np.memmap``).
 
     Rows need not be normalised: each block is converted to float32 and L2-normalised as it is loaded
     (zero rows stay zero), so the input is never copied whole. Only the tiles on and above the
     diagonal of the similarity matrix are computed, ``block`` x ``block`` each (default: ``tile_rows``,
     within ``scratch_bytes``); a tile serves the row-wise and the column-wise search, so each pair's
-    similarity is computed once and no N x N matrix ever exists. Ties go to the lowest index. ``device`` is
-    "cpu" (float32 BLAS) or a CUDA device (full FP32: TF32 is switched off for the call).
+    similarity is computed once and no N x N matrix ever exists. Ties go to the lowest index. This is
+    the CPU search (float32 BLAS); ``gpu_neighbours`` is the GPU one, with the same answers.
     A single row has no non-self neighbour: it gets itself, with similarity -inf.
     """
     n, dim = _check_features(x)
     b = min(n, block or tile_rows(n, dim, x.dtype.itemsize, scratch_bytes))
-    tiles = _NumpyTiles(x, b) if torch.device(device).type == "cpu" else _CudaTiles(x, b, device)
+    tiles = _NumpyTiles(x, b)
     best = np.full(n, -np.inf, np.float32)
     arg = np.zeros(n, np.int64)
-    for i0 in range(0, n, b):
+    for i0 in progress_bar(list(range(0, n, b)), progress or "", progress is not None):
         a = tiles.load(i0, 0)
         for j0 in range(i0, n, b):
             diagonal = j0 == i0
@@ -116,32 +119,34 @@ class FinchResult:
         return self.partitions[-1]
 
 
-def finch(x: np.ndarray, max_prototypes: int = DEFAULT_MAX_PROTOTYPES, *, device: str = "cpu",
-          scratch_bytes: int = DEFAULT_SCRATCH_BYTES, search: Search | None = None,
+def finch(x: np.ndarray, max_prototypes: int = DEFAULT_MAX_PROTOTYPES, *,
+          scratch_bytes: int = DEFAULT_SCRATCH_BYTES, search: Search | None = None, progress: bool = False,
           log: Callable[[str], None] = print) -> FinchResult:
     """FINCH levels on the rows of ``x`` (L2-normalised patch features, float16/32, may be a memmap).
 
     Stops at the first partition with fewer than ``max_prototypes`` clusters, or, if none gets there,
     at the last partition before merging stops (the module docstring lists the rules). Prototypes are
     the re-normalised means of the chosen clusters, so a 1x1 convolution with them gives cosines.
-    ``search`` defaults to exact ``first_neighbours`` on ``device`` within ``scratch_bytes``.
-    Cluster sums are kept in float64 ([K0, D] at level 0).
+    ``search`` defaults to the exact CPU ``first_neighbours`` within ``scratch_bytes``
+    (``neighbours.make_search`` picks the build's: approximate for large inputs, or the GPU's).
+    Cluster sums are accumulated in float32 ([K0, D] at level 0: 1.2 GB for 161k clusters of 1792;
+    float64 would double the largest allocation of a build for digits the search cannot use). ``progress`` shows a bar per level's search.
     """
     n, dim = _check_features(x)
     if max_prototypes < 1:
         raise ValueError(f"max_prototypes must be >= 1, got {max_prototypes}")
-    search = search or functools.partial(first_neighbours, device=device, scratch_bytes=scratch_bytes)
+    search = search or functools.partial(first_neighbours, scratch_bytes=scratch_bytes)
 
     start = time.perf_counter()
-    labels, count = _components(search(x).index)
-    sums = _group_sums(x, labels, count, max(1, scratch_bytes // (8 * dim)))
+    labels, count = _components(search(x, progress=_label(0, progress)).index)
+    sums = _group_sums(x, labels, count, max(1, scratch_bytes // (4 * dim)))
     partitions, counts, seconds = [labels], [count], [time.perf_counter() - start]
     log(f"FINCH level 0: {count} clusters of {n} points ({seconds[-1]:.1f} s)")
 
     while count >= max_prototypes:
         start = time.perf_counter()
-        merged, new_count = _components(search(_normalised(sums)).index)
         level = len(partitions)
+        merged, new_count = _components(search(_normalised(sums), progress=_label(level, progress)).index)
         if new_count == 1 or count - new_count <= 1:
             log(f"FINCH level {level}: {new_count} clusters ({time.perf_counter() - start:.1f} s): "
                 f"merging stopped, keeping level {level - 1}")
@@ -155,6 +160,10 @@ def finch(x: np.ndarray, max_prototypes: int = DEFAULT_MAX_PROTOTYPES, *, device
 
     log(f"FINCH chose level {len(partitions) - 1}: {count} prototypes")
     return FinchResult(partitions, counts, _normalised(sums), seconds)
+
+
+def _label(level: int, progress: bool) -> str | None:
+    return f"FINCH level {level}" if progress else None
 
 
 def _check_features(x: np.ndarray) -> tuple[int, int]:
@@ -240,53 +249,6 @@ class _NumpyTiles:
         return vals, idx
 
 
-class _CudaTiles:
-    """CUDA tiles: blocks staged on the host in the input dtype, converted and multiplied on the GPU."""
-
-    def __init__(self, x: np.ndarray, rows: int, device: str) -> None:
-        self.x, self.device = x, torch.device(device)
-        if self.device.type != "cuda" or not torch.cuda.is_available():
-            raise ProtoADError(f"device {device!r}: FINCH runs on 'cpu' or a CUDA device torch can see")
-        stage_dtype = x.dtype if x.dtype in (np.float16, np.float32) else np.float32
-        self.stage = np.empty((rows, x.shape[1]), stage_dtype)
-        self.blocks = [torch.empty(rows, x.shape[1], device=self.device) for _ in range(2)]
-        self.tile = torch.empty(rows * rows, device=self.device)
-
-    def load(self, start: int, slot: int) -> torch.Tensor:
-        src = self.x[start:start + len(self.stage)]
-        np.copyto(self.stage[:len(src)], src, casting="same_kind")
-        out = self.blocks[slot][:len(src)]
-        out.copy_(torch.from_numpy(self.stage[:len(src)]))
-        norms = torch.linalg.vector_norm(out, dim=1, keepdim=True)
-        _check_norms(norms.cpu().numpy(), start)
-        return out.div_(norms.clamp_min_(torch.finfo(torch.float32).tiny))
-
-    def similarities(self, a: torch.Tensor, c: torch.Tensor, diagonal: bool) -> torch.Tensor:
-        s = self.tile[:len(a) * len(c)].view(len(a), len(c))
-        # Full FP32 whatever the global setting: TF32 would change which neighbour wins.
-        saved = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("highest")
-        try:
-            torch.mm(a, c.T, out=s)
-        finally:
-            torch.set_float32_matmul_precision(saved)
-        if diagonal:
-            s.fill_diagonal_(-math.inf)
-        return s
-
-    def row_max(self, s: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        return self._first_max(s, 1)
-
-    def col_max(self, s: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        return self._first_max(s, 0)
-
-    @staticmethod
-    def _first_max(s: torch.Tensor, dim: int) -> tuple[np.ndarray, np.ndarray]:
-        idx = s.argmax(dim=dim)  # the first maximum, as documented
-        vals = s.gather(dim, idx.unsqueeze(dim)).squeeze(dim)
-        return vals.cpu().numpy(), idx.cpu().numpy()
-
-
 def _components(nn: np.ndarray) -> tuple[np.ndarray, int]:
     """Weakly connected components of the graph i -> nn[i]."""
     n = len(nn)
@@ -296,21 +258,21 @@ def _components(nn: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def _group_sums(x: np.ndarray, labels: np.ndarray, count: int, chunk: int) -> np.ndarray:
-    """float64 [count, D] sums of the rows of x per label, ``chunk`` rows at a time (x may be a memmap).
+    """float32 [count, D] sums of the rows of x per label, ``chunk`` rows at a time (x may be a memmap).
 
     Each chunk is summed by a sparse one-hot product over the labels it contains, so no dense
     N x K (or count x chunk) matrix is formed.
     """
-    sums = np.zeros((count, x.shape[1]))
+    sums = np.zeros((count, x.shape[1]), np.float32)
     for start in range(0, len(x), chunk):
         present, inverse = np.unique(labels[start:start + chunk], return_inverse=True)
-        onehot = sp.csr_matrix((np.ones(len(inverse)), (inverse, np.arange(len(inverse)))),
+        onehot = sp.csr_matrix((np.ones(len(inverse), np.float32), (inverse, np.arange(len(inverse)))),
                                shape=(len(present), len(inverse)))
-        sums[present] += onehot @ np.asarray(x[start:start + chunk], dtype=np.float64)
+        sums[present] += onehot @ np.asarray(x[start:start + chunk], dtype=np.float32)
     return sums
 
 
 def _normalised(sums: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm (in float64), as float32."""
+    """float32 rows scaled to unit L2 norm (zero rows stay zero)."""
     norms = np.linalg.norm(sums, axis=1, keepdims=True)
-    return (sums / np.maximum(norms, np.finfo(np.float64).tiny)).astype(np.float32)
+    return (sums / np.maximum(norms, np.finfo(np.float32).tiny)).astype(np.float32, copy=False)

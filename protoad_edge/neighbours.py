@@ -28,6 +28,8 @@ from .finch import (
     first_neighbours,
     load_normalised,
 )
+from .gpu_neighbours import gpu_first_neighbours
+from .progress import progress_bar
 
 APPROXIMATE_FROM = 50_000  # rows; below this exact search takes at most minutes on a CPU
 DEFAULT_DIMS = 256
@@ -43,20 +45,23 @@ def make_search(device: str = "cpu", *, exact: bool = False, approximate_from: i
                 scratch_bytes: int = DEFAULT_SCRATCH_BYTES, log: Callable[[str], None] = print) -> Search:
     """The first-neighbour search for ``finch(search=...)``.
 
-    Exact on a GPU (fast enough there), with ``exact``, for inputs below ``approximate_from`` rows
+    On a GPU: ``gpu_first_neighbours``, exact (FP16 products checked in FP32; with ``exact``, FP32
+    products throughout). On the CPU: exact with ``exact``, for inputs below ``approximate_from`` rows
     (FINCH's later levels are much smaller than level 0, so they usually run exact) and for rows of
     at most ``DEFAULT_DIMS`` dimensions (nothing to gain); otherwise ``approximate_first_neighbours``.
     """
-    exact_search = functools.partial(first_neighbours, device=device, scratch_bytes=scratch_bytes)
-    if exact or device != "cpu":
+    if device != "cpu":
+        return functools.partial(gpu_first_neighbours, device=device, precision="fp32" if exact else "fp16", log=log)
+    exact_search = functools.partial(first_neighbours, scratch_bytes=scratch_bytes)
+    if exact:
         return exact_search
 
-    def search(x: np.ndarray) -> Neighbours:
+    def search(x: np.ndarray, *, progress: str | None = None) -> Neighbours:
         if len(x) < approximate_from or x.shape[1] <= DEFAULT_DIMS:
-            return exact_search(x)
+            return exact_search(x, progress=progress)
         log(f"first neighbours: approximate ({DEFAULT_DIMS} of {x.shape[1]} dims, {DEFAULT_PROBES} nearest k-means "
             f"lists, top {DEFAULT_CANDIDATES} re-ranked exactly) for {len(x):,} rows; --exact-neighbours for exact")
-        return approximate_first_neighbours(x, scratch_bytes=scratch_bytes)
+        return approximate_first_neighbours(x, scratch_bytes=scratch_bytes, progress=progress)
 
     return search
 
@@ -64,7 +69,7 @@ def make_search(device: str = "cpu", *, exact: bool = False, approximate_from: i
 def approximate_first_neighbours(x: np.ndarray, *, dims: int = DEFAULT_DIMS, candidates: int = DEFAULT_CANDIDATES,
                                  sample: int = DEFAULT_SAMPLE, seed: int = 0, lists: int | None = None,
                                  probes: int = DEFAULT_PROBES, iterations: int = DEFAULT_ITERATIONS,
-                                 scratch_bytes: int = DEFAULT_SCRATCH_BYTES) -> Neighbours:
+                                 scratch_bytes: int = DEFAULT_SCRATCH_BYTES, progress: str | None = None) -> Neighbours:
     """Cosine first neighbours of the rows of ``x`` (float16/32, may be a memmap), approximately.
 
     Candidates: the ``candidates`` most similar rows in the projected space among the members of
@@ -72,16 +77,17 @@ def approximate_first_neighbours(x: np.ndarray, *, dims: int = DEFAULT_DIMS, can
     the answer: the most similar candidate in full float32, ties to the lowest index. Besides
     scratch it holds the projection (N x ``dims`` float32) and N x ``probes`` x ``candidates``
     partial results (12 bytes each). Inputs too small to gain (N <= candidates + 1, or dims >= D)
-    are searched exactly.
+    are searched exactly. ``progress``: a progress bar's label (over the lists), or None.
     """
     n, dim = x.shape
     dims = min(dims, dim)
     if n <= candidates + 1 or dims >= dim:
-        return first_neighbours(x, scratch_bytes=scratch_bytes)
+        return first_neighbours(x, scratch_bytes=scratch_bytes, progress=progress)
     y = _project(x, _basis(x, dims, sample, seed), scratch_bytes)
     lists = min(n, lists or max(1, round(LISTS_PER_ROOT * math.sqrt(n))))
     centroids = _kmeans(y, lists, iterations, seed, scratch_bytes)
-    return _rerank(x, _candidates(y, centroids, min(probes, lists), candidates, scratch_bytes), scratch_bytes)
+    near = _candidates(y, centroids, min(probes, lists), candidates, scratch_bytes, progress)
+    return _rerank(x, near, scratch_bytes)
 
 
 def _chunk(scratch_bytes: int, row_bytes: int) -> int:
@@ -138,7 +144,8 @@ def _nearest(y: np.ndarray, centroids: np.ndarray, p: int, scratch_bytes: int) -
     return out
 
 
-def _candidates(y: np.ndarray, centroids: np.ndarray, p: int, c: int, scratch_bytes: int) -> np.ndarray:
+def _candidates(y: np.ndarray, centroids: np.ndarray, p: int, c: int, scratch_bytes: int,
+                progress: str | None) -> np.ndarray:
     """int64 [N, c]: each row's ``c`` most similar other rows of ``y`` in its ``p`` nearest lists, any order.
 
     Every row belongs to its nearest centroid's list. List by list, the rows that probe it are
@@ -154,7 +161,7 @@ def _candidates(y: np.ndarray, centroids: np.ndarray, p: int, c: int, scratch_by
     probing_bounds = np.concatenate([[0], np.cumsum(np.bincount(near.ravel(), minlength=len(centroids)))])
     vals = np.full((n, p, c), -np.inf, np.float32)
     idx = np.full((n, p, c), -1, np.int64)
-    for j in range(len(centroids)):
+    for j in progress_bar(list(range(len(centroids))), progress or "", progress is not None):
         mine = members[member_bounds[j]:member_bounds[j + 1]]
         if len(mine) == 0:
             continue

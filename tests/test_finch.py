@@ -15,9 +15,6 @@ from protoad_edge.errors import ProtoADError  # noqa: E402
 from protoad_edge.finch import Neighbours, finch, first_neighbours  # noqa: E402
 from protoad_edge.neighbours import approximate_first_neighbours, make_search  # noqa: E402
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
 def blobs(seed: int, n: int, dim: int, groups: int, per_group: int, spread: float) -> np.ndarray:
     """Unit vectors in blobs around centres that are themselves grouped: several FINCH levels."""
     rng = np.random.default_rng(seed)
@@ -157,12 +154,6 @@ def test_first_neighbours_reject_non_finite_rows() -> None:
         first_neighbours(x, block=7)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
-def test_first_neighbours_name_a_missing_cuda_device() -> None:
-    with pytest.raises(ProtoADError, match="cuda"):
-        first_neighbours(np.ones((3, 4), np.float32), device="cuda")
-
-
 # ---------------------------------------------------------------- FINCH levels
 
 
@@ -242,13 +233,25 @@ def test_logs_count_and_time_of_each_level() -> None:
     assert lines[-1] == f"FINCH chose level {result.chosen}: {result.counts[-1]} prototypes"
 
 
+@pytest.mark.parametrize("approximate_from", [10**9, 100], ids=["exact", "approximate"])
+def test_progress_bar_for_every_level(approximate_from: int, capsys: pytest.CaptureFixture[str]) -> None:
+    x = low_rank_blobs(12, 1200, 320, 8, 30)  # wider than the projection: the approximate path runs
+    search = make_search(approximate_from=approximate_from, log=lambda _: None)
+    result = finch(x, max_prototypes=1, search=search, progress=True, log=lambda _: None)
+    bars = capsys.readouterr().err
+    for level in range(len(result.counts) + 1):  # the levels kept and the one that stopped the merging
+        assert f"FINCH level {level}" in bars
+    finch(x, max_prototypes=1, search=search, log=lambda _: None)
+    assert "FINCH level" not in capsys.readouterr().err
+
+
 class ScriptedSearch:
     """A search backend that answers with given first neighbours, level by level, and records its inputs."""
 
     def __init__(self, *levels: list[int]) -> None:
         self.levels, self.inputs = list(levels), []
 
-    def __call__(self, x: np.ndarray) -> Neighbours:
+    def __call__(self, x: np.ndarray, *, progress: str | None = None) -> Neighbours:
         self.inputs.append(np.array(x, np.float64))
         index = np.array(self.levels[len(self.inputs) - 1])
         return Neighbours(index, np.zeros(len(index), np.float32))
@@ -272,34 +275,6 @@ def test_level_reaching_one_cluster_is_discarded() -> None:
     result = finch(x, max_prototypes=1, search=search, log=lambda _: None)
     assert result.counts == [4, 2] and len(search.inputs) == 3
     np.testing.assert_array_equal(canonical(result.labels), [0, 0, 0, 0, 1, 1, 1, 1])
-
-
-# ---------------------------------------------------------------- CUDA
-
-
-@cuda
-def test_cuda_matches_cpu() -> None:
-    x = blobs(13, 3000, 256, 6, 5, 0.5)
-    saved = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")  # TF32 allowed globally: the exact search must not use it
-    try:
-        gpu = first_neighbours(x.astype(np.float16), device="cuda", block=700)
-        assert torch.get_float32_matmul_precision() == "high"
-    finally:
-        torch.set_float32_matmul_precision(saved)
-    cpu = first_neighbours(x.astype(np.float16), block=700)
-    np.testing.assert_allclose(gpu.similarity, cpu.similarity, atol=1e-6)
-    # Summation orders differ (cuBLAS vs OpenBLAS): a different winner is allowed only in a float32 tie.
-    s, _ = brute_force(x.astype(np.float16))
-    rows = np.flatnonzero(gpu.index != cpu.index)
-    np.testing.assert_allclose(s[rows, gpu.index[rows]], s[rows, cpu.index[rows]], atol=1e-6)
-    assert len(rows) <= 3
-    a = finch(x, max_prototypes=1, device="cuda", log=lambda _: None)
-    b = finch(x, max_prototypes=1, log=lambda _: None)
-    assert a.counts == b.counts
-    for p, q in zip(a.partitions, b.partitions):
-        np.testing.assert_array_equal(canonical(p), canonical(q))
-    np.testing.assert_allclose(a.prototypes, b.prototypes, atol=1e-6)
 
 
 # ---------------------------------------------------------------- approximate search
