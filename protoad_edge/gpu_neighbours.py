@@ -164,16 +164,17 @@ def _scan(rows: _Rows, queries: np.ndarray, precision: str, candidates: int, blo
         left_out = torch.full((len(q),), -math.inf, device=rows.dev)  # best fast score not re-scored
         for j0 in range(0, n, block):
             c32 = rows.get(slice(j0, min(n, j0 + block)))
-            s = (a @ c32.to(fast).T).float()
+            s = a @ c32.to(fast).T
             mine = torch.nonzero((q_dev >= j0) & (q_dev < j0 + len(c32))).flatten()
             s[mine, q_dev[mine] - j0] = -math.inf
             if precision == "fp32":
                 vals, cols = s.max(dim=1)  # the first maximum: lowest index among ties
             else:
                 k = min(candidates, len(c32))
-                scores, cols = s.topk(k, dim=1)
-                if k < len(c32):
-                    left_out = torch.maximum(left_out, s.scatter(1, cols, -math.inf).max(dim=1).values)
+                scores, cols = s.topk(min(k + 1, len(c32)), dim=1)
+                if k < len(c32):  # the (k+1)-th best fast score is the best one left out
+                    left_out = torch.maximum(left_out, scores[:, k].float())
+                    scores, cols = scores[:, :k], cols[:, :k]
                 cols, order = cols.sort(dim=1)  # lowest index first among FP32 ties
                 exact = torch.einsum("qd,qkd->qk", a32, c32[cols])
                 exact[torch.isinf(scores.gather(1, order))] = -math.inf  # the row itself

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -31,11 +32,11 @@ from .finch import (
 from .gpu_neighbours import gpu_first_neighbours
 from .progress import progress_bar
 
-APPROXIMATE_FROM = 50_000  # rows; below this exact search takes at most minutes on a CPU
-DEFAULT_DIMS = 256
+APPROXIMATE_FROM = 20_000  # rows; from here the approximate search is faster at full recall (measured)
+DEFAULT_DIMS = 512  # real patch features: 256 ranked the true neighbour in the top 8 for only 92% of rows
 DEFAULT_CANDIDATES = 8  # re-ranked per row; 16 found no more true neighbours on real-like features
 DEFAULT_SAMPLE = 10_000
-DEFAULT_PROBES = 8
+DEFAULT_PROBES = 4  # at 512 dims the true neighbour's list is among a row's 4 nearest for 98.8% of rows
 DEFAULT_ITERATIONS = 10
 LISTS_PER_ROOT = 2  # lists per sqrt(N): balances assigning rows to lists against searching them
 TRAIN_PER_LIST = 16  # k-means sample rows per list: enough to place lists that are only probed
@@ -204,29 +205,29 @@ def _best(y: np.ndarray, vals: np.ndarray, idx: np.ndarray, c: int, scratch_byte
 def _rerank(x: np.ndarray, cand: np.ndarray, scratch_bytes: int) -> Neighbours:
     """The most similar candidate of each row in full float32; ties go to the lowest index.
 
-    Rows were checked finite by the projection. They are converted by torch: float16 to float32
-    is several times faster there than in numpy, and this pass reads N x (candidates + 1) rows.
+    Rows were checked finite by the projection. This pass reads N x candidates rows in random
+    order, so it runs in torch: a gather of the stored rows (FP16 from the cache) and one batched
+    product, with the norms applied to the products instead of to the rows.
     """
     n, dim = x.shape
     c = cand.shape[1]
-    cand = np.sort(cand, axis=1)  # argmax takes the first maximum: the lowest index among ties
-    index = np.empty(n, np.int64)
-    similarity = np.empty(n, np.float32)
-    rows = _chunk(scratch_bytes, 4 * dim * (2 * c + 1))
+    with warnings.catch_warnings():  # read-only memmap: torch warns that it cannot protect it; nothing writes
+        warnings.simplefilter("ignore", UserWarning)
+        xt = torch.from_numpy(np.asarray(x))
+    rows = _chunk(scratch_bytes, 4 * dim * (c + 1) + xt.element_size() * dim * c)
+    inverse = torch.empty(n)
     for start in range(0, n, rows):
-        a = _normalised(np.array(x[start:start + rows]))
+        norms = torch.linalg.vector_norm(xt[start:start + rows].float(), dim=1)
+        inverse[start:start + rows] = 1.0 / norms.clamp_min(torch.finfo(torch.float32).tiny)
+    cand = torch.from_numpy(np.sort(cand, axis=1))  # max takes the first maximum: the lowest index among ties
+    index = torch.empty(n, dtype=torch.int64)
+    similarity = torch.empty(n)
+    for start in range(0, n, rows):
+        a = xt[start:start + rows].float()
         block = cand[start:start + len(a)]
-        present, inverse = np.unique(block, return_inverse=True)
-        others = _normalised(np.asarray(x[present]))
-        s = np.matmul(others[inverse.reshape(block.shape)], a[:, :, None])[:, :, 0]
-        best = s.argmax(axis=1)
-        index[start:start + len(a)] = block[np.arange(len(a)), best]
-        similarity[start:start + len(a)] = s[np.arange(len(a)), best]
-    return Neighbours(index, similarity)
-
-
-def _normalised(rows: np.ndarray) -> np.ndarray:
-    """``rows`` (an in-memory copy, which may be overwritten) as float32, L2-normalised; zero rows stay zero."""
-    out = torch.from_numpy(rows).float().numpy()
-    out /= np.maximum(np.sqrt(np.einsum("ij,ij->i", out, out)), np.finfo(np.float32).tiny)[:, None]
-    return out
+        others = xt.index_select(0, block.reshape(-1)).float().view(len(a), c, dim)
+        s = torch.bmm(others, a[:, :, None])[:, :, 0] * inverse[block] * inverse[start:start + len(a), None]
+        best, pick = s.max(dim=1)
+        index[start:start + len(a)] = block.gather(1, pick[:, None])[:, 0]
+        similarity[start:start + len(a)] = best
+    return Neighbours(index.numpy(), similarity.numpy())

@@ -235,7 +235,7 @@ def test_logs_count_and_time_of_each_level() -> None:
 
 @pytest.mark.parametrize("approximate_from", [10**9, 100], ids=["exact", "approximate"])
 def test_progress_bar_for_every_level(approximate_from: int, capsys: pytest.CaptureFixture[str]) -> None:
-    x = low_rank_blobs(12, 1200, 320, 8, 30)  # wider than the projection: the approximate path runs
+    x = low_rank_blobs(12, 1200, 600, 8, 30)  # wider than the projection: the approximate path runs
     search = make_search(approximate_from=approximate_from, log=lambda _: None)
     result = finch(x, max_prototypes=1, search=search, progress=True, log=lambda _: None)
     bars = capsys.readouterr().err
@@ -334,7 +334,7 @@ def test_approximate_neighbours_break_ties_by_lowest_index() -> None:
 
 
 def test_search_choice() -> None:
-    x = low_rank_blobs(17, 1500, 512, 24, 8)
+    x = low_rank_blobs(17, 1500, 640, 24, 8)  # wider than the default projection
     exact = first_neighbours(x)
     lines: list[str] = []
     for search in (make_search(log=lines.append), make_search(exact=True, approximate_from=10, log=lines.append)):

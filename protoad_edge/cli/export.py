@@ -35,7 +35,8 @@ from .common import user_errors
                    "Default: $PROTOAD_CACHE, then ~/.cache/protoad-edge/features.")
 @click.option("--no-cache", is_flag=True, help="Neither reuse nor keep extracted features.")
 @click.option("--exact-neighbours", is_flag=True,
-              help="Exact FINCH first neighbours on the CPU at every size (default: approximate from 50,000 vectors).")
+              help="FINCH first neighbours exact at every size on the CPU (default: approximate from 50,000 "
+                   "vectors) and in FP32 throughout on a GPU (default: FP16 products, checked in FP32).")
 @click.option("--threads", type=click.IntRange(min=0), default=0, help="CPU threads for torch (0 = all cores).")
 @click.option("--engine", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
               help="Also build the TensorRT engine OUT/CATEGORY.plan on this GPU (auto: where TensorRT and a GPU exist).")

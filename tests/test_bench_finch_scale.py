@@ -1,0 +1,65 @@
+"""The FINCH scale benchmark measures what it says: its exact truth, its data, and one tiny run end to end."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("finch")
+pytest.importorskip("sklearn")
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+from bench_finch_scale import chosen, exact_rows, make_synthetic, read_rows  # noqa: E402
+
+from protoad_edge.finch import first_neighbours  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def vectors(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("scale") / "x.npy"
+    make_synthetic(path, 1500, clusters=40)
+    return path
+
+
+def test_synthetic_vectors_are_unit_fp16(vectors: Path) -> None:
+    x = np.load(vectors, mmap_mode="r")
+    assert x.shape == (1500, 1792) and x.dtype == np.float16
+    np.testing.assert_allclose(np.linalg.norm(x.astype(np.float32), axis=1), 1.0, atol=2e-3)
+
+
+def test_read_rows_and_exact_truth(vectors: Path) -> None:
+    x = np.load(vectors, mmap_mode="r")
+    np.testing.assert_array_equal(read_rows(vectors, 1000, np.float32), x[:1000].astype(np.float32))
+    rows = np.array([0, 5, 499, 998, 999])
+    index, similarity = exact_rows(vectors, 1000, rows)  # among the first 1000 rows only
+    full = first_neighbours(np.asarray(x[:1000]))
+    np.testing.assert_array_equal(index, full.index[rows])
+    np.testing.assert_allclose(similarity, full.similarity[rows], atol=1e-6)
+
+
+def test_chosen_level_is_the_builds() -> None:
+    parts = [np.array([0]), np.array([1]), np.array([2])]
+    assert chosen(parts, [500, 90, 7], 100)[1] == 1
+    assert chosen(parts, [500, 300, 200], 100)[1] == 2  # none below: the last
+
+
+@pytest.mark.slow
+def test_tiny_run_end_to_end(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, str(BENCH / "bench_finch_scale.py"), "--sizes", "1200", "--data", "synthetic",
+                          "--clusters", "40", "--recall-rows", "300", "--methods", "ours,finch-clust,exact",
+                          "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=600, check=False)
+    assert out.returncode == 0, out.stderr
+    rows = {cells[2]: cells for cells in ([c.strip() for c in line.strip("|").split("|")]
+                                           for line in out.stdout.splitlines() if line.startswith("| synthetic | 1,200 |"))}
+    assert sorted(rows) == ["exact", "finch-clust", "ours"]
+    # All exact at this size: the same partitions, and every sampled neighbour right.
+    for method, cells in rows.items():
+        recall, ari_ours, ari_exact = cells[7], cells[9], cells[10]
+        assert recall == "1.0000" and ari_ours == "1.0000" and ari_exact == "1.0000", (method, cells)
