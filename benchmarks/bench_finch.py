@@ -38,7 +38,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=20_000)
     parser.add_argument("--dim", type=int, default=1792)
-    parser.add_argument("--device", default="cpu")
     parser.add_argument("--scratch-mb", type=int, default=DEFAULT_SCRATCH_BYTES // 2**20)
     parser.add_argument("--features", default=None, help="a [M, D] .npy of features; its first --n rows are used")
     parser.add_argument("--approximate", action="store_true", help="also time the approximate search")
@@ -67,7 +66,7 @@ def main() -> None:
     print(f"N={args.n} D={args.dim} tile={b} rows ({args.scratch_mb} MB scratch)")
     print(f"  one float32 tile product (numpy BLAS): {peak:.1f} GFLOP/s")
 
-    ours, t_nn = timed(lambda: first_neighbours(x, device=args.device, scratch_bytes=scratch))
+    ours, t_nn = timed(lambda: first_neighbours(x, scratch_bytes=scratch))
     useful = args.n * (args.n - 1) * args.dim / t_nn / 1e9  # half the matrix, 2 flops per multiply-add
     print(f"  ours  first neighbours: {t_nn:7.2f} s   ({useful:.1f} GFLOP/s of the half matrix it needs)")
     if args.approximate:
@@ -81,7 +80,7 @@ def main() -> None:
                                                        search=make_search(scratch_bytes=scratch, log=lambda _: None)))
         print(f"  ours  FINCH as built:   {t_ap_finch:7.2f} s   (approximate from {APPROXIMATE_FROM:,} rows, "
               f"exact below) counts {approx_finch.counts}")
-    result, t_finch = timed(lambda: finch(x, max_prototypes=1, device=args.device, scratch_bytes=scratch,
+    result, t_finch = timed(lambda: finch(x, max_prototypes=1, scratch_bytes=scratch,
                                           log=lambda _: None))
     print(f"  ours  all FINCH levels: {t_finch:7.2f} s   counts {result.counts}")
     if args.no_reference:

@@ -291,6 +291,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="where the vectors go (default: a temporary directory)")
     parser.add_argument("--write", action="store_true", help="update benchmarks/RESULTS.md")
     parser.add_argument("--section", default="finch-scale", help="the RESULTS.md section --write replaces")
+    parser.add_argument("--title", default="FINCH at scale: ours against finch-clust", help="its heading")
     # worker mode (internal)
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
@@ -319,7 +320,7 @@ def main() -> None:
         "| --- | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |", *lines])
     print(table)
     if args.write:
-        body = (f"## FINCH at scale: ours against finch-clust\n\nMachine: {machine_text()}.\n\n"
+        body = (f"## {args.title}\n\nMachine: {machine_text()}.\n\n"
                 f"Command: `{command_line(sys.argv)}`\n\n{table}\n")
         print(f"updated {update_results(args.section, body)}")
 

@@ -116,19 +116,18 @@ class _Rows:
         self.x, self.dev = x, dev
         self.dtype = torch.float16 if x.dtype == np.float16 else torch.float32
         chunk = 65_536
-        self.resident = x.shape[0] * x.shape[1] * (2 if self.dtype == torch.float16 else 4) <= memory_bytes
-        parts, norms = [], []
+        resident = x.shape[0] * x.shape[1] * (2 if self.dtype == torch.float16 else 4) <= memory_bytes
+        self.data = torch.empty(x.shape, dtype=self.dtype, device=dev) if resident else None
+        norms = torch.empty(len(x), device=dev)
         for start in range(0, len(x), chunk):
             part = self._upload(x[start:start + chunk])
-            n = torch.linalg.vector_norm(part.float(), dim=1)
-            bad = torch.nonzero(~torch.isfinite(n)).flatten()
-            if len(bad):
-                raise ProtoADError(f"features row {start + int(bad[0])} contains NaN or infinite values")
-            norms.append(n)
-            if self.resident:
-                parts.append(part)
-        self.inverse = 1.0 / torch.cat(norms).clamp_min(torch.finfo(torch.float32).tiny)
-        self.data = torch.cat(parts) if self.resident else None
+            norms[start:start + len(part)] = torch.linalg.vector_norm(part.float(), dim=1)
+            if self.data is not None:
+                self.data[start:start + len(part)] = part
+        bad = torch.nonzero(~torch.isfinite(norms)).flatten()
+        if len(bad):
+            raise ProtoADError(f"features row {int(bad[0])} contains NaN or infinite values")
+        self.inverse = 1.0 / norms.clamp_min(torch.finfo(torch.float32).tiny)
 
     def _upload(self, rows: np.ndarray) -> torch.Tensor:
         # a copy: torch will not wrap a read-only memmap, and the pages must be read anyway
