@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import statistics
 import time
 from collections.abc import Callable
@@ -122,4 +123,4 @@ def update_results(key: str, body: str, path: Path = RESULTS) -> Path:
 
 
 def command_line(argv: list[str]) -> str:
-    return " ".join(["python", os.path.relpath(argv[0], ROOT), *argv[1:]])
+    return shlex.join(["python", os.path.relpath(argv[0], ROOT), *argv[1:]])

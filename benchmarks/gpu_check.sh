@@ -2,6 +2,7 @@
 # Every GPU check of protoad-edge in one run, well inside 10 minutes on one GPU:
 #   1. the tests marked gpu or tensorrt (they skip, and say so, where CUDA or TensorRT is missing);
 #   2. benchmarks/gpu_check.py: the cuda-python memory layer, the PyTorch CUDA path, TensorRT builds,
+#      FINCH of 627,200 x 1792 vectors on the GPU (the issue asks for about a minute),
 #      with the figures they measure and a summary of what ran, what was skipped here and why.
 # Python: $PYTHON, else ./.venv/bin/python, else python3 (a GPU image's own, with torch and CUDA);
 # the package is used from this checkout through PYTHONPATH, so nothing needs installing (or a network).
