@@ -175,7 +175,8 @@ def _scan(rows: _Rows, queries: np.ndarray, precision: str, candidates: int, blo
                     left_out = torch.maximum(left_out, scores[:, k].float())
                     scores, cols = scores[:, :k], cols[:, :k]
                 cols, order = cols.sort(dim=1)  # lowest index first among FP32 ties
-                exact = torch.einsum("qd,qkd->qk", a32, c32[cols])
+                # elementwise, not a matmul: under "tf32" a matmul here would round to TF32 as well
+                exact = (c32[cols] * a32[:, None, :]).sum(dim=2)
                 exact[torch.isinf(scores.gather(1, order))] = -math.inf  # the row itself
                 vals, pick = exact.max(dim=1)
                 cols = cols.gather(1, pick[:, None])[:, 0]
