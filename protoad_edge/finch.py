@@ -130,7 +130,8 @@ def finch(x: np.ndarray, max_prototypes: int = DEFAULT_MAX_PROTOTYPES, *,
     ``search`` defaults to the exact CPU ``first_neighbours`` within ``scratch_bytes``
     (``neighbours.make_search`` picks the build's: approximate for large inputs, or the GPU's).
     Cluster sums are accumulated in float32 ([K0, D] at level 0: 1.2 GB for 161k clusters of 1792;
-    float64 would double the largest allocation of a build for digits the search cannot use). ``progress`` shows a bar per level's search.
+    float64 would double the largest allocation of a build for digits the search cannot use).
+    ``progress`` shows a bar per level's search.
     """
     n, dim = _check_features(x)
     if max_prototypes < 1:

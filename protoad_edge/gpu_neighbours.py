@@ -136,12 +136,9 @@ class _Rows:
 
     def get(self, index: np.ndarray | slice) -> torch.Tensor:
         """Rows ``index`` (sorted indices or a slice) as unit float32 rows on the device."""
-        if self.data is not None:
-            raw = self.data[index if isinstance(index, slice) else torch.from_numpy(index).to(self.dev)]
-        else:
-            raw = self._upload(self.x[index])
-        inv = self.inverse[index if isinstance(index, slice) else torch.from_numpy(index).to(self.dev)]
-        return raw.float() * inv[:, None]
+        key = index if isinstance(index, slice) else torch.from_numpy(index).to(self.dev)
+        raw = self._upload(self.x[index]) if self.data is None else self.data[key]
+        return raw.float() * self.inverse[key][:, None]
 
 
 def _scan(rows: _Rows, queries: np.ndarray, precision: str, candidates: int, block: int,
