@@ -22,7 +22,7 @@ from typing import Callable, TypeVar
 import numpy as np
 
 from protoad_edge.finch import DEFAULT_SCRATCH_BYTES, finch, first_neighbours, tile_rows
-from protoad_edge.neighbours import (APPROXIMATE_FROM, DEFAULT_CANDIDATES, DEFAULT_DIMS, DEFAULT_PROBES,
+from protoad_edge.neighbours import (EXACT_UP_TO, DEFAULT_CANDIDATES, DEFAULT_DIMS, DEFAULT_PROBES,
                                      approximate_first_neighbours, make_search)
 
 T = TypeVar("T")
@@ -78,8 +78,8 @@ def main() -> None:
               f"({(approx.index == ours.index).mean():.4f} same index)")
         approx_finch, t_ap_finch = timed(lambda: finch(x, max_prototypes=1, scratch_bytes=scratch, log=lambda _: None,
                                                        search=make_search(scratch_bytes=scratch, log=lambda _: None)))
-        print(f"  ours  FINCH as built:   {t_ap_finch:7.2f} s   (approximate from {APPROXIMATE_FROM:,} rows, "
-              f"exact below) counts {approx_finch.counts}")
+        print(f"  ours  FINCH as built:   {t_ap_finch:7.2f} s   (approximate above {EXACT_UP_TO:,} rows, "
+              f"exact up to it) counts {approx_finch.counts}")
     result, t_finch = timed(lambda: finch(x, max_prototypes=1, scratch_bytes=scratch,
                                           log=lambda _: None))
     print(f"  ours  all FINCH levels: {t_finch:7.2f} s   counts {result.counts}")

@@ -14,8 +14,8 @@ the build's feature cache holds), and each size is its first N rows:
 Every method runs in its own process, one after another, so its wall time and peak resident memory
 (VmHWM: memory-mapped pages it touched count too) are its own:
 
-- ``ours``: ``finch`` on the FP16 memmap with the build's search (``make_search``: exact below
-  ``APPROXIMATE_FROM`` rows, approximate above), all levels;
+- ``ours``: ``finch`` on the FP16 memmap with the build's search (``make_search``: exact up to
+  ``EXACT_UP_TO`` rows, as finch-clust, approximate above), all levels;
 - ``finch-clust``: ``FINCH(data, distance="cosine")`` with its defaults (exact up to 20,000 rows,
   PyNNDescent above) on the rows as float32, all levels;
 - ``exact`` (with ``--methods``, up to ``--exact-up-to`` rows): ours with exact search at every level,

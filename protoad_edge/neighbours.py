@@ -3,11 +3,15 @@
 Exact search costs N^2 x D multiply-adds: for a category's ~600k-1M patch vectors of 1792 on a
 few CPU cores, hours. Here rows are projected to a ``dims``-dimensional subspace (the top principal
 directions of the uncentred second moment of a row sample, so dot products there approximate the
-full ones) and split into k-means lists there (IVF); each row is compared, in the subspace, with
-the members of its ``probes`` nearest lists only, keeps its ``candidates`` best, and the winner is
-re-ranked among them in full dimension in float32. With about sqrt(N) lists the cost grows as
-N^1.5 rather than N^2. A row's true neighbour is missed if it lies outside the probed lists or
-outside the row's top candidates in the subspace.
+full ones) and split into k-means lists placed in its first ``COARSE_DIMS`` coordinates (IVF); each
+row is compared, in the subspace, with the members of its ``probes`` nearest lists only, keeps its
+``candidates`` best, and the winner is re-ranked among them in full dimension in float32. With about
+sqrt(N) lists the cost grows as N^1.5 rather than N^2. A row's true neighbour is missed if it lies
+outside the probed lists or outside the row's top candidates in the subspace.
+
+Every product and top-k runs in torch (one thread pool: alternating it with numpy's OpenBLAS pool
+list by list cost a third more), into buffers allocated once (fresh 100 MB buffers per chunk cost
+page faults that tripled the re-rank's time).
 """
 
 from __future__ import annotations
@@ -26,31 +30,33 @@ from .finch import (
     DEFAULT_SCRATCH_BYTES,
     Neighbours,
     Search,
+    check_norms,
     first_neighbours,
-    load_normalised,
 )
 from .gpu_neighbours import gpu_first_neighbours
 from .progress import progress_bar
 
-# rows; below this exact search takes under a minute on 2 cores. Approximate is faster from about 20k,
-# but on hard data (clusters far more numerous than the k-means lists) its recall there fell to 0.62.
-APPROXIMATE_FROM = 50_000
+# As finch-clust: exact up to 20,000 rows, approximate above. A 627k-row category's third level
+# (about 40k cluster means) took 20 s exact and 3.5 s approximate.
+EXACT_UP_TO = 20_000
 DEFAULT_DIMS = 512  # real patch features: 256 ranked the true neighbour in the top 8 for only 92% of rows
-DEFAULT_CANDIDATES = 8  # re-ranked per row; 16 found no more true neighbours on real-like features
+COARSE_DIMS = 128  # k-means placement: as good as 512 for the probed lists (recall 0.985 vs 0.987), 4x cheaper
+DEFAULT_CANDIDATES = 4  # kept per probed list and re-ranked per row: 8 found the true neighbour for 0.2% more rows
 DEFAULT_SAMPLE = 10_000
-DEFAULT_PROBES = 4  # at 512 dims the true neighbour's list is among a row's 4 nearest for 98.8% of rows
+DEFAULT_PROBES = 4  # 3 probes: recall 0.959 on real features at 627k, against 0.982 with 4
 DEFAULT_ITERATIONS = 10
 LISTS_PER_ROOT = 2  # lists per sqrt(N): balances assigning rows to lists against searching them
 TRAIN_PER_LIST = 16  # k-means sample rows per list: enough to place lists that are only probed
+CHUNK_ROWS = 4096  # rows per product or gather chunk: larger chunks only leave the CPU caches
 
 
-def make_search(device: str = "cpu", *, exact: bool = False, approximate_from: int = APPROXIMATE_FROM,
+def make_search(device: str = "cpu", *, exact: bool = False, exact_up_to: int = EXACT_UP_TO,
                 scratch_bytes: int = DEFAULT_SCRATCH_BYTES, log: Callable[[str], None] = print) -> Search:
     """The first-neighbour search for ``finch(search=...)``.
 
     On a GPU: ``gpu_first_neighbours``, exact (FP16 products checked in FP32; with ``exact``, FP32
-    products throughout). On the CPU: exact with ``exact``, for inputs below ``approximate_from`` rows
-    (FINCH's later levels are much smaller than level 0, so they usually run exact) and for rows of
+    products throughout). On the CPU: exact with ``exact``, for inputs of at most ``exact_up_to`` rows
+    (FINCH's later levels are much smaller than level 0, so the last ones run exact) and for rows of
     at most ``DEFAULT_DIMS`` dimensions (nothing to gain); otherwise ``approximate_first_neighbours``.
     """
     if device != "cpu":
@@ -60,7 +66,7 @@ def make_search(device: str = "cpu", *, exact: bool = False, approximate_from: i
         return exact_search
 
     def search(x: np.ndarray, *, progress: str | None = None) -> Neighbours:
-        if len(x) < approximate_from or x.shape[1] <= DEFAULT_DIMS:
+        if len(x) <= exact_up_to or x.shape[1] <= DEFAULT_DIMS:
             return exact_search(x, progress=progress)
         log(f"first neighbours: approximate ({DEFAULT_DIMS} of {x.shape[1]} dims, {DEFAULT_PROBES} nearest k-means "
             f"lists, top {DEFAULT_CANDIDATES} re-ranked exactly) for {len(x):,} rows; --exact-neighbours for exact")
@@ -78,27 +84,37 @@ def approximate_first_neighbours(x: np.ndarray, *, dims: int = DEFAULT_DIMS, can
     Candidates: the ``candidates`` most similar rows in the projected space among the members of
     the row's ``probes`` nearest k-means lists (``lists``, default about ``LISTS_PER_ROOT`` x sqrt(N));
     the answer: the most similar candidate in full float32, ties to the lowest index. Besides
-    scratch it holds the projection (N x ``dims`` float32) and N x ``probes`` x ``candidates``
-    partial results (12 bytes each). Inputs too small to gain (N <= candidates + 1, or dims >= D)
-    are searched exactly. ``progress``: a progress bar's label (over the lists), or None.
+    chunks of ``CHUNK_ROWS`` rows it holds the projection (N x ``dims`` float32) and
+    N x ``probes`` x ``candidates`` partial results (12 bytes each). Inputs too small to gain
+    (N <= candidates + 1, or dims >= D) are searched exactly. ``progress``: a progress bar's label
+    (over the lists), or None.
     """
     n, dim = x.shape
     dims = min(dims, dim)
     if n <= candidates + 1 or dims >= dim:
         return first_neighbours(x, scratch_bytes=scratch_bytes, progress=progress)
-    y = _project(x, _basis(x, dims, sample, seed), scratch_bytes)
+    source = _as_tensor(x)
+    y, inverse = _project(source, _basis(x, dims, sample, seed))
+    coarse = y[:, :min(COARSE_DIMS, dims)]  # principal directions come first
     lists = min(n, lists or max(1, round(LISTS_PER_ROOT * math.sqrt(n))))
-    centroids = _kmeans(y, lists, iterations, seed, scratch_bytes)
-    near = _candidates(y, centroids, min(probes, lists), candidates, scratch_bytes, progress)
-    return _rerank(x, near, scratch_bytes)
+    near = _nearest(coarse, _kmeans(coarse, lists, iterations, seed), min(probes, lists))
+    return _rerank(source, inverse, _candidates(y, near, lists, candidates, progress))
 
 
-def _chunk(scratch_bytes: int, row_bytes: int) -> int:
-    return max(1, scratch_bytes // max(1, row_bytes))
+def products(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b.T: every similarity the search computes comes from here (the tests count them)."""
+    return torch.mm(a, b.T, out=out)
 
 
-def _basis(x: np.ndarray, dims: int, sample: int, seed: int) -> np.ndarray:
-    """float32 [D, dims]: top eigenvectors of the second moment of up to ``sample`` normalised rows."""
+def _as_tensor(x: np.ndarray) -> torch.Tensor:
+    with warnings.catch_warnings():  # read-only memmap: torch warns that it cannot protect it; nothing writes
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.asarray(x))
+
+
+def _basis(x: np.ndarray, dims: int, sample: int, seed: int) -> torch.Tensor:
+    """float32 [D, dims]: top eigenvectors of the second moment of up to ``sample`` normalised rows,
+    the largest eigenvalue first."""
     rows = np.sort(np.random.default_rng(seed).choice(len(x), min(sample, len(x)), replace=False))
     s = np.asarray(x[rows], dtype=np.float32)
     bad = np.flatnonzero(~np.isfinite(s).all(axis=1))
@@ -107,129 +123,130 @@ def _basis(x: np.ndarray, dims: int, sample: int, seed: int) -> np.ndarray:
     s /= np.maximum(np.linalg.norm(s, axis=1, keepdims=True), np.finfo(np.float32).tiny)
     d = x.shape[1]
     _, vectors = scipy.linalg.eigh(s.T @ s, subset_by_index=[d - dims, d - 1], driver="evr")
-    return np.ascontiguousarray(vectors[:, ::-1])
+    return torch.from_numpy(np.ascontiguousarray(vectors[:, ::-1]))
 
 
-def _project(x: np.ndarray, basis: np.ndarray, scratch_bytes: int) -> np.ndarray:
-    """float32 [N, dims]: the normalised rows in the basis."""
-    y = np.empty((len(x), basis.shape[1]), np.float32)
-    buffer = np.empty((_chunk(scratch_bytes, 8 * x.shape[1]), x.shape[1]), np.float32)
-    for start in range(0, len(x), len(buffer)):
-        block = load_normalised(x, start, buffer)
-        np.matmul(block, basis, out=y[start:start + len(block)])
-    return y
+def _project(x: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 [N, dims]: the normalised rows in the basis; float32 [N]: the rows' inverse norms.
+
+    Raw rows are projected and the products scaled, so no normalised copy of a row is written; zero
+    rows stay zero. A non-finite row raises ProtoADError naming the rows.
+    """
+    n, dim = x.shape
+    y = torch.empty(n, basis.shape[1])
+    inverse = torch.empty(n)
+    buffer = torch.empty(CHUNK_ROWS, dim)
+    for start in range(0, n, CHUNK_ROWS):
+        block = buffer[:min(CHUNK_ROWS, n - start)].copy_(x[start:start + CHUNK_ROWS])  # FP16 -> FP32 here
+        norms = torch.linalg.vector_norm(block, dim=1)
+        check_norms(norms.numpy(), start)
+        inverse[start:start + len(block)] = 1.0 / norms.clamp_min(torch.finfo(torch.float32).tiny)
+        torch.mm(block, basis, out=y[start:start + len(block)])
+    y *= inverse[:, None]
+    return y, inverse
 
 
-def _kmeans(y: np.ndarray, lists: int, iterations: int, seed: int, scratch_bytes: int) -> np.ndarray:
-    """float32 [lists, dims]: spherical k-means centroids (Lloyd) of ``TRAIN_PER_LIST`` x ``lists`` sampled rows.
+def _kmeans(y: torch.Tensor, lists: int, iterations: int, seed: int) -> torch.Tensor:
+    """float32 [lists, d]: spherical k-means centroids (Lloyd) of ``TRAIN_PER_LIST`` x ``lists`` sampled rows.
 
     Started from random sample rows; a list that empties keeps its previous centroid.
     """
     rng = np.random.default_rng(seed)
-    train = y[np.sort(rng.choice(len(y), min(len(y), TRAIN_PER_LIST * lists), replace=False))]
-    centroids = train[np.sort(rng.choice(len(train), lists, replace=False))].copy()
+    train = y[torch.from_numpy(np.sort(rng.choice(len(y), min(len(y), TRAIN_PER_LIST * lists), replace=False)))]
+    centroids = train[torch.from_numpy(np.sort(rng.choice(len(train), lists, replace=False)))]
     for _ in range(iterations):
-        label = _nearest(train, centroids, 1, scratch_bytes)[:, 0]
-        order = np.argsort(label, kind="stable")
-        present, first = np.unique(label[order], return_index=True)
-        sums = np.add.reduceat(train[order], first, axis=0)
-        centroids[present] = sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), np.finfo(np.float32).tiny)
+        label = _nearest(train, centroids, 1)[:, 0]
+        sums = torch.zeros_like(centroids).index_add_(0, label, train)
+        present = torch.bincount(label, minlength=lists) > 0
+        norms = torch.linalg.vector_norm(sums[present], dim=1, keepdim=True)
+        centroids[present] = sums[present] / norms.clamp_min(torch.finfo(torch.float32).tiny)
     return centroids
 
 
-def _nearest(y: np.ndarray, centroids: np.ndarray, p: int, scratch_bytes: int) -> np.ndarray:
+def _nearest(y: torch.Tensor, centroids: torch.Tensor, p: int) -> torch.Tensor:
     """int64 [N, p]: each row's ``p`` most similar centroids, best first (the first: its list)."""
-    out = np.empty((len(y), p), np.int64)
-    rows = _chunk(scratch_bytes, 8 * len(centroids))
-    for start in range(0, len(y), rows):
-        s = np.matmul(y[start:start + rows], centroids.T)
-        out[start:start + len(s)] = torch.from_numpy(s).topk(p, dim=1).indices.numpy()
+    out = torch.empty(len(y), p, dtype=torch.int64)
+    s = torch.empty(CHUNK_ROWS, len(centroids))
+    for start in range(0, len(y), CHUNK_ROWS):
+        block = y[start:start + CHUNK_ROWS]
+        out[start:start + len(block)] = products(block, centroids, out=s[:len(block)]).topk(p, dim=1).indices
     return out
 
 
-def _candidates(y: np.ndarray, centroids: np.ndarray, p: int, c: int, scratch_bytes: int,
-                progress: str | None) -> np.ndarray:
-    """int64 [N, c]: each row's ``c`` most similar other rows of ``y`` in its ``p`` nearest lists, any order.
+def _candidates(y: torch.Tensor, near: torch.Tensor, lists: int, c: int, progress: str | None) -> torch.Tensor:
+    """int64 [N, c]: each row's ``c`` most similar other rows of ``y`` in its probed lists, any order.
 
-    Every row belongs to its nearest centroid's list. List by list, the rows that probe it are
-    multiplied with its members (query blocks within ``scratch_bytes``), so pairs cost about
+    Every row belongs to its nearest centroid's list (``near[:, 0]``) and probes the lists in ``near``.
+    List by list, the rows that probe it are multiplied with its members, so pairs cost about
     N x p x N / lists products instead of N^2 / 2; each (row, probe) keeps its best ``c``. A row
     whose probed lists hold no other row (degenerate lists) is searched against all rows.
     """
-    n = len(y)
-    near = _nearest(y, centroids, p, scratch_bytes)
-    members = np.argsort(near[:, 0], kind="stable")  # by list, then by index
-    member_bounds = np.concatenate([[0], np.cumsum(np.bincount(near[:, 0], minlength=len(centroids)))])
-    probing = np.argsort(near.ravel(), kind="stable")  # (row, probe) entries by list
-    probing_bounds = np.concatenate([[0], np.cumsum(np.bincount(near.ravel(), minlength=len(centroids)))])
-    vals = np.full((n, p, c), -np.inf, np.float32)
-    idx = np.full((n, p, c), -1, np.int64)
-    for j in progress_bar(list(range(len(centroids))), progress or "", progress is not None):
+    n, p = near.shape
+    members = torch.argsort(near[:, 0], stable=True)  # by list, then by index
+    member_bounds = torch.cat([torch.zeros(1, dtype=torch.int64), torch.bincount(near[:, 0], minlength=lists).cumsum(0)])
+    probing = torch.argsort(near.reshape(-1), stable=True)  # (row, probe) entries by list
+    probing_bounds = torch.cat([torch.zeros(1, dtype=torch.int64), torch.bincount(near.reshape(-1), minlength=lists).cumsum(0)])
+    vals = torch.full((n, p, c), -math.inf)
+    idx = torch.full((n, p, c), -1, dtype=torch.int64)
+    for j in progress_bar(list(range(lists)), progress or "", progress is not None):
         mine = members[member_bounds[j]:member_bounds[j + 1]]
         if len(mine) == 0:
             continue
         entries = probing[probing_bounds[j]:probing_bounds[j + 1]]
-        k, block = min(c, len(mine)), y[mine]
-        step = _chunk(scratch_bytes, 8 * len(mine))
-        for q0 in range(0, len(entries), step):
-            rows, slot = np.divmod(entries[q0:q0 + step], p)
-            s = np.matmul(y[rows], block.T)
-            own = np.flatnonzero(near[rows, 0] == j)  # the row itself is a member: never its own neighbour
-            s[own, np.searchsorted(mine, rows[own])] = -np.inf
-            # torch's top-k: several times faster than numpy's argpartition
-            best, top = (t.numpy() for t in torch.from_numpy(s).topk(k, dim=1, sorted=False))
-            vals[rows, slot, :k] = best
-            idx[rows, slot, :k] = np.where(np.isfinite(best), mine[top], -1)
-    return _best(y, vals.reshape(n, -1), idx.reshape(n, -1), c, scratch_bytes)
+        rows, slot = entries // p, entries % p
+        s = products(y[rows], y[mine])
+        own = torch.nonzero(slot == 0)[:, 0]  # a row's first probe is its own list: never its own neighbour
+        s[own, torch.searchsorted(mine, rows[own])] = -math.inf
+        k = min(c, len(mine))
+        best, top = s.topk(k, dim=1, sorted=False)
+        vals[rows, slot, :k] = best
+        idx[rows, slot, :k] = torch.where(torch.isfinite(best), mine[top], -1)
+    return _best(y, vals.view(n, -1), idx.view(n, -1), c)
 
 
-def _best(y: np.ndarray, vals: np.ndarray, idx: np.ndarray, c: int, scratch_bytes: int) -> np.ndarray:
+def _best(y: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor, c: int) -> torch.Tensor:
     """int64 [N, c]: the ``c`` best of each row's partial results; slots without one repeat its best."""
     n = len(y)
-    out = np.empty((n, c), np.int64)
-    step = _chunk(scratch_bytes, 12 * vals.shape[1])
-    for start in range(0, n, step):
-        v, i = vals[start:start + step], idx[start:start + step]
-        top = np.argpartition(v, v.shape[1] - c, axis=1)[:, v.shape[1] - c:]
-        cand, cand_vals = np.take_along_axis(i, top, axis=1), np.take_along_axis(v, top, axis=1)
-        first = np.take_along_axis(cand, cand_vals.argmax(axis=1)[:, None], axis=1)
-        out[start:start + len(v)] = np.where(cand >= 0, cand, first)
-    lonely = np.flatnonzero(out[:, 0] < 0)
-    step = _chunk(scratch_bytes, 8 * n)
+    out = torch.empty(n, c, dtype=torch.int64)
+    for start in range(0, n, CHUNK_ROWS):
+        v, i = vals[start:start + CHUNK_ROWS], idx[start:start + CHUNK_ROWS]
+        cand = i.gather(1, v.topk(c, dim=1).indices)  # sorted: the first is the best
+        out[start:start + len(v)] = torch.where(cand >= 0, cand, cand[:, :1])
+    lonely = torch.nonzero(out[:, 0] < 0)[:, 0]
+    step = max(1, CHUNK_ROWS * CHUNK_ROWS // n)  # similarity rows of N: at most a 64 MB chunk
     for start in range(0, len(lonely), step):
         rows = lonely[start:start + step]
-        s = np.matmul(y[rows], y.T)
-        s[np.arange(len(rows)), rows] = -np.inf
-        out[rows] = np.argpartition(s, n - c, axis=1)[:, n - c:]
+        s = products(y[rows], y)
+        s[torch.arange(len(rows)), rows] = -math.inf
+        out[rows] = s.topk(c, dim=1).indices
     return out
 
 
-def _rerank(x: np.ndarray, cand: np.ndarray, scratch_bytes: int) -> Neighbours:
+def _rerank(x: torch.Tensor, inverse: torch.Tensor, cand: torch.Tensor) -> Neighbours:
     """The most similar candidate of each row in full float32; ties go to the lowest index.
 
     Rows were checked finite by the projection. This pass reads N x candidates rows in random
-    order, so it runs in torch: a gather of the stored rows (FP16 from the cache) and one batched
-    product, with the norms applied to the products instead of to the rows.
+    order: a gather of the stored rows (FP16 from the cache) into FP32 and one batched product,
+    with the inverse norms applied to the products instead of to the rows.
     """
     n, dim = x.shape
     c = cand.shape[1]
-    with warnings.catch_warnings():  # read-only memmap: torch warns that it cannot protect it; nothing writes
-        warnings.simplefilter("ignore", UserWarning)
-        xt = torch.from_numpy(np.asarray(x))
-    rows = _chunk(scratch_bytes, 4 * dim * (c + 1) + xt.element_size() * dim * c)
-    inverse = torch.empty(n)
-    for start in range(0, n, rows):
-        norms = torch.linalg.vector_norm(xt[start:start + rows].float(), dim=1)
-        inverse[start:start + rows] = 1.0 / norms.clamp_min(torch.finfo(torch.float32).tiny)
-    cand = torch.from_numpy(np.sort(cand, axis=1))  # max takes the first maximum: the lowest index among ties
+    cand = cand.sort(dim=1).values  # max takes the first maximum: the lowest index among ties
+    rows = CHUNK_ROWS // c
+    gathered = torch.empty(rows * c, dim, dtype=x.dtype)
+    others = torch.empty(rows * c, dim)
+    a = torch.empty(rows, dim)
+    s = torch.empty(rows, c, 1)
     index = torch.empty(n, dtype=torch.int64)
     similarity = torch.empty(n)
     for start in range(0, n, rows):
-        a = xt[start:start + rows].float()
-        block = cand[start:start + len(a)]
-        others = xt.index_select(0, block.reshape(-1)).float().view(len(a), c, dim)
-        s = torch.bmm(others, a[:, :, None])[:, :, 0] * inverse[block] * inverse[start:start + len(a), None]
-        best, pick = s.max(dim=1)
-        index[start:start + len(a)] = block.gather(1, pick[:, None])[:, 0]
-        similarity[start:start + len(a)] = best
+        m = min(rows, n - start)
+        block = cand[start:start + m]
+        torch.index_select(x, 0, block.reshape(-1), out=gathered[:m * c])
+        others[:m * c].copy_(gathered[:m * c])
+        a[:m].copy_(x[start:start + m])
+        torch.bmm(others[:m * c].view(m, c, dim), a[:m, :, None], out=s[:m])
+        best, pick = (s[:m, :, 0] * inverse[block] * inverse[start:start + m, None]).max(dim=1)
+        index[start:start + m] = block.gather(1, pick[:, None])[:, 0]
+        similarity[start:start + m] = best
     return Neighbours(index.numpy(), similarity.numpy())

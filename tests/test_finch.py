@@ -13,6 +13,7 @@ finch_clust = pytest.importorskip("finch")
 
 from protoad_edge.errors import ProtoADError  # noqa: E402
 from protoad_edge.finch import Neighbours, finch, first_neighbours  # noqa: E402
+from protoad_edge import neighbours  # noqa: E402
 from protoad_edge.neighbours import approximate_first_neighbours, make_search  # noqa: E402
 
 def blobs(seed: int, n: int, dim: int, groups: int, per_group: int, spread: float) -> np.ndarray:
@@ -233,10 +234,10 @@ def test_logs_count_and_time_of_each_level() -> None:
     assert lines[-1] == f"FINCH chose level {result.chosen}: {result.counts[-1]} prototypes"
 
 
-@pytest.mark.parametrize("approximate_from", [10**9, 100], ids=["exact", "approximate"])
-def test_progress_bar_for_every_level(approximate_from: int, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("exact_up_to", [10**9, 99], ids=["exact", "approximate"])
+def test_progress_bar_for_every_level(exact_up_to: int, capsys: pytest.CaptureFixture[str]) -> None:
     x = low_rank_blobs(12, 1200, 600, 8, 30)  # wider than the projection: the approximate path runs
-    search = make_search(approximate_from=approximate_from, log=lambda _: None)
+    search = make_search(exact_up_to=exact_up_to, log=lambda _: None)
     result = finch(x, max_prototypes=1, search=search, progress=True, log=lambda _: None)
     bars = capsys.readouterr().err
     for level in range(len(result.counts) + 1):  # the levels kept and the one that stopped the merging
@@ -303,25 +304,26 @@ def test_approximate_neighbours_recall() -> None:
 
 
 def test_approximate_neighbours_compare_far_fewer_than_all_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every similarity the search computes (projection, k-means, lists, re-rank) comes out of np.matmul:
-    count the entries. All pairs would be N^2 / 2 at any size, growing 16x from N to 4N."""
+    """Every similarity the search computes (k-means, lists, lonely rows) comes out of ``products``, and
+    the re-rank computes N x candidates more: count them. All pairs would be N^2 / 2 at any size,
+    growing 16x from N to 4N."""
     counted = [0]
-    matmul = np.matmul
+    products = neighbours.products
 
-    def counting(a, b, *args, **kwargs):
-        out = matmul(a, b, *args, **kwargs)
-        counted[0] += out.size
-        return out
+    def counting(a, b, out=None):
+        result = products(a, b, out=out)
+        counted[0] += result.numel()
+        return result
 
-    monkeypatch.setattr(np, "matmul", counting)
+    monkeypatch.setattr(neighbours, "products", counting)
     entries = {}
     for n in (5000, 20000):
         x = low_rank_blobs(18, n, 64, 24, 40)
         counted[0] = 0
         nn = approximate_first_neighbours(x, dims=16, candidates=8, sample=2000)
-        entries[n] = counted[0]
+        entries[n] = counted[0] + n * 8
         assert (nn.index != np.arange(n)).all()
-    assert entries[5000] >= 5000 * 8  # the counter sees the search: at least each row's candidates
+    assert entries[5000] >= 5000 * 8 * 2  # the counter sees the search: at least each row's probes
     assert entries[20000] < 0.2 * 20000 ** 2 / 2
     assert entries[20000] < 10 * entries[5000]
 
@@ -337,12 +339,12 @@ def test_search_choice() -> None:
     x = low_rank_blobs(17, 1500, 640, 24, 8)  # wider than the default projection
     exact = first_neighbours(x)
     lines: list[str] = []
-    for search in (make_search(log=lines.append), make_search(exact=True, approximate_from=10, log=lines.append)):
+    for search in (make_search(log=lines.append), make_search(exact=True, exact_up_to=9, log=lines.append)):
         got = search(x)  # below the threshold, or exact forced: the exact answer
         np.testing.assert_array_equal(got.index, exact.index)
         np.testing.assert_array_equal(got.similarity, exact.similarity)
     assert lines == []
-    approx = make_search(approximate_from=1000, log=lines.append)(x)
+    approx = make_search(exact_up_to=999, log=lines.append)(x)
     assert len(lines) == 1 and "approximate" in lines[0] and "1,500 rows" in lines[0]
     assert (approx.index == exact.index).mean() >= 0.95
     a = finch(x, max_prototypes=1, search=make_search(exact=True), log=lambda _: None)
