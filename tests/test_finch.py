@@ -328,6 +328,17 @@ def test_approximate_neighbours_compare_far_fewer_than_all_pairs(monkeypatch: py
     assert entries[20000] < 10 * entries[5000]
 
 
+def test_approximate_neighbours_search_rows_alone_in_their_lists_against_all() -> None:
+    """One list per row and one probe: no row finds another in its lists, so every row takes the
+    fallback (all rows in the projected space), and the answers are still the exact ones."""
+    x = low_rank_blobs(19, 300, 64, 12, 5)
+    exact = first_neighbours(x)
+    nn = approximate_first_neighbours(x, dims=16, candidates=4, lists=300, probes=1, sample=300)
+    hit = (nn.index == exact.index) | (np.abs(nn.similarity - exact.similarity) <= 1e-6)
+    assert hit.mean() >= 0.95
+    assert (nn.index != np.arange(len(x))).all()
+
+
 def test_approximate_neighbours_break_ties_by_lowest_index() -> None:
     x = low_rank_blobs(16, 600, 64, 16, 5)
     x[[30, 300, 500]] = x[200]

@@ -35,7 +35,7 @@ from .common import user_errors
                    "Default: $PROTOAD_CACHE, then ~/.cache/protoad-edge/features.")
 @click.option("--no-cache", is_flag=True, help="Neither reuse nor keep extracted features.")
 @click.option("--exact-neighbours", is_flag=True,
-              help="FINCH first neighbours exact at every size on the CPU (default: approximate from 50,000 "
+              help="FINCH first neighbours exact at every size on the CPU (default: approximate above 20,000 "
                    "vectors) and in FP32 throughout on a GPU (default: FP16 products, checked in FP32).")
 @click.option("--threads", type=click.IntRange(min=0), default=0, help="CPU threads for torch (0 = all cores).")
 @click.option("--engine", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
