@@ -178,7 +178,7 @@ def _check_features(x: np.ndarray) -> tuple[int, int]:
     return x.shape
 
 
-def check_norms(norms: np.ndarray, start: int) -> None:
+def _check_norms(norms: np.ndarray, start: int) -> None:
     if not np.isfinite(norms).all():
         raise ProtoADError(f"features rows {start}-{start + len(norms) - 1} contain NaN or infinite values")
 
@@ -192,7 +192,7 @@ def load_normalised(x: np.ndarray, start: int, buffer: np.ndarray) -> np.ndarray
     out = buffer[:len(src)]
     np.copyto(out, src, casting="same_kind")
     norms = np.sqrt(np.einsum("ij,ij->i", out, out))
-    check_norms(norms, start)
+    _check_norms(norms, start)
     out /= np.maximum(norms, np.finfo(np.float32).tiny)[:, None]
     return out
 

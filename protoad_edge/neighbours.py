@@ -30,7 +30,6 @@ from .finch import (
     DEFAULT_SCRATCH_BYTES,
     Neighbours,
     Search,
-    check_norms,
     first_neighbours,
 )
 from .gpu_neighbours import gpu_first_neighbours
@@ -130,7 +129,7 @@ def _project(x: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, torch.
     """float32 [N, dims]: the normalised rows in the basis; float32 [N]: the rows' inverse norms.
 
     Raw rows are projected and the products scaled, so no normalised copy of a row is written; zero
-    rows stay zero. A non-finite row raises ProtoADError naming the rows.
+    rows stay zero. A non-finite row raises ProtoADError naming it.
     """
     n, dim = x.shape
     y = torch.empty(n, basis.shape[1])
@@ -139,7 +138,9 @@ def _project(x: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, torch.
     for start in range(0, n, CHUNK_ROWS):
         block = buffer[:min(CHUNK_ROWS, n - start)].copy_(x[start:start + CHUNK_ROWS])  # FP16 -> FP32 here
         norms = torch.linalg.vector_norm(block, dim=1)
-        check_norms(norms.numpy(), start)
+        bad = torch.nonzero(~torch.isfinite(norms))
+        if len(bad):
+            raise ProtoADError(f"features row {start + int(bad[0])} contains NaN or infinite values")
         inverse[start:start + len(block)] = 1.0 / norms.clamp_min(torch.finfo(torch.float32).tiny)
         torch.mm(block, basis, out=y[start:start + len(block)])
     y *= inverse[:, None]

@@ -339,6 +339,13 @@ def test_approximate_neighbours_search_rows_alone_in_their_lists_against_all() -
     assert (nn.index != np.arange(len(x))).all()
 
 
+def test_approximate_neighbours_name_a_non_finite_row() -> None:
+    x = low_rank_blobs(20, 3000, 96, 24, 20)
+    x[2005, 3] = np.inf  # outside the basis sample: the projection finds it
+    with pytest.raises(ProtoADError, match="features row 2005 "):
+        approximate_first_neighbours(x, dims=32, sample=10)
+
+
 def test_approximate_neighbours_break_ties_by_lowest_index() -> None:
     x = low_rank_blobs(16, 600, 64, 16, 5)
     x[[30, 300, 500]] = x[200]
