@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from typing import Callable
 
 import numpy as np
@@ -30,6 +29,7 @@ from .finch import (
     DEFAULT_SCRATCH_BYTES,
     Neighbours,
     Search,
+    as_tensor,
     first_neighbours,
 )
 from .gpu_neighbours import gpu_first_neighbours
@@ -92,7 +92,7 @@ def approximate_first_neighbours(x: np.ndarray, *, dims: int = DEFAULT_DIMS, can
     dims = min(dims, dim)
     if n <= candidates + 1 or dims >= dim:
         return first_neighbours(x, scratch_bytes=scratch_bytes, progress=progress)
-    source = _as_tensor(x)
+    source = as_tensor(x)
     y, inverse = _project(source, _basis(x, dims, sample, seed))
     coarse = y[:, :min(COARSE_DIMS, dims)]  # principal directions come first
     lists = min(n, lists or max(1, round(LISTS_PER_ROOT * math.sqrt(n))))
@@ -103,12 +103,6 @@ def approximate_first_neighbours(x: np.ndarray, *, dims: int = DEFAULT_DIMS, can
 def products(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """a @ b.T: every similarity the search computes comes from here (the tests count them)."""
     return torch.mm(a, b.T, out=out)
-
-
-def _as_tensor(x: np.ndarray) -> torch.Tensor:
-    with warnings.catch_warnings():  # read-only memmap: torch warns that it cannot protect it; nothing writes
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(np.asarray(x))
 
 
 def _basis(x: np.ndarray, dims: int, sample: int, seed: int) -> torch.Tensor:
