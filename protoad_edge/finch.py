@@ -286,6 +286,9 @@ def _group_sums(x: np.ndarray, labels: np.ndarray, count: int, chunk: int) -> np
 
 
 def _normalised(sums: np.ndarray) -> np.ndarray:
-    """float32 rows scaled to unit L2 norm (zero rows stay zero)."""
-    norms = np.linalg.norm(sums, axis=1, keepdims=True)
+    """float32 rows scaled to unit L2 norm (zero rows stay zero).
+
+    Norms by ``einsum``: ``np.linalg.norm(axis=1)`` took 2 s of a 627k category's level 1, this 0.1 s.
+    """
+    norms = np.sqrt(np.einsum("ij,ij->i", sums, sums))[:, None]
     return (sums / np.maximum(norms, np.finfo(np.float32).tiny)).astype(np.float32, copy=False)
