@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--approximate", action="store_true", help="also time the approximate search")
     parser.add_argument("--dims", type=int, default=DEFAULT_DIMS)
     parser.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES)
-    parser.add_argument("--probes", type=int, default=DEFAULT_PROBES, help="k-means lists searched per row")
+    parser.add_argument("--probes", type=float, default=DEFAULT_PROBES, help="k-means lists searched per row, on average")
     parser.add_argument("--no-reference", action="store_true",
                         help="skip finch-clust (it holds about 3 dense N x N float32 matrices)")
     args = parser.parse_args()

@@ -294,7 +294,7 @@ def low_rank_blobs(seed: int, n: int, dim: int, rank: int, groups: int) -> np.nd
 def test_approximate_neighbours_recall() -> None:
     x = low_rank_blobs(15, 4000, 256, 48, 20)
     exact = first_neighbours(x)
-    approx = approximate_first_neighbours(x, dims=32, candidates=16, sample=2000)
+    approx = approximate_first_neighbours(x, dims=32, candidates=16, sample=2000, probes=4)  # 3: recall 0.943
     # A hit: the exact neighbour, or one exactly as similar in float32 (the re-rank is full FP32).
     hit = (approx.index == exact.index) | (np.abs(approx.similarity - exact.similarity) <= 1e-6)
     assert hit.mean() >= 0.95
@@ -326,6 +326,25 @@ def test_approximate_neighbours_compare_far_fewer_than_all_pairs(monkeypatch: py
     assert entries[5000] >= 5000 * 8 * 2  # the counter sees the search: at least each row's probes
     assert entries[20000] < 0.2 * 20000 ** 2 / 2
     assert entries[20000] < 10 * entries[5000]
+
+
+def test_probes_go_to_rows_between_lists() -> None:
+    """The probes beyond a row's own list go where the row lies nearly as close to another list:
+    with 1.5 probes a row on average, the rows halfway between two lists probe both, the rows on a
+    centroid only their own."""
+    angles = np.radians([0, 90, 180, 270])
+    centroids = torch.from_numpy(np.stack([np.cos(angles), np.sin(angles)], 1).astype(np.float32))
+    deep = np.repeat(angles, 3)[:10] + 0.01
+    between = np.repeat(angles + np.radians(45), 3)[:10]
+    a = np.concatenate([deep, between])
+    y = torch.from_numpy(np.stack([np.cos(a), np.sin(a)], 1).astype(np.float32))
+    lists = len(centroids)
+    near = neighbours._probes(y, centroids, 1.5, 2)
+    assert (near[:, 0] == neighbours._nearest(y, centroids, 1)[1][:, 0]).all()  # own list first, always
+    assert (near[:10, 1] == lists).all() and (near[10:, 1] < lists).all()
+    assert set(map(tuple, near[10:].sort(dim=1).values.tolist())) <= {(0, 1), (1, 2), (2, 3), (0, 3)}
+    assert (neighbours._probes(y, centroids, 1.0, 2)[:, 1] == lists).all()
+    assert (neighbours._probes(y, centroids, 2.0, 2) < lists).all()
 
 
 def test_approximate_neighbours_search_rows_alone_in_their_lists_against_all() -> None:
