@@ -164,8 +164,8 @@ def work_ours(path: Path, n: int, rows: np.ndarray, max_prototypes: int, exact: 
     search = make_search(exact=exact, log=lambda _: None)
     first: list = []
 
-    def capture(v: np.ndarray, *, progress: str | None = None):  # keep level 0's neighbours for the recall
-        found = search(v, progress=progress)
+    def capture(v: np.ndarray, *, progress: str | None = None, merged: np.ndarray | None = None):
+        found = search(v, progress=progress, merged=merged)  # keep level 0's neighbours for the recall
         if not first:
             first.append(found)
         return found

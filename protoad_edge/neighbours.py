@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import scipy.linalg
@@ -54,6 +54,15 @@ CHUNK_ROWS = 4096  # rows per product or gather chunk: larger chunks only leave 
 RERANK_ROWS = 128  # rows per re-rank chunk: their gathered candidates (128 x 4 x 1792 FP16/FP32) fit the caches
 
 
+class Projection(NamedTuple):
+    """Rows in a ``dims``-dimensional principal subspace: what the search compares in, and what FINCH's
+    next level starts from (``merge_projection``)."""
+
+    basis: torch.Tensor  # float32 [D, dims]
+    y: torch.Tensor  # float32 [N, dims]: the normalised rows in the basis
+    inverse: torch.Tensor  # float32 [N]: the rows' inverse norms
+
+
 def make_search(device: str = "cpu", *, exact: bool = False, exact_up_to: int = EXACT_UP_TO,
                 scratch_bytes: int = DEFAULT_SCRATCH_BYTES, log: Callable[[str], None] = print) -> Search:
     """The first-neighbour search for ``finch(search=...)``.
@@ -61,20 +70,27 @@ def make_search(device: str = "cpu", *, exact: bool = False, exact_up_to: int = 
     On a GPU: ``gpu_first_neighbours``, exact (FP16 products checked in FP32; with ``exact``, FP32
     products throughout). On the CPU: exact with ``exact``, for inputs of at most ``exact_up_to`` rows
     (FINCH's later levels are much smaller than level 0, so the last ones run exact) and for rows of
-    at most ``DEFAULT_DIMS`` dimensions (nothing to gain); otherwise ``approximate_first_neighbours``.
+    at most ``DEFAULT_DIMS`` dimensions (nothing to gain); otherwise approximate. The approximate
+    search keeps its last projection: when FINCH's next level passes ``merged``, that level's rows
+    are sums of the last rows and are projected by summing (``merge_projection``).
     """
     if device != "cpu":
         return functools.partial(gpu_first_neighbours, device=device, precision="fp32" if exact else "fp16", log=log)
     exact_search = functools.partial(first_neighbours, scratch_bytes=scratch_bytes)
     if exact:
         return exact_search
+    kept: list[Projection] = []  # the last approximate call's projection, until the next call
 
-    def search(x: np.ndarray, *, progress: str | None = None) -> Neighbours:
+    def search(x: np.ndarray, *, progress: str | None = None, merged: np.ndarray | None = None) -> Neighbours:
+        previous = kept.pop() if kept else None
         if len(x) <= exact_up_to or x.shape[1] <= DEFAULT_DIMS:
             return exact_search(x, progress=progress)
         log(f"first neighbours: approximate ({DEFAULT_DIMS} of {x.shape[1]} dims, {DEFAULT_PROBES:g} nearest k-means "
             f"lists a row on average, top {DEFAULT_CANDIDATES} re-ranked exactly) for {len(x):,} rows; --exact-neighbours for exact")
-        return approximate_first_neighbours(x, scratch_bytes=scratch_bytes, progress=progress)
+        reuse = previous is not None and merged is not None
+        projection = merge_projection(previous, merged, x) if reuse else project(x, DEFAULT_DIMS, DEFAULT_SAMPLE, 0)
+        kept.append(projection)
+        return search_projection(x, projection, progress=progress)
 
     return search
 
@@ -83,28 +99,63 @@ def approximate_first_neighbours(x: np.ndarray, *, dims: int = DEFAULT_DIMS, can
                                  sample: int = DEFAULT_SAMPLE, seed: int = 0, lists: int | None = None,
                                  probes: float = DEFAULT_PROBES, iterations: int = DEFAULT_ITERATIONS,
                                  scratch_bytes: int = DEFAULT_SCRATCH_BYTES, progress: str | None = None) -> Neighbours:
-    """Cosine first neighbours of the rows of ``x`` (float16/32, may be a memmap), approximately.
+    """Cosine first neighbours of the rows of ``x`` (float16/32, may be a memmap), approximately:
+    ``search_projection`` in the top ``dims`` principal directions of ``sample`` rows (``project``).
+
+    Inputs too small to gain (N <= candidates + 1, or dims >= D) are searched exactly.
+    """
+    n, dim = x.shape
+    if n <= candidates + 1 or dims >= dim:
+        return first_neighbours(x, scratch_bytes=scratch_bytes, progress=progress)
+    return search_projection(x, project(x, dims, sample, seed), candidates=candidates, seed=seed, lists=lists,
+                             probes=probes, iterations=iterations, progress=progress)
+
+
+def search_projection(x: np.ndarray, projection: Projection, *, candidates: int = DEFAULT_CANDIDATES, seed: int = 0,
+                      lists: int | None = None, probes: float = DEFAULT_PROBES, iterations: int = DEFAULT_ITERATIONS,
+                      progress: str | None = None) -> Neighbours:
+    """Approximate cosine first neighbours of the rows of ``x``, compared in ``projection`` (of x).
 
     Candidates: the ``candidates`` most similar rows in the projected space among the members of
     the row's nearest k-means lists (``lists``, default about ``LISTS_PER_ROOT`` x sqrt(N)): its own,
     and others by how close the row lies to them, ``probes`` a row on average and at most
     ``PROBE_SPREAD`` x ``probes``. The answer: the most similar candidate in full float32, ties to
-    the lowest index. Besides chunks of ``CHUNK_ROWS`` rows it holds the projection (N x ``dims``
-    float32) and N x ``PROBE_SPREAD`` x ``probes`` x ``candidates`` partial results (12 bytes each). Inputs too small to gain
-    (N <= candidates + 1, or dims >= D) are searched exactly. ``progress``: a progress bar's label
-    (over the lists), or None.
+    the lowest index. Besides the projection and chunks of ``CHUNK_ROWS`` rows it holds
+    N x ``PROBE_SPREAD`` x ``probes`` x ``candidates`` partial results (12 bytes each).
+    ``progress``: a progress bar's label (over the lists), or None.
     """
-    n, dim = x.shape
-    dims = min(dims, dim)
-    if n <= candidates + 1 or dims >= dim:
-        return first_neighbours(x, scratch_bytes=scratch_bytes, progress=progress)
-    source = as_tensor(x)
-    y, inverse = _project(source, _basis(x, dims, sample, seed))
-    coarse = y[:, :min(COARSE_DIMS, dims)]  # principal directions come first
+    y = projection.y
+    n = len(y)
+    coarse = y[:, :min(COARSE_DIMS, y.shape[1])]  # principal directions come first
     lists = min(n, lists or max(1, round(LISTS_PER_ROOT * math.sqrt(n))))
     centroids = _kmeans(coarse, lists, iterations, seed)
     near = _probes(coarse, centroids, probes, min(max(1, round(PROBE_SPREAD * probes)), lists))
-    return _rerank(source, inverse, _candidates(y, near, lists, candidates, progress))
+    return _rerank(as_tensor(x), projection.inverse, _candidates(y, near, lists, candidates, progress))
+
+
+def project(x: np.ndarray, dims: int, sample: int, seed: int) -> Projection:
+    """The rows of ``x`` in the top ``dims`` principal directions of ``sample`` of them."""
+    basis = _basis(x, dims, sample, seed)
+    return Projection(basis, *_project(as_tensor(x), basis))
+
+
+def merge_projection(previous: Projection, merged: np.ndarray, x: np.ndarray) -> Projection:
+    """The projection of rows ``x`` that are the sums of ``previous``'s rows grouped by ``merged``.
+
+    Projection is linear, so a sum's projection is the sum of its rows' raw projections: the rows of
+    x (K x D) are read for their norms only, not multiplied with the basis again (4 s of 14 at a
+    627k category's level 1), and the basis is kept. Consumes ``previous``.
+    """
+    if len(merged) != len(previous.y) or merged.max() + 1 != len(x):
+        raise ValueError(f"merged: {len(merged)} labels up to {merged.max()} for {len(previous.y)} projected rows "
+                         f"summed into {len(x)}")
+    raw = previous.y.div_(previous.inverse[:, None])  # zero rows: 0 / (1 / tiny) stays 0
+    y = torch.zeros(len(x), raw.shape[1]).index_add_(0, torch.from_numpy(merged), raw)
+    source = as_tensor(x)
+    inverse = torch.cat([_inverse_norms(source[start:start + CHUNK_ROWS].float(), start)
+                         for start in range(0, len(x), CHUNK_ROWS)])
+    y *= inverse[:, None]
+    return Projection(previous.basis, y, inverse)
 
 
 def products(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -138,14 +189,20 @@ def _project(x: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, torch.
     buffer = torch.empty(CHUNK_ROWS, dim)
     for start in range(0, n, CHUNK_ROWS):
         block = buffer[:min(CHUNK_ROWS, n - start)].copy_(x[start:start + CHUNK_ROWS])  # FP16 -> FP32 here
-        norms = torch.linalg.vector_norm(block, dim=1)
-        bad = torch.nonzero(~torch.isfinite(norms))
-        if len(bad):
-            raise ProtoADError(f"features row {start + int(bad[0])} contains NaN or infinite values")
-        inverse[start:start + len(block)] = 1.0 / norms.clamp_min(torch.finfo(torch.float32).tiny)
+        inverse[start:start + len(block)] = _inverse_norms(block, start)
         torch.mm(block, basis, out=y[start:start + len(block)])
     y *= inverse[:, None]
     return y, inverse
+
+
+def _inverse_norms(block: torch.Tensor, start: int) -> torch.Tensor:
+    """float32 [rows]: 1 / the L2 norms of float32 rows ``start...`` (zero rows: 1 / tiny); a non-finite
+    row raises ProtoADError naming it."""
+    norms = torch.linalg.vector_norm(block, dim=1)
+    bad = torch.nonzero(~torch.isfinite(norms))
+    if len(bad):
+        raise ProtoADError(f"features row {start + int(bad[0])} contains NaN or infinite values")
+    return 1.0 / norms.clamp_min(torch.finfo(torch.float32).tiny)
 
 
 def _kmeans(y: torch.Tensor, lists: int, iterations: int, seed: int) -> torch.Tensor:

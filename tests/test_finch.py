@@ -250,10 +250,11 @@ class ScriptedSearch:
     """A search backend that answers with given first neighbours, level by level, and records its inputs."""
 
     def __init__(self, *levels: list[int]) -> None:
-        self.levels, self.inputs = list(levels), []
+        self.levels, self.inputs, self.merged = list(levels), [], []
 
-    def __call__(self, x: np.ndarray, *, progress: str | None = None) -> Neighbours:
+    def __call__(self, x: np.ndarray, *, progress: str | None = None, merged: np.ndarray | None = None) -> Neighbours:
         self.inputs.append(np.array(x, np.float64))
+        self.merged.append(merged)
         index = np.array(self.levels[len(self.inputs) - 1])
         return Neighbours(index, np.zeros(len(index), np.float32))
 
@@ -264,9 +265,11 @@ def test_level_merging_one_pair_is_discarded() -> None:
     search = ScriptedSearch([1, 0, 3, 2, 5, 4, 7, 6], [1, 0, 2, 3])
     result = finch(x, max_prototypes=1, search=search, log=lambda _: None)
     assert result.counts == [4] and len(search.inputs) == 2
-    means = search.inputs[1]  # level 1 searches the normalised means of the original points
-    expected = x.reshape(4, 2, 5).astype(np.float64).sum(axis=1)
-    np.testing.assert_allclose(means, expected / np.linalg.norm(expected, axis=1, keepdims=True), atol=1e-6)
+    # Level 1 searches the sums of the original points (cosine: the directions of their means), and
+    # is told which level-0 rows each sum adds up.
+    np.testing.assert_allclose(search.inputs[1], x.reshape(4, 2, 5).astype(np.float64).sum(axis=1), atol=1e-6)
+    assert search.merged[0] is None
+    np.testing.assert_array_equal(search.merged[1], [0, 0, 1, 1, 2, 2, 3, 3])
 
 
 def test_level_reaching_one_cluster_is_discarded() -> None:
@@ -356,6 +359,35 @@ def test_approximate_neighbours_search_rows_alone_in_their_lists_against_all() -
     hit = (nn.index == exact.index) | (np.abs(nn.similarity - exact.similarity) <= 1e-6)
     assert hit.mean() >= 0.95
     assert (nn.index != np.arange(len(x))).all()
+
+
+def test_merged_projection_equals_projecting_the_sums() -> None:
+    """FINCH's next level is projected by summing the last level's projections (the projection is
+    linear): the same rows and inverse norms as projecting the sums themselves, in the same basis."""
+    x = low_rank_blobs(21, 3000, 96, 24, 20)
+    labels = np.random.default_rng(21).integers(0, 700, len(x))
+    labels = np.unique(labels, return_inverse=True)[1]  # every label used
+    sums = np.zeros((labels.max() + 1, x.shape[1]), np.float32)
+    np.add.at(sums, labels, x)
+    first = neighbours.project(x, 32, 1000, 0)
+    basis = first.basis.clone()
+    merged = neighbours.merge_projection(first, labels, sums)
+    direct = neighbours._project(torch.from_numpy(sums), basis)
+    torch.testing.assert_close(merged.y, direct[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(merged.inverse, direct[1])
+    with pytest.raises(ValueError, match="merged"):
+        neighbours.merge_projection(neighbours.project(x, 32, 1000, 0), labels[:-1], sums)
+
+
+def test_finch_levels_reuse_the_first_projection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Approximate levels after the first take their projection from the level before: one basis."""
+    bases = []
+    basis = neighbours._basis
+    monkeypatch.setattr(neighbours, "_basis", lambda *a: bases.append(1) or basis(*a))
+    x = low_rank_blobs(22, 3000, 600, 8, 300)
+    lines: list[str] = []
+    finch(x, max_prototypes=1, search=make_search(exact_up_to=99, log=lines.append), log=lambda _: None)
+    assert sum("approximate" in line for line in lines) >= 3 and len(bases) == 1
 
 
 def test_approximate_neighbours_name_a_non_finite_row() -> None:
