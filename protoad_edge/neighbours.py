@@ -8,7 +8,8 @@ row is compared, in the subspace, with the members of its nearest lists only (``
 average: more for rows between lists, fewer for rows deep inside one), keeps its ``candidates`` best,
 and the winner is re-ranked among them in full dimension in float32. With about sqrt(N) lists the
 cost grows as N^1.5 rather than N^2. A row's true neighbour is missed if it lies outside the probed
-lists or outside the row's top candidates in the subspace.
+lists or outside the row's top candidates in the subspace. FINCH's later levels, whose rows are sums
+of the level before's, are projected by summing its projections (``merge_projection``).
 
 Every product and top-k runs in torch (one thread pool: alternating it with numpy's OpenBLAS pool
 list by list cost a third more), into buffers allocated once (fresh 100 MB buffers per chunk cost
