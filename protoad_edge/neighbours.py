@@ -6,9 +6,10 @@ directions of the uncentred second moment of a row sample, so dot products there
 full ones) and split into k-means lists placed in its first ``COARSE_DIMS`` coordinates (IVF); each
 row is compared, in the subspace, with the members of its nearest lists only (``probes`` of them on
 average: more for rows between lists, fewer for rows deep inside one), keeps its ``candidates`` best,
-and the winner is re-ranked among them in full dimension in float32. With about sqrt(N) lists the
-cost grows as N^1.5 rather than N^2. A row's true neighbour is missed if it lies outside the probed
-lists or outside the row's top candidates in the subspace. FINCH's later levels, whose rows are sums
+and the winner is re-ranked among them in full dimension in float32. Each list's products are read
+both ways, so a row also meets the rows of other lists that probe its own. With about sqrt(N) lists the
+cost grows as N^1.5 rather than N^2. A row's true neighbour is missed if neither row probes the other's
+list, or if it falls outside the row's top candidates in the subspace. FINCH's later levels, whose rows are sums
 of the level before's, are projected by summing its projections (``merge_projection``).
 
 Every product and top-k runs in torch (one thread pool: alternating it with numpy's OpenBLAS pool
@@ -44,9 +45,9 @@ DEFAULT_DIMS = 512  # real patch features: 256 ranked the true neighbour in the 
 COARSE_DIMS = 128  # k-means placement: as good as 512 for the probed lists (recall 0.985 vs 0.987), 4x cheaper
 DEFAULT_CANDIDATES = 4  # kept per probed list and re-ranked per row: 8 found the true neighbour for 0.2% more rows
 DEFAULT_SAMPLE = 10_000
-# Lists probed per row on average, and at most PROBE_SPREAD times as many. Real features at 627k: 3
-# adaptive probes recall 0.979 in 80% of the scan time of 4 fixed ones (0.983); 3 fixed: 0.959.
-DEFAULT_PROBES = 3.0
+# Lists probed per row on average, and at most PROBE_SPREAD times as many. Real features at 627k, with
+# pairs found both ways: 1.5 recall 0.943, 2 0.9795, 2.5 0.9865, 3 0.993 (one way, 3 found 0.979).
+DEFAULT_PROBES = 2.0
 PROBE_SPREAD = 2
 DEFAULT_ITERATIONS = 10
 LISTS_PER_ROOT = 2  # lists per sqrt(N): balances assigning rows to lists against searching them
@@ -120,9 +121,10 @@ def search_projection(x: np.ndarray, projection: Projection, *, candidates: int 
     Candidates: the ``candidates`` most similar rows in the projected space among the members of
     the row's nearest k-means lists (``lists``, default about ``LISTS_PER_ROOT`` x sqrt(N)): its own,
     and others by how close the row lies to them, ``probes`` a row on average and at most
-    ``PROBE_SPREAD`` x ``probes``. The answer: the most similar candidate in full float32, ties to
-    the lowest index. Besides the projection and chunks of ``CHUNK_ROWS`` rows it holds
-    N x ``PROBE_SPREAD`` x ``probes`` x ``candidates`` partial results (12 bytes each).
+    ``PROBE_SPREAD`` x ``probes``; and the most similar of the other lists' rows that probe the
+    row's list. The answer: the most similar candidate in full float32, ties to the lowest index.
+    Besides the projection and chunks of ``CHUNK_ROWS`` rows it holds
+    N x (``PROBE_SPREAD`` x ``probes`` x ``candidates`` + 1) partial results (12 bytes each).
     ``progress``: a progress bar's label (over the lists), or None.
     """
     y = projection.y
@@ -255,35 +257,45 @@ def _probes(y: torch.Tensor, centroids: torch.Tensor, probes: float, most: int) 
 
 
 def _candidates(y: torch.Tensor, near: torch.Tensor, lists: int, c: int, progress: str | None) -> torch.Tensor:
-    """int64 [N, c]: each row's ``c`` most similar other rows of ``y`` in its probed lists, any order.
+    """int64 [N, c]: each row's ``c`` most similar other rows of ``y`` found in its probed lists, or
+    among the rows that probe its list, any order.
 
     Every row belongs to its nearest centroid's list (``near[:, 0]``) and probes the lists in ``near``
-    (``lists`` in a slot: none).
-    List by list, the rows that probe it are multiplied with its members, so pairs cost about
-    N x p x N / lists products instead of N^2 / 2; each (row, probe) keeps its best ``c``. A row
-    whose probed lists hold no other row (degenerate lists) is searched against all rows.
+    (``lists`` in a slot: none). List by list, the rows that probe it (its members first) are
+    multiplied with its members, so pairs cost about N x p x N / lists products instead of N^2 / 2.
+    Each (row, probe) keeps its best ``c``, and each member keeps the best of the other lists' rows
+    that probed its list: the products read both ways, so a pair is found if either row probes the
+    other's list (at 627k real features, 2 probes a row then find as many true neighbours as 3 did
+    one way). A row whose probed lists hold no other row (degenerate lists) is searched against all rows.
     """
     n, p = near.shape
-    members = torch.argsort(near[:, 0], stable=True)  # by list, then by index
-    member_bounds = _bounds(near[:, 0], lists)
-    probing = torch.argsort(near.reshape(-1), stable=True)  # (row, probe) entries by list
-    probing_bounds = _bounds(near.reshape(-1), lists)  # unprobed slots (= lists) sort last
-    vals = torch.full((n, p, c), -math.inf)
-    idx = torch.full((n, p, c), -1, dtype=torch.int64)
+    slots = near.T.reshape(-1)  # (probe, row) entries, probe-major: sorted by list, a list's members come first
+    entries = torch.argsort(slots, stable=True)
+    bounds = _bounds(slots, lists)  # unprobed slots (= lists) sort last
+    sizes = torch.bincount(near[:, 0], minlength=lists).tolist()
+    vals = torch.full((n, p * c + 1), -math.inf)  # per row: c per probe, then the best row probing its list
+    idx = torch.full((n, p * c + 1), -1, dtype=torch.int64)
+    found_vals, found_idx = vals[:, :-1].view(n, p, c), idx[:, :-1].view(n, p, c)
     for j in progress_bar(list(range(lists)), progress or "", progress is not None):
-        mine = members[member_bounds[j]:member_bounds[j + 1]]
-        if len(mine) == 0:
+        m = sizes[j]
+        if m == 0:
             continue
-        entries = probing[probing_bounds[j]:probing_bounds[j + 1]]
-        rows, slot = entries // p, entries % p
-        s = products(y[rows], y[mine])
-        own = torch.nonzero(slot == 0)[:, 0]  # a row's first probe is its own list: never its own neighbour
-        s[own, torch.searchsorted(mine, rows[own])] = -math.inf
-        k = min(c, len(mine))
+        entry = entries[bounds[j]:bounds[j + 1]]
+        probe, rows = entry // n, entry % n
+        mine = rows[:m]
+        probing = y[rows]
+        s = products(probing, probing[:m])
+        s[:m].fill_diagonal_(-math.inf)  # a member is never its own neighbour
+        k = min(c, m)
         best, top = s.topk(k, dim=1, sorted=False)
-        vals[rows, slot, :k] = best
-        idx[rows, slot, :k] = torch.where(torch.isfinite(best), mine[top], -1)
-    return _best(y, vals.view(n, -1), idx.view(n, -1), c)
+        found_vals[rows, probe, :k] = best
+        found_idx[rows, probe, :k] = torch.where(torch.isfinite(best), mine[top], -1)
+        if len(rows) > m:
+            best, top = s[m:].max(dim=0)
+            vals[mine, -1] = best
+            idx[mine, -1] = rows[m:][top]
+    vals[:, -1].masked_fill_((idx[:, :-1] == idx[:, -1:]).any(dim=1), -math.inf)  # found both ways: count it once
+    return _best(y, vals, idx, c)
 
 
 def _bounds(labels: torch.Tensor, lists: int) -> torch.Tensor:
