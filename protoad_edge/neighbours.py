@@ -7,10 +7,11 @@ full ones) and split into k-means lists placed in its first ``COARSE_DIMS`` coor
 row is compared, in the subspace, with the members of its nearest lists only (``probes`` of them on
 average: more for rows between lists, fewer for rows deep inside one), keeps its ``candidates`` best,
 and the winner is re-ranked among them in full dimension in float32. Each list's products are read
-both ways, so a row also meets the rows of other lists that probe its own. With about sqrt(N) lists the
-cost grows as N^1.5 rather than N^2. A row's true neighbour is missed if neither row probes the other's
-list, or if it falls outside the row's top candidates in the subspace. FINCH's later levels, whose rows are sums
-of the level before's, are projected by summing its projections (``merge_projection``).
+both ways, so a row also meets the rows of other lists that probe its own. With about sqrt(N) lists
+the cost grows as N^1.5 rather than N^2. A row's true neighbour is missed if neither row probes the
+other's list, or if it falls outside the row's top candidates in the subspace. FINCH's later levels,
+whose rows are sums of the level before's, are projected by summing its projections
+(``merge_projection``).
 
 Every product and top-k runs in torch (one thread pool: alternating it with numpy's OpenBLAS pool
 list by list cost a third more), into buffers allocated once (fresh 100 MB buffers per chunk cost
