@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from protoad_edge.atomic import write_text_atomic
-from protoad_edge.bench import machine, software_versions
-from protoad_edge.demo import demo_image
+from protoad_edge.evaluation.bench import machine, software_versions
+from protoad_edge.build.demo import demo_image
 from protoad_edge.preprocess import IMAGE_SUFFIXES, Preprocess, load_rgb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +55,7 @@ def sample_prototypes(features: object, train_crops: np.ndarray, k: int, seed: i
     """
     import torch
 
-    from protoad_edge.network import L2Norm
+    from protoad_edge.build.network import L2Norm
     from protoad_edge.preprocess import to_batch
 
     with torch.inference_mode():
@@ -70,7 +70,7 @@ def sample_prototypes(features: object, train_crops: np.ndarray, k: int, seed: i
 def export_model(net: object, k: int, out: Path, name: str = "bench", crop: int = 224, resize: int = 256) -> Path:
     """Export ``net`` (weights none, seed 0) as ``out/NAME.onnx`` with its metadata; returns the path."""
     from protoad_edge.export.onnx import export_onnx
-    from protoad_edge.features import BACKBONE
+    from protoad_edge.build.features import BACKBONE
     from protoad_edge.metadata import ModelInfo
 
     info = ModelInfo(category=name, resize=resize, crop=crop, backbone=BACKBONE, weights="none",

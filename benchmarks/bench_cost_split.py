@@ -52,9 +52,10 @@ from bench_common import (
 from scipy.ndimage import gaussian_filter
 from torch import nn
 
-from protoad_edge.features import EMBED_DIM, PatchFeatures, build_backbone
+from protoad_edge.constants import FEATURE_CHANNELS
+from protoad_edge.build.features import PatchFeatures, build_backbone
 from protoad_edge.metadata import INPUT_NAME, MAP_NAME, SCORE_NAME
-from protoad_edge.network import NearestPrototype, ProtoADNet
+from protoad_edge.build.network import NearestPrototype, ProtoADNet
 from protoad_edge.preprocess import Preprocess, to_batch
 
 SECTION = "bench_cost_split"
@@ -217,7 +218,7 @@ def prototype_variants(prototypes: np.ndarray, normed: np.ndarray, threads: int,
 def graph_variants(net: ProtoADNet, onnx_path: Path, prototypes: np.ndarray, x: np.ndarray, threads: int,
                    rounds: int, workdir: Path) -> list[tuple[str, float, float]]:
     """(variant, ms, max abs map diff) of whole graphs: exported vs the paper's Conv form, per ORT setting."""
-    conv_net = ProtoADNet(net.features, torch.zeros(1, EMBED_DIM), net.crop).eval()
+    conv_net = ProtoADNet(net.features, torch.zeros(1, FEATURE_CHANNELS), net.crop).eval()
     conv_net.prototypes = ConvMax(prototypes)
     conv_path = export_model(conv_net, len(prototypes), workdir, "paper_form")
     n = threads or "default"

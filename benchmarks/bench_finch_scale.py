@@ -71,9 +71,9 @@ def make_real(path: Path, n: int, data_root: Path, category: str) -> None:
     """The first ``n`` patch vectors of the category's training images (random weights), as FP16 at ``path``."""
     import torch
 
-    from protoad_edge.build import extract_vectors
-    from protoad_edge.datasets import load_crops, open_dataset
-    from protoad_edge.features import PatchFeatures, build_backbone
+    from protoad_edge.build.pipeline import extract_vectors
+    from protoad_edge.build.datasets import load_crops, open_dataset
+    from protoad_edge.build.features import PatchFeatures, build_backbone
     from protoad_edge.preprocess import Preprocess
 
     images = math.ceil(n / PATCHES)
@@ -126,7 +126,7 @@ def peak_rss_gb() -> float:
 
 def exact_rows(path: Path, n: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Exact cosine first neighbours (index, similarity) of ``rows`` among the first ``n`` rows, in float32."""
-    from protoad_edge.finch import load_normalised
+    from protoad_edge.build.finch import load_normalised
 
     x = np.load(path, mmap_mode="r")[:n]
     buffer = np.empty((max(len(rows), 1), x.shape[1]), np.float32)
@@ -157,8 +157,8 @@ def chosen(partitions: list[np.ndarray], counts: list[int], max_prototypes: int)
 
 
 def work_ours(path: Path, n: int, rows: np.ndarray, max_prototypes: int, exact: bool) -> dict:
-    from protoad_edge.finch import finch
-    from protoad_edge.neighbours import make_search
+    from protoad_edge.build.finch import finch
+    from protoad_edge.build.neighbours import make_search
 
     x = np.load(path, mmap_mode="r")[:n]
     search = make_search(exact=exact, log=lambda _: None)

@@ -44,10 +44,11 @@ from bench_common import (
 )
 from scipy.ndimage import gaussian_filter
 
-from protoad_edge.features import PatchFeatures, build_backbone
-from protoad_edge.network import ProtoADNet
+from protoad_edge.build.features import PatchFeatures, build_backbone
+from protoad_edge.build.network import ProtoADNet
 from protoad_edge.preprocess import to_batch
-from protoad_edge.reference import ReferencePipeline
+from reference import ReferencePipeline
+from protoad_edge.runtime.backend import BackendOptions
 from protoad_edge.runtime.ort_backend import OrtBackend
 
 TOLERANCE = 1e-4
@@ -124,7 +125,7 @@ def main() -> None:
             authors = AuthorsPipeline(backbone, prototypes)
             for threads in thread_counts:
                 torch.set_num_threads(threads)
-                ours = OrtBackend(path, providers=["CPUExecutionProvider"], threads=threads)
+                ours = OrtBackend(path, BackendOptions(threads=threads), providers=["CPUExecutionProvider"])
                 r = {"k": k, "threads": threads, **compare(ours, authors, test, args.rounds)}
                 rows.append(r)
                 verdict = "ok" if r["max_map_diff"] <= TOLERANCE else "DISAGREE"

@@ -25,7 +25,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 from protoad_edge.errors import ProtoADError  # noqa: E402
 from protoad_edge.preprocess import to_batch  # noqa: E402
-from protoad_edge.runtime import cuda_memory as cm  # noqa: E402
+from protoad_edge.gpu import cuda as cm  # noqa: E402
 
 
 class Skipped(Exception):
@@ -88,8 +88,8 @@ def torch_network(crop: int, k: int, seed: int = 0):  # -> ProtoADNet
     import torch
 
     from conftest import normal_crops
-    from protoad_edge.features import PatchFeatures, build_backbone
-    from protoad_edge.network import L2Norm, ProtoADNet
+    from protoad_edge.build.features import PatchFeatures, build_backbone
+    from protoad_edge.build.network import L2Norm, ProtoADNet
 
     features = PatchFeatures(build_backbone("none", seed)[0], crop)
     with torch.no_grad():
@@ -181,9 +181,9 @@ def check_finch_gpu(n: int = 627_200, sample: int = 2000) -> str:
     if not torch.cuda.is_available():
         raise Skipped("torch: no CUDA device")
     from bench_finch_scale import exact_rows, make_synthetic
-    from protoad_edge.finch import finch
-    from protoad_edge.gpu_neighbours import gpu_first_neighbours
-    from protoad_edge.neighbours import make_search
+    from protoad_edge.build.finch import finch
+    from protoad_edge.build.gpu_neighbours import gpu_first_neighbours
+    from protoad_edge.build.neighbours import make_search
 
     work = Path(tempfile.mkdtemp(prefix="gpu_check_finch_"))
     try:

@@ -1,132 +1,159 @@
-"""A model bundle on disk, and which of its files each backend runs.
+"""A model bundle on disk: the files that share one stem, named in one table.
 
-``protoad-export --out OUT`` writes ``OUT/NAME.onnx``, ``OUT/NAME.json`` (ModelInfo) and
-``OUT/NAME.prototypes.npy``; an engine build adds ``OUT/NAME.plan``. The ``torch`` backend
-rebuilds the PyTorch network from the JSON and the prototypes, so the exported graph can be
-checked against the network it came from. torch is imported only for that backend.
+``protoad-export --out OUT`` writes ``OUT/NAME.onnx``, ``NAME.json`` (the sidecar: ModelInfo) and
+``NAME.prototypes.npy``; the TensorRT step adds ``NAME.plan`` and ``NAME.timing.cache``, and on
+TensorRT 11 ``NAME.fp16.onnx``. A new artefact (another precision) is one more row in ``FILES``.
+Any file of a bundle names the whole bundle. No torch here: the runtime uses it.
 """
 
 from __future__ import annotations
 
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-import numpy as np
 
 from .errors import ProtoADError
-from .metadata import ModelInfo, sidecar_path
-from .runtime.backend import Backend, open_backend
+from .metadata import ModelInfo
 
-if TYPE_CHECKING:
-    import torch
+# Kind -> suffix. Parsing tries the longest suffix first (``x.fp16.onnx`` is not ``x.fp16`` + ``.onnx``).
+FILES = {
+    "onnx": ".onnx",
+    "fp16_onnx": ".fp16.onnx",
+    "plan": ".plan",
+    "sidecar": ".json",
+    "prototypes": ".prototypes.npy",
+    "timing_cache": ".timing.cache",
+}
+DEFAULT_FOLDER = Path("models")
+# The sidecar fields that must equal the ONNX metadata: they decide the input, the network and the verdict.
+# TensorRT build facts and the free-form ``build`` dict may legitimately be added to the sidecar later.
+IDENTITY_FIELDS = (
+    "format", "category", "resize", "crop", "backbone", "weights", "feature_upsample", "num_prototypes",
+    "blur_sigma", "input_name", "outputs", "opset", "seed", "image_threshold", "pixel_threshold",
+)
 
-    from .network import ProtoADNet
 
-BACKENDS = ("auto", "torch", "ort", "trt")
-SUFFIXES = {"ort": ".onnx", "trt": ".plan", "torch": ".json"}
-_KIND_OF_SUFFIX = {".onnx": "ort", ".plan": "trt", ".engine": "trt", ".json": "torch", ".npy": "torch"}
+@dataclass(frozen=True)
+class Bundle:
+    """The bundle ``stem`` (``models/cable``): every file's path, and its metadata."""
+
+    stem: Path
+
+    @property
+    def name(self) -> str:
+        return self.stem.name
+
+    def file(self, kind: str) -> Path:
+        return self.stem.with_name(self.stem.name + FILES[kind])
+
+    @property
+    def onnx(self) -> Path:
+        return self.file("onnx")
+
+    @property
+    def fp16_onnx(self) -> Path:
+        return self.file("fp16_onnx")
+
+    @property
+    def plan(self) -> Path:
+        return self.file("plan")
+
+    @property
+    def sidecar(self) -> Path:
+        return self.file("sidecar")
+
+    @property
+    def prototypes(self) -> Path:
+        return self.file("prototypes")
+
+    @property
+    def timing_cache(self) -> Path:
+        return self.file("timing_cache")
+
+    @classmethod
+    def of(cls, path: str | os.PathLike) -> "Bundle":
+        """The bundle a file belongs to (the file need not exist)."""
+        path = Path(path)
+        kind = kind_of(path)
+        if kind is None:
+            raise ProtoADError(f"{path}: not a file of a model bundle (expected NAME{', NAME'.join(_by_length())})")
+        return cls(path.with_name(path.name[: -len(FILES[kind])]))
+
+    def info(self) -> ModelInfo:
+        """The metadata: the sidecar if present, else the ONNX ``metadata_props`` (read with onnxruntime)."""
+        if self.sidecar.is_file():
+            return ModelInfo.load_json(self.sidecar)
+        if not self.onnx.is_file():
+            raise ProtoADError(f"model bundle {self.stem}: neither {self.sidecar.name} nor {self.onnx.name} exists")
+        import onnxruntime as ort
+
+        try:
+            session = ort.InferenceSession(str(self.onnx), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ProtoADError(f"cannot read ONNX model {self.onnx}: {str(exc).splitlines()[0]}") from None
+        return ModelInfo.from_props(session.get_modelmeta().custom_metadata_map, f"ONNX metadata of {self.onnx}")
+
+    def check_sidecar(self, info: ModelInfo, model: Path) -> None:
+        """A sidecar beside ``model`` must describe it: a stale or swapped one would make tools that read
+        it (TensorRT plans, reports) disagree with what the runtime actually does."""
+        if not self.sidecar.exists():
+            return
+        side = ModelInfo.load_json(self.sidecar)
+        differ = [f"{name} {getattr(side, name)!r} vs {getattr(info, name)!r}"
+                  for name in IDENTITY_FIELDS if not _same(getattr(side, name), getattr(info, name))]
+        if differ:
+            raise ProtoADError(f"model sidecar {self.sidecar} does not match {model} ({'; '.join(differ)}): "
+                               "restore the pair the build wrote, or delete the stale sidecar")
 
 
-def bundle_file(model: str | os.PathLike, backend: str = "auto", category: str | None = None) -> tuple[Path, str]:
-    """(file, backend) that ``backend`` runs for ``model``.
+def kind_of(path: str | os.PathLike) -> str | None:
+    """Which file of a bundle ``path`` is (``onnx``, ``plan``, ...), or None."""
+    name = Path(path).name
+    for suffix in _by_length():
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return next(kind for kind, s in FILES.items() if s == suffix)
+    return None
 
-    ``model`` is a bundle file (any of NAME.onnx/.json/.plan: the others are found beside it) or
-    a folder holding CATEGORY.*. ``auto`` takes the file's own kind, or in a folder the ONNX model.
+
+def _by_length() -> list[str]:
+    return sorted(FILES.values(), key=len, reverse=True)
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
+    return a == b
+
+
+def locate(model: str | os.PathLike | None, category: str | None = None,
+           folder: str | os.PathLike = DEFAULT_FOLDER) -> tuple[Bundle, Path | None]:
+    """(bundle, the file the user named or None) for ``--model``.
+
+    ``model`` is any file of a bundle, a folder holding ``CATEGORY.*`` (with ``category``), or None:
+    the single bundle in ``folder`` (several is an error that lists them: guessing which product
+    line to inspect is unsafe).
     """
-    if backend not in BACKENDS:
-        raise ProtoADError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    path = Path(model)
-    if path.is_dir():
-        if not category:
-            raise ProtoADError(f"--model {path} is a folder: name the category to pick CATEGORY.onnx/.json/.plan in it")
-        name = path / category
-        if backend == "auto":
-            backend = next((b for b in ("ort", "trt", "torch") if _with_suffix(name, SUFFIXES[b]).is_file()), "ort")
-        found = _with_suffix(name, SUFFIXES[backend])
-        if not found.is_file():
-            raise ProtoADError(f"model not found: {found} (backend {backend} runs NAME{SUFFIXES[backend]})")
-        return found, backend
-    if not path.is_file():
-        raise ProtoADError(f"model not found: {path}")
-    own = _KIND_OF_SUFFIX.get(path.suffix)
-    if own is None:
-        raise ProtoADError(f"--model {path}: not a model bundle file (expected .onnx, .plan or .json)")
-    if backend in ("auto", own):
-        return (sidecar_path(path) if own == "torch" else path), own
-    sibling = _with_suffix(sidecar_path(path).with_suffix(""), SUFFIXES[backend])
-    if not sibling.is_file():
-        raise ProtoADError(f"backend {backend} needs {sibling} beside {path}, and it does not exist")
-    return sibling, backend
-
-
-def _with_suffix(stem: Path, suffix: str) -> Path:
-    return stem.with_name(stem.name + suffix)
-
-
-def open_bundle(
-    model: str | os.PathLike,
-    backend: str = "auto",
-    category: str | None = None,
-    device: str = "auto",
-    fp16: bool | None = None,
-) -> Backend:
-    """Open ``model`` with ``backend`` (see ``bundle_file``); ``device``/``fp16`` apply to ``torch`` only."""
-    path, backend = bundle_file(model, backend, category)
-    if backend == "torch":
-        from .torch_backend import TorchBackend
-
-        return TorchBackend(path, device=device, fp16=fp16)
-    try:
-        return open_backend(path, backend)
-    except ImportError as exc:
-        raise ProtoADError(f"backend {backend} is not available here ({exc}): {path}") from None
-
-
-def prototypes_path(json_path: str | os.PathLike) -> Path:
-    """``models/cable.json`` -> ``models/cable.prototypes.npy``."""
-    json_path = sidecar_path(json_path)
-    return json_path.with_name(json_path.name[: -len(".json")] + ".prototypes.npy")
-
-
-def load_prototypes(json_path: str | os.PathLike, info: ModelInfo) -> np.ndarray:
-    """The bundle's prototypes [K,1792] float32, checked against its metadata."""
-    path = prototypes_path(json_path)
-    try:
-        prototypes = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise ProtoADError(f"prototypes not found: {path} (written beside the model by protoad-export)") from None
-    except (OSError, ValueError) as exc:
-        raise ProtoADError(f"cannot read prototypes {path}: {exc}") from None
-    if prototypes.ndim != 2 or prototypes.shape[0] != info.num_prototypes:
-        raise ProtoADError(
-            f"{path}: shape {list(prototypes.shape)} does not match the metadata ({info.num_prototypes} prototypes)"
-        )
-    return np.ascontiguousarray(prototypes, dtype=np.float32)
-
-
-def load_torch_network(json_path: str | os.PathLike, device: "str | torch.device" = "cpu") -> tuple["ProtoADNet", ModelInfo]:
-    """Rebuild the PyTorch ProtoAD network of a bundle (eval mode, FP32, on ``device``) and its metadata.
-
-    Backbone weights come from the spec stored at build time (``imagenet``, ``none`` with the
-    stored seed, or a state_dict path), so the rebuilt network is the one that was exported.
-    """
-    import torch
-
-    from .features import BACKBONE, EMBED_DIM, PatchFeatures, build_backbone
-    from .network import ProtoADNet
-
-    json_path = sidecar_path(json_path)
-    info = ModelInfo.load_json(json_path)
-    if info.backbone != BACKBONE:
-        raise ProtoADError(f"{json_path}: backbone {info.backbone!r} is not supported (only {BACKBONE})")
-    prototypes = load_prototypes(json_path, info)
-    if prototypes.shape[1] != EMBED_DIM:
-        raise ProtoADError(f"{prototypes_path(json_path)}: prototypes have {prototypes.shape[1]} channels, expected {EMBED_DIM}")
-    try:
-        backbone, _ = build_backbone(info.weights, info.seed)
-    except ProtoADError as exc:
-        raise ProtoADError(f"{json_path}: cannot rebuild the backbone: {exc}") from None
-    features = PatchFeatures(backbone, info.crop, info.feature_upsample)
-    net = ProtoADNet(features, torch.from_numpy(prototypes), info.crop, info.blur_sigma)
-    return net.eval().to(device), info
+    if model is not None:
+        path = Path(model)
+        if path.is_dir():
+            if not category:
+                raise ProtoADError(f"--model {path} is a folder: name the category to pick CATEGORY.* in it")
+            bundle = Bundle(path / category)
+            if not any(bundle.file(kind).is_file() for kind in FILES):
+                raise ProtoADError(f"no model bundle {category}.* in {path}")
+            return bundle, None
+        if not path.is_file():
+            raise ProtoADError(f"model not found: {path}")
+        return Bundle.of(path), path
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ProtoADError(f"no --model given and no {folder}/ folder here: pass --model PATH")
+    stems = sorted({Bundle.of(p).stem for p in folder.iterdir()
+                    if p.is_file() and not p.name.startswith(".") and kind_of(p) in ("onnx", "plan", "sidecar")})
+    if not stems:
+        raise ProtoADError(f"no --model given and no model bundle (NAME.onnx, .plan or .json) in {folder}/: pass --model PATH")
+    if len(stems) > 1:
+        names = [next(Bundle(s).file(k) for k in ("onnx", "plan", "sidecar") if Bundle(s).file(k).is_file()) for s in stems]
+        raise ProtoADError(f"several models in {folder}/, choose one with --model: {', '.join(map(str, names))}")
+    return Bundle(stems[0]), None

@@ -1,5 +1,9 @@
 """What a runtime needs to know about a model, stored in the ONNX ``metadata_props`` and in
 ``NAME.json`` beside it (same content, readable by people). No torch here: the runtime reads it.
+
+The format is versioned (``schema``). Metadata of an older schema is brought up to date on read by
+``migrate``, the one place that knows the history; metadata of a newer schema, or of an unknown
+format, is refused with both versions and the command that rebuilds the bundle.
 """
 
 from __future__ import annotations
@@ -15,7 +19,10 @@ from .atomic import write_text_atomic
 from .errors import ProtoADError
 from .preprocess import Preprocess
 
-FORMAT = "protoad-edge/1"
+FORMAT = "protoad-edge"
+SCHEMA = 2
+# Schema 1 named the format and its version in one string.
+FORMAT_V1 = "protoad-edge/1"
 INPUT_NAME = "image"
 MAP_NAME = "anomaly_map"
 SCORE_NAME = "score"
@@ -46,10 +53,11 @@ class ModelInfo:
     seed: int = 0
     toolkit_version: str = __version__
     format: str = FORMAT
+    schema: int = SCHEMA
     # Filled when a TensorRT engine is built from this model (engines are not portable).
     tensorrt_version: str = ""
     gpu_name: str = ""
-    precision: str = ""
+    tensorrt_precision: str = ""
     # Free-form facts about the build (images, levels, timings, parity): informative only.
     build: dict[str, Any] = field(default_factory=dict)
 
@@ -66,8 +74,7 @@ class ModelInfo:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "metadata") -> "ModelInfo":
-        if data.get("format") != FORMAT:
-            raise ProtoADError(f"{source}: not a protoad-edge model (format {data.get('format')!r}, expected {FORMAT!r})")
+        data = migrate(data, source)
         known = {f.name for f in fields(cls)}
         try:
             return cls(**{k: v for k, v in data.items() if k in known})
@@ -98,11 +105,32 @@ class ModelInfo:
         return cls.from_dict(data, str(path))
 
 
-def sidecar_path(model_path: str | os.PathLike) -> Path:
-    """``models/cable.onnx``, ``models/cable.plan`` and ``models/cable.fp16.onnx`` -> ``models/cable.json``."""
-    p = Path(model_path)
-    name = p.name
-    for suffix in (".fp16.onnx", ".onnx", ".plan", ".engine", ".prototypes.npy"):
-        if name.endswith(suffix):
-            return p.with_name(name[: -len(suffix)] + ".json")
-    return p.with_suffix(".json")
+def schema_of(data: dict[str, Any], source: str) -> int:
+    """The schema version of raw metadata; an unknown format is a ProtoADError."""
+    if data.get("format") == FORMAT_V1:
+        return 1
+    if data.get("format") != FORMAT:
+        raise ProtoADError(f"{source}: not a protoad-edge model (format {data.get('format')!r}, expected {FORMAT!r})")
+    schema = data.get("schema")
+    if not isinstance(schema, int) or schema < 2:
+        raise ProtoADError(f"{source}: bad metadata schema {schema!r}")
+    return schema
+
+
+def migrate(data: dict[str, Any], source: str = "metadata") -> dict[str, Any]:
+    """Raw metadata of any schema this toolkit knows, as the current schema (a new dict).
+
+    Schema 1 -> 2: ``format`` "protoad-edge/1" became "protoad-edge" plus ``schema``, and the
+    TensorRT engine's precision, stored as ``precision``, became ``tensorrt_precision``.
+    """
+    schema = schema_of(data, source)
+    if schema > SCHEMA:
+        rebuild = f"protoad-export --category {data.get('category', 'CATEGORY')}"
+        raise ProtoADError(f"{source}: metadata schema {schema} was written by a newer protoad-edge "
+                           f"({data.get('toolkit_version', '?')}); this one ({__version__}) reads schemas 1 to {SCHEMA}: "
+                           f"upgrade protoad-edge, or rebuild the bundle with {rebuild}")
+    data = dict(data)
+    if schema == 1:
+        data["tensorrt_precision"] = data.pop("precision", "")
+        data["format"], data["schema"] = FORMAT, 2
+    return data

@@ -108,14 +108,22 @@ def au_pro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = PRO_FPR_LIMIT
 
 
 def f1_optimal_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
-    """(threshold, F1) maximising F1 when predicting anomalous for score >= threshold."""
+    """(threshold, F1) maximising F1 under the verdict ``score > threshold`` (``protoad_edge.decision``).
+
+    The best cut flags every score from some value s up; the threshold returned lies halfway between
+    s and the next lower score (just below s when s is the lowest), so the cut holds for ``>`` and
+    survives the rounding differences between backends. Ties in F1 go to the higher threshold.
+    """
     labels = np.asarray(labels).ravel().astype(bool)
+    scores = np.asarray(scores).ravel().astype(np.float64)
     fpr, tpr, thresholds = roc_curve(labels, scores)
     pos, neg = labels.sum(), labels.size - labels.sum()
     tp, fp = tpr[1:] * pos, fpr[1:] * neg
     f1 = 2 * tp / (tp + fp + pos)
     best = int(np.argmax(f1))
-    return float(thresholds[1 + best]), float(f1[best])
+    cut = thresholds[1 + best]
+    below = thresholds[2 + best] if best + 2 < thresholds.size else cut - max(abs(cut) * 1e-6, 1e-12)
+    return float((cut + below) / 2.0), float(f1[best])
 
 
 def ranks(values: np.ndarray) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,8 @@ import pytest
 
 TINY_CROP = 64
 TINY_RESIZE = 72
+# The benchmarks' modules (the authors' pipeline in reference.py, the FINCH scale benchmark) are tested too.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -34,12 +37,12 @@ def make_bundle(out: Path, name: str = "tiny", crop: int = TINY_CROP, resize: in
     import torch
 
     from protoad_edge.export.onnx import export_onnx
-    from protoad_edge.features import BACKBONE, PatchFeatures, build_backbone
+    from protoad_edge.build.features import BACKBONE, PatchFeatures, build_backbone
     from protoad_edge.metadata import ModelInfo
-    from protoad_edge.network import L2Norm, ProtoADNet
+    from protoad_edge.build.network import L2Norm, ProtoADNet
     from protoad_edge.preprocess import to_batch
     from protoad_edge.runtime.ort_backend import OrtBackend
-    from protoad_edge.thresholds import from_normal_maps
+    from protoad_edge.build.thresholds import from_normal_maps
 
     rng = np.random.default_rng(seed)
     backbone, _ = build_backbone("none", seed)

@@ -16,19 +16,19 @@ import onnxruntime
 import pytest
 from click.testing import CliRunner
 
-from protoad_edge.bench import (
+from protoad_edge.evaluation.bench import (
     PAPER_FPS,
     STAGES,
     BenchReport,
     Latency,
     benchmark,
     make_frame,
-    open_backend_for,
     run_batch,
 )
+from protoad_edge.backends import open_backend
 from protoad_edge.cli.bench import main, parse_batches
 from protoad_edge.metadata import ModelInfo
-from protoad_edge.runtime.backend import Backend
+from protoad_edge.runtime.backend import Backend, BackendFacts, BackendOptions
 
 ORDERED = ("min", "median", "p90", "p95", "p99", "max")
 
@@ -43,19 +43,19 @@ def _check_latency(lat: Latency) -> None:
 @pytest.fixture(scope="module")
 def report(tiny_model: Path) -> BenchReport:
     frame = make_frame((320, 240))
-    with open_backend_for("onnx", tiny_model, threads=1) as backend:
-        return benchmark(backend, [1, 3], frame, warmup=1, iterations=4, kind="onnx", model=tiny_model,
-                         frame_source="synthetic", threads=1)
+    with open_backend(tiny_model, "ort", options=BackendOptions(threads=1)) as backend:
+        return benchmark(backend, [1, 3], frame, warmup=1, iterations=4, frame_source="synthetic")
 
 
-def test_report_has_every_field(report: BenchReport) -> None:
+def test_report_has_every_field(report: BenchReport, tiny_model: Path) -> None:
     h = report.header
     assert h["machine"]["cpu"] and h["machine"]["logical_cores"] >= 1 and h["machine"]["physical_cores"] >= 1
     assert "gpu" in h["machine"] and "driver" in h["machine"]
     assert h["software"]["onnxruntime"] == onnxruntime.__version__
-    assert h["model"]["num_prototypes"] == 48 and h["model"]["input"] == [3, 64, 64] and h["model"]["kind"] == "onnx"
-    assert h["backend"]["provider"] == "CPUExecutionProvider" and h["backend"]["precision"] == "fp32"
-    assert h["backend"]["intra_op_threads"] == 1
+    assert h["model"]["num_prototypes"] == 48 and h["model"]["input"] == [3, 64, 64]
+    assert h["model"]["path"] == str(tiny_model)
+    assert h["backend"]["name"] == "ort" and h["backend"]["providers"][0] == "CPUExecutionProvider"
+    assert h["backend"]["precision"] == "fp32" and h["backend"]["details"]["intra_op_threads"] == 1
     assert h["frame"] == {"width": 320, "height": 240, "source": "synthetic"}
     assert [r.batch for r in report.results] == [1, 3]
     for r in report.results:
@@ -107,14 +107,14 @@ def test_latency_percentiles() -> None:
 
 
 class _FakeGpuBackend(Backend):
-    """Stands in for the TensorRT backend's timing hook (``last_times``), which needs a GPU."""
+    """Stands in for the TensorRT backend's timing hook (``stage_times``), which needs a GPU."""
 
     name = "trt"
 
     def __init__(self) -> None:
         self.info = ModelInfo(category="fake", resize=40, crop=32, backbone="wide_resnet50_2", weights="none",
                               feature_upsample="bilinear", num_prototypes=5, image_threshold=0.1, pixel_threshold=0.1,
-                              precision="fp16")
+                              tensorrt_precision="fp16")
         self.last_times = None
         self.calls = 0
 
@@ -123,6 +123,13 @@ class _FakeGpuBackend(Backend):
         n = len(batch)
         self.last_times = SimpleNamespace(h2d_ms=0.5 * n, compute_ms=2.0 * n, d2h_ms=0.25 * n)
         return np.zeros((n, 32, 32), np.float32), np.zeros(n, np.float32)
+
+    def describe(self) -> BackendFacts:
+        return BackendFacts(self.name, "fake.plan", "fp16", "Fake GPU")
+
+    def stage_times(self) -> dict[str, float] | None:
+        t = self.last_times
+        return None if t is None else {"h2d": t.h2d_ms, "compute": t.compute_ms, "d2h": t.d2h_ms}
 
 
 def test_duration_and_stage_split_with_a_deterministic_clock() -> None:
@@ -159,16 +166,16 @@ def test_cli_torch_mode(tiny_model: Path, torch_threads: None) -> None:
     result = CliRunner().invoke(main, ["--torch", str(tiny_model.with_suffix(".json")), "--device", "cpu",
                                        "--warmup", "0", "--iterations", "1", "--frame-size", "80x80"])
     assert result.exit_code == 0, result.output
-    assert "provider torch cpu, precision fp32" in result.stdout
+    assert "backend     torch on cpu, precision fp32" in result.stdout
 
 
 @pytest.mark.parametrize("args, message", [
-    ([], "give exactly one model"),
-    (["--onnx", "{onnx}", "--torch", "{json}"], "give exactly one model"),
-    (["--onnx", "{dir}/missing.onnx"], "no such file"),
-    (["--onnx", "{json}"], "not an .onnx file"),
-    (["--engine", "{onnx}"], "not a TensorRT .plan"),
-    (["--torch", "{onnx}"], "expected the bundle's NAME.json"),
+    (["--onnx", "{onnx}", "--torch", "{json}"], "give one model"),
+    (["--model", "{onnx}", "--engine", "{onnx}"], "give one model"),
+    (["--onnx", "{onnx}", "--backend", "trt"], "--onnx runs backend ort, not --backend trt"),
+    (["--onnx", "{dir}/missing.onnx"], "model not found"),
+    (["--model", "{dir}/notes.txt"], "not a file of a model bundle"),
+    (["--engine", "{onnx}"], "backend trt runs {dir}/tiny.plan beside {onnx}, and it does not exist"),
     (["--onnx", "{onnx}", "--batch", "0"], "bad --batch"),
     (["--onnx", "{onnx}", "--batch", "1,x"], "bad --batch"),
     (["--onnx", "{onnx}", "--frame-size", "big"], "bad --frame-size"),
@@ -176,6 +183,8 @@ def test_cli_torch_mode(tiny_model: Path, torch_threads: None) -> None:
 ])
 def test_cli_bad_input_is_one_line(tiny_model: Path, args: list[str], message: str) -> None:
     names = {"onnx": str(tiny_model), "json": str(tiny_model.with_suffix(".json")), "dir": str(tiny_model.parent)}
+    (tiny_model.parent / "notes.txt").write_text("not a model")
+    message = message.format(**names)
     result = CliRunner().invoke(main, [a.format(**names) for a in args])
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()

@@ -13,12 +13,11 @@ pytest.importorskip("torch")
 pytest.importorskip("finch")
 pytest.importorskip("sklearn")
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCH))
-
 from bench_finch_scale import chosen, exact_rows, make_synthetic, read_rows  # noqa: E402
 
-from protoad_edge.finch import first_neighbours  # noqa: E402
+from protoad_edge.build.finch import first_neighbours  # noqa: E402
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture(scope="module")

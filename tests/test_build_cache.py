@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import TINY_CROP, normal_crops
 
-from protoad_edge.feature_cache import cached_features, default_cache_dir, features_key
+from protoad_edge.build.feature_cache import cached_features, default_cache_dir, features_key
 
 
 @pytest.fixture()
@@ -60,13 +60,14 @@ def test_default_dir_follows_environment(monkeypatch: pytest.MonkeyPatch, tmp_pa
 def tiny_features():
     """Random-weight patch features (the network's own) and the extraction that made them."""
     torch = pytest.importorskip("torch")
-    from protoad_edge.build import extract_vectors
-    from protoad_edge.features import EMBED_DIM, PatchFeatures, build_backbone
+    from protoad_edge.build.features import PatchFeatures, build_backbone
+    from protoad_edge.build.pipeline import extract_vectors
+    from protoad_edge.constants import FEATURE_CHANNELS
 
     torch.set_num_threads(2)
     features = PatchFeatures(build_backbone("none", 0)[0], TINY_CROP, "bilinear")
     crops = normal_crops(3, TINY_CROP)
-    shape = (len(crops) * features.size**2, EMBED_DIM)
+    shape = (len(crops) * features.size**2, FEATURE_CHANNELS)
 
     def extract(out: np.ndarray) -> None:
         extract_vectors(features, crops, torch.device("cpu"), 2, False, out)  # batches 2 + 1
@@ -84,12 +85,13 @@ def test_second_call_is_a_cache_hit_with_identical_data(tmp_path: Path, tiny_fea
         calls.append(1)
         extract(out)
 
-    first = cached_features(tmp_path, "k1", shape, fill, log=lines.append)
+    first, hit = cached_features(tmp_path, "k1", shape, fill, log=lines.append)
+    assert not hit
     assert isinstance(first, np.memmap) and first.dtype == np.float16 and first.shape == shape
     np.testing.assert_array_equal(first, expected.astype(np.float16))  # every batch landed in its rows
     assert lines == [f"features: cached at {tmp_path / 'k1.npy'}"]
-    second = cached_features(tmp_path, "k1", shape, fill, log=lines.append)
-    assert len(calls) == 1 and lines[-1] == f"features: cache hit {tmp_path / 'k1.npy'}"
+    second, hit = cached_features(tmp_path, "k1", shape, fill, log=lines.append)
+    assert hit and len(calls) == 1 and lines[-1] == f"features: cache hit {tmp_path / 'k1.npy'}"
     np.testing.assert_array_equal(second, first)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["k1.npy"]
 
@@ -104,21 +106,22 @@ def test_interrupted_write_leaves_no_entry(tmp_path: Path, tiny_features) -> Non
     with pytest.raises(KeyboardInterrupt):
         cached_features(tmp_path, "k2", shape, interrupted, log=lambda _: None)
     assert list(tmp_path.iterdir()) == []
-    again = cached_features(tmp_path, "k2", shape, extract, log=lambda _: None)  # a miss: extracted afresh
+    again, hit = cached_features(tmp_path, "k2", shape, extract, log=lambda _: None)  # a miss: extracted afresh
+    assert not hit
     np.testing.assert_array_equal(again, expected.astype(np.float16))
 
 
 def test_entry_of_another_shape_is_rebuilt(tmp_path: Path) -> None:
     np.save(tmp_path / "k3.npy", np.zeros((4, 8), np.float16))
     lines: list[str] = []
-    got = cached_features(tmp_path, "k3", (5, 8), lambda out: out.fill(2), log=lines.append)
-    assert got.shape == (5, 8) and (got == 2).all() and lines[-1].startswith("features: cached at")
+    got, hit = cached_features(tmp_path, "k3", (5, 8), lambda out: out.fill(2), log=lines.append)
+    assert not hit and got.shape == (5, 8) and (got == 2).all() and lines[-1].startswith("features: cached at")
 
 
 def test_no_cache_keeps_nothing(tmp_path: Path) -> None:
-    got = cached_features(tmp_path / "scratch", "k4", (6, 4), lambda out: out.fill(3), keep=False, log=lambda _: None)
-    assert got.shape == (6, 4) and (got == 3).all()
+    got, hit = cached_features(tmp_path / "scratch", "k4", (6, 4), lambda out: out.fill(3), keep=False, log=lambda _: None)
+    assert not hit and got.shape == (6, 4) and (got == 3).all()
     assert list((tmp_path / "scratch").iterdir()) == []  # unlinked; the mapping keeps the data alive
-    got_again = cached_features(tmp_path / "scratch", "k4", (6, 4), lambda out: out.fill(4), keep=False,
+    got_again, _ = cached_features(tmp_path / "scratch", "k4", (6, 4), lambda out: out.fill(4), keep=False,
                                 log=lambda _: None)
     assert (got_again == 4).all()

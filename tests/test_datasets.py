@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from protoad_edge.datasets import Sample, list_categories, open_dataset, resolve_data_root
+from protoad_edge.build.datasets import Sample, list_categories, open_dataset, resolve_data_root
 from protoad_edge.errors import ProtoADError
 
 MVTEC = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec"

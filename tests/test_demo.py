@@ -9,9 +9,9 @@ import cv2
 import numpy as np
 import pytest
 
-from protoad_edge import demo
-from protoad_edge.datasets import open_dataset
-from protoad_edge.demo import SIZE, SPLITS, demo_image, generate_demo
+from protoad_edge.build import demo
+from protoad_edge.build.datasets import open_dataset
+from protoad_edge.build.demo import SIZE, SPLITS, demo_image, generate_demo
 from protoad_edge.errors import ProtoADError
 from protoad_edge.preprocess import load_mask, load_rgb
 

@@ -13,13 +13,13 @@ from click.testing import CliRunner, Result
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from protoad_edge.bundle import bundle_file
 from protoad_edge.cli.eval import main
-from protoad_edge.demo import demo_image
+from protoad_edge.build.demo import demo_image
 from protoad_edge.errors import ProtoADError
 from protoad_edge.metrics import au_pro
-from protoad_edge.paper import METRICS, comparison_rows, paper_dataset
+from protoad_edge.evaluation.paper import METRICS, comparison_rows, paper_dataset
 from protoad_edge.preprocess import to_batch
+from protoad_edge.runtime.backend import BackendOptions
 
 TEXTURES = {"carpet", "grid", "leather", "tile", "wood"}
 OBJECTS = {"bottle", "cable", "capsule", "hazelnut", "metal_nut", "pill", "screw", "toothbrush", "transistor", "zipper"}
@@ -77,29 +77,6 @@ def test_comparison_rows_group_like_the_paper() -> None:
     assert obj.paper["image_auroc"] == pytest.approx((0.999 + 0.949) / 2)  # same categories, not the printed mean
     alone = comparison_rows("folder", {"widget": {"image_auroc": 0.9, "pixel_auroc": None, "pro": None}})
     assert [(r.label, r.is_mean) for r in alone] == [("widget", False), ("all", True)]
-
-
-# --- bundle files ----------------------------------------------------------------------------
-
-
-def test_bundle_file_per_backend(tmp_path: Path) -> None:
-    for suffix in (".onnx", ".json", ".plan", ".prototypes.npy"):
-        (tmp_path / f"cable{suffix}").write_text("x")
-    p = tmp_path / "cable"
-    assert bundle_file(tmp_path, "auto", "cable") == (Path(f"{p}.onnx"), "ort")
-    assert bundle_file(tmp_path, "torch", "cable") == (Path(f"{p}.json"), "torch")
-    assert bundle_file(f"{p}.onnx", "trt") == (Path(f"{p}.plan"), "trt")
-    assert bundle_file(f"{p}.plan") == (Path(f"{p}.plan"), "trt")
-    assert bundle_file(f"{p}.prototypes.npy") == (Path(f"{p}.json"), "torch")
-    (tmp_path / "solo.fp16.onnx").write_text("x")
-    assert bundle_file(tmp_path / "solo.fp16.onnx", "ort") == (tmp_path / "solo.fp16.onnx", "ort")
-    for args, culprit in [((tmp_path / "solo.fp16.onnx", "torch"), "solo.json"),
-                          ((tmp_path / "missing.onnx",), "missing.onnx"),
-                          ((tmp_path, "ort"), "folder"),
-                          ((tmp_path, "ort", "bottle"), "bottle.onnx"),
-                          ((f"{p}.onnx", "tensorflow"), "tensorflow")]:
-        with pytest.raises(ProtoADError, match=culprit):
-            bundle_file(*args)
 
 
 # --- the CLI on demo images -------------------------------------------------------------------
@@ -179,7 +156,8 @@ def test_eval_metrics_json_and_pictures(tiny_model: Path, data_root: Path, tmp_p
     assert row == [CATEGORY, f"{100 * expected['image_auroc']:.1f}", "-", f"{100 * expected['pixel_auroc']:.1f}", "-",
                    f"{100 * expected['pro']:.1f}", "-"]
     t = got["thresholds"]
-    assert t["anomalous_caught"] == int((maps[labels].reshape(6, -1).max(axis=1) >= t["image_threshold"]).sum())
+    assert t["anomalous_caught"] == int((maps[labels].reshape(6, -1).max(axis=1) > t["image_threshold"]).sum())
+    assert t["false_alarms"] == int((maps[~labels].reshape(4, -1).max(axis=1) > t["image_threshold"]).sum())
     assert data["mode"] == "evaluate" and data["skipped"] == {}
 
     pictures = sorted(p.name for p in out.iterdir())
@@ -198,8 +176,7 @@ def test_compare_torch_and_ort(tiny_model: Path, data_root: Path, tmp_path: Path
                  "--compare", "torch,ort", "--json", report)
     assert result.exit_code == 0, result.output
     runs = json.loads(report.read_text())["comparisons"][CATEGORY]["backends"]
-    assert runs["torch"]["backend"].startswith("torch (cpu, fp32")
-    assert runs["torch"]["max_abs_map_difference"] == 0.0
+    assert runs["torch"]["backend"] == "torch (cpu, fp32)" and runs["ort"]["backend"] == "ort (CPUExecutionProvider, fp32)"
     assert runs["ort"]["max_abs_map_difference"] <= 1e-4
     assert runs["ort"]["max_abs_score_difference"] <= 1e-4
     assert runs["ort"]["spearman_image_scores"] > 0.99
@@ -207,6 +184,32 @@ def test_compare_torch_and_ort(tiny_model: Path, data_root: Path, tmp_path: Path
     for metric in ("pixel_auroc", "pro"):
         assert runs["ort"][metric] == pytest.approx(runs["torch"][metric], abs=1e-3)
     assert "max|map-torch|" in result.stdout
+
+
+def test_compare_reference_is_the_bundles_pytorch_network(tiny_model: Path, data_root: Path) -> None:
+    """The reference of a comparison is the PyTorch network rebuilt here from the bundle's files by hand."""
+    torch = pytest.importorskip("torch")
+    from protoad_edge.build.features import PatchFeatures, build_backbone
+    from protoad_edge.build.network import ProtoADNet
+    from protoad_edge.evaluation.evaluate import compare_backends
+    from protoad_edge.metadata import ModelInfo
+
+    comparison = compare_backends(tiny_model, CATEGORY, ["torch", "ort"], data_root=data_root,
+                                  options=BackendOptions(device="cpu"))
+    info = ModelInfo.load_json(tiny_model.with_suffix(".json"))
+    prototypes = torch.from_numpy(np.load(tiny_model.with_name("tiny.prototypes.npy")))
+    net = ProtoADNet(PatchFeatures(build_backbone("none", info.seed)[0], info.crop, info.feature_upsample),
+                     prototypes, info.crop).eval()
+    labels, _, ort_maps = independent_maps(tiny_model, data_root)
+    pre = info.preprocess
+    crops = [pre(np.asarray(Image.open(p).convert("RGB"))) for p in sorted((data_root / CATEGORY / "test").glob("*/*.png"))]
+    with torch.no_grad():
+        expected = net(torch.from_numpy(to_batch(np.stack(crops))))[0][:, 0].numpy()
+    torch_run, ort_run = comparison.runs
+    assert np.abs(torch_run.maps - expected).max() <= 1e-6
+    assert np.abs(ort_run.maps - ort_maps).max() <= 1e-6
+    assert comparison.max_map_difference(ort_run) == pytest.approx(float(np.abs(ort_maps - expected).max()), abs=1e-6)
+    assert comparison.test.labels.tolist() == labels.tolist()
 
 
 def test_all_categories_table(tiny_model: Path, data_root: Path, tmp_path: Path) -> None:
@@ -246,11 +249,11 @@ def test_torch_backend_fp16_on_gpu(tiny_model: Path, data_root: Path) -> None:
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from protoad_edge.torch_backend import TorchBackend
+    from protoad_edge.build.torch_backend import TorchBackend
 
     labels, _, ort_maps = independent_maps(tiny_model, data_root)
-    gpu = TorchBackend(tiny_model.with_suffix(".json"), device="cuda")
-    assert gpu.precision == "fp16"
+    gpu = TorchBackend(tiny_model.with_suffix(".json"), BackendOptions(device="cuda"))
+    assert gpu.describe().precision == "fp16"
     pre = gpu.info.preprocess
     crops = [pre(np.asarray(Image.open(p).convert("RGB"))) for p in sorted((data_root / CATEGORY / "test").glob("*/*.png"))]
     maps, scores = gpu.infer(to_batch(np.stack(crops)))

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from conftest import normal_crops
 from protoad_edge.cli.export import main as export_main
-from protoad_edge.demo import generate_demo
+from protoad_edge.build.demo import generate_demo
 from protoad_edge.metadata import ModelInfo
 from protoad_edge.runtime.ort_backend import OrtBackend
 
@@ -158,7 +158,7 @@ def test_bad_input_gives_one_clear_line(case: str, expected: str, tmp_path: Path
 def test_late_failure_writes_nothing(tmp_path: Path, demo_root: Path, monkeypatch: pytest.MonkeyPatch,
                                      torch_threads: None) -> None:
     """A build that fails at its last check (ONNX parity) leaves no model file, not even a temporary one."""
-    import protoad_edge.build as build_module
+    import protoad_edge.build.pipeline as build_module
 
     data, out = tmp_path / "data", tmp_path / "out"
     _tiny_mvtec(data, demo_root)

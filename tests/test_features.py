@@ -11,7 +11,8 @@ import torch
 import torchvision
 
 from protoad_edge.errors import ProtoADError
-from protoad_edge.features import EMBED_DIM, FEATURE_INFO, PatchFeatures, build_backbone
+from protoad_edge.constants import FEATURE_CHANNELS, FEATURE_INFO
+from protoad_edge.build.features import PatchFeatures, build_backbone
 
 
 def test_backbone_has_no_layer4_or_fc() -> None:
@@ -19,7 +20,7 @@ def test_backbone_has_no_layer4_or_fc() -> None:
     names = {n.split(".")[0] for n, _ in backbone.named_parameters()}
     assert names == {"conv1", "bn1", "layer1", "layer2", "layer3"}
     assert "seed 0" in desc
-    assert [f.channels for f in FEATURE_INFO] == [256, 512, 1024] and EMBED_DIM == 1792
+    assert [f.channels for f in FEATURE_INFO] == [256, 512, 1024] and FEATURE_CHANNELS == 1792
 
 
 def test_feature_maps_channels_and_strides(torch_threads: None) -> None:

@@ -12,9 +12,9 @@ torch = pytest.importorskip("torch")
 finch_clust = pytest.importorskip("finch")
 
 from protoad_edge.errors import ProtoADError  # noqa: E402
-from protoad_edge.finch import Neighbours, finch, first_neighbours  # noqa: E402
-from protoad_edge import neighbours  # noqa: E402
-from protoad_edge.neighbours import approximate_first_neighbours, make_search  # noqa: E402
+from protoad_edge.build.finch import Neighbours, finch, first_neighbours  # noqa: E402
+from protoad_edge.build import neighbours  # noqa: E402
+from protoad_edge.build.neighbours import approximate_first_neighbours, make_search  # noqa: E402
 
 def blobs(seed: int, n: int, dim: int, groups: int, per_group: int, spread: float) -> np.ndarray:
     """Unit vectors in blobs around centres that are themselves grouped: several FINCH levels."""

@@ -13,8 +13,9 @@ ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from protoad_edge.errors import ProtoADError  # noqa: E402
-from protoad_edge.export.fp16 import FP16_MAX, convert_to_mixed_fp16, fp16_path, write_fp16_onnx  # noqa: E402
-from protoad_edge.metadata import ModelInfo, sidecar_path  # noqa: E402
+from protoad_edge.bundle import Bundle  # noqa: E402
+from protoad_edge.export.fp16 import FP16_MAX, convert_to_mixed_fp16, write_fp16_onnx  # noqa: E402
+from protoad_edge.metadata import ModelInfo  # noqa: E402
 from protoad_edge.preprocess import to_batch  # noqa: E402
 
 from conftest import TINY_CROP, normal_crops  # noqa: E402
@@ -42,8 +43,8 @@ def fp16_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 
 def test_fp16_onnx_is_beside_the_model_and_shares_its_sidecar(tiny_model: Path) -> None:
-    assert fp16_path(tiny_model) == tiny_model.with_name("tiny.fp16.onnx")
-    assert sidecar_path(fp16_path(tiny_model)) == sidecar_path(tiny_model)
+    assert Bundle.of(tiny_model).fp16_onnx == tiny_model.with_name("tiny.fp16.onnx")
+    assert Bundle.of(tiny_model).sidecar == Bundle.of(tiny_model).sidecar
 
 
 def test_fp16_maps_match_fp32(tiny_model: Path, fp16_model: Path) -> None:
@@ -78,7 +79,7 @@ def test_l2norm_stays_fp32_and_the_rest_is_fp16(fp16_model: Path) -> None:
 
 def test_metadata_survives(tiny_model: Path, fp16_model: Path) -> None:
     props = {p.key: p.value for p in onnx.load(str(fp16_model)).metadata_props}
-    assert ModelInfo.from_props(props) == ModelInfo.load_json(sidecar_path(tiny_model))
+    assert ModelInfo.from_props(props) == ModelInfo.load_json(Bundle.of(tiny_model).sidecar)
 
 
 def test_large_activations_stay_finite(tiny_model: Path, fp16_model: Path) -> None:
@@ -149,4 +150,4 @@ def test_unreadable_onnx_is_a_user_error(tmp_path: Path) -> None:
     bad.write_bytes(b"this is not a protobuf")
     with pytest.raises(ProtoADError, match="bad.onnx"):
         write_fp16_onnx(bad)
-    assert not fp16_path(bad).exists()
+    assert not Bundle.of(bad).fp16_onnx.exists()

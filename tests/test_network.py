@@ -8,10 +8,11 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from conftest import normal_crops
-from protoad_edge.features import EMBED_DIM, PatchFeatures, build_backbone
-from protoad_edge.network import GaussianBlur, L2Norm, ProtoADNet, gaussian_kernel1d, reflect_index
+from protoad_edge.constants import FEATURE_CHANNELS
+from protoad_edge.build.features import PatchFeatures, build_backbone
+from protoad_edge.build.network import GaussianBlur, L2Norm, ProtoADNet, gaussian_kernel1d, reflect_index
 from protoad_edge.preprocess import to_batch
-from protoad_edge.reference import ReferencePipeline
+from reference import ReferencePipeline
 
 TOLERANCE = 1e-4
 
@@ -38,7 +39,7 @@ def test_blur_matches_scipy_gaussian_filter(size: int) -> None:
 
 
 def test_l2norm_is_fp16_safe() -> None:
-    x = torch.randn(2, EMBED_DIM, 4, 4) * 200  # sum of squares ~ 7e7, far beyond FP16's 65504
+    x = torch.randn(2, FEATURE_CHANNELS, 4, 4) * 200  # sum of squares ~ 7e7, far beyond FP16's 65504
     ref = x / x.norm(dim=1, keepdim=True)
     naive = x.half() / x.half().pow(2).sum(dim=1, keepdim=True).sqrt()
     assert not torch.isfinite(naive).all() or naive.abs().max() == 0  # the overflow we guard against
@@ -54,9 +55,9 @@ def test_l2norm_fp32_exact() -> None:
 
 def _prototypes_from(features: PatchFeatures, crops: np.ndarray, k: int, seed: int) -> np.ndarray:
     with torch.no_grad():
-        f = L2Norm()(features(torch.from_numpy(to_batch(crops)))).permute(0, 2, 3, 1).reshape(-1, EMBED_DIM)
+        f = L2Norm()(features(torch.from_numpy(to_batch(crops)))).permute(0, 2, 3, 1).reshape(-1, FEATURE_CHANNELS)
     rng = np.random.default_rng(seed)
-    p = f.numpy()[rng.choice(len(f), k, replace=False)] + 0.05 * rng.standard_normal((k, EMBED_DIM)).astype(np.float32)
+    p = f.numpy()[rng.choice(len(f), k, replace=False)] + 0.05 * rng.standard_normal((k, FEATURE_CHANNELS)).astype(np.float32)
     return p / np.linalg.norm(p, axis=1, keepdims=True)
 
 
@@ -84,6 +85,6 @@ def test_upsample_modes_differ(torch_threads: None) -> None:
     with torch.no_grad():
         a = PatchFeatures(backbone, 64, "bilinear")(x)
         b = PatchFeatures(backbone, 64, "nearest")(x)
-    assert a.shape == b.shape == (1, EMBED_DIM, 16, 16)
+    assert a.shape == b.shape == (1, FEATURE_CHANNELS, 16, 16)
     assert torch.equal(a[:, :256], b[:, :256])  # layer1 is not resampled
     assert not torch.allclose(a[:, 256:], b[:, 256:])

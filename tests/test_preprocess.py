@@ -10,7 +10,8 @@ from PIL import Image
 
 from protoad_edge.atomic import write_text_atomic
 from protoad_edge.errors import ProtoADError
-from protoad_edge.metadata import ModelInfo, sidecar_path
+from protoad_edge.bundle import Bundle
+from protoad_edge.metadata import ModelInfo
 from protoad_edge.preprocess import Preprocess, load_rgb, to_batch
 
 
@@ -74,8 +75,8 @@ def test_metadata_round_trip(tmp_path: Path) -> None:
     (tmp_path / "foreign.json").write_text('{"format": "something-else"}')
     with pytest.raises(ProtoADError, match="foreign.json.*not a protoad-edge model"):
         ModelInfo.load_json(tmp_path / "foreign.json")
-    assert sidecar_path("models/cable.fp16.onnx") == Path("models/cable.json")
-    assert sidecar_path("models/cable.plan") == Path("models/cable.json")
+    assert Bundle.of("models/cable.fp16.onnx").sidecar == Path("models/cable.json")
+    assert Bundle.of("models/cable.plan").sidecar == Path("models/cable.json")
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path: Path) -> None:

@@ -207,7 +207,7 @@ BAD_CASES = {
     "truncated model": (["{image}", "--model", "{root}/truncated.onnx"], "truncated.onnx"),
     "foreign onnx": (["{image}", "--model", "{root}/foreign.onnx"], "not a protoad-edge model"),
     "stale sidecar": (["{image}", "--model", "{root}/stale/tiny.onnx"], "tiny.json does not match"),
-    "plan on ort": (["{image}", "--model", "{root}/random.plan", "--backend", "ort"], "random.plan"),
+    "plan on ort": (["{image}", "--model", "{root}/lonely.plan", "--backend", "ort"], "ort runs {root}/lonely.onnx beside"),
     "bad video type": (["{image}", "--model", "{model}", "--save", "{root}/out.mov"], "out.mov"),
 }
 
@@ -217,7 +217,7 @@ def test_bad_input_is_one_clear_line(case: str, bad: dict[str, Path], tiny_model
     args, culprit = BAD_CASES[case]
     root = bad["root"]
     if case == "plan on ort":
-        (root / "random.plan").write_bytes(b"\x00" * 64)
+        (root / "lonely.plan").write_bytes(b"\x00" * 64)
     fill = {"root": root, "model": tiny_model, "image": bad["image"]}
     argv = [a.format(**fill) for a in args]
     if "--model" not in argv:
@@ -226,7 +226,7 @@ def test_bad_input_is_one_clear_line(case: str, bad: dict[str, Path], tiny_model
     assert result.exit_code != 0
     assert isinstance(result.exception, SystemExit), result.exception
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and culprit in errors[0], result.output
+    assert len(errors) == 1 and culprit.format(root=root) in errors[0], result.output
     assert "Traceback" not in result.output
 
 

@@ -16,12 +16,15 @@ import pytest
 
 from protoad_edge.errors import ProtoADError
 from protoad_edge.preprocess import to_batch
-from protoad_edge.runtime.backend import check_sidecar, find_model
+from protoad_edge.bundle import Bundle
+from protoad_edge.decision import defect_mask
+from protoad_edge.runtime.backend import BackendOptions
 from protoad_edge.runtime.capture import Capture
 from protoad_edge.runtime.ort_backend import OrtBackend
-from protoad_edge.runtime.outputs import PendingFile, VideoOutput, display_problem
-from protoad_edge.runtime.overlay import HEADER, defect_mask, render, view_scale
-from protoad_edge.runtime.runner import RunAborted, RunOptions, run
+from protoad_edge.runtime.overlay import HEADER, render, view_scale
+from protoad_edge.runtime.result import FrameResult
+from protoad_edge.runtime.sinks import PendingFile, VideoSink, display_problem
+from protoad_edge.runtime.loop import RunAborted, RunOptions, run
 from protoad_edge.runtime.sources import CSI_PIPELINE, OpenCVSource, SourceSpec, open_source, parse_source
 
 REPO = Path(__file__).resolve().parents[1]
@@ -198,35 +201,12 @@ def test_stop_unblocks_a_reader_waiting_on_a_full_queue() -> None:
 # ---------------------------------------------------------------- models
 
 
-def test_find_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(ProtoADError, match="no .*models/ folder"):
-        find_model(tmp_path / "models")
-    models = tmp_path / "models"
-    models.mkdir()
-    with pytest.raises(ProtoADError, match=r"no model \(\*.onnx, \*.fp16.onnx\)"):
-        find_model(models, "ort")
-    for name in ("cable.onnx", "cable.fp16.onnx", "cable.plan", "cable.json", "cable.prototypes.npy"):
-        (models / name).write_bytes(b"x")
-    assert find_model(models, "ort") == models / "cable.onnx"
-    assert find_model(models, "trt") == models / "cable.plan"
-    import importlib.util
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "tensorrt" else real(n, *a))
-    assert find_model(models, "auto") == models / "cable.onnx"  # a plan is useless without TensorRT
-    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "tensorrt" else real(n, *a))
-    assert find_model(models, "auto") == models / "cable.plan"
-    (models / "screw.onnx").write_bytes(b"x")
-    with pytest.raises(ProtoADError, match="several models .*cable.plan, .*screw.onnx"):
-        find_model(models, "auto")
-
-
 def test_sidecar_must_match_the_onnx(tiny_model: Path, tmp_path: Path) -> None:
     info = OrtBackend(tiny_model, providers=["CPUExecutionProvider"]).info
-    check_sidecar(tiny_model, info)  # the pair the build wrote
+    Bundle.of(tiny_model).check_sidecar(info, tiny_model)  # the pair the build wrote
     model = tmp_path / "tiny.onnx"
     model.symlink_to(tiny_model)
-    check_sidecar(model, info)  # no sidecar: nothing to compare
+    Bundle.of(model).check_sidecar(info, model)  # no sidecar: nothing to compare
     side = json.loads(tiny_model.with_suffix(".json").read_text())
     side.update(crop=96, num_prototypes=7, gpu_name="another GPU", build={"note": "informative only"})
     (tmp_path / "tiny.json").write_text(json.dumps(side))
@@ -234,7 +214,7 @@ def test_sidecar_must_match_the_onnx(tiny_model: Path, tmp_path: Path) -> None:
         OrtBackend(model, providers=["CPUExecutionProvider"])
     (tmp_path / "tiny.json").write_text("{not json")
     with pytest.raises(ProtoADError, match="cannot read model sidecar .*tiny.json"):
-        check_sidecar(model, info)
+        Bundle.of(model).check_sidecar(info, model)
 
 
 # ---------------------------------------------------------------- overlay and outputs
@@ -271,18 +251,35 @@ def test_pending_file_commit_and_discard(tmp_path: Path) -> None:
         PendingFile(tmp_path / "sub")
 
 
-def test_live_video_is_padded_to_real_time(tmp_path: Path) -> None:
-    video = VideoOutput(tmp_path / "live.mp4", fps=10.0)
-    frame = np.zeros((32, 48, 3), np.uint8)
-    for until in (0.0, 0.35, 0.36):  # a slow model: the 2nd view covers 0.1-0.3 s too
-        video.write(frame, until=until)
-    video.write(frame)  # file sources: one frame per frame
-    assert video.close(keep=True) == tmp_path / "live.mp4"
+def frame_result(index: int, timestamp: float, anomalous: bool = False) -> FrameResult:
+    return FrameResult(index, timestamp, "camera0", 0.5, anomalous, 1.0, np.zeros((8, 8, 3), np.uint8),
+                       np.zeros((8, 8), np.float32))
+
+
+def test_video_of_a_live_source_is_padded_to_real_time(tmp_path: Path) -> None:
+    video = VideoSink(tmp_path / "live.mp4", fps=10.0, live=True)
+    view = np.zeros((32, 48, 3), np.uint8)
+    for i, t in enumerate((100.0, 100.35, 100.36)):  # a slow model: the 2nd view covers 0.1-0.3 s too
+        assert video.write(frame_result(i, t), view)
+    assert video.close(keep=True) == str(tmp_path / "live.mp4")
     capture = cv2.VideoCapture(str(tmp_path / "live.mp4"))
     count = 0
     while capture.read()[0]:
         count += 1
-    assert video.frames == count == 6
+    assert video.frames == count == 5
+
+
+def test_video_of_a_file_source_has_one_frame_per_frame(tmp_path: Path) -> None:
+    video = VideoSink(tmp_path / "file.mp4", fps=10.0, live=False)
+    view = np.zeros((32, 48, 3), np.uint8)
+    for i, t in enumerate((100.0, 100.35, 109.0)):
+        video.write(frame_result(i, t), view)
+    assert video.close(keep=True) == str(tmp_path / "file.mp4")
+    capture = cv2.VideoCapture(str(tmp_path / "file.mp4"))
+    count = 0
+    while capture.read()[0]:
+        count += 1
+    assert video.frames == count == 3
 
 
 def test_no_display_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -298,7 +295,7 @@ def test_no_display_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_backend(tiny_model: Path) -> OrtBackend:
-    return OrtBackend(tiny_model, providers=["CPUExecutionProvider"], threads=2)
+    return OrtBackend(tiny_model, BackendOptions(threads=2), providers=["CPUExecutionProvider"])
 
 
 def colour_source(n: int, live: bool, size: tuple[int, int] = (80, 96)) -> tuple[OpenCVSource, Plan]:
@@ -389,7 +386,7 @@ def test_runtime_runs_without_torch(tiny_model: Path, tmp_path: Path) -> None:
     image = tmp_path / "part.png"
     Image.fromarray(np.full((70, 90, 3), 100, np.uint8)).save(image)
     code = BLOCK_TORCH + f"""
-import protoad_edge.runtime, protoad_edge.runtime.runner, protoad_edge.runtime.ort_backend
+import protoad_edge.runtime, protoad_edge.runtime.loop, protoad_edge.runtime.ort_backend
 import protoad_edge.cli.run
 assert 'torch' not in sys.modules
 sys.argv = ['protoad-run', {str(image)!r}, '--model', {str(tiny_model)!r}, '--jsonl', '-']

@@ -20,19 +20,15 @@ import pytest
 
 from protoad_edge.errors import ProtoADError
 from protoad_edge.export.engine import engine_for_bundle, engine_from_onnx, engine_summary, engine_unavailable
-from protoad_edge.export.tensorrt import (
-    DEFAULT_WORKSPACE_MIB,
-    batch_limit,
-    build_engine,
-    feature_size,
-    model_info,
-    plan_path,
-    timing_cache_path,
-)
-from protoad_edge.metadata import ModelInfo, sidecar_path
+from protoad_edge.bundle import Bundle
+from protoad_edge.constants import feature_size
+from protoad_edge.export.tensorrt import DEFAULT_WORKSPACE_MIB, batch_limit, build_engine
+from protoad_edge.metadata import ModelInfo
 from protoad_edge.preprocess import to_batch
-from protoad_edge.runtime import cuda_memory as cm
+from protoad_edge.gpu import cuda as cm
+from protoad_edge.gpu import tensorrt as gpu_tensorrt
 from protoad_edge.runtime import trt_backend
+from protoad_edge.runtime.backend import BackendOptions
 from protoad_edge.runtime.trt_backend import plan_mismatch
 
 from conftest import TINY_CROP, normal_crops
@@ -47,7 +43,7 @@ FP16_TOLERANCE = 5e-3
 def copy_bundle(onnx: Path, dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copy(onnx, dest / onnx.name)
-    shutil.copy(sidecar_path(onnx), sidecar_path(dest / onnx.name))
+    shutil.copy(Bundle.of(onnx).sidecar, Bundle.of(dest / onnx.name).sidecar)
     return dest / onnx.name
 
 
@@ -72,22 +68,27 @@ def test_batch_limit_keeps_every_tensor_under_2_31_elements() -> None:
 
 
 def test_feature_size_is_the_networks() -> None:
-    features = pytest.importorskip("protoad_edge.features")
-    for crop in (32, 63, 64, 65, 224, 225, 320):
-        assert feature_size(crop) == features._stage_size(crop, 4)
+    torch = pytest.importorskip("torch")
+    from protoad_edge.build.features import PatchFeatures, build_backbone
+
+    backbone = build_backbone("none", 0)[0]
+    for crop in (32, 63, 65, 97):
+        with torch.no_grad():
+            size = PatchFeatures(backbone, crop)(torch.zeros(1, 3, crop, crop)).shape[-1]
+        assert feature_size(crop) == size
 
 
 def test_file_names(tmp_path: Path) -> None:
     onnx = tmp_path / "cable.onnx"
-    assert plan_path(onnx) == tmp_path / "cable.plan"
-    assert timing_cache_path(plan_path(onnx)) == tmp_path / "cable.timing.cache"
-    assert sidecar_path(plan_path(onnx)) == sidecar_path(onnx)
+    assert Bundle.of(onnx).plan == tmp_path / "cable.plan"
+    assert Bundle.of(onnx).timing_cache == tmp_path / "cable.timing.cache"
+    assert Bundle.of(onnx).sidecar == Bundle.of(onnx).sidecar
 
 
 def info_with(**changes: Any) -> ModelInfo:
     base = ModelInfo(category="x", resize=72, crop=64, backbone="b", weights="none", feature_upsample="bilinear",
                      num_prototypes=4, image_threshold=0.1, pixel_threshold=0.2,
-                     tensorrt_version="10.3.0", gpu_name="Orin", precision="fp16")
+                     tensorrt_version="10.3.0", gpu_name="Orin", tensorrt_precision="fp16")
     for k, v in changes.items():
         setattr(base, k, v)
     return base
@@ -120,16 +121,16 @@ def test_build_options_are_checked_before_tensorrt(tiny_model: Path, tmp_path: P
 
 def test_model_info_falls_back_to_onnx_metadata(tiny_model: Path, tmp_path: Path) -> None:
     shutil.copy(tiny_model, tmp_path / "tiny.onnx")
-    assert not sidecar_path(tmp_path / "tiny.onnx").exists()
-    assert model_info(tmp_path / "tiny.onnx") == ModelInfo.load_json(sidecar_path(tiny_model))
+    assert not Bundle.of(tmp_path / "tiny.onnx").sidecar.exists()
+    assert Bundle.of(tmp_path / "tiny.onnx").info() == ModelInfo.load_json(Bundle.of(tiny_model).sidecar)
 
 
 def test_engine_choice(tiny_model: Path, tmp_path: Path) -> None:
     lines: list[str] = []
     assert engine_for_bundle(tiny_model, "no", log=lines.append) is None and not lines
-    with pytest.raises(ProtoADError, match="--engine"):
+    with pytest.raises(ProtoADError, match="--tensorrt"):
         engine_for_bundle(tiny_model, "maybe")
-    with pytest.raises(ProtoADError, match="drop --engine no"):
+    with pytest.raises(ProtoADError, match="drop --tensorrt no"):
         engine_from_onnx(tiny_model, "no")
     with pytest.raises(ProtoADError, match="--from-onnx .*missing.onnx"):
         engine_from_onnx(tmp_path / "missing.onnx")
@@ -377,7 +378,7 @@ def fake_tensorrt(version: str, fail_build: bool = False) -> types.ModuleType:
 def fake_trt(monkeypatch: pytest.MonkeyPatch) -> Any:
     """Install a fake tensorrt of the version asked for; the GPU is called 'Fake GPU'."""
     pytest.importorskip("onnx")
-    monkeypatch.setattr(trt_backend, "_LOGGER", None)
+    monkeypatch.setattr(gpu_tensorrt, "_LOGGER", None)
     monkeypatch.setattr(cm, "device_name", lambda device=0: "Fake GPU")
 
     def install(version: str, **kwargs: Any) -> types.ModuleType:
@@ -409,12 +410,12 @@ def test_tensorrt10_fp16_pins_l2norm_to_fp32(fake_trt: Any, tiny_model: Path, tm
     assert builder.config.profiles[0].shapes == {"image": ((1, 3, s, s), (1, 3, s, s), (32, 3, s, s))}
     assert builder.config.pools == {"WORKSPACE": DEFAULT_WORKSPACE_MIB << 20}
     assert build.plan == tmp_path / "tiny.plan" and build.plan.read_bytes() == b"plan of tiny.onnx"
-    assert timing_cache_path(build.plan).read_bytes() == b"timings:"
+    assert Bundle.of(build.plan).timing_cache.read_bytes() == b"timings:"
     assert not (tmp_path / "tiny.fp16.onnx").exists()
-    info = ModelInfo.load_json(sidecar_path(onnx))
-    assert (info.tensorrt_version, info.gpu_name, info.precision) == ("10.3.0", "Fake GPU", "fp16")
+    info = ModelInfo.load_json(Bundle.of(onnx).sidecar)
+    assert (info.tensorrt_version, info.gpu_name, info.tensorrt_precision) == ("10.3.0", "Fake GPU", "fp16")
     assert info.build["tensorrt"]["max_batch"] == 32 and info.build["tensorrt"]["onnx"] == "tiny.onnx"
-    assert info.category == ModelInfo.load_json(sidecar_path(tiny_model)).category
+    assert info.category == ModelInfo.load_json(Bundle.of(tiny_model).sidecar).category
     assert (build.max_batch, build.opt_batch, build.onnx) == (32, 1, onnx)
     assert "tiny.plan" in engine_summary(build) and "TensorRT 10.3.0" in engine_summary(build)
 
@@ -428,8 +429,8 @@ def test_tensorrt11_fp16_builds_from_the_mixed_precision_onnx(fake_trt: Any, tin
     assert builder.config.flags == set()
     assert all(layer.precision is None for layer in builder.network.layers)
     assert build.plan.read_bytes() == b"plan of tiny.fp16.onnx"
-    info = ModelInfo.load_json(sidecar_path(onnx))
-    assert (info.tensorrt_version, info.precision, info.build["tensorrt"]["onnx"]) == ("11.0.0", "fp16", "tiny.fp16.onnx")
+    info = ModelInfo.load_json(Bundle.of(onnx).sidecar)
+    assert (info.tensorrt_version, info.tensorrt_precision, info.build["tensorrt"]["onnx"]) == ("11.0.0", "fp16", "tiny.fp16.onnx")
 
 
 @pytest.mark.parametrize("version", ["10.3.0", "11.0.0"])
@@ -447,7 +448,7 @@ def test_fp32_clears_tf32(fake_trt: Any, tiny_model: Path, tmp_path: Path, versi
 def test_timing_cache_is_reused_and_a_stale_one_ignored(fake_trt: Any, tiny_model: Path, tmp_path: Path) -> None:
     trt = fake_trt("10.3.0")
     onnx = copy_bundle(tiny_model, tmp_path)
-    cache = timing_cache_path(plan_path(onnx))
+    cache = Bundle.of(onnx).timing_cache
     cache.write_bytes(b"earlier")
     build_engine(onnx, log=lambda line: None)
     assert trt.last_builder.config.cache.blob == b"earlier"
@@ -464,7 +465,7 @@ def test_parser_errors_are_quoted(fake_trt: Any, tiny_model: Path, tmp_path: Pat
     onnx.write_bytes(b"not an onnx file")
     with pytest.raises(ProtoADError, match=f"parser rejected {onnx}: .*INVALID_GRAPH"):
         build_engine(onnx)
-    assert not plan_path(onnx).exists()
+    assert not Bundle.of(onnx).plan.exists()
 
 
 def test_build_failure_quotes_tensorrt_and_leaves_no_plan(fake_trt: Any, tiny_model: Path, tmp_path: Path) -> None:
@@ -472,15 +473,20 @@ def test_build_failure_quotes_tensorrt_and_leaves_no_plan(fake_trt: Any, tiny_mo
     onnx = copy_bundle(tiny_model, tmp_path)
     with pytest.raises(ProtoADError, match="could not build an engine from .*tiny.onnx: out of device memory"):
         build_engine(onnx, log=lambda line: None)
-    assert not plan_path(onnx).exists()
-    assert ModelInfo.load_json(sidecar_path(onnx)).tensorrt_version == ""
+    assert not Bundle.of(onnx).plan.exists()
+    assert ModelInfo.load_json(Bundle.of(onnx).sidecar).tensorrt_version == ""
 
 
 # --- the runtime's logic, against a stand-in engine (numpy memory here, real CUDA memory on a GPU) ---
 
 
 class NumpyMemory:
-    """Device memory simulated in host arrays, with the cuda_memory layer's interface."""
+    """Device memory simulated in host arrays, with the gpu.cuda layer's interface.
+
+    Like a real CUDA stream, copies are asynchronous: they are queued and complete only when the
+    engine runs (which waits for the copies queued before it) or when the stream is synchronised,
+    so a backend that reads its host buffers without synchronising reads stale data.
+    """
 
     def __init__(self) -> None:
         self.blocks: dict[int, np.ndarray] = {}
@@ -515,23 +521,28 @@ class NumpyMemory:
             ticks = 0
 
             def to_device(self, buf: Buffer, nbytes: int) -> None:
-                memory.write(buf.device, buf.host.reshape(-1).view(np.uint8)[:nbytes])
+                data = buf.host.reshape(-1).view(np.uint8)[:nbytes].copy()
+                memory.pending.append(lambda: memory.write(buf.device, data))
 
             def to_host(self, buf: Buffer, nbytes: int) -> None:
-                buf.host.reshape(-1).view(np.uint8)[:nbytes] = memory.read(buf.device, nbytes)
+                def copy() -> None:
+                    buf.host.reshape(-1).view(np.uint8)[:nbytes] = memory.read(buf.device, nbytes)
+
+                memory.pending.append(copy)
 
             def record(self, event: Event) -> None:
                 Stream.ticks += 1  # every stage "takes" 1 ms
                 event.tick = Stream.ticks
 
             def synchronize(self) -> None:
-                pass
+                memory.sync(self.ptr)
 
             def close(self) -> None:
                 memory.stream_closed = True
 
         self.HostDeviceBuffer, self.Stream, self.Event = Buffer, Stream, Event
         self.stream_closed = False
+        self.pending: list[Any] = []
 
     def read(self, ptr: int, nbytes: int) -> np.ndarray:
         return self.blocks[ptr][:nbytes].copy()
@@ -540,7 +551,9 @@ class NumpyMemory:
         self.blocks[ptr][: data.nbytes] = data.reshape(-1).view(np.uint8)
 
     def sync(self, stream_ptr: int) -> None:
-        pass
+        """Complete the queued copies, in order."""
+        while self.pending:
+            self.pending.pop(0)()
 
 
 class CudaMemory:
@@ -653,12 +666,12 @@ def fake_plan(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, t
         for name in ("HostDeviceBuffer", "Stream", "Event"):
             monkeypatch.setattr(cm, name, getattr(memory, name))
         monkeypatch.setattr(cm, "device_name", lambda device=0: gpu)
-    monkeypatch.setattr(trt_backend, "_LOGGER", None)
+    monkeypatch.setattr(gpu_tensorrt, "_LOGGER", None)
     onnx = copy_bundle(request.getfixturevalue("tiny_model"), tmp_path)  # after the skips: it takes seconds
-    info = ModelInfo.load_json(sidecar_path(onnx))
-    info.tensorrt_version, info.gpu_name, info.precision = "10.3.0", gpu, "fp16"
-    info.save_json(sidecar_path(onnx))
-    plan = plan_path(onnx)
+    info = ModelInfo.load_json(Bundle.of(onnx).sidecar)
+    info.tensorrt_version, info.gpu_name, info.tensorrt_precision = "10.3.0", gpu, "fp16"
+    info.save_json(Bundle.of(onnx).sidecar)
+    plan = Bundle.of(onnx).plan
     plan.write_bytes(b"FAKEPLAN")
 
     def install(outputs: tuple[str, ...] = ("anomaly_map", "score")) -> Any:
@@ -674,12 +687,17 @@ def test_runtime_chunks_batches_and_binds_buffers_once(fake_plan: Any) -> None:
     crops = normal_crops(6, TINY_CROP, seed=7)
     batch = to_batch(crops)
     ref_maps, ref_scores = reference(fake_plan.onnx, batch)
-    backend = trt_backend.TrtBackend(fake_plan.plan, timing=True)
+    backend = trt_backend.TrtBackend(fake_plan.plan, BackendOptions(timing=True))
     assert backend.max_batch == 4
     maps, scores = backend.infer(batch)
     assert np.allclose(maps, ref_maps, atol=1e-6) and np.allclose(scores, ref_scores, atol=1e-6)
     assert trt.calls == {"set_input_shape": [4, 2], "execute": 2}
+    facts = backend.describe()
+    assert (facts.name, facts.precision, facts.details["max_batch"]) == ("trt", "fp16", 4)
+    assert facts.providers == ["TensorRT 10.3.0"] and facts.model == str(fake_plan.plan)
     times = backend.last_times
+    split = backend.stage_times()
+    assert split == {"h2d": times.h2d_ms, "compute": times.compute_ms, "d2h": times.d2h_ms}
     assert times is not None and times.batch == 6
     if isinstance(fake_plan.memory, NumpyMemory):
         assert (times.h2d_ms, times.compute_ms, times.d2h_ms) == (2.0, 2.0, 2.0)  # 1 "ms" per stage, 2 chunks
@@ -699,7 +717,7 @@ def test_runtime_chunks_batches_and_binds_buffers_once(fake_plan: Any) -> None:
 
 def test_runtime_refuses_foreign_and_broken_plans(fake_plan: Any) -> None:
     fake_plan.install()
-    sidecar = sidecar_path(fake_plan.plan)
+    sidecar = Bundle.of(fake_plan.plan).sidecar
     info = ModelInfo.load_json(sidecar)
     info.tensorrt_version = "10.7.0"
     info.save_json(sidecar)
@@ -749,13 +767,13 @@ def engines(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
 @pytest.mark.tensorrt
 @pytest.mark.parametrize("precision,tolerance", [("fp32", FP32_TOLERANCE), ("fp16", FP16_TOLERANCE)])
 def test_engine_matches_onnxruntime(engines: dict[str, Path], tiny_model: Path, precision: str, tolerance: float) -> None:
-    from protoad_edge.runtime.backend import open_backend
+    from protoad_edge.backends import open_backend
 
     crops = normal_crops(4, TINY_CROP, seed=5)
     noisy = np.clip(crops + np.random.default_rng(1).normal(0, 40, crops.shape), 0, 255).astype(np.uint8)
     batch = to_batch(np.concatenate([crops, noisy[:2]]))  # 6 images: more than the largest batch, 4
     ref_maps, ref_scores = reference(tiny_model, batch)
-    with open_backend(engines[precision], timing=True) as backend:
+    with open_backend(engines[precision], options=BackendOptions(timing=True)) as backend:
         assert backend.name == "trt" and backend.max_batch == 4
         maps, scores = backend.infer(batch)
         times = backend.last_times
@@ -773,9 +791,9 @@ def test_plan_from_elsewhere_is_refused(engines: dict[str, Path], tmp_path: Path
                                         message: str) -> None:
     plan = tmp_path / "tiny.plan"
     shutil.copy(engines["fp16"], plan)
-    data = json.loads(sidecar_path(engines["fp16"]).read_text())
+    data = json.loads(Bundle.of(engines["fp16"]).sidecar.read_text())
     data[field] = value
-    sidecar_path(plan).write_text(json.dumps(data))
+    Bundle.of(plan).sidecar.write_text(json.dumps(data))
     with pytest.raises(ProtoADError, match=f"cannot run here: .*{message}.*--from-onnx"):
         trt_backend.TrtBackend(plan)
 
@@ -784,7 +802,7 @@ def test_plan_from_elsewhere_is_refused(engines: dict[str, Path], tmp_path: Path
 @pytest.mark.tensorrt
 def test_truncated_or_empty_plan_is_a_clear_error(engines: dict[str, Path], tmp_path: Path) -> None:
     plan = tmp_path / "tiny.plan"
-    shutil.copy(sidecar_path(engines["fp32"]), sidecar_path(plan))
+    shutil.copy(Bundle.of(engines["fp32"]).sidecar, Bundle.of(plan).sidecar)
     data = engines["fp32"].read_bytes()
     plan.write_bytes(data[: len(data) // 2])
     with pytest.raises(ProtoADError, match="not a TensorRT .* plan"):

@@ -7,8 +7,13 @@ from pathlib import Path
 
 import click
 
+from ..backends import AUTO, CHOICES, HELP
+from ..constants import DEVICES
 from ..errors import ProtoADError
 from .common import user_errors
+
+# The older per-backend model options: --engine NAME.plan is --model NAME.plan --backend trt, and so on.
+ALIASES = {"engine": "trt", "onnx": "ort", "torch": "torch"}
 
 
 def parse_batches(values: tuple[str, ...]) -> list[int]:
@@ -32,13 +37,29 @@ def parse_size(value: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
+def model_and_backend(model: Path | None, backend: str, aliases: dict[str, Path | None]) -> tuple[Path | None, str]:
+    """One model from --model or one alias option; an alias fixes the backend."""
+    given = [(option, path) for option, path in aliases.items() if path is not None]
+    if len(given) + (model is not None) > 1:
+        raise ProtoADError("give one model: --model FILE, or one of --engine, --onnx, --torch")
+    if not given:
+        return model, backend
+    option, path = given[0]
+    if backend not in (AUTO, ALIASES[option]):
+        raise ProtoADError(f"--{option} runs backend {ALIASES[option]}, not --backend {backend}")
+    return path, ALIASES[option]
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--model", type=click.Path(path_type=Path), default=None,
+              help="Any file of a model bundle (NAME.onnx, .plan or .json). Default: the single bundle in ./models.")
+@click.option("--backend", type=click.Choice(CHOICES), default=AUTO, show_default=True, help=HELP)
 @click.option("--engine", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="TensorRT plan (NAME.plan, with NAME.json beside it).")
+              help="Same as --model NAME.plan --backend trt.")
 @click.option("--onnx", "onnx_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="ONNX model, run by onnxruntime (its best available execution provider).")
+              help="Same as --model NAME.onnx --backend ort.")
 @click.option("--torch", "torch_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="Bundle NAME.json: the eager PyTorch network (FP16 on a GPU, FP32 on the CPU).")
+              help="Same as --model NAME.json --backend torch.")
 @click.option("--batch", "batches", multiple=True, metavar="N[,N...]",
               help="Batch size(s); repeat or comma-separate (default 1).")
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed iterations first.")
@@ -52,31 +73,31 @@ def parse_size(value: str) -> tuple[int, int]:
               help="Start from this image file instead of a synthetic frame.")
 @click.option("--threads", type=click.IntRange(min=0), default=0,
               help="CPU threads for onnxruntime (intra-op) or torch; 0 = library default (one per physical core).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="Device for --torch.")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+              help="cpu: onnxruntime's CPU provider only, or torch on the CPU; cuda: a GPU; auto: the best available.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Also write the full report to this JSON file (atomically).")
 @user_errors
-def main(engine: Path | None, onnx_path: Path | None, torch_path: Path | None, batches: tuple[str, ...],
-         warmup: int, iterations: int | None, duration: float | None, frame_size: str, image: Path | None,
-         threads: int, device: str, json_path: Path | None) -> None:
+def main(model: Path | None, backend: str, engine: Path | None, onnx_path: Path | None, torch_path: Path | None,
+         batches: tuple[str, ...], warmup: int, iterations: int | None, duration: float | None, frame_size: str,
+         image: Path | None, threads: int, device: str, json_path: Path | None) -> None:
     """Benchmark one model: host preprocessing, inference (H2D / GPU compute / D2H on TensorRT) and end
     to end latency (min / mean / median / p90 / p95 / p99 / max) and throughput, per batch size,
-    beside the paper's RTX 2080 Ti figures. --onnx and --engine do not need PyTorch."""
-    from ..bench import benchmark, make_frame, open_backend_for
+    beside the paper's RTX 2080 Ti figures. The ort and trt backends do not need PyTorch."""
+    from ..backends import open_backend
+    from ..evaluation.bench import benchmark, make_frame
+    from ..runtime.backend import BackendOptions
 
-    chosen = [(kind, p) for kind, p in (("engine", engine), ("onnx", onnx_path), ("torch", torch_path)) if p is not None]
-    if len(chosen) != 1:
-        raise ProtoADError("give exactly one model: --engine NAME.plan, --onnx NAME.onnx or --torch NAME.json")
-    kind, model = chosen[0]
+    model, backend = model_and_backend(model, backend, {"engine": engine, "onnx": onnx_path, "torch": torch_path})
     sizes = parse_batches(batches)
     if iterations is None:
         iterations = 1 if duration else 10
     frame = make_frame(parse_size(frame_size), image)
     source = str(image) if image is not None else "synthetic"
-    with open_backend_for(kind, model, threads=threads, device=device) as backend:
-        report = benchmark(backend, sizes, frame, warmup=warmup, iterations=iterations, duration=duration or 0.0,
-                           kind=kind, model=model, frame_source=source, threads=threads)
+    options = BackendOptions(device=device, threads=threads, timing=True)
+    with open_backend(model, backend, options=options) as opened:
+        report = benchmark(opened, sizes, frame, warmup=warmup, iterations=iterations, duration=duration or 0.0,
+                           frame_source=source)
     for line in report.lines():
         click.echo(line)
     if json_path is not None:

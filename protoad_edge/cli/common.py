@@ -8,11 +8,12 @@ from typing import Any, Callable, TypeVar
 
 import click
 
-from ..errors import ProtoADError
+from ..errors import ProtoADError, Terminated
 
 F = TypeVar("F", bound=Callable[..., Any])
 EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's convention
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 
 def fail(message: str, code: int = EXIT_USER_ERROR) -> None:
@@ -29,8 +30,9 @@ def user_errors(func: F) -> F:
             return func(*args, **kwargs)
         except ProtoADError as exc:
             fail(str(exc))
-        except KeyboardInterrupt:
-            fail("interrupted", EXIT_INTERRUPTED)
+        except KeyboardInterrupt as exc:
+            terminated = isinstance(exc, Terminated)
+            fail("terminated" if terminated else "interrupted", EXIT_TERMINATED if terminated else EXIT_INTERRUPTED)
         except (PermissionError, IsADirectoryError, NotADirectoryError, FileNotFoundError) as exc:
             fail(f"{exc.strerror}: {exc.filename}")
         except OSError as exc:

@@ -12,9 +12,11 @@ import click
 
 from .. import __version__
 from ..atomic import write_text_atomic
-from ..bundle import BACKENDS
+from ..backends import AUTO, CHOICES, HELP, NAMES
+from ..constants import DATASET_KINDS, DEVICES
 from ..errors import ProtoADError
-from ..paper import METRIC_LABELS, METRICS, comparison_rows, paper_dataset, paper_source
+from ..evaluation.paper import METRIC_LABELS, METRICS, comparison_rows, paper_dataset, paper_source
+from ..runtime.backend import BackendOptions
 from .common import user_errors
 
 ALL = "all"
@@ -27,24 +29,24 @@ ALL = "all"
 @click.option("--category", required=True, help="Category to evaluate, or 'all' for every category under the data root.")
 @click.option("--data-root", type=click.Path(path_type=Path), default=None,
               help="Dataset root. Default: $PROTOAD_DATA, then ./data.")
-@click.option("--dataset", type=click.Choice(["mvtec", "btad", "folder"]), default="mvtec", show_default=True)
-@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
-              help="auto: the model file's own kind (.onnx -> ort, .plan -> trt, .json -> torch).")
+@click.option("--dataset", type=click.Choice(DATASET_KINDS), default="mvtec", show_default=True)
+@click.option("--backend", type=click.Choice(CHOICES), default=AUTO, show_default=True, help=HELP)
 @click.option("--compare", "compare", default=None, metavar="B1,B2[,B3]",
-              help="Run the same images through these backends (e.g. torch,ort,trt) and compare them with the first.")
+              help=f"Run the same images through these backends ({', '.join(NAMES)}) and compare them with the first.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Write every metric and per-category result to this JSON file.")
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Write pictures here: CATEGORY.cases.png (worst and best cases), .roc.png, .pro.png.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="torch backend only.")
-@click.option("--fp32", is_flag=True, help="torch backend only: stay in FP32 on a GPU (default there: FP16).")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+              help="cpu: onnxruntime's CPU provider only, or torch on the CPU; cuda: a GPU; auto: the best available.")
+@click.option("--fp32", is_flag=True, help="torch backend: stay in FP32 on a GPU (default there: FP16); "
+                                            "ort's TensorRT provider: FP32 instead of FP16.")
 @user_errors
 def main(model: Path, category: str, data_root: Path | None, dataset: str, backend: str, compare: str | None,
          json_path: Path | None, out: Path | None, batch_size: int, device: str, fp32: bool) -> None:
     """Evaluate a ProtoAD model bundle on the test split of CATEGORY (images with normal/anomalous labels)."""
-    from ..datasets import list_categories, resolve_data_root  # heavy imports wait until after --help
+    from ..build.datasets import list_categories, resolve_data_root  # heavy imports wait until after --help
 
     backends = _parse_compare(compare) if compare else None
     if backends and out is not None:
@@ -57,8 +59,8 @@ def main(model: Path, category: str, data_root: Path | None, dataset: str, backe
             raise ProtoADError(f"no {dataset} categories found in {resolve_data_root(data_root)}")
     else:
         categories = [category]
-    options = dict(data_root=data_root, dataset=dataset, batch_size=batch_size, device=device,
-                   fp16=False if fp32 else None, progress=True)
+    options = dict(data_root=data_root, dataset=dataset, batch_size=batch_size, progress=True,
+                   options=BackendOptions(device=device, fp16=False if fp32 else None))
     report: dict[str, Any] = {
         "tool": "protoad-eval",
         "version": __version__,
@@ -99,15 +101,16 @@ def main(model: Path, category: str, data_root: Path | None, dataset: str, backe
 
 def _parse_compare(spec: str) -> list[str]:
     names = [b.strip() for b in spec.split(",") if b.strip()]
-    bad = [b for b in names if b not in BACKENDS or b == "auto"]
+    bad = [b for b in names if b not in NAMES]
     if bad or len(names) < 2 or len(set(names)) != len(names):
-        raise ProtoADError(f"bad --compare {spec!r}: give two or more different backends among torch, ort, trt (e.g. torch,ort)")
+        raise ProtoADError(f"bad --compare {spec!r}: give two or more different backends among {', '.join(NAMES)} "
+                           "(e.g. torch,ort)")
     return names
 
 
 def _evaluate_one(model: Path, category: str, backend: str, options: dict[str, Any], out: Path | None,
                   single: bool) -> dict[str, Any]:
-    from ..evaluate import evaluate_category
+    from ..evaluation.evaluate import evaluate_category
 
     result = evaluate_category(model, category, backend=backend, **options)
     summary = result.summary()
@@ -128,7 +131,7 @@ def _evaluate_one(model: Path, category: str, backend: str, options: dict[str, A
     click.echo(f"  time: inference {s['infer']:.2f} s ({summary['images_per_second']} images/s, batch "
                f"{options['batch_size']}), metrics {s['metrics']:.2f} s")
     if out is not None:
-        from ..report import write_report
+        from ..evaluation.report import write_report
 
         for path in write_report(result, out):
             click.echo(f"  wrote {path}")
@@ -136,7 +139,7 @@ def _evaluate_one(model: Path, category: str, backend: str, options: dict[str, A
 
 
 def _compare_one(model: Path, category: str, backends: list[str], options: dict[str, Any]) -> dict[str, Any]:
-    from ..evaluate import compare_backends
+    from ..evaluation.evaluate import compare_backends
 
     comparison = compare_backends(model, category, backends, **options)
     summary = comparison.summary()

@@ -2,87 +2,91 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
 
+from ..build.config import BuildConfig
+from ..constants import DATASET_KINDS, DEVICES, FEATURE_CHANNELS, ENGINE_PRECISIONS, TENSORRT_CHOICES, UPSAMPLE_MODES
 from ..errors import ProtoADError
 from .common import user_errors
+
+D = BuildConfig(category="")  # the defaults, written once in BuildConfig
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--category", default=None, help="Category to build (e.g. bottle, cable, or the built-in demo).")
-@click.option("--data-root", type=click.Path(path_type=Path), default=None,
+@click.option("--data-root", type=click.Path(path_type=Path), default=D.data_root,
               help="Dataset root. Default: $PROTOAD_DATA, then ./data.")
-@click.option("--dataset", type=click.Choice(["mvtec", "btad", "folder"]), default="mvtec", show_default=True)
-@click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=Path("models"), show_default=True)
-@click.option("--weights", default="imagenet", show_default=True,
+@click.option("--dataset", type=click.Choice(DATASET_KINDS), default=D.dataset, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=D.out, show_default=True,
+              help="Folder the bundle is written to: OUT/CATEGORY.onnx, .json, .prototypes.npy (and .plan).")
+@click.option("--weights", default=D.weights, show_default=True,
               help="imagenet (torchvision download), none (seeded random, offline) or PATH to a state_dict.")
-@click.option("--feature-upsample", type=click.Choice(["bilinear", "nearest"]), default="bilinear", show_default=True,
+@click.option("--feature-upsample", type=click.Choice(UPSAMPLE_MODES), default=D.feature_upsample, show_default=True,
               help="bilinear = paper text; nearest = the authors' released code.")
-@click.option("--max-prototypes", type=click.IntRange(min=2), default=10_000, show_default=True,
+@click.option("--max-prototypes", type=click.IntRange(min=2), default=D.max_prototypes, show_default=True,
               help="Take the first FINCH partition with fewer clusters than this.")
-@click.option("--val-split", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.1, show_default=True,
+@click.option("--val-split", type=click.FloatRange(0.0, 1.0, max_open=True), default=D.val_split, show_default=True,
               help="Share of normal training images held out to set thresholds.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--resize", type=click.IntRange(min=32), default=256, show_default=True)
-@click.option("--crop", type=click.IntRange(min=32), default=224, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+@click.option("--device", type=click.Choice(DEVICES), default=D.device, show_default=True)
+@click.option("--seed", type=int, default=D.seed, show_default=True)
+@click.option("--resize", type=click.IntRange(min=32), default=D.resize, show_default=True)
+@click.option("--crop", type=click.IntRange(min=32), default=D.crop, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=D.batch_size, show_default=True)
+@click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False), default=D.cache_dir,
               help="Where extracted training features are kept for rebuilds (e.g. another --max-prototypes). "
                    "Default: $PROTOAD_CACHE, then ~/.cache/protoad-edge/features.")
 @click.option("--no-cache", is_flag=True, help="Neither reuse nor keep extracted features.")
 @click.option("--exact-neighbours", is_flag=True,
               help="FINCH first neighbours exact at every size on the CPU (default: approximate above 20,000 "
                    "vectors) and in FP32 throughout on a GPU (default: FP16 products, checked in FP32).")
-@click.option("--threads", type=click.IntRange(min=0), default=0, help="CPU threads for torch (0 = all cores).")
-@click.option("--engine", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
-              help="Also build the TensorRT engine OUT/CATEGORY.plan on this GPU (auto: where TensorRT and a GPU exist).")
-@click.option("--precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True,
+@click.option("--threads", type=click.IntRange(min=0), default=D.threads, show_default=True,
+              help="CPU threads for torch (0 = all cores).")
+@click.option("--tensorrt", type=click.Choice(TENSORRT_CHOICES), default=D.tensorrt, show_default=True,
+              help="Also build the TensorRT plan OUT/CATEGORY.plan on this GPU (auto: where TensorRT and a GPU exist).")
+@click.option("--precision", type=click.Choice(ENGINE_PRECISIONS), default=D.precision, show_default=True,
               help="TensorRT engine precision; the L2 normalisation always runs in FP32.")
-@click.option("--opt-batch", type=click.IntRange(min=1), default=1, show_default=True, help="Batch TensorRT optimises for.")
-@click.option("--max-batch", type=click.IntRange(min=1), default=None,
+@click.option("--opt-batch", type=click.IntRange(min=1), default=D.opt_batch, show_default=True,
+              help="Batch TensorRT optimises for.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=D.max_batch,
               help="Largest engine batch (default: most that keeps tensors under 2^31 elements, at most 32).")
 @click.option("--from-onnx", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="Only build the TensorRT engine for this existing NAME.onnx (no torch needed: the Jetson step).")
+              help="Only build the TensorRT plan for this existing NAME.onnx (no torch needed: the Jetson step).")
 @user_errors
 def main(category: str | None, data_root: Path | None, dataset: str, out: Path, weights: str, feature_upsample: str,
-         max_prototypes: int, val_split: float, device: str, seed: int, resize: int, crop: int,
-         batch_size: int, cache_dir: Path | None, no_cache: bool, exact_neighbours: bool, threads: int, engine: str, precision: str, opt_batch: int, max_batch: int | None,
-         from_onnx: Path | None) -> None:
+         max_prototypes: int, val_split: float, device: str, seed: int, resize: int, crop: int, batch_size: int,
+         cache_dir: Path | None, no_cache: bool, exact_neighbours: bool, threads: int, tensorrt: str, precision: str,
+         opt_batch: int, max_batch: int | None, from_onnx: Path | None) -> None:
     """Learn prototypes from normal images and write OUT/CATEGORY.onnx, .json and .prototypes.npy
     (and OUT/CATEGORY.plan where TensorRT and a GPU exist)."""
-    from ..export.engine import engine_for_bundle, engine_from_onnx, engine_summary
+    from ..export.engine import engine_from_onnx, engine_summary
 
-    engine_options = dict(precision=precision, opt_batch=opt_batch, max_batch=max_batch, log=click.echo)
     if from_onnx is not None:
-        click.echo(f"  engine        {engine_summary(engine_from_onnx(from_onnx, engine, **engine_options))}")
+        built = engine_from_onnx(from_onnx, tensorrt, precision=precision, opt_batch=opt_batch, max_batch=max_batch,
+                                 log=click.echo)
+        click.echo(f"  engine        {engine_summary(built)}")
         return
     if category is None:
         raise ProtoADError("missing option --category (or --from-onnx PATH to only build a TensorRT engine)")
-    import torch
+    from ..build.pipeline import build
+    from ..export.onnx import PARITY_TOLERANCE
 
-    from ..build import BuildConfig, build
-
-    torch.set_num_threads(threads or os.cpu_count() or 1)
     report = build(
         BuildConfig(category=category, data_root=data_root, dataset=dataset, out=out, weights=weights,
                     feature_upsample=feature_upsample, max_prototypes=max_prototypes, val_split=val_split,
-                    device=device, seed=seed, resize=resize, crop=crop, batch_size=batch_size,
-                    cache_dir=cache_dir, cache=not no_cache, exact_neighbours=exact_neighbours),
+                    device=device, seed=seed, resize=resize, crop=crop, batch_size=batch_size, threads=threads,
+                    cache_dir=cache_dir, cache=not no_cache, exact_neighbours=exact_neighbours, tensorrt=tensorrt,
+                    precision=precision, opt_batch=opt_batch, max_batch=max_batch),
         log=click.echo,
     )
-    onnx_path = next(f for f in report.files if f.suffix == ".onnx")
-    built = engine_for_bundle(onnx_path, engine, **engine_options)
     info = report.info
     click.echo("\nsummary")
     click.echo(f"  images        train {report.images['train']}, held out {report.images['held_out']}, test {report.images['test']}")
-    click.echo(f"  patch vectors {report.vectors:,} x 1792")
+    click.echo(f"  patch vectors {report.vectors:,} x {FEATURE_CHANNELS}" + (" (from the feature cache)" if report.features_cached else ""))
     click.echo(f"  FINCH levels  {' -> '.join(f'{c:,}' for c in report.finch_counts)}  (K = {info.num_prototypes:,})")
     click.echo("  time          " + ", ".join(f"{k} {v:.1f} s" for k, v in report.stage_seconds.items()))
-    click.echo(f"  ONNX parity   max |onnxruntime - PyTorch| = {report.parity:.2e} (tolerance 1e-4)")
+    click.echo(f"  ONNX parity   max |onnxruntime - PyTorch| = {report.parity:.2e} (tolerance {PARITY_TOLERANCE:.0e})")
     click.echo(f"  thresholds    image {info.image_threshold:.5f}, pixel {info.pixel_threshold:.5f}")
     m = report.test_metrics
     if m:
@@ -92,5 +96,5 @@ def main(category: str | None, data_root: Path | None, dataset: str, out: Path, 
         line += f"; F1-optimal image threshold {m['image_f1_threshold']:.5f} (F1 {m['image_f1']:.3f})"
         click.echo(line)
     click.echo("  files         " + ", ".join(str(f) for f in report.files))
-    if built:
-        click.echo(f"  engine        {engine_summary(built)}")
+    if report.engine:
+        click.echo(f"  engine        {engine_summary(report.engine)}")

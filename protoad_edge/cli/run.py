@@ -3,34 +3,35 @@
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any
 
 import click
 
-from .common import user_errors
+from ..backends import CHOICES, HELP
+from ..errors import Terminated
+from .common import EXIT_INTERRUPTED, EXIT_TERMINATED, user_errors
 
 
 def _terminate(signum: int, frame: Any) -> None:
     """SIGTERM (systemd, docker stop) ends the run like Ctrl-C: outputs are finalised."""
-    raise KeyboardInterrupt
+    raise Terminated
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("source")
-@click.option("--model", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="Model file (.onnx or TensorRT .plan). Default: the single model in ./models "
-                   "(its .plan when TensorRT is installed, else its .onnx).")
-@click.option("--backend", type=click.Choice(["auto", "ort", "trt"]), default="auto", show_default=True,
-              help="auto: trt for a .plan, ort (onnxruntime) for an .onnx.")
+@click.option("--model", type=click.Path(path_type=Path), default=None,
+              help="Any file of a model bundle (NAME.onnx, .plan or .json). Default: the single bundle in ./models.")
+@click.option("--backend", type=click.Choice(CHOICES), default="auto", show_default=True, help=HELP)
 @click.option("--threshold", type=float, default=None,
               help="Image score above which a frame is anomalous. Default: the model's own.")
 @click.option("--show", is_flag=True, help="Live window with the overlay (q or Esc quits).")
 @click.option("--save", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Write the overlay video to FILE (.mp4 or .avi).")
 @click.option("--save-masks", type=click.Path(path_type=Path, file_okay=False), default=None, metavar="DIR",
-              help="Write a PNG defect mask of every anomalous frame into DIR.")
+              help="Write a PNG defect mask of every anomalous frame into DIR (the model's crop, CROPxCROP pixels).")
 @click.option("--jsonl", type=str, default=None, metavar="FILE",
               help="One JSON line per frame (frame, timestamp, source, score, verdict, latency_ms); - for stdout.")
 @click.option("--max-frames", type=click.IntRange(min=1), default=None, metavar="N", help="Stop after N frames.")
@@ -41,10 +42,11 @@ def main(source: str, model: Path | None, backend: str, threshold: float | None,
     file, a folder of images, an rtsp:// or http(s):// stream, or a GStreamer pipeline (with '!').
 
     The overlay shows the model's centre crop, i.e. exactly the pixels that were judged.
-    Ctrl-C stops cleanly: every output is finalised and the summary printed.
+    Ctrl-C (or SIGTERM) stops cleanly: every output is finalised, the summary printed, and the
+    exit status is 130 (143 for SIGTERM).
     """
-    from ..runtime.backend import find_model, open_backend
-    from ..runtime.runner import RunAborted, RunOptions, run
+    from ..backends import open_backend
+    from ..runtime.loop import RunAborted, RunOptions, run
     from ..runtime.sources import parse_source
 
     # Human-readable text goes to stderr when stdout carries the JSON lines.
@@ -54,18 +56,16 @@ def main(source: str, model: Path | None, backend: str, threshold: float | None,
         click.echo(message, err=True)
 
     spec = parse_source(source)  # a mistyped source fails before a model is loaded
-    model = model if model is not None else find_model("models", backend)
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
     try:
-        with open_backend(model, backend) as engine:
-            providers = getattr(engine, "providers", None)
-            log(f"model {model} ({engine.info.category}, crop {engine.info.crop}), backend {engine.name}"
-                + (f" ({', '.join(providers)})" if providers else ""))
+        with open_backend(model, backend) as opened:
+            facts = opened.describe()
+            log(f"model {facts.model} ({opened.info.category}, crop {opened.info.crop}), backend {facts.line()}")
             options = RunOptions(threshold=threshold, max_frames=max_frames, show=show, save=save,
                                  save_masks=save_masks, jsonl=jsonl, log=log)
             try:
-                summary = run(spec, engine, options)
+                summary = run(spec, opened, options)
             except RunAborted as exc:
                 for line in exc.summary.lines():
                     click.echo(line, err=to_stderr)
@@ -75,3 +75,5 @@ def main(source: str, model: Path | None, backend: str, threshold: float | None,
             signal.signal(signal.SIGTERM, previous)
     for line in summary.lines():
         click.echo(line, err=to_stderr)
+    if summary.stopped in ("interrupted", "terminated"):
+        sys.exit(EXIT_TERMINATED if summary.stopped == "terminated" else EXIT_INTERRUPTED)

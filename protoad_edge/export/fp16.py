@@ -6,8 +6,7 @@ for our one graph, with the ``onnx`` package alone: FP16 compute everywhere exce
 scopes (by default the L2 normalisation, whose sum of squares over 1792 channels overflows FP16),
 and FP32 at the graph's input and outputs so the runtime interface does not change.
 
-``onnx`` is imported only to convert: the TensorRT 10 path (a Jetson without the onnx package)
-shares :data:`FP32_SCOPES` without needing it.
+``onnx`` is imported only to convert, so this module loads on a Jetson without the onnx package.
 """
 
 from __future__ import annotations
@@ -19,23 +18,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..atomic import atomic_path
+from ..bundle import Bundle
+from ..constants import FP32_SCOPE
 from ..errors import ProtoADError
 
 if TYPE_CHECKING:
     import onnx
 
-FP32_SCOPES = ("/l2norm/",)
+FP32_SCOPES = (FP32_SCOPE,)
 FP16_MAX = float(np.finfo(np.float16).max)
 # Inputs that the ONNX spec types as float32 whatever the data type (Resize's scales).
 FLOAT32_ONLY_INPUTS = {("Resize", 2), ("Upsample", 1)}
-FP16_SUFFIX = ".fp16.onnx"
-
-
-def fp16_path(onnx_path: str | os.PathLike) -> Path:
-    """``models/cable.onnx`` -> ``models/cable.fp16.onnx``."""
-    p = Path(onnx_path)
-    stem = p.name[: -len(".onnx")] if p.name.endswith(".onnx") else p.name
-    return p.with_name(stem + FP16_SUFFIX)
 
 
 def convert_to_mixed_fp16(model: onnx.ModelProto, fp32_scopes: tuple[str, ...] = FP32_SCOPES) -> onnx.ModelProto:
@@ -131,7 +124,7 @@ def write_fp16_onnx(onnx_path: str | os.PathLike, out_path: str | os.PathLike | 
         raise ProtoADError("the mixed-precision ONNX for TensorRT 11 FP16 engines needs the onnx package: pip install onnx") from None
 
     src = Path(onnx_path)
-    dst = Path(out_path) if out_path is not None else fp16_path(src)
+    dst = Path(out_path) if out_path is not None else Bundle.of(src).fp16_onnx
     try:
         model = onnx.load(str(src))
     except FileNotFoundError:

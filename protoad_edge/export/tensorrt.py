@@ -20,25 +20,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..atomic import write_atomic
+from ..bundle import Bundle
+from ..constants import ENGINE_PRECISIONS, FEATURE_CHANNELS, FP32_SCOPE, feature_size
 from ..errors import ProtoADError
-from ..metadata import ModelInfo, sidecar_path
-from ..runtime import cuda_memory as cm
-from ..runtime.trt_backend import import_tensorrt, tensorrt_major, trt_logger
-from .fp16 import FP32_SCOPES
+from ..gpu import cuda as cm
+from ..gpu.tensorrt import import_tensorrt, tensorrt_major, trt_logger
+from ..metadata import ModelInfo
 
-PRECISIONS = ("fp16", "fp32")
 # A TensorRT tensor must hold fewer than 2^31 elements.
 MAX_TENSOR_ELEMENTS = 2**31 - 1
 DEFAULT_MAX_BATCH = 32
 DEFAULT_WORKSPACE_MIB = 1024
-# Channels of the patch embedding (features.EMBED_DIM; not imported: that module needs torch).
-FEATURE_CHANNELS = 1792
 FIRST_STRONGLY_TYPED_MAJOR = 11
-
-
-def feature_size(crop: int) -> int:
-    """Side of the stride-4 feature map: two stride-2 stages, each rounding up."""
-    return (crop + 3) // 4
 
 
 def batch_limit(num_prototypes: int, crop: int, cap: int = DEFAULT_MAX_BATCH) -> int:
@@ -56,30 +49,6 @@ def batch_limit(num_prototypes: int, crop: int, cap: int = DEFAULT_MAX_BATCH) ->
     return min(limit, cap)
 
 
-def plan_path(onnx_path: str | os.PathLike) -> Path:
-    """``models/cable.onnx`` -> ``models/cable.plan``."""
-    return sidecar_path(onnx_path).with_suffix(".plan")
-
-
-def timing_cache_path(plan: str | os.PathLike) -> Path:
-    """``models/cable.plan`` -> ``models/cable.timing.cache`` (kept between builds: rebuilds skip tactic timing)."""
-    return Path(plan).with_suffix(".timing.cache")
-
-
-def model_info(onnx_path: Path) -> ModelInfo:
-    """The model's metadata: the sidecar if present, else the ONNX ``metadata_props`` (read with onnxruntime)."""
-    sidecar = sidecar_path(onnx_path)
-    if sidecar.is_file():
-        return ModelInfo.load_json(sidecar)
-    import onnxruntime as ort
-
-    try:
-        props = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
-    except Exception as exc:  # onnxruntime raises its own exception types
-        raise ProtoADError(f"cannot read ONNX model {onnx_path}: {str(exc).splitlines()[0]}") from None
-    return ModelInfo.from_props(props, f"ONNX metadata of {onnx_path}")
-
-
 def parse_onnx(trt: Any, builder: Any, onnx_path: Path) -> tuple[Any, Any]:
     """ONNX file -> (network, parser). Keep the parser alive until the build: it owns the weights."""
     network = builder.create_network(0)  # 0: TensorRT 10 weakly typed; TensorRT 11 is always strongly typed
@@ -90,12 +59,12 @@ def parse_onnx(trt: Any, builder: Any, onnx_path: Path) -> tuple[Any, Any]:
     return network, parser
 
 
-def pin_fp32_layers(trt: Any, network: Any, scopes: tuple[str, ...] = FP32_SCOPES) -> int:
-    """TensorRT 10 FP16 builds: run the layers named in ``scopes`` in FP32; returns how many were pinned."""
+def pin_fp32_layers(trt: Any, network: Any, scope: str = FP32_SCOPE) -> int:
+    """TensorRT 10 FP16 builds: run the layers named in ``scope`` in FP32; returns how many were pinned."""
     pinned = 0
     for i in range(network.num_layers):
         layer = network.get_layer(i)
-        if layer.type == trt.LayerType.CONSTANT or not any(s in layer.name for s in scopes):
+        if layer.type == trt.LayerType.CONSTANT or scope not in layer.name:
             continue
         outputs = [layer.get_output(j) for j in range(layer.num_outputs)]
         if not all(t.dtype in (trt.float32, trt.float16) for t in outputs):
@@ -118,7 +87,7 @@ def builder_config(trt: Any, builder: Any, network: Any, info: ModelInfo, *, pre
     if precision == "fp16" and not strongly_typed:
         config.set_flag(trt.BuilderFlag.FP16)
         if pin_fp32_layers(trt, network) == 0:
-            raise ProtoADError(f"no layer named {FP32_SCOPES[0]!r} in the network: the FP16 engine would normalise "
+            raise ProtoADError(f"no layer named {FP32_SCOPE!r} in the network: the FP16 engine would normalise "
                                "in FP16 and overflow; re-export the ONNX with this version of protoad-edge")
         config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
     name, s = info.input_name, info.crop
@@ -177,13 +146,14 @@ def build_engine(onnx_path: str | os.PathLike, *, precision: str = "fp16", opt_b
     (``protoad-export --from-onnx models/cable.onnx``).
     """
     onnx_path = Path(onnx_path)
-    if precision not in PRECISIONS:
-        raise ProtoADError(f"bad --precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision not in ENGINE_PRECISIONS:
+        raise ProtoADError(f"bad --precision {precision!r}: choose one of {', '.join(ENGINE_PRECISIONS)}")
     if not onnx_path.is_file():
         raise ProtoADError(f"ONNX model not found: {onnx_path}")
+    bundle = Bundle.of(onnx_path)
     if max_batch is not None and max_batch < 1:
         raise ProtoADError(f"--max-batch {max_batch} must be at least 1")
-    info = model_info(onnx_path)
+    info = bundle.info()
     limit = batch_limit(info.num_prototypes, info.crop, cap=max_batch or DEFAULT_MAX_BATCH)
     if max_batch is not None and max_batch > limit:
         raise ProtoADError(f"--max-batch {max_batch} is too large for {info.num_prototypes:,} prototypes at crop "
@@ -197,10 +167,9 @@ def build_engine(onnx_path: str | os.PathLike, *, precision: str = "fp16", opt_b
     if precision == "fp16" and tensorrt_major(trt.__version__) >= FIRST_STRONGLY_TYPED_MAJOR:
         from .fp16 import write_fp16_onnx  # needs the onnx package, as TensorRT 11 FP16 builds do
 
-        source = write_fp16_onnx(onnx_path)
+        source = write_fp16_onnx(onnx_path, bundle.fp16_onnx)
         log(f"mixed-precision ONNX for TensorRT {trt.__version__}: {source}")
-    plan_file = plan_path(onnx_path)
-    cache_file = timing_cache_path(plan_file)
+    plan_file, cache_file = bundle.plan, bundle.timing_cache
     logger = trt_logger(trt)
     logger.clear()
     started = time.perf_counter()
@@ -215,10 +184,10 @@ def build_engine(onnx_path: str | os.PathLike, *, precision: str = "fp16", opt_b
     del parser
     write_atomic(plan_file, lambda f: f.write(plan))
     write_atomic(cache_file, lambda f: f.write(config.get_timing_cache().serialize()))
-    info.tensorrt_version, info.gpu_name, info.precision = trt.__version__, gpu, precision
+    info.tensorrt_version, info.gpu_name, info.tensorrt_precision = trt.__version__, gpu, precision
     info.build["tensorrt"] = {"plan": plan_file.name, "onnx": source.name, "build_seconds": round(seconds, 1),
                               "opt_batch": opt_batch, "max_batch": max_batch, "workspace_mib": workspace_mib}
-    sidecar = info.save_json(sidecar_path(onnx_path))
+    sidecar = info.save_json(bundle.sidecar)
     for warning in dict.fromkeys(logger.warnings):
         log(f"TensorRT warning: {warning}")
     return EngineBuild(plan_file, sidecar, source, precision, trt.__version__, gpu, opt_batch, max_batch, seconds)

@@ -14,6 +14,8 @@ import math
 import cv2
 import numpy as np
 
+from ..decision import defect_mask
+
 MIN_VIEW = 320  # px: the crop is enlarged to at least this width
 HEADER = 44  # px: two text lines above the image
 ALPHA = 0.45  # heat map opacity
@@ -28,11 +30,6 @@ def view_scale(crop: int) -> int:
     """Integer enlargement so the view is at least MIN_VIEW wide and even-sized (video codecs need it)."""
     scale = max(1, math.ceil(MIN_VIEW / crop))
     return scale + 1 if (crop * scale) % 2 else scale
-
-
-def defect_mask(anomaly_map: np.ndarray, pixel_threshold: float) -> np.ndarray:
-    """uint8 0/255 mask of the pixels at or above the pixel threshold (the crop's resolution)."""
-    return np.where(anomaly_map >= pixel_threshold, 255, 0).astype(np.uint8)
 
 
 def render(

@@ -15,61 +15,12 @@ from typing import Any
 
 import numpy as np
 
+from ..bundle import Bundle
 from ..errors import ProtoADError
-from ..metadata import MAP_NAME, SCORE_NAME, ModelInfo, sidecar_path
-from . import cuda_memory as cm
-from .backend import Backend, check_batch, load_sidecar
-
-_LOGGER: Any = None
-
-
-def import_tensorrt() -> Any:
-    """``import tensorrt`` with a message that says where to get it."""
-    try:
-        import tensorrt
-    except ImportError:
-        raise ProtoADError(
-            "TensorRT is not installed: on a Jetson it comes with JetPack (python3-libnvinfer); "
-            "elsewhere pip install tensorrt; or run the ONNX model with --backend ort"
-        ) from None
-    return tensorrt
-
-
-def tensorrt_major(version: str) -> int:
-    """``'10.3.0'`` -> 10. TensorRT 11 removed the FP16 builder flag (strongly typed networks only)."""
-    return int(version.split(".")[0])
-
-
-def trt_logger(trt: Any) -> Any:
-    """One process-wide TensorRT logger that keeps warnings and errors, so failures can quote them.
-
-    TensorRT treats the logger as a singleton: every Builder and Runtime gets this same one.
-    """
-    global _LOGGER
-    if _LOGGER is None:
-
-        class CollectingLogger(trt.ILogger):
-            def __init__(self) -> None:
-                trt.ILogger.__init__(self)
-                self.errors: list[str] = []
-                self.warnings: list[str] = []
-
-            def log(self, severity: Any, msg: str) -> None:
-                if int(severity) <= int(trt.ILogger.ERROR):
-                    self.errors.append(msg)
-                elif int(severity) == int(trt.ILogger.WARNING):
-                    self.warnings.append(msg)
-
-            def clear(self) -> None:
-                self.errors.clear()
-                self.warnings.clear()
-
-            def last_error(self, default: str) -> str:
-                return self.errors[-1] if self.errors else default
-
-        _LOGGER = CollectingLogger()
-    return _LOGGER
-
+from ..gpu import cuda as cm
+from ..gpu.tensorrt import import_tensorrt, trt_logger
+from ..metadata import MAP_NAME, SCORE_NAME, ModelInfo
+from .backend import Backend, BackendFacts, BackendOptions, check_batch
 
 def plan_mismatch(info: ModelInfo, tensorrt_version: str, gpu_name: str) -> str | None:
     """Why a plan described by ``info`` cannot run on this TensorRT/GPU, or None if it can."""
@@ -98,24 +49,29 @@ class StageTimes:
 
 
 class TrtBackend(Backend):
-    """``timing=True`` records CUDA events around the copies and the compute; read ``last_times``."""
+    """``options.timing`` records CUDA events around the copies and the compute (``stage_times``)."""
 
     name = "trt"
 
-    def __init__(self, path: str | os.PathLike, device: int = 0, timing: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike, options: BackendOptions | None = None) -> None:
+        options = options or BackendOptions()
         path = Path(path)
         self.path = path
-        self.info = load_sidecar(path)
+        bundle = Bundle.of(path)
+        self.info = ModelInfo.load_json(bundle.sidecar)
+        if options.device == "cpu":
+            raise ProtoADError(f"{path}: a TensorRT plan runs on a GPU, not with --device cpu (use --backend ort)")
         trt = import_tensorrt()
-        gpu = cm.device_name(device)
-        why = plan_mismatch(self.info, trt.__version__, gpu)
+        self.gpu = cm.device_name(0)
+        self.tensorrt_version = trt.__version__
+        why = plan_mismatch(self.info, trt.__version__, self.gpu)
+        rebuild = f"protoad-export --from-onnx {bundle.onnx}"
         if why:
-            onnx_path = path.with_suffix(".onnx")
             raise ProtoADError(f"{path} cannot run here: {why}. TensorRT plans are not portable: "
-                               f"rebuild it on this machine with protoad-export --from-onnx {onnx_path}")
+                               f"rebuild it on this machine with {rebuild}")
         data = path.read_bytes()
         if not data:
-            raise ProtoADError(f"{path} is empty: rebuild it with protoad-export --from-onnx {path.with_suffix('.onnx')}")
+            raise ProtoADError(f"{path} is empty: rebuild it with {rebuild}")
         self._logger = trt_logger(trt)
         self._logger.clear()
         self._runtime = trt.Runtime(self._logger)
@@ -126,6 +82,7 @@ class TrtBackend(Backend):
         self.context = self.engine.create_execution_context()
         self.max_batch = self._check_io(trt)
         self.last_times: StageTimes | None = None
+        timing = options.timing
         self._bound_batch = 0
         self.stream: cm.Stream | None = None
         self.buffers: dict[str, cm.HostDeviceBuffer] = {}
@@ -160,7 +117,7 @@ class TrtBackend(Backend):
         shape = tuple(self.engine.get_tensor_shape(self.info.input_name))
         if shape[1:] != (3, self.info.crop, self.info.crop):
             raise ProtoADError(f"{self.path}: plan input {list(shape)} does not match the sidecar's crop {self.info.crop} "
-                               f"({sidecar_path(self.path)})")
+                               f"({Bundle.of(self.path).sidecar})")
         return int(self.engine.get_tensor_profile_shape(self.info.input_name, 0)[2][0])
 
     def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -205,6 +162,14 @@ class TrtBackend(Backend):
         if not ev:
             return np.zeros(3)
         return np.array([ev[1].ms_since(ev[0]), ev[2].ms_since(ev[1]), ev[3].ms_since(ev[2])])
+
+    def describe(self) -> BackendFacts:
+        return BackendFacts(self.name, str(self.path), self.info.tensorrt_precision or "unknown", self.gpu,
+                            [f"TensorRT {self.tensorrt_version}"], {"max_batch": self.max_batch})
+
+    def stage_times(self) -> dict[str, float] | None:
+        t = self.last_times
+        return None if t is None else {"h2d": t.h2d_ms, "compute": t.compute_ms, "d2h": t.d2h_ms}
 
     def close(self) -> None:
         """Free the buffers, events and stream; drop the context and engine (idempotent)."""

@@ -1,9 +1,10 @@
-"""Where results go: a JSON-lines log, an overlay video, PNG defect masks and a live window.
+"""Where results go, behind one interface: a JSON-lines log, an overlay video, PNG defect masks, a live window.
 
+The run loop hands every judged frame to every sink (``write``) and closes them all however the run
+ends (``close(keep)``: keep what was written once a frame was processed, else leave nothing).
 Files are never seen half-written: the log and the video grow in a temporary file beside their
-target (same suffix, because OpenCV picks the container from it) and are renamed into place when
-the run ends - normally, on Ctrl-C or when the source fails mid-run, as long as one frame was
-processed. Each mask is written atomically on its own.
+target (same suffix, because OpenCV picks the container from it) and are renamed into place on
+close; each mask is written atomically on its own.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import platform
 import re
 import sys
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import IO, Any, Callable
 
@@ -20,13 +22,29 @@ import cv2
 import numpy as np
 
 from ..atomic import PendingFile, write_atomic
+from ..decision import defect_mask
 from ..errors import ProtoADError
+from .result import FrameResult
 
 # Container -> codec OpenCV's bundled FFmpeg writes everywhere without extra libraries.
 VIDEO_CODECS = {".mp4": "mp4v", ".avi": "MJPG"}
 
 
-class JsonlLog:
+class Sink(ABC):
+    """Receives every judged frame; ``view`` is the rendered overlay (BGR) when ``needs_view`` is set."""
+
+    needs_view = False
+
+    @abstractmethod
+    def write(self, result: FrameResult, view: np.ndarray | None) -> bool:
+        """Take one frame; False asks the run to stop (the user closed the window)."""
+
+    @abstractmethod
+    def close(self, keep: bool) -> str | None:
+        """Finish; with ``keep`` commit what was written. Returns what was written, for the summary."""
+
+
+class JsonlSink(Sink):
     """One JSON object per line; ``-`` streams to stdout (flushed per line, for pipes)."""
 
     def __init__(self, target: str | os.PathLike) -> None:
@@ -38,76 +56,95 @@ class JsonlLog:
             self.pending = PendingFile(target)
             self.file = open(self.pending.tmp, "w", encoding="utf-8")
 
-    def write(self, record: dict[str, Any]) -> None:
-        self.file.write(json.dumps(record) + "\n")
+    def write(self, result: FrameResult, view: np.ndarray | None) -> bool:
+        self.file.write(json.dumps(result.record()) + "\n")
         if self.pending is None:
             self.file.flush()
+        return True
 
-    def close(self, keep: bool) -> Path | None:
+    def close(self, keep: bool) -> str | None:
         if self.pending is None:
             self.file.flush()
             return None
         self.file.close()
         if keep:
-            return self.pending.commit()
+            return str(self.pending.commit())
         self.pending.discard()
         return None
 
 
-class VideoOutput:
+class VideoSink(Sink):
     """The overlay video; opened on the first frame, when its size is known.
 
-    ``write(frame, until=t)`` repeats the frame until the video is ``t`` seconds long: a live source
-    judged slower than its frame rate still gives a video that plays in real time.
+    For a live source each frame is repeated until the video is as long as the time since the first
+    capture: a source judged slower than its frame rate still gives a video that plays in real time.
     """
 
-    def __init__(self, path: str | os.PathLike, fps: float) -> None:
+    needs_view = True
+
+    def __init__(self, path: str | os.PathLike, fps: float, live: bool) -> None:
         path = Path(path)
         codec = VIDEO_CODECS.get(path.suffix.lower())
         if codec is None:
             raise ProtoADError(f"cannot save video {path}: use one of {', '.join(VIDEO_CODECS)}")
         self.fourcc = cv2.VideoWriter_fourcc(*codec)
         self.fps = fps
+        self.live = live
         self.pending = PendingFile(path)
         self.writer: Any = None
         self.frames = 0
+        self.first_timestamp: float | None = None
 
-    def write(self, bgr: np.ndarray, until: float | None = None) -> None:
+    def write(self, result: FrameResult, view: np.ndarray | None) -> bool:
+        assert view is not None
         if self.writer is None:
-            h, w = bgr.shape[:2]
+            h, w = view.shape[:2]
             self.writer = cv2.VideoWriter(str(self.pending.tmp), self.fourcc, self.fps, (w, h))
             if not self.writer.isOpened():
                 raise ProtoADError(f"cannot write video {self.pending.path}: OpenCV could not open a writer for it")
-        repeat = 1 if until is None else max(1, int(until * self.fps) + 1 - self.frames)
+            self.first_timestamp = result.timestamp
+        repeat = 1
+        if self.live and self.first_timestamp is not None:
+            repeat = max(1, int((result.timestamp - self.first_timestamp) * self.fps) + 1 - self.frames)
         for _ in range(repeat):
-            self.writer.write(bgr)
+            self.writer.write(view)
         self.frames += repeat
+        return True
 
-    def close(self, keep: bool) -> Path | None:
+    def close(self, keep: bool) -> str | None:
         if self.writer is not None:
             self.writer.release()
         if keep and self.frames:
-            return self.pending.commit()
+            return str(self.pending.commit())
         self.pending.discard()
         return None
 
 
-class MaskFolder:
-    """PNG masks (255 = defect pixel) of anomalous frames, named by frame index (and image name)."""
+class MaskSink(Sink):
+    """PNG masks (255 = defect pixel) of anomalous frames, at the crop's resolution, named by frame
+    index (and image name for folders)."""
 
-    def __init__(self, folder: str | os.PathLike) -> None:
+    def __init__(self, folder: str | os.PathLike, source_name: str, pixel_threshold: float) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.source_name = source_name
+        self.pixel_threshold = pixel_threshold
         self.written = 0
 
-    def write(self, index: int, label: str, source_name: str, mask: np.ndarray) -> Path:
-        stem = f"{index:06d}" if label == source_name else f"{index:06d}_{Path(label).stem}"
-        ok, png = cv2.imencode(".png", mask)
+    def write(self, result: FrameResult, view: np.ndarray | None) -> bool:
+        if not result.anomalous:
+            return True
+        label = result.label
+        stem = f"{result.index:06d}" if label == self.source_name else f"{result.index:06d}_{Path(label).stem}"
+        ok, png = cv2.imencode(".png", defect_mask(result.anomaly_map, self.pixel_threshold))
         if not ok:
             raise ProtoADError(f"cannot encode mask {stem}.png")
-        path = write_atomic(self.folder / f"{stem}.png", lambda f: f.write(png.tobytes()))
+        write_atomic(self.folder / f"{stem}.png", lambda f: f.write(png.tobytes()))
         self.written += 1
-        return path
+        return True
+
+    def close(self, keep: bool) -> str | None:
+        return f"{self.written} masks in {self.folder}" if self.written else None
 
 
 def display_problem() -> str | None:
@@ -119,15 +156,17 @@ def display_problem() -> str | None:
     return None
 
 
-class Window:
-    """A live view; ``show`` returns False once the user pressed q / Esc or closed the window."""
+class WindowSink(Sink):
+    """A live view; ``write`` returns False once the user pressed q / Esc or closed the window."""
+
+    needs_view = True
 
     def __init__(self, title: str) -> None:
         self.title = title
         cv2.namedWindow(title, cv2.WINDOW_AUTOSIZE)
 
     @classmethod
-    def open(cls, title: str, log: Callable[[str], None]) -> "Window | None":
+    def open(cls, title: str, log: Callable[[str], None]) -> "WindowSink | None":
         """The window, or None after telling the user why there is none (the run carries on)."""
         problem = display_problem()
         if problem is None:
@@ -138,16 +177,17 @@ class Window:
         log(f"notice: --show ignored, {problem}; carrying on without a window")
         return None
 
-    def show(self, bgr: np.ndarray) -> bool:
-        cv2.imshow(self.title, bgr)
+    def write(self, result: FrameResult, view: np.ndarray | None) -> bool:
+        cv2.imshow(self.title, view)
         key = cv2.waitKey(1) & 0xFF
         if key in (ord("q"), 27):
             return False
         return cv2.getWindowProperty(self.title, cv2.WND_PROP_VISIBLE) >= 1
 
-    def close(self) -> None:
+    def close(self, keep: bool) -> str | None:
         try:
             cv2.destroyWindow(self.title)
             cv2.waitKey(1)
         except cv2.error:
             pass
+        return None

@@ -14,9 +14,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .atomic import write_atomic
+from ..atomic import write_atomic
+from ..decision import capped_pixel_threshold, defect_mask, is_anomalous
+from ..metrics import PRO_FPR_LIMIT, f1_optimal_threshold
 from .evaluate import CategoryResult
-from .metrics import PRO_FPR_LIMIT, f1_optimal_threshold
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 # BGR
@@ -148,7 +149,7 @@ def _text(img: np.ndarray, text: str, org: tuple[int, int], scale: float = 0.5, 
 
 # --- cases -----------------------------------------------------------------------------------
 
-_COLUMNS = ("image", "ground truth", "anomaly map", "red: map >= pixel thr, green: truth")
+_COLUMNS = ("image", "ground truth", "anomaly map", "red: map > pixel thr, green: truth")
 
 
 def pick_cases(result: CategoryResult, n: int) -> tuple[list[int], list[int], float]:
@@ -173,7 +174,7 @@ def case_grid(result: CategoryResult, n: int = 4) -> np.ndarray:
     worst, best, image_thr = pick_cases(result, n)
     maps = result.maps
     lo, hi = float(maps.min()), float(maps.max())
-    pixel_thr = result.info.pixel_threshold
+    pixel_thr = capped_pixel_threshold(result.info.pixel_threshold, image_thr)
     tile = max(maps.shape[1], 200)
     header, gap = 24, 4
     width = 4 * tile + 5 * gap
@@ -198,7 +199,7 @@ def _case_row(result: CategoryResult, i: int, title: str, image_thr: float, pixe
     sample = test.samples[i]
     score = float(result.scores[i])
     anomalous = bool(test.labels[i])
-    flagged = score >= image_thr
+    flagged = bool(is_anomalous(score, image_thr))
     verdict = ("caught" if flagged else "MISSED") if anomalous else ("FALSE ALARM" if flagged else "passed")
     size = (tile, tile)
     rgb = cv2.resize(test.crops[i], size, interpolation=cv2.INTER_LINEAR)
@@ -213,8 +214,7 @@ def _case_row(result: CategoryResult, i: int, title: str, image_thr: float, pixe
     heat = cv2.applyColorMap(scaled, COLORMAP)
     outline = image.copy()
     if math.isfinite(pixel_thr):
-        predicted = (amap >= pixel_thr).astype(np.uint8)
-        contours, _ = cv2.findContours(predicted, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        contours, _ = cv2.findContours(defect_mask(amap, pixel_thr), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
         cv2.drawContours(outline, contours, -1, RED, 2, cv2.LINE_AA)
     contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     cv2.drawContours(outline, contours, -1, GREEN, 1, cv2.LINE_AA)
@@ -223,7 +223,7 @@ def _case_row(result: CategoryResult, i: int, title: str, image_thr: float, pixe
     name = "/".join(sample.path.parts[-2:])
     colour = RED if verdict in ("MISSED", "FALSE ALARM") else BLACK
     _text(row, f"{title}: {name} ({'anomalous' if anomalous else 'normal'})  score {score:.4f} "
-               f"{'>=' if flagged else '<'} {image_thr:.4f}  {verdict}", (gap, header - 7), colour=colour, scale=0.45)
+               f"{'>' if flagged else '<='} {image_thr:.4f}  {verdict}", (gap, header - 7), colour=colour, scale=0.45)
     for c, part in enumerate((image, truth, heat, outline)):
         x = gap + c * (tile + gap)
         row[header:header + tile, x:x + tile] = part

@@ -28,7 +28,8 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from .errors import ProtoADError
+from ..errors import ProtoADError
+from ..progress import progress_bar
 from .finch import (
     DEFAULT_SCRATCH_BYTES,
     Neighbours,
@@ -37,7 +38,6 @@ from .finch import (
     first_neighbours,
 )
 from .gpu_neighbours import gpu_first_neighbours
-from .progress import progress_bar
 
 # As finch-clust: exact up to 20,000 rows, approximate above. A 627k-row category's third level
 # (about 40k cluster means) took 20 s exact and 3.5 s approximate.
@@ -66,7 +66,7 @@ class Projection(NamedTuple):
     inverse: torch.Tensor  # float32 [N]: the rows' inverse norms
 
 
-def make_search(device: str = "cpu", *, exact: bool = False, exact_up_to: int = EXACT_UP_TO,
+def make_search(device: str = "cpu", *, exact: bool = False, exact_up_to: int | None = None,
                 scratch_bytes: int = DEFAULT_SCRATCH_BYTES, log: Callable[[str], None] = print) -> Search:
     """The first-neighbour search for ``finch(search=...)``.
 
@@ -82,6 +82,7 @@ def make_search(device: str = "cpu", *, exact: bool = False, exact_up_to: int = 
     exact_search = functools.partial(first_neighbours, scratch_bytes=scratch_bytes)
     if exact:
         return exact_search
+    exact_up_to = EXACT_UP_TO if exact_up_to is None else exact_up_to
     kept: list[Projection] = []  # the last approximate call's projection, until the next call
 
     def search(x: np.ndarray, *, progress: str | None = None, merged: np.ndarray | None = None) -> Neighbours:

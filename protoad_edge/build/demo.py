@@ -29,7 +29,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .errors import ProtoADError
+from ..errors import ProtoADError
 
 SIZE = 256
 # The part's outer radius in pixels: its rim stays ~20 px inside the default 224 centre crop.

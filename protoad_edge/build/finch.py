@@ -37,8 +37,8 @@ import scipy.sparse as sp
 import torch
 from scipy.sparse.csgraph import connected_components
 
-from .errors import ProtoADError
-from .progress import progress_bar
+from ..errors import ProtoADError
+from ..progress import progress_bar
 
 DEFAULT_MAX_PROTOTYPES = 10_000
 DEFAULT_SCRATCH_BYTES = 256 * 2**20

@@ -43,12 +43,12 @@ from typing import Callable
 
 import numpy as np
 
+from ..constants import DATASET_KINDS
+from ..errors import ProtoADError
+from ..preprocess import IMAGE_SUFFIXES, Preprocess, load_mask, load_rgb
+from ..progress import progress_bar
 from .demo import generate_demo
-from .errors import ProtoADError
-from .preprocess import IMAGE_SUFFIXES, Preprocess, load_mask, load_rgb
-from .progress import progress_bar
 
-KINDS = ("mvtec", "btad", "folder")
 DEMO = "demo"
 NORMAL = "good"  # the defect name of every normal sample, whatever the layout calls it
 HOLDOUT = 5  # folder layout: every HOLDOUT-th normal image becomes a test image
@@ -118,8 +118,8 @@ def list_categories(data_root: str | os.PathLike | None = None, kind: str = "mvt
 
 
 def _check_kind(kind: str) -> None:
-    if kind not in KINDS:
-        raise ProtoADError(f"unknown dataset kind {kind!r}: choose one of {', '.join(KINDS)}")
+    if kind not in DATASET_KINDS:
+        raise ProtoADError(f"unknown dataset kind {kind!r}: choose one of {', '.join(DATASET_KINDS)}")
 
 
 def _existing(root: Path) -> Path:

@@ -6,8 +6,8 @@ scores. Each stage's latency is kept, plus the backend's own H2D / compute / D2H
 measures one (the TensorRT backend with ``timing=True``). The loop is sequential on one stream,
 so throughput is batch / mean latency.
 
-No torch here: ``protoad-bench --onnx/--engine`` runs on camera images that lack it; only
-``--torch`` (the eager PyTorch yardstick) imports it, through :mod:`protoad_edge.torch_backend`.
+No torch here: ``protoad-bench --backend ort|trt`` runs on camera images that lack it; only the
+``torch`` backend (the eager PyTorch yardstick) imports it, through the backend registry.
 """
 
 from __future__ import annotations
@@ -29,15 +29,14 @@ from typing import Any
 
 import numpy as np
 
-from .atomic import write_text_atomic
-from .errors import ProtoADError
-from .preprocess import load_rgb, to_batch
-from .runtime.backend import Backend
+from ..atomic import write_text_atomic
+from ..errors import ProtoADError
+from ..preprocess import load_rgb, to_batch
+from ..runtime.backend import Backend
 
 # The paper's inference speed (section 4, 224x224 input, WRN50 backbone), measured on one GPU.
 PAPER_GPU = "NVIDIA GeForce RTX 2080 Ti"
 PAPER_FPS = {"ProtoAD": 72.45, "PaDiM": 60.32, "PatchCore-1%": 26.17}
-KINDS = ("onnx", "engine", "torch")
 DEFAULT_FRAME = (1280, 720)  # width, height: a common industrial camera mode
 # Stage order in reports. "infer" is the backend call (batch in, maps and scores out); the TensorRT
 # backend splits it further into h2d / compute / d2h.
@@ -136,7 +135,6 @@ def run_batch(
     preprocess = backend.info.preprocess
     frames = [frame] * batch
     samples: dict[str, list[float]] = {name: [] for name in STAGES}
-    split = _stage_split(backend)
     start = None
     for i in itertools.count():
         t0 = clock()
@@ -151,62 +149,12 @@ def run_batch(
         samples["preprocess"].append(1000.0 * (t1 - t0))
         samples["infer"].append(1000.0 * (t2 - t1))
         samples["end_to_end"].append(1000.0 * (t2 - t0))
-        if split is not None:
-            for name, ms in split().items():
-                samples[name].append(ms)
+        for name, ms in (backend.stage_times() or {}).items():
+            samples[name].append(ms)
         if len(samples["infer"]) >= iterations and t2 - start >= duration:
             break
     stages = {name: Latency.of(v) for name, v in samples.items() if v}
     return BatchResult(batch=batch, iterations=len(samples["infer"]), warmup=warmup, stages=stages)
-
-
-def _stage_split(backend: Backend) -> Callable[[], dict[str, float]] | None:
-    """The backend's own H2D / compute / D2H milliseconds of its last call, where it records them
-    (the TensorRT backend opened with ``timing=True`` keeps CUDA event times in ``last_times``)."""
-    if getattr(backend, "last_times", False) is False:
-        return None
-
-    def read() -> dict[str, float]:
-        t = backend.last_times  # type: ignore[attr-defined]
-        return {} if t is None else {"h2d": t.h2d_ms, "compute": t.compute_ms, "d2h": t.d2h_ms}
-
-    return read
-
-
-def open_backend_for(kind: str, path: str | os.PathLike, threads: int = 0, device: str = "auto") -> Backend:
-    """Open ``path`` as ``kind`` (``onnx``, ``engine`` or ``torch``) for benchmarking.
-
-    ``threads`` sets onnxruntime's intra-op threads (``onnx``) or torch's (``torch``); 0 keeps the
-    library default (onnxruntime: one per physical core). ``device`` applies to ``torch`` only.
-    """
-    path = Path(path)
-    if kind not in KINDS:
-        raise ProtoADError(f"bad model kind {kind!r}: choose one of {', '.join(KINDS)}")
-    if not path.is_file():
-        raise ProtoADError(f"--{kind} {path}: no such file")
-    if kind == "onnx":
-        if path.suffix != ".onnx":
-            raise ProtoADError(f"--onnx {path}: not an .onnx file (a TensorRT plan goes with --engine, a bundle's .json with --torch)")
-        from .runtime.ort_backend import OrtBackend
-
-        return OrtBackend(path, threads=threads)
-    if kind == "engine":
-        if path.suffix not in (".plan", ".engine"):
-            raise ProtoADError(f"--engine {path}: not a TensorRT .plan/.engine file (an .onnx goes with --onnx)")
-        from .runtime.trt_backend import TrtBackend
-
-        return TrtBackend(path, timing=True)
-    if path.suffix != ".json":
-        raise ProtoADError(f"--torch {path}: expected the bundle's NAME.json (with NAME.prototypes.npy beside it)")
-    try:
-        import torch
-    except ImportError:
-        raise ProtoADError("--torch needs PyTorch (pip install protoad-edge[build]); --onnx and --engine do not") from None
-    from .torch_backend import TorchBackend
-
-    if threads:
-        torch.set_num_threads(threads)
-    return TorchBackend(path, device=device)
 
 
 def make_frame(size: tuple[int, int] = DEFAULT_FRAME, image: str | os.PathLike | None = None, seed: int = 0) -> np.ndarray:
@@ -229,14 +177,11 @@ def benchmark(
     warmup: int = 5,
     iterations: int = 10,
     duration: float = 0.0,
-    kind: str = "",
-    model: str | os.PathLike = "",
     frame_source: str = "",
-    threads: int = 0,
 ) -> BenchReport:
     """Benchmark every batch size in ``batches`` on ``backend``; the header describes the run."""
     batches = list(batches)
-    header = describe(backend, kind=kind, model=model, frame=frame, frame_source=frame_source, threads=threads)
+    header = describe(backend, frame=frame, frame_source=frame_source)
     header["run"] = {"warmup": warmup, "iterations": iterations, "duration_s": duration, "batches": batches}
     report = BenchReport(header)
     for b in batches:
@@ -247,50 +192,24 @@ def benchmark(
 # -- what ran where ---------------------------------------------------------------------------------
 
 
-def describe(backend: Backend, kind: str = "", model: str | os.PathLike = "", frame: np.ndarray | None = None,
-             frame_source: str = "", threads: int = 0) -> dict[str, Any]:
-    """The report header: machine, software versions, backend, precision and the model's input and K."""
+def describe(backend: Backend, frame: np.ndarray | None = None, frame_source: str = "") -> dict[str, Any]:
+    """The report header: machine, software versions, the backend's own description and the model's input and K."""
     info = backend.info
+    facts = backend.describe()
     header: dict[str, Any] = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": machine(),
         "software": software_versions(),
         "model": {
-            "path": str(model), "kind": kind, "category": info.category, "num_prototypes": info.num_prototypes,
+            "path": facts.model, "category": info.category, "num_prototypes": info.num_prototypes,
             "input": [3, info.crop, info.crop], "resize": info.resize, "crop": info.crop,
             "feature_upsample": info.feature_upsample,
         },
-        "backend": backend_facts(backend, threads),
+        "backend": facts.to_dict(),
     }
     if frame is not None:
         header["frame"] = {"width": int(frame.shape[1]), "height": int(frame.shape[0]), "source": frame_source}
     return header
-
-
-def backend_facts(backend: Backend, threads: int = 0) -> dict[str, Any]:
-    """Backend name, execution provider / device, precision and threads."""
-    facts: dict[str, Any] = {"name": backend.name}
-    if backend.name == "ort":
-        providers = list(getattr(backend, "providers", []))
-        facts["provider"] = providers[0] if providers else ""
-        facts["providers"] = providers
-        on_trt = facts["provider"] == "TensorrtExecutionProvider"
-        facts["precision"] = "fp16" if on_trt and getattr(backend, "fp16", True) else "fp32"
-        session = getattr(backend, "session", None)
-        if session is not None:
-            opts = session.get_session_options()
-            facts["intra_op_threads"] = opts.intra_op_num_threads or "default (one per physical core)"
-            facts["graph_optimization"] = str(opts.graph_optimization_level).rsplit(".", 1)[-1]
-    elif backend.name == "trt":
-        facts["provider"] = "TensorRT"
-        facts["precision"] = backend.info.precision or "unknown"
-        facts["max_batch"] = getattr(backend, "max_batch", None)
-    else:  # the eager PyTorch yardstick
-        facts["provider"] = f"torch {getattr(backend, 'device', '')}".strip()
-        facts["precision"] = getattr(backend, "precision", "fp32")
-        if threads:
-            facts["threads"] = threads
-    return facts
 
 
 def machine() -> dict[str, Any]:
@@ -338,7 +257,7 @@ def gpu() -> dict[str, Any]:
         except (OSError, subprocess.SubprocessError):
             pass
     try:
-        from .runtime import cuda_memory as cm
+        from ..gpu import cuda as cm
 
         rt = cm.cudart()
         name = cm.device_name(0)
@@ -366,7 +285,7 @@ def software_versions() -> dict[str, str]:
         if getattr(torch.version, "cuda", None):
             out["torch_cuda"] = torch.version.cuda
     try:
-        from .runtime import cuda_memory as cm
+        from ..gpu import cuda as cm
 
         version = int(cm.check(cm.cudart().cudaRuntimeGetVersion(), "cudaRuntimeGetVersion"))
         out["cuda_runtime"] = f"{version // 1000}.{version % 1000 // 10}"
@@ -382,17 +301,16 @@ def header_lines(h: dict[str, Any]) -> list[str]:
     m, s, mod, b = h["machine"], h["software"], h["model"], h["backend"]
     gpu_text = f"{m['gpu']} (driver {m['driver']})" if m.get("gpu") else "no NVIDIA GPU"
     soft = ", ".join(f"{k} {v}" for k, v in s.items() if k not in ("python", "numpy", "opencv-python", "pillow"))
-    threads = b.get("intra_op_threads", b.get("threads"))
+    details = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in b["details"].items())
+    where = ", ".join(b["providers"]) if b["providers"] else b["device"]
     lines = [
         "=== protoad-bench ===",
         f"date        {h['date']}",
         f"machine     {m['cpu']}, {m['physical_cores']} cores ({m['logical_cores']} logical), {gpu_text}",
         f"software    python {s['python']}, {soft or 'no inference library found'}",
-        (f"model       {mod['path']} ({mod['kind']}): {mod['category']}, K = {mod['num_prototypes']:,} prototypes, "
+        (f"model       {mod['path']}: {mod['category']}, K = {mod['num_prototypes']:,} prototypes, "
          f"input Nx3x{mod['crop']}x{mod['crop']} (resize {mod['resize']}, crop {mod['crop']})"),
-        f"backend     {b['name']}, provider {b['provider']}, precision {b['precision']}"
-        + (f", threads {threads}" if threads is not None else "")
-        + (f", graph optimisation {b['graph_optimization']}" if "graph_optimization" in b else ""),
+        f"backend     {b['name']} on {where}, precision {b['precision']}" + (f"; {details}" if details else ""),
     ]
     if "frame" in h:
         f = h["frame"]

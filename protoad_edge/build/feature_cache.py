@@ -17,8 +17,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from . import __version__
-from .atomic import atomic_path
+from .. import __version__
+from ..atomic import atomic_path
 
 DTYPE = np.float16
 
@@ -47,8 +47,9 @@ def features_key(*, dataset: str, category: str, images: Sequence[Path], weights
 
 
 def cached_features(directory: Path, key: str, shape: tuple[int, int], fill: Callable[[np.ndarray], None], *,
-                    keep: bool = True, log: Callable[[str], None] = print) -> np.ndarray:
-    """Read-only FP16 memmap of the features, calling ``fill(out)`` to write them only on a miss.
+                    keep: bool = True, log: Callable[[str], None] = print) -> tuple[np.ndarray, bool]:
+    """(read-only FP16 memmap of the features, whether the cache had them), calling ``fill(out)`` to
+    write them only on a miss.
 
     ``fill`` gets a writable FP16 memmap of ``shape`` and fills it (batch by batch: it is on disk).
     The file becomes ``directory/<key>.npy`` only once ``fill`` has returned (an interrupted run leaves
@@ -60,7 +61,7 @@ def cached_features(directory: Path, key: str, shape: tuple[int, int], fill: Cal
         Path(directory).mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(prefix=".protoad-features.", suffix=".npy", dir=directory) as tmp:
             _write(Path(tmp.name), shape, fill)
-            return np.load(tmp.name, mmap_mode="r")
+            return np.load(tmp.name, mmap_mode="r"), False
     path = Path(directory) / f"{key}.npy"
     if path.is_file():
         try:
@@ -69,11 +70,11 @@ def cached_features(directory: Path, key: str, shape: tuple[int, int], fill: Cal
             hit = None
         if hit is not None and hit.shape == tuple(shape) and hit.dtype == DTYPE:
             log(f"features: cache hit {path}")
-            return hit
+            return hit, True
     with atomic_path(path) as tmp:
         _write(tmp, shape, fill)
     log(f"features: cached at {path}")
-    return np.load(path, mmap_mode="r")
+    return np.load(path, mmap_mode="r"), False
 
 
 def _write(path: Path, shape: tuple[int, int], fill: Callable[[np.ndarray], None]) -> None:

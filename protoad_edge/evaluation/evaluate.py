@@ -2,7 +2,7 @@
 
 ``evaluate_category`` is the Python API behind ``protoad-eval``: image AUROC, pixel AUROC and
 PRO (MVTec AD's definition, see ``metrics.pro_curve``), plus how the model's own thresholds fare.
-``compare_backends`` runs one test split through several backends (torch, ort, trt) and reports
+``compare_backends`` runs one test split through several backends (any of ``backends.NAMES``) and reports
 how far their maps are from the first one's, how well their image rankings agree and each one's
 metrics: the check that the exported graph still is the network it came from.
 """
@@ -18,13 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import bundle_file, open_bundle
-from .datasets import Sample, load_crops, load_masks, open_dataset
-from .errors import ProtoADError
-from .metadata import ModelInfo
-from .metrics import PRO_FPR_LIMIT, curve_area, pro_curve, roc_curve, spearman
-from .preprocess import Preprocess, to_batch
-from .runtime.backend import Backend, run_maps
+from ..backends import AUTO, BackendEntry, choose, locate
+from ..build.datasets import Sample, load_crops, load_masks, open_dataset
+from ..decision import image_scores, is_anomalous
+from ..errors import ProtoADError
+from ..metadata import ModelInfo
+from ..metrics import PRO_FPR_LIMIT, curve_area, pro_curve, roc_curve, spearman
+from ..preprocess import Preprocess, to_batch
+from ..runtime.backend import Backend, BackendOptions, run_maps
 
 Curve = tuple[np.ndarray, np.ndarray]
 
@@ -88,11 +89,6 @@ class Metrics:
         return {"image_auroc": self.image_auroc, "pixel_auroc": self.pixel_auroc, "pro": self.pro}
 
 
-def image_scores(maps: np.ndarray) -> np.ndarray:
-    """The image score is the maximum of its map (the network's ``score`` output)."""
-    return maps.reshape(len(maps), -1).max(axis=1)
-
-
 def compute_metrics(test: LabelledSplit, maps: np.ndarray) -> Metrics:
     fpr, tpr, _ = roc_curve(test.labels, image_scores(maps))
     image_auroc = curve_area(fpr, tpr)
@@ -110,15 +106,6 @@ def compute_metrics(test: LabelledSplit, maps: np.ndarray) -> Metrics:
         pixel_roc=(pix_fpr, pix_tpr),
         pro_curve=(pro_fpr, pro),
     )
-
-
-def describe(backend: Backend) -> str:
-    """One line on what actually ran: backend, device/providers, precision."""
-    if backend.name == "torch":
-        return f"torch ({backend.device.type}, {backend.precision}, eager)"  # type: ignore[attr-defined]
-    if backend.name == "ort":
-        return f"ort ({', '.join(backend.providers)})"  # type: ignore[attr-defined]
-    return f"{backend.name} ({backend.info.precision or 'engine'} on {backend.info.gpu_name or 'GPU'})"
 
 
 @dataclass
@@ -141,7 +128,7 @@ class CategoryResult:
     category: str
     kind: str
     model: Path
-    backend: str  # as ``describe`` puts it
+    backend: str  # what ran, as ``BackendFacts.line`` puts it
     info: ModelInfo
     test: LabelledSplit
     maps: np.ndarray  # float32 [N,S,S]
@@ -153,7 +140,7 @@ class CategoryResult:
         return image_scores(self.maps)
 
     def thresholds(self) -> ThresholdCheck:
-        flagged = self.scores >= self.info.image_threshold
+        flagged = is_anomalous(self.scores, self.info.image_threshold)
         labels = self.test.labels
         return ThresholdCheck(
             image_threshold=self.info.image_threshold,
@@ -188,32 +175,36 @@ def evaluate_category(
     category: str,
     data_root: str | os.PathLike | None = None,
     dataset: str = "mvtec",
-    backend: str = "auto",
+    backend: str = AUTO,
     batch_size: int = 8,
-    device: str = "auto",
-    fp16: bool | None = None,
+    options: BackendOptions | None = None,
     progress: bool = False,
 ) -> CategoryResult:
-    """Run ``model`` (a bundle file or a folder of bundles) on the test split of ``category``."""
-    path, backend = bundle_file(model, backend, category)
+    """Run ``model`` (any file of a bundle, or a folder of bundles) on the test split of ``category``."""
+    entry, path = _resolve(model, category, backend)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    with open_bundle(path, backend, category, device=device, fp16=fp16) as runner:
+    with entry.load()(path, options or BackendOptions()) as opened:
         seconds["open"] = time.perf_counter() - start
-        test = load_test_set(category, data_root, dataset, runner.info.preprocess, progress)
+        test = load_test_set(category, data_root, dataset, opened.info.preprocess, progress)
         seconds["load"] = time.perf_counter() - start - seconds["open"]
-        maps, seconds["infer"] = _timed_maps(runner, test, batch_size, progress)
-        label, info = describe(runner), runner.info
+        maps, seconds["infer"] = _timed_maps(opened, test, batch_size, progress)
+        label, info = opened.describe().line(), opened.info
     start = time.perf_counter()
     metrics = compute_metrics(test, maps)
     seconds["metrics"] = time.perf_counter() - start
     return CategoryResult(category, test.kind, path, label, info, test, maps, metrics, seconds)
 
 
-def _timed_maps(runner: Backend, test: LabelledSplit, batch_size: int, progress: bool) -> tuple[np.ndarray, float]:
-    runner.infer(to_batch(test.crops[:1]))  # first-call costs (allocation, engine set-up) are not speed
+def _resolve(model: str | os.PathLike, category: str, backend: str) -> tuple[BackendEntry, Path]:
+    bundle, given = locate(model, category)
+    return choose(bundle, given, backend)
+
+
+def _timed_maps(backend: Backend, test: LabelledSplit, batch_size: int, progress: bool) -> tuple[np.ndarray, float]:
+    backend.infer(to_batch(test.crops[:1]))  # first-call costs (allocation, engine set-up) are not speed
     start = time.perf_counter()
-    maps = run_maps(runner, test.crops, batch_size, f"{runner.name} {test.category}", progress)  # type: ignore[arg-type]
+    maps = run_maps(backend, test.crops, batch_size, f"{backend.name} {test.category}", progress)
     return maps, time.perf_counter() - start
 
 
@@ -275,25 +266,24 @@ def compare_backends(
     data_root: str | os.PathLike | None = None,
     dataset: str = "mvtec",
     batch_size: int = 8,
-    device: str = "auto",
-    fp16: bool | None = None,
+    options: BackendOptions | None = None,
     progress: bool = False,
 ) -> Comparison:
     """Run the same test images through each of ``backends`` (at least two, the first is the reference)."""
-    if len(backends) < 2 or len(set(backends)) != len(backends) or "auto" in backends:
-        raise ProtoADError(f"--compare needs two or more different backends among torch, ort, trt, got {','.join(backends)}")
-    files = [bundle_file(model, b, category)[0] for b in backends]  # every file exists before anything runs
+    if len(backends) < 2 or len(set(backends)) != len(backends) or AUTO in backends:
+        raise ProtoADError(f"--compare needs two or more different backends, got {','.join(backends)}")
+    chosen = [_resolve(model, category, b) for b in backends]  # every file exists before anything runs
     test: LabelledSplit | None = None
     runs: list[BackendRun] = []
-    for name, path in zip(backends, files):
-        with open_bundle(path, name, category, device=device, fp16=fp16) as runner:
+    for entry, path in chosen:
+        with entry.load()(path, options or BackendOptions()) as opened:
             if test is None:
-                pre = runner.info.preprocess
+                pre = opened.info.preprocess
                 test = load_test_set(category, data_root, dataset, pre, progress)
-            elif runner.info.preprocess != pre:
-                raise ProtoADError(f"{path}: preprocessing {runner.info.preprocess} differs from {files[0]}'s {pre}")
-            maps, seconds = _timed_maps(runner, test, batch_size, progress)
-            runs.append(BackendRun(name, describe(runner), path, maps, compute_metrics(test, maps), seconds))
+            elif opened.info.preprocess != pre:
+                raise ProtoADError(f"{path}: preprocessing {opened.info.preprocess} differs from {chosen[0][1]}'s {pre}")
+            maps, seconds = _timed_maps(opened, test, batch_size, progress)
+            runs.append(BackendRun(entry.name, opened.describe().line(), path, maps, compute_metrics(test, maps), seconds))
     assert test is not None
     return Comparison(category, test, runs)
 

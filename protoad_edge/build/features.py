@@ -7,9 +7,7 @@ stride information; layer4 and fc are never built, so they are neither computed 
 from __future__ import annotations
 
 import hashlib
-import math
 import urllib.error
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,31 +15,11 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from .errors import ProtoADError
+from ..constants import BACKBONE, FEATURE_INFO, UPSAMPLE_MODES, feature_size
+from ..errors import ProtoADError
 
-BACKBONE = "wide_resnet50_2"
-LAYERS = ("layer1", "layer2", "layer3")
-UPSAMPLE_MODES = ("bilinear", "nearest")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class FeatureInfo:
-    name: str
-    channels: int
-    stride: int
-
-
-FEATURE_INFO = (FeatureInfo("layer1", 256, 4), FeatureInfo("layer2", 512, 8), FeatureInfo("layer3", 1024, 16))
-EMBED_DIM = sum(f.channels for f in FEATURE_INFO)  # 1792
-
-
-def _stage_size(size: int, stride: int) -> int:
-    """Spatial size after a stride-``stride`` ResNet stage: every stride-2 op rounds up."""
-    for _ in range(int(math.log2(stride))):
-        size = (size + 1) // 2
-    return size
 
 
 class Backbone(nn.Module):
@@ -74,7 +52,7 @@ class PatchFeatures(nn.Module):
             raise ProtoADError(f"bad --feature-upsample {upsample!r}: choose one of {', '.join(UPSAMPLE_MODES)}")
         self.backbone = backbone
         self.upsample = upsample
-        self.size = _stage_size(crop, FEATURE_INFO[0].stride)
+        self.size = feature_size(crop)
         std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
         mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
         self.register_buffer("scale", 1.0 / (255.0 * std))

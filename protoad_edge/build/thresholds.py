@@ -3,7 +3,8 @@
 Rule (stored verbatim in the model metadata as ``threshold_rule``):
 
 - image threshold = max(highest held-out normal score, mean + 3 std of those scores). No held-out
-  normal part raises an alarm, and under a normal approximation about 0.13 % of good parts would.
+  normal part raises an alarm (the verdict is ``score > threshold``, see ``protoad_edge.decision``),
+  and under a normal approximation about 0.13 % of good parts would.
 - pixel threshold = the 99.9th percentile of all held-out normal pixel scores, capped at the image
   threshold. It outlines the defect inside frames already judged anomalous: 0.1 % of normal
   pixels exceed it, and the cap keeps the outline around the peak that triggered the verdict.
@@ -14,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from ..decision import capped_pixel_threshold, image_scores
 
 RULE = (
     "image: max(max, mean + 3 std) of held-out normal image scores; "
@@ -35,7 +38,6 @@ def from_normal_maps(maps: np.ndarray) -> Thresholds:
     maps = np.asarray(maps, dtype=np.float64)
     if maps.size == 0:
         raise ValueError("thresholds need at least one held-out normal image")
-    scores = maps.reshape(len(maps), -1).max(axis=1)
+    scores = image_scores(maps)
     image = max(float(scores.max()), float(scores.mean() + SIGMAS * scores.std()))
-    pixel = min(float(np.quantile(maps, PIXEL_QUANTILE)), image)
-    return Thresholds(image=image, pixel=pixel)
+    return Thresholds(image=image, pixel=capped_pixel_threshold(float(np.quantile(maps, PIXEL_QUANTILE)), image))

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..constants import L2NORM_MODULE
 from .features import PatchFeatures
 
 
@@ -113,7 +114,8 @@ class ProtoADNet(nn.Module):
     def __init__(self, features: PatchFeatures, prototypes: torch.Tensor, crop: int, blur_sigma: float = 4.0) -> None:
         super().__init__()
         self.features = features
-        self.l2norm = L2Norm()
+        # Registered under the shared name: its ONNX nodes ("/l2norm/...") are what FP16 builds keep in FP32.
+        self.add_module(L2NORM_MODULE, L2Norm())
         self.prototypes = NearestPrototype(prototypes)
         self.crop = crop
         self.blur = GaussianBlur(blur_sigma, crop)
@@ -124,7 +126,7 @@ class ProtoADNet(nn.Module):
 
     def patch_scores(self, image: torch.Tensor) -> torch.Tensor:
         """The anomaly map at feature resolution: 1 - max cosine similarity to any prototype."""
-        return 1.0 - self.prototypes(self.l2norm(self.features(image)))
+        return 1.0 - self.prototypes(getattr(self, L2NORM_MODULE)(self.features(image)))
 
     def postprocess(self, patch_scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[N,1,h,w] patch scores -> (bilinear upsample to the crop, then the blur; image score = max)."""

@@ -1,9 +1,8 @@
-"""The inspection loop: frames in, verdicts out.
+"""The inspection loop: frames in, verdicts out, every result handed to the sinks.
 
 Per frame: the model's own preprocessing (``ModelInfo.preprocess``, the function the build stage
-used, so scores match), one inference, the verdict ``score > threshold`` (the image threshold is
-the highest held-out normal score or above, so a score equal to it is still normal), then the
-outputs the caller asked for. ``protoad-run`` is a thin wrapper around ``run``.
+used, so scores match), one inference, the verdict (``decision.is_anomalous``), then every sink
+the caller asked for. ``protoad-run`` is a thin wrapper around ``run``.
 """
 
 from __future__ import annotations
@@ -13,16 +12,19 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
-from ..errors import ProtoADError
+from ..decision import capped_pixel_threshold, is_anomalous
+from ..errors import ProtoADError, Terminated
+from ..metadata import ModelInfo
 from ..preprocess import to_batch
 from .backend import Backend
 from .capture import DEFAULT_BACKOFF, Capture
-from .outputs import JsonlLog, MaskFolder, VideoOutput, Window
-from .overlay import defect_mask, render
+from .overlay import render
+from .result import FrameResult
+from .sinks import JsonlSink, MaskSink, Sink, VideoSink, WindowSink
 from .sources import Source, SourceSpec, open_source
 
 # Overlay video frame rate when the source reports none or an implausible one (streams often say
@@ -46,30 +48,7 @@ class RunOptions:
     queue_size: int | None = None  # None: 2 for live sources, 8 for files
     backoff: tuple[float, ...] = DEFAULT_BACKOFF  # pauses before reconnecting a live source
     log: Callable[[str], None] = _stderr  # notices for the user (never the JSON lines)
-    on_frame: Callable[["FrameResult"], None] | None = None  # e.g. to drive a reject gate
-
-
-@dataclass
-class FrameResult:
-    index: int
-    timestamp: float
-    label: str  # image path, or the source's name
-    score: float
-    anomalous: bool
-    latency_ms: float  # preprocessing + inference
-    crop: np.ndarray  # what the model saw: SxSx3 uint8 RGB
-    anomaly_map: np.ndarray  # SxS float32
-
-    def record(self) -> dict[str, Any]:
-        """The JSON line."""
-        return {
-            "frame": self.index,
-            "timestamp": round(self.timestamp, 6),
-            "source": self.label,
-            "score": self.score,
-            "verdict": "anomaly" if self.anomalous else "ok",
-            "latency_ms": round(self.latency_ms, 3),
-        }
+    on_frame: Callable[[FrameResult], None] | None = None  # e.g. to drive a reject gate
 
 
 @dataclass
@@ -82,7 +61,7 @@ class RunSummary:
     seconds: float = 0.0
     dropped: int = 0
     reconnects: int = 0
-    stopped: str = ""  # end of source | max frames | interrupted | window closed | failed
+    stopped: str = ""  # end of source | max frames | interrupted | terminated | window closed | failed
     latencies_ms: list[float] = field(default_factory=list)
     written: list[str] = field(default_factory=list)
 
@@ -118,46 +97,61 @@ class RunAborted(ProtoADError):
         self.summary = summary
 
 
+def thresholds_in_force(info: ModelInfo, override: float | None) -> tuple[float, float]:
+    """(image, pixel) thresholds of a run: ``--threshold`` or the model's, and the capped pixel one."""
+    threshold = info.image_threshold if override is None else float(override)
+    if not math.isfinite(threshold):
+        raise ProtoADError(f"model {info.category!r} has no image threshold: pass --threshold")
+    return threshold, capped_pixel_threshold(info.pixel_threshold, threshold)
+
+
+def open_sinks(options: RunOptions, src: Source, title: str, pixel_threshold: float) -> list[Sink]:
+    """The sinks ``options`` ask for, in a fixed order (the log first, so it sees every frame)."""
+    sinks: list[Sink] = []
+    try:
+        if options.jsonl is not None:
+            sinks.append(JsonlSink(options.jsonl))
+        if options.save is not None:
+            fallback = LIVE_VIDEO_FPS if src.live else FILE_VIDEO_FPS
+            sinks.append(VideoSink(options.save, src.fps if 0 < src.fps <= MAX_VIDEO_FPS else fallback, src.live))
+        if options.save_masks is not None:
+            sinks.append(MaskSink(options.save_masks, src.name, pixel_threshold))
+        window = WindowSink.open(title, options.log) if options.show else None
+        if window is not None:
+            sinks.append(window)
+    except BaseException:
+        close_sinks(sinks, keep=False)
+        raise
+    return sinks
+
+
+def close_sinks(sinks: list[Sink], keep: bool) -> list[str]:
+    return [written for sink in sinks if (written := sink.close(keep)) is not None]
+
+
 def run(source: str | SourceSpec | Source, backend: Backend, options: RunOptions | None = None) -> RunSummary:
     """Judge every frame of ``source`` (a SOURCE string, a parsed one, or an opened Source) with ``backend``.
 
-    Outputs are finalised however the run ends (Ctrl-C included) once a frame was processed. A source
-    error before the first frame raises ProtoADError; after it, RunAborted carrying the summary.
+    Outputs are finalised however the run ends (Ctrl-C and SIGTERM included) once a frame was
+    processed. A source error before the first frame raises ProtoADError; after it, RunAborted
+    carrying the summary.
     """
     options = options or RunOptions()
     info = backend.info
-    threshold = info.image_threshold if options.threshold is None else float(options.threshold)
-    if not math.isfinite(threshold):
-        raise ProtoADError(f"model {info.category!r} has no image threshold: pass --threshold")
-    # As at build time, the outline threshold never exceeds the verdict threshold.
-    pixel_threshold = min(info.pixel_threshold, threshold) if math.isfinite(info.pixel_threshold) else threshold
+    threshold, pixel_threshold = thresholds_in_force(info, options.threshold)
     pre = info.preprocess
 
     src = source if isinstance(source, Source) else open_source(source)
     capture = Capture(src, options.queue_size, options.backoff, log=options.log)
     summary = RunSummary(source=src.name, model=info.category, threshold=threshold)
-    outputs: list[JsonlLog | VideoOutput] = []
-    jsonl: JsonlLog | None = None
-    video: VideoOutput | None = None
-    masks: MaskFolder | None = None
-    window: Window | None = None
+    sinks: list[Sink] = []
     try:
-        if options.jsonl is not None:
-            jsonl = JsonlLog(options.jsonl)
-            outputs.append(jsonl)
-        if options.save is not None:
-            fallback = LIVE_VIDEO_FPS if src.live else FILE_VIDEO_FPS
-            video = VideoOutput(options.save, src.fps if 0 < src.fps <= MAX_VIDEO_FPS else fallback)
-            outputs.append(video)
-        if options.save_masks is not None:
-            masks = MaskFolder(options.save_masks)
-        if options.show:
-            window = Window.open(f"protoad-run: {info.category}", options.log)
+        sinks = open_sinks(options, src, f"protoad-run: {info.category}", pixel_threshold)
+        render_view = any(sink.needs_view for sink in sinks)
         # Warm-up: lazy allocations and engine builds happen here, not in the first frame's latency.
         backend.infer(to_batch(np.zeros((info.crop, info.crop, 3), np.uint8)))
         capture.start()
         started = last = time.perf_counter()
-        first_capture: float | None = None
         fps = 0.0
         summary.stopped = "max frames"
         while options.max_frames is None or summary.frames < options.max_frames:
@@ -165,14 +159,12 @@ def run(source: str | SourceSpec | Source, backend: Backend, options: RunOptions
             if frame is None:
                 summary.stopped = "end of source"
                 break
-            if first_capture is None:
-                first_capture = frame.timestamp
             t0 = time.perf_counter()
             crop = pre(frame.rgb)
             maps, scores = backend.infer(to_batch(crop))
             t1 = time.perf_counter()
             score = float(scores[0])
-            result = FrameResult(frame.index, frame.timestamp, frame.label, score, score > threshold,
+            result = FrameResult(frame.index, frame.timestamp, frame.label, score, bool(is_anomalous(score, threshold)),
                                  (t1 - t0) * 1000.0, crop, maps[0])
             summary.frames += 1
             summary.anomalies += result.anomalous
@@ -181,22 +173,15 @@ def run(source: str | SourceSpec | Source, backend: Backend, options: RunOptions
             rate = 1.0 / max(t1 - last, 1e-9)
             fps = rate if fps == 0.0 else (1 - FPS_SMOOTHING) * fps + FPS_SMOOTHING * rate
             last = t1
-            if jsonl is not None:
-                jsonl.write(result.record())
-            if masks is not None and result.anomalous:
-                masks.write(result.index, result.label, src.name, defect_mask(result.anomaly_map, pixel_threshold))
-            if video is not None or window is not None:
-                view = render(crop, result.anomaly_map, score=score, anomalous=result.anomalous,
-                              threshold=threshold, pixel_threshold=pixel_threshold, fps=fps)
-                if video is not None:
-                    video.write(view, until=frame.timestamp - first_capture if src.live else None)
-                if window is not None and not window.show(view):
-                    summary.stopped = "window closed"
-                    break
+            view = render(crop, result.anomaly_map, score=score, anomalous=result.anomalous, threshold=threshold,
+                          pixel_threshold=pixel_threshold, fps=fps) if render_view else None
+            if not all([sink.write(result, view) for sink in sinks]):
+                summary.stopped = "window closed"
+                break
             if options.on_frame is not None:
                 options.on_frame(result)
-    except KeyboardInterrupt:
-        summary.stopped = "interrupted"
+    except KeyboardInterrupt as exc:
+        summary.stopped = "terminated" if isinstance(exc, Terminated) else "interrupted"
     except ProtoADError as exc:
         if summary.frames == 0:
             raise
@@ -205,13 +190,5 @@ def run(source: str | SourceSpec | Source, backend: Backend, options: RunOptions
     finally:
         capture.stop()
         summary.dropped, summary.reconnects = capture.dropped, capture.reconnects
-        if window is not None:
-            window.close()
-        keep = summary.frames > 0
-        for output in outputs:
-            path = output.close(keep)
-            if path is not None:
-                summary.written.append(str(path))
-        if masks is not None and masks.written:
-            summary.written.append(f"{masks.written} masks in {masks.folder}")
+        summary.written = close_sinks(sinks, keep=summary.frames > 0)
     return summary

@@ -29,9 +29,9 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from .errors import ProtoADError
+from ..errors import ProtoADError
+from ..progress import progress_bar
 from .finch import Neighbours
-from .progress import progress_bar
 
 # Fast product dtype and its unit roundoff (TF32 keeps 10 mantissa bits, as FP16 does).
 PRECISIONS = {"fp16": (torch.float16, 2.0**-11), "tf32": (torch.float32, 2.0**-11), "fp32": (torch.float32, 0.0)}

@@ -1,0 +1,98 @@
+"""The backend registry: each backend's name, its class, the bundle files it runs and what it needs.
+
+Every CLI takes ``--backend NAME`` with these names, and any file of a bundle as the model; adding
+a backend is one module with a ``Backend`` subclass plus one row here. Classes are imported only
+when opened, so the registry itself needs neither torch nor TensorRT.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .bundle import Bundle, kind_of, locate
+from .errors import ProtoADError
+from .runtime.backend import Backend, BackendOptions
+
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class BackendEntry:
+    name: str
+    target: str  # "module:Class", imported when the backend is opened
+    files: tuple[str, ...]  # bundle file kinds it runs; the first is the one it picks by itself
+    needs: str  # the Python module it cannot run without
+    install: str  # what to install when that module is missing
+    summary: str
+
+    @property
+    def needs_torch(self) -> bool:
+        return self.needs == "torch"
+
+    def available(self) -> bool:
+        return importlib.util.find_spec(self.needs) is not None
+
+    def load(self) -> type[Backend]:
+        module, cls = self.target.split(":")
+        try:
+            return getattr(importlib.import_module(module), cls)
+        except ImportError as exc:
+            raise ProtoADError(f"backend {self.name} is not available here ({exc}): {self.install}") from None
+
+
+REGISTRY: dict[str, BackendEntry] = {entry.name: entry for entry in (
+    BackendEntry("ort", "protoad_edge.runtime.ort_backend:OrtBackend", ("onnx", "fp16_onnx"), "onnxruntime",
+                 "pip install onnxruntime (or onnxruntime-gpu)", "onnxruntime, best available execution provider"),
+    BackendEntry("trt", "protoad_edge.runtime.trt_backend:TrtBackend", ("plan",), "tensorrt",
+                 "pip install 'protoad-edge[gpu]' (on a Jetson TensorRT comes with JetPack)", "TensorRT plan on this GPU"),
+    BackendEntry("torch", "protoad_edge.build.torch_backend:TorchBackend", ("sidecar", "prototypes"), "torch",
+                 "pip install 'protoad-edge[build]'", "the PyTorch network rebuilt from the bundle (the yardstick)"),
+)}
+NAMES = tuple(REGISTRY)
+CHOICES = (AUTO, *NAMES)
+# ``auto`` on a bundle (not on one runnable file): the first of these whose file exists and whose library is installed.
+AUTO_ORDER = ("trt", "ort", "torch")
+HELP = ("auto: the named file's own backend (.onnx -> ort, .plan -> trt); for a .json, a folder or no --model: "
+        "trt where TensorRT is installed and the plan exists, else ort. "
+        + "; ".join(f"{e.name}: {e.summary}" for e in REGISTRY.values()) + ".")
+
+
+def choose(bundle: Bundle, given: Path | None, backend: str = AUTO) -> tuple[BackendEntry, Path]:
+    """(entry, file to run) for ``backend`` on ``bundle``; ``given`` is the file the user named, if any.
+
+    ``auto`` runs a named .onnx or .plan with its own backend; a sidecar, a folder or no file stands
+    for the bundle, which runs with the first of ``AUTO_ORDER`` that is installed and has its file.
+    A named backend runs the named file if it is one of its kinds (``x.fp16.onnx`` for ort), else its
+    own file of the bundle.
+    """
+    if backend != AUTO and backend not in REGISTRY:
+        raise ProtoADError(f"unknown backend {backend!r}: choose one of {', '.join(CHOICES)}")
+    given_kind = kind_of(given) if given is not None else None
+    if backend == AUTO:
+        own = next((e for e in REGISTRY.values() if given_kind in e.files and not e.needs_torch), None)
+        candidates = [own] if own else [REGISTRY[n] for n in AUTO_ORDER
+                                        if bundle.file(REGISTRY[n].files[0]).is_file() and REGISTRY[n].available()]
+        if not candidates:
+            raise ProtoADError(f"model bundle {bundle.stem}: no file that an installed backend can run "
+                               f"({', '.join(str(bundle.file(REGISTRY[n].files[0])) for n in AUTO_ORDER)})")
+        entry = candidates[0]
+    else:
+        entry = REGISTRY[backend]
+    path = given if given is not None and given_kind in entry.files else bundle.file(entry.files[0])
+    if not path.is_file():
+        beside = f" beside {given}" if given is not None else ""
+        raise ProtoADError(f"backend {entry.name} runs {path}{beside}, and it does not exist")
+    return entry, path
+
+
+def open_backend(model: str | os.PathLike | None, backend: str = AUTO, *, category: str | None = None,
+                 options: BackendOptions | None = None) -> Backend:
+    """Open ``model`` (any file of a bundle, a folder with ``category``, or None: the one bundle in
+    ./models) with ``backend``."""
+    bundle, given = locate(model, category)
+    entry, path = choose(bundle, given, backend)
+    return entry.load()(path, options or BackendOptions())

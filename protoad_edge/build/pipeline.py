@@ -1,0 +1,260 @@
+"""The build stage as named steps: load and split -> extract -> cluster -> calibrate and check -> write
+(-> the TensorRT engine where one can be built).
+
+``build(BuildConfig(...))`` is the Python API behind ``protoad-export``. It writes ``OUT/NAME.onnx``,
+``OUT/NAME.json`` and ``OUT/NAME.prototypes.npy`` only after every step, including the onnxruntime
+parity check, has passed; each file is renamed into place atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from ..bundle import Bundle
+from ..constants import BACKBONE, FEATURE_CHANNELS
+from ..decision import image_scores
+from ..errors import ProtoADError
+from ..export.engine import engine_for_bundle
+from ..export.onnx import PARITY_TOLERANCE, export_onnx, parity_gate
+from ..export.tensorrt import EngineBuild
+from ..metadata import ModelInfo
+from ..metrics import auroc, f1_optimal_threshold
+from ..preprocess import Preprocess, to_batch
+from ..progress import progress_bar
+from ..runtime.backend import run_maps
+from ..runtime.ort_backend import OrtBackend
+from .config import BuildConfig
+from .datasets import Dataset, Sample, load_crops, load_masks, open_dataset
+from .device import resolve_device
+from .feature_cache import cached_features, default_cache_dir, features_key
+from .features import PatchFeatures, build_backbone
+from .finch import FinchResult, finch
+from .neighbours import make_search
+from .network import L2Norm, ProtoADNet
+from .thresholds import Thresholds, from_normal_maps
+
+Log = Callable[[str], None]
+PARITY_IMAGES = 4  # held-out and test images each that the parity gate runs
+
+
+@dataclass
+class Split:
+    """The category's images, decoded and cropped: training, held-out normal and test."""
+
+    data: Dataset
+    fit: list[Sample]
+    val: list[Sample]
+    fit_crops: np.ndarray
+    val_crops: np.ndarray
+    test_crops: np.ndarray
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {"train": len(self.fit), "held_out": len(self.val), "test": len(self.data.test)}
+
+
+@dataclass
+class Calibration:
+    """What the calibrate-and-check step found on the draft graph."""
+
+    parity: float
+    thresholds: Thresholds
+    held_out: bool  # False: no held-out images, thresholds set on training images (optimistic)
+    test_metrics: dict[str, float]
+
+
+@dataclass
+class BuildReport:
+    info: ModelInfo
+    files: list[Path]
+    images: dict[str, int]
+    vectors: int
+    features_cached: bool  # the training features came from the cache (extraction skipped)
+    finch_counts: list[int]
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    parity: float = 0.0
+    test_metrics: dict[str, float] = field(default_factory=dict)
+    engine: EngineBuild | None = None
+
+
+class StageClock:
+    """Wall time per named stage, for the report and the sidecar."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+
+def split_train(samples: list[Sample], val_split: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Hold out ``val_split`` of the normal training images (seeded) to set thresholds on unseen parts."""
+    if not 0.0 <= val_split < 1.0:
+        raise ProtoADError(f"bad --val-split {val_split}: must be in [0, 1)")
+    n_val = int(round(val_split * len(samples)))
+    if val_split > 0 and len(samples) >= 2:
+        n_val = max(n_val, 1)
+    if len(samples) - n_val < 1:
+        raise ProtoADError(f"--val-split {val_split} leaves no training image (only {len(samples)} normal images)")
+    order = np.random.default_rng(seed).permutation(len(samples))
+    val_idx = set(order[:n_val].tolist())
+    fit = [s for i, s in enumerate(samples) if i not in val_idx]
+    val = [s for i, s in enumerate(samples) if i in val_idx]
+    return fit, val
+
+
+def load_split(cfg: BuildConfig, pre: Preprocess, log: Log) -> Split:
+    """Step 1: read the category, hold out normal images for the thresholds, decode and crop everything."""
+    data = open_dataset(cfg.category, cfg.data_root, cfg.dataset)
+    fit, val = split_train(data.train, cfg.val_split, cfg.seed)
+    log(f"data: {data.kind} {data.category} at {data.root}: {len(fit)} training, {len(val)} held-out, {len(data.test)} test images")
+    return Split(data, fit, val,
+                 fit_crops=load_crops(fit, pre, "load train", cfg.progress),
+                 val_crops=load_crops(val, pre),
+                 test_crops=load_crops(data.test, pre, "load test", cfg.progress))
+
+
+@torch.no_grad()
+def extract_vectors(features: PatchFeatures, crops: np.ndarray, device: torch.device, batch_size: int, progress: bool,
+                    out: np.ndarray) -> None:
+    """Write the L2-normalised patch vectors [N * h * w, 1792] into ``out`` (float16/32, may be a memmap),
+    batch by batch - exactly the network's own features."""
+    features = features.to(device).eval()
+    l2norm = L2Norm().to(device)
+    h = w = features.size
+    starts = list(range(0, len(crops), batch_size))
+    for start in progress_bar(starts, "features", progress):
+        x = torch.from_numpy(to_batch(crops[start : start + batch_size])).to(device)
+        f = l2norm(features(x)).permute(0, 2, 3, 1).reshape(-1, FEATURE_CHANNELS)
+        out[start * h * w : start * h * w + f.shape[0]] = f.float().cpu().numpy()
+
+
+def extract(cfg: BuildConfig, split: Split, features: PatchFeatures, weights: str, device: torch.device,
+            log: Log) -> tuple[np.ndarray, bool]:
+    """Step 2: the training patch vectors (a read-only FP16 memmap) and whether the cache already had them."""
+    key = features_key(dataset=split.data.kind, category=split.data.category, images=[s.path for s in split.fit],
+                       weights=weights, resize=cfg.resize, crop=cfg.crop, feature_upsample=cfg.feature_upsample)
+    vectors, cached = cached_features(
+        (cfg.cache_dir or default_cache_dir()) if cfg.cache else Path(cfg.out), key,
+        (len(split.fit) * features.size**2, FEATURE_CHANNELS),
+        lambda out: extract_vectors(features, split.fit_crops, device, cfg.batch_size, cfg.progress, out),
+        keep=cfg.cache, log=log)
+    log(f"features: {len(vectors):,} patch vectors of {FEATURE_CHANNELS} ({BACKBONE}, {cfg.feature_upsample}, {device.type})")
+    return vectors, cached
+
+
+def cluster(cfg: BuildConfig, vectors: np.ndarray, device: torch.device, log: Log) -> FinchResult:
+    """Step 3: FINCH prototypes of the training vectors."""
+    search = make_search(device.type, exact=cfg.exact_neighbours, log=log)
+    return finch(vectors, cfg.max_prototypes, search=search, progress=cfg.progress, log=log)
+
+
+def calibrate_and_check(cfg: BuildConfig, net: ProtoADNet, draft: Path, split: Split, pre: Preprocess,
+                        log: Log) -> Calibration:
+    """Step 4, on the exported draft graph: the parity gate against PyTorch, thresholds from the held-out
+    normal images, and the metrics on a labelled test split."""
+    probe = np.concatenate([split.val_crops[:PARITY_IMAGES], split.test_crops[:PARITY_IMAGES]])
+    parity = parity_gate(draft, net, to_batch(probe if len(probe) else split.fit_crops[:PARITY_IMAGES]), PARITY_TOLERANCE)
+    backend = OrtBackend(draft, providers=["CPUExecutionProvider"])
+    held_out = len(split.val_crops) > 0
+    normal = split.val_crops if held_out else split.fit_crops
+    thresholds = from_normal_maps(run_maps(backend, normal, cfg.batch_size, "thresholds", cfg.progress))
+    return Calibration(parity, thresholds, held_out, score_test_split(split, backend, pre, cfg))
+
+
+def score_test_split(split: Split, backend: OrtBackend, pre: Preprocess, cfg: BuildConfig) -> dict[str, float]:
+    """Image/pixel AUROC and F1-optimal thresholds of the exported graph on a labelled test split."""
+    labels = np.array([s.label for s in split.data.test], dtype=bool)
+    if len(split.test_crops) == 0 or labels.all() or not labels.any():
+        return {}
+    maps = run_maps(backend, split.test_crops, cfg.batch_size, "test", cfg.progress)
+    scores = image_scores(maps)
+    result = {"image_auroc": auroc(labels, scores)}
+    result["image_f1_threshold"], result["image_f1"] = f1_optimal_threshold(labels, scores)
+    masks = load_masks(split.data.test, pre)
+    if masks.any():
+        result["pixel_auroc"] = auroc(masks, maps)
+        result["pixel_f1_threshold"], result["pixel_f1"] = f1_optimal_threshold(masks, maps)
+    return result
+
+
+def write(net: ProtoADNet, info: ModelInfo, prototypes: np.ndarray, tmp: Path, bundle: Bundle) -> list[Path]:
+    """Step 5: the final graph (with the final metadata), sidecar and prototypes, renamed into place."""
+    export_onnx(net, info, tmp / "model.onnx")
+    np.save(tmp / "prototypes.npy", prototypes)
+    info.save_json(tmp / "model.json")
+    files = []
+    for src, kind in (("model.onnx", "onnx"), ("model.json", "sidecar"), ("prototypes.npy", "prototypes")):
+        os.replace(tmp / src, bundle.file(kind))
+        files.append(bundle.file(kind))
+    return files
+
+
+def build(cfg: BuildConfig, log: Log = print) -> BuildReport:
+    if cfg.max_prototypes < 2:
+        raise ProtoADError(f"bad --max-prototypes {cfg.max_prototypes}: must be at least 2")
+    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    device = resolve_device(cfg.device)
+    pre = Preprocess(resize=cfg.resize, crop=cfg.crop)
+    clock = StageClock()
+    with clock("load"):
+        split = load_split(cfg, pre, log)
+    with clock("features"):
+        backbone, weights = build_backbone(cfg.weights, cfg.seed)
+        features = PatchFeatures(backbone, cfg.crop, cfg.feature_upsample)
+        vectors, cached = extract(cfg, split, features, weights, device, log)
+    with clock("finch"):
+        clusters = cluster(cfg, vectors, device, log)
+    prototypes = clusters.prototypes.astype(np.float32)
+    del vectors
+
+    net = ProtoADNet(features.cpu(), torch.from_numpy(prototypes), cfg.crop).eval()
+    info = ModelInfo(category=cfg.category, resize=cfg.resize, crop=cfg.crop, backbone=BACKBONE, weights=cfg.weights,
+                     feature_upsample=cfg.feature_upsample, num_prototypes=len(prototypes),
+                     image_threshold=float("nan"), pixel_threshold=float("nan"), seed=cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    bundle = Bundle(out / cfg.category)
+    with tempfile.TemporaryDirectory(prefix=f".{cfg.category}.", dir=out) as tmp_dir:
+        tmp = Path(tmp_dir)
+        with clock("export"):
+            # A draft to run the graph and set thresholds; the final export carries the final metadata.
+            export_onnx(net, info, tmp / "draft.onnx")
+        with clock("calibrate"):
+            calibration = calibrate_and_check(cfg, net, tmp / "draft.onnx", split, pre, log)
+        t = calibration.thresholds
+        info.image_threshold, info.pixel_threshold = t.image, t.pixel
+        info.threshold_rule = t.rule + ("" if calibration.held_out else
+                                        " (no held-out images: set on training images, optimistic)")
+        info.build = {
+            "weights": weights,
+            "dataset": split.data.kind,
+            "images": split.counts,
+            "patch_vectors": len(split.fit) * features.size**2,
+            "finch_levels": clusters.counts,
+            "onnx_parity_max_abs": calibration.parity,
+            "stage_seconds": {k: round(v, 2) for k, v in clock.seconds.items()},
+            **({"test": calibration.test_metrics} if calibration.test_metrics else {}),
+        }
+        with clock("write"):
+            files = write(net, info, prototypes, tmp, bundle)
+    with clock("tensorrt"):
+        engine = engine_for_bundle(bundle.onnx, cfg.tensorrt, precision=cfg.precision, opt_batch=cfg.opt_batch,
+                                   max_batch=cfg.max_batch, log=log)
+    return BuildReport(info=info, files=files, images=split.counts, vectors=len(split.fit) * features.size**2,
+                       features_cached=cached, finch_counts=clusters.counts, stage_seconds=clock.seconds,
+                       parity=calibration.parity, test_metrics=calibration.test_metrics, engine=engine)
