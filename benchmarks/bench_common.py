@@ -69,8 +69,8 @@ def sample_prototypes(features: object, train_crops: np.ndarray, k: int, seed: i
 
 def export_model(net: object, k: int, out: Path, name: str = "bench", crop: int = 224, resize: int = 256) -> Path:
     """Export ``net`` (weights none, seed 0) as ``out/NAME.onnx`` with its metadata; returns the path."""
+    from protoad_edge.constants import BACKBONE
     from protoad_edge.export.onnx import export_onnx
-    from protoad_edge.build.features import BACKBONE
     from protoad_edge.metadata import ModelInfo
 
     info = ModelInfo(category=name, resize=resize, crop=crop, backbone=BACKBONE, weights="none",

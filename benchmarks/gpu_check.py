@@ -146,6 +146,7 @@ def check_tensorrt() -> str:
     require_gpu()
     from conftest import make_bundle, normal_crops
     from protoad_edge.export.tensorrt import build_engine
+    from protoad_edge.runtime.backend import BackendOptions
     from protoad_edge.runtime.ort_backend import OrtBackend
     from protoad_edge.runtime.trt_backend import TrtBackend
 
@@ -158,7 +159,7 @@ def check_tensorrt() -> str:
             ref_maps, _ = OrtBackend(onnx, providers=["CPUExecutionProvider"]).infer(batch)
             for precision in precisions:
                 build = build_engine(onnx, precision=precision, max_batch=8, log=lambda line: None)
-                with TrtBackend(build.plan, timing=True) as backend:
+                with TrtBackend(build.plan, BackendOptions(timing=True)) as backend:
                     maps, _ = backend.infer(batch)
                     ms8 = per_image_ms(lambda: backend.infer(batch), 8)
                     stages = backend.last_times

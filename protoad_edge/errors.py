@@ -4,6 +4,3 @@
 class ProtoADError(Exception):
     """A problem the user can fix (bad file, flag, device); the message names the culprit."""
 
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (systemd, docker stop), raised where Ctrl-C would be, so a run ends the same clean way."""

@@ -101,9 +101,8 @@ def pro_curve(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return np.r_[0.0, fpr], np.r_[0.0, pro], np.r_[np.inf, scores[last_of_tie]]
 
 
-def au_pro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = PRO_FPR_LIMIT) -> float:
-    """Area under the PRO curve for FPR in [0, fpr_limit], divided by fpr_limit (1.0 = perfect)."""
-    fpr, pro, _ = pro_curve(masks, maps)
+def pro_area(fpr: np.ndarray, pro: np.ndarray, fpr_limit: float = PRO_FPR_LIMIT) -> float:
+    """Area under a PRO curve (``pro_curve``) for FPR in [0, fpr_limit], divided by fpr_limit (1.0 = perfect)."""
     return curve_area(fpr, pro, fpr_limit) / fpr_limit
 
 

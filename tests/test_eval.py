@@ -16,7 +16,7 @@ from sklearn.metrics import roc_auc_score
 from protoad_edge.cli.eval import main
 from protoad_edge.build.demo import demo_image
 from protoad_edge.errors import ProtoADError
-from protoad_edge.metrics import au_pro
+from protoad_edge.metrics import pro_area, pro_curve
 from protoad_edge.evaluation.paper import METRICS, comparison_rows, paper_dataset
 from protoad_edge.preprocess import to_batch
 from protoad_edge.runtime.backend import BackendOptions
@@ -145,7 +145,7 @@ def test_eval_metrics_json_and_pictures(tiny_model: Path, data_root: Path, tmp_p
     expected = {
         "image_auroc": roc_auc_score(labels, maps.reshape(len(maps), -1).max(axis=1)),
         "pixel_auroc": roc_auc_score(masks.ravel(), maps.ravel()),
-        "pro": au_pro(masks, maps),
+        "pro": pro_area(*pro_curve(masks, maps)[:2]),
     }
     data = json.loads(report.read_text())
     got = data["categories"][CATEGORY]

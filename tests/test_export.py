@@ -15,6 +15,7 @@ from conftest import normal_crops
 from protoad_edge.cli.export import main as export_main
 from protoad_edge.build.demo import generate_demo
 from protoad_edge.metadata import ModelInfo
+from protoad_edge.preprocess import to_batch
 from protoad_edge.runtime.ort_backend import OrtBackend
 
 SMALL = ["--weights", "none", "--resize", "128", "--crop", "112", "--max-prototypes", "1500"]
@@ -167,3 +168,80 @@ def test_late_failure_writes_nothing(tmp_path: Path, demo_root: Path, monkeypatc
                          "--crop", "64", "--resize", "72", "--max-prototypes", "50"])
     assert code != 0 and "ONNX parity check failed" in output and "Traceback" not in output
     assert list(out.iterdir()) == []
+
+
+# --- the build's decisions, checked from outside -----------------------------------------------
+
+
+def test_thresholds_come_from_the_held_out_images(demo_export: tuple[Path, str], demo_root: Path) -> None:
+    """The image threshold is the rule applied to the held-out normal images' maps, not the training images'."""
+    from protoad_edge.build.datasets import load_crops, open_dataset
+    from protoad_edge.build.pipeline import split_train
+    from protoad_edge.decision import image_scores
+    from protoad_edge.runtime.backend import run_maps
+
+    out, _ = demo_export
+    backend = OrtBackend(out / "demo.onnx", providers=["CPUExecutionProvider"])
+    info = backend.info
+    fit, val = split_train(open_dataset("demo", demo_root).train, 0.1, info.seed)
+    assert len(val) == 2 and info.build["images"]["held_out"] == 2
+
+    def rule(samples: list) -> float:
+        scores = image_scores(run_maps(backend, load_crops(samples, info.preprocess), 8)).astype(np.float64)
+        return max(float(scores.max()), float(scores.mean() + 3 * scores.std()))
+
+    held_out, training = rule(val), rule(fit)
+    assert info.image_threshold == pytest.approx(held_out, rel=1e-6, abs=0)
+    assert abs(training - held_out) > 1e-3 * held_out  # so the comparison above can tell them apart
+
+
+def test_a_second_export_reuses_the_feature_cache(tmp_path: Path, demo_root: Path, torch_threads: None) -> None:
+    data = tmp_path / "data"
+    _tiny_mvtec(data, demo_root)
+    args = ["--data-root", str(data), "--category", "part", "--weights", "none", "--crop", "64", "--resize", "72",
+            "--max-prototypes", "50", "--cache-dir", str(tmp_path / "cache")]
+    code, first = _run([*args, "--out", str(tmp_path / "a")])
+    assert code == 0, first
+    assert "features: cached at" in first and "from the feature cache" not in first
+    code, second = _run([*args, "--out", str(tmp_path / "b")])
+    assert code == 0, second
+    assert "features: cache hit" in second and "(from the feature cache)" in second
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
+    a, b = (np.load(tmp_path / d / "part.prototypes.npy") for d in ("a", "b"))
+    assert np.array_equal(a, b)  # the same features give the same prototypes
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_exact_neighbours_flag_reaches_the_search(exact: bool, tmp_path: Path, demo_root: Path,
+                                                  monkeypatch: pytest.MonkeyPatch, torch_threads: None) -> None:
+    """768 training vectors take the approximate search once it starts at 100 rows, unless --exact-neighbours."""
+    from protoad_edge.build import neighbours
+
+    monkeypatch.setattr(neighbours, "EXACT_UP_TO", 100)
+    data = tmp_path / "data"
+    _tiny_mvtec(data, demo_root)
+    code, output = _run(["--data-root", str(data), "--category", "part", "--out", str(tmp_path / "out"),
+                         "--weights", "none", "--crop", "64", "--resize", "72", "--max-prototypes", "50", "--no-cache",
+                         *(["--exact-neighbours"] if exact else [])])
+    assert code == 0, output
+    assert "patch vectors 768 x 1792" in output
+    assert ("first neighbours: approximate" in output) is not exact
+
+
+def test_parity_gate_refuses_a_graph_that_differs(tiny_model: Path, torch_threads: None) -> None:
+    """The gate runs the exported graph and the network: another network's graph fails it, its own passes."""
+    import torch
+
+    from protoad_edge.build.torch_backend import load_torch_network
+    from protoad_edge.errors import ProtoADError
+    from protoad_edge.export.onnx import PARITY_TOLERANCE, onnx_parity, parity_gate
+
+    net, info = load_torch_network(tiny_model)
+    batch = to_batch(normal_crops(2, info.crop, seed=5))
+    assert parity_gate(tiny_model, net, batch) <= PARITY_TOLERANCE
+    with torch.no_grad():
+        block = net.prototypes.blocks[0]
+        block.copy_(torch.roll(block, 1, dims=1))  # the same prototypes, channels shifted: another network
+    assert onnx_parity(tiny_model, net, batch) > 100 * PARITY_TOLERANCE
+    with pytest.raises(ProtoADError, match="ONNX parity check failed"):
+        parity_gate(tiny_model, net, batch)

@@ -10,15 +10,22 @@ from sklearn.metrics import roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 
 from protoad_edge.metrics import (
-    au_pro,
+    PRO_FPR_LIMIT,
     auroc,
     curve_area,
+    pro_area,
     pro_curve,
     ranks,
     regions,
     roc_curve,
     spearman,
 )
+
+
+def au_pro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = PRO_FPR_LIMIT) -> float:
+    """The PRO figure as protoad-eval computes it: the curve, then its normalised area up to the limit."""
+    fpr, pro, _ = pro_curve(masks, maps)
+    return pro_area(fpr, pro, fpr_limit)
 
 
 def slow_pro(masks: np.ndarray, maps: np.ndarray, limit: float = 0.3) -> float:

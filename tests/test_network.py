@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -88,3 +90,15 @@ def test_upsample_modes_differ(torch_threads: None) -> None:
     assert a.shape == b.shape == (1, FEATURE_CHANNELS, 16, 16)
     assert torch.equal(a[:, :256], b[:, :256])  # layer1 is not resampled
     assert not torch.allclose(a[:, 256:], b[:, 256:])
+
+
+def test_tiny_bundle_prototypes_are_patches_of_its_normal_images(tiny_model: Path) -> None:
+    """What conftest.make_bundle promises: each prototype is one normal patch, which therefore scores 0."""
+    from protoad_edge.build.torch_backend import load_torch_network
+
+    net, info = load_torch_network(tiny_model)
+    with torch.no_grad():
+        patch = net.patch_scores(torch.from_numpy(to_batch(normal_crops(6, info.crop, info.seed))))[:, 0].numpy()
+    assert patch.min() >= -1e-6
+    assert (patch <= 1e-6).sum() >= info.num_prototypes  # every prototype's own patch (more if patches repeat)
+    assert np.median(patch) > 100 * 1e-6  # and the other patches do not

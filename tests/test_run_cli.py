@@ -8,6 +8,10 @@ the culprit, a non-zero exit and no traceback.
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -235,3 +239,44 @@ def test_csi_without_gstreamer_is_explained(tiny_model: Path) -> None:
         pytest.skip("this OpenCV has GStreamer: csi0 would try to open a real camera")
     result = invoke("csi0", "--model", tiny_model)
     assert result.exit_code != 0 and "csi0 needs OpenCV built with GStreamer" in result.stderr
+
+
+# --- signals: what systemd, docker stop and Ctrl-C send to a running inspection ------------------
+
+
+@pytest.fixture(scope="module")
+def long_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """2,000 frames: minutes of work for the run, so a signal always arrives mid-run."""
+    path = tmp_path_factory.mktemp("long") / "long.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25.0, (72, 72))
+    frames = normal_crops(8, 72, seed=4)
+    for i in range(2000):
+        writer.write(frames[i % 8])
+    writer.release()
+    return path
+
+
+@pytest.mark.parametrize("signum, code, ending", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_a_signal_mid_run_finalises_every_output(signum: int, code: int, ending: str, long_video: Path,
+                                                tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        [sys.executable, "-c", "from protoad_edge.cli.run import main; main()", str(long_video), "--model",
+         str(tiny_model), "--jsonl", "-", "--save", str(out / "view.avi"), "--save-masks", str(out / "masks"),
+         "--threshold", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = process.stdout.readline()  # a frame was judged: the run is in its loop
+        assert json.loads(first)["frame"] == 0
+        time.sleep(0.3)
+        process.send_signal(signum)
+        rest, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    records = [json.loads(line) for line in (first + rest).splitlines()]  # every stdout line is a JSON record
+    assert process.returncode == code, stderr
+    assert f"({ending})" in stderr and "Traceback" not in stderr
+    assert 1 <= len(records) < 2000 and [r["frame"] for r in records] == list(range(len(records)))
+    assert len(video_frames(out / "view.avi")) == len(records)  # the video was finalised, every frame in it
+    assert len(list((out / "masks").iterdir())) == len(records)  # threshold 0: every frame has a mask
+    assert sorted(p.name for p in out.iterdir()) == ["masks", "view.avi"]  # no temporary file left

@@ -7,12 +7,14 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from PIL import Image
 
 from protoad_edge.errors import ProtoADError
 from protoad_edge.preprocess import to_batch
@@ -24,7 +26,7 @@ from protoad_edge.runtime.ort_backend import OrtBackend
 from protoad_edge.runtime.overlay import HEADER, render, view_scale
 from protoad_edge.runtime.result import FrameResult
 from protoad_edge.runtime.sinks import PendingFile, VideoSink, display_problem
-from protoad_edge.runtime.loop import RunAborted, RunOptions, run
+from protoad_edge.runtime.loop import RunAborted, RunOptions, StopRequest, run
 from protoad_edge.runtime.sources import CSI_PIPELINE, OpenCVSource, SourceSpec, open_source, parse_source
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,9 +132,9 @@ def test_opencv_source_gives_rgb_and_fps() -> None:
 def test_file_source_never_drops_and_ends() -> None:
     plan = Plan([True] * 10)
     capture = Capture(fake_source(plan, live=False), queue_size=2).start()
-    wait_for(lambda: plan.served == 3)  # two frames queued, the third waits in the reader's hand
+    wait_for(lambda: plan.served >= 3)  # two frames queued, the third waits in the reader's hand
     time.sleep(0.05)
-    assert plan.served == 3
+    assert plan.served == 3 and capture._queue.qsize() == 2  # and no more: a file source waits, never drops
     frames = []
     while (frame := capture.get()) is not None:
         frames.append(frame)
@@ -328,6 +330,37 @@ def test_run_scores_every_frame_with_the_build_preprocessing(tiny_backend: OrtBa
     assert set(summary.percentiles()) == {"p50", "p90", "p99"} and summary.fps > 0
 
 
+def test_a_score_equal_to_the_threshold_is_normal(tiny_backend: OrtBackend) -> None:
+    """The run applies the verdict score > threshold: a frame scoring exactly the threshold passes."""
+    first, _ = colour_source(3, live=False)
+    scores: list[float] = []
+    run(first, tiny_backend, RunOptions(threshold=1.0, on_frame=lambda r: scores.append(r.score), log=lambda m: None))
+    middle = sorted(scores)[1]
+    again, _ = colour_source(3, live=False)
+    seen: list = []
+    summary = run(again, tiny_backend, RunOptions(threshold=middle, on_frame=seen.append, log=lambda m: None))
+    assert [r.score for r in seen] == scores  # the same frames, the same scores
+    assert [r.anomalous for r in seen] == [s > middle for s in scores] and summary.anomalies == 1
+    assert [r.anomalous for r in seen if r.score == middle] == [False]
+
+
+def test_masks_use_the_pixel_threshold_capped_at_the_threshold_in_force(tiny_backend: OrtBackend,
+                                                                         tmp_path: Path) -> None:
+    """With --threshold below the model's pixel threshold, the mask outlines map > --threshold."""
+    info = tiny_backend.info
+    source, _ = colour_source(2, live=False)
+    seen: list = []
+    low = 0.75 * info.pixel_threshold  # maps are 1 - cosine >= 0
+    run(source, tiny_backend, RunOptions(threshold=low, on_frame=seen.append, save_masks=tmp_path, log=lambda m: None))
+    assert all(r.anomalous for r in seen)
+    for r in seen:
+        with Image.open(tmp_path / f"{r.index:06d}.png") as im:
+            mask = np.asarray(im)
+        expected = np.where(r.anomaly_map > low, 255, 0)
+        np.testing.assert_array_equal(mask, expected)
+        assert (r.anomaly_map > info.pixel_threshold).sum() < (mask == 255).sum()  # the cap made a difference
+
+
 def test_ctrl_c_finalises_every_output(tiny_backend: OrtBackend, tmp_path: Path) -> None:
     source, plan = colour_source(50, live=False)
 
@@ -347,6 +380,28 @@ def test_ctrl_c_finalises_every_output(tiny_backend: OrtBackend, tmp_path: Path)
     assert count == 3
     assert sorted(p.name for p in out.iterdir()) == ["log.jsonl", "view.mp4"]  # no temporary files left
     assert plan.releases == 1
+
+
+def test_a_stop_request_ends_the_run_between_frames_even_while_it_waits(tiny_backend: OrtBackend,
+                                                                        tmp_path: Path) -> None:
+    """What protoad-run's SIGINT/SIGTERM handlers do: the run ends after whole frames, also when the
+    source has nothing to give (a live camera that went quiet is still being waited for)."""
+    source, _ = colour_source(3, live=True)  # three frames, then the camera delivers nothing
+    stop = StopRequest()
+    log = tmp_path / "log.jsonl"
+
+    def after_last_frame(result) -> None:
+        if result.index == 2:
+            threading.Timer(0.3, stop.request, args=("terminated",)).start()
+
+    started = time.monotonic()
+    summary = run(source, tiny_backend, RunOptions(jsonl=log, stop=stop, on_frame=after_last_frame,
+                                                   backoff=(30.0,), log=lambda m: None))
+    assert summary.stopped == "terminated" and summary.frames == 3
+    assert time.monotonic() - started < 10  # not the 30 s reconnect pause
+    assert [json.loads(line)["frame"] for line in log.read_text().splitlines()] == [0, 1, 2]
+    stop.request("interrupted")
+    assert stop.reason == "terminated"  # the first request names the ending
 
 
 def test_source_dying_mid_run_keeps_the_outputs(tiny_backend: OrtBackend, tmp_path: Path) -> None:
@@ -381,8 +436,6 @@ sys.meta_path.insert(0, Block())
 
 
 def test_runtime_runs_without_torch(tiny_model: Path, tmp_path: Path) -> None:
-    from PIL import Image
-
     image = tmp_path / "part.png"
     Image.fromarray(np.full((70, 90, 3), 100, np.uint8)).save(image)
     code = BLOCK_TORCH + f"""

@@ -75,12 +75,6 @@ class Dataset:
         """The test set has both normal and anomalous images, so image-level metrics exist."""
         return {s.label for s in self.test} == {0, 1}
 
-    @property
-    def has_masks(self) -> bool:
-        """Every anomalous test image has a mask, so pixel-level metrics exist."""
-        anomalous = [s for s in self.test if s.label == 1]
-        return bool(anomalous) and all(s.mask_path is not None for s in anomalous)
-
 
 def resolve_data_root(path: str | os.PathLike | None = None) -> Path:
     """The data root: ``path``, else ``$PROTOAD_DATA``, else ``./data``."""

@@ -8,7 +8,7 @@ from typing import Any, Callable, TypeVar
 
 import click
 
-from ..errors import ProtoADError, Terminated
+from ..errors import ProtoADError
 
 F = TypeVar("F", bound=Callable[..., Any])
 EXIT_USER_ERROR = 2
@@ -30,9 +30,8 @@ def user_errors(func: F) -> F:
             return func(*args, **kwargs)
         except ProtoADError as exc:
             fail(str(exc))
-        except KeyboardInterrupt as exc:
-            terminated = isinstance(exc, Terminated)
-            fail("terminated" if terminated else "interrupted", EXIT_TERMINATED if terminated else EXIT_INTERRUPTED)
+        except KeyboardInterrupt:
+            fail("interrupted", EXIT_INTERRUPTED)
         except (PermissionError, IsADirectoryError, NotADirectoryError, FileNotFoundError) as exc:
             fail(f"{exc.strerror}: {exc.filename}")
         except OSError as exc:

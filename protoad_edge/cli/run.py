@@ -2,22 +2,43 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import click
 
 from ..backends import CHOICES, HELP
-from ..errors import Terminated
+from ..runtime.loop import RunAborted, RunOptions, StopRequest, run
 from .common import EXIT_INTERRUPTED, EXIT_TERMINATED, user_errors
 
 
-def _terminate(signum: int, frame: Any) -> None:
-    """SIGTERM (systemd, docker stop) ends the run like Ctrl-C: outputs are finalised."""
-    raise Terminated
+ENDINGS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}
+EXIT_CODES = {"interrupted": EXIT_INTERRUPTED, "terminated": EXIT_TERMINATED}
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: StopRequest) -> Iterator[None]:
+    """SIGINT (Ctrl-C) and SIGTERM (systemd, docker stop) ask the run to stop at the next frame boundary,
+    so every output holds whole frames; a second Ctrl-C interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.request(ENDINGS[signal.Signals(signum)])
+
+    previous = {signum: signal.signal(signum, handler) for signum in ENDINGS}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -42,11 +63,10 @@ def main(source: str, model: Path | None, backend: str, threshold: float | None,
     file, a folder of images, an rtsp:// or http(s):// stream, or a GStreamer pipeline (with '!').
 
     The overlay shows the model's centre crop, i.e. exactly the pixels that were judged.
-    Ctrl-C (or SIGTERM) stops cleanly: every output is finalised, the summary printed, and the
-    exit status is 130 (143 for SIGTERM).
+    Ctrl-C (or SIGTERM) stops cleanly after the frame in hand: every output is finalised, the summary
+    printed, and the exit status is 130 (143 for SIGTERM). A second Ctrl-C stops at once.
     """
     from ..backends import open_backend
-    from ..runtime.loop import RunAborted, RunOptions, run
     from ..runtime.sources import parse_source
 
     # Human-readable text goes to stderr when stdout carries the JSON lines.
@@ -56,24 +76,19 @@ def main(source: str, model: Path | None, backend: str, threshold: float | None,
         click.echo(message, err=True)
 
     spec = parse_source(source)  # a mistyped source fails before a model is loaded
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
-    try:
-        with open_backend(model, backend) as opened:
-            facts = opened.describe()
-            log(f"model {facts.model} ({opened.info.category}, crop {opened.info.crop}), backend {facts.line()}")
-            options = RunOptions(threshold=threshold, max_frames=max_frames, show=show, save=save,
-                                 save_masks=save_masks, jsonl=jsonl, log=log)
-            try:
-                summary = run(spec, opened, options)
-            except RunAborted as exc:
-                for line in exc.summary.lines():
-                    click.echo(line, err=to_stderr)
-                raise
-    finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
+    stop = StopRequest()
+    with stop_on_signals(stop), open_backend(model, backend) as opened:
+        facts = opened.describe()
+        log(f"model {facts.model} ({opened.info.category}, crop {opened.info.crop}), backend {facts.line()}")
+        options = RunOptions(threshold=threshold, max_frames=max_frames, show=show, save=save,
+                             save_masks=save_masks, jsonl=jsonl, log=log, stop=stop)
+        try:
+            summary = run(spec, opened, options)
+        except RunAborted as exc:
+            for line in exc.summary.lines():
+                click.echo(line, err=to_stderr)
+            raise
     for line in summary.lines():
         click.echo(line, err=to_stderr)
-    if summary.stopped in ("interrupted", "terminated"):
-        sys.exit(EXIT_TERMINATED if summary.stopped == "terminated" else EXIT_INTERRUPTED)
+    if summary.stopped in EXIT_CODES:
+        sys.exit(EXIT_CODES[summary.stopped])

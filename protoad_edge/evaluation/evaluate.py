@@ -23,7 +23,7 @@ from ..build.datasets import Sample, load_crops, load_masks, open_dataset
 from ..decision import image_scores, is_anomalous
 from ..errors import ProtoADError
 from ..metadata import ModelInfo
-from ..metrics import PRO_FPR_LIMIT, curve_area, pro_curve, roc_curve, spearman
+from ..metrics import PRO_FPR_LIMIT, curve_area, pro_area, pro_curve, roc_curve, spearman
 from ..preprocess import Preprocess, to_batch
 from ..runtime.backend import Backend, BackendOptions, run_maps
 
@@ -101,7 +101,7 @@ def compute_metrics(test: LabelledSplit, maps: np.ndarray) -> Metrics:
     return Metrics(
         image_auroc=image_auroc,
         pixel_auroc=curve_area(pix_fpr, pix_tpr),
-        pro=curve_area(pro_fpr, pro, PRO_FPR_LIMIT) / PRO_FPR_LIMIT,
+        pro=pro_area(pro_fpr, pro),
         image_roc=(fpr, tpr),
         pixel_roc=(pix_fpr, pix_tpr),
         pro_curve=(pro_fpr, pro),

@@ -39,26 +39,56 @@ def convert_to_mixed_fp16(model: onnx.ModelProto, fp32_scopes: tuple[str, ...] =
     stay FP32. Metadata (``metadata_props``) is kept.
     """
     import onnx
-    from onnx import TensorProto, helper
 
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
+    floats = _float_tensors(model)
+    scopes = _Scopes(fp32_scopes)
+    half = _store_half(graph, floats, scopes)
+    tail = _fp32_outputs(graph, floats, half)
+    _insert_casts(graph, floats, half, scopes, tail)
+    del graph.value_info[:]  # the FP32 types recorded there are stale; checkers and TensorRT re-infer them
+    try:
+        onnx.checker.check_model(out, full_check=True)
+    except Exception as exc:  # ValidationError, InferenceError
+        raise ProtoADError(f"mixed-precision conversion produced an invalid graph: {exc}") from None
+    return out
+
+
+class _Scopes:
+    """Which nodes stay FP32, and which node inputs are read as FP16."""
+
+    def __init__(self, fp32_scopes: tuple[str, ...]) -> None:
+        self.fp32_scopes = fp32_scopes
+
+    def fp32(self, node: onnx.NodeProto) -> bool:
+        return any(scope in node.name for scope in self.fp32_scopes)
+
+    def wants_half(self, node: onnx.NodeProto, index: int) -> bool:
+        return not self.fp32(node) and (node.op_type, index) not in FLOAT32_ONLY_INPUTS
+
+
+def _float_tensors(model: onnx.ModelProto) -> set[str]:
+    """Names of every FP32 tensor of the graph (inferred types and initializers)."""
+    import onnx
+    from onnx import TensorProto
+
     try:
         typed = onnx.shape_inference.infer_shapes(model, strict_mode=True).graph
     except Exception as exc:  # onnx raises InferenceError and friends
-        raise ProtoADError(f"cannot infer the types of the ONNX graph {graph.name!r}: {exc}") from None
-    floats = {v.name for v in [*typed.input, *typed.value_info, *typed.output] if v.type.tensor_type.elem_type == TensorProto.FLOAT}
-    floats |= {t.name for t in graph.initializer if t.data_type == TensorProto.FLOAT}
+        raise ProtoADError(f"cannot infer the types of the ONNX graph {model.graph.name!r}: {exc}") from None
+    values = [*typed.input, *typed.value_info, *typed.output]
+    floats = {v.name for v in values if v.type.tensor_type.elem_type == TensorProto.FLOAT}
+    return floats | {t.name for t in model.graph.initializer if t.data_type == TensorProto.FLOAT}
 
-    def in_fp32_scope(node: onnx.NodeProto) -> bool:
-        return any(scope in node.name for scope in fp32_scopes)
 
-    def wants_half(node: onnx.NodeProto, index: int) -> bool:
-        return not in_fp32_scope(node) and (node.op_type, index) not in FLOAT32_ONLY_INPUTS
+def _store_half(graph: onnx.GraphProto, floats: set[str], scopes: _Scopes) -> set[str]:
+    """Convert constants read by FP16 nodes and retype FP16 nodes' Casts; return the tensors now stored as FP16."""
+    from onnx import TensorProto
 
-    # Which float tensors are stored as FP16: outputs of FP16 nodes; constants read by an FP16 node.
-    read_as_half = {name for node in graph.node for i, name in enumerate(node.input) if name in floats and wants_half(node, i)}
+    read_as_half = {name for node in graph.node for i, name in enumerate(node.input)
+                    if name in floats and scopes.wants_half(node, i)}
     half: set[str] = set()
     for init in graph.initializer:
         if init.name in floats and init.name in read_as_half:
@@ -71,16 +101,21 @@ def convert_to_mixed_fp16(model: onnx.ModelProto, fp32_scopes: tuple[str, ...] =
                 attr.t.CopyFrom(_to_fp16_tensor(attr.t, node.name))
                 half.add(node.output[0])
             continue
-        if in_fp32_scope(node):
+        if scopes.fp32(node):
             continue
         if node.op_type == "Cast":
             for a in node.attribute:
                 if a.name == "to" and a.i == TensorProto.FLOAT:
                     a.i = TensorProto.FLOAT16
         half.update(name for name in node.output if name in floats)
+    return half
 
-    # Graph outputs keep their FP32 name and type: the FP16 tensor is renamed and cast at the end.
-    tail: list[onnx.NodeProto] = []
+
+def _fp32_outputs(graph: onnx.GraphProto, floats: set[str], half: set[str]) -> list[onnx.NodeProto]:
+    """Graph outputs keep their FP32 name and type: each FP16 one is renamed, and a final Cast restores it."""
+    from onnx import TensorProto, helper
+
+    tail = []
     for output in graph.output:
         if output.name in half:
             inner = f"{output.name}/fp16"
@@ -88,13 +123,21 @@ def convert_to_mixed_fp16(model: onnx.ModelProto, fp32_scopes: tuple[str, ...] =
             half.discard(output.name)
             half.add(inner)
             floats.add(inner)
-            tail.append(helper.make_node("Cast", [inner], [output.name], name=f"cast_to_fp32_{output.name}", to=TensorProto.FLOAT))
+            tail.append(helper.make_node("Cast", [inner], [output.name], name=f"cast_to_fp32_{output.name}",
+                                         to=TensorProto.FLOAT))
+    return tail
+
+
+def _insert_casts(graph: onnx.GraphProto, floats: set[str], half: set[str], scopes: _Scopes,
+                  tail: list[onnx.NodeProto]) -> None:
+    """A Cast on every edge whose producer and consumer differ in precision (one per tensor and direction)."""
+    from onnx import TensorProto, helper
 
     casts: dict[tuple[str, bool], str] = {}
     nodes: list[onnx.NodeProto] = []
     for node in graph.node:
         for i, name in enumerate(node.input):
-            target = wants_half(node, i)
+            target = scopes.wants_half(node, i)
             if name in floats and (name in half) != target:
                 key = (name, target)
                 if key not in casts:
@@ -107,12 +150,6 @@ def convert_to_mixed_fp16(model: onnx.ModelProto, fp32_scopes: tuple[str, ...] =
         nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes + tail)
-    del graph.value_info[:]  # the FP32 types recorded there are stale; checkers and TensorRT re-infer them
-    try:
-        onnx.checker.check_model(out, full_check=True)
-    except Exception as exc:  # ValidationError, InferenceError
-        raise ProtoADError(f"mixed-precision conversion produced an invalid graph: {exc}") from None
-    return out
 
 
 def write_fp16_onnx(onnx_path: str | os.PathLike, out_path: str | os.PathLike | None = None,

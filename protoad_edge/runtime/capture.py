@@ -24,6 +24,7 @@ DEFAULT_BACKOFF = (0.5, 1.0, 2.0, 4.0)
 # Queue depth: a live source keeps at most two frames waiting (the verdict stays fresh); a file
 # source reads a few ahead so decoding overlaps inference.
 LIVE_QUEUE, FILE_QUEUE = 2, 8
+STOP_POLL_S = 0.1  # how often a wait for the next frame looks whether the run was asked to stop
 _END = object()
 
 
@@ -67,11 +68,18 @@ class Capture:
         self._thread.start()
         return self
 
-    def get(self) -> Frame | None:
-        """The next frame; None once the source has ended; the source's error is raised here."""
+    def get(self, stop: threading.Event | None = None) -> Frame | None:
+        """The next frame; None once the source has ended (or ``stop`` is set while waiting for one);
+        the source's error is raised here."""
         if self._done:
             return None
-        item = self._queue.get()
+        while True:
+            try:
+                item = self._queue.get(timeout=STOP_POLL_S if stop is not None else None)
+                break
+            except queue.Empty:
+                if stop is not None and stop.is_set():
+                    return None
         if isinstance(item, Frame):
             return item
         self._done = True

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Callable
 import numpy as np
 
 from ..decision import capped_pixel_threshold, is_anomalous
-from ..errors import ProtoADError, Terminated
+from ..errors import ProtoADError
 from ..metadata import ModelInfo
 from ..preprocess import to_batch
 from .backend import Backend
@@ -37,6 +38,22 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+class StopRequest(threading.Event):
+    """Asks a run to end at the next frame boundary, so every output holds whole frames.
+
+    ``protoad-run``'s SIGINT and SIGTERM handlers set it instead of raising where the signal happens
+    to land (between a frame's JSON line and its mask, say). ``reason`` becomes the summary's ending.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reason = ""
+
+    def request(self, reason: str) -> None:
+        self.reason = self.reason or reason
+        self.set()
+
+
 @dataclass
 class RunOptions:
     threshold: float | None = None  # image threshold; None: the model's own
@@ -49,6 +66,7 @@ class RunOptions:
     backoff: tuple[float, ...] = DEFAULT_BACKOFF  # pauses before reconnecting a live source
     log: Callable[[str], None] = _stderr  # notices for the user (never the JSON lines)
     on_frame: Callable[[FrameResult], None] | None = None  # e.g. to drive a reject gate
+    stop: StopRequest | None = None  # set (by a signal handler) to end the run between two frames
 
 
 @dataclass
@@ -132,9 +150,8 @@ def close_sinks(sinks: list[Sink], keep: bool) -> list[str]:
 def run(source: str | SourceSpec | Source, backend: Backend, options: RunOptions | None = None) -> RunSummary:
     """Judge every frame of ``source`` (a SOURCE string, a parsed one, or an opened Source) with ``backend``.
 
-    Outputs are finalised however the run ends (Ctrl-C and SIGTERM included) once a frame was
-    processed. A source error before the first frame raises ProtoADError; after it, RunAborted
-    carrying the summary.
+    Outputs are finalised however the run ends (a stop request, Ctrl-C) once a frame was processed.
+    A source error before the first frame raises ProtoADError; after it, RunAborted carrying the summary.
     """
     options = options or RunOptions()
     info = backend.info
@@ -154,10 +171,11 @@ def run(source: str | SourceSpec | Source, backend: Backend, options: RunOptions
         started = last = time.perf_counter()
         fps = 0.0
         summary.stopped = "max frames"
+        stop = options.stop
         while options.max_frames is None or summary.frames < options.max_frames:
-            frame = capture.get()
+            frame = None if stop is not None and stop.is_set() else capture.get(stop)
             if frame is None:
-                summary.stopped = "end of source"
+                summary.stopped = stop.reason if stop is not None and stop.is_set() else "end of source"
                 break
             t0 = time.perf_counter()
             crop = pre(frame.rgb)
@@ -180,8 +198,8 @@ def run(source: str | SourceSpec | Source, backend: Backend, options: RunOptions
                 break
             if options.on_frame is not None:
                 options.on_frame(result)
-    except KeyboardInterrupt as exc:
-        summary.stopped = "terminated" if isinstance(exc, Terminated) else "interrupted"
+    except KeyboardInterrupt:
+        summary.stopped = "interrupted"
     except ProtoADError as exc:
         if summary.frames == 0:
             raise

@@ -43,10 +43,6 @@ class StageTimes:
     compute_ms: float
     d2h_ms: float
 
-    @property
-    def total_ms(self) -> float:
-        return self.h2d_ms + self.compute_ms + self.d2h_ms
-
 
 class TrtBackend(Backend):
     """``options.timing`` records CUDA events around the copies and the compute (``stage_times``)."""
