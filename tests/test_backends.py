@@ -158,3 +158,11 @@ def test_open_backend_describes_what_runs(tiny_model: Path) -> None:
     assert (facts.name, facts.model, facts.precision, facts.device) == ("ort", str(tiny_model), "fp32", "cpu")
     assert facts.providers == ["CPUExecutionProvider"] and facts.details["intra_op_threads"] == 1
     assert facts.line() == "ort (CPUExecutionProvider, fp32)"
+
+
+def test_every_cli_option_is_documented() -> None:
+    from protoad_edge.cli.export import main as export_main
+
+    for command in (run_main, eval_main, bench_main, export_main):
+        undocumented = [p.opts[0] for p in command.params if isinstance(p, click.Option) and not p.help]
+        assert undocumented == [], command.name

@@ -253,6 +253,15 @@ def test_pending_file_commit_and_discard(tmp_path: Path) -> None:
         PendingFile(tmp_path / "sub")
 
 
+def frame_count(path: Path) -> int:
+    """Frames OpenCV reads back from a video file."""
+    capture = cv2.VideoCapture(str(path))
+    count = 0
+    while capture.read()[0]:
+        count += 1
+    return count
+
+
 def frame_result(index: int, timestamp: float, anomalous: bool = False) -> FrameResult:
     return FrameResult(index, timestamp, "camera0", 0.5, anomalous, 1.0, np.zeros((8, 8, 3), np.uint8),
                        np.zeros((8, 8), np.float32))
@@ -264,11 +273,7 @@ def test_video_of_a_live_source_is_padded_to_real_time(tmp_path: Path) -> None:
     for i, t in enumerate((100.0, 100.35, 100.36)):  # a slow model: the 2nd view covers 0.1-0.3 s too
         assert video.write(frame_result(i, t), view)
     assert video.close(keep=True) == str(tmp_path / "live.mp4")
-    capture = cv2.VideoCapture(str(tmp_path / "live.mp4"))
-    count = 0
-    while capture.read()[0]:
-        count += 1
-    assert video.frames == count == 5
+    assert video.frames == frame_count(tmp_path / "live.mp4") == 5
 
 
 def test_video_of_a_file_source_has_one_frame_per_frame(tmp_path: Path) -> None:
@@ -277,11 +282,7 @@ def test_video_of_a_file_source_has_one_frame_per_frame(tmp_path: Path) -> None:
     for i, t in enumerate((100.0, 100.35, 109.0)):
         video.write(frame_result(i, t), view)
     assert video.close(keep=True) == str(tmp_path / "file.mp4")
-    capture = cv2.VideoCapture(str(tmp_path / "file.mp4"))
-    count = 0
-    while capture.read()[0]:
-        count += 1
-    assert video.frames == count == 3
+    assert video.frames == frame_count(tmp_path / "file.mp4") == 3
 
 
 def test_no_display_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -373,11 +374,7 @@ def test_ctrl_c_finalises_every_output(tiny_backend: OrtBackend, tmp_path: Path)
                                                    on_frame=interrupt, log=lambda m: None))
     assert summary.stopped == "interrupted" and summary.frames == 3
     assert len((out / "log.jsonl").read_text().splitlines()) == 3
-    video = cv2.VideoCapture(str(out / "view.mp4"))
-    count = 0
-    while video.read()[0]:
-        count += 1
-    assert count == 3
+    assert frame_count(out / "view.mp4") == 3
     assert sorted(p.name for p in out.iterdir()) == ["log.jsonl", "view.mp4"]  # no temporary files left
     assert plan.releases == 1
 
@@ -396,7 +393,7 @@ def test_a_stop_request_ends_the_run_between_frames_even_while_it_waits(tiny_bac
 
     started = time.monotonic()
     summary = run(source, tiny_backend, RunOptions(jsonl=log, stop=stop, on_frame=after_last_frame,
-                                                   backoff=(30.0,), log=lambda m: None))
+                                                   backoff=(30.0,), queue_size=8, log=lambda m: None))
     assert summary.stopped == "terminated" and summary.frames == 3
     assert time.monotonic() - started < 10  # not the 30 s reconnect pause
     assert [json.loads(line)["frame"] for line in log.read_text().splitlines()] == [0, 1, 2]

@@ -29,7 +29,8 @@ ALL = "all"
 @click.option("--category", required=True, help="Category to evaluate, or 'all' for every category under the data root.")
 @click.option("--data-root", type=click.Path(path_type=Path), default=None,
               help="Dataset root. Default: $PROTOAD_DATA, then ./data.")
-@click.option("--dataset", type=click.Choice(DATASET_KINDS), default="mvtec", show_default=True)
+@click.option("--dataset", type=click.Choice(DATASET_KINDS), default="mvtec", show_default=True,
+              help="Layout of the data root (see README: MVTec AD, BTAD, or a folder of your own images).")
 @click.option("--backend", type=click.Choice(CHOICES), default=AUTO, show_default=True, help=HELP)
 @click.option("--compare", "compare", default=None, metavar="B1,B2[,B3]",
               help=f"Run the same images through these backends ({', '.join(NAMES)}) and compare them with the first.")
@@ -37,7 +38,8 @@ ALL = "all"
               help="Write every metric and per-category result to this JSON file.")
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Write pictures here: CATEGORY.cases.png (worst and best cases), .roc.png, .pro.png.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Images per backend call.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
               help="cpu: onnxruntime's CPU provider only, or torch on the CPU; cuda: a GPU; auto: the best available.")
 @click.option("--fp32", is_flag=True, help="torch backend: stay in FP32 on a GPU (default there: FP16); "

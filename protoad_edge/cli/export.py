@@ -18,7 +18,8 @@ D = BuildConfig(category="")  # the defaults, written once in BuildConfig
 @click.option("--category", default=None, help="Category to build (e.g. bottle, cable, or the built-in demo).")
 @click.option("--data-root", type=click.Path(path_type=Path), default=D.data_root,
               help="Dataset root. Default: $PROTOAD_DATA, then ./data.")
-@click.option("--dataset", type=click.Choice(DATASET_KINDS), default=D.dataset, show_default=True)
+@click.option("--dataset", type=click.Choice(DATASET_KINDS), default=D.dataset, show_default=True,
+              help="Layout of the data root (see README: MVTec AD, BTAD, or a folder of your own images).")
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=D.out, show_default=True,
               help="Folder the bundle is written to: OUT/CATEGORY.onnx, .json, .prototypes.npy (and .plan).")
 @click.option("--weights", default=D.weights, show_default=True,
@@ -29,11 +30,16 @@ D = BuildConfig(category="")  # the defaults, written once in BuildConfig
               help="Take the first FINCH partition with fewer clusters than this.")
 @click.option("--val-split", type=click.FloatRange(0.0, 1.0, max_open=True), default=D.val_split, show_default=True,
               help="Share of normal training images held out to set thresholds.")
-@click.option("--device", type=click.Choice(DEVICES), default=D.device, show_default=True)
-@click.option("--seed", type=int, default=D.seed, show_default=True)
-@click.option("--resize", type=click.IntRange(min=32), default=D.resize, show_default=True)
-@click.option("--crop", type=click.IntRange(min=32), default=D.crop, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=D.batch_size, show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default=D.device, show_default=True,
+              help="Where features are extracted and FINCH searches (auto: CUDA where available).")
+@click.option("--seed", type=int, default=D.seed, show_default=True,
+              help="Seed of the held-out split and of --weights none.")
+@click.option("--resize", type=click.IntRange(min=32), default=D.resize, show_default=True,
+              help="Shorter image side before the centre crop (pixels).")
+@click.option("--crop", type=click.IntRange(min=32), default=D.crop, show_default=True,
+              help="Side of the centre crop the network judges (pixels).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=D.batch_size, show_default=True,
+              help="Images per batch for feature extraction and the checks.")
 @click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False), default=D.cache_dir,
               help="Where extracted training features are kept for rebuilds (e.g. another --max-prototypes). "
                    "Default: $PROTOAD_CACHE, then ~/.cache/protoad-edge/features.")
