@@ -26,11 +26,12 @@ FILES = {
     "timing_cache": ".timing.cache",
 }
 DEFAULT_FOLDER = Path("models")
-# The sidecar fields that must equal the ONNX metadata: they decide the input, the network and the verdict.
-# TensorRT build facts and the free-form ``build`` dict may legitimately be added to the sidecar later.
+# The sidecar fields that must equal the ONNX metadata: they decide the input and the network. The
+# thresholds, TensorRT build facts and the free-form ``build`` dict change in the sidecar after the build
+# (``protoad-eval --set-threshold``, the engine step), so the sidecar is what is in force.
 IDENTITY_FIELDS = (
-    "format", "category", "resize", "crop", "backbone", "weights", "feature_upsample", "num_prototypes",
-    "blur_sigma", "input_name", "outputs", "opset", "seed", "image_threshold", "pixel_threshold",
+    "format", "category", "resize", "crop", "roi", "fit", "backbone", "weights", "feature_upsample",
+    "num_prototypes", "blur_sigma", "input_name", "outputs", "opset", "seed",
 )
 
 
@@ -94,17 +95,19 @@ class Bundle:
             raise ProtoADError(f"cannot read ONNX model {self.onnx}: {str(exc).splitlines()[0]}") from None
         return ModelInfo.from_props(session.get_modelmeta().custom_metadata_map, f"ONNX metadata of {self.onnx}")
 
-    def check_sidecar(self, info: ModelInfo, model: Path) -> None:
-        """A sidecar beside ``model`` must describe it: a stale or swapped one would make tools that read
-        it (TensorRT plans, reports) disagree with what the runtime actually does."""
+    def in_force(self, embedded: ModelInfo, model: Path) -> ModelInfo:
+        """The metadata in force for ``model``, whose own copy is ``embedded`` (the ONNX metadata): the
+        sidecar's where there is one (it carries thresholds set after the build), after checking that it
+        describes the same network and input - a stale or swapped sidecar is refused."""
         if not self.sidecar.exists():
-            return
+            return embedded
         side = ModelInfo.load_json(self.sidecar)
-        differ = [f"{name} {getattr(side, name)!r} vs {getattr(info, name)!r}"
-                  for name in IDENTITY_FIELDS if not _same(getattr(side, name), getattr(info, name))]
+        differ = [f"{name} {getattr(side, name)!r} vs {getattr(embedded, name)!r}"
+                  for name in IDENTITY_FIELDS if not _same(getattr(side, name), getattr(embedded, name))]
         if differ:
             raise ProtoADError(f"model sidecar {self.sidecar} does not match {model} ({'; '.join(differ)}): "
                                "restore the pair the build wrote, or delete the stale sidecar")
+        return side
 
 
 def kind_of(path: str | os.PathLike) -> str | None:

@@ -42,6 +42,13 @@ class ModelInfo:
     image_threshold: float
     pixel_threshold: float
     threshold_rule: str = ""
+    # Earlier thresholds, oldest first ({"image_threshold", "pixel_threshold", "threshold_rule", "replaced"}),
+    # kept when ``protoad-eval --set-threshold`` puts new ones in force.
+    threshold_history: list[dict[str, Any]] = field(default_factory=list)
+    # Where the network looks: the region of interest [x, y, w, h] in source-image pixels (None: the whole
+    # image), and how that region becomes the square network input (``preprocess.FITS``).
+    roi: list[int] | None = None
+    fit: str = "crop"
     blur_sigma: float = 4.0
     input_name: str = INPUT_NAME
     # The network input: N x 3 x crop x crop, RGB, float32 pixel values 0-255.
@@ -63,7 +70,7 @@ class ModelInfo:
 
     @property
     def preprocess(self) -> Preprocess:
-        return Preprocess(resize=self.resize, crop=self.crop)
+        return Preprocess(resize=self.resize, crop=self.crop, roi=tuple(self.roi) if self.roi else None, fit=self.fit)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

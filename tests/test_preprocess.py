@@ -93,3 +93,63 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path: Path) -> None:
         write_atomic(target, boom)
     assert target.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+
+
+# --- the region of interest and how it becomes the input ---------------------------------------
+
+
+def frame(width: int = 640, height: int = 360, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def test_roi_crop_is_the_old_path_on_the_region_cut_out_by_hand() -> None:
+    rgb = frame()
+    roi = (200, 40, 300, 260)
+    cut = rgb[40:300, 200:500]
+    np.testing.assert_array_equal(Preprocess(256, 224, roi)(rgb), Preprocess(256, 224)(cut))
+    mask = np.zeros(rgb.shape[:2], bool)
+    mask[100:150, 300:340] = True
+    np.testing.assert_array_equal(Preprocess(256, 224, roi).mask(mask), Preprocess(256, 224).mask(mask[40:300, 200:500]))
+
+
+@pytest.mark.parametrize("fit", ["resize", "pad"])
+def test_whole_region_fits(fit: str) -> None:
+    rgb = np.zeros((360, 640, 3), np.uint8)
+    rgb[100:300, 100:500] = 200  # the region: 400 x 200, bright
+    out = Preprocess(256, 224, (100, 100, 400, 200), fit)(rgb)
+    assert out.shape == (224, 224, 3)
+    if fit == "resize":
+        assert (out == 200).all()  # every input pixel shows the region
+    else:
+        bright = np.argwhere(out[..., 0] == 200)  # 224 x 112, centred, black above and below
+        assert bright[:, 0].min() == 56 and bright[:, 0].max() == 167 and (out[:56] == 0).all() and (out[168:] == 0).all()
+
+
+@pytest.mark.parametrize("fit", ["crop", "resize", "pad"])
+def test_geometry_maps_input_pixels_back_to_the_frame(fit: str) -> None:
+    """A bright square placed in the frame comes back, through the input and the geometry, where it was."""
+    pre = Preprocess(256, 224, (320, 90, 960, 720), fit)
+    rgb = np.zeros((1080, 1920, 3), np.uint8)
+    rgb[400:480, 700:820] = 255
+    geometry = pre.geometry(1920, 1080)
+    bright = (pre(rgb)[..., 0] > 127).astype(np.uint8)
+    ys, xs = np.nonzero(bright)
+    x, y, w, h = geometry.box_to_frame(int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1))
+    assert abs(x - 700) <= 6 and abs(y - 400) <= 6 and abs(x + w - 820) <= 6 and abs(y + h - 480) <= 6
+    back = geometry.to_frame(bright)
+    assert back.shape == (1080, 1920) and abs(int(back.sum()) - 80 * 120) < 0.15 * 80 * 120
+    jx, jy, jw, jh = geometry.judged
+    assert 320 <= jx and jx + jw <= 1280 and 90 <= jy and jy + jh <= 810  # inside the region
+    if fit == "crop":  # the paper's crop judges 224/256 of the short side, in the middle: 630 x 630 of 960 x 720
+        assert abs(jw - 630) <= 1 and abs(jh - 630) <= 1 and abs(jx - (320 + 165)) <= 3 and abs(jy - (90 + 45)) <= 3
+    else:
+        assert (jx, jy, jw, jh) == (320, 90, 960, 720)
+
+
+def test_roi_outside_the_image_names_the_sizes() -> None:
+    with pytest.raises(ProtoADError, match=r"--roi 1800,900,300,300 reaches past the 1920x1080 image: .*x 2100, y 1200"):
+        Preprocess(256, 224, (1800, 900, 300, 300))(np.zeros((1080, 1920, 3), np.uint8))
+    with pytest.raises(ProtoADError, match="--fit"):
+        Preprocess(fit="stretch")
+    with pytest.raises(ProtoADError, match="--roi"):
+        Preprocess(roi=(0, 0, 0, 10))

@@ -205,10 +205,10 @@ def test_stop_unblocks_a_reader_waiting_on_a_full_queue() -> None:
 
 def test_sidecar_must_match_the_onnx(tiny_model: Path, tmp_path: Path) -> None:
     info = OrtBackend(tiny_model, providers=["CPUExecutionProvider"]).info
-    Bundle.of(tiny_model).check_sidecar(info, tiny_model)  # the pair the build wrote
+    assert Bundle.of(tiny_model).in_force(info, tiny_model) == info  # the pair the build wrote
     model = tmp_path / "tiny.onnx"
     model.symlink_to(tiny_model)
-    Bundle.of(model).check_sidecar(info, model)  # no sidecar: nothing to compare
+    assert Bundle.of(model).in_force(info, model) is info  # no sidecar: the embedded metadata
     side = json.loads(tiny_model.with_suffix(".json").read_text())
     side.update(crop=96, num_prototypes=7, gpu_name="another GPU", build={"note": "informative only"})
     (tmp_path / "tiny.json").write_text(json.dumps(side))
@@ -216,7 +216,7 @@ def test_sidecar_must_match_the_onnx(tiny_model: Path, tmp_path: Path) -> None:
         OrtBackend(model, providers=["CPUExecutionProvider"])
     (tmp_path / "tiny.json").write_text("{not json")
     with pytest.raises(ProtoADError, match="cannot read model sidecar .*tiny.json"):
-        Bundle.of(model).check_sidecar(info, model)
+        Bundle.of(model).in_force(info, model)
 
 
 # ---------------------------------------------------------------- overlay and outputs

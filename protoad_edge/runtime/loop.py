@@ -67,6 +67,7 @@ class RunOptions:
     log: Callable[[str], None] = _stderr  # notices for the user (never the JSON lines)
     on_frame: Callable[[FrameResult], None] | None = None  # e.g. to drive a reject gate
     stop: StopRequest | None = None  # set (by a signal handler) to end the run between two frames
+    sinks: list[Sink] = field(default_factory=list)  # the caller's own (e.g. MQTT), after the others; the run closes them
 
 
 @dataclass
@@ -124,7 +125,8 @@ def thresholds_in_force(info: ModelInfo, override: float | None) -> tuple[float,
 
 
 def open_sinks(options: RunOptions, src: Source, title: str, pixel_threshold: float) -> list[Sink]:
-    """The sinks ``options`` ask for, in a fixed order (the log first, so it sees every frame)."""
+    """The sinks ``options`` ask for, in a fixed order (the log first, so it sees every frame), then the
+    caller's own. On failure every one of them is closed, the caller's too."""
     sinks: list[Sink] = []
     try:
         if options.jsonl is not None:
@@ -138,9 +140,9 @@ def open_sinks(options: RunOptions, src: Source, title: str, pixel_threshold: fl
         if window is not None:
             sinks.append(window)
     except BaseException:
-        close_sinks(sinks, keep=False)
+        close_sinks(sinks + list(options.sinks), keep=False)
         raise
-    return sinks
+    return sinks + list(options.sinks)
 
 
 def close_sinks(sinks: list[Sink], keep: bool) -> list[str]:

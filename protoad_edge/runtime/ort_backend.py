@@ -71,7 +71,7 @@ class OrtBackend(Backend):
         if self.info.input_name not in inputs or list(inputs[self.info.input_name])[1:] != expected:
             raise ProtoADError(f"{path}: input {inputs} does not match its metadata ({self.info.input_name} [N,{','.join(map(str, expected))}])")
         if kind_of(path) is not None:
-            Bundle.of(path).check_sidecar(self.info, path)
+            self.info = Bundle.of(path).in_force(self.info, path)
 
     def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         maps, scores = self.session.run([MAP_NAME, SCORE_NAME], {self.info.input_name: check_batch(batch, self.info)})
