@@ -102,9 +102,21 @@ def test_video_end_to_end(tiny_model: Path, backend: OrtBackend, demo_video: Pat
     masks = sorted((out / "masks").iterdir())
     assert [p.name for p in masks] == [f"{i:06d}.png" for i in anomalous]
     mask = np.asarray(Image.open(masks[0]))
-    assert mask.shape == (64, 64) and set(np.unique(mask)) <= {0, 255}
+    assert mask.shape == (96, 96) and set(np.unique(mask)) <= {0, 255}  # frame pixels
+    assert [r.get("mask") for r in records] == [f"{i:06d}.png" if i in anomalous else None for i in range(FRAMES)]
+    assert all((r["model"], r["category"], r["threshold"], r["threshold_rule"]) ==
+               (str(tiny_model), "tiny", threshold, "--threshold") for r in records)
+    assert [r["pos_ms"] for r in records] == [100.0 * i for i in range(FRAMES)]  # 10 frames/s
+    for r in records:
+        assert bool(r["regions"]) == (r["verdict"] == "anomaly")
+        areas = [region["area"] for region in r["regions"]]
+        assert areas == sorted(areas, reverse=True) and all(p["peak"] > 0 for p in r["regions"])
+        for region in r["regions"]:
+            x, y, w, h = region["bbox"]
+            jx, jy, jw, jh = r["roi"]
+            assert jx <= x and jy <= y and x + w <= jx + jw and y + h <= jy + jh and 0 < region["area"] <= w * h
     frames = video_frames(out / "overlay.mp4")
-    assert len(frames) == FRAMES and frames[0].shape[1] == 320
+    assert len(frames) == FRAMES and frames[0].shape[1] == 96  # the whole frame, at its own size
     assert sorted(p.name for p in out.iterdir()) == ["masks", "overlay.mp4", "run.jsonl"]  # no temporary files
     assert f"frames      {FRAMES}, anomalies {len(anomalous)}" in result.stdout
     assert "p50" in result.stdout and "p90" in result.stdout and "p99" in result.stdout and "FPS" in result.stdout

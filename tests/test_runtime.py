@@ -17,14 +17,14 @@ import pytest
 from PIL import Image
 
 from protoad_edge.errors import ProtoADError
-from protoad_edge.preprocess import to_batch
+from protoad_edge.preprocess import Preprocess, to_batch
 from protoad_edge.bundle import Bundle
 from protoad_edge.decision import defect_mask
 from protoad_edge.runtime.backend import BackendOptions
 from protoad_edge.runtime.capture import Capture
 from protoad_edge.runtime.ort_backend import OrtBackend
-from protoad_edge.runtime.overlay import HEADER, render, view_scale
-from protoad_edge.runtime.result import FrameResult
+from protoad_edge.runtime.overlay import DIM, HEADER, JUDGED_BGR, render
+from protoad_edge.runtime.result import FrameResult, RunContext
 from protoad_edge.runtime.sinks import PendingFile, VideoSink, display_problem
 from protoad_edge.runtime.loop import RunAborted, RunOptions, StopRequest, run
 from protoad_edge.runtime.sources import CSI_PIPELINE, OpenCVSource, SourceSpec, open_source, parse_source
@@ -222,22 +222,29 @@ def test_sidecar_must_match_the_onnx(tiny_model: Path, tmp_path: Path) -> None:
 # ---------------------------------------------------------------- overlay and outputs
 
 
-def test_overlay_layout_and_outline() -> None:
-    crop = np.full((64, 64, 3), 128, np.uint8)
-    amap = np.zeros((64, 64), np.float32)
+def test_overlay_shows_the_frame_as_it_is_with_the_judged_area_and_the_heat_where_it_matters() -> None:
+    rgb = np.full((360, 640, 3), 120, np.uint8)
+    pre = Preprocess(72, 64, roi=(200, 100, 200, 200), fit="resize")
+    geometry = pre.geometry(640, 360)
+    amap = np.full((64, 64), 0.1, np.float32)  # a good part: far below the pixel threshold
     amap[20:30, 20:30] = 1.0
-    scale = view_scale(64)
-    assert scale == 5 and view_scale(224) == 2 and (33 * view_scale(33)) % 2 == 0
-    ok = render(crop, amap, score=1.0, anomalous=False, threshold=0.5, pixel_threshold=0.5, fps=30.0)
-    bad = render(crop, amap, score=1.0, anomalous=True, threshold=0.5, pixel_threshold=0.5, fps=30.0)
-    assert ok.shape == bad.shape == (HEADER + 64 * scale, 64 * scale, 3) and ok.dtype == np.uint8
-    white = np.all(bad[HEADER:] == 255, axis=2)
-    assert white.any() and not np.all(ok[HEADER:] == 255, axis=2).any()  # outline only on anomalies
-    ys, xs = np.nonzero(white)
-    assert 20 * scale - 3 <= ys.min() and ys.max() <= 30 * scale + 3 and 20 * scale - 3 <= xs.min()
-    assert not np.array_equal(ok[:HEADER], bad[:HEADER])  # the verdict is written in the header
-    mask = defect_mask(amap, 0.5)
-    assert mask.dtype == np.uint8 and set(np.unique(mask)) == {0, 255} and (mask == 255).sum() == 100
+    ok = render(rgb, np.full((64, 64), 0.1, np.float32), geometry, score=0.1, anomalous=False, threshold=0.5,
+                pixel_threshold=0.4, fps=30.0)
+    bad = render(rgb, amap, geometry, score=1.0, anomalous=True, threshold=0.5, pixel_threshold=0.4)
+    header = ok.shape[0] - 360
+    assert ok.shape == bad.shape == (header + 360, 640, 3) and header >= HEADER
+    view = ok[header:]
+    assert (view[150:250, 250:350] == 120).all()  # inside the judged area a good part looks like itself
+    assert (view[10:90, 10:190] == round(120 * DIM)).all()  # outside it is dimmed, not hidden
+    assert tuple(view[100, 300]) == JUDGED_BGR and tuple(view[299, 300]) == JUDGED_BGR  # the judged area outlined
+    defect = bad[header:]
+    ys, xs = np.nonzero(np.all(defect == 255, axis=2))  # the white outline of the defect, in frame pixels
+    assert 200 + 20 * 200 / 64 - 4 <= xs.min() and xs.max() <= 200 + 30 * 200 / 64 + 4 and 100 + 20 * 200 / 64 - 4 <= ys.min()
+    assert not np.array_equal(defect[170:190, 270:290], view[170:190, 270:290])  # heat on the defect
+    assert (defect[250:290, 350:390] == 120).all()  # and none on the rest of the part
+    assert not np.array_equal(ok[:header], bad[:header])  # the verdict is written in the header
+    small = render(rgb, amap, geometry, score=1.0, anomalous=True, threshold=0.5, pixel_threshold=0.4, view_width=320)
+    assert small.shape[1] == 320 and small.shape[0] - (small.shape[0] - 180) == 180 and small.shape[0] % 2 == 0
 
 
 def test_pending_file_commit_and_discard(tmp_path: Path) -> None:
@@ -263,8 +270,10 @@ def frame_count(path: Path) -> int:
 
 
 def frame_result(index: int, timestamp: float, anomalous: bool = False) -> FrameResult:
-    return FrameResult(index, timestamp, "camera0", 0.5, anomalous, 1.0, np.zeros((8, 8, 3), np.uint8),
-                       np.zeros((8, 8), np.float32))
+    pre = Preprocess(36, 32)
+    return FrameResult(index, timestamp, "camera0", 0.5, anomalous, 1.0, np.zeros((32, 48, 3), np.uint8),
+                       np.zeros((32, 32, 3), np.uint8), np.zeros((32, 32), np.float32), pre.geometry(48, 32),
+                       RunContext("m.onnx", "m", 0.4, "rule"))
 
 
 def test_video_of_a_live_source_is_padded_to_real_time(tmp_path: Path) -> None:
@@ -357,9 +366,11 @@ def test_masks_use_the_pixel_threshold_capped_at_the_threshold_in_force(tiny_bac
     for r in seen:
         with Image.open(tmp_path / f"{r.index:06d}.png") as im:
             mask = np.asarray(im)
-        expected = np.where(r.anomaly_map > low, 255, 0)
+        assert mask.shape == r.frame.shape[:2]  # frame pixels
+        expected = r.geometry.to_frame(np.where(r.anomaly_map > low, 255, 0).astype(np.uint8))
         np.testing.assert_array_equal(mask, expected)
-        assert (r.anomaly_map > info.pixel_threshold).sum() < (mask == 255).sum()  # the cap made a difference
+        uncapped = r.geometry.to_frame(np.where(r.anomaly_map > info.pixel_threshold, 255, 0).astype(np.uint8))
+        assert (uncapped == 255).sum() < (mask == 255).sum()  # the cap made a difference
 
 
 def test_ctrl_c_finalises_every_output(tiny_backend: OrtBackend, tmp_path: Path) -> None:

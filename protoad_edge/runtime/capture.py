@@ -34,6 +34,7 @@ class Frame:
     rgb: np.ndarray  # HxWx3 uint8 RGB
     label: str  # the image path, or the source's name
     timestamp: float  # wall-clock seconds (time.time()) when captured
+    pos_ms: float | None = None  # position in a video file
 
 
 class Capture:
@@ -139,7 +140,7 @@ class Capture:
                 self._log(f"{name}: frames again after {failures} reconnect attempt(s)")
                 failures = 0
             rgb, label = got
-            self._put(Frame(index, rgb, label, time.time()), drop_old=self.source.live)
+            self._put(Frame(index, rgb, label, time.time(), self.source.position_ms()), drop_old=self.source.live)
             index += 1
         return _END
 

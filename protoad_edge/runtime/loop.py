@@ -7,6 +7,7 @@ the caller asked for. ``protoad-run`` is a thin wrapper around ``run``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import threading
@@ -17,14 +18,14 @@ from typing import Callable
 
 import numpy as np
 
-from ..decision import capped_pixel_threshold, is_anomalous
+from ..decision import capped_pixel_threshold, defect_regions, is_anomalous
 from ..errors import ProtoADError
 from ..metadata import ModelInfo
-from ..preprocess import to_batch
+from ..preprocess import Geometry, Preprocess, to_batch
 from .backend import Backend
-from .capture import DEFAULT_BACKOFF, Capture
+from .capture import DEFAULT_BACKOFF, Capture, Frame
 from .overlay import render
-from .result import FrameResult
+from .result import FrameResult, Region, RunContext
 from .sinks import JsonlSink, MaskSink, Sink, VideoSink, WindowSink
 from .sources import Source, SourceSpec, open_source
 
@@ -32,6 +33,8 @@ from .sources import Source, SourceSpec, open_source
 # 90000): slow enough to look at image by image for files, a usual camera rate for live sources.
 FILE_VIDEO_FPS, LIVE_VIDEO_FPS, MAX_VIDEO_FPS = 5.0, 25.0, 120.0
 FPS_SMOOTHING = 0.1  # weight of the newest frame in the displayed FPS
+MAX_REGIONS = 10  # defect regions per record, largest first
+STATUS_EVERY_S = 5.0  # a status line this often (0: none)
 
 
 def _stderr(message: str) -> None:
@@ -60,7 +63,10 @@ class RunOptions:
     max_frames: int | None = None
     show: bool = False
     save: str | Path | None = None  # overlay video (.mp4 or .avi)
-    save_masks: str | Path | None = None  # folder for PNG masks of anomalous frames
+    save_masks: str | Path | None = None  # folder for PNG masks of anomalous frames, in frame pixels
+    roi: tuple[int, int, int, int] | None = None  # overrides the model's region of interest
+    view_width: int | None = None  # overlay width (None: the frame's)
+    status_every: float = STATUS_EVERY_S  # seconds between status lines on the log (0: none)
     jsonl: str | Path | None = None  # per-frame log; "-" is stdout
     queue_size: int | None = None  # None: 2 for live sources, 8 for files
     backoff: tuple[float, ...] = DEFAULT_BACKOFF  # pauses before reconnecting a live source
@@ -125,17 +131,17 @@ def thresholds_in_force(info: ModelInfo, override: float | None) -> tuple[float,
 
 
 def open_sinks(options: RunOptions, src: Source, title: str, pixel_threshold: float) -> list[Sink]:
-    """The sinks ``options`` ask for, in a fixed order (the log first, so it sees every frame), then the
-    caller's own. On failure every one of them is closed, the caller's too."""
+    """The sinks ``options`` ask for, in a fixed order (masks first, so the records can name the mask
+    file), then the caller's own. On failure every one of them is closed, the caller's too."""
     sinks: list[Sink] = []
     try:
+        if options.save_masks is not None:
+            sinks.append(MaskSink(options.save_masks, src.name, pixel_threshold))
         if options.jsonl is not None:
             sinks.append(JsonlSink(options.jsonl))
         if options.save is not None:
             fallback = LIVE_VIDEO_FPS if src.live else FILE_VIDEO_FPS
             sinks.append(VideoSink(options.save, src.fps if 0 < src.fps <= MAX_VIDEO_FPS else fallback, src.live))
-        if options.save_masks is not None:
-            sinks.append(MaskSink(options.save_masks, src.name, pixel_threshold))
         window = WindowSink.open(title, options.log) if options.show else None
         if window is not None:
             sinks.append(window)
@@ -149,6 +155,44 @@ def close_sinks(sinks: list[Sink], keep: bool) -> list[str]:
     return [written for sink in sinks if (written := sink.close(keep)) is not None]
 
 
+class Judge:
+    """One frame in, one FrameResult out: preprocessing, inference, verdict, regions in frame pixels."""
+
+    def __init__(self, backend: Backend, pre: Preprocess, context: RunContext, pixel_threshold: float,
+                 source_name: str) -> None:
+        self.backend, self.pre, self.context = backend, pre, context
+        self.pixel_threshold = pixel_threshold
+        self.source_name = source_name
+        self.geometries: dict[tuple[int, int], Geometry] = {}
+
+    def geometry(self, width: int, height: int) -> Geometry:
+        if (width, height) not in self.geometries:
+            try:
+                self.geometries[width, height] = self.pre.geometry(width, height)
+            except ProtoADError as exc:
+                raise ProtoADError(f"{self.source_name}: {exc}") from None
+        return self.geometries[width, height]
+
+    def __call__(self, frame: Frame) -> FrameResult:
+        geometry = self.geometry(frame.rgb.shape[1], frame.rgb.shape[0])
+        t0 = time.perf_counter()
+        crop = self.pre(frame.rgb)
+        maps, scores = self.backend.infer(to_batch(crop))
+        latency_ms = (time.perf_counter() - t0) * 1000.0
+        score = float(scores[0])
+        anomalous = bool(is_anomalous(score, self.context.threshold))
+        regions = [Region(geometry.box_to_frame(*box), round(count * geometry.scale[0] * geometry.scale[1]), peak)
+                   for box, count, peak in defect_regions(maps[0], self.pixel_threshold, MAX_REGIONS)] if anomalous else []
+        return FrameResult(frame.index, frame.timestamp, frame.label, score, anomalous, latency_ms, frame.rgb, crop,
+                           maps[0], geometry, self.context, regions, frame.pos_ms)
+
+
+def status_line(summary: RunSummary, capture: Capture) -> str:
+    """The periodic sign of life of a headless run (stderr, so stdout keeps only data)."""
+    return (f"status: {summary.frames:,} frames in {summary.seconds:,.0f} s ({summary.fps:.1f} FPS), "
+            f"{summary.anomalies:,} anomalies, {capture.dropped:,} dropped, {capture.reconnects:,} reconnects")
+
+
 def run(source: str | SourceSpec | Source, backend: Backend, options: RunOptions | None = None) -> RunSummary:
     """Judge every frame of ``source`` (a SOURCE string, a parsed one, or an opened Source) with ``backend``.
 
@@ -158,7 +202,9 @@ def run(source: str | SourceSpec | Source, backend: Backend, options: RunOptions
     options = options or RunOptions()
     info = backend.info
     threshold, pixel_threshold = thresholds_in_force(info, options.threshold)
-    pre = info.preprocess
+    pre = info.preprocess if options.roi is None else dataclasses.replace(info.preprocess, roi=tuple(options.roi))
+    rule = info.threshold_rule if options.threshold is None else "--threshold"
+    context = RunContext(backend.describe().model, info.category, threshold, rule)
 
     src = source if isinstance(source, Source) else open_source(source)
     capture = Capture(src, options.queue_size, options.backoff, log=options.log)
@@ -170,7 +216,8 @@ def run(source: str | SourceSpec | Source, backend: Backend, options: RunOptions
         # Warm-up: lazy allocations and engine builds happen here, not in the first frame's latency.
         backend.infer(to_batch(np.zeros((info.crop, info.crop, 3), np.uint8)))
         capture.start()
-        started = last = time.perf_counter()
+        judge = Judge(backend, pre, context, pixel_threshold, src.name)
+        started = last = last_status = time.perf_counter()
         fps = 0.0
         summary.stopped = "max frames"
         stop = options.stop
@@ -179,22 +226,21 @@ def run(source: str | SourceSpec | Source, backend: Backend, options: RunOptions
             if frame is None:
                 summary.stopped = stop.reason if stop is not None and stop.is_set() else "end of source"
                 break
-            t0 = time.perf_counter()
-            crop = pre(frame.rgb)
-            maps, scores = backend.infer(to_batch(crop))
-            t1 = time.perf_counter()
-            score = float(scores[0])
-            result = FrameResult(frame.index, frame.timestamp, frame.label, score, bool(is_anomalous(score, threshold)),
-                                 (t1 - t0) * 1000.0, crop, maps[0])
+            result = judge(frame)
+            now = time.perf_counter()
             summary.frames += 1
             summary.anomalies += result.anomalous
             summary.latencies_ms.append(result.latency_ms)
-            summary.seconds = t1 - started
-            rate = 1.0 / max(t1 - last, 1e-9)
+            summary.seconds = now - started
+            rate = 1.0 / max(now - last, 1e-9)
             fps = rate if fps == 0.0 else (1 - FPS_SMOOTHING) * fps + FPS_SMOOTHING * rate
-            last = t1
-            view = render(crop, result.anomaly_map, score=score, anomalous=result.anomalous, threshold=threshold,
-                          pixel_threshold=pixel_threshold, fps=fps) if render_view else None
+            last = now
+            if options.status_every and now - last_status >= options.status_every:
+                options.log(status_line(summary, capture))
+                last_status = now
+            view = render(frame.rgb, result.anomaly_map, result.geometry, score=result.score, anomalous=result.anomalous,
+                          threshold=threshold, pixel_threshold=pixel_threshold, fps=fps,
+                          view_width=options.view_width) if render_view else None
             if not all([sink.write(result, view) for sink in sinks]):
                 summary.stopped = "window closed"
                 break

@@ -1,66 +1,85 @@
-"""What the operator sees: the anomaly map as a heat overlay on the model's crop, the defect outline,
-the score, the verdict and the frame rate.
-
-The overlay is drawn on the centre crop the model actually judged, not mapped back onto the full
-frame: the map says nothing about the borders the crop cut away, and showing them uncoloured
-would suggest they had been inspected. The crop is enlarged (nearest pixel multiple) so the text
-stays legible even for small models.
+"""What the operator sees: the whole frame as the camera delivered it, the area the model judges
+outlined and the rest dimmed (visibly not inspected), heat colour only where the map nears or passes
+the pixel threshold (so a good part looks like itself), defect outlines, and a header with the
+verdict, score, threshold and frame rate.
 """
 
 from __future__ import annotations
-
-import math
 
 import cv2
 import numpy as np
 
 from ..decision import defect_mask
+from ..preprocess import Geometry
 
-MIN_VIEW = 320  # px: the crop is enlarged to at least this width
-HEADER = 44  # px: two text lines above the image
-ALPHA = 0.45  # heat map opacity
-# Fixed colour scale per model, so one colour means one score in every frame: blue up to half the
-# threshold, red from 1.25 x the threshold. Per-frame auto-scaling would paint a good part's
-# harmless maximum as red as a real defect.
-COLOUR_LOW, COLOUR_HIGH = 0.5, 1.25
+HEADER = 44  # px at a 640-px-wide view; scaled with the view so the text stays legible
+DIM = 0.35  # brightness of the frame outside the judged area
+MAX_ALPHA = 0.6  # heat opacity at and above the pixel threshold
+# Heat starts at this share of the pixel threshold and is full from the pixel threshold on; its colour
+# runs from the pixel threshold (yellow-green) to 1.25 x the image threshold (red), fixed per model so one
+# colour means one score in every frame.
+HEAT_FROM, COLOUR_HIGH = 0.7, 1.25
 OK_BGR, ANOMALY_BGR, OUTLINE_BGR = (80, 200, 80), (40, 40, 230), (255, 255, 255)
+JUDGED_BGR, ROI_BGR = (255, 200, 0), (160, 160, 160)
 
 
-def view_scale(crop: int) -> int:
-    """Integer enlargement so the view is at least MIN_VIEW wide and even-sized (video codecs need it)."""
-    scale = max(1, math.ceil(MIN_VIEW / crop))
-    return scale + 1 if (crop * scale) % 2 else scale
+def view_size(frame: tuple[int, int], view_width: int | None) -> tuple[int, int]:
+    """(width, height) of the view: the frame's, or ``view_width`` wide in proportion; even (video codecs need it)."""
+    width, height = frame
+    if view_width and view_width < width:
+        height, width = max(2, round(height * view_width / width)), view_width
+    return width - width % 2, height - height % 2
 
 
-def render(
-    crop_rgb: np.ndarray,
-    anomaly_map: np.ndarray,
-    *,
-    score: float,
-    anomalous: bool,
-    threshold: float,
-    pixel_threshold: float,
-    fps: float | None = None,
-) -> np.ndarray:
-    """BGR image: a header (verdict, score, threshold, FPS) over the enlarged crop with the heat map;
-    anomalous frames also get the outline of their defect pixels."""
-    size = crop_rgb.shape[0]
-    scale = view_scale(size)
-    view = size * scale
-    base = cv2.resize(cv2.cvtColor(crop_rgb, cv2.COLOR_RGB2BGR), (view, view), interpolation=cv2.INTER_NEAREST)
-    low, high = COLOUR_LOW * threshold, COLOUR_HIGH * threshold
-    level = np.clip((anomaly_map - low) / max(high - low, 1e-12), 0.0, 1.0)
-    heat = cv2.applyColorMap((level * 255).astype(np.uint8), cv2.COLORMAP_JET)
-    heat = cv2.resize(heat, (view, view), interpolation=cv2.INTER_LINEAR)
-    image = cv2.addWeighted(base, 1.0 - ALPHA, heat, ALPHA, 0.0)
+def render(frame_rgb: np.ndarray, anomaly_map: np.ndarray, geometry: Geometry, *, score: float, anomalous: bool,
+           threshold: float, pixel_threshold: float, fps: float | None = None,
+           view_width: int | None = None) -> np.ndarray:
+    """BGR view: a header over the frame (``view_width`` wide, else the frame's size) with the overlay."""
+    image = cv2.cvtColor(frame_rgb, cv2.COLOR_RGB2BGR).astype(np.float32)
+    judged = np.zeros(image.shape[:2], bool)
+    x, y, w, h = geometry.judged
+    judged[y:y + h, x:x + w] = True
+    image[~judged] *= DIM
+    heat_map = geometry.to_frame(anomaly_map)
+    start, high = HEAT_FROM * pixel_threshold, max(COLOUR_HIGH * threshold, pixel_threshold * 1.01)
+    alpha = MAX_ALPHA * np.clip((heat_map - start) / max(pixel_threshold - start, 1e-12), 0.0, 1.0) * judged
+    level = np.clip((heat_map - pixel_threshold) / max(high - pixel_threshold, 1e-12), 0.0, 1.0)
+    heat = cv2.applyColorMap((128 + 127 * level).astype(np.uint8), cv2.COLORMAP_JET).astype(np.float32)
+    image = image * (1.0 - alpha[..., None]) + heat * alpha[..., None]
+    image = np.clip(image, 0, 255).astype(np.uint8)
+
+    size = view_size(geometry.frame, view_width)
+    scale = size[0] / geometry.frame[0]
+    if size != geometry.frame:
+        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    thick = max(1, round(2 * size[0] / 640))
     if anomalous:
-        mask = cv2.resize(defect_mask(anomaly_map, pixel_threshold), (view, view), interpolation=cv2.INTER_NEAREST)
+        mask = geometry.to_frame(defect_mask(anomaly_map, pixel_threshold))
+        if size != geometry.frame:
+            mask = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
         contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(image, contours, -1, OUTLINE_BGR, 2)
-    header = np.zeros((HEADER, view, 3), np.uint8)
+        cv2.drawContours(image, contours, -1, OUTLINE_BGR, thick)
+    if geometry.roi != geometry.judged:
+        _rectangle(image, geometry.roi, scale, ROI_BGR, max(1, thick // 2))
+    _rectangle(image, geometry.judged, scale, JUDGED_BGR, thick)
+    return np.vstack([_header(size[0], score, anomalous, threshold, fps), image])
+
+
+def _rectangle(image: np.ndarray, box: tuple[int, int, int, int], scale: float, colour: tuple[int, int, int],
+               thickness: int) -> None:
+    x, y, w, h = (round(v * scale) for v in box)
+    cv2.rectangle(image, (x, y), (x + w - 1, y + h - 1), colour, thickness)
+
+
+def _header(width: int, score: float, anomalous: bool, threshold: float, fps: float | None) -> np.ndarray:
+    """Two text lines: the verdict and score, the threshold and frame rate."""
+    font = max(0.45, 0.55 * width / 640)
+    height = round(HEADER * font / 0.55)
+    header = np.zeros((height + height % 2, width, 3), np.uint8)
     colour = ANOMALY_BGR if anomalous else OK_BGR
-    cv2.putText(header, f"{'ANOMALY' if anomalous else 'OK'}  score {score:.4f}", (6, 18),
-                cv2.FONT_HERSHEY_SIMPLEX, 0.55, colour, 1, cv2.LINE_AA)
-    line2 = f"threshold {threshold:.4f}" + (f"   {fps:.1f} FPS" if fps else "")
-    cv2.putText(header, line2, (6, 38), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (220, 220, 220), 1, cv2.LINE_AA)
-    return np.vstack([header, image])
+    cv2.putText(header, f"{'ANOMALY' if anomalous else 'OK'}  score {score:.5f}", (6, round(0.42 * height)),
+                cv2.FONT_HERSHEY_SIMPLEX, font, colour, max(1, round(font)), cv2.LINE_AA)
+    line2 = f"threshold {threshold:.5f}" + (f"   {fps:.1f} FPS" if fps else "")
+    cv2.putText(header, line2, (6, round(0.86 * height)), cv2.FONT_HERSHEY_SIMPLEX, 0.82 * font, (220, 220, 220),
+                1, cv2.LINE_AA)
+    return header

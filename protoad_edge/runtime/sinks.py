@@ -121,8 +121,8 @@ class VideoSink(Sink):
 
 
 class MaskSink(Sink):
-    """PNG masks (255 = defect pixel) of anomalous frames, at the crop's resolution, named by frame
-    index (and image name for folders)."""
+    """PNG masks (255 = defect pixel) of anomalous frames at the frame's resolution (frame pixels, like the
+    records' regions), named by frame index (and image name for folders); the record names the file."""
 
     def __init__(self, folder: str | os.PathLike, source_name: str, pixel_threshold: float) -> None:
         self.folder = Path(folder)
@@ -136,10 +136,12 @@ class MaskSink(Sink):
             return True
         label = result.label
         stem = f"{result.index:06d}" if label == self.source_name else f"{result.index:06d}_{Path(label).stem}"
-        ok, png = cv2.imencode(".png", defect_mask(result.anomaly_map, self.pixel_threshold))
+        mask = result.geometry.to_frame(defect_mask(result.anomaly_map, self.pixel_threshold))
+        ok, png = cv2.imencode(".png", mask)
         if not ok:
             raise ProtoADError(f"cannot encode mask {stem}.png")
         write_atomic(self.folder / f"{stem}.png", lambda f: f.write(png.tobytes()))
+        result.mask_file = f"{stem}.png"
         self.written += 1
         return True
 

@@ -65,6 +65,10 @@ class Source(ABC):
     def close(self) -> None:
         """Release the device or file."""
 
+    def position_ms(self) -> float | None:
+        """Where the last frame read lies in a video file (None for other sources)."""
+        return None
+
 
 def parse_source(spec: str, *, csi_size: tuple[int, int] = (1920, 1080), csi_fps: int = 30) -> SourceSpec:
     """Classify SOURCE; a missing path or an empty folder is a ProtoADError naming it."""
@@ -158,6 +162,11 @@ class OpenCVSource(Source):
         if self.capture is not None:
             self.capture.release()
             self.capture = None
+
+    def position_ms(self) -> float | None:
+        if self.spec.kind != "video" or self.capture is None:
+            return None
+        return float(self.capture.get(cv2.CAP_PROP_POS_MSEC))
 
 
 def bgr_to_rgb(frame: np.ndarray) -> np.ndarray:
