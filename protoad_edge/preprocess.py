@@ -172,6 +172,15 @@ class Preprocess:
         return (nw, nh), ((self.crop - nw) // 2, (self.crop - nh) // 2)
 
 
+def parse_roi(text: str, flag: str = "--roi") -> tuple[int, int, int, int]:
+    """``"x,y,w,h"`` (pixels of the source image) -> (x, y, w, h)."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if len(parts) != 4 or not all(p.isdigit() for p in parts) or int(parts[2]) < 1 or int(parts[3]) < 1:
+        raise ProtoADError(f"bad {flag} {text!r}: expected x,y,w,h in pixels (e.g. 640,200,800,800), w and h at least 1")
+    x, y, w, h = (int(p) for p in parts)
+    return x, y, w, h
+
+
 def as_rgb(pixels: np.ndarray) -> np.ndarray:
     """Accept HxW grey, HxWx3 RGB or HxWx4 RGBA uint8; return HxWx3 uint8 RGB."""
     pixels = np.asarray(pixels)

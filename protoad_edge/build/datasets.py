@@ -39,7 +39,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -240,8 +240,16 @@ def load_crops(samples: list[Sample], pre: Preprocess, label: str = "", progress
     """uint8 [N,S,S,3] RGB crops of ``samples``; a bad file raises ProtoADError naming it."""
     crops = np.empty((len(samples), pre.crop, pre.crop, 3), dtype=np.uint8)
     for i, s in enumerate(progress_bar(samples, label, progress)):
-        crops[i] = pre.pil(load_rgb(s.path))
+        crops[i] = _in_file(s.path, pre.pil, load_rgb(s.path))
     return crops
+
+
+def _in_file(path: Path, step: Callable[[Any], np.ndarray], pixels: Any) -> np.ndarray:
+    """``step(pixels)``, naming ``path`` in its error (an ROI that does not fit this image)."""
+    try:
+        return step(pixels)
+    except ProtoADError as exc:
+        raise ProtoADError(f"{path}: {exc}") from None
 
 
 def load_masks(samples: list[Sample], pre: Preprocess) -> np.ndarray:
@@ -249,5 +257,5 @@ def load_masks(samples: list[Sample], pre: Preprocess) -> np.ndarray:
     masks = np.zeros((len(samples), pre.crop, pre.crop), dtype=bool)
     for i, s in enumerate(samples):
         if s.mask_path is not None:
-            masks[i] = pre.mask(load_mask(s.mask_path))
+            masks[i] = _in_file(s.mask_path, pre.mask, load_mask(s.mask_path))
     return masks

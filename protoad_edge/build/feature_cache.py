@@ -30,7 +30,7 @@ def default_cache_dir() -> Path:
 
 
 def features_key(*, dataset: str, category: str, images: Sequence[Path], weights: str, resize: int, crop: int,
-                 feature_upsample: str, version: str = __version__) -> str:
+                 feature_upsample: str, region: object = None, version: str = __version__) -> str:
     """Hex digest of everything the features depend on.
 
     ``images`` are taken in row order (the rows follow it), each with its size and mtime, so an
@@ -43,6 +43,8 @@ def features_key(*, dataset: str, category: str, images: Sequence[Path], weights
         files.append([str(Path(path).resolve()), st.st_size, st.st_mtime_ns])
     parts = dict(dataset=dataset, category=category, images=files, weights=weights, resize=resize, crop=crop,
                  feature_upsample=feature_upsample, version=version)
+    if region is not None:  # the ROI and fit; absent for the paper's whole-image crop, so older entries stay valid
+        parts["region"] = region
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 

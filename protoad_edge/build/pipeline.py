@@ -147,7 +147,8 @@ def extract(cfg: BuildConfig, split: Split, features: PatchFeatures, weights: st
             log: Log) -> tuple[np.ndarray, bool]:
     """Step 2: the training patch vectors (a read-only FP16 memmap) and whether the cache already had them."""
     key = features_key(dataset=split.data.kind, category=split.data.category, images=[s.path for s in split.fit],
-                       weights=weights, resize=cfg.resize, crop=cfg.crop, feature_upsample=cfg.feature_upsample)
+                       weights=weights, resize=cfg.resize, crop=cfg.crop, feature_upsample=cfg.feature_upsample,
+                       region=None if cfg.roi is None and cfg.fit == "crop" else [cfg.roi, cfg.fit])
     vectors, cached = cached_features(
         (cfg.cache_dir or default_cache_dir()) if cfg.cache else Path(cfg.out), key,
         (len(split.fit) * features.size**2, FEATURE_CHANNELS),
@@ -209,7 +210,7 @@ def build(cfg: BuildConfig, log: Log = print) -> BuildReport:
         raise ProtoADError(f"bad --max-prototypes {cfg.max_prototypes}: must be at least 2")
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     device = resolve_device(cfg.device)
-    pre = Preprocess(resize=cfg.resize, crop=cfg.crop)
+    pre = Preprocess(resize=cfg.resize, crop=cfg.crop, roi=cfg.roi, fit=cfg.fit)
     clock = StageClock()
     with clock("load"):
         split = load_split(cfg, pre, log)
@@ -223,7 +224,8 @@ def build(cfg: BuildConfig, log: Log = print) -> BuildReport:
     del vectors
 
     net = ProtoADNet(features.cpu(), torch.from_numpy(prototypes), cfg.crop).eval()
-    info = ModelInfo(category=cfg.category, resize=cfg.resize, crop=cfg.crop, backbone=BACKBONE, weights=cfg.weights,
+    info = ModelInfo(category=cfg.category, resize=cfg.resize, crop=cfg.crop, roi=list(cfg.roi) if cfg.roi else None,
+                     fit=cfg.fit, backbone=BACKBONE, weights=cfg.weights,
                      feature_upsample=cfg.feature_upsample, num_prototypes=len(prototypes),
                      image_threshold=float("nan"), pixel_threshold=float("nan"), seed=cfg.seed)
     out = Path(cfg.out)

@@ -9,6 +9,7 @@ import click
 from ..build.config import BuildConfig
 from ..constants import DATASET_KINDS, DEVICES, FEATURE_CHANNELS, ENGINE_PRECISIONS, TENSORRT_CHOICES, UPSAMPLE_MODES
 from ..errors import ProtoADError
+from ..preprocess import FIT_HELP, FITS, parse_roi
 from .common import user_errors
 
 D = BuildConfig(category="")  # the defaults, written once in BuildConfig
@@ -38,6 +39,11 @@ D = BuildConfig(category="")  # the defaults, written once in BuildConfig
               help="Shorter image side before the centre crop (pixels).")
 @click.option("--crop", type=click.IntRange(min=32), default=D.crop, show_default=True,
               help="Side of the centre crop the network judges (pixels).")
+@click.option("--roi", default=None, metavar="X,Y,W,H",
+              help="Region of interest in pixels of the source images (every training, held-out and test image; "
+                   "stored in the bundle, so protoad-run and protoad-eval judge the same region). Default: the "
+                   "whole image. Choose it with protoad-run SOURCE --preview FILE.png --roi X,Y,W,H.")
+@click.option("--fit", type=click.Choice(FITS), default=D.fit, show_default=True, help=FIT_HELP.capitalize() + ".")
 @click.option("--batch-size", type=click.IntRange(min=1), default=D.batch_size, show_default=True,
               help="Images per batch for feature extraction and the checks.")
 @click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False), default=D.cache_dir,
@@ -61,7 +67,8 @@ D = BuildConfig(category="")  # the defaults, written once in BuildConfig
               help="Only build the TensorRT plan for this existing NAME.onnx (no torch needed: the Jetson step).")
 @user_errors
 def main(category: str | None, data_root: Path | None, dataset: str, out: Path, weights: str, feature_upsample: str,
-         max_prototypes: int, val_split: float, device: str, seed: int, resize: int, crop: int, batch_size: int,
+         max_prototypes: int, val_split: float, device: str, seed: int, resize: int, crop: int, roi: str | None,
+         fit: str, batch_size: int,
          cache_dir: Path | None, no_cache: bool, exact_neighbours: bool, threads: int, tensorrt: str, precision: str,
          opt_batch: int, max_batch: int | None, from_onnx: Path | None) -> None:
     """Learn prototypes from normal images and write OUT/CATEGORY.onnx, .json and .prototypes.npy
@@ -81,7 +88,8 @@ def main(category: str | None, data_root: Path | None, dataset: str, out: Path, 
     report = build(
         BuildConfig(category=category, data_root=data_root, dataset=dataset, out=out, weights=weights,
                     feature_upsample=feature_upsample, max_prototypes=max_prototypes, val_split=val_split,
-                    device=device, seed=seed, resize=resize, crop=crop, batch_size=batch_size, threads=threads,
+                    device=device, seed=seed, resize=resize, crop=crop, roi=parse_roi(roi) if roi else None, fit=fit,
+                    batch_size=batch_size, threads=threads,
                     cache_dir=cache_dir, cache=not no_cache, exact_neighbours=exact_neighbours, tensorrt=tensorrt,
                     precision=precision, opt_batch=opt_batch, max_batch=max_batch),
         log=click.echo,

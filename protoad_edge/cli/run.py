@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import signal
 import sys
 import threading
@@ -10,9 +11,14 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import click
+import cv2
 
 from ..backends import CHOICES, HELP
-from ..runtime.loop import RunAborted, RunOptions, StopRequest, run
+from ..atomic import write_atomic
+from ..bundle import locate
+from ..errors import ProtoADError
+from ..preprocess import Preprocess, parse_roi
+from ..runtime.loop import STATUS_EVERY_S, RunAborted, RunOptions, StopRequest, run
 from .common import EXIT_INTERRUPTED, EXIT_TERMINATED, user_errors
 
 
@@ -41,6 +47,37 @@ def stop_on_signals(stop: StopRequest) -> Iterator[None]:
             signal.signal(signum, old)
 
 
+def save_preview(spec: object, model: Path | None, roi: tuple[int, int, int, int] | None, path: Path) -> Path:
+    """The first frame of ``spec`` with the region drawn on it (the model's preprocessing where there is a model)."""
+    from ..runtime.overlay import preview
+    from ..runtime.sources import open_source
+
+    try:
+        pre = locate(model)[0].info().preprocess
+    except ProtoADError:
+        if model is not None:
+            raise
+        pre = Preprocess()  # no model yet: the default input, to choose the region before the build
+    if roi is not None:
+        pre = dataclasses.replace(pre, roi=roi)
+    source = open_source(spec)
+    try:
+        got = source.read()
+    finally:
+        source.close()
+    if got is None:
+        raise ProtoADError(f"no frame could be read from {source.name}")
+    rgb = got[0]
+    try:
+        geometry = pre.geometry(rgb.shape[1], rgb.shape[0])
+    except ProtoADError as exc:
+        raise ProtoADError(f"{source.name}: {exc}") from None
+    ok, png = cv2.imencode(".png", preview(rgb, geometry))
+    if not ok:
+        raise ProtoADError(f"cannot encode {path}")
+    return write_atomic(path, lambda f: f.write(png.tobytes()))
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("source")
 @click.option("--model", type=click.Path(path_type=Path), default=None,
@@ -52,17 +89,30 @@ def stop_on_signals(stop: StopRequest) -> Iterator[None]:
 @click.option("--save", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Write the overlay video to FILE (.mp4 or .avi).")
 @click.option("--save-masks", type=click.Path(path_type=Path, file_okay=False), default=None, metavar="DIR",
-              help="Write a PNG defect mask of every anomalous frame into DIR (the model's crop, CROPxCROP pixels).")
+              help="Write a PNG defect mask (255 = defect) of every anomalous frame into DIR, at the frame's resolution "
+                   "(frame pixels, like the records' regions); the record names the file.")
 @click.option("--jsonl", type=str, default=None, metavar="FILE",
-              help="One JSON line per frame (frame, timestamp, source, score, verdict, latency_ms); - for stdout.")
+              help="One JSON record per frame (README: 'JSON records': score, verdict, threshold, defect regions in "
+                   "frame pixels, ...); - for stdout.")
 @click.option("--max-frames", type=click.IntRange(min=1), default=None, metavar="N", help="Stop after N frames.")
+@click.option("--roi", default=None, metavar="X,Y,W,H",
+              help="Region of interest in frame pixels, instead of the model's (a camera mounted differently).")
+@click.option("--view-width", type=click.IntRange(min=64), default=None, metavar="PX",
+              help="Width of the overlay (--show, --save); default: the frame's own size.")
+@click.option("--status-every", type=click.FloatRange(min=0.0), default=STATUS_EVERY_S, show_default=True,
+              metavar="SECONDS", help="A status line on stderr this often (frames, FPS, anomalies, drops, reconnects); "
+                                      "0: none.")
+@click.option("--preview", type=click.Path(path_type=Path, dir_okay=False), default=None, metavar="FILE.png",
+              help="Only save the first frame of SOURCE with the region of interest and the judged area drawn on it, "
+                   "to choose --roi (also before a model exists), then stop.")
 @user_errors
 def main(source: str, model: Path | None, backend: str, threshold: float | None, show: bool, save: Path | None,
-         save_masks: Path | None, jsonl: str | None, max_frames: int | None) -> None:
+         save_masks: Path | None, jsonl: str | None, max_frames: int | None, roi: str | None, view_width: int | None,
+         status_every: float, preview: Path | None) -> None:
     """Judge every frame of SOURCE: camera0 (or 0), csi0 (Jetson CSI camera), a video file, an image
     file, a folder of images, an rtsp:// or http(s):// stream, or a GStreamer pipeline (with '!').
 
-    The overlay shows the model's centre crop, i.e. exactly the pixels that were judged.
+    The overlay shows the whole frame: the judged area outlined, the rest dimmed, heat where a defect is.
     Ctrl-C (or SIGTERM) stops cleanly after the frame in hand: every output is finalised, the summary
     printed, and the exit status is 130 (143 for SIGTERM). A second Ctrl-C stops at once.
     """
@@ -76,12 +126,21 @@ def main(source: str, model: Path | None, backend: str, threshold: float | None,
         click.echo(message, err=True)
 
     spec = parse_source(source)  # a mistyped source fails before a model is loaded
+    region = parse_roi(roi) if roi else None
+    if preview is not None:
+        click.echo(f"wrote {save_preview(spec, model, region, preview)}")
+        return
     stop = StopRequest()
     with stop_on_signals(stop), open_backend(model, backend) as opened:
-        facts = opened.describe()
-        log(f"model {facts.model} ({opened.info.category}, crop {opened.info.crop}), backend {facts.line()}")
-        options = RunOptions(threshold=threshold, max_frames=max_frames, show=show, save=save,
-                             save_masks=save_masks, jsonl=jsonl, log=log, stop=stop)
+        facts, info = opened.describe(), opened.info
+        log(f"model {facts.model} ({info.category}, crop {info.crop}), backend {facts.line()}")
+        if threshold is None:
+            log(f"threshold {info.image_threshold:.6g} (the model's; rule: {info.threshold_rule or 'not recorded'})")
+        else:
+            log(f"threshold {threshold:.6g} (--threshold; the model's is {info.image_threshold:.6g})")
+        options = RunOptions(threshold=threshold, max_frames=max_frames, show=show, save=save, save_masks=save_masks,
+                             jsonl=jsonl, roi=region, view_width=view_width, status_every=status_every, log=log,
+                             stop=stop)
         try:
             summary = run(spec, opened, options)
         except RunAborted as exc:

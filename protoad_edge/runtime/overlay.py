@@ -83,3 +83,24 @@ def _header(width: int, score: float, anomalous: bool, threshold: float, fps: fl
     cv2.putText(header, line2, (6, round(0.86 * height)), cv2.FONT_HERSHEY_SIMPLEX, 0.82 * font, (220, 220, 220),
                 1, cv2.LINE_AA)
     return header
+
+
+def preview(frame_rgb: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """One frame with the region of interest and the judged area drawn on it: to choose ``--roi``."""
+    image = cv2.cvtColor(frame_rgb, cv2.COLOR_RGB2BGR)
+    judged = np.zeros(image.shape[:2], bool)
+    x, y, w, h = geometry.judged
+    judged[y:y + h, x:x + w] = True
+    image[~judged] = (image[~judged] * DIM).astype(np.uint8)
+    thick = max(1, round(2 * geometry.frame[0] / 640))
+    _rectangle(image, geometry.roi, 1.0, ROI_BGR, thick)
+    _rectangle(image, geometry.judged, 1.0, JUDGED_BGR, thick)
+    width, height = geometry.frame
+    rx, ry, rw, rh = geometry.roi
+    font = max(0.45, 0.55 * width / 640)
+    lines = [f"frame {width}x{height}; --roi {rx},{ry},{rw},{rh} (grey)", f"judged: {x},{y} {w}x{h} (outlined, rest dimmed)"]
+    for i, line in enumerate(lines):
+        org = (8, round((i + 1) * 30 * font / 0.55))
+        cv2.putText(image, line, org, cv2.FONT_HERSHEY_SIMPLEX, font, (0, 0, 0), max(2, round(3 * font)), cv2.LINE_AA)
+        cv2.putText(image, line, org, cv2.FONT_HERSHEY_SIMPLEX, font, (255, 255, 255), max(1, round(font)), cv2.LINE_AA)
+    return image
