@@ -1,12 +1,13 @@
 """``protoad-eval``: image AUROC, pixel AUROC and PRO of a model bundle on a labelled test split,
-beside the paper's figures; or the same images through several backends, compared."""
+beside the paper's figures, and what each image threshold rule would flag there (``--set-threshold``
+puts one in force); or the same images through several backends, compared."""
 
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -18,6 +19,9 @@ from ..errors import ProtoADError
 from ..evaluation.paper import METRIC_LABELS, METRICS, comparison_rows, paper_dataset, paper_source
 from ..runtime.backend import BackendOptions
 from .common import user_errors
+
+if TYPE_CHECKING:
+    from ..evaluation.threshold_rules import Rule
 
 ALL = "all"
 
@@ -34,6 +38,14 @@ ALL = "all"
 @click.option("--backend", type=click.Choice(CHOICES), default=AUTO, show_default=True, help=HELP)
 @click.option("--compare", "compare", default=None, metavar="B1,B2[,B3]",
               help=f"Run the same images through these backends ({', '.join(NAMES)}) and compare them with the first.")
+@click.option("--set-threshold", "set_threshold", default=None, metavar="RULE",
+              help="Choose the image threshold by RULE on this labelled test split and write it into the bundle's "
+                   "sidecar NAME.json (atomically; written from the ONNX metadata if missing), the previous values "
+                   "kept in its threshold_history. RULE: f1 (F1-optimal), normal-max (flags no normal test image), "
+                   "fpr=X (the lowest threshold flagging at most a share X of the normal images, 0 <= X < 1), or "
+                   "a number. The threshold lies halfway between neighbouring scores, so the verdicts (score > "
+                   "threshold) are those printed. The pixel threshold is kept; the runtime caps it at the image "
+                   "threshold in force. One category, without --compare.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Write every metric and per-category result to this JSON file.")
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=None,
@@ -46,13 +58,20 @@ ALL = "all"
                                             "ort's TensorRT provider: FP32 instead of FP16.")
 @user_errors
 def main(model: Path, category: str, data_root: Path | None, dataset: str, backend: str, compare: str | None,
-         json_path: Path | None, out: Path | None, batch_size: int, device: str, fp32: bool) -> None:
+         set_threshold: str | None, json_path: Path | None, out: Path | None, batch_size: int, device: str,
+         fp32: bool) -> None:
     """Evaluate a ProtoAD model bundle on the test split of CATEGORY (images with normal/anomalous labels)."""
     from ..build.datasets import list_categories, resolve_data_root  # heavy imports wait until after --help
+    from ..evaluation.threshold_rules import parse_rule
 
     backends = _parse_compare(compare) if compare else None
     if backends and out is not None:
         raise ProtoADError("--out draws the pictures of one backend: use it without --compare")
+    rule = parse_rule(set_threshold) if set_threshold is not None else None  # a typo fails before any work
+    if rule is not None and backends:
+        raise ProtoADError("--set-threshold writes the threshold of the bundle evaluated: use it without --compare")
+    if rule is not None and category == ALL:
+        raise ProtoADError("--set-threshold writes one bundle's threshold: name one --category, not all")
     if category == ALL:
         if not model.is_dir():
             raise ProtoADError(f"--category all needs --model to be a folder of bundles (CATEGORY.onnx ...), got {model}")
@@ -77,7 +96,7 @@ def main(model: Path, category: str, data_root: Path | None, dataset: str, backe
             if backends:
                 results[name] = _compare_one(model, name, backends, options)
             else:
-                results[name] = _evaluate_one(model, name, backend, options, out, single=len(categories) == 1)
+                results[name] = _evaluate_one(model, name, backend, options, out, rule, single=len(categories) == 1)
         except ProtoADError as exc:
             if len(categories) == 1:
                 raise
@@ -111,27 +130,39 @@ def _parse_compare(spec: str) -> list[str]:
 
 
 def _evaluate_one(model: Path, category: str, backend: str, options: dict[str, Any], out: Path | None,
-                  single: bool) -> dict[str, Any]:
+                  rule: Rule | None, single: bool) -> dict[str, Any]:
     from ..evaluation.evaluate import evaluate_category
 
     result = evaluate_category(model, category, backend=backend, **options)
-    summary = result.summary()
+    summary = result.summary(rule)
     counts = summary["images"]
     click.echo(f"{category}: {counts['normal']} normal + {counts['anomalous']} anomalous test images "
                f"({counts['anomalous_with_mask']} with masks), crop {result.info.crop}; "
                f"model {result.model} on {result.backend}, {result.info.num_prototypes:,} prototypes")
     if result.info.category != category:
         click.echo(f"note: {result.model} was built for category {result.info.category!r}, not {category!r}", err=True)
+    t = summary["thresholds"]
     if single:
         rows = [r for r in comparison_rows(options["dataset"], {category: summary}) if not r.is_mean]
         click.echo(format_table(rows))
-    t = summary["thresholds"]
-    if t["image_threshold"] is not None:
+        click.echo(format_rules(summary["threshold_rules"], t["pixel_threshold"]))
+    elif t["image_threshold"] is not None:
         click.echo(f"  model thresholds: image {t['image_threshold']:.5f} flags {t['anomalous_caught']}/{t['anomalous']} "
                    f"anomalous and {t['false_alarms']}/{t['normal']} normal images; pixel {t['pixel_threshold']:.5f}")
     s = summary["seconds"]
     click.echo(f"  time: inference {s['infer']:.2f} s ({summary['images_per_second']} images/s, batch "
                f"{options['batch_size']}), metrics {s['metrics']:.2f} s")
+    if rule is not None:
+        from ..evaluation.threshold_rules import apply_rule, write_threshold
+
+        chosen = apply_rule(rule, result.test.labels, result.scores)  # the row printed for it above
+        change = write_threshold(result.model, chosen, result.split)
+        source = " (new, from the ONNX metadata)" if change.created else ""
+        click.echo(f"  set threshold {chosen.rule}: image {_thr(change.old.image_threshold)} -> "
+                   f"{_thr(chosen.image_threshold)}, pixel {_thr(change.new.pixel_threshold)} kept; "
+                   f"wrote {change.sidecar}{source}, previous values in its threshold_history")
+        summary["set_threshold"] = change.to_dict()
+        result.info = change.new  # the pictures show the threshold now in force
     if out is not None:
         from ..evaluation.report import write_report
 
@@ -164,6 +195,21 @@ def _compare_one(model: Path, category: str, backends: list[str], options: dict[
         ])
     click.echo(_columns(lines, left=2))
     return summary
+
+
+def format_rules(rows: list[dict[str, Any]], pixel: float | None) -> str:
+    """One line per threshold rule: the image threshold and what it flags on this split."""
+    lines: list[list[str] | None] = [["rule", "threshold", "caught", "misses", "false alarms"], None]
+    for r in rows:
+        lines.append([r["rule"], _thr(r["image_threshold"]), f"{r['anomalous_caught']}/{r['anomalous']}",
+                      str(r["misses"]), f"{r['false_alarms']}/{r['normal']}"])
+    head = (f"image thresholds on this split (anomalous: score > threshold); "
+            f"pixel threshold {_thr(pixel)}, capped at the image one")
+    return "\n".join("  " + line for line in [head, *_columns(lines).splitlines()])
+
+
+def _thr(value: float | None) -> str:
+    return "none" if value is None or not math.isfinite(value) else f"{value:.6g}"
 
 
 def format_table(rows: list) -> str:

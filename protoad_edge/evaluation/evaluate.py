@@ -1,7 +1,8 @@
 """Score a model bundle on a labelled test split, and compare backends on the same images.
 
 ``evaluate_category`` is the Python API behind ``protoad-eval``: image AUROC, pixel AUROC and
-PRO (MVTec AD's definition, see ``metrics.pro_curve``), plus how the model's own thresholds fare.
+PRO (MVTec AD's definition, see ``metrics.pro_curve``), plus how the model's own thresholds and the threshold
+rules of ``threshold_rules`` fare, so a line engineer sees the trade before putting one in force.
 ``compare_backends`` runs one test split through several backends (any of ``backends.NAMES``) and reports
 how far their maps are from the first one's, how well their image rankings agree and each one's
 metrics: the check that the exported graph still is the network it came from.
@@ -20,12 +21,13 @@ import numpy as np
 
 from ..backends import AUTO, BackendEntry, choose, locate
 from ..build.datasets import Sample, load_crops, load_masks, open_dataset
-from ..decision import image_scores, is_anomalous
+from ..decision import image_scores
 from ..errors import ProtoADError
 from ..metadata import ModelInfo
 from ..metrics import PRO_FPR_LIMIT, curve_area, pro_area, pro_curve, roc_curve, spearman
 from ..preprocess import Preprocess, to_batch
 from ..runtime.backend import Backend, BackendOptions, run_maps
+from .threshold_rules import Outcome, Rule, outcome, rule_table
 
 Curve = tuple[np.ndarray, np.ndarray]
 
@@ -139,20 +141,28 @@ class CategoryResult:
     def scores(self) -> np.ndarray:
         return image_scores(self.maps)
 
+    @property
+    def split(self) -> str:
+        """Which images these are, in words (recorded with a threshold chosen on them)."""
+        return f"the {self.kind} test split of {self.category!r} in {self.test.root.resolve()}"
+
     def thresholds(self) -> ThresholdCheck:
-        flagged = is_anomalous(self.scores, self.info.image_threshold)
-        labels = self.test.labels
+        seen = outcome("current", self.info.image_threshold, self.test.labels, self.scores)
         return ThresholdCheck(
             image_threshold=self.info.image_threshold,
             pixel_threshold=self.info.pixel_threshold,
-            anomalous_caught=int((flagged & labels).sum()),
-            anomalous=int(labels.sum()),
-            false_alarms=int((flagged & ~labels).sum()),
-            normal=int((~labels).sum()),
+            anomalous_caught=seen.anomalous_caught,
+            anomalous=seen.anomalous,
+            false_alarms=seen.false_alarms,
+            normal=seen.normal,
         )
 
-    def summary(self) -> dict[str, Any]:
-        """Everything but the arrays, JSON-ready."""
+    def threshold_rules(self, chosen: Rule | None = None) -> list[Outcome]:
+        """The current image threshold, the standard rules and ``chosen``, each with what it flags here."""
+        return rule_table(self.test.labels, self.scores, self.info.image_threshold, chosen)
+
+    def summary(self, chosen: Rule | None = None) -> dict[str, Any]:
+        """Everything but the arrays, JSON-ready; ``chosen`` adds that rule to ``threshold_rules``."""
         n = len(self.maps)
         return {
             **{k: _finite(v) for k, v in self.metrics.values().items()},
@@ -165,6 +175,7 @@ class CategoryResult:
             "resize": self.info.resize,
             "num_prototypes": self.info.num_prototypes,
             "thresholds": self.thresholds().to_dict(),
+            "threshold_rules": [row.to_dict() for row in self.threshold_rules(chosen)],
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
             "images_per_second": round(n / self.seconds["infer"], 2) if self.seconds.get("infer") else None,
         }
