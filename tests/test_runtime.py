@@ -373,6 +373,18 @@ def test_masks_use_the_pixel_threshold_capped_at_the_threshold_in_force(tiny_bac
         assert (uncapped == 255).sum() < (mask == 255).sum()  # the cap made a difference
 
 
+def test_a_headless_run_shows_it_is_alive(tiny_backend: OrtBackend) -> None:
+    source, _ = colour_source(3, live=False)
+    notes: list[str] = []
+    run(source, tiny_backend, RunOptions(threshold=-1.0, status_every=1e-9, log=notes.append))
+    status = [n for n in notes if n.startswith("status: ")]
+    assert len(status) == 3 and status[-1].startswith("status: 3 frames in ")
+    assert "3 anomalies, 0 dropped, 0 reconnects" in status[-1] and "FPS" in status[-1]
+    quiet: list[str] = []
+    run(colour_source(3, live=False)[0], tiny_backend, RunOptions(status_every=0, log=quiet.append))
+    assert not [n for n in quiet if n.startswith("status: ")]
+
+
 def test_ctrl_c_finalises_every_output(tiny_backend: OrtBackend, tmp_path: Path) -> None:
     source, plan = colour_source(50, live=False)
 

@@ -239,7 +239,7 @@ def _anomalous(images: list[Path], defect: str, mask_dir: Path, *, required: boo
 def load_crops(samples: list[Sample], pre: Preprocess, label: str = "", progress: bool = False) -> np.ndarray:
     """uint8 [N,S,S,3] RGB crops of ``samples``; a bad file raises ProtoADError naming it."""
     crops = np.empty((len(samples), pre.crop, pre.crop, 3), dtype=np.uint8)
-    for i, s in enumerate(progress_bar(samples, label, progress)):
+    for i, s in enumerate(progress_bar(samples, label, progress, unit="images")):
         crops[i] = _in_file(s.path, pre.pil, load_rgb(s.path))
     return crops
 

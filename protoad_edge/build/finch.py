@@ -96,7 +96,9 @@ def first_neighbours(x: np.ndarray, *, scratch_bytes: int = DEFAULT_SCRATCH_BYTE
     tiles = _NumpyTiles(x, b)
     best = np.full(n, -np.inf, np.float32)
     arg = np.zeros(n, np.int64)
-    for i0 in progress_bar(list(range(0, n, b)), progress or "", progress is not None):
+    starts = list(range(0, n, b))
+    for i0 in progress_bar(starts, progress or "", progress is not None, unit="vectors",
+                           sizes=[min(b, n - i) for i in starts]):
         a = tiles.load(i0, 0)
         for j0 in range(i0, n, b):
             diagonal = j0 == i0

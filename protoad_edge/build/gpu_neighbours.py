@@ -151,7 +151,9 @@ def _scan(rows: _Rows, queries: np.ndarray, precision: str, candidates: int, blo
     best = np.full(len(queries), -np.inf, np.float32)
     arg = np.zeros(len(queries), np.int64)
     settled = np.ones(len(queries), bool)
-    for q0 in progress_bar(list(range(0, len(queries), block)), progress or "", progress is not None):
+    starts = list(range(0, len(queries), block))
+    for q0 in progress_bar(starts, progress or "", progress is not None, unit="vectors",
+                           sizes=[min(block, len(queries) - q) for q in starts]):
         q = queries[q0:q0 + block]
         a32 = rows.get(q)
         a = a32.to(fast)

@@ -278,7 +278,7 @@ def _candidates(y: torch.Tensor, near: torch.Tensor, lists: int, c: int, progres
     vals = torch.full((n, p * c + 1), -math.inf)  # per row: c per probe, then the best row probing its list
     idx = torch.full((n, p * c + 1), -1, dtype=torch.int64)
     found_vals, found_idx = vals[:, :-1].view(n, p, c), idx[:, :-1].view(n, p, c)
-    for j in progress_bar(list(range(lists)), progress or "", progress is not None):
+    for j in progress_bar(list(range(lists)), progress or "", progress is not None, unit="vectors", sizes=sizes):
         m = sizes[j]
         if m == 0:
             continue

@@ -137,7 +137,8 @@ def extract_vectors(features: PatchFeatures, crops: np.ndarray, device: torch.de
     l2norm = L2Norm().to(device)
     h = w = features.size
     starts = list(range(0, len(crops), batch_size))
-    for start in progress_bar(starts, "features", progress):
+    sizes = [min(batch_size, len(crops) - start) for start in starts]
+    for start in progress_bar(starts, "features", progress, unit="images", sizes=sizes):
         x = torch.from_numpy(to_batch(crops[start : start + batch_size])).to(device)
         f = l2norm(features(x)).permute(0, 2, 3, 1).reshape(-1, FEATURE_CHANNELS)
         out[start * h * w : start * h * w + f.shape[0]] = f.float().cpu().numpy()

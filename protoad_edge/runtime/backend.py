@@ -91,6 +91,7 @@ def run_maps(backend: Backend, crops: np.ndarray, batch_size: int, label: str = 
     """Anomaly maps [N,S,S] of uint8 [N,S,S,3] ``crops``, ``batch_size`` at a time."""
     maps = np.empty(crops.shape[:3], dtype=np.float32)
     starts = list(range(0, len(crops), batch_size))
-    for start in progress_bar(starts, label, progress):
+    sizes = [min(batch_size, len(crops) - start) for start in starts]
+    for start in progress_bar(starts, label, progress, unit="images", sizes=sizes):
         maps[start : start + batch_size] = backend.infer(to_batch(crops[start : start + batch_size]))[0]
     return maps
