@@ -19,6 +19,7 @@ from ..bundle import locate
 from ..errors import ProtoADError
 from ..preprocess import Preprocess, parse_roi
 from ..runtime.loop import STATUS_EVERY_S, RunAborted, RunOptions, StopRequest, run
+from ..runtime.mqtt import MqttSink, parse_mqtt_url
 from .common import EXIT_INTERRUPTED, EXIT_TERMINATED, user_errors
 
 
@@ -105,10 +106,18 @@ def save_preview(spec: object, model: Path | None, roi: tuple[int, int, int, int
 @click.option("--preview", type=click.Path(path_type=Path, dir_okay=False), default=None, metavar="FILE.png",
               help="Only save the first frame of SOURCE with the region of interest and the judged area drawn on it, "
                    "to choose --roi (also before a model exists), then stop.")
+@click.option("--mqtt", default=None, metavar="mqtt://HOST[:PORT]/TOPIC",
+              help="Publish each frame's JSON record (QoS 1) to this broker topic. An outage never stalls "
+                   "inspection: records queue (--mqtt-buffer), the client reconnects with backoff, and the summary "
+                   "counts what was delivered, queued and dropped. Needs pip install 'protoad-edge[mqtt]'.")
+@click.option("--mqtt-anomalies-only", is_flag=True, help="Publish only the records of anomalous frames.")
+@click.option("--mqtt-buffer", type=click.IntRange(min=1), default=10_000, show_default=True, metavar="N",
+              help="Records kept for the broker while it is unreachable; beyond that the oldest are dropped.")
 @user_errors
 def main(source: str, model: Path | None, backend: str, threshold: float | None, show: bool, save: Path | None,
          save_masks: Path | None, jsonl: str | None, max_frames: int | None, roi: str | None, view_width: int | None,
-         status_every: float, preview: Path | None) -> None:
+         status_every: float, preview: Path | None, mqtt: str | None, mqtt_anomalies_only: bool,
+         mqtt_buffer: int) -> None:
     """Judge every frame of SOURCE: camera0 (or 0), csi0 (Jetson CSI camera), a video file, an image
     file, a folder of images, an rtsp:// or http(s):// stream, or a GStreamer pipeline (with '!').
 
@@ -127,6 +136,8 @@ def main(source: str, model: Path | None, backend: str, threshold: float | None,
 
     spec = parse_source(source)  # a mistyped source fails before a model is loaded
     region = parse_roi(roi) if roi else None
+    if mqtt is not None:
+        parse_mqtt_url(mqtt)  # and so does a mistyped broker URL
     if preview is not None:
         click.echo(f"wrote {save_preview(spec, model, region, preview)}")
         return
@@ -138,9 +149,10 @@ def main(source: str, model: Path | None, backend: str, threshold: float | None,
             log(f"threshold {info.image_threshold:.6g} (the model's; rule: {info.threshold_rule or 'not recorded'})")
         else:
             log(f"threshold {threshold:.6g} (--threshold; the model's is {info.image_threshold:.6g})")
+        sinks = [MqttSink(mqtt, mqtt_anomalies_only, mqtt_buffer, log=log)] if mqtt is not None else []
         options = RunOptions(threshold=threshold, max_frames=max_frames, show=show, save=save, save_masks=save_masks,
                              jsonl=jsonl, roi=region, view_width=view_width, status_every=status_every, log=log,
-                             stop=stop)
+                             stop=stop, sinks=sinks)
         try:
             summary = run(spec, opened, options)
         except RunAborted as exc:
