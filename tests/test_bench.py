@@ -6,6 +6,7 @@ No speed goals here (they live in benchmarks/): only sanity of what is measured 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -206,3 +207,12 @@ def test_onnx_bench_does_not_import_torch(tiny_model: Path) -> None:
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert res.returncode == 0, res.stderr
     assert "no torch" in res.stdout
+
+
+def test_cli_threads_0_means_every_core(tiny_model: Path, tmp_path: Path) -> None:
+    """0 was onnxruntime's default (one thread per physical core); it means all cores, as in every CLI."""
+    out = tmp_path / "r.json"
+    result = CliRunner().invoke(main, ["--onnx", str(tiny_model), "--warmup", "0", "--iterations", "1",
+                                       "--frame-size", "80x80", "--threads", "0", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["header"]["backend"]["details"]["intra_op_threads"] == os.cpu_count()

@@ -259,3 +259,22 @@ def test_real_mvtec_bottle():
         assert s.mask_path.parent.name == s.defect and s.mask_path.is_file()
     assert ds.has_labels and every_anomaly_has_a_mask(ds)
     assert ds.train == sorted(ds.train, key=lambda s: s.path)
+
+
+def test_a_category_folder_given_as_the_data_root_names_its_parent(mvtec, btad, tmp_path_factory, monkeypatch):
+    """--data-root .../mvtec/bottle once answered "categories there: none": the parent is the root to pass."""
+    from protoad_edge.build.datasets import root_mistake
+
+    for category, root, kind, sign in (("widget", mvtec, "mvtec", "train/good/"), ("01", btad, "btad", "train/ok/")):
+        for asked in (category, "other"):
+            message = _error(asked, root / category, kind)
+            assert message.startswith(f"--data-root {root / category} is itself a category folder ('{category}' in "
+                                      f"{kind} layout: it has {sign})")
+            assert message.endswith(f"pass the folder above it, --data-root {root}")
+    folder = tmp_path_factory.mktemp("own")
+    _image(folder / "parts" / "a.png")
+    assert _error("parts", folder / "parts", "folder").endswith(f"--data-root {folder}")
+    monkeypatch.chdir(mvtec / "widget")  # --data-root . from inside the category
+    assert _error("widget", Path("."), "mvtec").endswith(f"--data-root {mvtec.resolve()}")
+    assert root_mistake(mvtec, "mvtec") is None and root_mistake(mvtec / "widget", "btad") is None
+    assert "gadget, widget" in _error("bottle", mvtec)  # a real root still lists its categories

@@ -4,6 +4,7 @@ printed and JSON metrics checked against scikit-learn on maps computed here inde
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -137,7 +138,8 @@ def independent_maps(model: Path, root: Path) -> tuple[np.ndarray, np.ndarray, n
 
 def test_eval_metrics_json_and_pictures(tiny_model: Path, data_root: Path, tmp_path: Path) -> None:
     out, report = tmp_path / "pictures", tmp_path / "eval.json"
-    result = run("--model", tiny_model, "--category", CATEGORY, "--data-root", data_root, "--json", report, "--out", out)
+    result = run("--model", tiny_model, "--category", CATEGORY, "--any-category", "--data-root", data_root,
+                 "--json", report, "--out", out)
     assert result.exit_code == 0, result.output
     assert "was built for category 'tiny'" in result.stderr  # the tiny bundle is not a demo model
 
@@ -172,7 +174,7 @@ def test_eval_metrics_json_and_pictures(tiny_model: Path, data_root: Path, tmp_p
 
 def test_compare_torch_and_ort(tiny_model: Path, data_root: Path, tmp_path: Path) -> None:
     report = tmp_path / "compare.json"
-    result = run("--model", tiny_model, "--category", CATEGORY, "--data-root", data_root,
+    result = run("--model", tiny_model, "--category", CATEGORY, "--any-category", "--data-root", data_root,
                  "--compare", "torch,ort", "--json", report)
     assert result.exit_code == 0, result.output
     runs = json.loads(report.read_text())["comparisons"][CATEGORY]["backends"]
@@ -195,7 +197,7 @@ def test_compare_reference_is_the_bundles_pytorch_network(tiny_model: Path, data
     from protoad_edge.metadata import ModelInfo
 
     comparison = compare_backends(tiny_model, CATEGORY, ["torch", "ort"], data_root=data_root,
-                                  options=BackendOptions(device="cpu"))
+                                  options=BackendOptions(device="cpu"), any_category=True)
     info = ModelInfo.load_json(tiny_model.with_suffix(".json"))
     prototypes = torch.from_numpy(np.load(tiny_model.with_name("tiny.prototypes.npy")))
     net = ProtoADNet(PatchFeatures(build_backbone("none", info.seed)[0], info.crop, info.feature_upsample),
@@ -231,10 +233,12 @@ def test_all_categories_table(tiny_model: Path, data_root: Path, tmp_path: Path)
 
 
 def test_bad_inputs_are_one_line(tiny_model: Path, data_root: Path, tmp_path: Path) -> None:
-    base = ["--category", CATEGORY, "--data-root", data_root]
+    base = ["--category", CATEGORY, "--data-root", data_root, "--any-category"]
     assert_user_error(run("--model", tmp_path / "nope.onnx", *base), "nope.onnx")
-    assert_user_error(run("--model", tiny_model, "--category", "nolabels", "--data-root", data_root), "no labelled test split")
-    assert_user_error(run("--model", tiny_model, "--category", "pumpkin", "--data-root", data_root), "pumpkin")
+    assert_user_error(run("--model", tiny_model, "--category", "nolabels", "--data-root", data_root, "--any-category"),
+                      "no labelled test split")
+    assert_user_error(run("--model", tiny_model, "--category", "pumpkin", "--data-root", data_root, "--any-category"),
+                      "pumpkin")
     assert_user_error(run("--model", tiny_model, *base, "--compare", "torch"), "--compare")
     assert_user_error(run("--model", tiny_model, *base, "--compare", "ort,onnx"), "--compare")
     assert_user_error(run("--model", tiny_model, *base, "--backend", "trt"), "tiny.plan")
@@ -260,3 +264,46 @@ def test_torch_backend_fp16_on_gpu(tiny_model: Path, data_root: Path) -> None:
     assert np.isfinite(maps).all()
     assert np.abs(maps - ort_maps).max() < 5e-3
     assert np.array_equal(scores, maps.reshape(len(maps), -1).max(axis=1))
+
+
+def test_a_bundle_of_another_category_is_refused(tiny_model: Path, data_root: Path, tmp_path: Path) -> None:
+    """It once printed a note, exited 0 and reported AUROC near 50: a weak model, as far as anyone could tell."""
+    from protoad_edge.evaluation.evaluate import compare_backends, evaluate_category
+
+    for suffix in (".onnx", ".json", ".prototypes.npy"):  # a private copy: --set-threshold would write into it
+        shutil.copy(tiny_model.with_name("tiny" + suffix), tmp_path / ("tiny" + suffix))
+    model, sidecar = tmp_path / "tiny.onnx", (tmp_path / "tiny.json").read_text()
+    for extra in ([], ["--compare", "torch,ort"], ["--set-threshold", "f1"]):
+        result = run("--model", model, "--category", CATEGORY, "--data-root", data_root, *extra)
+        assert_user_error(result, f"{tmp_path}/tiny.", "was built for category 'tiny', not 'parts'",
+                          "--category tiny", "--any-category")
+    assert (tmp_path / "tiny.json").read_text() == sidecar
+    with pytest.raises(ProtoADError, match="built for category 'tiny', not 'parts'"):
+        evaluate_category(model, CATEGORY, data_root=data_root)
+    with pytest.raises(ProtoADError, match="built for category 'tiny', not 'parts'"):
+        compare_backends(model, CATEGORY, ["ort", "torch"], data_root=data_root)
+
+
+def test_a_category_folder_as_the_data_root_names_its_parent(tiny_model: Path, data_root: Path, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(tiny_model, models / f"{CATEGORY}.onnx")
+    for category, model in ((CATEGORY, models), ("all", models)):
+        result = run("--model", model, "--category", category, "--data-root", data_root / CATEGORY)
+        assert_user_error(result, f"--data-root {data_root / CATEGORY} is itself a category folder",
+                          f"pass the folder above it, --data-root {data_root}")
+
+
+def test_threads_0_means_every_core(tiny_model: Path, data_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from protoad_edge.evaluation import evaluate
+
+    seen: list[BackendOptions] = []
+
+    def evaluate_category(*args: object, options: BackendOptions, **kwargs: object) -> None:
+        seen.append(options)
+        raise ProtoADError("stop here")
+
+    monkeypatch.setattr(evaluate, "evaluate_category", evaluate_category)
+    for given in ([], ["--threads", "0"], ["--threads", "3"]):
+        run("--model", tiny_model, "--category", CATEGORY, "--data-root", data_root, *given)
+    assert [o.threads for o in seen] == [os.cpu_count(), os.cpu_count(), 3]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -245,3 +246,15 @@ def test_parity_gate_refuses_a_graph_that_differs(tiny_model: Path, torch_thread
     assert onnx_parity(tiny_model, net, batch) > 100 * PARITY_TOLERANCE
     with pytest.raises(ProtoADError, match="ONNX parity check failed"):
         parity_gate(tiny_model, net, batch)
+
+
+def test_numbers_in_the_log_and_summary_carry_units_and_separators(demo_export: tuple[Path, str]) -> None:
+    _, output = demo_export
+    for pattern in (r"^data: mvtec demo at .*: 18 training, 2 held-out, 24 test images$",
+                    r"^features: 14,112 patch vectors x 1792 channels \(",
+                    r"^FINCH level 0: \d{1,3}(,\d{3})* clusters of 14,112 vectors \(\d+\.\d s\)$",
+                    r"^FINCH chose level \d+: \d{1,3}(,\d{3})* prototypes$",
+                    r"^  FINCH levels  [\d,]+( -> [\d,]+)* clusters  \(K = [\d,]+ prototypes\)$",
+                    r"^  time          load \d+\.\d s, features \d+\.\d s, finch \d+\.\d s",
+                    r"^  test          image AUROC \d+\.\d %, pixel AUROC \d+\.\d %; "):
+        assert re.search(pattern, output, re.MULTILINE), pattern

@@ -306,8 +306,8 @@ def test_set_threshold_f1_is_what_protoad_run_applies(bundle: Path, data_root: P
     from protoad_edge.runtime.loop import RunOptions, run
 
     report = tmp_path / "eval.json"
-    result = run_eval("--model", bundle, "--category", CATEGORY, "--data-root", data_root, "--backend", "ort",
-                      "--set-threshold", "f1", "--json", report)
+    result = run_eval("--model", bundle, "--any-category", "--category", CATEGORY, "--data-root", data_root,
+                      "--backend", "ort", "--set-threshold", "f1", "--json", report)
     assert result.exit_code == 0, result.output
     summary = json.loads(report.read_text())["categories"][CATEGORY]
     f1 = next(r for r in summary["threshold_rules"] if r["rule"] == "f1")
@@ -335,8 +335,8 @@ def test_summary_shows_every_rule_and_a_given_number(bundle: Path, data_root: Pa
     _, labels, scores, _ = run_scores(bundle, flat_images)  # the same images, scored by protoad-run
     number = float(np.median(scores))
     report = tmp_path / "eval.json"
-    result = run_eval("--model", bundle, "--category", CATEGORY, "--data-root", data_root, "--json", report,
-                      "--set-threshold", repr(number))
+    result = run_eval("--model", bundle, "--any-category", "--category", CATEGORY, "--data-root", data_root,
+                      "--json", report, "--set-threshold", repr(number))
     assert result.exit_code == 0, result.output
     rows = json.loads(report.read_text())["categories"][CATEGORY]["threshold_rules"]
     assert [r["rule"] for r in rows] == ["current", "f1", "normal-max", "fpr=0.01", "fpr=0.05", repr(number)]

@@ -94,7 +94,8 @@ def open_dataset(category: str, data_root: str | os.PathLike | None = None, kind
     if not directory.is_dir():
         found = ", ".join(list_categories(root, kind)) or "none"
         raise ProtoADError(
-            f"category {category!r} not found in {root} (categories there in {kind} layout: {found})"
+            root_mistake(root, kind)
+            or f"category {category!r} not found in {root} (categories there in {kind} layout: {found})"
         )
     train, test = _READERS[kind](directory)
     return Dataset(category, kind, root, train, test)
@@ -103,12 +104,30 @@ def open_dataset(category: str, data_root: str | os.PathLike | None = None, kind
 def list_categories(data_root: str | os.PathLike | None = None, kind: str = "mvtec") -> list[str]:
     """Names of the folders under the data root that hold a category in ``kind``'s layout."""
     _check_kind(kind)
-    looks_like = {
-        "mvtec": lambda d: (d / "train" / "good").is_dir(),
-        "btad": lambda d: (d / "train" / "ok").is_dir(),
-        "folder": lambda d: (d / "good").is_dir() or any(_is_image(p) for p in d.iterdir()),
-    }[kind]
-    return [d.name for d in _subdirs(_existing(resolve_data_root(data_root))) if looks_like(d)]
+    return [d.name for d in _subdirs(_existing(resolve_data_root(data_root))) if _category_sign(d, kind)]
+
+
+def root_mistake(root: Path, kind: str) -> str | None:
+    """If ``root`` is itself a category folder (``--data-root .../mvtec/bottle``), the message that says to pass
+    the folder above it; else None."""
+    sign = _category_sign(root, kind) if root.is_dir() else None
+    if sign is None:
+        return None
+    plain = root.name not in ("", ".", "..") and root.parent != Path(".")
+    above = root.parent if plain else root.resolve().parent
+    return (f"--data-root {root} is itself a category folder ({root.resolve().name!r} in {kind} layout: it has "
+            f"{sign}), not a data root: pass the folder above it, --data-root {above}")
+
+
+def _category_sign(directory: Path, kind: str) -> str | None:
+    """What makes ``directory`` one category in ``kind``'s layout (``train/good/`` ...), or None: it is not one."""
+    if kind == "folder":
+        if (directory / NORMAL).is_dir():
+            return f"{NORMAL}/"
+        image = next((p for p in directory.iterdir() if _is_image(p)), None)
+        return None if image is None else f"images such as {image.name}"
+    sign = {"mvtec": "train/good", "btad": "train/ok"}[kind]
+    return f"{sign}/" if (directory / sign).is_dir() else None
 
 
 def _check_kind(kind: str) -> None:

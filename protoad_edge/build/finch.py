@@ -153,14 +153,14 @@ def finch(x: np.ndarray, max_prototypes: int = DEFAULT_MAX_PROTOTYPES, *,
     sums = _group_sums(x, labels, count, max(1, scratch_bytes // (4 * dim)))
     step = labels  # how the last search's rows were summed into the rows of ``sums``
     partitions, counts, seconds = [labels], [count], [time.perf_counter() - start]
-    log(f"FINCH level 0: {count} clusters of {n} points ({seconds[-1]:.1f} s)")
+    log(f"FINCH level 0: {count:,} clusters of {n:,} vectors ({seconds[-1]:.1f} s)")
 
     while count >= max_prototypes:
         start = time.perf_counter()
         level = len(partitions)
         merged, new_count = _components(search(sums, progress=_label(level, progress), merged=step).index)
         if new_count == 1 or count - new_count <= 1:
-            log(f"FINCH level {level}: {new_count} clusters ({time.perf_counter() - start:.1f} s): "
+            log(f"FINCH level {level}: {new_count:,} clusters ({time.perf_counter() - start:.1f} s): "
                 f"merging stopped, keeping level {level - 1}")
             break
         labels, count = merged[labels], new_count
@@ -168,9 +168,9 @@ def finch(x: np.ndarray, max_prototypes: int = DEFAULT_MAX_PROTOTYPES, *,
         partitions.append(labels)
         counts.append(count)
         seconds.append(time.perf_counter() - start)
-        log(f"FINCH level {level}: {count} clusters ({seconds[-1]:.1f} s)")
+        log(f"FINCH level {level}: {count:,} clusters ({seconds[-1]:.1f} s)")
 
-    log(f"FINCH chose level {len(partitions) - 1}: {count} prototypes")
+    log(f"FINCH chose level {len(partitions) - 1}: {count:,} prototypes")
     return FinchResult(partitions, counts, _normalised(sums), seconds)
 
 

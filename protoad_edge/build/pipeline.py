@@ -2,14 +2,17 @@
 (-> the TensorRT engine where one can be built).
 
 ``build(BuildConfig(...))`` is the Python API behind ``protoad-export``. It writes ``OUT/NAME.onnx``,
-``OUT/NAME.json`` and ``OUT/NAME.prototypes.npy`` only after every step, including the onnxruntime
+``OUT/NAME.json`` and ``OUT/NAME.prototypes.npy`` (and ``OUT/NAME.projection.npz`` with ``--project-dims``,
+after comparing the projected network with the paper's) only after every step, including the onnxruntime
 parity check, has passed; each file is renamed into place atomically.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -20,19 +23,19 @@ import numpy as np
 import torch
 
 from ..bundle import Bundle
-from ..constants import BACKBONE, FEATURE_CHANNELS
+from ..constants import BACKBONE, FEATURE_CHANNELS, feature_size
 from ..decision import image_scores
 from ..errors import ProtoADError
 from ..export.engine import engine_for_bundle
 from ..export.onnx import PARITY_TOLERANCE, export_onnx, parity_gate
 from ..export.tensorrt import EngineBuild
 from ..metadata import ModelInfo
-from ..metrics import auroc, f1_optimal_threshold
+from ..metrics import auroc, f1_optimal_threshold, pro_area, pro_curve
 from ..preprocess import Preprocess, to_batch
 from ..progress import progress_bar
 from ..runtime.backend import run_maps
 from ..runtime.ort_backend import OrtBackend
-from .config import BuildConfig
+from .config import PROJECTIONS, BuildConfig
 from .datasets import Dataset, Sample, load_crops, load_masks, open_dataset
 from .device import resolve_device
 from .feature_cache import cached_features, default_cache_dir, features_key
@@ -40,10 +43,12 @@ from .features import PatchFeatures, build_backbone
 from .finch import FinchResult, finch
 from .neighbours import make_search
 from .network import L2Norm, ProtoADNet
+from .projection import FittedProjection, check_dims, fit_projection, stage_flops
 from .thresholds import Thresholds, from_normal_maps
 
 Log = Callable[[str], None]
 PARITY_IMAGES = 4  # held-out and test images each that the parity gate runs
+TIMED_IMAGES, TIMING_ROUNDS = 2, 3  # test images (batch 1) and rounds timing the paper's network beside the projected one
 
 
 @dataclass
@@ -73,6 +78,22 @@ class Calibration:
 
 
 @dataclass
+class NetworkFigures:
+    """One network's row in the side-by-side of a ``--project-dims`` build: the paper's, or the projected one."""
+
+    network: str
+    image_auroc: float
+    pixel_auroc: float | None  # None: no masks in the test split
+    pro: float | None
+    ms_per_image: float  # onnxruntime, CPU, batch 1
+    gflop_per_image: float  # the prototype stage, with its projection
+
+    @classmethod
+    def of(cls, network: str, metrics: dict[str, float], ms: float, flops: int) -> "NetworkFigures":
+        return cls(network, metrics["image_auroc"], metrics.get("pixel_auroc"), metrics.get("pro"), ms, flops / 1e9)
+
+
+@dataclass
 class BuildReport:
     info: ModelInfo
     files: list[Path]
@@ -84,6 +105,7 @@ class BuildReport:
     parity: float = 0.0
     test_metrics: dict[str, float] = field(default_factory=dict)
     engine: EngineBuild | None = None
+    comparison: list[NetworkFigures] = field(default_factory=list)  # --project-dims with a labelled test split
 
 
 class StageClock:
@@ -121,7 +143,8 @@ def load_split(cfg: BuildConfig, pre: Preprocess, log: Log) -> Split:
     """Step 1: read the category, hold out normal images for the thresholds, decode and crop everything."""
     data = open_dataset(cfg.category, cfg.data_root, cfg.dataset)
     fit, val = split_train(data.train, cfg.val_split, cfg.seed)
-    log(f"data: {data.kind} {data.category} at {data.root}: {len(fit)} training, {len(val)} held-out, {len(data.test)} test images")
+    log(f"data: {data.kind} {data.category} at {data.root}: {len(fit):,} training, {len(val):,} held-out, "
+        f"{len(data.test):,} test images")
     return Split(data, fit, val,
                  fit_crops=load_crops(fit, pre, "load train", cfg.progress),
                  val_crops=load_crops(val, pre),
@@ -155,7 +178,8 @@ def extract(cfg: BuildConfig, split: Split, features: PatchFeatures, weights: st
         (len(split.fit) * features.size**2, FEATURE_CHANNELS),
         lambda out: extract_vectors(features, split.fit_crops, device, cfg.batch_size, cfg.progress, out),
         keep=cfg.cache, log=log)
-    log(f"features: {len(vectors):,} patch vectors of {FEATURE_CHANNELS} ({BACKBONE}, {cfg.feature_upsample}, {device.type})")
+    log(f"features: {len(vectors):,} patch vectors x {FEATURE_CHANNELS} channels ({BACKBONE}, {cfg.feature_upsample}, "
+        f"{device.type})")
     return vectors, cached
 
 
@@ -163,6 +187,17 @@ def cluster(cfg: BuildConfig, vectors: np.ndarray, device: torch.device, log: Lo
     """Step 3: FINCH prototypes of the training vectors."""
     search = make_search(device.type, exact=cfg.exact_neighbours, log=log)
     return finch(vectors, cfg.max_prototypes, search=search, progress=cfg.progress, log=log)
+
+
+def project(cfg: BuildConfig, prototypes: np.ndarray, log: Log) -> FittedProjection:
+    """Step 3b (``--project-dims``): the PCA of the prototypes that the network compares in (build/projection.py)."""
+    fitted = fit_projection(prototypes, cfg.project_dims, centred=cfg.projection == "centred")
+    hw = feature_size(cfg.crop) ** 2
+    log(f"projection: {fitted.dims} dims ({cfg.projection}) of the {len(prototypes):,} prototypes, "
+        f"{100 * fitted.variance_kept:.1f}% of their variance; prototype stage "
+        f"{stage_flops(hw, len(prototypes)) / 1e9:.2f} -> {stage_flops(hw, len(prototypes), fitted.dims) / 1e9:.2f} "
+        "GFLOP per image")
+    return fitted
 
 
 def calibrate_and_check(cfg: BuildConfig, net: ProtoADNet, draft: Path, split: Split, pre: Preprocess,
@@ -191,16 +226,59 @@ def score_test_split(split: Split, backend: OrtBackend, pre: Preprocess, cfg: Bu
     if masks.any():
         result["pixel_auroc"] = auroc(masks, maps)
         result["pixel_f1_threshold"], result["pixel_f1"] = f1_optimal_threshold(masks, maps)
+        if not masks.all():
+            fpr, pro, _ = pro_curve(masks, maps)
+            result["pro"] = pro_area(fpr, pro)
     return result
 
 
-def write(net: ProtoADNet, info: ModelInfo, prototypes: np.ndarray, tmp: Path, bundle: Bundle) -> list[Path]:
-    """Step 5: the final graph (with the final metadata), sidecar and prototypes, renamed into place."""
+def side_by_side(cfg: BuildConfig, net: ProtoADNet, paper: ProtoADNet, info: ModelInfo, draft: Path, tmp: Path,
+                 split: Split, pre: Preprocess, projected: dict[str, float]) -> list[NetworkFigures]:
+    """The paper's network beside the projected draft: exported the same way, scored on the same test split by
+    the same code, and both timed through onnxruntime in turns on the same images (the load drifts)."""
+    export_onnx(paper, dataclasses.replace(info, projection=None), tmp / "paper.onnx")
+    backends = {name: OrtBackend(path, providers=["CPUExecutionProvider"])
+                for name, path in (("paper", tmp / "paper.onnx"), ("projected", draft))}
+    paper_metrics = score_test_split(split, backends["paper"], pre, cfg)
+    ms = ms_per_image(backends, split.test_crops[:TIMED_IMAGES], TIMING_ROUNDS)
+    hw, k, p = feature_size(cfg.crop) ** 2, net.num_prototypes, net.projection
+    return [NetworkFigures.of(f"paper ({FEATURE_CHANNELS})", paper_metrics, ms["paper"], stage_flops(hw, k)),
+            NetworkFigures.of(f"projected ({p.dims}, {cfg.projection})", projected, ms["projected"],
+                              stage_flops(hw, k, p.dims))]
+
+
+def ms_per_image(backends: dict[str, OrtBackend], crops: np.ndarray, rounds: int) -> dict[str, float]:
+    """Median ms per image of each backend at batch 1, after a warm-up, timed in turns with the order rotated
+    every round, so that each meets the same load on a shared machine."""
+    batches = [to_batch(crops[i : i + 1]) for i in range(len(crops))]
+    names = list(backends)
+    for name in names:
+        backends[name].infer(batches[0])
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            for batch in batches:
+                start = time.perf_counter()
+                backends[name].infer(batch)
+                seconds[name].append(time.perf_counter() - start)
+    return {name: 1000.0 * statistics.median(s) for name, s in seconds.items()}
+
+
+def write(net: ProtoADNet, info: ModelInfo, prototypes: np.ndarray, tmp: Path, bundle: Bundle,
+          projection: FittedProjection | None = None) -> list[Path]:
+    """Step 5: the final graph (with the final metadata), sidecar, prototypes and projection (if any), renamed
+    into place. A projection left by an earlier build of this name is removed: it describes another network."""
     export_onnx(net, info, tmp / "model.onnx")
     np.save(tmp / "prototypes.npy", prototypes)
     info.save_json(tmp / "model.json")
+    staged = [("model.onnx", "onnx"), ("model.json", "sidecar"), ("prototypes.npy", "prototypes")]
+    if projection is not None:
+        projection.save(tmp / "projection.npz")
+        staged.append(("projection.npz", "projection"))
+    else:
+        bundle.file("projection").unlink(missing_ok=True)
     files = []
-    for src, kind in (("model.onnx", "onnx"), ("model.json", "sidecar"), ("prototypes.npy", "prototypes")):
+    for src, kind in staged:
         os.replace(tmp / src, bundle.file(kind))
         files.append(bundle.file(kind))
     return files
@@ -209,6 +287,10 @@ def write(net: ProtoADNet, info: ModelInfo, prototypes: np.ndarray, tmp: Path, b
 def build(cfg: BuildConfig, log: Log = print) -> BuildReport:
     if cfg.max_prototypes < 2:
         raise ProtoADError(f"bad --max-prototypes {cfg.max_prototypes}: must be at least 2")
+    if cfg.projection not in PROJECTIONS:
+        raise ProtoADError(f"bad --projection {cfg.projection!r}: choose one of {', '.join(PROJECTIONS)}")
+    if cfg.project_dims is not None:
+        check_dims(cfg.project_dims)
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     device = resolve_device(cfg.device)
     pre = Preprocess(resize=cfg.resize, crop=cfg.crop, roi=cfg.roi, fit=cfg.fit)
@@ -223,12 +305,15 @@ def build(cfg: BuildConfig, log: Log = print) -> BuildReport:
         clusters = cluster(cfg, vectors, device, log)
     prototypes = clusters.prototypes.astype(np.float32)
     del vectors
+    projection = None if cfg.project_dims is None else project(cfg, prototypes, log)
 
-    net = ProtoADNet(features.cpu(), torch.from_numpy(prototypes), cfg.crop).eval()
+    net = ProtoADNet(features.cpu(), torch.from_numpy(prototypes), cfg.crop,
+                     projection=projection.module() if projection else None).eval()
     info = ModelInfo(category=cfg.category, resize=cfg.resize, crop=cfg.crop, roi=list(cfg.roi) if cfg.roi else None,
                      fit=cfg.fit, backbone=BACKBONE, weights=cfg.weights,
                      feature_upsample=cfg.feature_upsample, num_prototypes=len(prototypes),
-                     image_threshold=float("nan"), pixel_threshold=float("nan"), seed=cfg.seed)
+                     image_threshold=float("nan"), pixel_threshold=float("nan"), seed=cfg.seed,
+                     projection=projection.record if projection else None)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     bundle = Bundle(out / cfg.category)
@@ -239,6 +324,12 @@ def build(cfg: BuildConfig, log: Log = print) -> BuildReport:
             export_onnx(net, info, tmp / "draft.onnx")
         with clock("calibrate"):
             calibration = calibrate_and_check(cfg, net, tmp / "draft.onnx", split, pre, log)
+        comparison = []
+        if projection is not None and calibration.test_metrics:
+            with clock("compare"):
+                paper = ProtoADNet(net.features, torch.from_numpy(prototypes), cfg.crop).eval()
+                comparison = side_by_side(cfg, net, paper, info, tmp / "draft.onnx", tmp, split, pre,
+                                          calibration.test_metrics)
         t = calibration.thresholds
         info.image_threshold, info.pixel_threshold = t.image, t.pixel
         info.threshold_rule = t.rule + ("" if calibration.held_out else
@@ -252,12 +343,14 @@ def build(cfg: BuildConfig, log: Log = print) -> BuildReport:
             "onnx_parity_max_abs": calibration.parity,
             "stage_seconds": {k: round(v, 2) for k, v in clock.seconds.items()},
             **({"test": calibration.test_metrics} if calibration.test_metrics else {}),
+            **({"comparison": [dataclasses.asdict(f) for f in comparison]} if comparison else {}),
         }
         with clock("write"):
-            files = write(net, info, prototypes, tmp, bundle)
+            files = write(net, info, prototypes, tmp, bundle, projection)
     with clock("tensorrt"):
         engine = engine_for_bundle(bundle.onnx, cfg.tensorrt, precision=cfg.precision, opt_batch=cfg.opt_batch,
                                    max_batch=cfg.max_batch, log=log)
     return BuildReport(info=info, files=files, images=split.counts, vectors=len(split.fit) * features.size**2,
                        features_cached=cached, finch_counts=clusters.counts, stage_seconds=clock.seconds,
-                       parity=calibration.parity, test_metrics=calibration.test_metrics, engine=engine)
+                       parity=calibration.parity, test_metrics=calibration.test_metrics, engine=engine,
+                       comparison=comparison)

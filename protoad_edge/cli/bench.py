@@ -10,7 +10,7 @@ import click
 from ..backends import AUTO, CHOICES, HELP
 from ..constants import DEVICES
 from ..errors import ProtoADError
-from .common import user_errors
+from .common import cpu_threads, threads_option, user_errors
 
 # The older per-backend model options: --engine NAME.plan is --model NAME.plan --backend trt, and so on.
 ALIASES = {"engine": "trt", "onnx": "ort", "torch": "torch"}
@@ -61,7 +61,8 @@ def model_and_backend(model: Path | None, backend: str, aliases: dict[str, Path 
 @click.option("--torch", "torch_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Same as --model NAME.json --backend torch.")
 @click.option("--batch", "batches", multiple=True, metavar="N[,N...]",
-              help="Batch size(s); repeat or comma-separate (default 1).")
+              help="Batch sizes to measure, each in images per inference call; repeat or comma-separate "
+                   "(default 1).")
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed iterations first.")
 @click.option("--iterations", type=click.IntRange(min=1), default=None,
               help="Timed iterations per batch size, at least (default 10, or 1 with --duration).")
@@ -71,8 +72,7 @@ def model_and_backend(model: Path | None, backend: str, aliases: dict[str, Path 
               help="Size of the synthetic decoded frame that preprocessing starts from.")
 @click.option("--image", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Start from this image file instead of a synthetic frame.")
-@click.option("--threads", type=click.IntRange(min=0), default=0,
-              help="CPU threads for onnxruntime (intra-op) or torch; 0 = library default (one per physical core).")
+@threads_option("onnxruntime (intra-op) or torch")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
               help="cpu: onnxruntime's CPU provider only, or torch on the CPU; cuda: a GPU; auto: the best available.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
@@ -94,7 +94,7 @@ def main(model: Path | None, backend: str, engine: Path | None, onnx_path: Path 
         iterations = 1 if duration else 10
     frame = make_frame(parse_size(frame_size), image)
     source = str(image) if image is not None else "synthetic"
-    options = BackendOptions(device=device, threads=threads, timing=True)
+    options = BackendOptions(device=device, threads=cpu_threads(threads), timing=True)
     with open_backend(model, backend, options=options) as opened:
         report = benchmark(opened, sizes, frame, warmup=warmup, iterations=iterations, duration=duration or 0.0,
                            frame_source=source)

@@ -1,8 +1,10 @@
-"""What every CLI shares: user errors become one line on stderr and a non-zero exit, never a traceback."""
+"""What every CLI shares: user errors become one line on stderr and a non-zero exit, never a traceback; options
+that mean the same in every command are written once here."""
 
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from typing import Any, Callable, TypeVar
 
@@ -14,6 +16,17 @@ F = TypeVar("F", bound=Callable[..., Any])
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's convention
 EXIT_TERMINATED = 143  # 128 + SIGTERM
+
+
+def threads_option(what: str) -> Callable[[F], F]:
+    """--threads, one meaning in every CLI that has it: CPU threads for ``what``, 0 = all cores."""
+    return click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+                        help=f"CPU threads for {what} (0 = all cores).")
+
+
+def cpu_threads(threads: int) -> int:
+    """--threads as a count: 0 (all cores) becomes the core count, so every library gets the same number."""
+    return threads or os.cpu_count() or 1
 
 
 def fail(message: str, code: int = EXIT_USER_ERROR) -> None:

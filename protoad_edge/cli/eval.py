@@ -18,7 +18,7 @@ from ..constants import DATASET_KINDS, DEVICES
 from ..errors import ProtoADError
 from ..evaluation.paper import METRIC_LABELS, METRICS, comparison_rows, paper_dataset, paper_source
 from ..runtime.backend import BackendOptions
-from .common import user_errors
+from .common import cpu_threads, threads_option, user_errors
 
 if TYPE_CHECKING:
     from ..evaluation.threshold_rules import Rule
@@ -31,6 +31,9 @@ ALL = "all"
               help="A bundle file (NAME.onnx, .json or .plan; the others are found beside it) "
                    "or a folder of bundles CATEGORY.* (required for --category all).")
 @click.option("--category", required=True, help="Category to evaluate, or 'all' for every category under the data root.")
+@click.option("--any-category", is_flag=True,
+              help="Evaluate a bundle built for another category than --category (refused otherwise: its scores "
+                   "there say nothing about either category).")
 @click.option("--data-root", type=click.Path(path_type=Path), default=None,
               help="Dataset root. Default: $PROTOAD_DATA, then ./data.")
 @click.option("--dataset", type=click.Choice(DATASET_KINDS), default="mvtec", show_default=True,
@@ -49,19 +52,21 @@ ALL = "all"
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Write every metric and per-category result to this JSON file.")
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=None,
-              help="Write pictures here: CATEGORY.cases.png (worst and best cases), .roc.png, .pro.png.")
+              help="Folder for the pictures (not a model): CATEGORY.cases.png (worst and best cases), .roc.png, "
+                   ".pro.png.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Images per backend call.")
+              help="Images per backend call (memory and speed, not the metrics).")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
               help="cpu: onnxruntime's CPU provider only, or torch on the CPU; cuda: a GPU; auto: the best available.")
+@threads_option("onnxruntime (intra-op) or torch")
 @click.option("--fp32", is_flag=True, help="torch backend: stay in FP32 on a GPU (default there: FP16); "
                                             "ort's TensorRT provider: FP32 instead of FP16.")
 @user_errors
-def main(model: Path, category: str, data_root: Path | None, dataset: str, backend: str, compare: str | None,
-         set_threshold: str | None, json_path: Path | None, out: Path | None, batch_size: int, device: str,
-         fp32: bool) -> None:
+def main(model: Path, category: str, any_category: bool, data_root: Path | None, dataset: str, backend: str,
+         compare: str | None, set_threshold: str | None, json_path: Path | None, out: Path | None, batch_size: int,
+         device: str, threads: int, fp32: bool) -> None:
     """Evaluate a ProtoAD model bundle on the test split of CATEGORY (images with normal/anomalous labels)."""
-    from ..build.datasets import list_categories, resolve_data_root  # heavy imports wait until after --help
+    from ..build.datasets import list_categories, resolve_data_root, root_mistake  # heavy imports wait for --help
     from ..evaluation.threshold_rules import parse_rule
 
     backends = _parse_compare(compare) if compare else None
@@ -77,11 +82,13 @@ def main(model: Path, category: str, data_root: Path | None, dataset: str, backe
             raise ProtoADError(f"--category all needs --model to be a folder of bundles (CATEGORY.onnx ...), got {model}")
         categories = list_categories(data_root, dataset)
         if not categories:
-            raise ProtoADError(f"no {dataset} categories found in {resolve_data_root(data_root)}")
+            root = resolve_data_root(data_root)
+            raise ProtoADError(root_mistake(root, dataset) or f"no {dataset} categories found in {root}")
     else:
         categories = [category]
     options = dict(data_root=data_root, dataset=dataset, batch_size=batch_size, progress=True,
-                   options=BackendOptions(device=device, fp16=False if fp32 else None))
+                   any_category=any_category,
+                   options=BackendOptions(device=device, threads=cpu_threads(threads), fp16=False if fp32 else None))
     report: dict[str, Any] = {
         "tool": "protoad-eval",
         "version": __version__,
@@ -136,8 +143,8 @@ def _evaluate_one(model: Path, category: str, backend: str, options: dict[str, A
     result = evaluate_category(model, category, backend=backend, **options)
     summary = result.summary(rule)
     counts = summary["images"]
-    click.echo(f"{category}: {counts['normal']} normal + {counts['anomalous']} anomalous test images "
-               f"({counts['anomalous_with_mask']} with masks), crop {result.info.crop}; "
+    click.echo(f"{category}: {counts['normal']:,} normal + {counts['anomalous']:,} anomalous test images "
+               f"({counts['anomalous_with_mask']:,} with masks), crop {result.info.crop} px; "
                f"model {result.model} on {result.backend}, {result.info.num_prototypes:,} prototypes")
     if result.info.category != category:
         click.echo(f"note: {result.model} was built for category {result.info.category!r}, not {category!r}", err=True)
@@ -147,11 +154,13 @@ def _evaluate_one(model: Path, category: str, backend: str, options: dict[str, A
         click.echo(format_table(rows))
         click.echo(format_rules(summary["threshold_rules"], t["pixel_threshold"]))
     elif t["image_threshold"] is not None:
-        click.echo(f"  model thresholds: image {t['image_threshold']:.5f} flags {t['anomalous_caught']}/{t['anomalous']} "
-                   f"anomalous and {t['false_alarms']}/{t['normal']} normal images; pixel {t['pixel_threshold']:.5f}")
+        click.echo(f"  model thresholds: image {t['image_threshold']:.5f} flags {t['anomalous_caught']:,}/"
+                   f"{t['anomalous']:,} anomalous and {t['false_alarms']:,}/{t['normal']:,} normal images; "
+                   f"pixel {t['pixel_threshold']:.5f}")
     s = summary["seconds"]
-    click.echo(f"  time: inference {s['infer']:.2f} s ({summary['images_per_second']} images/s, batch "
-               f"{options['batch_size']}), metrics {s['metrics']:.2f} s")
+    speed = summary["images_per_second"]
+    click.echo(f"  time: inference {s['infer']:,.2f} s ({'-' if speed is None else f'{speed:,.1f}'} images/s, "
+               f"{options['batch_size']} images per call), metrics {s['metrics']:,.2f} s")
     if rule is not None:
         from ..evaluation.threshold_rules import apply_rule, write_threshold
 
@@ -178,7 +187,7 @@ def _compare_one(model: Path, category: str, backends: list[str], options: dict[
     summary = comparison.summary()
     counts = summary["images"]
     ref = comparison.reference.name
-    click.echo(f"{category}: {counts['normal']} normal + {counts['anomalous']} anomalous test images; "
+    click.echo(f"{category}: {counts['normal']:,} normal + {counts['anomalous']:,} anomalous test images; "
                f"differences against {ref}")
     header = ["backend", "what ran", f"max|map-{ref}|", f"max|score-{ref}|", "Spearman", "image AUROC",
               "pixel AUROC", "PRO", "seconds"]

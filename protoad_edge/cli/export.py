@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import Iterator
 
 import click
 
-from ..build.config import BuildConfig
+from ..build.config import PROJECTIONS, BuildConfig
 from ..constants import DATASET_KINDS, DEVICES, FEATURE_CHANNELS, ENGINE_PRECISIONS, TENSORRT_CHOICES, UPSAMPLE_MODES
 from ..errors import ProtoADError
 from ..preprocess import FIT_HELP, FITS, parse_roi
-from .common import user_errors
+from .common import threads_option, user_errors
 
 D = BuildConfig(category="")  # the defaults, written once in BuildConfig
+# The top-level modules of the [build] extra: without one of them only --from-onnx can run.
+BUILD_EXTRA = ("torch", "torchvision", "onnx", "onnxscript", "scipy", "sklearn")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -45,7 +49,8 @@ D = BuildConfig(category="")  # the defaults, written once in BuildConfig
                    "whole image. Choose it with protoad-run SOURCE --preview FILE.png --roi X,Y,W,H.")
 @click.option("--fit", type=click.Choice(FITS), default=D.fit, show_default=True, help=FIT_HELP.capitalize() + ".")
 @click.option("--batch-size", type=click.IntRange(min=1), default=D.batch_size, show_default=True,
-              help="Images per batch for feature extraction and the checks.")
+              help="Images per network call while extracting features, setting thresholds and checking the graph "
+                   "(memory, not the model).")
 @click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False), default=D.cache_dir,
               help="Where extracted training features are kept for rebuilds (e.g. another --max-prototypes). "
                    "Default: $PROTOAD_CACHE, then ~/.cache/protoad-edge/features.")
@@ -53,8 +58,7 @@ D = BuildConfig(category="")  # the defaults, written once in BuildConfig
 @click.option("--exact-neighbours", is_flag=True,
               help="FINCH first neighbours exact at every size on the CPU (default: approximate above 20,000 "
                    "vectors) and in FP32 throughout on a GPU (default: FP16 products, checked in FP32).")
-@click.option("--threads", type=click.IntRange(min=0), default=D.threads, show_default=True,
-              help="CPU threads for torch (0 = all cores).")
+@threads_option("torch")
 @click.option("--tensorrt", type=click.Choice(TENSORRT_CHOICES), default=D.tensorrt, show_default=True,
               help="Also build the TensorRT plan OUT/CATEGORY.plan on this GPU (auto: where TensorRT and a GPU exist).")
 @click.option("--precision", type=click.Choice(ENGINE_PRECISIONS), default=D.precision, show_default=True,
@@ -63,6 +67,12 @@ D = BuildConfig(category="")  # the defaults, written once in BuildConfig
               help="Batch TensorRT optimises for.")
 @click.option("--max-batch", type=click.IntRange(min=1), default=D.max_batch,
               help="Largest engine batch (default: most that keeps tensors under 2^31 elements, at most 32).")
+@click.option("--project-dims", type=click.IntRange(min=1), default=D.project_dims, metavar="D",
+              help="Compare patches and prototypes in the top D principal directions of the prototypes instead of "
+                   f"all {FEATURE_CHANNELS} channels (fewer FLOPs; must be below {FEATURE_CHANNELS} and at most K). "
+                   "Default: the paper's network. With a labelled test split the summary shows both side by side.")
+@click.option("--projection", type=click.Choice(PROJECTIONS), default=None,
+              help=f"With --project-dims: subtract the prototypes' mean before projecting, or not. Default: {D.projection}.")
 @click.option("--from-onnx", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Only build the TensorRT plan for this existing NAME.onnx (no torch needed: the Jetson step).")
 @user_errors
@@ -70,7 +80,8 @@ def main(category: str | None, data_root: Path | None, dataset: str, out: Path, 
          max_prototypes: int, val_split: float, device: str, seed: int, resize: int, crop: int, roi: str | None,
          fit: str, batch_size: int,
          cache_dir: Path | None, no_cache: bool, exact_neighbours: bool, threads: int, tensorrt: str, precision: str,
-         opt_batch: int, max_batch: int | None, from_onnx: Path | None) -> None:
+         opt_batch: int, max_batch: int | None, from_onnx: Path | None, project_dims: int | None,
+         projection: str | None) -> None:
     """Learn prototypes from normal images and write OUT/CATEGORY.onnx, .json and .prototypes.npy
     (and OUT/CATEGORY.plan where TensorRT and a GPU exist)."""
     from ..export.engine import engine_from_onnx, engine_summary
@@ -82,33 +93,67 @@ def main(category: str | None, data_root: Path | None, dataset: str, out: Path, 
         return
     if category is None:
         raise ProtoADError("missing option --category (or --from-onnx PATH to only build a TensorRT engine)")
-    from ..build.pipeline import build
-    from ..export.onnx import PARITY_TOLERANCE
+    if projection is not None and project_dims is None:
+        raise ProtoADError(f"--projection {projection} needs --project-dims D")
+    with build_extra_needed():
+        from ..build.pipeline import build
+        from ..export.onnx import PARITY_TOLERANCE
 
-    report = build(
-        BuildConfig(category=category, data_root=data_root, dataset=dataset, out=out, weights=weights,
-                    feature_upsample=feature_upsample, max_prototypes=max_prototypes, val_split=val_split,
-                    device=device, seed=seed, resize=resize, crop=crop, roi=parse_roi(roi) if roi else None, fit=fit,
-                    batch_size=batch_size, threads=threads,
-                    cache_dir=cache_dir, cache=not no_cache, exact_neighbours=exact_neighbours, tensorrt=tensorrt,
-                    precision=precision, opt_batch=opt_batch, max_batch=max_batch),
-        log=click.echo,
-    )
+        report = build(
+            BuildConfig(category=category, data_root=data_root, dataset=dataset, out=out, weights=weights,
+                        feature_upsample=feature_upsample, max_prototypes=max_prototypes, val_split=val_split,
+                        device=device, seed=seed, resize=resize, crop=crop, roi=parse_roi(roi) if roi else None,
+                        fit=fit, batch_size=batch_size, threads=threads,
+                        cache_dir=cache_dir, cache=not no_cache, exact_neighbours=exact_neighbours,
+                        tensorrt=tensorrt, precision=precision, opt_batch=opt_batch, max_batch=max_batch,
+                        project_dims=project_dims, projection=projection or D.projection),
+            log=click.echo,
+        )
     info = report.info
     click.echo("\nsummary")
-    click.echo(f"  images        train {report.images['train']}, held out {report.images['held_out']}, test {report.images['test']}")
+    n = report.images
+    click.echo(f"  images        train {n['train']:,}, held out {n['held_out']:,}, test {n['test']:,}")
     click.echo(f"  patch vectors {report.vectors:,} x {FEATURE_CHANNELS}" + (" (from the feature cache)" if report.features_cached else ""))
-    click.echo(f"  FINCH levels  {' -> '.join(f'{c:,}' for c in report.finch_counts)}  (K = {info.num_prototypes:,})")
-    click.echo("  time          " + ", ".join(f"{k} {v:.1f} s" for k, v in report.stage_seconds.items()))
+    click.echo(f"  FINCH levels  {' -> '.join(f'{c:,}' for c in report.finch_counts)} clusters  "
+               f"(K = {info.num_prototypes:,} prototypes)")
+    click.echo("  time          " + ", ".join(f"{k} {v:,.1f} s" for k, v in report.stage_seconds.items()))
     click.echo(f"  ONNX parity   max |onnxruntime - PyTorch| = {report.parity:.2e} (tolerance {PARITY_TOLERANCE:.0e})")
     click.echo(f"  thresholds    image {info.image_threshold:.5f}, pixel {info.pixel_threshold:.5f}")
     m = report.test_metrics
     if m:
-        line = f"  test          image AUROC {100 * m['image_auroc']:.1f}"
+        line = f"  test          image AUROC {100 * m['image_auroc']:.1f} %"
         if "pixel_auroc" in m:
-            line += f", pixel AUROC {100 * m['pixel_auroc']:.1f}"
+            line += f", pixel AUROC {100 * m['pixel_auroc']:.1f} %"
         line += f"; F1-optimal image threshold {m['image_f1_threshold']:.5f} (F1 {m['image_f1']:.3f})"
         click.echo(line)
+    if info.projection:
+        p = info.projection
+        click.echo(f"  projection    {p['dims']} of {FEATURE_CHANNELS} dims, {'centred' if p['centred'] else 'uncentred'}, "
+                   f"fitted on the {p['fitted_on']} ({100 * p['variance_kept']:.1f}% of their variance)")
+    if report.comparison:
+        click.echo(f"  side by side  {'network':<26}{'image AUROC':>12}{'pixel AUROC':>13}{'PRO':>7}{'ms/image':>10}"
+                   f"{'GFLOP/image':>13}")
+        for f in report.comparison:
+            click.echo(f"                {f.network:<26}{percent(f.image_auroc):>12}{percent(f.pixel_auroc):>13}"
+                       f"{percent(f.pro):>7}{f.ms_per_image:>10.0f}{f.gflop_per_image:>13.2f}")
     click.echo("  files         " + ", ".join(str(f) for f in report.files))
     if report.engine:
         click.echo(f"  engine        {engine_summary(report.engine)}")
+
+
+def percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+@contextlib.contextmanager
+def build_extra_needed() -> Iterator[None]:
+    """A runtime-only install (no torch) gets one line saying what to install, not an import traceback."""
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        missing = (exc.name or "").split(".")[0]
+        if missing not in BUILD_EXTRA:
+            raise
+        raise ProtoADError(f"building a model needs {missing}, which is not installed: pip install "
+                           "'protoad-edge[build]' (only --from-onnx NAME.onnx, the TensorRT step, runs without torch)"
+                           ) from None

@@ -309,7 +309,7 @@ def header_lines(h: dict[str, Any]) -> list[str]:
         f"machine     {m['cpu']}, {m['physical_cores']} cores ({m['logical_cores']} logical), {gpu_text}",
         f"software    python {s['python']}, {soft or 'no inference library found'}",
         (f"model       {mod['path']}: {mod['category']}, K = {mod['num_prototypes']:,} prototypes, "
-         f"input Nx3x{mod['crop']}x{mod['crop']} (resize {mod['resize']}, crop {mod['crop']})"),
+         f"input Nx3x{mod['crop']}x{mod['crop']} (resize {mod['resize']} px, crop {mod['crop']} px)"),
         f"backend     {b['name']} on {where}, precision {b['precision']}" + (f"; {details}" if details else ""),
     ]
     if "frame" in h:
@@ -318,7 +318,7 @@ def header_lines(h: dict[str, Any]) -> list[str]:
                      f"-> batch -> network -> maps and scores")
     if "run" in h:
         r = h["run"]
-        lines.append(f"run         warm-up {r['warmup']} iterations, then >= {r['iterations']} iterations and "
+        lines.append(f"run         warm-up {r['warmup']:,} iterations, then >= {r['iterations']:,} iterations and "
                      f">= {r['duration_s']:g} s per batch size; sequential, one stream")
     return lines
 
@@ -326,15 +326,15 @@ def header_lines(h: dict[str, Any]) -> list[str]:
 def result_lines(r: BatchResult) -> list[str]:
     lines = [
         "",
-        f"=== batch {r.batch} ({r.iterations} iterations) ===",
-        f"Throughput: {r.throughput:.2f} images/s end to end, {r.model_throughput:.2f} images/s inference",
+        f"=== batch {r.batch} ({r.iterations:,} iterations) ===",
+        f"Throughput: {r.throughput:,.2f} images/s end to end, {r.model_throughput:,.2f} images/s inference",
         f"Latency per batch (ms) {'min':>9} {'mean':>9} {'median':>9} {'p90':>9} {'p95':>9} {'p99':>9} {'max':>9}",
     ]
     for name in STAGES:
         lat = r.stages.get(name)
         if lat is not None:
             values = (lat.min, lat.mean, lat.median, lat.p90, lat.p95, lat.p99, lat.max)
-            lines.append(f"  {STAGE_LABELS[name]:<20}" + "".join(f" {v:9.2f}" for v in values))
+            lines.append(f"  {STAGE_LABELS[name]:<20}" + "".join(f" {v:9,.2f}" for v in values))
     return lines
 
 
@@ -343,6 +343,6 @@ def paper_lines(results: list[BatchResult]) -> list[str]:
     lines = ["", f"=== against the paper ({refs} FPS; 224x224, wide_resnet50_2) ==="]
     for r in results:
         ratios = ", ".join(f"{r.model_throughput / fps:.3g}x {name}" for name, fps in PAPER_FPS.items())
-        lines.append(f"  batch {r.batch}: inference {r.model_throughput:.2f} images/s = {ratios}")
+        lines.append(f"  batch {r.batch}: inference {r.model_throughput:,.2f} images/s = {ratios}")
     lines.append(f"  The paper's figures were measured on an {PAPER_GPU}; a ratio from another machine is indicative only.")
     return lines

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..backends import AUTO, BackendEntry, choose, locate
 from ..build.datasets import Sample, load_crops, load_masks, open_dataset
+from ..bundle import Bundle
 from ..decision import image_scores
 from ..errors import ProtoADError
 from ..metadata import ModelInfo
@@ -190,12 +191,15 @@ def evaluate_category(
     batch_size: int = 8,
     options: BackendOptions | None = None,
     progress: bool = False,
+    any_category: bool = False,
 ) -> CategoryResult:
-    """Run ``model`` (any file of a bundle, or a folder of bundles) on the test split of ``category``."""
+    """Run ``model`` (any file of a bundle, or a folder of bundles) on the test split of ``category``;
+    a bundle built for another category is refused unless ``any_category`` (see ``check_category``)."""
     entry, path = _resolve(model, category, backend)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     with entry.load()(path, options or BackendOptions()) as opened:
+        check_category(path, opened.info, category, any_category)
         seconds["open"] = time.perf_counter() - start
         test = load_test_set(category, data_root, dataset, opened.info.preprocess, progress)
         seconds["load"] = time.perf_counter() - start - seconds["open"]
@@ -205,6 +209,15 @@ def evaluate_category(
     metrics = compute_metrics(test, maps)
     seconds["metrics"] = time.perf_counter() - start
     return CategoryResult(category, test.kind, path, label, info, test, maps, metrics, seconds)
+
+
+def check_category(path: Path, info: ModelInfo, category: str, any_category: bool) -> None:
+    """A bundle scored on another category's images measures nothing (AUROC near 50 looks like a weak model),
+    so that takes ``any_category``. A bundle named after the category (what a folder of bundles gives) passes."""
+    if any_category or info.category == category or Bundle.of(path).name == category:
+        return
+    raise ProtoADError(f"{path} was built for category {info.category!r}, not {category!r}: evaluate it with "
+                       f"--category {info.category}, or pass --any-category to score it on {category!r} anyway")
 
 
 def _resolve(model: str | os.PathLike, category: str, backend: str) -> tuple[BackendEntry, Path]:
@@ -279,8 +292,10 @@ def compare_backends(
     batch_size: int = 8,
     options: BackendOptions | None = None,
     progress: bool = False,
+    any_category: bool = False,
 ) -> Comparison:
-    """Run the same test images through each of ``backends`` (at least two, the first is the reference)."""
+    """Run the same test images through each of ``backends`` (at least two, the first is the reference);
+    ``any_category`` as in ``evaluate_category``."""
     if len(backends) < 2 or len(set(backends)) != len(backends) or AUTO in backends:
         raise ProtoADError(f"--compare needs two or more different backends, got {','.join(backends)}")
     chosen = [_resolve(model, category, b) for b in backends]  # every file exists before anything runs
@@ -288,6 +303,7 @@ def compare_backends(
     runs: list[BackendRun] = []
     for entry, path in chosen:
         with entry.load()(path, options or BackendOptions()) as opened:
+            check_category(path, opened.info, category, any_category)
             if test is None:
                 pre = opened.info.preprocess
                 test = load_test_set(category, data_root, dataset, pre, progress)

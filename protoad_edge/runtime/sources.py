@@ -7,11 +7,16 @@ so a picture scores the same here as at build time; everything else goes through
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import sys
+import tempfile
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import cv2
 import numpy as np
@@ -35,6 +40,9 @@ CSI_PIPELINE = (
 
 # A function that opens an OpenCV capture: cv2.VideoCapture, or a fake in tests.
 OpenCapture = Callable[[Any, int], Any]
+OPENCV_SILENT = 0  # cv2.utils.logging.LOG_LEVEL_SILENT
+# FFmpeg prefixes its messages with the component and its address: "[tcp @ 0x55d0c8a0] Connection refused".
+FFMPEG_PREFIX = re.compile(r"^\[[^\]]* @ 0x[0-9a-fA-F]+\]\s*")
 
 
 @dataclass(frozen=True)
@@ -86,7 +94,7 @@ def parse_source(spec: str, *, csi_size: tuple[int, int] = (1920, 1080), csi_fps
     if path.is_dir():
         images = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not images:
-            raise ProtoADError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {path}")
+            raise ProtoADError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {path}{_images_below(path)}")
         return SourceSpec("folder", images, str(path), live=False)
     if path.is_file():
         if path.suffix.lower() in IMAGE_SUFFIXES:
@@ -95,6 +103,23 @@ def parse_source(spec: str, *, csi_size: tuple[int, int] = (1920, 1080), csi_fps
     if path.exists():
         raise ProtoADError(f"source {text} is neither a file nor a folder")
     raise ProtoADError(f"source not found: {text} (expected {SOURCE_HELP})")
+
+
+def _images_below(folder: Path, shown: int = 3, depth: int = 3) -> str:
+    """Where the images are when a folder holds them only in subfolders (a SOURCE is read one level deep);
+    the search stops ``depth`` levels down, so a mistyped home folder is not walked whole."""
+    found = []
+    for parent, dirs, files in os.walk(folder):
+        level = len(Path(parent).relative_to(folder).parts)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if level < depth else []
+        if level and any(Path(f).suffix.lower() in IMAGE_SUFFIXES for f in files):
+            found.append(Path(parent))
+            if len(found) > shown:
+                break
+    if not found:
+        return ""
+    names = ", ".join(str(d) for d in found[:shown]) + (", ..." if len(found) > shown else "")
+    return f", only in its subfolders ({names}): pass one of them"
 
 
 def open_source(spec: str | SourceSpec, open_capture: OpenCapture | None = None) -> Source:
@@ -132,8 +157,10 @@ class OpenCVSource(Source):
 
     def open(self) -> None:
         self.close()
-        capture = self.open_capture(self.spec.target, self.api)
-        if not capture.isOpened():
+        with quiet_opencv() as said:
+            capture = self.open_capture(self.spec.target, self.api)
+            opened = capture.isOpened()
+        if not opened:
             capture.release()
             kind, target = self.spec.kind, self.spec.target
             reason = {
@@ -143,7 +170,7 @@ class OpenCVSource(Source):
                 "gstreamer": f"GStreamer pipeline {target}",
                 "video": f"video {target}: not a video OpenCV can decode",
             }[kind]
-            raise ProtoADError(f"cannot open {reason}")
+            raise ProtoADError(f"cannot open {reason}{_what_it_said(said)}")
         self.capture = capture
         self.fps = float(capture.get(cv2.CAP_PROP_FPS) or 0.0)
 
@@ -167,6 +194,63 @@ class OpenCVSource(Source):
         if self.spec.kind != "video" or self.capture is None:
             return None
         return float(self.capture.get(cv2.CAP_PROP_POS_MSEC))
+
+
+@contextlib.contextmanager
+def quiet_opencv() -> Iterator[list[str]]:
+    """Silence OpenCV's log while a capture opens (an absent camera logs a dozen WARN and ERROR lines before our
+    one error). FFmpeg, V4L2 and GStreamer write to fd 2 below that log, so in the main thread fd 2 goes to a
+    file meanwhile and the yielded list gets its lines on exit, for the error message. Not in other threads:
+    fd 2 is the process's, and a reconnect in the capture thread would swallow the main thread's status lines."""
+    said: list[str] = []
+    previous = _set_log_level(OPENCV_SILENT)
+    try:
+        if threading.current_thread() is threading.main_thread():
+            with _fd2_into(said):
+                yield said
+        else:
+            yield said
+    finally:
+        if previous is not None:
+            _set_log_level(previous)
+
+
+def _set_log_level(level: int) -> int | None:
+    """Set OpenCV's log level; the previous one, or None where this OpenCV cannot set it."""
+    logging = getattr(getattr(cv2, "utils", None), "logging", None)
+    if logging is not None:
+        previous = logging.getLogLevel()
+        logging.setLogLevel(level)
+        return int(previous)
+    if hasattr(cv2, "setLogLevel"):
+        return int(cv2.setLogLevel(level))
+    return None
+
+
+@contextlib.contextmanager
+def _fd2_into(lines: list[str]) -> Iterator[None]:
+    """What is written to fd 2 meanwhile (by C libraries too) goes into ``lines`` instead of the terminal."""
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as sink:
+        saved = os.dup(2)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            lines.extend(sink.read().decode(errors="replace").splitlines())
+
+
+def _what_it_said(said: list[str], limit: int = 160) -> str:
+    """The last thing the video libraries wrote while a capture failed to open, as a suffix of our error."""
+    lines = [FFMPEG_PREFIX.sub("", line).strip() for line in said]
+    lines = [line for line in lines if line]
+    if not lines:
+        return ""
+    last = lines[-1] if len(lines[-1]) <= limit else lines[-1][: limit - 3] + "..."
+    return f" (OpenCV's backend: {last})"
 
 
 def bgr_to_rgb(frame: np.ndarray) -> np.ndarray:
