@@ -21,7 +21,7 @@ from protoad_edge.preprocess import Preprocess, to_batch
 from protoad_edge.bundle import Bundle
 from protoad_edge.decision import defect_mask
 from protoad_edge.runtime.backend import BackendOptions
-from protoad_edge.runtime.capture import Capture
+from protoad_edge.runtime.capture import Capture, Reconnect
 from protoad_edge.runtime.ort_backend import OrtBackend
 from protoad_edge.runtime.overlay import DIM, HEADER, JUDGED_BGR, render
 from protoad_edge.runtime.result import FrameResult, RunContext
@@ -151,39 +151,59 @@ def test_file_without_frames_is_an_error() -> None:
         capture.get()
 
 
-def test_live_source_drops_stale_frames_then_gives_up_after_backoff() -> None:
-    plan = Plan([True] * 10, opens=[True, False, False, False])
-    pauses: list[float] = []
-    capture = Capture(fake_source(plan, live=True), queue_size=2, backoff=(0.5, 1.0, 2.0), sleep=pauses.append).start()
-    wait_for(lambda: len(pauses) == 3 and plan.open_calls == 4)
+class FakeClock:
+    """Time that passes only when the capture sleeps between reconnects."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.pauses: list[float] = []
+
+    def sleep(self, seconds: float) -> bool:
+        self.pauses.append(seconds)
+        self.now += seconds
+        return False
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_live_source_drops_stale_frames_then_gives_up_after_the_reconnect_timeout() -> None:
+    plan = Plan([True] * 10, opens=[True] + [False] * 5)
+    clock = FakeClock()
+    policy = Reconnect(first=0.5, factor=2.0, longest=2.0, give_up_after=7.5)
+    capture = Capture(fake_source(plan, live=True), queue_size=2, reconnect=policy, sleep=clock.sleep,
+                      clock=clock).start()
+    wait_for(lambda: len(clock.pauses) == 5 and plan.open_calls == 6)
     got = [capture.get().index, capture.get().index]
     assert got == [8, 9]  # only the newest frames survive a slow consumer
-    with pytest.raises(ProtoADError, match=r"camera0 stopped delivering frames: nothing after 3 reconnect attempts \(pauses 0.5, 1, 2 s\)"):
+    with pytest.raises(ProtoADError, match=r"camera0 stopped delivering frames: nothing for 8 s after 5 reconnect "
+                                           r"attempts \(--reconnect-timeout 7.5 s\)"):
         capture.get()
-    assert pauses == [0.5, 1.0, 2.0]
+    assert clock.pauses == [0.5, 1.0, 2.0, 2.0, 2.0]  # growing, then capped, until 7.5 s without a frame
     assert capture.dropped == 8 and capture.reconnects == 0
 
 
-def test_reconnect_resets_the_schedule_after_a_frame() -> None:
+def test_reconnect_resets_the_schedule_after_a_frame_and_keeps_the_gap() -> None:
     plan = Plan([True, True, True, False, False, True, True])
-    pauses: list[float] = []
+    clock = FakeClock()
     messages: list[str] = []
-    capture = Capture(fake_source(plan, live=True), queue_size=16, backoff=(0.5, 1.0, 2.0),
-                      sleep=pauses.append, log=messages.append).start()
+    capture = Capture(fake_source(plan, live=True), queue_size=16, sleep=clock.sleep, clock=clock,
+                      reconnect=Reconnect(first=0.5, longest=4.0, give_up_after=3.0), log=messages.append).start()
     frames = []
-    with pytest.raises(ProtoADError, match="after 3 reconnect attempts"):
+    with pytest.raises(ProtoADError, match="nothing for 3 s after 3 reconnect attempts"):
         while True:
             frames.append(capture.get())
     assert [f.index for f in frames] == [0, 1, 2, 3, 4]
-    assert pauses == [0.5, 1.0, 0.5, 1.0, 2.0]
-    assert capture.reconnects == 1 and capture.dropped == 0
+    assert clock.pauses == [0.5, 1.0, 0.5, 1.0, 1.5]  # starts again after frames; the last ends at the timeout
+    assert capture.reconnects == 1 and capture.dropped == 0 and capture.gaps == [1.5]
     assert plan.open_calls == 1 + 5
-    assert any("reconnecting in 0.5 s (attempt 1 of 3)" in m for m in messages)
+    assert "camera0: no frame for 0.0 s, reconnect attempt 1 in 0.5 s" in messages
+    assert "camera0: frames again after 1.5 s without frames (2 reconnect attempts)" in messages
 
 
-def test_stop_during_backoff_ends_quietly() -> None:
+def test_stop_during_a_reconnect_pause_ends_quietly() -> None:
     plan = Plan([True, True])
-    capture = Capture(fake_source(plan, live=True), backoff=(30.0,)).start()
+    capture = Capture(fake_source(plan, live=True), reconnect=Reconnect(first=30.0, longest=30.0)).start()
     assert capture.get().index == 0 and capture.get().index == 1
     wait_for(lambda: plan.open_calls == 1 and not plan.reads)
     t0 = time.monotonic()
@@ -416,7 +436,8 @@ def test_a_stop_request_ends_the_run_between_frames_even_while_it_waits(tiny_bac
 
     started = time.monotonic()
     summary = run(source, tiny_backend, RunOptions(jsonl=log, stop=stop, on_frame=after_last_frame,
-                                                   backoff=(30.0,), queue_size=8, log=lambda m: None))
+                                                   reconnect=Reconnect(first=30.0, longest=30.0), queue_size=8,
+                                                   log=lambda m: None))
     assert summary.stopped == "terminated" and summary.frames == 3
     assert time.monotonic() - started < 10  # not the 30 s reconnect pause
     assert [json.loads(line)["frame"] for line in log.read_text().splitlines()] == [0, 1, 2]
@@ -428,10 +449,11 @@ def test_source_dying_mid_run_keeps_the_outputs(tiny_backend: OrtBackend, tmp_pa
     source, plan = colour_source(3, live=True)
     log = tmp_path / "log.jsonl"
     with pytest.raises(RunAborted, match="camera0 stopped delivering frames") as caught:
-        run(source, tiny_backend, RunOptions(jsonl=log, backoff=(0.0, 0.0), queue_size=8, log=lambda m: None))
+        run(source, tiny_backend, RunOptions(jsonl=log, reconnect=Reconnect(first=0.01, give_up_after=0.05),
+                                             queue_size=8, log=lambda m: None))
     assert caught.value.summary.frames == 3 and caught.value.summary.stopped == "failed"
     assert [json.loads(line)["frame"] for line in log.read_text().splitlines()] == [0, 1, 2]
-    assert plan.open_calls == 3
+    assert plan.open_calls >= 2  # reopened at least once before giving up
 
 
 def test_error_before_the_first_frame_leaves_no_files(tiny_backend: OrtBackend, tmp_path: Path) -> None:
@@ -470,3 +492,48 @@ protoad_edge.cli.run.main()
     assert done.returncode == 0, done.stderr
     record = json.loads(done.stdout)
     assert record["source"] == str(image) and record["verdict"] in ("ok", "anomaly")
+
+
+# ---------------------------------------------------------------- sources: one clear line
+
+
+def test_a_folder_with_images_only_in_subfolders_names_them(tmp_path: Path) -> None:
+    for sub in ("test/good", "test/crack", "train/good", "train/more"):
+        (tmp_path / sub).mkdir(parents=True)
+        (tmp_path / sub / "000.png").write_bytes(b"")
+    (tmp_path / ".hidden").mkdir()
+    (tmp_path / ".hidden" / "x.png").write_bytes(b"")
+    with pytest.raises(ProtoADError) as caught:
+        parse_source(str(tmp_path))
+    message = str(caught.value)
+    shown = ", ".join(str(tmp_path / sub) for sub in ("test/crack", "test/good", "train/good"))
+    assert message.endswith(f"only in its subfolders ({shown}, ...): pass one of them"), message
+    with pytest.raises(ProtoADError) as caught:
+        parse_source(str(tmp_path / "test"))
+    assert str(caught.value).endswith(f"({tmp_path / 'test/crack'}, {tmp_path / 'test/good'}): pass one of them")
+
+
+def test_opening_keeps_the_video_libraries_quiet_and_quotes_them_in_the_error(
+        capfd: pytest.CaptureFixture[str]) -> None:
+    """An absent camera printed a dozen OpenCV WARN/ERROR lines (and FFmpeg its own, on fd 2) before our error."""
+    levels = []
+
+    def noisy_open(target: object, api: int) -> FakeCapture:
+        levels.append(cv2.utils.logging.getLogLevel())
+        os.write(2, b"[ WARN:0@0.019] global cap_v4l.cpp:914 open VIDEOIO(V4L2:/dev/video7): can't open camera\n")
+        os.write(2, b"[tcp @ 0x5608f82fa340] Connection to tcp://10.0.0.5:554 failed: Connection refused\n")
+        return FakeCapture(Plan([], opens=[False]))
+
+    before = cv2.utils.logging.getLogLevel()
+    spec = SourceSpec("stream", "rtsp://10.0.0.5/x", "rtsp://10.0.0.5/x", live=True)
+    with pytest.raises(ProtoADError) as caught:
+        open_source(spec, open_capture=noisy_open)
+    assert str(caught.value) == ("cannot open stream rtsp://10.0.0.5/x: unreachable, or a format OpenCV cannot "
+                                 "decode? (OpenCV's backend: Connection to tcp://10.0.0.5:554 failed: Connection "
+                                 "refused)")
+    assert levels == [cv2.utils.logging.LOG_LEVEL_SILENT] and cv2.utils.logging.getLogLevel() == before
+    assert capfd.readouterr().err == ""
+    opened = open_source(spec, open_capture=lambda target, api: FakeCapture(Plan([True])))
+    assert opened.read() is not None and capfd.readouterr().err == ""  # what it said on success is dropped
+    sys.stderr.write("stderr is back\n")
+    assert capfd.readouterr().err == "stderr is back\n"

@@ -18,6 +18,7 @@ from ..atomic import write_atomic
 from ..bundle import locate
 from ..errors import ProtoADError
 from ..preprocess import Preprocess, parse_roi
+from ..runtime.capture import Reconnect
 from ..runtime.loop import STATUS_EVERY_S, RunAborted, RunOptions, StopRequest, run
 from ..runtime.mqtt import MqttSink, parse_mqtt_url
 from .common import EXIT_INTERRUPTED, EXIT_TERMINATED, user_errors
@@ -106,6 +107,10 @@ def save_preview(spec: object, model: Path | None, roi: tuple[int, int, int, int
 @click.option("--preview", type=click.Path(path_type=Path, dir_okay=False), default=None, metavar="FILE.png",
               help="Only save the first frame of SOURCE with the region of interest and the judged area drawn on it, "
                    "to choose --roi (also before a model exists), then stop.")
+@click.option("--reconnect-timeout", type=click.FloatRange(min=0.0), default=Reconnect().give_up_after,
+              show_default=True, metavar="SECONDS",
+              help="A camera or stream that stops delivering is reopened after growing pauses (0.5 s, doubling to "
+                   "2 s); after this long without a frame the run ends with an error, every output finalised.")
 @click.option("--mqtt", default=None, metavar="mqtt://HOST[:PORT]/TOPIC",
               help="Publish each frame's JSON record (QoS 1) to this broker topic. An outage never stalls "
                    "inspection: records queue (--mqtt-buffer), the client reconnects with backoff, and the summary "
@@ -116,8 +121,8 @@ def save_preview(spec: object, model: Path | None, roi: tuple[int, int, int, int
 @user_errors
 def main(source: str, model: Path | None, backend: str, threshold: float | None, show: bool, save: Path | None,
          save_masks: Path | None, jsonl: str | None, max_frames: int | None, roi: str | None, view_width: int | None,
-         status_every: float, preview: Path | None, mqtt: str | None, mqtt_anomalies_only: bool,
-         mqtt_buffer: int) -> None:
+         status_every: float, preview: Path | None, reconnect_timeout: float, mqtt: str | None,
+         mqtt_anomalies_only: bool, mqtt_buffer: int) -> None:
     """Judge every frame of SOURCE: camera0 (or 0), csi0 (Jetson CSI camera), a video file, an image
     file, a folder of images, an rtsp:// or http(s):// stream, or a GStreamer pipeline (with '!').
 
@@ -152,7 +157,7 @@ def main(source: str, model: Path | None, backend: str, threshold: float | None,
         sinks = [MqttSink(mqtt, mqtt_anomalies_only, mqtt_buffer, log=log)] if mqtt is not None else []
         options = RunOptions(threshold=threshold, max_frames=max_frames, show=show, save=save, save_masks=save_masks,
                              jsonl=jsonl, roi=region, view_width=view_width, status_every=status_every, log=log,
-                             stop=stop, sinks=sinks)
+                             stop=stop, sinks=sinks, reconnect=Reconnect(give_up_after=reconnect_timeout))
         try:
             summary = run(spec, opened, options)
         except RunAborted as exc:

@@ -3,8 +3,9 @@
 Frames go through a bounded queue. A live source (camera, stream) that outpaces the model drops
 its oldest queued frame, so the verdict is always about the part in front of the camera now, not
 one from seconds ago. Files and folders never drop: every frame is judged, the reader just waits.
-A live source that stops delivering is reopened after growing pauses (the backoff schedule), and
-reported as a ProtoADError when the schedule is used up.
+A live source that stops delivering (a camera unplugged, a stream's server restarting) is reopened
+after growing pauses (``Reconnect``), and reported as a ProtoADError once it has delivered nothing for
+``Reconnect.give_up_after`` seconds. Each outage survived is logged and its length kept for the summary.
 """
 
 from __future__ import annotations
@@ -20,12 +21,26 @@ import numpy as np
 from ..errors import ProtoADError
 from .sources import Source
 
-DEFAULT_BACKOFF = (0.5, 1.0, 2.0, 4.0)
 # Queue depth: a live source keeps at most two frames waiting (the verdict stays fresh); a file
 # source reads a few ahead so decoding overlaps inference.
 LIVE_QUEUE, FILE_QUEUE = 2, 8
 STOP_POLL_S = 0.1  # how often a wait for the next frame looks whether the run was asked to stop
 _END = object()
+
+
+@dataclass(frozen=True)
+class Reconnect:
+    """How a live source that stops delivering is retried: pauses from ``first`` growing by ``factor`` up
+    to ``longest`` seconds, until ``give_up_after`` seconds have passed without a frame."""
+
+    first: float = 0.5
+    factor: float = 2.0
+    longest: float = 2.0  # a source back after an outage is judged again within this long
+    give_up_after: float = 60.0
+
+    def pause(self, attempt: int) -> float:
+        """The pause before reconnect attempt ``attempt`` (0-based)."""
+        return min(self.first * self.factor**attempt, self.longest)
 
 
 @dataclass
@@ -41,22 +56,26 @@ class Capture:
     """Reads ``source`` on a thread; ``get`` hands out frames in order.
 
     ``sleep(seconds) -> bool`` waits between reconnects and returns True when the capture is being
-    stopped; it is injectable so tests can run the schedule without real pauses. The capture owns
-    the (already opened) source from ``start`` on and closes it when it finishes.
+    stopped, and ``clock()`` tells the time; both are injectable so tests can run the schedule without
+    real pauses. The capture owns the (already opened) source from ``start`` on and closes it when it
+    finishes.
     """
 
     def __init__(
         self,
         source: Source,
         queue_size: int | None = None,
-        backoff: tuple[float, ...] = DEFAULT_BACKOFF,
+        reconnect: Reconnect = Reconnect(),
         sleep: Callable[[float], bool | None] | None = None,
         log: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.source = source
-        self.backoff = tuple(backoff)
+        self.reconnect = reconnect
         self.dropped = 0
         self.reconnects = 0
+        self.gaps: list[float] = []  # seconds without frames, per outage survived
+        self._clock = clock
         size = queue_size or (LIVE_QUEUE if source.live else FILE_QUEUE)
         self._queue: queue.Queue[object] = queue.Queue(maxsize=max(1, size))
         self._stop = threading.Event()
@@ -108,10 +127,15 @@ class Capture:
             self.source.close()
         self._put(final, drop_old=False)
 
+    @property
+    def longest_gap(self) -> float:
+        return max(self.gaps, default=0.0)
+
     def _loop(self) -> object:
         name = self.source.name
         index = 0
         failures = 0
+        since = 0.0  # when the current outage began
         while not self._stop.is_set():
             got = self.source.read()
             if got is None:
@@ -119,15 +143,18 @@ class Capture:
                     if index == 0:
                         raise ProtoADError(f"no frame could be read from {name}")
                     return _END
-                if failures == len(self.backoff):
-                    pauses = ", ".join(f"{d:g}" for d in self.backoff)
+                if failures == 0:
+                    since = self._clock()
+                waited = self._clock() - since
+                if waited >= self.reconnect.give_up_after:
                     raise ProtoADError(
-                        f"{name} stopped delivering frames: nothing after {failures} reconnect attempts "
-                        f"(pauses {pauses} s); check the cable, the device or the stream"
+                        f"{name} stopped delivering frames: nothing for {waited:.0f} s after {failures} reconnect "
+                        f"attempts (--reconnect-timeout {self.reconnect.give_up_after:g} s); check the cable, the "
+                        "device or the stream"
                     )
-                delay = self.backoff[failures]
+                delay = min(self.reconnect.pause(failures), self.reconnect.give_up_after - waited)
                 failures += 1
-                self._log(f"{name}: no frame, reconnecting in {delay:g} s (attempt {failures} of {len(self.backoff)})")
+                self._log(f"{name}: no frame for {waited:.1f} s, reconnect attempt {failures} in {delay:g} s")
                 if self._sleep(delay):
                     break
                 try:
@@ -137,7 +164,9 @@ class Capture:
                 continue
             if failures:
                 self.reconnects += 1
-                self._log(f"{name}: frames again after {failures} reconnect attempt(s)")
+                self.gaps.append(self._clock() - since)
+                self._log(f"{name}: frames again after {self.gaps[-1]:.1f} s without frames "
+                          f"({failures} reconnect attempts)")
                 failures = 0
             rgb, label = got
             self._put(Frame(index, rgb, label, time.time(), self.source.position_ms()), drop_old=self.source.live)

@@ -23,7 +23,7 @@ from ..errors import ProtoADError
 from ..metadata import ModelInfo
 from ..preprocess import Geometry, Preprocess, to_batch
 from .backend import Backend
-from .capture import DEFAULT_BACKOFF, Capture, Frame
+from .capture import Capture, Frame, Reconnect
 from .overlay import render
 from .result import FrameResult, Region, RunContext
 from .sinks import JsonlSink, MaskSink, Sink, VideoSink, WindowSink
@@ -69,7 +69,7 @@ class RunOptions:
     status_every: float = STATUS_EVERY_S  # seconds between status lines on the log (0: none)
     jsonl: str | Path | None = None  # per-frame log; "-" is stdout
     queue_size: int | None = None  # None: 2 for live sources, 8 for files
-    backoff: tuple[float, ...] = DEFAULT_BACKOFF  # pauses before reconnecting a live source
+    reconnect: Reconnect = Reconnect()  # how a live source that stops delivering is retried
     log: Callable[[str], None] = _stderr  # notices for the user (never the JSON lines)
     on_frame: Callable[[FrameResult], None] | None = None  # e.g. to drive a reject gate
     stop: StopRequest | None = None  # set (by a signal handler) to end the run between two frames
@@ -86,6 +86,7 @@ class RunSummary:
     seconds: float = 0.0
     dropped: int = 0
     reconnects: int = 0
+    longest_gap: float = 0.0  # seconds without frames, the longest outage survived
     stopped: str = ""  # end of source | max frames | interrupted | terminated | window closed | failed
     latencies_ms: list[float] = field(default_factory=list)
     written: list[str] = field(default_factory=list)
@@ -108,7 +109,8 @@ class RunSummary:
             f"speed       mean {self.fps:.1f} FPS; latency {lat}",
         ]
         if self.dropped or self.reconnects:
-            out.append(f"live        {self.dropped} stale frames dropped, {self.reconnects} reconnects")
+            gap = f" (longest gap {self.longest_gap:.1f} s)" if self.reconnects else ""
+            out.append(f"live        {self.dropped:,} stale frames dropped, {self.reconnects} reconnects{gap}")
         if self.written:
             out.append(f"written     {', '.join(self.written)}")
         return out
@@ -207,7 +209,7 @@ def run(source: str | SourceSpec | Source, backend: Backend, options: RunOptions
     context = RunContext(backend.describe().model, info.category, threshold, rule)
 
     src = source if isinstance(source, Source) else open_source(source)
-    capture = Capture(src, options.queue_size, options.backoff, log=options.log)
+    capture = Capture(src, options.queue_size, options.reconnect, log=options.log)
     summary = RunSummary(source=src.name, model=info.category, threshold=threshold)
     sinks: list[Sink] = []
     try:
@@ -255,6 +257,6 @@ def run(source: str | SourceSpec | Source, backend: Backend, options: RunOptions
         raise RunAborted(str(exc), summary) from None
     finally:
         capture.stop()
-        summary.dropped, summary.reconnects = capture.dropped, capture.reconnects
+        summary.dropped, summary.reconnects, summary.longest_gap = capture.dropped, capture.reconnects, capture.longest_gap
         summary.written = close_sinks(sinks, keep=summary.frames > 0)
     return summary
