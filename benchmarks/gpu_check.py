@@ -139,13 +139,16 @@ def check_torch_cuda() -> str:
 
 def check_tensorrt() -> str:
     """Engine builds of the tiny model (FP32, FP16) and of a crop-224 model (FP16): build time, ms/image, parity."""
+    from protoad_edge.gpu.tensorrt import import_tensorrt
+
     try:
-        import tensorrt
-    except ImportError:
-        raise Skipped("TensorRT: not installed") from None
+        tensorrt = import_tensorrt()  # says whether it is missing or installed but unable to load, and why
+    except ProtoADError as exc:
+        raise Skipped(f"TensorRT: {exc}") from None
     require_gpu()
     from conftest import make_bundle, normal_crops
     from protoad_edge.export.tensorrt import build_engine
+    from protoad_edge.metadata import ModelInfo
     from protoad_edge.runtime.backend import BackendOptions
     from protoad_edge.runtime.ort_backend import OrtBackend
     from protoad_edge.runtime.trt_backend import TrtBackend
@@ -165,7 +168,12 @@ def check_tensorrt() -> str:
                     stages = backend.last_times
                     ms1 = per_image_ms(lambda: backend.infer(batch[:1]), 1)
                 diff = float(np.abs(maps - ref_maps).max())
-                lines.append(f"{name} (crop {crop}, K {k}) {precision}: built in {build.seconds:.1f} s; batch 1 "
+                facts = ModelInfo.load_json(build.sidecar).build["tensorrt"]
+                how = "strongly typed" if facts["strongly_typed"] else "weakly typed"
+                if "fp32_layers" in facts:
+                    how = f"FP16 flag, {facts['fp32_layers']} layers pinned to FP32"
+                lines.append(f"{name} (crop {crop}, K {k}) {precision} ({how}, from {facts['onnx']}): "
+                             f"built in {build.seconds:.1f} s; batch 1 "
                              f"{ms1:.2f} ms/image, batch 8 {ms8:.2f} ms/image (H2D {stages.h2d_ms:.2f}, compute "
                              f"{stages.compute_ms:.2f}, D2H {stages.d2h_ms:.2f} ms per batch); max |map - ORT FP32| {diff:.1e}")
     finally:

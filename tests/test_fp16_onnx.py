@@ -14,7 +14,8 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from protoad_edge.errors import ProtoADError  # noqa: E402
 from protoad_edge.bundle import Bundle  # noqa: E402
-from protoad_edge.export.fp16 import FP16_MAX, convert_to_mixed_fp16, write_fp16_onnx  # noqa: E402
+from protoad_edge.export.fp16 import (FP16_MAX, convert_to_mixed_fp16, read_scope_boundary,  # noqa: E402
+                                      scope_boundary, write_fp16_onnx)
 from protoad_edge.metadata import ModelInfo  # noqa: E402
 from protoad_edge.preprocess import to_batch  # noqa: E402
 
@@ -134,6 +135,19 @@ def test_fp32_scope_is_what_prevents_overflow() -> None:
     assert output_types(naive)["ss"] == TensorProto.FLOAT16
     y = ort.InferenceSession(mixed.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert np.allclose(np.sqrt((y.astype(np.float64) ** 2).sum(axis=1)), 1.0, atol=1e-3)
+
+
+def test_scope_boundary_is_what_the_scope_reads_and_writes(tiny_model: Path) -> None:
+    """Weights, Constants and the scope's own tensors are not entries; only tensors read outside it are exits."""
+    assert scope_boundary(plain_l2norm_model().graph, "/l2norm/") == (["f"], ["y"])
+    nodes = {n.name: n for n in onnx.load(str(tiny_model)).graph.node}
+    entries, exits = read_scope_boundary(tiny_model)
+    assert entries == [nodes["/l2norm/Abs"].input[0]] == ["/features/Concat_2_output_0"]
+    assert exits == [nodes["/l2norm/Div_1"].output[0]]
+    model = plain_l2norm_model()
+    model.graph.node.append(helper.make_node("Identity", ["ss"], ["ss_copy"], name="/probe/Identity"))
+    assert scope_boundary(model.graph, "/l2norm/") == (["f"], ["ss", "y"])  # a tensor read outside leaves the scope
+    assert scope_boundary(model.graph, "/nowhere/") == ([], [])
 
 
 def test_weights_beyond_fp16_range_are_refused() -> None:

@@ -7,6 +7,10 @@ checks the TensorRT 10 / 11 branches); real builds and runs (only where TensorRT
 
 from __future__ import annotations
 
+import configparser
+import enum
+import importlib.abc
+import importlib.util
 import json
 import re
 import shutil
@@ -220,22 +224,28 @@ def test_pinned_round_trip() -> None:
 # --- the build's wiring, against a stand-in tensorrt module ----------------------------------
 
 
-def fake_tensorrt(version: str, fail_build: bool = False) -> types.ModuleType:
+def fake_tensorrt(version: str, fail_build: bool = False, fail_builder: bool = False,
+                  layer_names: str = "onnx") -> types.ModuleType:
     """Just enough of TensorRT's Python API for build_engine; records what was asked of it.
 
-    The fake parser reads the real ONNX and names one layer per node after the node, as TensorRT's
-    ONNX parser does; TensorRT 11 has no FP16 / precision-constraint flags and refuses layer precisions.
+    The fake parser reads the real ONNX and makes layers whose output tensors carry the ONNX tensor names, as
+    TensorRT's ONNX parser does. ``layer_names``: "onnx" names one layer per node after the node; "default" makes
+    two per node (a helper, then the node's own), all with TensorRT's default names, as the parser may; "lost"
+    does that and also loses the ONNX tensor names. TensorRT 11 has no FP16 / precision-constraint flags; from
+    10.12 on they and ``set_output_type`` are deprecated, which this stand-in refuses; strongly typed networks
+    refuse layer precisions. ``fail_builder``: ``trt.Builder`` logs an error and fails as pybind11 does.
     """
     import onnx
 
     trt = types.ModuleType("tensorrt")
     trt.__version__ = version
-    strongly_typed = int(version.split(".")[0]) >= 11
+    found = tuple(int(part) for part in version.split(".")[:2])
+    removed, deprecated = found >= (11, 0), found >= (10, 12)
     trt.float32, trt.float16, trt.int64 = "float32", "float16", "int64"
-    flags = ["TF32"] + ([] if strongly_typed else ["FP16", "OBEY_PRECISION_CONSTRAINTS"])
+    flags = ["TF32"] + ([] if removed else ["FP16", "OBEY_PRECISION_CONSTRAINTS"])
     trt.BuilderFlag = types.SimpleNamespace(**{f: f for f in flags})
+    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=1)  # TensorRT's kSTRONGLY_TYPED is 1
     trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
-    trt.LayerType = types.SimpleNamespace(CONSTANT="Constant")
 
     class ILogger:
         INTERNAL_ERROR, ERROR, WARNING = 0, 1, 2
@@ -244,10 +254,12 @@ def fake_tensorrt(version: str, fail_build: bool = False) -> types.ModuleType:
             pass
 
     class Layer:
-        def __init__(self, node: Any) -> None:
-            self.name, self.type, self.num_outputs = node.name, node.op_type, len(node.output)
+        def __init__(self, name: str, node: Any, network: "Network", inputs: list[str], outputs: list[str]) -> None:
+            self.name, self.node, self.type, self.network = name, node.name, node.op_type, network
+            self.inputs = [types.SimpleNamespace(name=n) if n else None for n in inputs]
             dtype = "int64" if node.op_type == "Shape" else "float32"
-            self.outputs = [types.SimpleNamespace(dtype=dtype) for _ in node.output]
+            self.outputs = [types.SimpleNamespace(name=n, dtype=dtype) for n in outputs]
+            self.num_inputs, self.num_outputs = len(self.inputs), len(self.outputs)
             self._precision: str | None = None
             self.output_types: dict[int, str] = {}
 
@@ -257,26 +269,42 @@ def fake_tensorrt(version: str, fail_build: bool = False) -> types.ModuleType:
 
         @precision.setter
         def precision(self, value: str) -> None:
-            assert not strongly_typed, "strongly typed networks refuse layer precisions"
+            assert not self.network.strongly_typed, "strongly typed networks refuse layer precisions"
             self._precision = value
+
+        def get_input(self, j: int) -> Any:
+            return self.inputs[j]
 
         def get_output(self, j: int) -> Any:
             return self.outputs[j]
 
         def set_output_type(self, j: int, dtype: str) -> None:
-            assert not strongly_typed
+            assert not self.network.strongly_typed and not deprecated, "set_output_type: deprecated in TensorRT 10.12"
             self.output_types[j] = dtype
 
     class Network:
         def __init__(self, flags: int) -> None:
             self.flags, self.parsed, self.layers, self.inputs = flags, "", [], []
             self.num_layers = self.num_inputs = 0
+            self.strongly_typed = removed or bool(flags & 1 << trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
 
         def get_layer(self, i: int) -> Layer:
             return self.layers[i]
 
         def get_input(self, i: int) -> Any:
             return self.inputs[i]
+
+        def make_layers(self, node: Any) -> list[Layer]:
+            if layer_names == "onnx" or node.op_type == "Constant":
+                name = node.name if layer_names == "onnx" else f"(Unnamed Layer* {len(self.layers)}) [Constant]"
+                return [Layer(name, node, self, list(node.input), list(node.output))]
+            helper = f"(Unnamed Layer* {len(self.layers)}) [Shuffle]"
+            own = f"(Unnamed Layer* {len(self.layers) + 1}) [{node.op_type}]"
+            outputs = list(node.output)
+            if layer_names == "lost":
+                outputs = [f"{own}_output_{j}" for j in range(len(outputs))]
+            return [Layer(helper, node, self, list(node.input), [f"{helper}_output"]),
+                    Layer(own, node, self, [f"{helper}_output"], outputs)]
 
     class OnnxParser:
         def __init__(self, network: Network, logger: Any) -> None:
@@ -289,9 +317,10 @@ def fake_tensorrt(version: str, fail_build: bool = False) -> types.ModuleType:
             except Exception:
                 self.errors = ["In node -1 (parseGraph): INVALID_GRAPH: Failed to parse the ONNX model"]
                 return False
-            self.network.layers = [Layer(n) for n in graph.node]
+            for node in graph.node:
+                self.network.layers += self.network.make_layers(node)
             self.network.inputs = [types.SimpleNamespace(name=i.name) for i in graph.input]
-            self.network.num_layers, self.network.num_inputs = len(graph.node), len(graph.input)
+            self.network.num_layers, self.network.num_inputs = len(self.network.layers), len(graph.input)
             return True
 
         @property
@@ -327,6 +356,7 @@ def fake_tensorrt(version: str, fail_build: bool = False) -> types.ModuleType:
             self.pools[pool] = size
 
         def set_flag(self, flag: str) -> None:
+            assert not (deprecated and flag in ("FP16", "OBEY_PRECISION_CONSTRAINTS")), f"{flag}: deprecated in 10.12"
             self.flags.add(flag)
 
         def clear_flag(self, flag: str) -> None:
@@ -370,7 +400,11 @@ def fake_tensorrt(version: str, fail_build: bool = False) -> types.ModuleType:
                 return None
             return f"plan of {Path(network.parsed).name}".encode()
 
-    trt.ILogger, trt.OnnxParser, trt.Builder = ILogger, OnnxParser, Builder
+    def failing_builder(logger: Any) -> Builder:
+        logger.log(ILogger.ERROR, "CUDA initialization failure with error: 35. Please check your CUDA installation")
+        raise TypeError("pybind11::init(): factory function returned nullptr")
+
+    trt.ILogger, trt.OnnxParser, trt.Builder = ILogger, OnnxParser, failing_builder if fail_builder else Builder
     return trt
 
 
@@ -395,8 +429,9 @@ def l2norm_layer_names(onnx_path: Path) -> set[str]:
     return {n.name for n in onnx.load(str(onnx_path)).graph.node if "/l2norm/" in n.name and n.op_type != "Constant"}
 
 
-def test_tensorrt10_fp16_pins_l2norm_to_fp32(fake_trt: Any, tiny_model: Path, tmp_path: Path) -> None:
-    trt = fake_trt("10.3.0")
+@pytest.mark.parametrize("version", ["10.3.0", "10.11.0"])
+def test_tensorrt10_fp16_pins_l2norm_to_fp32(fake_trt: Any, tiny_model: Path, tmp_path: Path, version: str) -> None:
+    trt = fake_trt(version)
     onnx = copy_bundle(tiny_model, tmp_path)
     lines: list[str] = []
     build = build_engine(onnx, log=lines.append)
@@ -405,6 +440,7 @@ def test_tensorrt10_fp16_pins_l2norm_to_fp32(fake_trt: Any, tiny_model: Path, tm
     assert builder.config.flags == {"FP16", "OBEY_PRECISION_CONSTRAINTS"}
     pinned = {layer.name for layer in builder.network.layers if layer.precision == "float32"}
     assert pinned == l2norm_layer_names(onnx) and len(pinned) >= 6
+    assert any(f"{len(pinned)} layers of the L2 normalisation pinned to FP32" in line for line in lines)
     assert all(layer.output_types == {0: "float32"} for layer in builder.network.layers if layer.name in pinned)
     s = TINY_CROP
     assert builder.config.profiles[0].shapes == {"image": ((1, 3, s, s), (1, 3, s, s), (32, 3, s, s))}
@@ -413,11 +449,64 @@ def test_tensorrt10_fp16_pins_l2norm_to_fp32(fake_trt: Any, tiny_model: Path, tm
     assert Bundle.of(build.plan).timing_cache.read_bytes() == b"timings:"
     assert not (tmp_path / "tiny.fp16.onnx").exists()
     info = ModelInfo.load_json(Bundle.of(onnx).sidecar)
-    assert (info.tensorrt_version, info.gpu_name, info.tensorrt_precision) == ("10.3.0", "Fake GPU", "fp16")
+    assert (info.tensorrt_version, info.gpu_name, info.tensorrt_precision) == (version, "Fake GPU", "fp16")
     assert info.build["tensorrt"]["max_batch"] == 32 and info.build["tensorrt"]["onnx"] == "tiny.onnx"
+    assert (info.build["tensorrt"]["strongly_typed"], info.build["tensorrt"]["fp32_layers"]) == (False, len(pinned))
     assert info.category == ModelInfo.load_json(Bundle.of(tiny_model).sidecar).category
     assert (build.max_batch, build.opt_batch, build.onnx) == (32, 1, onnx)
-    assert "tiny.plan" in engine_summary(build) and "TensorRT 10.3.0" in engine_summary(build)
+    assert "tiny.plan" in engine_summary(build) and f"TensorRT {version}" in engine_summary(build)
+
+
+def test_fp16_pins_the_layers_between_the_l2norm_tensors_whatever_their_names(fake_trt: Any, tiny_model: Path,
+                                                                               tmp_path: Path) -> None:
+    """The parser may name helper layers by default ("(Unnamed Layer* 12) [Shuffle]"): pin by what they compute."""
+    trt = fake_trt("10.3.0", layer_names="default")
+    onnx = copy_bundle(tiny_model, tmp_path)
+    lines: list[str] = []
+    build_engine(onnx, log=lines.append)
+    layers = trt.last_builder.network.layers
+    assert not any("/l2norm/" in layer.name for layer in layers)
+    pinned = [layer for layer in layers if layer.precision == "float32"]
+    assert {layer.node for layer in pinned} == l2norm_layer_names(onnx)
+    assert len(pinned) == 2 * len(l2norm_layer_names(onnx))  # each node's helper and its own layer
+    assert all(layer.output_types == {0: "float32"} for layer in pinned)
+    assert any(f"{len(pinned)} layers of the L2 normalisation pinned to FP32" in line for line in lines)
+
+
+def test_fp16_build_fails_where_the_l2norm_cannot_be_pinned(fake_trt: Any, tiny_model: Path, tmp_path: Path) -> None:
+    import onnx as onnx_module
+
+    fake_trt("10.3.0", layer_names="lost")  # a parser that kept no ONNX tensor name
+    onnx = copy_bundle(tiny_model, tmp_path / "lost")
+    with pytest.raises(ProtoADError, match="network has no tensor '/.*, '/l2norm/.*' \\(the input or output of "
+                                           "'/l2norm/' in .*tiny.onnx\\): the FP16 engine cannot keep"):
+        build_engine(onnx, log=lambda line: None)
+    fake_trt("10.3.0")
+    onnx = copy_bundle(tiny_model, tmp_path / "renamed")
+    model = onnx_module.load(str(onnx))
+    for node in model.graph.node:
+        node.name = node.name.replace("/l2norm/", "/norm/")
+    onnx_module.save(model, str(onnx))
+    with pytest.raises(ProtoADError, match="tiny.onnx: no computation in scope '/l2norm/'.*overflow"):
+        build_engine(onnx, log=lambda line: None)
+    assert not Bundle.of(onnx).plan.exists()
+
+
+@pytest.mark.parametrize("version", ["10.12.0", "10.16.1.11"])
+def test_tensorrt10_12_on_builds_fp16_strongly_typed(fake_trt: Any, tiny_model: Path, tmp_path: Path,
+                                                     version: str) -> None:
+    """10.12 deprecated the FP16 flag, precision constraints and set_output_type: the stand-in refuses them."""
+    trt = fake_trt(version)
+    onnx = copy_bundle(tiny_model, tmp_path)
+    build = build_engine(onnx, log=lambda line: None)
+    network = trt.last_builder.network
+    assert network.flags == 1 << 1 and network.strongly_typed  # 1 << int(NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    assert build.onnx == tmp_path / "tiny.fp16.onnx" and network.parsed == str(build.onnx)
+    assert trt.last_builder.config.flags == set()
+    assert all(layer.precision is None and not layer.output_types for layer in network.layers)
+    assert build.plan.read_bytes() == b"plan of tiny.fp16.onnx"
+    facts = ModelInfo.load_json(Bundle.of(onnx).sidecar).build["tensorrt"]
+    assert (facts["onnx"], facts["strongly_typed"], "fp32_layers" in facts) == ("tiny.fp16.onnx", True, False)
 
 
 def test_tensorrt11_fp16_builds_from_the_mixed_precision_onnx(fake_trt: Any, tiny_model: Path, tmp_path: Path) -> None:
@@ -429,16 +518,18 @@ def test_tensorrt11_fp16_builds_from_the_mixed_precision_onnx(fake_trt: Any, tin
     assert builder.config.flags == set()
     assert all(layer.precision is None for layer in builder.network.layers)
     assert build.plan.read_bytes() == b"plan of tiny.fp16.onnx"
+    assert builder.network.flags == 0  # TensorRT 11 ignores the deprecated STRONGLY_TYPED flag: always strongly typed
     info = ModelInfo.load_json(Bundle.of(onnx).sidecar)
     assert (info.tensorrt_version, info.tensorrt_precision, info.build["tensorrt"]["onnx"]) == ("11.0.0", "fp16", "tiny.fp16.onnx")
+    assert info.build["tensorrt"]["strongly_typed"]
 
 
-@pytest.mark.parametrize("version", ["10.3.0", "11.0.0"])
+@pytest.mark.parametrize("version", ["10.3.0", "10.16.1.11", "11.0.0"])
 def test_fp32_clears_tf32(fake_trt: Any, tiny_model: Path, tmp_path: Path, version: str) -> None:
     trt = fake_trt(version)
     build = build_engine(copy_bundle(tiny_model, tmp_path), precision="fp32", opt_batch=4, max_batch=8)
     config = trt.last_builder.config
-    assert config.flags == set() and config.cleared == {"TF32"}
+    assert config.flags == set() and config.cleared == {"TF32"} and trt.last_builder.network.flags == 0
     assert all(layer.precision is None for layer in trt.last_builder.network.layers)
     s = TINY_CROP
     assert config.profiles[0].shapes["image"] == ((1, 3, s, s), (4, 3, s, s), (8, 3, s, s))
@@ -475,6 +566,95 @@ def test_build_failure_quotes_tensorrt_and_leaves_no_plan(fake_trt: Any, tiny_mo
         build_engine(onnx, log=lambda line: None)
     assert not Bundle.of(onnx).plan.exists()
     assert ModelInfo.load_json(Bundle.of(onnx).sidecar).tensorrt_version == ""
+
+
+def test_builder_that_tensorrt_cannot_create_is_one_line(fake_trt: Any, tiny_model: Path, tmp_path: Path) -> None:
+    """pybind11's "factory function returned nullptr" becomes TensorRT's own logged reason."""
+    fake_trt("10.3.0", fail_builder=True)
+    onnx = copy_bundle(tiny_model, tmp_path)
+    with pytest.raises(ProtoADError, match="^TensorRT 10.3.0 could not create its Builder: CUDA initialization "
+                                           "failure with error: 35"):
+        build_engine(onnx, log=lambda line: None)
+    assert not Bundle.of(onnx).plan.exists()
+
+
+class FailingImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """``import tensorrt`` finds a module whose execution raises ``error`` (what its bindings raise)."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        return importlib.util.spec_from_loader(name, self) if name == "tensorrt" else None
+
+    def create_module(self, spec: Any) -> None:
+        return None
+
+    def exec_module(self, module: Any) -> None:
+        raise self.error
+
+
+@pytest.mark.parametrize("error", [
+    ImportError("libnvonnxparser.so.10: cannot open shared object file: No such file or directory"),
+    OSError("libnvinfer.so.10: cannot open shared object file: No such file or directory"),  # tensorrt_libs' ctypes
+    ModuleNotFoundError("No module named 'tensorrt_bindings'", name="tensorrt_bindings"),
+])
+def test_tensorrt_that_cannot_load_is_not_called_missing(monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
+    monkeypatch.delitem(sys.modules, "tensorrt", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [FailingImport(error), *sys.meta_path])
+    with pytest.raises(ProtoADError) as caught:
+        gpu_tensorrt.import_tensorrt()
+    message = str(caught.value)
+    assert message.startswith(f"TensorRT's Python module is installed but cannot load: {error}. ")
+    assert "not installed" not in message and "gpu-cu12" in message and "\n" not in message
+
+
+def test_tensorrt_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    with pytest.raises(ProtoADError, match="^TensorRT is not installed: .*JetPack.*protoad-edge\\[gpu-cu12\\]"):
+        gpu_tensorrt.import_tensorrt()
+
+
+def fake_cudart(driver: int, runtime: int) -> Any:
+    """cuda-python's runtime module where the driver is too old for it: no device can be counted."""
+    errors = enum.IntEnum("cudaError_t", {"cudaSuccess": 0, "cudaErrorInsufficientDriver": 35})
+    ok, insufficient = errors.cudaSuccess, errors.cudaErrorInsufficientDriver
+    return types.SimpleNamespace(
+        cudaError_t=errors,
+        cudaGetDeviceCount=lambda: (insufficient, 0),
+        cudaDriverGetVersion=lambda: (ok, driver),
+        cudaRuntimeGetVersion=lambda: (ok, runtime),
+        cudaGetErrorName=lambda err: (ok, b"cudaErrorInsufficientDriver"),
+        cudaGetErrorString=lambda err: (ok, b"CUDA driver version is insufficient for CUDA runtime version"),
+    )
+
+
+@pytest.mark.parametrize("driver,runtime,expected", [
+    (12020, 13000, "the NVIDIA driver supports CUDA 12.2, and this cuda-python's runtime needs CUDA 13.0; install "
+                   "the cuda-python \\(and TensorRT\\) of the driver's CUDA: pip install 'protoad-edge\\[gpu-cu12\\]'"),
+    (12060, 13050, "supports CUDA 12.6, and this cuda-python's runtime needs CUDA 13.5; .*'protoad-edge\\[gpu-cu12\\]"),
+    (12020, 12080, "supports CUDA 12.2, and this cuda-python's runtime needs CUDA 12.8; update the driver to one for "
+                   "CUDA 12.8$"),
+    (11080, 12000, "supports CUDA 11.8, .*needs CUDA 12.0; update the driver to one for CUDA 12.0$"),
+    (0, 13000, "no NVIDIA driver was found"),
+])
+def test_insufficient_driver_names_both_cuda_versions_and_the_fix(monkeypatch: pytest.MonkeyPatch, driver: int,
+                                                                  runtime: int, expected: str) -> None:
+    monkeypatch.setattr(cm, "_cudart", fake_cudart(driver, runtime))
+    with pytest.raises(ProtoADError, match="^no usable CUDA GPU: cudaErrorInsufficientDriver \\(CUDA driver version "
+                                           f"is insufficient for CUDA runtime version\\): .*{expected}"):
+        cm.require_gpu()
+
+
+def test_gpu_extras_pin_cuda_python_to_the_cuda_major() -> None:
+    """The extra the insufficient-driver message names exists, and keeps cuda-python and TensorRT to its CUDA."""
+    config = configparser.ConfigParser()
+    config.read(Path(__file__).parents[1] / "setup.cfg")
+    extras = {name: config["options.extras_require"][name].split() for name in ("gpu", "gpu-cu12", "gpu-cu13")}
+    assert "cuda-python>=12.0,<13" in extras["gpu-cu12"] and "tensorrt-cu12>=10.0" in extras["gpu-cu12"]
+    assert "cuda-python>=13,<14" in extras["gpu-cu13"] and "tensorrt-cu13>=10.13" in extras["gpu-cu13"]
+    assert extras["gpu"] == ["protoad-edge[gpu-cu12]"]
+    assert cm.CUDA_EXTRAS == (12, 13)
 
 
 # --- the runtime's logic, against a stand-in engine (numpy memory here, real CUDA memory on a GPU) ---
@@ -574,8 +754,12 @@ class CudaMemory:
         cm.check(cm.cudart().cudaStreamSynchronize(stream_ptr), "sync")
 
 
-def fake_runtime_tensorrt(version: str, onnx: Path, memory: Any, max_batch: int, outputs: tuple[str, ...]) -> Any:
-    """A TensorRT whose 'engine' runs the ONNX model with onnxruntime on whatever sits in device memory."""
+def fake_runtime_tensorrt(version: str, onnx: Path, memory: Any, max_batch: int, outputs: tuple[str, ...],
+                          fail_runtime: bool = False) -> Any:
+    """A TensorRT whose 'engine' runs the ONNX model with onnxruntime on whatever sits in device memory.
+
+    ``fail_runtime``: ``trt.Runtime`` logs an error and fails as pybind11 does when TensorRT returns nullptr.
+    """
     from protoad_edge.runtime.ort_backend import OrtBackend
 
     reference = OrtBackend(onnx, providers=["CPUExecutionProvider"])
@@ -647,7 +831,11 @@ def fake_runtime_tensorrt(version: str, onnx: Path, memory: Any, max_batch: int,
                 return None
             return Engine()
 
-    trt.ILogger, trt.Runtime = ILogger, Runtime
+    def failing_runtime(logger: Any) -> Runtime:
+        logger.log(ILogger.ERROR, "createInferRuntime: Error Code 6: API Usage Error (CUDA driver is too old)")
+        raise TypeError("pybind11::init(): factory function returned nullptr")
+
+    trt.ILogger, trt.Runtime = ILogger, failing_runtime if fail_runtime else Runtime
     return trt
 
 
@@ -674,8 +862,8 @@ def fake_plan(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, t
     plan = Bundle.of(onnx).plan
     plan.write_bytes(b"FAKEPLAN")
 
-    def install(outputs: tuple[str, ...] = ("anomaly_map", "score")) -> Any:
-        trt = fake_runtime_tensorrt("10.3.0", onnx, memory, 4, outputs)
+    def install(outputs: tuple[str, ...] = ("anomaly_map", "score"), fail_runtime: bool = False) -> Any:
+        trt = fake_runtime_tensorrt("10.3.0", onnx, memory, 4, outputs, fail_runtime)
         monkeypatch.setitem(sys.modules, "tensorrt", trt)
         return trt
 
@@ -733,6 +921,13 @@ def test_runtime_refuses_foreign_and_broken_plans(fake_plan: Any) -> None:
         trt_backend.TrtBackend(fake_plan.plan)
 
 
+def test_runtime_that_tensorrt_cannot_create_is_one_line(fake_plan: Any) -> None:
+    fake_plan.install(fail_runtime=True)
+    with pytest.raises(ProtoADError, match="^TensorRT 10.3.0 could not create its Runtime: createInferRuntime: "
+                                           "Error Code 6: API Usage Error \\(CUDA driver is too old\\)$"):
+        trt_backend.TrtBackend(fake_plan.plan)
+
+
 def test_runtime_checks_the_plan_tensors(fake_plan: Any) -> None:
     fake_plan.install(outputs=("map", "score"))
     with pytest.raises(ProtoADError, match="do not match"):
@@ -744,8 +939,8 @@ def test_runtime_checks_the_plan_tensors(fake_plan: Any) -> None:
 
 def tensorrt_ready() -> bool:
     try:
-        import tensorrt  # noqa: F401
-    except ImportError:
+        gpu_tensorrt.import_tensorrt()  # installed bindings whose libraries fail to load raise OSError too
+    except ProtoADError:
         return False
     return gpu_present()
 

@@ -8,7 +8,7 @@ from typing import Iterator
 
 import click
 
-from ..build.config import PROJECTIONS, BuildConfig
+from ..build.config import BuildConfig
 from ..constants import DATASET_KINDS, DEVICES, FEATURE_CHANNELS, ENGINE_PRECISIONS, TENSORRT_CHOICES, UPSAMPLE_MODES
 from ..errors import ProtoADError
 from ..preprocess import FIT_HELP, FITS, parse_roi
@@ -67,12 +67,6 @@ BUILD_EXTRA = ("torch", "torchvision", "onnx", "onnxscript", "scipy", "sklearn")
               help="Batch TensorRT optimises for.")
 @click.option("--max-batch", type=click.IntRange(min=1), default=D.max_batch,
               help="Largest engine batch (default: most that keeps tensors under 2^31 elements, at most 32).")
-@click.option("--project-dims", type=click.IntRange(min=1), default=D.project_dims, metavar="D",
-              help="Compare patches and prototypes in the top D principal directions of the prototypes instead of "
-                   f"all {FEATURE_CHANNELS} channels (fewer FLOPs; must be below {FEATURE_CHANNELS} and at most K). "
-                   "Default: the paper's network. With a labelled test split the summary shows both side by side.")
-@click.option("--projection", type=click.Choice(PROJECTIONS), default=None,
-              help=f"With --project-dims: subtract the prototypes' mean before projecting, or not. Default: {D.projection}.")
 @click.option("--from-onnx", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Only build the TensorRT plan for this existing NAME.onnx (no torch needed: the Jetson step).")
 @user_errors
@@ -80,8 +74,7 @@ def main(category: str | None, data_root: Path | None, dataset: str, out: Path, 
          max_prototypes: int, val_split: float, device: str, seed: int, resize: int, crop: int, roi: str | None,
          fit: str, batch_size: int,
          cache_dir: Path | None, no_cache: bool, exact_neighbours: bool, threads: int, tensorrt: str, precision: str,
-         opt_batch: int, max_batch: int | None, from_onnx: Path | None, project_dims: int | None,
-         projection: str | None) -> None:
+         opt_batch: int, max_batch: int | None, from_onnx: Path | None) -> None:
     """Learn prototypes from normal images and write OUT/CATEGORY.onnx, .json and .prototypes.npy
     (and OUT/CATEGORY.plan where TensorRT and a GPU exist)."""
     from ..export.engine import engine_from_onnx, engine_summary
@@ -93,8 +86,6 @@ def main(category: str | None, data_root: Path | None, dataset: str, out: Path, 
         return
     if category is None:
         raise ProtoADError("missing option --category (or --from-onnx PATH to only build a TensorRT engine)")
-    if projection is not None and project_dims is None:
-        raise ProtoADError(f"--projection {projection} needs --project-dims D")
     with build_extra_needed():
         from ..build.pipeline import build
         from ..export.onnx import PARITY_TOLERANCE
@@ -105,8 +96,7 @@ def main(category: str | None, data_root: Path | None, dataset: str, out: Path, 
                         device=device, seed=seed, resize=resize, crop=crop, roi=parse_roi(roi) if roi else None,
                         fit=fit, batch_size=batch_size, threads=threads,
                         cache_dir=cache_dir, cache=not no_cache, exact_neighbours=exact_neighbours,
-                        tensorrt=tensorrt, precision=precision, opt_batch=opt_batch, max_batch=max_batch,
-                        project_dims=project_dims, projection=projection or D.projection),
+                        tensorrt=tensorrt, precision=precision, opt_batch=opt_batch, max_batch=max_batch),
             log=click.echo,
         )
     info = report.info
@@ -126,16 +116,6 @@ def main(category: str | None, data_root: Path | None, dataset: str, out: Path, 
             line += f", pixel AUROC {100 * m['pixel_auroc']:.1f} %"
         line += f"; F1-optimal image threshold {m['image_f1_threshold']:.5f} (F1 {m['image_f1']:.3f})"
         click.echo(line)
-    if info.projection:
-        p = info.projection
-        click.echo(f"  projection    {p['dims']} of {FEATURE_CHANNELS} dims, {'centred' if p['centred'] else 'uncentred'}, "
-                   f"fitted on the {p['fitted_on']} ({100 * p['variance_kept']:.1f}% of their variance)")
-    if report.comparison:
-        click.echo(f"  side by side  {'network':<26}{'image AUROC':>12}{'pixel AUROC':>13}{'PRO':>7}{'ms/image':>10}"
-                   f"{'GFLOP/image':>13}")
-        for f in report.comparison:
-            click.echo(f"                {f.network:<26}{percent(f.image_auroc):>12}{percent(f.pixel_auroc):>13}"
-                       f"{percent(f.pro):>7}{f.ms_per_image:>10.0f}{f.gflop_per_image:>13.2f}")
     click.echo("  files         " + ", ".join(str(f) for f in report.files))
     if report.engine:
         click.echo(f"  engine        {engine_summary(report.engine)}")

@@ -6,7 +6,11 @@ for our one graph, with the ``onnx`` package alone: FP16 compute everywhere exce
 scopes (by default the L2 normalisation, whose sum of squares over 1792 channels overflows FP16),
 and FP32 at the graph's input and outputs so the runtime interface does not change.
 
-``onnx`` is imported only to convert, so this module loads on a Jetson without the onnx package.
+The FP16-flag engine build (TensorRT < 10.12) reads the same graph for the other half of the job:
+:func:`scope_boundary` names the tensors an FP32 scope reads and writes, and the layers between
+them are the ones TensorRT must keep in FP32.
+
+``onnx`` is imported only to convert or read a graph, so this module loads on a Jetson without the onnx package.
 """
 
 from __future__ import annotations
@@ -67,6 +71,30 @@ class _Scopes:
 
     def wants_half(self, node: onnx.NodeProto, index: int) -> bool:
         return not self.fp32(node) and (node.op_type, index) not in FLOAT32_ONLY_INPUTS
+
+
+def scope_boundary(graph: onnx.GraphProto, scope: str) -> tuple[list[str], list[str]]:
+    """(entries, exits) of the nodes named in ``scope``: the tensors they read that are computed outside it
+    (not weights or constants), and the tensors they compute that are read outside it or are graph outputs."""
+    inside = [node for node in graph.node if scope in node.name]
+    not_entries = {name for node in inside for name in node.output} | {t.name for t in graph.initializer} | {
+        name for node in graph.node if node.op_type in ("Constant", "ConstantOfShape") for name in node.output}
+    read_outside = {name for node in graph.node if scope not in node.name for name in node.input}
+    read_outside |= {o.name for o in graph.output}
+    entries = [name for node in inside for name in node.input if name and name not in not_entries]
+    exits = [name for node in inside for name in node.output if name in read_outside]
+    return list(dict.fromkeys(entries)), list(dict.fromkeys(exits))
+
+
+def read_scope_boundary(onnx_path: str | os.PathLike, scope: str = FP32_SCOPE) -> tuple[list[str], list[str]]:
+    """:func:`scope_boundary` of the graph in ``onnx_path``; an error where the scope has no input or output."""
+    model = _load(onnx_path, "the FP16 engine build on TensorRT < 10.12 (to keep the L2 normalisation in FP32)")
+    entries, exits = scope_boundary(model.graph, scope)
+    if not entries or not exits:
+        raise ProtoADError(f"{onnx_path}: no computation in scope {scope!r} (nodes named so, with an input and an "
+                           "output): the FP16 engine would normalise in FP16 and overflow; re-export the ONNX with "
+                           "this version of protoad-edge")
+    return entries, exits
 
 
 def _float_tensors(model: onnx.ModelProto) -> set[str]:
@@ -155,23 +183,29 @@ def _insert_casts(graph: onnx.GraphProto, floats: set[str], half: set[str], scop
 def write_fp16_onnx(onnx_path: str | os.PathLike, out_path: str | os.PathLike | None = None,
                     fp32_scopes: tuple[str, ...] = FP32_SCOPES) -> Path:
     """Write the mixed-precision copy of ``NAME.onnx`` as ``NAME.fp16.onnx`` (atomically); returns its path."""
-    try:
-        import onnx
-    except ImportError:
-        raise ProtoADError("the mixed-precision ONNX for TensorRT 11 FP16 engines needs the onnx package: pip install onnx") from None
-
     src = Path(onnx_path)
     dst = Path(out_path) if out_path is not None else Bundle.of(src).fp16_onnx
-    try:
-        model = onnx.load(str(src))
-    except FileNotFoundError:
-        raise ProtoADError(f"ONNX model not found: {src}") from None
-    except Exception as exc:  # protobuf DecodeError and friends
-        raise ProtoADError(f"cannot read ONNX model {src}: {exc}") from None
+    model = _load(src, "the mixed-precision ONNX for strongly typed (TensorRT 10.12+) FP16 engines")
     converted = convert_to_mixed_fp16(model, fp32_scopes)
+    import onnx  # there: _load needed it
+
     with atomic_path(dst) as tmp:
         onnx.save(converted, str(tmp))
     return dst
+
+
+def _load(onnx_path: str | os.PathLike, what: str) -> onnx.ModelProto:
+    """The ONNX model at ``onnx_path``; ``what`` names the step that needs the onnx package, should it be missing."""
+    try:
+        import onnx
+    except ImportError:
+        raise ProtoADError(f"{what} needs the onnx package: pip install onnx") from None
+    try:
+        return onnx.load(str(onnx_path))
+    except FileNotFoundError:
+        raise ProtoADError(f"ONNX model not found: {onnx_path}") from None
+    except Exception as exc:  # protobuf DecodeError and friends
+        raise ProtoADError(f"cannot read ONNX model {onnx_path}: {exc}") from None
 
 
 def _to_fp16_tensor(tensor: onnx.TensorProto, owner: str = "") -> onnx.TensorProto:

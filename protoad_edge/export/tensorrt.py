@@ -3,10 +3,12 @@
 Small loaders in the spirit of Polygraphy, composed by :func:`build_engine`. The FP16 path
 depends on the TensorRT version found:
 
-- TensorRT 10 (JetPack 6): FP32 ONNX + ``BuilderFlag.FP16``, with the L2-normalisation layers
-  pinned to FP32 under ``OBEY_PRECISION_CONSTRAINTS``;
-- TensorRT 11+: no precision flags exist; the network is built from ``NAME.fp16.onnx``, a
-  strongly typed graph whose L2 normalisation is already FP32 (see :mod:`.fp16`).
+- TensorRT 10.0-10.11 (JetPack 6 ships 10.3): FP32 ONNX + ``BuilderFlag.FP16``, with the layers of the
+  L2 normalisation (every layer on a path from its input tensor to its output tensor) pinned to FP32
+  under ``OBEY_PRECISION_CONSTRAINTS``;
+- TensorRT 10.12+ (which deprecates those flags and ``set_output_type``) and 11+ (which removed them):
+  a strongly typed network built from ``NAME.fp16.onnx``, whose L2 normalisation is already FP32
+  (see :mod:`.fp16`).
 
 TensorRT is imported inside the functions, so this module loads anywhere.
 """
@@ -24,14 +26,18 @@ from ..bundle import Bundle
 from ..constants import ENGINE_PRECISIONS, FEATURE_CHANNELS, FP32_SCOPE, feature_size
 from ..errors import ProtoADError
 from ..gpu import cuda as cm
-from ..gpu.tensorrt import import_tensorrt, tensorrt_major, trt_logger
+from ..gpu.tensorrt import create_with_logger, import_tensorrt, tensorrt_version, trt_logger
 from ..metadata import ModelInfo
 
 # A TensorRT tensor must hold fewer than 2^31 elements.
 MAX_TENSOR_ELEMENTS = 2**31 - 1
 DEFAULT_MAX_BATCH = 32
 DEFAULT_WORKSPACE_MIB = 1024
-FIRST_STRONGLY_TYPED_MAJOR = 11
+# TensorRT 10.12 deprecated BuilderFlag.FP16, OBEY_PRECISION_CONSTRAINTS and set_output_type ("superseded by
+# strong typing"): FP16 engines come from NAME.fp16.onnx from then on. TensorRT 11 types every network strongly
+# and ignores the (deprecated) STRONGLY_TYPED creation flag.
+STRONGLY_TYPED_FP16_FROM = (10, 12)
+ALWAYS_STRONGLY_TYPED_FROM = (11, 0)
 
 
 def batch_limit(num_prototypes: int, crop: int, cap: int = DEFAULT_MAX_BATCH) -> int:
@@ -49,9 +55,22 @@ def batch_limit(num_prototypes: int, crop: int, cap: int = DEFAULT_MAX_BATCH) ->
     return min(limit, cap)
 
 
-def parse_onnx(trt: Any, builder: Any, onnx_path: Path) -> tuple[Any, Any]:
+def strongly_typed(version: str, precision: str) -> bool:
+    """Whether the network is strongly typed: always on TensorRT 11+, and for FP16 from 10.12 on."""
+    found = tensorrt_version(version)
+    return found >= ALWAYS_STRONGLY_TYPED_FROM or (precision == "fp16" and found >= STRONGLY_TYPED_FP16_FROM)
+
+
+def network_flags(trt: Any, typed: bool) -> int:
+    """``create_network``'s flags: TensorRT 10 types strongly only when asked; 11 always does (flag deprecated)."""
+    if typed and tensorrt_version(trt.__version__) < ALWAYS_STRONGLY_TYPED_FROM:
+        return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    return 0
+
+
+def parse_onnx(trt: Any, builder: Any, onnx_path: Path, flags: int) -> tuple[Any, Any]:
     """ONNX file -> (network, parser). Keep the parser alive until the build: it owns the weights."""
-    network = builder.create_network(0)  # 0: TensorRT 10 weakly typed; TensorRT 11 is always strongly typed
+    network = builder.create_network(flags)
     parser = trt.OnnxParser(network, trt_logger(trt))
     if not parser.parse_from_file(str(onnx_path)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)] or ["no detail from the parser"]
@@ -59,36 +78,92 @@ def parse_onnx(trt: Any, builder: Any, onnx_path: Path) -> tuple[Any, Any]:
     return network, parser
 
 
-def pin_fp32_layers(trt: Any, network: Any, scope: str = FP32_SCOPE) -> int:
-    """TensorRT 10 FP16 builds: run the layers named in ``scope`` in FP32; returns how many were pinned."""
+def layers_between(network: Any, entries: list[str], exits: list[str]) -> list[Any]:
+    """The layers on a path from a tensor in ``entries`` to one in ``exits``, in network order.
+
+    Tensors are found by name: TensorRT's ONNX parser keeps ONNX tensor names on the outputs of the layers it
+    makes, but may give helper layers (casts, shuffles, reductions split in two) default names, so layer
+    names cannot tell which layers compute a scope. A layer is on such a path when it is downstream of an
+    entry and upstream of an exit.
+    """
+    layers = [network.get_layer(i) for i in range(network.num_layers)]
+    producer: dict[str, int] = {}
+    consumers: dict[str, list[int]] = {}
+    inputs: list[list[str]] = []
+    for i, layer in enumerate(layers):
+        read = [layer.get_input(j) for j in range(layer.num_inputs)]
+        inputs.append([t.name for t in read if t is not None])
+        for name in inputs[-1]:
+            consumers.setdefault(name, []).append(i)
+        for j in range(layer.num_outputs):
+            producer[layer.get_output(j).name] = i
+    network_inputs = {network.get_input(i).name for i in range(network.num_inputs)}
+    unknown = [name for name in entries if name not in producer and name not in network_inputs]
+    unknown += [name for name in exits if name not in producer]
+    if unknown:
+        raise ProtoADError(f"TensorRT's network has no tensor {', '.join(map(repr, unknown))}")
+    downstream = _reach([i for name in entries for i in consumers.get(name, [])],
+                        lambda i: [c for j in range(layers[i].num_outputs)
+                                   for c in consumers.get(layers[i].get_output(j).name, [])])
+    upstream = _reach([producer[name] for name in exits],
+                      lambda i: [producer[name] for name in inputs[i] if name in producer])
+    return [layers[i] for i in sorted(downstream & upstream)]
+
+
+def _reach(start: list[int], step: Callable[[int], list[int]]) -> set[int]:
+    seen: set[int] = set()
+    todo = list(start)
+    while todo:
+        i = todo.pop()
+        if i not in seen:
+            seen.add(i)
+            todo.extend(step(i))
+    return seen
+
+
+def pin_fp32_layers(trt: Any, network: Any, onnx_path: Path, scope: str = FP32_SCOPE) -> int:
+    """FP16-flag builds (TensorRT < 10.12): run the layers that compute ``scope`` in FP32; returns how many.
+
+    Which layers those are comes from the graph, not from layer names: every layer between the scope's
+    input and output tensors as the ONNX graph names them (:func:`.fp16.scope_boundary`).
+    """
+    from .fp16 import read_scope_boundary
+
+    entries, exits = read_scope_boundary(onnx_path, scope)
+    try:
+        layers = layers_between(network, entries, exits)
+    except ProtoADError as exc:
+        raise ProtoADError(f"{exc} (the input or output of {scope!r} in {onnx_path}): the FP16 engine cannot keep "
+                           "the L2 normalisation in FP32") from None
     pinned = 0
-    for i in range(network.num_layers):
-        layer = network.get_layer(i)
-        if layer.type == trt.LayerType.CONSTANT or scope not in layer.name:
-            continue
+    for layer in layers:
         outputs = [layer.get_output(j) for j in range(layer.num_outputs)]
         if not all(t.dtype in (trt.float32, trt.float16) for t in outputs):
-            continue
+            continue  # shape arithmetic (int64) has no precision to pin
         layer.precision = trt.float32
         for j in range(layer.num_outputs):
             layer.set_output_type(j, trt.float32)
         pinned += 1
+    if pinned == 0:
+        raise ProtoADError(f"no float layer lies between {entries} and {exits} ({scope!r} in {onnx_path}) in "
+                           "TensorRT's network: the FP16 engine would normalise in FP16 and overflow")
     return pinned
 
 
-def builder_config(trt: Any, builder: Any, network: Any, info: ModelInfo, *, precision: str, opt_batch: int,
-                   max_batch: int, workspace_mib: int) -> Any:
-    """Precision flags, workspace limit and the batch-axis optimisation profile."""
+def builder_config(trt: Any, builder: Any, network: Any, info: ModelInfo, *, precision: str, typed: bool,
+                   opt_batch: int, max_batch: int, workspace_mib: int) -> Any:
+    """Precision flags, workspace limit and the batch-axis optimisation profile.
+
+    A strongly typed network takes its precision from its tensors' types: only weakly typed FP16 builds
+    (TensorRT < 10.12) set the FP16 flag, and OBEY_PRECISION_CONSTRAINTS so that the layers
+    :func:`pin_fp32_layers` pinned stay FP32.
+    """
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
-    strongly_typed = tensorrt_major(trt.__version__) >= FIRST_STRONGLY_TYPED_MAJOR
     if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
         config.clear_flag(trt.BuilderFlag.TF32)  # TF32 keeps 10 mantissa bits: "fp32" means FP32
-    if precision == "fp16" and not strongly_typed:
+    if precision == "fp16" and not typed:
         config.set_flag(trt.BuilderFlag.FP16)
-        if pin_fp32_layers(trt, network) == 0:
-            raise ProtoADError(f"no layer named {FP32_SCOPE!r} in the network: the FP16 engine would normalise "
-                               "in FP16 and overflow; re-export the ONNX with this version of protoad-edge")
         config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
     name, s = info.input_name, info.crop
     inputs = [network.get_input(i).name for i in range(network.num_inputs)]
@@ -128,7 +203,7 @@ class EngineBuild:
 
     plan: Path
     sidecar: Path
-    onnx: Path  # the graph TensorRT parsed (NAME.fp16.onnx on TensorRT 11 FP16 builds)
+    onnx: Path  # the graph TensorRT parsed (NAME.fp16.onnx for strongly typed FP16 builds: TensorRT 10.12+)
     precision: str
     tensorrt_version: str
     gpu_name: str
@@ -163,9 +238,10 @@ def build_engine(onnx_path: str | os.PathLike, *, precision: str = "fp16", opt_b
         raise ProtoADError(f"--opt-batch {opt_batch} must be between 1 and the largest batch {max_batch}")
     trt = import_tensorrt()
     gpu = cm.device_name(device)
+    typed = strongly_typed(trt.__version__, precision)
     source = onnx_path
-    if precision == "fp16" and tensorrt_major(trt.__version__) >= FIRST_STRONGLY_TYPED_MAJOR:
-        from .fp16 import write_fp16_onnx  # needs the onnx package, as TensorRT 11 FP16 builds do
+    if precision == "fp16" and typed:
+        from .fp16 import write_fp16_onnx  # needs the onnx package, as strongly typed FP16 builds do
 
         source = write_fp16_onnx(onnx_path, bundle.fp16_onnx)
         log(f"mixed-precision ONNX for TensorRT {trt.__version__}: {source}")
@@ -173,9 +249,14 @@ def build_engine(onnx_path: str | os.PathLike, *, precision: str = "fp16", opt_b
     logger = trt_logger(trt)
     logger.clear()
     started = time.perf_counter()
-    builder = trt.Builder(logger)
-    network, parser = parse_onnx(trt, builder, source)
-    config = builder_config(trt, builder, network, info, precision=precision, opt_batch=opt_batch,
+    builder = create_with_logger(trt, trt.Builder, "Builder")
+    network, parser = parse_onnx(trt, builder, source, network_flags(trt, typed))
+    facts: dict[str, Any] = {"strongly_typed": typed}
+    if precision == "fp16" and not typed:
+        facts["fp32_layers"] = pin_fp32_layers(trt, network, source)
+        log(f"FP16 flag build (TensorRT {trt.__version__}): {facts['fp32_layers']} layers of the L2 normalisation "
+            "pinned to FP32")
+    config = builder_config(trt, builder, network, info, precision=precision, typed=typed, opt_batch=opt_batch,
                             max_batch=max_batch, workspace_mib=workspace_mib)
     attach_timing_cache(config, cache_file, log)
     log(f"building the TensorRT {trt.__version__} {precision} engine on {gpu} (batch 1..{max_batch}, opt {opt_batch}) ...")
@@ -185,7 +266,7 @@ def build_engine(onnx_path: str | os.PathLike, *, precision: str = "fp16", opt_b
     write_atomic(plan_file, lambda f: f.write(plan))
     write_atomic(cache_file, lambda f: f.write(config.get_timing_cache().serialize()))
     info.tensorrt_version, info.gpu_name, info.tensorrt_precision = trt.__version__, gpu, precision
-    info.build["tensorrt"] = {"plan": plan_file.name, "onnx": source.name, "build_seconds": round(seconds, 1),
+    info.build["tensorrt"] = {"plan": plan_file.name, "onnx": source.name, **facts, "build_seconds": round(seconds, 1),
                               "opt_batch": opt_batch, "max_batch": max_batch, "workspace_mib": workspace_mib}
     sidecar = info.save_json(bundle.sidecar)
     for warning in dict.fromkeys(logger.warnings):

@@ -16,6 +16,8 @@ import numpy as np
 from ..errors import ProtoADError
 
 _cudart: Any = None
+# The CUDA majors with an extra in setup.cfg (gpu-cu12, gpu-cu13) that pins cuda-python and TensorRT to them.
+CUDA_EXTRAS = (12, 13)
 
 
 def cudart() -> Any:
@@ -28,7 +30,8 @@ def cudart() -> Any:
             try:
                 from cuda import cudart as runtime  # type: ignore[no-redef]
             except ImportError:
-                raise ProtoADError("cuda-python is not installed: pip install cuda-python (needed for the TensorRT backend)") from None
+                raise ProtoADError("cuda-python is not installed (needed for the TensorRT backend): pip install "
+                                  "'protoad-edge[gpu-cu12]', or [gpu-cu13] with a CUDA 13 driver") from None
         _cudart = runtime
     return _cudart
 
@@ -55,11 +58,38 @@ def require_gpu(device: int = 0) -> None:
     """Fail with one clear line where there is no usable GPU (no driver, no device, wrong index)."""
     rt = cudart()
     err, count = rt.cudaGetDeviceCount()
+    if err == rt.cudaError_t.cudaErrorInsufficientDriver:
+        raise ProtoADError(f"no usable CUDA GPU: {error_text(err)}: {driver_mismatch()}")
     if err != rt.cudaError_t.cudaSuccess:
         raise ProtoADError(f"no usable CUDA GPU: {error_text(err)}")
     if not 0 <= device < count:
         raise ProtoADError(f"no CUDA device {device}: this machine has {count}")
     check(rt.cudaSetDevice(device), f"cudaSetDevice({device})")
+
+
+def cuda_version(encoded: int) -> str:
+    """CUDA's version encoding: 12020 -> '12.2'."""
+    return f"{encoded // 1000}.{encoded % 1000 // 10}"
+
+
+def driver_mismatch() -> str:
+    """Why the driver is "insufficient", and the fix: cuda-python's major must not exceed the driver's CUDA.
+
+    ``cuda-python>=12`` lets pip pick 13.x, whose runtime needs a CUDA 13 driver; JetPack 6 and drivers
+    older than R580 support CUDA 12 at most. The driver reports 0 when there is none at all.
+    """
+    rt = cudart()
+    driver = rt.cudaDriverGetVersion()[1] or 0
+    runtime = rt.cudaRuntimeGetVersion()[1] or 0
+    if not driver:
+        return "no NVIDIA driver was found (cudaDriverGetVersion reports none): install the GPU's driver"
+    need, have = cuda_version(runtime), cuda_version(driver)
+    if runtime // 1000 > driver // 1000 and driver // 1000 in CUDA_EXTRAS:
+        fix = (f"install the cuda-python (and TensorRT) of the driver's CUDA: pip install "
+               f"'protoad-edge[gpu-cu{driver // 1000}]', or update the driver")
+    else:
+        fix = f"update the driver to one for CUDA {need}"
+    return f"the NVIDIA driver supports CUDA {have}, and this cuda-python's runtime needs CUDA {need}; {fix}"
 
 
 def device_name(device: int = 0) -> str:

@@ -18,7 +18,7 @@ import numpy as np
 from ..bundle import Bundle
 from ..errors import ProtoADError
 from ..gpu import cuda as cm
-from ..gpu.tensorrt import import_tensorrt, trt_logger
+from ..gpu.tensorrt import create_with_logger, import_tensorrt, trt_logger
 from ..metadata import MAP_NAME, SCORE_NAME, ModelInfo
 from .backend import Backend, BackendFacts, BackendOptions, check_batch
 
@@ -70,7 +70,7 @@ class TrtBackend(Backend):
             raise ProtoADError(f"{path} is empty: rebuild it with {rebuild}")
         self._logger = trt_logger(trt)
         self._logger.clear()
-        self._runtime = trt.Runtime(self._logger)
+        self._runtime = create_with_logger(trt, trt.Runtime, "Runtime")
         self.engine = self._runtime.deserialize_cuda_engine(data)
         if self.engine is None:
             raise ProtoADError(f"{path} is not a TensorRT {trt.__version__} plan this GPU can load (truncated, corrupt "
