@@ -292,3 +292,48 @@ def test_a_signal_mid_run_finalises_every_output(signum: int, code: int, ending:
     assert len(video_frames(out / "view.avi")) == len(records)  # the video was finalised, every frame in it
     assert len(list((out / "masks").iterdir())) == len(records)  # threshold 0: every frame has a mask
     assert sorted(p.name for p in out.iterdir()) == ["masks", "view.avi"]  # no temporary file left
+
+
+# --- several cameras in one run ---------------------------------------------------------------------
+
+
+def test_two_videos_in_one_run_equal_two_single_runs(tiny_model: Path, demo_video: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other.avi"
+    writer = cv2.VideoWriter(str(other), cv2.VideoWriter_fourcc(*"MJPG"), 10, (80, 112))
+    for rgb in normal_crops(FRAMES, 112, seed=8):
+        writer.write(cv2.cvtColor(np.ascontiguousarray(rgb[:, :80]), cv2.COLOR_RGB2BGR))
+    writer.release()
+    singles = []
+    for video in (demo_video, other):
+        result = invoke(video, "--model", tiny_model, "--jsonl", "-", "--threshold", "0.03")
+        assert result.exit_code == 0, result.output
+        singles.append([json.loads(line) for line in result.stdout.splitlines()])
+    out = tmp_path / "out"
+    result = invoke(demo_video, other, "--model", tiny_model, "--threshold", "0.03", "--jsonl", out / "both.jsonl",
+                    "--save", out / "view.avi", "--save-masks", out / "masks")
+    assert result.exit_code == 0, result.output
+    records = read_jsonl(out / "both.jsonl")
+    assert len(records) == 2 * FRAMES
+    for video, single in zip((demo_video, other), singles):
+        mine = [r for r in records if r["source"] == str(video)]
+        assert [r["frame"] for r in mine] == list(range(FRAMES))  # every frame of each source, in order
+        np.testing.assert_allclose([r["score"] for r in mine], [r["score"] for r in single], rtol=0, atol=1e-5)
+        assert [r["verdict"] for r in mine] == [r["verdict"] for r in single]
+    assert sorted(p.name for p in out.iterdir()) == ["both.jsonl", "masks", "view.0.avi", "view.1.avi"]
+    for index, single in enumerate(singles):
+        assert len(video_frames(out / f"view.{index}.avi")) == FRAMES
+        flagged = [f"{r['frame']:06d}.png" for r in single if r["verdict"] == "anomaly"]
+        assert sorted(p.name for p in (out / "masks" / str(index)).iterdir()) == flagged
+    assert f"total       {2 * FRAMES} frames from 2 sources" in result.stdout
+    assert result.stdout.count("source      ") == 2
+
+
+def test_a_source_that_cannot_open_is_one_error_before_the_run(tiny_model: Path, demo_video: Path,
+                                                               tmp_path: Path) -> None:
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video at all")
+    result = invoke(demo_video, broken, "--model", tiny_model, "--jsonl", tmp_path / "r.jsonl")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "cannot open video" in errors[0] and "broken.mp4" in errors[0]
+    assert not (tmp_path / "r.jsonl").exists()

@@ -26,7 +26,7 @@ from protoad_edge.runtime.ort_backend import OrtBackend
 from protoad_edge.runtime.overlay import DIM, HEADER, JUDGED_BGR, render
 from protoad_edge.runtime.result import FrameResult, RunContext
 from protoad_edge.runtime.sinks import PendingFile, VideoSink, display_problem
-from protoad_edge.runtime.loop import RunAborted, RunOptions, StopRequest, run
+from protoad_edge.runtime.loop import RunAborted, RunOptions, StopRequest, run, run_many
 from protoad_edge.runtime.sources import CSI_PIPELINE, OpenCVSource, SourceSpec, open_source, parse_source
 
 REPO = Path(__file__).resolve().parents[1]
@@ -454,6 +454,42 @@ def test_source_dying_mid_run_keeps_the_outputs(tiny_backend: OrtBackend, tmp_pa
     assert caught.value.summary.frames == 3 and caught.value.summary.stopped == "failed"
     assert [json.loads(line)["frame"] for line in log.read_text().splitlines()] == [0, 1, 2]
     assert plan.open_calls >= 2  # reopened at least once before giving up
+
+
+def test_a_source_failing_mid_run_does_not_stop_the_others(tiny_backend: OrtBackend, tmp_path: Path) -> None:
+    dying, _ = colour_source(3, live=True)  # three frames, then a camera that never comes back
+    steady, _ = colour_source(12, live=False)
+    log = tmp_path / "log.jsonl"
+    first, second = run_many([dying, steady], tiny_backend, RunOptions(
+        jsonl=log, reconnect=Reconnect(first=0.01, give_up_after=0.05), queue_size=8, status_every=0,
+        log=lambda m: None))
+    assert (first.frames, first.stopped) == (3, "failed") and "camera0 stopped delivering frames" in first.error
+    assert (second.frames, second.stopped, second.error) == (12, "end of source", "")
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["frame"] for r in records if r["source"] == "camera0"] == [0, 1, 2]
+    assert [r["frame"] for r in records if r["source"] == "fake.mp4"] == list(range(12))
+
+
+def test_frames_of_several_sources_share_one_backend_call(tiny_backend: OrtBackend) -> None:
+    class Counting(OrtBackend):
+        def __init__(self, inner: OrtBackend) -> None:
+            self.__dict__.update(inner.__dict__)
+            self.batches: list[int] = []
+
+        def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            self.batches.append(len(batch))
+            return super().infer(batch)
+
+    counting = Counting(tiny_backend)
+    sources = [colour_source(6, live=False)[0] for _ in range(3)]
+    summaries = run_many(sources, counting, RunOptions(status_every=0, log=lambda m: None))
+    assert [s.frames for s in summaries] == [6, 6, 6]
+    assert max(counting.batches[1:]) > 1 and sum(counting.batches[1:]) == 18  # after the warm-up, batched
+    counting.max_batch = 2
+    counting.batches.clear()
+    run_many([colour_source(6, live=False)[0] for _ in range(3)], counting,
+             RunOptions(status_every=0, log=lambda m: None))
+    assert max(counting.batches[1:]) <= 2  # never more than the backend's largest batch
 
 
 def test_error_before_the_first_frame_leaves_no_files(tiny_backend: OrtBackend, tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from ..bundle import locate
 from ..errors import ProtoADError
 from ..preprocess import Preprocess, parse_roi
 from ..runtime.capture import Reconnect
-from ..runtime.loop import STATUS_EVERY_S, RunAborted, RunOptions, StopRequest, run
+from ..runtime.loop import STATUS_EVERY_S, RunOptions, RunSummary, StopRequest, run_many
 from ..runtime.mqtt import MqttSink, parse_mqtt_url
 from .common import EXIT_INTERRUPTED, EXIT_TERMINATED, user_errors
 
@@ -81,7 +81,7 @@ def save_preview(spec: object, model: Path | None, roi: tuple[int, int, int, int
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("source")
+@click.argument("sources", metavar="SOURCE...", nargs=-1, required=True)
 @click.option("--model", type=click.Path(path_type=Path), default=None,
               help="Any file of a model bundle (NAME.onnx, .plan or .json). Default: the single bundle in ./models.")
 @click.option("--backend", type=click.Choice(CHOICES), default="auto", show_default=True, help=HELP)
@@ -89,14 +89,16 @@ def save_preview(spec: object, model: Path | None, roi: tuple[int, int, int, int
               help="Image score above which a frame is anomalous. Default: the model's own.")
 @click.option("--show", is_flag=True, help="Live window with the overlay (q or Esc quits).")
 @click.option("--save", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="Write the overlay video to FILE (.mp4 or .avi).")
+              help="Write the overlay video to FILE (.mp4 or .avi); with several sources FILE.N.mp4 for the N-th.")
 @click.option("--save-masks", type=click.Path(path_type=Path, file_okay=False), default=None, metavar="DIR",
               help="Write a PNG defect mask (255 = defect) of every anomalous frame into DIR, at the frame's resolution "
-                   "(frame pixels, like the records' regions); the record names the file.")
+                   "(frame pixels, like the records' regions); the record names the file. With several sources, "
+                   "DIR/N for the N-th.")
 @click.option("--jsonl", type=str, default=None, metavar="FILE",
               help="One JSON record per frame (README: 'JSON records': score, verdict, threshold, defect regions in "
                    "frame pixels, ...); - for stdout.")
-@click.option("--max-frames", type=click.IntRange(min=1), default=None, metavar="N", help="Stop after N frames.")
+@click.option("--max-frames", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Stop after N frames (of each source).")
 @click.option("--roi", default=None, metavar="X,Y,W,H",
               help="Region of interest in frame pixels, instead of the model's (a camera mounted differently).")
 @click.option("--view-width", type=click.IntRange(min=64), default=None, metavar="PX",
@@ -119,12 +121,17 @@ def save_preview(spec: object, model: Path | None, roi: tuple[int, int, int, int
 @click.option("--mqtt-buffer", type=click.IntRange(min=1), default=10_000, show_default=True, metavar="N",
               help="Records kept for the broker while it is unreachable; beyond that the oldest are dropped.")
 @user_errors
-def main(source: str, model: Path | None, backend: str, threshold: float | None, show: bool, save: Path | None,
+def main(sources: tuple[str, ...], model: Path | None, backend: str, threshold: float | None, show: bool, save: Path | None,
          save_masks: Path | None, jsonl: str | None, max_frames: int | None, roi: str | None, view_width: int | None,
          status_every: float, preview: Path | None, reconnect_timeout: float, mqtt: str | None,
          mqtt_anomalies_only: bool, mqtt_buffer: int) -> None:
     """Judge every frame of SOURCE: camera0 (or 0), csi0 (Jetson CSI camera), a video file, an image
     file, a folder of images, an rtsp:// or http(s):// stream, or a GStreamer pipeline (with '!').
+
+    Several SOURCEs (the cameras of one station) run together: one capture thread each, their waiting
+    frames judged in one batch, every record naming its source; --save and --save-masks write one file or
+    folder per source, numbered in the order given (line.mp4 -> line.0.mp4, line.1.mp4; defects/ ->
+    defects/0/, defects/1/). A source that ends or fails does not stop the others.
 
     The overlay shows the whole frame: the judged area outlined, the rest dimmed, heat where a defect is.
     Ctrl-C (or SIGTERM) stops cleanly after the frame in hand: every output is finalised, the summary
@@ -139,12 +146,14 @@ def main(source: str, model: Path | None, backend: str, threshold: float | None,
     def log(message: str) -> None:
         click.echo(message, err=True)
 
-    spec = parse_source(source)  # a mistyped source fails before a model is loaded
+    specs = [parse_source(source) for source in sources]  # a mistyped source fails before a model is loaded
     region = parse_roi(roi) if roi else None
     if mqtt is not None:
         parse_mqtt_url(mqtt)  # and so does a mistyped broker URL
     if preview is not None:
-        click.echo(f"wrote {save_preview(spec, model, region, preview)}")
+        if len(specs) > 1:
+            raise ProtoADError("--preview draws one source's frame: give one SOURCE")
+        click.echo(f"wrote {save_preview(specs[0], model, region, preview)}")
         return
     stop = StopRequest()
     with stop_on_signals(stop), open_backend(model, backend) as opened:
@@ -158,13 +167,23 @@ def main(source: str, model: Path | None, backend: str, threshold: float | None,
         options = RunOptions(threshold=threshold, max_frames=max_frames, show=show, save=save, save_masks=save_masks,
                              jsonl=jsonl, roi=region, view_width=view_width, status_every=status_every, log=log,
                              stop=stop, sinks=sinks, reconnect=Reconnect(give_up_after=reconnect_timeout))
-        try:
-            summary = run(spec, opened, options)
-        except RunAborted as exc:
-            for line in exc.summary.lines():
-                click.echo(line, err=to_stderr)
-            raise
-    for line in summary.lines():
-        click.echo(line, err=to_stderr)
-    if summary.stopped in EXIT_CODES:
-        sys.exit(EXIT_CODES[summary.stopped])
+        summaries = run_many(specs, opened, options)
+    for summary in summaries:
+        for line in summary.lines():
+            click.echo(line, err=to_stderr)
+    if len(summaries) > 1:
+        click.echo(total_line(summaries), err=to_stderr)
+    errors = [f"{s.source}: {s.error}" if len(summaries) > 1 else s.error for s in summaries if s.error]
+    if errors:
+        raise ProtoADError(errors[0] + (f" ({len(errors) - 1} more sources failed, see above)" if len(errors) > 1 else ""))
+    endings = [s.stopped for s in summaries if s.stopped in EXIT_CODES]
+    if endings:
+        sys.exit(EXIT_CODES[endings[0]])
+
+
+def total_line(summaries: list[RunSummary]) -> str:
+    """All sources together: frames, anomalies and the run's throughput."""
+    frames = sum(s.frames for s in summaries)
+    seconds = max(s.seconds for s in summaries)
+    return (f"total       {frames:,} frames from {len(summaries)} sources, {sum(s.anomalies for s in summaries):,} "
+            f"anomalies, {frames / seconds if seconds else 0.0:.1f} FPS in all")

@@ -56,6 +56,7 @@ class Backend(ABC):
     name: str = ""
     info: ModelInfo
     path: Path
+    max_batch: int | None = None  # the largest batch one ``infer`` call runs at once (None: any)
 
     @abstractmethod
     def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

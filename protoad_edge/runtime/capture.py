@@ -69,6 +69,7 @@ class Capture:
         sleep: Callable[[float], bool | None] | None = None,
         log: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        arrived: threading.Event | None = None,
     ) -> None:
         self.source = source
         self.reconnect = reconnect
@@ -82,30 +83,42 @@ class Capture:
         self._sleep = sleep or self._stop.wait
         self._log = log or (lambda message: None)
         self._done = False
+        self.arrived = arrived or threading.Event()  # set whenever something is queued: shared by a run's captures
         self._thread = threading.Thread(target=self._run, name=f"capture {source.name}", daemon=True)
 
     def start(self) -> "Capture":
         self._thread.start()
         return self
 
-    def get(self, stop: threading.Event | None = None) -> Frame | None:
-        """The next frame; None once the source has ended (or ``stop`` is set while waiting for one);
-        the source's error is raised here."""
+    @property
+    def ended(self) -> bool:
+        """The source has ended (or failed, and its error was raised by ``poll``)."""
+        return self._done
+
+    def poll(self) -> Frame | None:
+        """The next frame if one is waiting, else None at once; the source's error is raised here."""
         if self._done:
             return None
-        while True:
-            try:
-                item = self._queue.get(timeout=STOP_POLL_S if stop is not None else None)
-                break
-            except queue.Empty:
-                if stop is not None and stop.is_set():
-                    return None
+        try:
+            item = self._queue.get_nowait()
+        except queue.Empty:
+            return None
         if isinstance(item, Frame):
             return item
         self._done = True
         if isinstance(item, BaseException):
             raise item
         return None
+
+    def get(self, stop: threading.Event | None = None) -> Frame | None:
+        """The next frame, waiting for it; None once the source has ended (or ``stop`` is set while
+        waiting); the source's error is raised here."""
+        while True:
+            frame = self.poll()
+            if frame is not None or self._done or (stop is not None and stop.is_set()):
+                return frame
+            self.arrived.wait(STOP_POLL_S)
+            self.arrived.clear()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Ask the thread to finish and wait for it (a camera stuck inside ``read`` is left behind:
@@ -178,6 +191,7 @@ class Capture:
             while True:
                 try:
                     self._queue.put_nowait(item)
+                    self.arrived.set()
                     return
                 except queue.Full:
                     try:
@@ -188,6 +202,7 @@ class Capture:
         while not self._stop.is_set():
             try:
                 self._queue.put(item, timeout=0.1)
+                self.arrived.set()
                 return
             except queue.Full:
                 pass

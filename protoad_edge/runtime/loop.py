@@ -23,7 +23,7 @@ from ..errors import ProtoADError
 from ..metadata import ModelInfo
 from ..preprocess import Geometry, Preprocess, to_batch
 from .backend import Backend
-from .capture import Capture, Frame, Reconnect
+from .capture import STOP_POLL_S, Capture, Frame, Reconnect
 from .overlay import render
 from .result import FrameResult, Region, RunContext
 from .sinks import JsonlSink, MaskSink, Sink, VideoSink, WindowSink
@@ -88,6 +88,7 @@ class RunSummary:
     reconnects: int = 0
     longest_gap: float = 0.0  # seconds without frames, the longest outage survived
     stopped: str = ""  # end of source | max frames | interrupted | terminated | window closed | failed
+    error: str = ""  # why the source failed, if it did
     latencies_ms: list[float] = field(default_factory=list)
     written: list[str] = field(default_factory=list)
 
@@ -133,8 +134,8 @@ def thresholds_in_force(info: ModelInfo, override: float | None) -> tuple[float,
 
 
 def open_sinks(options: RunOptions, src: Source, title: str, pixel_threshold: float) -> list[Sink]:
-    """The sinks ``options`` ask for, in a fixed order (masks first, so the records can name the mask
-    file), then the caller's own. On failure every one of them is closed, the caller's too."""
+    """The sinks ``options`` ask for, then the caller's own. On failure every one of them is closed, the
+    caller's too."""
     sinks: list[Sink] = []
     try:
         if options.save_masks is not None:
@@ -158,41 +159,75 @@ def close_sinks(sinks: list[Sink], keep: bool) -> list[str]:
 
 
 class Judge:
-    """One frame in, one FrameResult out: preprocessing, inference, verdict, regions in frame pixels."""
+    """Frames in, FrameResults out: preprocessing, one batched inference, verdicts, regions in frame pixels."""
 
-    def __init__(self, backend: Backend, pre: Preprocess, context: RunContext, pixel_threshold: float,
-                 source_name: str) -> None:
+    def __init__(self, backend: Backend, pre: Preprocess, context: RunContext, pixel_threshold: float) -> None:
         self.backend, self.pre, self.context = backend, pre, context
         self.pixel_threshold = pixel_threshold
-        self.source_name = source_name
         self.geometries: dict[tuple[int, int], Geometry] = {}
 
-    def geometry(self, width: int, height: int) -> Geometry:
+    def geometry(self, width: int, height: int, source_name: str) -> Geometry:
         if (width, height) not in self.geometries:
             try:
                 self.geometries[width, height] = self.pre.geometry(width, height)
             except ProtoADError as exc:
-                raise ProtoADError(f"{self.source_name}: {exc}") from None
+                raise ProtoADError(f"{source_name}: {exc}") from None
         return self.geometries[width, height]
 
-    def __call__(self, frame: Frame) -> FrameResult:
-        geometry = self.geometry(frame.rgb.shape[1], frame.rgb.shape[0])
+    def __call__(self, frames: list[tuple[Frame, str]]) -> list[FrameResult]:
+        """``frames``: (frame, source name) pairs, judged in one backend call."""
+        geometries = [self.geometry(f.rgb.shape[1], f.rgb.shape[0], name) for f, name in frames]
         t0 = time.perf_counter()
-        crop = self.pre(frame.rgb)
-        maps, scores = self.backend.infer(to_batch(crop))
+        crops = [self.pre(f.rgb) for f, _ in frames]
+        maps, scores = self.backend.infer(to_batch(crops))
         latency_ms = (time.perf_counter() - t0) * 1000.0
-        score = float(scores[0])
-        anomalous = bool(is_anomalous(score, self.context.threshold))
-        regions = [Region(geometry.box_to_frame(*box), round(count * geometry.scale[0] * geometry.scale[1]), peak)
-                   for box, count, peak in defect_regions(maps[0], self.pixel_threshold, MAX_REGIONS)] if anomalous else []
-        return FrameResult(frame.index, frame.timestamp, frame.label, score, anomalous, latency_ms, frame.rgb, crop,
-                           maps[0], geometry, self.context, regions, frame.pos_ms)
+        results = []
+        for (frame, _), crop, amap, score, geometry in zip(frames, crops, maps, scores, geometries):
+            anomalous = bool(is_anomalous(float(score), self.context.threshold))
+            regions = [Region(geometry.box_to_frame(*box), round(count * geometry.scale[0] * geometry.scale[1]), peak)
+                       for box, count, peak in defect_regions(amap, self.pixel_threshold, MAX_REGIONS)] if anomalous else []
+            results.append(FrameResult(frame.index, frame.timestamp, frame.label, float(score), anomalous, latency_ms,
+                                       frame.rgb, crop, amap, geometry, self.context, regions, frame.pos_ms))
+        return results
 
 
-def status_line(summary: RunSummary, capture: Capture) -> str:
+def status_line(lanes: list[Lane]) -> str:
     """The periodic sign of life of a headless run (stderr, so stdout keeps only data)."""
-    return (f"status: {summary.frames:,} frames in {summary.seconds:,.0f} s ({summary.fps:.1f} FPS), "
-            f"{summary.anomalies:,} anomalies, {capture.dropped:,} dropped, {capture.reconnects:,} reconnects")
+    def one(summary: RunSummary, capture: Capture) -> str:
+        return (f"{summary.frames:,} frames in {summary.seconds:,.0f} s ({summary.fps:.1f} FPS), "
+                f"{summary.anomalies:,} anomalies, {capture.dropped:,} dropped, {capture.reconnects:,} reconnects")
+
+    if len(lanes) == 1:
+        return "status: " + one(lanes[0].summary, lanes[0].capture)
+    total = sum(lane.summary.frames for lane in lanes)
+    seconds = max(lane.summary.seconds for lane in lanes)
+    parts = [f"{lane.summary.source}: " + one(lane.summary, lane.capture) for lane in lanes]
+    return f"status: {total:,} frames ({total / seconds if seconds else 0.0:.1f} FPS in all); " + "; ".join(parts)
+
+
+@dataclass
+class Lane:
+    """One source of a run: its capture, its own outputs and its summary."""
+
+    source: Source
+    capture: Capture
+    sinks: list[Sink]
+    summary: RunSummary
+    fps: float = 0.0
+    last: float = 0.0
+    error: str = ""
+
+    @property
+    def active(self) -> bool:
+        return not self.summary.stopped
+
+
+def per_source(path: str | Path | None, index: int, count: int) -> str | Path | None:
+    """``line3.mp4`` -> ``line3.0.mp4`` and ``defects/`` -> ``defects/0``: one output per source when several."""
+    if path is None or count == 1:
+        return path
+    path = Path(path)
+    return path.with_name(f"{path.stem}.{index}{path.suffix}") if path.suffix else path / str(index)
 
 
 def run(source: str | SourceSpec | Source, backend: Backend, options: RunOptions | None = None) -> RunSummary:
@@ -201,62 +236,130 @@ def run(source: str | SourceSpec | Source, backend: Backend, options: RunOptions
     Outputs are finalised however the run ends (a stop request, Ctrl-C) once a frame was processed.
     A source error before the first frame raises ProtoADError; after it, RunAborted carrying the summary.
     """
+    summary = run_many([source], backend, options)[0]
+    if summary.error:
+        raise RunAborted(summary.error, summary)
+    return summary
+
+
+def run_many(sources: list[str | SourceSpec | Source], backend: Backend,
+             options: RunOptions | None = None) -> list[RunSummary]:
+    """Judge the frames of several sources with one backend: one capture thread per source, the frames
+    waiting across sources judged in one backend call (up to ``backend.max_batch``), every result routed to
+    its source's outputs (``per_source`` names them) and to the shared JSON log and caller's sinks.
+
+    A source that ends or fails does not stop the others (its summary says so; ``error`` holds the
+    failure); the run ends when every source has ended or reached ``max_frames``. A source that cannot be
+    opened, or fails before any frame was judged, raises ProtoADError before the run starts.
+    """
     options = options or RunOptions()
     info = backend.info
     threshold, pixel_threshold = thresholds_in_force(info, options.threshold)
     pre = info.preprocess if options.roi is None else dataclasses.replace(info.preprocess, roi=tuple(options.roi))
     rule = info.threshold_rule if options.threshold is None else "--threshold"
-    context = RunContext(backend.describe().model, info.category, threshold, rule)
-
-    src = source if isinstance(source, Source) else open_source(source)
-    capture = Capture(src, options.queue_size, options.reconnect, log=options.log)
-    summary = RunSummary(source=src.name, model=info.category, threshold=threshold)
-    sinks: list[Sink] = []
+    judge = Judge(backend, pre, RunContext(backend.describe().model, info.category, threshold, rule), pixel_threshold)
+    arrived = threading.Event()
+    opened = [s if isinstance(s, Source) else open_source(s) for s in sources]
+    count = len(opened)
+    lanes = [Lane(src, Capture(src, options.queue_size, options.reconnect, log=options.log, arrived=arrived), [],
+                  RunSummary(source=src.name, model=info.category, threshold=threshold)) for src in opened]
+    shared: list[Sink] = []
     try:
-        sinks = open_sinks(options, src, f"protoad-run: {info.category}", pixel_threshold)
-        render_view = any(sink.needs_view for sink in sinks)
+        shared = open_sinks(RunOptions(jsonl=options.jsonl, sinks=options.sinks, log=options.log), opened[0],
+                            f"protoad-run: {info.category}", pixel_threshold)
+        for i, lane in enumerate(lanes):
+            lane_options = dataclasses.replace(options, jsonl=None, sinks=[], save=per_source(options.save, i, count),
+                                               save_masks=per_source(options.save_masks, i, count))
+            title = f"protoad-run: {info.category}" + (f" ({lane.source.name})" if count > 1 else "")
+            lane.sinks = open_sinks(lane_options, lane.source, title, pixel_threshold)
+        render_view = any(sink.needs_view for lane in lanes for sink in lane.sinks)
         # Warm-up: lazy allocations and engine builds happen here, not in the first frame's latency.
         backend.infer(to_batch(np.zeros((info.crop, info.crop, 3), np.uint8)))
-        capture.start()
-        judge = Judge(backend, pre, context, pixel_threshold, src.name)
-        started = last = last_status = time.perf_counter()
-        fps = 0.0
-        summary.stopped = "max frames"
-        stop = options.stop
-        while options.max_frames is None or summary.frames < options.max_frames:
-            frame = None if stop is not None and stop.is_set() else capture.get(stop)
-            if frame is None:
-                summary.stopped = stop.reason if stop is not None and stop.is_set() else "end of source"
-                break
-            result = judge(frame)
-            now = time.perf_counter()
-            summary.frames += 1
-            summary.anomalies += result.anomalous
-            summary.latencies_ms.append(result.latency_ms)
-            summary.seconds = now - started
-            rate = 1.0 / max(now - last, 1e-9)
-            fps = rate if fps == 0.0 else (1 - FPS_SMOOTHING) * fps + FPS_SMOOTHING * rate
-            last = now
-            if options.status_every and now - last_status >= options.status_every:
-                options.log(status_line(summary, capture))
-                last_status = now
-            view = render(frame.rgb, result.anomaly_map, result.geometry, score=result.score, anomalous=result.anomalous,
-                          threshold=threshold, pixel_threshold=pixel_threshold, fps=fps,
-                          view_width=options.view_width) if render_view else None
+        for lane in lanes:
+            lane.capture.start()
+        _judge_until_done(lanes, judge, shared, options, render_view, threshold, pixel_threshold)
+    except KeyboardInterrupt:
+        for lane in lanes:
+            lane.summary.stopped = lane.summary.stopped or "interrupted"
+    except ProtoADError as exc:  # an output failed: every source ends with it
+        if not any(lane.summary.frames for lane in lanes):
+            raise
+        for lane in lanes:
+            if lane.active:
+                _end(lane, "failed", str(exc))
+    finally:
+        for lane in lanes:
+            lane.capture.stop()
+            s = lane.summary
+            s.dropped, s.reconnects, s.longest_gap = lane.capture.dropped, lane.capture.reconnects, lane.capture.longest_gap
+            s.written = close_sinks(lane.sinks, keep=s.frames > 0)
+        written = close_sinks(shared, keep=any(lane.summary.frames for lane in lanes))
+        lanes[0].summary.written[:0] = written
+    failed = [lane.summary.error for lane in lanes if lane.summary.error]
+    if failed and not any(lane.summary.frames for lane in lanes):
+        raise ProtoADError(failed[0])  # nothing was judged: a plain error, as before a run starts
+    return [lane.summary for lane in lanes]
+
+
+def _end(lane: Lane, why: str, error: str = "") -> None:
+    lane.summary.stopped, lane.summary.error = why, error
+
+
+def _judge_until_done(lanes: list[Lane], judge: Judge, shared: list[Sink], options: RunOptions, render_view: bool,
+                      threshold: float, pixel_threshold: float) -> None:
+    """The loop: take the frames waiting across sources (one each, in turns), judge them in one call, hand
+    each result to the shared outputs and its source's, until every source has ended."""
+    stop, limit = options.stop, options.max_frames
+    max_batch = judge.backend.max_batch or len(lanes)
+    started = last_status = time.perf_counter()
+    for lane in lanes:
+        lane.last = started
+    turn = 0
+    while any(lane.active for lane in lanes):
+        if stop is not None and stop.is_set():
+            for lane in lanes:
+                if lane.active:
+                    _end(lane, stop.reason)
+            return
+        ready: list[tuple[Lane, Frame]] = []
+        for lane in lanes[turn:] + lanes[:turn]:
+            if not lane.active or len(ready) >= max_batch:
+                continue
+            try:
+                frame = lane.capture.poll()
+                if frame is not None:
+                    judge.geometry(frame.rgb.shape[1], frame.rgb.shape[0], lane.source.name)  # an ROI that fits
+                    ready.append((lane, frame))
+                elif lane.capture.ended:
+                    _end(lane, "end of source")
+            except ProtoADError as exc:
+                _end(lane, "failed", str(exc))
+        turn = (turn + 1) % len(lanes)
+        if not ready:
+            lanes[0].capture.arrived.wait(STOP_POLL_S)
+            lanes[0].capture.arrived.clear()
+            continue
+        results = judge([(frame, lane.source.name) for lane, frame in ready])
+        now = time.perf_counter()
+        for (lane, frame), result in zip(ready, results):
+            s = lane.summary
+            s.frames += 1
+            s.anomalies += result.anomalous
+            s.latencies_ms.append(result.latency_ms)
+            s.seconds = now - started
+            rate = 1.0 / max(now - lane.last, 1e-9)
+            lane.fps = rate if lane.fps == 0.0 else (1 - FPS_SMOOTHING) * lane.fps + FPS_SMOOTHING * rate
+            lane.last = now
+            view = render(frame.rgb, result.anomaly_map, result.geometry, score=result.score,
+                          anomalous=result.anomalous, threshold=threshold, pixel_threshold=pixel_threshold,
+                          fps=lane.fps, view_width=options.view_width) if render_view else None
+            sinks = sorted(lane.sinks + shared, key=lambda sink: not sink.names_files)  # masks before records
             if not all([sink.write(result, view) for sink in sinks]):
-                summary.stopped = "window closed"
-                break
+                _end(lane, "window closed")
             if options.on_frame is not None:
                 options.on_frame(result)
-    except KeyboardInterrupt:
-        summary.stopped = "interrupted"
-    except ProtoADError as exc:
-        if summary.frames == 0:
-            raise
-        summary.stopped = "failed"
-        raise RunAborted(str(exc), summary) from None
-    finally:
-        capture.stop()
-        summary.dropped, summary.reconnects, summary.longest_gap = capture.dropped, capture.reconnects, capture.longest_gap
-        summary.written = close_sinks(sinks, keep=summary.frames > 0)
-    return summary
+            if lane.active and limit is not None and s.frames >= limit:
+                _end(lane, "max frames")
+        if options.status_every and now - last_status >= options.status_every:
+            options.log(status_line(lanes))
+            last_status = now

@@ -34,6 +34,7 @@ class Sink(ABC):
     """Receives every judged frame; ``view`` is the rendered overlay (BGR) when ``needs_view`` is set."""
 
     needs_view = False
+    names_files = False  # it sets a file name on the result that the records report: it writes first
 
     @abstractmethod
     def write(self, result: FrameResult, view: np.ndarray | None) -> bool:
@@ -123,6 +124,8 @@ class VideoSink(Sink):
 class MaskSink(Sink):
     """PNG masks (255 = defect pixel) of anomalous frames at the frame's resolution (frame pixels, like the
     records' regions), named by frame index (and image name for folders); the record names the file."""
+
+    names_files = True
 
     def __init__(self, folder: str | os.PathLike, source_name: str, pixel_threshold: float) -> None:
         self.folder = Path(folder)
