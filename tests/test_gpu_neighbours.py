@@ -24,9 +24,20 @@ def clustered(seed: int, n: int, dim: int, groups: int, spread: float) -> np.nda
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
 
 
-def assert_same(found, exact) -> None:
-    """Same neighbours as the CPU search and the same FP32 similarities (other summation orders: 1e-5)."""
-    np.testing.assert_array_equal(found.index, exact.index)
+def assert_same(found, exact, x: np.ndarray | None = None) -> None:
+    """Same neighbours as the CPU search and the same FP32 similarities (other summation orders: 1e-5).
+
+    Where two candidates are as similar as FP32 can tell (seen on an H200: 0.80872110 against 0.80872102 in
+    float64, 8e-8 apart), another summation order may pick the other: such a row passes when ``x`` is given
+    and its neighbour is as similar, in float64, as the CPU's to 1e-6; at most 0.1% of the rows.
+    """
+    differ = np.flatnonzero(found.index != exact.index)
+    if len(differ) and x is not None:
+        unit = x.astype(np.float64) / np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)
+        gap = [abs(unit[r] @ unit[found.index[r]] - unit[r] @ unit[exact.index[r]]) for r in differ]
+        assert max(gap) <= 1e-6 and len(differ) <= 0.001 * len(x), (differ[:5], gap[:5])
+    else:
+        np.testing.assert_array_equal(found.index, exact.index)
     np.testing.assert_allclose(found.similarity, exact.similarity, atol=1e-5)
 
 
@@ -129,7 +140,7 @@ def test_cuda_equals_the_exact_cpu_search(precision: str) -> None:
         assert torch.get_float32_matmul_precision() == "high"
     finally:
         torch.set_float32_matmul_precision(saved)
-    assert_same(found, first_neighbours(x))
+    assert_same(found, first_neighbours(x), x)
 
 
 @pytest.mark.gpu
