@@ -28,6 +28,8 @@ class BackendEntry:
     needs: str  # the Python module it cannot run without
     install: str  # what to install when that module is missing
     summary: str
+    # Precisions it can lower to at run time (BackendOptions.precision, ``--compare NAME:PRECISION``); full by default.
+    precisions: tuple[str, ...] = ()
 
     @property
     def needs_torch(self) -> bool:
@@ -45,12 +47,16 @@ class BackendEntry:
 
 
 REGISTRY: dict[str, BackendEntry] = {entry.name: entry for entry in (
-    BackendEntry("ort", "protoad_edge.runtime.ort_backend:OrtBackend", ("onnx", "fp16_onnx"), "onnxruntime",
+    BackendEntry("ort", "protoad_edge.runtime.ort_backend:OrtBackend", ("onnx", "fp16_onnx", "int8_onnx"),
+                 "onnxruntime",
                  "pip install onnxruntime (or onnxruntime-gpu)", "onnxruntime, best available execution provider"),
     BackendEntry("trt", "protoad_edge.runtime.trt_backend:TrtBackend", ("plan",), "tensorrt",
                  "pip install 'protoad-edge[gpu]' (on a Jetson TensorRT comes with JetPack)", "TensorRT plan on this GPU"),
     BackendEntry("torch", "protoad_edge.build.torch_backend:TorchBackend", ("sidecar", "prototypes"), "torch",
                  "pip install 'protoad-edge[build]'", "the PyTorch network rebuilt from the bundle (the yardstick)"),
+    BackendEntry("openvino", "protoad_edge.runtime.openvino_backend:OpenVinoBackend", ("onnx", "int8_onnx", "fp16_onnx"),
+                 "openvino", "pip install 'protoad-edge[openvino]'", "OpenVINO on an Intel CPU or GPU, FP32 unless asked",
+                 ("fp32", "bf16", "fp16")),
 )}
 NAMES = tuple(REGISTRY)
 CHOICES = (AUTO, *NAMES)
@@ -59,6 +65,18 @@ AUTO_ORDER = ("trt", "ort", "torch")
 HELP = ("auto: the named file's own backend (.onnx -> ort, .plan -> trt); for a .json, a folder or no --model: "
         "trt where TensorRT is installed and the plan exists, else ort. "
         + "; ".join(f"{e.name}: {e.summary}" for e in REGISTRY.values()) + ".")
+
+
+def parse_spec(spec: str) -> tuple[str, str | None]:
+    """``openvino:bf16`` -> (``openvino``, ``bf16``); a plain name -> (name, None: its full precision)."""
+    name, _, precision = spec.partition(":")
+    if name not in REGISTRY:
+        raise ProtoADError(f"unknown backend {name!r}: choose one of {', '.join(NAMES)}")
+    entry = REGISTRY[name]
+    if precision and precision not in entry.precisions:
+        lowers = f"one of {', '.join(entry.precisions)}" if entry.precisions else "none"
+        raise ProtoADError(f"backend {name} cannot run {spec!r}: the precisions it takes are {lowers}")
+    return name, precision or None
 
 
 def choose(bundle: Bundle, given: Path | None, backend: str = AUTO) -> tuple[BackendEntry, Path]:

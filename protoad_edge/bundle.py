@@ -20,10 +20,12 @@ from .metadata import ModelInfo
 FILES = {
     "onnx": ".onnx",
     "fp16_onnx": ".fp16.onnx",
+    "int8_onnx": ".int8.onnx",
     "plan": ".plan",
     "sidecar": ".json",
     "prototypes": ".prototypes.npy",
     "timing_cache": ".timing.cache",
+    "projection": ".projection.npz",
 }
 DEFAULT_FOLDER = Path("models")
 # The sidecar fields that must equal the ONNX metadata: they decide the input and the network. The
@@ -31,7 +33,7 @@ DEFAULT_FOLDER = Path("models")
 # (``protoad-eval --set-threshold``, the engine step), so the sidecar is what is in force.
 IDENTITY_FIELDS = (
     "format", "category", "resize", "crop", "roi", "fit", "backbone", "weights", "feature_upsample",
-    "num_prototypes", "blur_sigma", "input_name", "outputs", "opset", "seed",
+    "num_prototypes", "blur_sigma", "input_name", "outputs", "opset", "seed", "projection",
 )
 
 

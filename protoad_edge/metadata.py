@@ -50,6 +50,9 @@ class ModelInfo:
     roi: list[int] | None = None
     fit: str = "crop"
     blur_sigma: float = 4.0
+    # The projection before the prototype stage (``protoad-export --project-dims``), or None (the paper's
+    # network): {"dims", "centred", "fitted_on", "variance_kept"}; its arrays are NAME.projection.npz.
+    projection: dict[str, Any] | None = None
     input_name: str = INPUT_NAME
     # The network input: N x 3 x crop x crop, RGB, float32 pixel values 0-255.
     input_layout: str = "NCHW"

@@ -24,8 +24,9 @@ from protoad_edge.runtime.backend import Backend, BackendOptions
 def test_every_file_of_a_bundle_comes_from_its_stem(tmp_path: Path) -> None:
     bundle = Bundle(tmp_path / "cable")
     names = {kind: bundle.file(kind).name for kind in FILES}
-    assert names == {"onnx": "cable.onnx", "fp16_onnx": "cable.fp16.onnx", "plan": "cable.plan",
-                     "sidecar": "cable.json", "prototypes": "cable.prototypes.npy", "timing_cache": "cable.timing.cache"}
+    assert names == {"onnx": "cable.onnx", "fp16_onnx": "cable.fp16.onnx", "int8_onnx": "cable.int8.onnx",
+                     "plan": "cable.plan", "sidecar": "cable.json", "prototypes": "cable.prototypes.npy",
+                     "timing_cache": "cable.timing.cache", "projection": "cable.projection.npz"}
     assert (bundle.onnx, bundle.plan, bundle.sidecar) == (bundle.file("onnx"), bundle.file("plan"), bundle.file("sidecar"))
     for kind in FILES:  # any file names the whole bundle, the longest suffix first (x.fp16.onnx is not x.fp16)
         assert kind_of(bundle.file(kind)) == kind
@@ -110,7 +111,7 @@ def test_locate_a_bundle(tmp_path: Path) -> None:
 
 
 def test_registry_entries_are_backends_named_as_registered() -> None:
-    assert CHOICES == (AUTO, *NAMES) and set(NAMES) == {"ort", "trt", "torch"}
+    assert CHOICES == (AUTO, *NAMES) and set(NAMES) == {"ort", "trt", "torch", "openvino"}
     for name, entry in REGISTRY.items():
         assert entry.name == name and entry.files and set(entry.files) <= set(FILES)
         if not entry.available():

@@ -105,17 +105,70 @@ class NearestPrototype(nn.Module):
         return best.view(n, 1, h, w)
 
 
+class Projection(nn.Module):
+    """Centre, project to D dimensions and re-normalise unit patch vectors: [N,C,H,W] -> [N,D,H,W].
+
+    The cosine to the prototypes is then taken in a D-dimensional subspace, so the prototype stage
+    costs D/C of the paper's (issue 18, ``build/projection.py`` fits it). The mean is zeros when the
+    projection is not centred. Applied to the prototypes by ``rows``, with the same operations.
+    """
+
+    def __init__(self, mean: torch.Tensor, matrix: torch.Tensor) -> None:
+        super().__init__()
+        matrix = torch.as_tensor(matrix, dtype=torch.float32)
+        mean = torch.as_tensor(mean, dtype=torch.float32)
+        if matrix.ndim != 2 or mean.shape != (matrix.shape[1],):
+            raise ValueError(f"projection: mean {list(mean.shape)} and matrix {list(matrix.shape)} do not fit [C], [D,C]")
+        self.register_buffer("mean", mean.view(1, -1, 1))
+        self.register_buffer("matrix", matrix.contiguous())
+        self.norm = L2Norm()
+
+    @property
+    def dims(self) -> int:
+        return self.matrix.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        y = torch.matmul(self.matrix, x.flatten(2) - self.mean)  # [N,D,H*W]
+        return self.norm(y.view(n, -1, h, w))
+
+    def rows(self, vectors: torch.Tensor) -> torch.Tensor:
+        """[M,C] vectors (the prototypes) -> [M,D], centred, projected and re-normalised as the patches are."""
+        return self.norm(torch.matmul(vectors - self.mean.view(1, -1), self.matrix.t()))
+
+
+class ProjectedL2Norm(nn.Module):
+    """The L2 norm followed by the projection, as one module.
+
+    Registered under the L2 norm's name, its centring, projection and re-normalisation are all in the
+    scope ("/l2norm/...") that FP16 graphs and TensorRT 10 engines keep in FP32, with no change to them.
+    """
+
+    def __init__(self, projection: Projection) -> None:
+        super().__init__()
+        self.norm = L2Norm()
+        self.projection = projection
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projection(self.norm(x))
+
+
 class ProtoADNet(nn.Module):
-    """Pixels -> features -> L2 norm -> max cosine to the prototypes -> 1 - x -> upsample -> blur.
+    """Pixels -> features -> L2 norm [-> projection] -> max cosine to the prototypes -> 1 - x -> upsample -> blur.
 
     Input: float [N,3,S,S] RGB 0-255 (the centre crop). Outputs: anomaly map [N,1,S,S] and image score [N].
     """
 
-    def __init__(self, features: PatchFeatures, prototypes: torch.Tensor, crop: int, blur_sigma: float = 4.0) -> None:
+    def __init__(self, features: PatchFeatures, prototypes: torch.Tensor, crop: int, blur_sigma: float = 4.0,
+                 projection: Projection | None = None) -> None:
         super().__init__()
         self.features = features
         # Registered under the shared name: its ONNX nodes ("/l2norm/...") are what FP16 builds keep in FP32.
-        self.add_module(L2NORM_MODULE, L2Norm())
+        self.add_module(L2NORM_MODULE, L2Norm() if projection is None else ProjectedL2Norm(projection))
+        prototypes = torch.as_tensor(prototypes, dtype=torch.float32)
+        if projection is not None:
+            with torch.no_grad():
+                prototypes = projection.rows(prototypes)
         self.prototypes = NearestPrototype(prototypes)
         self.crop = crop
         self.blur = GaussianBlur(blur_sigma, crop)
@@ -123,6 +176,11 @@ class ProtoADNet(nn.Module):
     @property
     def num_prototypes(self) -> int:
         return self.prototypes.num_prototypes
+
+    @property
+    def projection(self) -> Projection | None:
+        """The projection before the prototype stage, or None (the paper's network)."""
+        return getattr(getattr(self, L2NORM_MODULE), "projection", None)
 
     def patch_scores(self, image: torch.Tensor) -> torch.Tensor:
         """The anomaly map at feature resolution: 1 - max cosine similarity to any prototype."""

@@ -43,7 +43,7 @@ from .features import PatchFeatures, build_backbone
 from .finch import FinchResult, finch
 from .neighbours import make_search
 from .network import L2Norm, ProtoADNet
-from .projection import FittedProjection, check_dims, fit_projection, stage_flops
+from .projection import FittedProjection, check_dims, fit_projection, sample_rows, stage_flops
 from .thresholds import Thresholds, from_normal_maps
 
 Log = Callable[[str], None]
@@ -189,14 +189,15 @@ def cluster(cfg: BuildConfig, vectors: np.ndarray, device: torch.device, log: Lo
     return finch(vectors, cfg.max_prototypes, search=search, progress=cfg.progress, log=log)
 
 
-def project(cfg: BuildConfig, prototypes: np.ndarray, log: Log) -> FittedProjection:
-    """Step 3b (``--project-dims``): the PCA of the prototypes that the network compares in (build/projection.py)."""
-    fitted = fit_projection(prototypes, cfg.project_dims, centred=cfg.projection == "centred")
+def project(cfg: BuildConfig, vectors: np.ndarray, k: int, log: Log) -> FittedProjection:
+    """Step 3b (``--project-dims``): the PCA the network compares in, fitted on a seeded sample of the training
+    patch vectors (build/projection.py says why); D at most the K prototypes."""
+    check_dims(cfg.project_dims, prototypes=k)
+    fitted = fit_projection(sample_rows(vectors, seed=cfg.seed), cfg.project_dims, centred=cfg.projection == "centred")
     hw = feature_size(cfg.crop) ** 2
-    log(f"projection: {fitted.dims} dims ({cfg.projection}) of the {len(prototypes):,} prototypes, "
-        f"{100 * fitted.variance_kept:.1f}% of their variance; prototype stage "
-        f"{stage_flops(hw, len(prototypes)) / 1e9:.2f} -> {stage_flops(hw, len(prototypes), fitted.dims) / 1e9:.2f} "
-        "GFLOP per image")
+    log(f"projection: {fitted.dims} dims ({cfg.projection}), fitted on {fitted.rows:,} training patch vectors "
+        f"({100 * fitted.variance_kept:.1f}% of their variance); prototype stage "
+        f"{stage_flops(hw, k) / 1e9:.2f} -> {stage_flops(hw, k, fitted.dims) / 1e9:.2f} GFLOP per image")
     return fitted
 
 
@@ -304,8 +305,12 @@ def build(cfg: BuildConfig, log: Log = print) -> BuildReport:
     with clock("finch"):
         clusters = cluster(cfg, vectors, device, log)
     prototypes = clusters.prototypes.astype(np.float32)
+    if cfg.project_dims is not None:
+        with clock("projection"):
+            projection = project(cfg, vectors, len(prototypes), log)
+    else:
+        projection = None
     del vectors
-    projection = None if cfg.project_dims is None else project(cfg, prototypes, log)
 
     net = ProtoADNet(features.cpu(), torch.from_numpy(prototypes), cfg.crop,
                      projection=projection.module() if projection else None).eval()

@@ -20,6 +20,7 @@ from ..runtime.backend import Backend, BackendFacts, BackendOptions, check_batch
 from .device import resolve_device
 from .features import PatchFeatures, build_backbone
 from .network import ProtoADNet
+from .projection import load_projection
 
 
 class TorchBackend(Backend):
@@ -72,7 +73,8 @@ def load_torch_network(model: str | os.PathLike, device: str | torch.device = "c
     """Rebuild the PyTorch ProtoAD network of a bundle (eval mode, FP32, on ``device``) and its metadata.
 
     Backbone weights come from the spec stored at build time (``imagenet``, ``none`` with the
-    stored seed, or a state_dict path), so the rebuilt network is the one that was exported.
+    stored seed, or a state_dict path), and a projected network's projection from ``NAME.projection.npz``,
+    so the rebuilt network is the one that was exported.
     """
     bundle = Bundle.of(Path(model))
     info = ModelInfo.load_json(bundle.sidecar)
@@ -84,5 +86,6 @@ def load_torch_network(model: str | os.PathLike, device: str | torch.device = "c
     except ProtoADError as exc:
         raise ProtoADError(f"{bundle.sidecar}: cannot rebuild the backbone: {exc}") from None
     features = PatchFeatures(backbone, info.crop, info.feature_upsample)
-    net = ProtoADNet(features, torch.from_numpy(prototypes), info.crop, info.blur_sigma)
+    projection = load_projection(bundle.file("projection"), info.projection).module() if info.projection else None
+    net = ProtoADNet(features, torch.from_numpy(prototypes), info.crop, info.blur_sigma, projection=projection)
     return net.eval().to(device), info

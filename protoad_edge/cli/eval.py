@@ -13,9 +13,10 @@ import click
 
 from .. import __version__
 from ..atomic import write_text_atomic
-from ..backends import AUTO, CHOICES, HELP, NAMES
+from ..backends import AUTO, CHOICES, HELP, NAMES, REGISTRY, parse_spec
 from ..constants import DATASET_KINDS, DEVICES
 from ..errors import ProtoADError
+from ..evaluation.accuracy_gate import ACCEPT_FLAG, MAX_AUROC_DROP_PT, MIN_SPEARMAN, Verdict, enforce
 from ..evaluation.paper import METRIC_LABELS, METRICS, comparison_rows, paper_dataset, paper_source
 from ..runtime.backend import BackendOptions
 from .common import cpu_threads, threads_option, user_errors
@@ -40,7 +41,14 @@ ALL = "all"
               help="Layout of the data root (see README: MVTec AD, BTAD, or a folder of your own images).")
 @click.option("--backend", type=click.Choice(CHOICES), default=AUTO, show_default=True, help=HELP)
 @click.option("--compare", "compare", default=None, metavar="B1,B2[,B3]",
-              help=f"Run the same images through these backends ({', '.join(NAMES)}) and compare them with the first.")
+              help=f"Run the same images through these backends ({', '.join(NAMES)}) and compare them with the first. "
+                   "NAME:PRECISION runs a backend in a reduced precision ("
+                   + "; ".join(f"{e.name}: {', '.join(e.precisions)}" for e in REGISTRY.values() if e.precisions)
+                   + f", e.g. ort,openvino:bf16), judged by the accuracy gate against the first: image and pixel "
+                   f"AUROC within {MAX_AUROC_DROP_PT} pt, Spearman of the image scores >= {MIN_SPEARMAN}; a failure "
+                   "is an error after the table.")
+@click.option(ACCEPT_FLAG, "accept_accuracy_loss", is_flag=True,
+              help="With --compare: report a reduced precision that fails the accuracy gate without failing.")
 @click.option("--set-threshold", "set_threshold", default=None, metavar="RULE",
               help="Choose the image threshold by RULE on this labelled test split and write it into the bundle's "
                    "sidecar NAME.json (atomically; written from the ONNX metadata if missing), the previous values "
@@ -63,8 +71,8 @@ ALL = "all"
                                             "ort's TensorRT provider: FP32 instead of FP16.")
 @user_errors
 def main(model: Path, category: str, any_category: bool, data_root: Path | None, dataset: str, backend: str,
-         compare: str | None, set_threshold: str | None, json_path: Path | None, out: Path | None, batch_size: int,
-         device: str, threads: int, fp32: bool) -> None:
+         compare: str | None, accept_accuracy_loss: bool, set_threshold: str | None, json_path: Path | None,
+         out: Path | None, batch_size: int, device: str, threads: int, fp32: bool) -> None:
     """Evaluate a ProtoAD model bundle on the test split of CATEGORY (images with normal/anomalous labels)."""
     from ..build.datasets import list_categories, resolve_data_root, root_mistake  # heavy imports wait for --help
     from ..evaluation.threshold_rules import parse_rule
@@ -98,10 +106,11 @@ def main(model: Path, category: str, any_category: bool, data_root: Path | None,
     }
     results: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
+    failed: list[Verdict] = []
     for name in categories:
         try:
             if backends:
-                results[name] = _compare_one(model, name, backends, options)
+                results[name] = _compare_one(model, name, backends, options, failed)
             else:
                 results[name] = _evaluate_one(model, name, backend, options, out, rule, single=len(categories) == 1)
         except ProtoADError as exc:
@@ -125,14 +134,21 @@ def main(model: Path, category: str, any_category: bool, data_root: Path | None,
     if json_path is not None:
         write_text_atomic(json_path, json.dumps(report, indent=2, allow_nan=False) + "\n")
         click.echo(f"wrote {json_path}")
+    for verdict in failed:  # after the table and the report: the figures are there for the record
+        enforce(verdict, "It must not run as the default", accept_accuracy_loss)
 
 
 def _parse_compare(spec: str) -> list[str]:
     names = [b.strip() for b in spec.split(",") if b.strip()]
-    bad = [b for b in names if b not in NAMES]
+    bad = [b for b in names if b.partition(":")[0] not in NAMES]
     if bad or len(names) < 2 or len(set(names)) != len(names):
         raise ProtoADError(f"bad --compare {spec!r}: give two or more different backends among {', '.join(NAMES)} "
-                           "(e.g. torch,ort)")
+                           "(e.g. torch,ort or ort,openvino:bf16)")
+    for name in names:
+        try:
+            parse_spec(name)
+        except ProtoADError as exc:
+            raise ProtoADError(f"bad --compare {spec!r}: {exc}") from None
     return names
 
 
@@ -180,7 +196,9 @@ def _evaluate_one(model: Path, category: str, backend: str, options: dict[str, A
     return summary
 
 
-def _compare_one(model: Path, category: str, backends: list[str], options: dict[str, Any]) -> dict[str, Any]:
+def _compare_one(model: Path, category: str, backends: list[str], options: dict[str, Any],
+                 failed: list[Verdict]) -> dict[str, Any]:
+    """Print the comparison table; the accuracy gate's failures are added to ``failed``."""
     from ..evaluation.evaluate import compare_backends
 
     comparison = compare_backends(model, category, backends, **options)
@@ -190,17 +208,21 @@ def _compare_one(model: Path, category: str, backends: list[str], options: dict[
     click.echo(f"{category}: {counts['normal']:,} normal + {counts['anomalous']:,} anomalous test images; "
                f"differences against {ref}")
     header = ["backend", "what ran", f"max|map-{ref}|", f"max|score-{ref}|", "Spearman", "image AUROC",
-              "pixel AUROC", "PRO", "seconds"]
+              "pixel AUROC", "PRO", "seconds", "accuracy gate"]
     lines = [header]
     for run in comparison.runs:
         r = summary["backends"][run.name]
         is_ref = run.name == ref
+        verdict = comparison.gate(run)
+        if verdict is not None and not verdict.passed:
+            failed.append(verdict)
         lines.append([
             run.name, run.label,
             "-" if is_ref else _sci(r["max_abs_map_difference"]),
             "-" if is_ref else _sci(r["max_abs_score_difference"]),
             "-" if is_ref else _fmt(r["spearman_image_scores"], 4, 1),
             _fmt(r["image_auroc"]), _fmt(r["pixel_auroc"]), _fmt(r["pro"]), f"{r['seconds']:.2f}",
+            "-" if verdict is None else "pass" if verdict.passed else "FAIL",
         ])
     click.echo(_columns(lines, left=2))
     return summary

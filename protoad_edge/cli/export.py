@@ -8,7 +8,7 @@ from typing import Iterator
 
 import click
 
-from ..build.config import BuildConfig
+from ..build.config import PROJECTIONS, BuildConfig
 from ..constants import DATASET_KINDS, DEVICES, FEATURE_CHANNELS, ENGINE_PRECISIONS, TENSORRT_CHOICES, UPSAMPLE_MODES
 from ..errors import ProtoADError
 from ..preprocess import FIT_HELP, FITS, parse_roi
@@ -67,18 +67,39 @@ BUILD_EXTRA = ("torch", "torchvision", "onnx", "onnxscript", "scipy", "sklearn")
               help="Batch TensorRT optimises for.")
 @click.option("--max-batch", type=click.IntRange(min=1), default=D.max_batch,
               help="Largest engine batch (default: most that keeps tensors under 2^31 elements, at most 32).")
+@click.option("--project-dims", type=click.IntRange(min=1), default=D.project_dims, metavar="D",
+              help="Compare patches and prototypes in the top D principal directions of the training patch vectors "
+                   f"instead of all {FEATURE_CHANNELS} channels (fewer FLOPs; below {FEATURE_CHANNELS} and at most K). "
+                   "Default: the paper's network. With a labelled test split the summary shows both side by side.")
+@click.option("--projection", type=click.Choice(PROJECTIONS), default=None,
+              help=f"With --project-dims: subtract the patch vectors' mean before projecting, or not. Default: {D.projection}.")
 @click.option("--from-onnx", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="Only build the TensorRT plan for this existing NAME.onnx (no torch needed: the Jetson step).")
+              help="Only build the TensorRT plan for this existing NAME.onnx (no torch needed: the Jetson step); "
+                   "with --int8, only its NAME.int8.onnx.")
+@click.option("--int8", is_flag=True,
+              help="Also write OUT/CATEGORY.int8.onnx: backbone convs in INT8 (Q/DQ), calibrated on the held-out normal "
+                   "images, the convs that cost accuracy kept FP32; written only when the accuracy gate passes on the "
+                   "labelled test split (image/pixel AUROC within 0.5 pt of FP32, Spearman >= 0.99). With --from-onnx "
+                   "give --category and the data (--data-root, --dataset) the bundle was built from.")
+@click.option("--accept-accuracy-loss", is_flag=True, help="With --int8: write it even when it fails the accuracy gate.")
 @user_errors
 def main(category: str | None, data_root: Path | None, dataset: str, out: Path, weights: str, feature_upsample: str,
          max_prototypes: int, val_split: float, device: str, seed: int, resize: int, crop: int, roi: str | None,
          fit: str, batch_size: int,
          cache_dir: Path | None, no_cache: bool, exact_neighbours: bool, threads: int, tensorrt: str, precision: str,
-         opt_batch: int, max_batch: int | None, from_onnx: Path | None) -> None:
+         opt_batch: int, max_batch: int | None, from_onnx: Path | None, project_dims: int | None,
+         projection: str | None, int8: bool, accept_accuracy_loss: bool) -> None:
     """Learn prototypes from normal images and write OUT/CATEGORY.onnx, .json and .prototypes.npy
     (and OUT/CATEGORY.plan where TensorRT and a GPU exist)."""
     from ..export.engine import engine_from_onnx, engine_summary
 
+    if from_onnx is not None and int8:
+        if category is None:
+            raise ProtoADError("--from-onnx with --int8 needs --category (and --data-root): the held-out images to "
+                               "calibrate on and the labelled test split the accuracy gate measures")
+        line = int8_summary(from_onnx, category, data_root, dataset, accept_accuracy_loss, batch_size, threads)
+        click.echo(f"  int8          {line}")
+        return
     if from_onnx is not None:
         built = engine_from_onnx(from_onnx, tensorrt, precision=precision, opt_batch=opt_batch, max_batch=max_batch,
                                  log=click.echo)
@@ -86,6 +107,8 @@ def main(category: str | None, data_root: Path | None, dataset: str, out: Path, 
         return
     if category is None:
         raise ProtoADError("missing option --category (or --from-onnx PATH to only build a TensorRT engine)")
+    if projection is not None and project_dims is None:
+        raise ProtoADError(f"--projection {projection} needs --project-dims D")
     with build_extra_needed():
         from ..build.pipeline import build
         from ..export.onnx import PARITY_TOLERANCE
@@ -96,7 +119,8 @@ def main(category: str | None, data_root: Path | None, dataset: str, out: Path, 
                         device=device, seed=seed, resize=resize, crop=crop, roi=parse_roi(roi) if roi else None,
                         fit=fit, batch_size=batch_size, threads=threads,
                         cache_dir=cache_dir, cache=not no_cache, exact_neighbours=exact_neighbours,
-                        tensorrt=tensorrt, precision=precision, opt_batch=opt_batch, max_batch=max_batch),
+                        tensorrt=tensorrt, precision=precision, opt_batch=opt_batch, max_batch=max_batch,
+                        project_dims=project_dims, projection=projection or D.projection),
             log=click.echo,
         )
     info = report.info
@@ -116,9 +140,36 @@ def main(category: str | None, data_root: Path | None, dataset: str, out: Path, 
             line += f", pixel AUROC {100 * m['pixel_auroc']:.1f} %"
         line += f"; F1-optimal image threshold {m['image_f1_threshold']:.5f} (F1 {m['image_f1']:.3f})"
         click.echo(line)
+    if info.projection:
+        p = info.projection
+        click.echo(f"  projection    {p['dims']} of {FEATURE_CHANNELS} dims, {'centred' if p['centred'] else 'uncentred'}, "
+                   f"fitted on {p['rows']:,} training {p['fitted_on']} ({100 * p['variance_kept']:.1f}% of their variance)")
+    if report.comparison:
+        click.echo(f"  side by side  {'network':<26}{'image AUROC':>12}{'pixel AUROC':>13}{'PRO':>7}{'ms/image':>10}"
+                   f"{'GFLOP/image':>13}")
+        for f in report.comparison:
+            click.echo(f"                {f.network:<26}{percent(f.image_auroc):>12}{percent(f.pixel_auroc):>13}"
+                       f"{percent(f.pro):>7}{f.ms_per_image:>10.0f}{f.gflop_per_image:>13.2f}")
     click.echo("  files         " + ", ".join(str(f) for f in report.files))
     if report.engine:
         click.echo(f"  engine        {engine_summary(report.engine)}")
+    if int8:
+        onnx_path = next(f for f in report.files if f.name == f"{category}.onnx")
+        line = int8_summary(onnx_path, category, data_root, dataset, accept_accuracy_loss, batch_size, threads)
+        click.echo(f"  int8          {line}")
+
+
+def int8_summary(onnx_path: Path, category: str, data_root: Path | None, dataset: str, accept: bool, batch_size: int,
+                 threads: int) -> str:
+    """Run the INT8 export (``evaluation.evaluate.export_int8``) and say in one line what it wrote and lost."""
+    with build_extra_needed():
+        from ..evaluation.evaluate import export_int8
+
+        done = export_int8(onnx_path, category, data_root, dataset, accept=accept, batch_size=batch_size,
+                           threads=threads, progress=True, log=click.echo)
+    verdict = "passed" if done.verdict.passed else "FAILED, written because of --accept-accuracy-loss"
+    return (f"{done.path} ({len(done.draft.quantized)} of {len(done.draft.quantized) + len(done.draft.kept_fp32)} "
+            f"backbone convs INT8; accuracy gate {verdict}: {done.verdict.figures.line()})")
 
 
 def percent(value: float | None) -> str:

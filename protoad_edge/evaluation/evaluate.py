@@ -10,24 +10,27 @@ metrics: the check that the exported graph still is the network it came from.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from ..backends import AUTO, BackendEntry, choose, locate
+from ..backends import AUTO, REGISTRY, BackendEntry, choose, locate, parse_spec
 from ..build.datasets import Sample, load_crops, load_masks, open_dataset
 from ..bundle import Bundle
+from ..export.int8 import MIN_CALIBRATION_IMAGES, Int8Draft, quantize_int8, temporary_workdir, write_int8
 from ..decision import image_scores
 from ..errors import ProtoADError
 from ..metadata import ModelInfo
 from ..metrics import PRO_FPR_LIMIT, curve_area, pro_area, pro_curve, roc_curve, spearman
 from ..preprocess import Preprocess, to_batch
 from ..runtime.backend import Backend, BackendOptions, run_maps
+from .accuracy_gate import GateFigures, Verdict, enforce, judge
 from .threshold_rules import Outcome, Rule, outcome, rule_table
 
 Curve = tuple[np.ndarray, np.ndarray]
@@ -234,12 +237,13 @@ def _timed_maps(backend: Backend, test: LabelledSplit, batch_size: int, progress
 
 @dataclass
 class BackendRun:
-    name: str
+    name: str  # as given to --compare: ``openvino:bf16`` for a reduced precision
     label: str
     model: Path
     maps: np.ndarray
     metrics: Metrics
     seconds: float
+    reduced: bool = False  # a precision below the backend's full one: judged by the accuracy gate
 
 
 @dataclass
@@ -264,6 +268,17 @@ class Comparison:
         """Spearman correlation of the image scores with the reference backend's."""
         return spearman(image_scores(self.reference.maps), image_scores(run.maps))
 
+    def gate(self, run: BackendRun) -> Verdict | None:
+        """The accuracy gate's verdict on a reduced-precision run against the (full precision) reference; None
+        for a full precision run, which the gate does not judge."""
+        if not run.reduced:
+            return None
+        return judge(gate_figures(run.name, self.test, self.reference.metrics, run.metrics, self.rank_agreement(run)))
+
+    def _gate_summary(self, run: BackendRun) -> dict[str, Any] | None:
+        verdict = self.gate(run)
+        return None if verdict is None else {k: _finite(v) for k, v in verdict.to_dict().items()}
+
     def summary(self) -> dict[str, Any]:
         return {
             "reference": self.reference.name,
@@ -277,6 +292,7 @@ class Comparison:
                     "max_abs_score_difference": _finite(self.max_score_difference(run)),
                     "spearman_image_scores": _finite(self.rank_agreement(run)),
                     "seconds": round(run.seconds, 3),
+                    "accuracy_gate": self._gate_summary(run),
                 }
                 for run in self.runs
             },
@@ -294,15 +310,21 @@ def compare_backends(
     progress: bool = False,
     any_category: bool = False,
 ) -> Comparison:
-    """Run the same test images through each of ``backends`` (at least two, the first is the reference);
-    ``any_category`` as in ``evaluate_category``."""
+    """Run the same test images through each of ``backends`` (at least two, the first is the reference;
+    ``name:precision`` runs a backend in a reduced precision, which the accuracy gate judges against the
+    reference, so that must run at full precision); ``any_category`` as in ``evaluate_category``."""
     if len(backends) < 2 or len(set(backends)) != len(backends) or AUTO in backends:
         raise ProtoADError(f"--compare needs two or more different backends, got {','.join(backends)}")
-    chosen = [_resolve(model, category, b) for b in backends]  # every file exists before anything runs
+    specs = [parse_spec(b) for b in backends]
+    if specs[0][1] is not None:
+        raise ProtoADError(f"--compare {','.join(backends)}: the first backend is the FP32 reference the others are "
+                           f"judged against, so give it without a precision ({specs[0][0]})")
+    chosen = [_resolve(model, category, name) for name, _ in specs]  # every file exists before anything runs
     test: LabelledSplit | None = None
     runs: list[BackendRun] = []
-    for entry, path in chosen:
-        with entry.load()(path, options or BackendOptions()) as opened:
+    for spec, (_, precision), (entry, path) in zip(backends, specs, chosen):
+        run_options = dataclasses.replace(options or BackendOptions(), precision=precision)
+        with entry.load()(path, run_options) as opened:
             check_category(path, opened.info, category, any_category)
             if test is None:
                 pre = opened.info.preprocess
@@ -310,9 +332,76 @@ def compare_backends(
             elif opened.info.preprocess != pre:
                 raise ProtoADError(f"{path}: preprocessing {opened.info.preprocess} differs from {chosen[0][1]}'s {pre}")
             maps, seconds = _timed_maps(opened, test, batch_size, progress)
-            runs.append(BackendRun(entry.name, opened.describe().line(), path, maps, compute_metrics(test, maps), seconds))
+            runs.append(BackendRun(spec, opened.describe().line(), path, maps, compute_metrics(test, maps), seconds,
+                                   reduced=precision not in (None, "fp32")))
     assert test is not None
     return Comparison(category, test, runs)
+
+
+def gate_figures(what: str, test: LabelledSplit, reference: Metrics, metrics: Metrics, rank: float) -> GateFigures:
+    """The accuracy gate's figures for ``metrics`` against FP32's ``reference`` on the same labelled images."""
+    return GateFigures(what=what, images=len(test.labels), reference_image_auroc=reference.image_auroc,
+                       image_auroc=metrics.image_auroc, spearman=rank, reference_pixel_auroc=reference.pixel_auroc,
+                       pixel_auroc=metrics.pixel_auroc)
+
+
+@dataclass
+class Int8Export:
+    """What ``export_int8`` wrote and why: the searched draft and the gate's verdict (a refusal raises instead)."""
+
+    path: Path
+    draft: Int8Draft
+    verdict: Verdict
+
+
+def calibration_samples(train: list[Sample], held_out: int, seed: int, minimum: int = MIN_CALIBRATION_IMAGES
+                        ) -> tuple[list[Sample], int]:
+    """(images to calibrate INT8 on, how many are held out): the bundle's held-out normal images - the build's
+    seeded split, ``build.pipeline.split_train`` (a test checks they agree) - topped up to ``minimum`` with
+    training images in the same seeded order. Never a test image."""
+    order = np.random.default_rng(seed).permutation(len(train))
+    held = [train[i] for i in sorted(order[:held_out].tolist())]
+    top_up = [train[i] for i in order[held_out : max(held_out, minimum)].tolist()]
+    return held + top_up, len(held)
+
+
+def export_int8(onnx_path: str | os.PathLike, category: str, data_root: str | os.PathLike | None = None,
+                dataset: str = "mvtec", accept: bool = False, batch_size: int = 8, threads: int = 0,
+                progress: bool = False, log: Callable[[str], None] = print) -> Int8Export:
+    """``protoad-export --int8``: calibrate and search on the bundle's held-out normal images
+    (``export.int8``), score FP32 and INT8 through onnxruntime's CPU provider on the labelled test split, and
+    write ``NAME.int8.onnx`` only when the accuracy gate passes (or ``accept``)."""
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise ProtoADError(f"--from-onnx {onnx_path}: no such file")
+    bundle = Bundle.of(onnx_path)
+    info = bundle.info()
+    check_category(onnx_path, info, category, False)
+    data = open_dataset(category, data_root, dataset)
+    samples, held = calibration_samples(data.train, int(info.build.get("images", {}).get("held_out", 0)), info.seed)
+    if held < len(samples):
+        log(f"int8: the bundle holds out {held} normal images; {len(samples) - held} training images top them up to "
+            f"{len(samples)} for the calibration")
+    calibration = load_crops(samples, info.preprocess, "load calibration", progress)
+    test = load_test_set(category, data_root, dataset, info.preprocess, progress)
+    ort = REGISTRY["ort"].load()
+    cpu = BackendOptions(device="cpu", threads=threads)
+    with temporary_workdir(onnx_path) as work:
+        draft = quantize_int8(onnx_path, calibration, work, threads=threads, log=log)
+        maps = {}
+        for name, path in (("fp32", onnx_path), ("int8", draft.path)):
+            with ort(path, cpu) as opened:
+                maps[name] = run_maps(opened, test.crops, batch_size, f"gate {name}", progress)
+        rank = spearman(image_scores(maps["fp32"]), image_scores(maps["int8"]))
+        figures = gate_figures(bundle.file("int8_onnx").name, test, compute_metrics(test, maps["fp32"]),
+                               compute_metrics(test, maps["int8"]), rank)
+        verdict = judge(figures)
+        enforce(verdict, f"{bundle.file('int8_onnx')} was not written", accept)
+        record = {**verdict.to_dict(), "measured_with": "onnxruntime CPUExecutionProvider",
+                  "split": f"the {test.kind} test split of {category!r} ({len(test.labels)} images)",
+                  "accepted_knowingly": not verdict.passed}
+        path = write_int8(draft, onnx_path, record)
+    return Int8Export(path, draft, verdict)
 
 
 def _finite(value: Any) -> Any:

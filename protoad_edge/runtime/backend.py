@@ -28,6 +28,9 @@ class BackendOptions:
     threads: int = 0  # CPU threads (ort intra-op, torch); 0 = the library's default
     fp16: bool | None = None  # torch: None = FP16 on CUDA, FP32 on the CPU; ort's TensorRT provider: FP16 unless False
     timing: bool = False  # trt: CUDA events around the copies and the compute (``stage_times``)
+    # Compute precision where a backend can lower it at run time (openvino: fp32, bf16, fp16); None = the backend's
+    # full precision (FP32), never a reduced default. A reduced one must pass the accuracy gate (evaluation.accuracy_gate).
+    precision: str | None = None
 
 
 @dataclass

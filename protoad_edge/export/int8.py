@@ -1,0 +1,368 @@
+"""INT8 Q/DQ export (``NAME.int8.onnx``): the backbone's convolutions in INT8, those that cost accuracy in FP32.
+
+Anomaly scores are small differences of cosines near 1: naive INT8 (MinMax ranges, every conv) cost up to
+17 AUROC points on bottle (issue 17). So:
+
+* weights per output channel, symmetric INT8; activations UINT8 with ranges from a histogram percentile
+  (:data:`PERCENTILE`), which clips the long tails that one outlier would otherwise stretch the range to;
+* ranges calibrated once, on held-out normal images (never the test split), at least
+  :data:`MIN_CALIBRATION_IMAGES` of them;
+* a per-layer sensitivity search, label-free, on some of those images: each conv is scored by how far the
+  patch scores move with it alone in INT8, and the least sensitive convs are quantized while the whole stays
+  within :data:`SEARCH_TOLERANCE` of the FP32 score spread; the rest stay FP32;
+* the L2 normalisation (``FP32_SCOPE``), the prototype MatMuls and everything after them stay FP32.
+
+Whether the result is written is the accuracy gate's decision on labelled images (``evaluation.accuracy_gate``),
+taken by the caller. Needs ``onnx`` (the build extra) and onnxruntime's quantization tools; no torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+import numpy as np
+
+from ..atomic import atomic_path
+from ..bundle import Bundle
+from ..constants import FP32_SCOPE
+from ..errors import ProtoADError
+from ..preprocess import to_batch
+from .fp16 import _load, scope_boundary
+
+if TYPE_CHECKING:
+    import onnx
+
+PERCENTILE = 99.999  # activation range: this percentile of |x| over the calibration images, both tails
+MIN_CALIBRATION_IMAGES = 16
+MAX_CALIBRATION_IMAGES = 64
+SEARCH_IMAGES = 4  # calibration images the search scores every trial on
+# The search keeps the RMS change of the map within this share of the FP32 map's spread (its standard deviation
+# over the search images' pixels); the accuracy gate then judges the result on labelled images.
+SEARCH_TOLERANCE = 0.05
+MAX_REFINEMENTS = 4  # bisection trials for how many of the least sensitive layers fit
+Log = Callable[[str], None]
+
+
+@dataclass
+class Int8Draft:
+    """A searched INT8 model waiting for the accuracy gate; ``path`` is in a temporary folder."""
+
+    path: Path
+    quantized: list[str]  # node names in INT8
+    kept_fp32: list[str]  # candidates the search kept in FP32
+    search_error: float  # patch score change on the search images, as a share of the FP32 spread
+    record: dict[str, Any]  # what the sidecar records under build["int8"]
+
+
+def _upstream(graph: onnx.GraphProto, tensors: list[str]) -> set[str]:
+    """Names of the nodes that compute ``tensors``, directly or not."""
+    producer = {out: node for node in graph.node for out in node.output}
+    seen: set[str] = set()
+    todo = list(tensors)
+    while todo:
+        node = producer.get(todo.pop())
+        if node is not None and node.name not in seen:
+            seen.add(node.name)
+            todo.extend(node.input)
+    return seen
+
+
+def backbone_convs(model: onnx.ModelProto) -> list[str]:
+    """The Convs that compute what the L2 normalisation reads: the only INT8 candidates. Found from the graph, so
+    the blur, the prototype stage or a renamed module cannot slip into INT8."""
+    entries, exits = scope_boundary(model.graph, FP32_SCOPE)
+    if not entries or not exits:
+        raise ProtoADError(f"{model.graph.name}: no L2 normalisation scope {FP32_SCOPE!r}: re-export the ONNX")
+    upstream = _upstream(model.graph, entries)
+    return [n.name for n in model.graph.node if n.op_type == "Conv" and n.name in upstream]
+
+
+def prototype_matmuls(model: onnx.ModelProto) -> list[str]:
+    """The MatMuls after the L2 normalisation, outside its scope: the cosines to the prototypes. They stay FP32:
+    an 8-bit cosine has a step of about 1/128, beyond the spread of the scores it would carry."""
+    _, exits = scope_boundary(model.graph, FP32_SCOPE)
+    before = _upstream(model.graph, exits)
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in before]
+
+
+class _Reader:
+    """onnxruntime's calibration data reader over uint8 crops, one image per call, rangeable for strided collection."""
+
+    def __init__(self, input_name: str, crops: np.ndarray) -> None:
+        self.input_name, self.crops = input_name, crops
+        self.start, self.end, self.next = 0, len(crops), 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        index = self.start + self.next
+        if index >= self.end:
+            return None
+        self.next += 1
+        return {self.input_name: to_batch(self.crops[index : index + 1])}
+
+    def __len__(self) -> int:
+        return len(self.crops)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self.start, self.end, self.next = start_index, end_index, 0
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """onnxruntime's quantizer logs a pre-processing hint and prints histogram progress: not for our users."""
+    logging.disable(logging.WARNING)
+    try:
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+            yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _stride(n: int) -> int:
+    """Images per calibration pass (bounds memory: every calibrated tensor of a pass is held at once)."""
+    return next(s for s in (4, 3, 2, 1) if n % s == 0)
+
+
+def _quantize(src: Path, dst: Path, nodes: list[str], cache: Path, reader: _Reader | None) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    options: dict[str, Any] = {"CalibTensorRangeSymmetric": False, "CalibPercentile": PERCENTILE}
+    if reader is not None:
+        options["CalibStridedMinMax"] = _stride(len(reader))
+    with _quiet():
+        quantize_static(str(src), str(dst), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"],
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        nodes_to_quantize=nodes, calibrate_method=CalibrationMethod.Percentile,
+                        extra_options=options, calibration_cache_path=str(cache))
+
+
+def only(qdq: onnx.ModelProto, float_model: onnx.ModelProto, keep: set[str]) -> onnx.ModelProto:
+    """A copy of the Q/DQ model ``qdq`` with only the nodes named in ``keep`` in INT8, as quantizing them alone
+    would give: a tensor keeps its Q/DQ pair where a kept node computes or reads it, other readers get the FP32
+    tensor, and a weight that no kept node reads is FP32 again (the int32 biases stay: their step is far below
+    FP32 noise). Each trial of the search costs no re-quantization."""
+    import onnx
+
+    out = onnx.ModelProto()
+    out.CopyFrom(qdq)
+    graph = out.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    weights = {t.name: t for t in float_model.graph.initializer}
+    have = {t.name for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    for dq in [n for n in graph.node if n.op_type == "DequantizeLinear" and n.output[0] not in outputs]:
+        users = readers.get(dq.output[0], [])
+        q = producer.get(dq.input[0])
+        if q is not None and q.op_type == "QuantizeLinear":  # an activation: FP32 unless a kept node is beside it
+            source = producer.get(q.input[0])
+            if (source is not None and source.name in keep) or any(u.name in keep for u in users):
+                continue
+            replacement = q.input[0]
+        else:  # a weight
+            replacement = dq.input[0].removesuffix("_quantized")
+            if replacement not in weights or any(u.name in keep for u in users):
+                continue
+            if replacement not in have:
+                graph.initializer.append(weights[replacement])
+                have.add(replacement)
+            if replacement == dq.output[0]:  # the DQ computed the weight under its own name: the initializer replaces it
+                graph.node.remove(dq)
+                continue
+        for user in users:
+            for i, name in enumerate(user.input):
+                if name == dq.output[0]:
+                    user.input[i] = replacement
+    _prune(graph)
+    return out
+
+
+def _prune(graph: onnx.GraphProto) -> None:
+    """Drop nodes whose outputs nothing reads, and initializers no node reads."""
+    while True:
+        read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+        dead = [node for node in graph.node if not any(o in read for o in node.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    read = {name for node in graph.node for name in node.input}
+    unused = [t for t in graph.initializer if t.name not in read]
+    for t in unused:
+        graph.initializer.remove(t)
+
+
+class _Scorer:
+    """How far a model variant moves the patch scores on the search images, read at the L2 normalisation's output.
+
+    The prototype stage (FP32 in every variant) is the costly half of the graph, so a trial runs only the graph up
+    to the normalised features f and takes each patch's score change to first order: -<f' - f, p*>, with p* the
+    patch's nearest prototype in FP32. The error is the RMS change over the FP32 patch scores' spread.
+    """
+
+    def __init__(self, model: onnx.ModelProto, features: str, crops: np.ndarray, threads: int) -> None:
+        self.features, self.batch, self.threads = features, to_batch(crops), threads
+        self.input_name = model.graph.input[0].name
+        reference = self.run(model)
+        prototypes = np.concatenate([_constant(model, node) for node in model.graph.node
+                                     if node.op_type == "MatMul" and node.name in prototype_matmuls(model)])
+        similarity = reference @ prototypes.T
+        self.nearest = prototypes[similarity.argmax(axis=1)]
+        self.spread = float(np.std(1.0 - similarity.max(axis=1), dtype=np.float64))
+        self.reference = reference
+
+    def run(self, model: onnx.ModelProto) -> np.ndarray:
+        """Normalised patch features [N*H*W, D] of the search images through the graph up to ``features``."""
+        import onnxruntime as ort
+
+        truncated = _until(model, self.features)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        session = ort.InferenceSession(truncated.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        out = np.concatenate([session.run(None, {self.input_name: self.batch[i : i + 1]})[0]
+                              for i in range(len(self.batch))])
+        return out.transpose(0, 2, 3, 1).reshape(-1, out.shape[1])
+
+    def error(self, model: onnx.ModelProto) -> float:
+        change = ((self.run(model) - self.reference) * self.nearest).sum(axis=1, dtype=np.float64)
+        rms = float(np.sqrt(np.mean(change**2)))
+        return rms / self.spread if self.spread > 0 else rms
+
+
+def _until(model: onnx.ModelProto, tensor: str) -> onnx.ModelProto:
+    """A copy of ``model`` whose one output is ``tensor``, with what it no longer needs dropped."""
+    import onnx
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.output[:]
+    out.graph.output.append(onnx.helper.make_empty_tensor_value_info(tensor))
+    _prune(out.graph)
+    return out
+
+
+def _constant(model: onnx.ModelProto, node: onnx.NodeProto) -> np.ndarray:
+    """The initializer a prototype MatMul multiplies by: the prototypes of its block, [K_block, D]."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    return next(numpy_helper.to_array(inits[name]) for name in node.input if name in inits).astype(np.float32)
+
+
+def quantize_int8(onnx_path: str | os.PathLike, calibration: np.ndarray, workdir: str | os.PathLike, *,
+                  threads: int = 0, log: Log = print) -> Int8Draft:
+    """Calibrate on ``calibration`` (uint8 [N,S,S,3] normal crops, held out from the test split), search which
+    backbone convs to quantize, and write the draft into ``workdir``. The caller gates it and calls
+    :func:`write_int8`."""
+    src = Path(onnx_path)
+    if len(calibration) < MIN_CALIBRATION_IMAGES:
+        raise ProtoADError(f"INT8 calibration needs at least {MIN_CALIBRATION_IMAGES} normal images, got "
+                           f"{len(calibration)}")
+    calibration = calibration[:MAX_CALIBRATION_IMAGES]
+    float_model = _load(src, "the INT8 export (protoad-export --int8)")
+    convs = backbone_convs(float_model)
+    work = Path(workdir)
+    cache, full = work / "calibration.json", work / "all.int8.onnx"
+    start = time.perf_counter()
+    _quantize(src, full, convs, cache, _Reader(float_model.graph.input[0].name, calibration))
+    log(f"int8: calibrated {len(convs)} backbone convs on {len(calibration)} held-out normal images "
+        f"(percentile {PERCENTILE}) in {time.perf_counter() - start:.0f} s")
+    import onnx
+
+    qdq = onnx.load(str(full))
+    _, exits = scope_boundary(float_model.graph, FP32_SCOPE)
+    scorer = _Scorer(float_model, exits[0], calibration[:SEARCH_IMAGES], threads or os.cpu_count() or 1)
+    trials: dict[frozenset[str], float] = {}
+
+    def error(nodes: list[str]) -> float:
+        key = frozenset(nodes)
+        if key not in trials:
+            trials[key] = scorer.error(only(qdq, float_model, set(nodes)))
+        return trials[key]
+
+    chosen, sensitivity = _search(convs, error, log)
+    final = error(chosen)
+    log(f"int8: {len(chosen)} of {len(convs)} backbone convs in INT8 (patch score error {final:.3f} of the FP32 "
+        f"spread, tolerance {SEARCH_TOLERANCE}); {len(trials)} trials in {time.perf_counter() - start:.0f} s")
+    if not chosen:
+        raise ProtoADError(f"{src}: no backbone conv can be quantized within the search tolerance ({SEARCH_TOLERANCE} "
+                           "of the FP32 score spread): keep the FP32 model")
+    draft = work / "draft.int8.onnx"
+    _quantize(src, draft, chosen, cache, None)
+    model = onnx.load(str(draft))
+    del model.metadata_props[:]
+    model.metadata_props.extend(float_model.metadata_props)  # the bundle's metadata, nothing the quantizer adds
+    onnx.save(model, str(draft))
+    kept = [n for n in convs if n not in chosen]
+    record = {
+        "quantized": len(chosen),
+        "kept_fp32": kept,
+        "fp32": f"L2 normalisation ({FP32_SCOPE}), prototype MatMuls, upsampling, blur",
+        "weights": "int8, per output channel, symmetric",
+        "activations": f"uint8, histogram percentile {PERCENTILE}",
+        "calibration_images": len(calibration),
+        "search": {"images": len(scorer.batch), "tolerance": SEARCH_TOLERANCE, "score_error": round(final, 5),
+                   "trials": len(trials), "sensitivity": {n: round(e, 5) for n, e in sensitivity.items()}},
+    }
+    return Int8Draft(draft, chosen, kept, final, record)
+
+
+def _search(convs: list[str], error: Callable[[list[str]], float], log: Log) -> tuple[list[str], dict[str, float]]:
+    """The convs to quantize: all when that is within tolerance, else the least sensitive ones.
+
+    A layer's sensitivity is the error with it alone in INT8. Were the layers' noises independent they would add
+    in variance, so the longest prefix (least sensitive first) whose root sum of squares fits the tolerance is the
+    most that can fit; noise that compounds through the network fits fewer, so the prefix length is bisected
+    (:data:`MAX_REFINEMENTS` trials) down to the longest one measured to fit.
+    """
+    if error(convs) <= SEARCH_TOLERANCE:
+        return convs, {}
+    sensitivity = {c: error([c]) for c in convs}
+    order = sorted(convs, key=sensitivity.__getitem__)
+    bound = int(np.searchsorted(np.sqrt(np.cumsum([sensitivity[c] ** 2 for c in order])), SEARCH_TOLERANCE, "right"))
+    log(f"int8: all convs in INT8 move the patch scores by {error(convs):.3f} of their spread; per-layer sensitivity "
+        f"{min(sensitivity.values()):.4f}..{max(sensitivity.values()):.4f}; at most {bound} can fit")
+    fits, fails = 0, bound + 1
+    if bound:
+        if error(order[:bound]) <= SEARCH_TOLERANCE:
+            fits = bound
+        else:
+            fails = bound
+    for _ in range(MAX_REFINEMENTS):
+        if fails - fits <= 1:
+            break
+        middle = (fits + fails) // 2
+        if error(order[:middle]) <= SEARCH_TOLERANCE:
+            fits = middle
+        else:
+            fails = middle
+    chosen = set(order[:fits])
+    return [c for c in convs if c in chosen], sensitivity
+
+
+def write_int8(draft: Int8Draft, onnx_path: str | os.PathLike, gate: dict[str, Any]) -> Path:
+    """Rename the draft into place as ``NAME.int8.onnx`` and record what was quantized and the measured loss
+    (``gate``) in the sidecar's ``build["int8"]`` (written from the ONNX metadata if missing)."""
+    bundle = Bundle.of(onnx_path)
+    info = bundle.info()
+    info.build = {**info.build, "int8": {**draft.record, "gate": gate}}
+    target = bundle.file("int8_onnx")
+    with atomic_path(target) as tmp:
+        os.replace(draft.path, tmp)
+    info.save_json(bundle.sidecar)
+    return target
+
+
+def temporary_workdir(onnx_path: str | os.PathLike) -> tempfile.TemporaryDirectory:
+    """A scratch folder beside the model (same file system: the draft is renamed, not copied, into place)."""
+    path = Path(onnx_path)
+    return tempfile.TemporaryDirectory(prefix=f".{path.stem}.int8.", dir=path.parent)

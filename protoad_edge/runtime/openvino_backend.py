@@ -1,0 +1,139 @@
+"""OpenVINO backend: the bundle's ``.onnx`` (or ``.int8.onnx``) on an Intel CPU or GPU, no conversion step.
+
+OpenVINO reads the ONNX graph and its metadata itself, so one bundle serves onnxruntime and OpenVINO. Its
+CPU plugin runs BF16 by default on CPUs that have it (AVX512-BF16, AMX), and its GPU plugin FP16. Anomaly
+scores are small differences of cosines near 1, and BF16 cost 5-11 AUROC points on bottle
+(benchmarks/RESULTS.md), so the precision hint is always set: FP32 unless ``BackendOptions.precision`` asks
+for another, and ``describe`` reports what the compiled model actually runs, read back from it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..bundle import Bundle, kind_of
+from ..errors import ProtoADError
+from ..metadata import MAP_NAME, SCORE_NAME, ModelInfo
+from .backend import Backend, BackendFacts, BackendOptions, check_batch
+
+# BackendOptions.precision -> OpenVINO's inference precision hint; None means fp32.
+PRECISIONS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+NAMES = {hint: name for name, hint in PRECISIONS.items()}
+# Compiled models are cached beside the model (like ort's .ort_trt_cache): a GPU compiles its kernels once.
+CACHE_DIR = ".ov_cache"
+# Layer types whose runtime precision says whether the heavy compute ran in INT8.
+COMPUTE_LAYERS = ("Convolution", "MatMul", "FullyConnected")
+INT8_TYPES = ("i8", "u8")
+
+
+def resolve_device(available: list[str], device: str) -> str:
+    """BackendOptions.device -> an OpenVINO device: cpu -> CPU; auto -> the first GPU where one exists, else CPU;
+    an OpenVINO device name (``GPU.1``) as it is."""
+    if device == "cuda":
+        raise ProtoADError("--device cuda: OpenVINO runs on Intel CPUs and GPUs, not on NVIDIA's: use --device cpu or "
+                           "auto (an Intel GPU where one is present), or --backend ort / trt on an NVIDIA GPU")
+    if device == "cpu":
+        return "CPU"
+    if device == "auto":
+        return next((d for d in available if d.startswith("GPU")), "CPU")
+    if device.upper() in available:
+        return device.upper()
+    raise ProtoADError(f"--device {device}: OpenVINO has {', '.join(available)} here (or use auto, cpu)")
+
+
+class OpenVinoBackend(Backend):
+    """Compile the ONNX model for ``options.device`` in ``options.precision`` (FP32 by default)."""
+
+    name = "openvino"
+
+    def __init__(self, path: str | os.PathLike, options: BackendOptions | None = None) -> None:
+        import openvino as ov
+
+        options = options or BackendOptions()
+        path = Path(path)
+        self.path = path
+        if options.precision is not None and options.precision not in PRECISIONS:
+            raise ProtoADError(f"openvino: unknown precision {options.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        self.asked = options.precision or "fp32"
+        core = ov.Core()
+        self.version = ov.get_version()
+        self.device = resolve_device(list(core.available_devices), options.device)
+        self.device_name = str(core.get_property(self.device, "FULL_DEVICE_NAME"))
+        try:
+            model = core.read_model(str(path))
+        except Exception as exc:  # OpenVINO raises RuntimeError and its own types
+            raise ProtoADError(f"cannot load ONNX model {path}: {str(exc).splitlines()[0]}") from None
+        rt = model.get_rt_info()
+        props = {k: rt["framework"][k].astype(str) for k in rt["framework"].keys()} if "framework" in rt else {}
+        self.info = ModelInfo.from_props(props, f"ONNX metadata of {path}")
+        self._check_signature(model)
+        if kind_of(path) is not None:
+            self.info = Bundle.of(path).in_force(self.info, path)
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": PRECISIONS[self.asked], "PERFORMANCE_HINT": "LATENCY"}
+        if self.device == "CPU":
+            config["INFERENCE_NUM_THREADS"] = options.threads or os.cpu_count() or 1
+        self.cache = path.parent / CACHE_DIR
+        try:
+            self.cache.mkdir(exist_ok=True)
+            config["CACHE_DIR"] = str(self.cache)
+        except OSError:  # a read-only model folder: run without the cache
+            self.cache = None
+        try:
+            self.compiled = core.compile_model(model, self.device, config)
+        except Exception as exc:
+            raise ProtoADError(f"OpenVINO cannot compile {path} for {self.device}: {str(exc).splitlines()[0]}") from None
+        self.request = self.compiled.create_infer_request()
+        hint = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+        self.precision = NAMES.get(hint, hint)
+        self.layer_precisions = Counter(
+            str(op.get_rt_info()["runtimePrecision"].astype(str)) for op in self.compiled.get_runtime_model().get_ops()
+            if op.get_rt_info()["layerType"].astype(str) in COMPUTE_LAYERS)
+        if self.asked != self.precision:
+            print(f"openvino: {self.note}", file=sys.stderr, flush=True)
+
+    @property
+    def note(self) -> str:
+        return f"{self.asked} asked, {self.device} runs {self.precision}" if self.asked != self.precision else ""
+
+    def _check_signature(self, model: Any) -> None:
+        """The graph's outputs and input are the ones its metadata promises."""
+        outputs = [o.get_any_name() for o in model.outputs]
+        if outputs[:2] != [MAP_NAME, SCORE_NAME]:
+            raise ProtoADError(f"{self.path}: outputs {outputs} are not [{MAP_NAME}, {SCORE_NAME}]")
+        inputs = {i.get_any_name(): i.get_partial_shape() for i in model.inputs}
+        expected = [3, self.info.crop, self.info.crop]
+        shape = inputs.get(self.info.input_name)
+        if shape is None or shape.rank.get_length() != 4 or [d.get_length() for d in list(shape)[1:]] != expected:
+            raise ProtoADError(f"{self.path}: input {inputs} does not match its metadata "
+                               f"({self.info.input_name} [N,{','.join(map(str, expected))}])")
+
+    @property
+    def int8_layers(self) -> int:
+        """How many convolutions and matrix products the compiled model runs in INT8 (a Q/DQ graph)."""
+        return sum(n for p, n in self.layer_precisions.items() if p in INT8_TYPES)
+
+    def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = self.request.infer({self.info.input_name: check_batch(batch, self.info)})
+        return out[MAP_NAME][:, 0], out[SCORE_NAME]
+
+    def describe(self) -> BackendFacts:
+        precision = self.precision if not self.int8_layers else f"int8 + {self.precision}"
+        details: dict[str, Any] = {
+            "device_name": self.device_name,
+            "openvino": self.version,
+            "precision_asked": self.asked,
+            "inference_precision": self.precision,
+            "compute_layers_by_precision": dict(self.layer_precisions),
+            "cache_dir": str(self.cache) if self.cache else "none (model folder not writable)",
+        }
+        if self.device == "CPU":
+            details["threads"] = self.compiled.get_property("INFERENCE_NUM_THREADS")
+        if self.note:
+            details["note"] = self.note
+        return BackendFacts(self.name, str(self.path), precision, self.device.lower(), [], details)

@@ -1,0 +1,146 @@
+"""INT8 Q/DQ export on the tiny bundle: which layers may be INT8, the search's trial models, the calibration images
+(held out, never test), and the accuracy gate deciding whether NAME.int8.onnx is written."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import normal_crops
+from protoad_edge.bundle import Bundle
+from protoad_edge.constants import FP32_SCOPE
+from protoad_edge.errors import ProtoADError
+from protoad_edge.evaluation import evaluate
+from protoad_edge.evaluation.accuracy_gate import Verdict
+from protoad_edge.export import int8
+from protoad_edge.metadata import ModelInfo
+from protoad_edge.runtime.ort_backend import OrtBackend
+from protoad_edge.preprocess import to_batch
+
+onnx = pytest.importorskip("onnx")
+
+
+@pytest.fixture(scope="module")
+def float_model(tiny_model: Path) -> "onnx.ModelProto":
+    return onnx.load(str(tiny_model))
+
+
+def test_only_backbone_convs_are_candidates(float_model: "onnx.ModelProto") -> None:
+    convs = int8.backbone_convs(float_model)
+    assert len(convs) == 43  # wide_resnet50_2 up to layer3
+    assert all(c.startswith("/features/") and FP32_SCOPE not in c for c in convs)
+    assert int8.prototype_matmuls(float_model) == ["/prototypes/MatMul"]  # after the L2 norm: never a candidate
+
+
+def test_trial_models_quantize_exactly_the_layers_kept(tiny_model: Path, float_model: "onnx.ModelProto",
+                                                       tmp_path: Path) -> None:
+    convs = int8.backbone_convs(float_model)
+    crops = normal_crops(4, 64, seed=3)
+    int8._quantize(tiny_model, tmp_path / "all.onnx", convs, tmp_path / "cache.json",
+                   int8._Reader(float_model.graph.input[0].name, crops))
+    qdq = onnx.load(str(tmp_path / "all.onnx"))
+    none = int8.only(qdq, float_model, set())
+    assert not [n for n in none.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    x = to_batch(crops)
+    fp32 = OrtBackend(tiny_model, providers=["CPUExecutionProvider"]).infer(x)[0]
+
+    def maps(model: "onnx.ModelProto") -> np.ndarray:
+        path = tmp_path / "trial.int8.onnx"
+        model = onnx.ModelProto.FromString(model.SerializeToString())
+        del model.metadata_props[:]  # the quantizer adds its own key; the bundle's are what the backend reads
+        model.metadata_props.extend(float_model.metadata_props)
+        onnx.save(model, str(path))
+        return OrtBackend(path, providers=["CPUExecutionProvider"]).infer(x)[0]
+
+    assert np.abs(maps(none) - fp32).max() < 1e-6  # nothing kept: FP32 again
+    full = maps(int8.only(qdq, float_model, set(convs)))
+    assert np.abs(full - maps(qdq)).max() < 1e-6  # everything kept: the quantizer's model
+    one = int8.only(qdq, float_model, {convs[5]})
+    readers = {n.name for n in one.graph.node for i in n.input if i.endswith("DequantizeLinear_Output")}
+    assert convs[5] in readers and not readers & (set(convs) - {convs[5]})
+
+
+def test_calibration_images_are_the_builds_held_out_ones() -> None:
+    torch_pipeline = pytest.importorskip("protoad_edge.build.pipeline")
+    samples = [f"img{i}" for i in range(40)]
+    for val_split, seed in ((0.1, 0), (0.2, 7), (0.5, 3)):
+        fit, val = torch_pipeline.split_train(samples, val_split, seed)
+        chosen, held = evaluate.calibration_samples(samples, len(val), seed, minimum=4)
+        assert chosen[:held] == val and held == len(val)
+    chosen, held = evaluate.calibration_samples(samples, 3, 0, minimum=16)  # topped up with training images
+    assert held == 3 and len(chosen) == 16 and len(set(chosen)) == 16
+
+
+def write_dataset(root: Path, category: str) -> Path:
+    """MVTec layout: 20 normal training images, 4 normal and 4 scratched test images with masks."""
+    folder = root / category
+    normal = normal_crops(28, 72, seed=21)
+    for sub in ("train/good", "test/good", "test/scratch", "ground_truth/scratch"):
+        (folder / sub).mkdir(parents=True)
+    for i in range(20):
+        Image.fromarray(normal[i]).save(folder / "train/good" / f"{i:03d}.png")
+    for i in range(4):
+        Image.fromarray(normal[20 + i]).save(folder / "test/good" / f"{i:03d}.png")
+        bad, mask = normal[24 + i].copy(), np.zeros((72, 72), np.uint8)
+        bad[30:36, 10:60], mask[30:36, 10:60] = 255, 255
+        Image.fromarray(bad).save(folder / "test/scratch" / f"{i:03d}.png")
+        Image.fromarray(mask).save(folder / "ground_truth/scratch" / f"{i:03d}_mask.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def bundle_and_data(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("int8_bundle")
+    for f in tiny_model.parent.iterdir():
+        if f.is_file():
+            shutil.copy(f, folder / f.name)
+    return folder / tiny_model.name, write_dataset(tmp_path_factory.mktemp("int8_data"), "tiny")
+
+
+def test_export_writes_the_int8_model_and_records_the_loss(bundle_and_data: tuple[Path, Path]) -> None:
+    model, data = bundle_and_data
+    done = evaluate.export_int8(model, "tiny", data, accept=True, threads=2, log=lambda _: None)
+    assert done.path == Bundle.of(model).file("int8_onnx") and done.path.is_file()
+    record = ModelInfo.load_json(Bundle.of(model).sidecar).build["int8"]
+    assert record["quantized"] == len(done.draft.quantized) > 0
+    assert record["kept_fp32"] == done.draft.kept_fp32
+    assert record["calibration_images"] == 16 and record["search"]["score_error"] <= int8.SEARCH_TOLERANCE
+    gate = record["gate"]
+    assert gate["images"] == 8 and gate["passed"] is done.verdict.passed
+    assert gate["accepted_knowingly"] is (not done.verdict.passed)
+    assert {"image_auroc", "reference_image_auroc", "pixel_auroc", "spearman", "image_drop_pt"} <= set(gate)
+    quantized = onnx.load(str(done.path))
+    assert {p.key: p.value for p in quantized.metadata_props} == {
+        p.key: p.value for p in onnx.load(str(model), load_external_data=False).metadata_props}
+    backend = OrtBackend(done.path, providers=["CPUExecutionProvider"])  # the sidecar still matches it
+    assert np.isfinite(backend.infer(to_batch(normal_crops(2, 64)))[0]).all()
+    qdq_nodes = [n for n in quantized.graph.node if n.op_type == "DequantizeLinear"]
+    assert qdq_nodes and not [n for n in quantized.graph.node if FP32_SCOPE in n.name and "Quantize" in n.op_type]
+
+
+def test_a_failing_gate_writes_nothing(bundle_and_data: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    model, data = bundle_and_data
+    target = Bundle.of(model).file("int8_onnx")
+    target.unlink(missing_ok=True)
+
+    def copy_draft(onnx_path: Path, calibration: np.ndarray, workdir: Path, **_: object) -> int8.Int8Draft:
+        assert len(calibration) == 16  # held-out (none in this bundle) topped up with training images, never test
+        shutil.copy(onnx_path, Path(workdir) / "draft.int8.onnx")
+        return int8.Int8Draft(Path(workdir) / "draft.int8.onnx", ["c"], [], 0.0, {"quantized": 1})
+
+    monkeypatch.setattr(evaluate, "quantize_int8", copy_draft)
+    monkeypatch.setattr(evaluate, "judge", lambda figures: Verdict(figures, ("image AUROC drops 9.00 pt (limit 0.5)",)))
+    with pytest.raises(ProtoADError, match=r"tiny.int8.onnx fails the accuracy gate on 8 labelled images against FP32: "
+                                           r"image AUROC .* was not written; pass --accept-accuracy-loss"):
+        evaluate.export_int8(model, "tiny", data, threads=2, log=lambda _: None)
+    assert not target.exists()
+    assert not [p for p in model.parent.iterdir() if p.name.startswith(".tiny.int8.")]  # the scratch folder is gone
+
+
+def test_too_few_calibration_images(tiny_model: Path, tmp_path: Path) -> None:
+    with pytest.raises(ProtoADError, match="INT8 calibration needs at least 16 normal images, got 3"):
+        int8.quantize_int8(tiny_model, normal_crops(3, 64), tmp_path)
