@@ -90,3 +90,20 @@ def every_anomaly_has_a_mask(dataset) -> bool:
     """The dataset's anomalous test images all have masks, so pixel-level metrics exist for it."""
     anomalous = [s for s in dataset.test if s.label == 1]
     return bool(anomalous) and all(s.mask_path is not None for s in anomalous)
+
+
+def write_demo_category(root: Path, category: str, splits: dict[str, int]) -> None:
+    """A small MVTec-layout category of generated demo images (``demo.demo_image``), with their masks."""
+    from PIL import Image
+
+    from protoad_edge.build.demo import demo_image
+
+    for split, count in splits.items():
+        for index in range(count):
+            _, image, mask = demo_image(split, index)
+            (root / category / split).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(root / category / split / f"{index:03d}.png")
+            if mask is not None:
+                truth = root / category / "ground_truth" / split.split("/")[1]
+                truth.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(mask).save(truth / f"{index:03d}_mask.png")

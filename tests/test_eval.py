@@ -14,8 +14,8 @@ from click.testing import CliRunner, Result
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
+from conftest import write_demo_category
 from protoad_edge.cli.eval import main
-from protoad_edge.build.demo import demo_image
 from protoad_edge.errors import ProtoADError
 from protoad_edge.metrics import pro_area, pro_curve
 from protoad_edge.evaluation.paper import METRICS, comparison_rows, paper_dataset
@@ -91,16 +91,8 @@ TEST_SPLIT = {"test/good": 4, "test/scratch": 2, "test/spot": 2, "test/crack": 2
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small MVTec-layout category of demo images, plus 'nolabels' whose test split is all normal."""
     root = tmp_path_factory.mktemp("data")
-    for split, count in {"train/good": 2, **TEST_SPLIT}.items():
-        for index in range(count):
-            _, image, mask = demo_image(split, index)
-            for category in (CATEGORY, "nolabels") if split.endswith("good") else (CATEGORY,):
-                (root / category / split).mkdir(parents=True, exist_ok=True)
-                Image.fromarray(image).save(root / category / split / f"{index:03d}.png")
-            if mask is not None:
-                truth = root / CATEGORY / "ground_truth" / split.split("/")[1]
-                truth.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(mask).save(truth / f"{index:03d}_mask.png")
+    write_demo_category(root, CATEGORY, {"train/good": 2, **TEST_SPLIT})
+    write_demo_category(root, "nolabels", {"train/good": 2, "test/good": TEST_SPLIT["test/good"]})
     return root
 
 

@@ -5,34 +5,12 @@ and ends cleanly at --max-frames; a stream that never comes back ends the run wi
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import pytest
-
-SERVER = Path(__file__).resolve().parents[1] / "benchmarks" / "mjpeg_server.py"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(port: int) -> subprocess.Popen:
-    server = subprocess.Popen([sys.executable, str(SERVER), str(port)])
-    end = time.monotonic() + 20
-    while time.monotonic() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return server
-        except OSError:
-            time.sleep(0.05)
-    server.kill()
-    raise AssertionError("the MJPEG server did not start")
+from bench_outage import free_port, start_server
 
 
 def protoad_run(port: int, model: Path, *args: str) -> subprocess.Popen:

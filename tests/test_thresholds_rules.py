@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner, Result
-from PIL import Image
 
-from protoad_edge.build.demo import demo_image
+from conftest import write_demo_category
 from protoad_edge.cli.eval import main as eval_main
 from protoad_edge.cli.run import main as run_main
 from protoad_edge.errors import ProtoADError
@@ -246,15 +245,7 @@ TEST_SPLIT = {"test/good": 4, "test/scratch": 2, "test/spot": 2, "test/crack": 2
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small MVTec-layout category of demo images (as in test_eval)."""
     root = tmp_path_factory.mktemp("data")
-    for split, count in {"train/good": 2, **TEST_SPLIT}.items():
-        for index in range(count):
-            _, image, mask = demo_image(split, index)
-            (root / CATEGORY / split).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image).save(root / CATEGORY / split / f"{index:03d}.png")
-            if mask is not None:
-                truth = root / CATEGORY / "ground_truth" / split.split("/")[1]
-                truth.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(mask).save(truth / f"{index:03d}_mask.png")
+    write_demo_category(root, CATEGORY, {"train/good": 2, **TEST_SPLIT})
     return root
 
 
