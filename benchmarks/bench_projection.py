@@ -337,7 +337,8 @@ def section(cat: Category, acc: list[dict], fin: list[dict], timing: list[dict],
              "GFLOP / image | ms / image (ORT) |",
              "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in acc:
-        timed = t.get((r["k"], r["dims"])) if r["fit"] in ("-", "patch vectors") and "uncentred" not in r["space"] else None
+        exported = r["fit"] in ("-", "patch vectors") and "uncentred" not in r["space"]  # the graphs timed
+        timed = t.get((r["k"], r["dims"])) if exported else None
         base = paper[r["k"]]
         delta = lambda key: "" if r["dims"] is None else f" ({r[key] - base[key]:+.2f})"  # noqa: E731
         kept = "" if r["dims"] is None else f"{100 * r['kept']:.2f} %"
@@ -349,7 +350,8 @@ def section(cat: Category, acc: list[dict], fin: list[dict], timing: list[dict],
     projected = next(r for r in fin if r["finch"] != "1792")
     lines += ["",
               f"FINCH in the projected space against FINCH in 1792 dims, both compared in PCA {d} centred, fitted on "
-              f"{len(cat.sample):,} training patch vectors (as the build; the only fit available before clustering); the prototypes are "
+              f"{len(cat.sample):,} training patch vectors (as the build; the only fit available before clustering); "
+              "the prototypes are "
               "the clusters' normalised means in 1792 dims, projected the same way; every level of either with "
               f"0.5 x {min(r['k'] for r in acc):,} to 1.5 x {max(r['k'] for r in acc):,} clusters. FINCH in the projected "
               f"space (approximate first neighbours in {d // 2} of its {d} dims above {EXACT_UP_TO:,} rows): "
@@ -417,8 +419,8 @@ def main() -> None:
         cat = load_category(args.category, root, features, weights, min(ks), log)
         acc, kept, chosen_maps = accuracy_rows(cat, ks, settings, log)
         fin = projected_finch_rows(cat, ks, args.chosen, next(iter(kept.values()))[2], log)
-        timing, graphs = timing_rows(cat, features, kept, settings.fits[("patch vectors", True)], args.images, args.rounds,
-                                     Path(tmp), log)
+        timing, graphs = timing_rows(cat, features, kept, settings.fits[("patch vectors", True)], args.images,
+                                     args.rounds, Path(tmp), log)
         fp16 = fp16_row(cat, graphs, chosen_maps, max(kept), args.chosen, Path(tmp), log)
     text = section(cat, acc, fin, timing, fp16, settings, command_line(sys.argv), (time.perf_counter() - began) / 60)
     body = f"""## Projection before the prototype stage (`--project-dims`, issue 18): {args.category}

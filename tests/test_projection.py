@@ -361,8 +361,8 @@ def test_summary_shows_both_networks_side_by_side(projected_build: tuple[Path, s
     assert (rows[1]["image_auroc"], rows[1]["pixel_auroc"], rows[1]["pro"]) == \
         (test["image_auroc"], test["pixel_auroc"], test["pro"])
     for row, cells in ((rows[0], paper[2:]), (rows[1], projected[3:])):
-        assert cells == [f"{100 * row['image_auroc']:.1f}", f"{100 * row['pixel_auroc']:.1f}", f"{100 * row['pro']:.1f}",
-                         f"{row['ms_per_image']:.0f}", f"{row['gflop_per_image']:.2f}"]
+        assert cells == [f"{100 * row[key]:.1f}" for key in ("image_auroc", "pixel_auroc", "pro")] + \
+            [f"{row['ms_per_image']:.0f}", f"{row['gflop_per_image']:.2f}"]
         assert row["ms_per_image"] > 0
     hw, k = 28 * 28, info.num_prototypes
     assert rows[0]["gflop_per_image"] == pytest.approx(2 * hw * 1792 * k / 1e9)
@@ -405,9 +405,11 @@ def test_uncentred_build_and_a_rebuild_without_projection(data_root: Path, tmp_p
     assert "side by side" not in output
 
 
-@pytest.mark.parametrize("extra, expected", [(["--project-dims", "1792"], "--project-dims 1792"),
-                                             (["--project-dims", "5000"], "--project-dims 5000"),
-                                             (["--projection", "uncentred"], "--projection uncentred needs --project-dims")])
+@pytest.mark.parametrize("extra, expected", [
+    (["--project-dims", "1792"], "--project-dims 1792"),
+    (["--project-dims", "5000"], "--project-dims 5000"),
+    (["--projection", "uncentred"], "--projection uncentred needs --project-dims"),
+])
 def test_bad_projection_options_give_one_clear_line(extra: list[str], expected: str, data_root: Path,
                                                     tmp_path: Path) -> None:
     code, output = export(["--category", "part", "--data-root", str(data_root), "--out", str(tmp_path / "out"),

@@ -108,9 +108,9 @@ class NearestPrototype(nn.Module):
 class Projection(nn.Module):
     """Centre, project to D dimensions and re-normalise unit patch vectors: [N,C,H,W] -> [N,D,H,W].
 
-    The cosine to the prototypes is then taken in a D-dimensional subspace, so the prototype stage
-    costs D/C of the paper's (issue 18, ``build/projection.py`` fits it). The mean is zeros when the
-    projection is not centred. Applied to the prototypes by ``rows``, with the same operations.
+    The cosine to the prototypes is then taken in a D-dimensional subspace: D x (C + K) multiply-adds
+    per patch instead of the paper's C x K (issue 18; ``build/projection.py`` fits it). The mean is zeros
+    when the projection is not centred. ``rows`` applies the same operations to the prototypes.
     """
 
     def __init__(self, mean: torch.Tensor, matrix: torch.Tensor) -> None:
@@ -118,7 +118,7 @@ class Projection(nn.Module):
         matrix = torch.as_tensor(matrix, dtype=torch.float32)
         mean = torch.as_tensor(mean, dtype=torch.float32)
         if matrix.ndim != 2 or mean.shape != (matrix.shape[1],):
-            raise ValueError(f"projection: mean {list(mean.shape)} and matrix {list(matrix.shape)} do not fit [C], [D,C]")
+            raise ValueError(f"projection: mean {list(mean.shape)} and matrix {list(matrix.shape)} are not [C], [D,C]")
         self.register_buffer("mean", mean.view(1, -1, 1))
         self.register_buffer("matrix", matrix.contiguous())
         self.norm = L2Norm()

@@ -48,7 +48,7 @@ from .thresholds import Thresholds, from_normal_maps
 
 Log = Callable[[str], None]
 PARITY_IMAGES = 4  # held-out and test images each that the parity gate runs
-TIMED_IMAGES, TIMING_ROUNDS = 2, 3  # test images (batch 1) and rounds timing the paper's network beside the projected one
+TIMED_IMAGES, TIMING_ROUNDS = 2, 3  # test images (batch 1) and rounds timing the paper's and the projected network
 
 
 @dataclass
@@ -305,11 +305,10 @@ def build(cfg: BuildConfig, log: Log = print) -> BuildReport:
     with clock("finch"):
         clusters = cluster(cfg, vectors, device, log)
     prototypes = clusters.prototypes.astype(np.float32)
+    projection = None
     if cfg.project_dims is not None:
         with clock("projection"):
             projection = project(cfg, vectors, len(prototypes), log)
-    else:
-        projection = None
     del vectors
 
     net = ProtoADNet(features.cpu(), torch.from_numpy(prototypes), cfg.crop,

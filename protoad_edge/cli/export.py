@@ -142,8 +142,9 @@ def main(category: str | None, data_root: Path | None, dataset: str, out: Path, 
         click.echo(line)
     if info.projection:
         p = info.projection
-        click.echo(f"  projection    {p['dims']} of {FEATURE_CHANNELS} dims, {'centred' if p['centred'] else 'uncentred'}, "
-                   f"fitted on {p['rows']:,} training {p['fitted_on']} ({100 * p['variance_kept']:.1f}% of their variance)")
+        kind = "centred" if p["centred"] else "uncentred"
+        click.echo(f"  projection    {p['dims']} of {FEATURE_CHANNELS} dims, {kind}, fitted on {p['rows']:,} training "
+                   f"{p['fitted_on']} ({100 * p['variance_kept']:.1f}% of their variance)")
     if report.comparison:
         click.echo(f"  side by side  {'network':<26}{'image AUROC':>12}{'pixel AUROC':>13}{'PRO':>7}{'ms/image':>10}"
                    f"{'GFLOP/image':>13}")
