@@ -16,8 +16,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from click.testing import CliRunner  # noqa: E402
 
-from conftest import TINY_CROP, TINY_RESIZE, normal_crops  # noqa: E402
-from protoad_edge.build.demo import generate_demo  # noqa: E402
+from conftest import TINY_CROP, TINY_RESIZE, normal_crops, write_demo_category  # noqa: E402
 from protoad_edge.build.features import PatchFeatures, build_backbone  # noqa: E402
 from protoad_edge.build.network import L2Norm, ProtoADNet  # noqa: E402
 from protoad_edge.build.projection import (  # noqa: E402
@@ -243,22 +242,11 @@ def test_fp16_graph_keeps_the_projection_in_fp32_and_stays_close(parts: tuple, p
 SMALL = ["--weights", "none", "--resize", "128", "--crop", "112"]
 
 
-def tiny_mvtec(root: Path, demo_root: Path) -> Path:
-    """A 5-train, 2-test MVTec-layout copy of a few demo images (one test image has a defect and its mask)."""
-    src, cat = demo_root / "demo", root / "part"
-    for rel in ("train/good/000.png", "train/good/001.png", "train/good/002.png", "train/good/003.png",
-                "train/good/004.png", "test/good/000.png", "test/crack/000.png", "ground_truth/crack/000_mask.png"):
-        (cat / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(src / rel, cat / rel)
-    return cat
-
-
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    demo = tmp_path_factory.mktemp("demo")
-    generate_demo(demo)
+    """A 5-train, 2-test MVTec-layout category of demo images (one test image has a defect and its mask)."""
     root = tmp_path_factory.mktemp("data")
-    tiny_mvtec(root, demo)
+    write_demo_category(root, "part", {"train/good": 5, "test/good": 1, "test/crack": 1})
     return root
 
 

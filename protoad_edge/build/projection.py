@@ -93,7 +93,7 @@ def fit_projection(rows: np.ndarray, dims: int, centred: bool = True, fitted_on:
     """PCA of ``rows`` [M,C] (float16/32): their mean (if ``centred``) and top-``dims`` right singular vectors.
 
     Computed from the C x C second-moment matrix, accumulated ``CHUNK_ROWS`` rows at a time (M is up to
-    ``FIT_ROWS``, C 1792; 4-14 s on 2 shared cores), with each direction's sign fixed (its largest component
+    ``FIT_ROWS``, C 1792; 2-14 s on 2 shared cores), with each direction's sign fixed (its largest component
     positive) so equal inputs give equal files.
     """
     if rows.ndim != 2 or len(rows) == 0:
