@@ -213,6 +213,7 @@ class Lane:
     capture: Capture
     sinks: list[Sink]
     summary: RunSummary
+    writes: list[Sink] = field(default_factory=list)  # its sinks and the shared ones, in the order a frame goes to them
     fps: float = 0.0
     last: float = 0.0
     error: str = ""
@@ -220,6 +221,11 @@ class Lane:
     @property
     def active(self) -> bool:
         return not self.summary.stopped
+
+    @property
+    def needs_view(self) -> bool:
+        """Whether any of its sinks shows the overlay (rendering it costs milliseconds a frame)."""
+        return any(sink.needs_view for sink in self.writes)
 
 
 def per_source(path: str | Path | None, index: int, count: int) -> str | Path | None:
@@ -272,12 +278,13 @@ def run_many(sources: list[str | SourceSpec | Source], backend: Backend,
                                                save_masks=per_source(options.save_masks, i, count))
             title = f"protoad-run: {info.category}" + (f" ({lane.source.name})" if count > 1 else "")
             lane.sinks = open_sinks(lane_options, lane.source, title, pixel_threshold)
-        render_view = any(sink.needs_view for lane in lanes for sink in lane.sinks)
+        for lane in lanes:  # the order a frame's sinks are written in: masks before the records that name them
+            lane.writes = sorted(lane.sinks + shared, key=lambda sink: not sink.names_files)
         # Warm-up: lazy allocations and engine builds happen here, not in the first frame's latency.
         backend.infer(to_batch(np.zeros((info.crop, info.crop, 3), np.uint8)))
         for lane in lanes:
             lane.capture.start()
-        _judge_until_done(lanes, judge, shared, options, render_view, threshold, pixel_threshold)
+        _judge_until_done(lanes, judge, options, threshold, pixel_threshold)
     except KeyboardInterrupt:
         for lane in lanes:
             lane.summary.stopped = lane.summary.stopped or "interrupted"
@@ -305,8 +312,8 @@ def _end(lane: Lane, why: str, error: str = "") -> None:
     lane.summary.stopped, lane.summary.error = why, error
 
 
-def _judge_until_done(lanes: list[Lane], judge: Judge, shared: list[Sink], options: RunOptions, render_view: bool,
-                      threshold: float, pixel_threshold: float) -> None:
+def _judge_until_done(lanes: list[Lane], judge: Judge, options: RunOptions, threshold: float,
+                      pixel_threshold: float) -> None:
     """The loop: take the frames waiting across sources (one each, in turns), judge them in one call, hand
     each result to the shared outputs and its source's, until every source has ended."""
     stop, limit = options.stop, options.max_frames
@@ -352,9 +359,8 @@ def _judge_until_done(lanes: list[Lane], judge: Judge, shared: list[Sink], optio
             lane.last = now
             view = render(frame.rgb, result.anomaly_map, result.geometry, score=result.score,
                           anomalous=result.anomalous, threshold=threshold, pixel_threshold=pixel_threshold,
-                          fps=lane.fps, view_width=options.view_width) if render_view else None
-            sinks = sorted(lane.sinks + shared, key=lambda sink: not sink.names_files)  # masks before records
-            if not all([sink.write(result, view) for sink in sinks]):
+                          fps=lane.fps, view_width=options.view_width) if lane.needs_view else None
+            if not all([sink.write(result, view) for sink in lane.writes]):
                 _end(lane, "window closed")
             if options.on_frame is not None:
                 options.on_frame(result)
