@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import IO, Callable, Iterator
@@ -27,9 +28,7 @@ class PendingFile:
         os.close(fd)
         self.tmp = Path(tmp)
         # mkstemp creates 0600; the finished file should be as readable as any other the user writes.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp, 0o666 & ~umask)
+        os.chmod(self.tmp, 0o666 & ~_umask())
 
     def commit(self) -> Path:
         with open(self.tmp, "rb+") as f:
@@ -62,3 +61,33 @@ def write_atomic(path: str | os.PathLike, writer: Callable[[IO[bytes]], None]) -
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; it replaces the folder ``path`` only if the block succeeds.
+
+    A reader sees the old folder or the new one whole, never a mix; between the two renames there is a moment
+    without ``path`` (POSIX has no portable exchange of two folders).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not path.is_dir():
+        raise ProtoADError(f"{path} is a file: expected a folder")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700; a server running as another user must read it
+        yield tmp
+        old = path.with_name(f"{tmp.name}.old")
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask

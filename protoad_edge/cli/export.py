@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from pathlib import Path
 from typing import Iterator
 
@@ -11,7 +12,9 @@ import click
 from ..build.config import PROJECTIONS, BuildConfig
 from ..constants import DATASET_KINDS, DEVICES, FEATURE_CHANNELS, ENGINE_PRECISIONS, TENSORRT_CHOICES, UPSAMPLE_MODES
 from ..errors import ProtoADError
+from ..export.triton_repo import ACCELERATORS, write_repository
 from ..preprocess import FIT_HELP, FITS, parse_roi
+from ..runtime.triton import DEFAULT_MAX_BATCH
 from .common import threads_option, user_errors
 
 D = BuildConfig(category="")  # the defaults, written once in BuildConfig
@@ -82,16 +85,25 @@ BUILD_EXTRA = ("torch", "torchvision", "onnx", "onnxscript", "scipy", "sklearn")
                    "labelled test split (image/pixel AUROC within 0.5 pt of FP32, Spearman >= 0.99). With --from-onnx "
                    "give --category and the data (--data-root, --dataset) the bundle was built from.")
 @click.option("--accept-accuracy-loss", is_flag=True, help="With --int8: write it even when it fails the accuracy gate.")
+@click.option("--triton-repo", type=click.Path(path_type=Path, file_okay=False), default=None, metavar="DIR",
+              help="Also write a Triton Inference Server model repository: DIR/NAME (onnxruntime_onnx) and, where the "
+                   "plan exists, DIR/NAME_trt (tensorrt_plan), with the thresholds in their config.pbtxt. With "
+                   "--from-onnx, for that existing bundle (no torch needed).")
+@click.option("--triton-max-batch", type=click.IntRange(min=1), default=DEFAULT_MAX_BATCH, show_default=True,
+              help="With --triton-repo: the ONNX model's max_batch_size (dynamic batching gathers up to this many).")
+@click.option("--triton-accelerate", type=click.Choice(ACCELERATORS), default="none", show_default=True,
+              help="With --triton-repo: run the ONNX model through onnxruntime's TensorRT provider (FP16) on the server.")
 @user_errors
 def main(category: str | None, data_root: Path | None, dataset: str, out: Path, weights: str, feature_upsample: str,
          max_prototypes: int, val_split: float, device: str, seed: int, resize: int, crop: int, roi: str | None,
          fit: str, batch_size: int,
          cache_dir: Path | None, no_cache: bool, exact_neighbours: bool, threads: int, tensorrt: str, precision: str,
          opt_batch: int, max_batch: int | None, from_onnx: Path | None, project_dims: int | None,
-         projection: str | None, int8: bool, accept_accuracy_loss: bool) -> None:
+         projection: str | None, int8: bool, accept_accuracy_loss: bool, triton_repo: Path | None,
+         triton_max_batch: int, triton_accelerate: str) -> None:
     """Learn prototypes from normal images and write OUT/CATEGORY.onnx, .json and .prototypes.npy
     (and OUT/CATEGORY.plan where TensorRT and a GPU exist)."""
-    from ..export.engine import engine_from_onnx, engine_summary
+    from ..export.engine import engine_for_bundle, engine_from_onnx, engine_summary
 
     if from_onnx is not None and int8:
         if category is None:
@@ -100,10 +112,17 @@ def main(category: str | None, data_root: Path | None, dataset: str, out: Path, 
         line = int8_summary(from_onnx, category, data_root, dataset, accept_accuracy_loss, batch_size, threads)
         click.echo(f"  int8          {line}")
         return
+    triton = functools.partial(triton_summary, repo=triton_repo, max_batch=triton_max_batch, accelerate=triton_accelerate)
     if from_onnx is not None:
-        built = engine_from_onnx(from_onnx, tensorrt, precision=precision, opt_batch=opt_batch, max_batch=max_batch,
-                                 log=click.echo)
-        click.echo(f"  engine        {engine_summary(built)}")
+        # Alone, --from-onnx makes only the engine (auto means yes); with --triton-repo the engine is built where it can be.
+        if triton_repo is not None and not from_onnx.is_file():
+            raise ProtoADError(f"--from-onnx {from_onnx}: no such file")
+        engine_step = engine_from_onnx if triton_repo is None else engine_for_bundle
+        built = engine_step(from_onnx, tensorrt, precision=precision, opt_batch=opt_batch, max_batch=max_batch,
+                            log=click.echo)
+        if built:
+            click.echo(f"  engine        {engine_summary(built)}")
+        triton(from_onnx)
         return
     if category is None:
         raise ProtoADError("missing option --category (or --from-onnx PATH to only build a TensorRT engine)")
@@ -154,10 +173,19 @@ def main(category: str | None, data_root: Path | None, dataset: str, out: Path, 
     click.echo("  files         " + ", ".join(str(f) for f in report.files))
     if report.engine:
         click.echo(f"  engine        {engine_summary(report.engine)}")
+    onnx_path = next(f for f in report.files if f.name == f"{category}.onnx")
     if int8:
-        onnx_path = next(f for f in report.files if f.name == f"{category}.onnx")
         line = int8_summary(onnx_path, category, data_root, dataset, accept_accuracy_loss, batch_size, threads)
         click.echo(f"  int8          {line}")
+    triton(onnx_path)
+
+
+def triton_summary(onnx_path: Path, repo: Path | None, max_batch: int, accelerate: str) -> None:
+    """Write the Triton repository for the bundle of ``onnx_path`` when --triton-repo asks for one."""
+    if repo is None:
+        return
+    written = write_repository(onnx_path, repo, max_batch=max_batch, accelerate=accelerate, log=click.echo)
+    click.echo("  triton        " + ", ".join(f"{m.name} ({m.platform})" for m in written) + f" in {repo}")
 
 
 def int8_summary(onnx_path: Path, category: str, data_root: Path | None, dataset: str, accept: bool, batch_size: int,
