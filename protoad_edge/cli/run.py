@@ -8,7 +8,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import click
 import cv2
@@ -18,9 +18,11 @@ from ..atomic import write_atomic
 from ..bundle import locate
 from ..errors import ProtoADError
 from ..preprocess import Preprocess, parse_roi
+from ..runtime.backend import Backend
 from ..runtime.capture import Reconnect
 from ..runtime.loop import STATUS_EVERY_S, RunOptions, RunSummary, StopRequest, run_many
 from ..runtime.mqtt import MqttSink, parse_mqtt_url
+from ..runtime.triton import parse_server_url
 from .common import EXIT_INTERRUPTED, EXIT_TERMINATED, user_errors
 
 
@@ -85,6 +87,11 @@ def save_preview(spec: object, model: Path | None, roi: tuple[int, int, int, int
 @click.option("--model", type=click.Path(path_type=Path), default=None,
               help="Any file of a model bundle (NAME.onnx, .plan or .json). Default: the single bundle in ./models.")
 @click.option("--backend", type=click.Choice(CHOICES), default="auto", show_default=True, help=HELP)
+@click.option("--server", default=None, metavar="grpc://HOST[:PORT]/NAME",
+              help="Send the frames to model NAME on a Triton server (protoad-serve, or tritonserver on a "
+                   "protoad-export --triton-repo repository) instead of a local --model; preprocessing and thresholds "
+                   "come from the server. While the server is unreachable or restarting each request is sent again "
+                   "(0.5 s pauses doubling to 2 s) for up to --reconnect-timeout. Needs pip install 'protoad-edge[triton]'.")
 @click.option("--threshold", type=float, default=None,
               help="Image score above which a frame is anomalous. Default: the model's own.")
 @click.option("--show", is_flag=True, help="Live window with the overlay (q or Esc quits).")
@@ -112,7 +119,8 @@ def save_preview(spec: object, model: Path | None, roi: tuple[int, int, int, int
 @click.option("--reconnect-timeout", type=click.FloatRange(min=0.0), default=Reconnect().give_up_after,
               show_default=True, metavar="SECONDS",
               help="A camera or stream that stops delivering is reopened after growing pauses (0.5 s, doubling to "
-                   "2 s); after this long without a frame the run ends with an error, every output finalised.")
+                   "2 s), and so is a --server that stops answering; after this long without a frame (an answer) the "
+                   "run ends with an error, every output finalised.")
 @click.option("--mqtt", default=None, metavar="mqtt://HOST[:PORT]/TOPIC",
               help="Publish each frame's JSON record (QoS 1) to this broker topic. An outage never stalls "
                    "inspection: records queue (--mqtt-buffer), the client reconnects with backoff, and the summary "
@@ -121,7 +129,7 @@ def save_preview(spec: object, model: Path | None, roi: tuple[int, int, int, int
 @click.option("--mqtt-buffer", type=click.IntRange(min=1), default=10_000, show_default=True, metavar="N",
               help="Records kept for the broker while it is unreachable; beyond that the oldest are dropped.")
 @user_errors
-def main(sources: tuple[str, ...], model: Path | None, backend: str, threshold: float | None, show: bool, save: Path | None,
+def main(sources: tuple[str, ...], model: Path | None, backend: str, server: str | None, threshold: float | None, show: bool, save: Path | None,
          save_masks: Path | None, jsonl: str | None, max_frames: int | None, roi: str | None, view_width: int | None,
          status_every: float, preview: Path | None, reconnect_timeout: float, mqtt: str | None,
          mqtt_anomalies_only: bool, mqtt_buffer: int) -> None:
@@ -137,7 +145,6 @@ def main(sources: tuple[str, ...], model: Path | None, backend: str, threshold: 
     Ctrl-C (or SIGTERM) stops cleanly after the frame in hand: every output is finalised, the summary
     printed, and the exit status is 130 (143 for SIGTERM). A second Ctrl-C stops at once.
     """
-    from ..backends import open_backend
     from ..runtime.sources import parse_source
 
     # Human-readable text goes to stderr when stdout carries the JSON lines.
@@ -155,8 +162,13 @@ def main(sources: tuple[str, ...], model: Path | None, backend: str, threshold: 
             raise ProtoADError("--preview draws one source's frame: give one SOURCE")
         click.echo(f"wrote {save_preview(specs[0], model, region, preview)}")
         return
+    reconnect = Reconnect(give_up_after=reconnect_timeout)
+    if server is not None:
+        parse_server_url(server)
+        if model is not None or backend != "auto":
+            raise ProtoADError("--server judges with the server's model: drop --model and --backend")
     stop = StopRequest()
-    with stop_on_signals(stop), open_backend(model, backend) as opened:
+    with stop_on_signals(stop), open_model(model, backend, server, reconnect, log) as opened:
         facts, info = opened.describe(), opened.info
         log(f"model {facts.model} ({info.category}, crop {info.crop}), backend {facts.line()}")
         if threshold is None:
@@ -166,7 +178,7 @@ def main(sources: tuple[str, ...], model: Path | None, backend: str, threshold: 
         sinks = [MqttSink(mqtt, mqtt_anomalies_only, mqtt_buffer, log=log)] if mqtt is not None else []
         options = RunOptions(threshold=threshold, max_frames=max_frames, show=show, save=save, save_masks=save_masks,
                              jsonl=jsonl, roi=region, view_width=view_width, status_every=status_every, log=log,
-                             stop=stop, sinks=sinks, reconnect=Reconnect(give_up_after=reconnect_timeout))
+                             stop=stop, sinks=sinks, reconnect=reconnect)
         summaries = run_many(specs, opened, options)
     for summary in summaries:
         for line in summary.lines():
@@ -179,6 +191,18 @@ def main(sources: tuple[str, ...], model: Path | None, backend: str, threshold: 
     endings = [s.stopped for s in summaries if s.stopped in EXIT_CODES]
     if endings:
         sys.exit(EXIT_CODES[endings[0]])
+
+
+def open_model(model: Path | None, backend: str, server: str | None, reconnect: Reconnect,
+               log: Callable[[str], None]) -> Backend:
+    """The local backend of --model, or the Triton server of --server (retrying as a source reconnects)."""
+    if server is None:
+        from ..backends import open_backend
+
+        return open_backend(model, backend)
+    from ..runtime.triton import TritonBackend
+
+    return TritonBackend(server, retry=reconnect, log=log)
 
 
 def total_line(summaries: list[RunSummary]) -> str:

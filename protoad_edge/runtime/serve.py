@@ -1,0 +1,141 @@
+"""``protoad-serve``: a bundle behind Triton Inference Server, through PyTriton (which ships ``tritonserver``).
+
+Any local backend (ort, openvino, trt, torch) answers Triton's requests, with Triton's dynamic batching
+gathering the frames of many clients into one call, HTTP and gRPC endpoints, readiness and Prometheus
+metrics. The model looks exactly like one from a ``--triton-repo`` repository (``runtime.triton.signature``,
+metadata under the ``protoad`` parameter), so ``protoad-run --server`` cannot tell them apart.
+
+PyTriton runs the model in Triton's Python backend, whose stub process links ``libpythonX.Y.so.1.0``. It must
+be the running interpreter's own: a system libpython of another patch release makes the stub fail when the
+model loads. ``stub_library_path`` points the stub at this interpreter's library where it has one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sysconfig
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from ..errors import ProtoADError
+from .backend import Backend
+from .triton import DEFAULT_MAX_BATCH, DEFAULT_QUEUE_DELAY_US, PARAMETER, check_model_name, info_parameter, signature
+
+ALIVE_CHECK_S = 1.0
+INSTALL = "pip install 'protoad-edge[serve]' (PyTriton needs numpy < 2: give serving its own environment)"
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """Where and how the model is served; the ports are Triton's defaults."""
+
+    name: str
+    address: str = "0.0.0.0"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    max_batch: int = DEFAULT_MAX_BATCH
+    queue_delay_us: int = DEFAULT_QUEUE_DELAY_US
+
+    def endpoints(self) -> str:
+        host = "127.0.0.1" if self.address == "0.0.0.0" else self.address
+        return (f"grpc://{host}:{self.grpc_port}/{self.name}, http://{host}:{self.http_port}/v2/models/{self.name}, "
+                f"metrics http://{host}:{self.metrics_port}/metrics")
+
+
+def stub_library_path(config: Mapping[str, Any], environ: Mapping[str, str]) -> tuple[str | None, str]:
+    """(the LD_LIBRARY_PATH that makes Triton's Python stub load this interpreter's libpython, or None to leave it;
+    a line for the log). ``config`` is ``sysconfig.get_config_vars()``."""
+    soname = f"libpython{config.get('LDVERSION') or config.get('py_version_short', '')}.so.1.0"
+    libdir = config.get("LIBDIR") or ""
+    current = environ.get("LD_LIBRARY_PATH", "")
+    if not config.get("Py_ENABLE_SHARED") or not libdir or not (Path(libdir) / soname).is_file():
+        return None, (f"this Python has no shared {soname} (built without --enable-shared): Triton's Python stub loads "
+                      f"the system's {soname} if there is one, and fails to start the model if that is another "
+                      "release; if it does, serve from a Python built with --enable-shared")
+    if current.split(":")[0] == libdir:
+        return None, f"Triton's Python stub loads {Path(libdir) / soname} (already first on LD_LIBRARY_PATH)"
+    return ":".join(p for p in (libdir, current) if p), f"Triton's Python stub loads {Path(libdir) / soname}"
+
+
+def serve(backend: Backend, options: ServeOptions, *, log: Callable[[str], None],
+          stop: threading.Event | None = None, ready: Callable[[], None] | None = None) -> None:
+    """Serve ``backend`` until ``stop`` is set (or the server dies: a ProtoADError). ``ready`` is called once the
+    model answers."""
+    try:
+        from pytriton.decorators import batch
+        from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+        from pytriton.triton import Triton, TritonConfig
+    except ImportError as exc:
+        raise ProtoADError(f"protoad-serve needs PyTriton ({exc}): {INSTALL}") from None
+    check_model_name(options.name, "--name")
+    path, line = stub_library_path(sysconfig.get_config_vars(), os.environ)
+    if path is not None:
+        os.environ["LD_LIBRARY_PATH"] = path  # tritonserver and its stub inherit the environment
+    log(line)
+    limit = backend.max_batch or options.max_batch
+    if options.max_batch > limit:
+        raise ProtoADError(f"--max-batch {options.max_batch}: {backend.describe().line()} runs at most {limit} images "
+                           "per call")
+    inputs, outputs = signature(backend.info)
+    (image,) = inputs
+    amap, score = outputs
+
+    @batch
+    def infer(**tensors: np.ndarray) -> dict[str, np.ndarray]:
+        maps, scores = backend.infer(tensors[image.name])
+        return {amap.name: maps, score.name: scores.reshape(-1, 1)}
+
+    config = TritonConfig(http_address=options.address, http_port=options.http_port, grpc_address=options.address,
+                          grpc_port=options.grpc_port, metrics_port=options.metrics_port, allow_metrics=True,
+                          allow_cpu_metrics=True)
+    stop = stop or threading.Event()
+    triton = Triton(config=config)
+    try:
+        triton.bind(model_name=options.name, infer_func=infer,
+                    inputs=[Tensor(name=image.name, dtype=np.float32, shape=image.dims)],
+                    outputs=[Tensor(name=t.name, dtype=np.float32, shape=t.dims) for t in outputs],
+                    config=ModelConfig(max_batch_size=options.max_batch,
+                                       batcher=DynamicBatcher(max_queue_delay_microseconds=options.queue_delay_us)))
+        publish_info(triton, options.name, info_parameter(backend.info))
+        started = time.monotonic()
+        try:
+            triton.run()
+        except Exception as exc:  # PyTriton raises its own types, with the model's traceback inside
+            raise ProtoADError(f"Triton did not start model {options.name}: {failure(str(exc))} ({line})") from None
+        log(f"serving {options.name} ({backend.describe().line()}, batch up to {options.max_batch}, queue delay "
+            f"{options.queue_delay_us} us) at {options.endpoints()}; ready in {time.monotonic() - started:.1f} s")
+        if ready:
+            ready()
+        while not stop.wait(ALIVE_CHECK_S):
+            if not triton.is_alive():
+                raise ProtoADError(f"Triton serving {options.name} stopped unexpectedly")
+    finally:
+        triton.stop()
+
+
+def publish_info(triton: Any, name: str, text: str) -> None:
+    """Put the bundle's metadata into the model configuration PyTriton generates, under ``PARAMETER``.
+
+    PyTriton's public API has no model parameters, so this sets the one dictionary its configuration generator
+    writes as ``parameters`` (nvidia-pytriton 0.5-0.7); a PyTriton without it is refused with the versions that
+    have it, rather than serving a model that clients cannot judge with.
+    """
+    try:
+        model = next(m for m in triton._model_manager.models if m.model_name == name)
+        model._get_triton_model_config().backend_parameters[PARAMETER] = text
+    except (AttributeError, StopIteration, TypeError):
+        raise ProtoADError("this nvidia-pytriton cannot carry the bundle's metadata to clients: install "
+                           "nvidia-pytriton>=0.5,<0.8") from None
+
+
+def failure(text: str) -> str:
+    """What went wrong, from an error that may carry a whole traceback: its last ``SomeError: why`` line."""
+    found = re.findall(r"([A-Z]\w*(?:Error|Exception): [^\n\\]+)", text)
+    return found[-1].strip() if found else text.strip().splitlines()[0]
