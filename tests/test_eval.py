@@ -206,6 +206,31 @@ def test_compare_reference_is_the_bundles_pytorch_network(tiny_model: Path, data
     assert comparison.test.labels.tolist() == labels.tolist()
 
 
+def test_compare_two_bundles_side_by_side(tiny_model: Path, data_root: Path, tmp_path: Path) -> None:
+    """ort@FILE: another network (here other prototypes; in use the projected one) on the same images, each
+    bundle's figures its own evaluation's."""
+    from conftest import make_bundle
+    from protoad_edge.evaluation.evaluate import evaluate_category
+
+    other = make_bundle(tmp_path / "other", name="tiny", k=24, seed=1)
+    report = tmp_path / "two.json"
+    result = run("--model", tiny_model, "--category", CATEGORY, "--any-category", "--data-root", data_root,
+                 "--compare", f"ort,ort@{other}", "--json", report)
+    assert result.exit_code == 0, result.output
+    runs = json.loads(report.read_text())["comparisons"][CATEGORY]["backends"]
+    assert list(runs) == ["ort", f"ort@{other}"]
+    alone = evaluate_category(other, CATEGORY, data_root=data_root, any_category=True).summary()
+    for metric in ("image_auroc", "pixel_auroc", "pro"):
+        assert runs[f"ort@{other}"][metric] == pytest.approx(alone[metric], abs=1e-9)
+    assert runs[f"ort@{other}"]["max_abs_map_difference"] > 1e-3  # a different network, not the same one twice
+    assert runs[f"ort@{other}"]["accuracy_gate"] is None  # full precision: not the gate's to judge
+    wider = make_bundle(tmp_path / "wider", name="tiny", crop=80, resize=96)
+    assert_user_error(run("--model", tiny_model, "--category", CATEGORY, "--any-category", "--data-root", data_root,
+                          "--compare", f"ort,ort@{wider}"), "preprocessing")
+    assert_user_error(run("--model", tiny_model, "--category", CATEGORY, "--any-category", "--data-root", data_root,
+                          "--compare", f"ort,ort@{tmp_path / 'gone.onnx'}"), "gone.onnx after @ is not a bundle file")
+
+
 def test_all_categories_table(tiny_model: Path, data_root: Path, tmp_path: Path) -> None:
     models = tmp_path / "models"
     models.mkdir()

@@ -42,6 +42,8 @@ ALL = "all"
 @click.option("--backend", type=click.Choice(CHOICES), default=AUTO, show_default=True, help=HELP)
 @click.option("--compare", "compare", default=None, metavar="B1,B2[,B3]",
               help=f"Run the same images through these backends ({', '.join(NAMES)}) and compare them with the first. "
+                   "NAME@FILE runs another bundle's FILE (e.g. the projected network beside --model's: "
+                   "ort,ort@models/p256/bottle.onnx). "
                    "NAME:PRECISION runs a backend in a reduced precision ("
                    + "; ".join(f"{e.name}: {', '.join(e.precisions)}" for e in REGISTRY.values() if e.precisions)
                    + f", e.g. ort,openvino:bf16), judged by the accuracy gate against the first: image and pixel "
@@ -140,15 +142,18 @@ def main(model: Path, category: str, any_category: bool, data_root: Path | None,
 
 def _parse_compare(spec: str) -> list[str]:
     names = [b.strip() for b in spec.split(",") if b.strip()]
-    bad = [b for b in names if b.partition(":")[0] not in NAMES]
+    bad = [b for b in names if b.partition("@")[0].partition(":")[0] not in NAMES]
     if bad or len(names) < 2 or len(set(names)) != len(names):
         raise ProtoADError(f"bad --compare {spec!r}: give two or more different backends among {', '.join(NAMES)} "
                            "(e.g. torch,ort or ort,openvino:bf16)")
     for name in names:
+        backend, _, other = name.partition("@")
         try:
-            parse_spec(name)
+            parse_spec(backend)
         except ProtoADError as exc:
             raise ProtoADError(f"bad --compare {spec!r}: {exc}") from None
+        if "@" in name and not Path(other).is_file():
+            raise ProtoADError(f"bad --compare {spec!r}: {other or '(empty)'} after @ is not a bundle file")
     return names
 
 

@@ -312,14 +312,20 @@ def compare_backends(
 ) -> Comparison:
     """Run the same test images through each of ``backends`` (at least two, the first is the reference;
     ``name:precision`` runs a backend in a reduced precision, which the accuracy gate judges against the
-    reference, so that must run at full precision); ``any_category`` as in ``evaluate_category``."""
+    reference, so that must run at full precision; ``name@FILE`` runs another bundle, e.g. the projected
+    network beside the paper's, which must preprocess alike); ``any_category`` as in ``evaluate_category``."""
     if len(backends) < 2 or len(set(backends)) != len(backends) or AUTO in backends:
         raise ProtoADError(f"--compare needs two or more different backends, got {','.join(backends)}")
-    specs = [parse_spec(b) for b in backends]
+    bundles = [b.partition("@")[2] or model for b in backends]  # NAME@FILE: another bundle (another network)
+    specs = [parse_spec(b.partition("@")[0]) for b in backends]
     if specs[0][1] is not None:
         raise ProtoADError(f"--compare {','.join(backends)}: the first backend is the FP32 reference the others are "
                            f"judged against, so give it without a precision ({specs[0][0]})")
-    chosen = [_resolve(model, category, name) for name, _ in specs]  # every file exists before anything runs
+    chosen = [_resolve(m, category, name) for m, (name, _) in zip(bundles, specs)]  # every file exists before anything runs
+    first = Bundle.of(chosen[0][1]).info().preprocess
+    for _, path in chosen[1:]:  # and every bundle sees the same images
+        if (pre := Bundle.of(path).info().preprocess) != first:
+            raise ProtoADError(f"{path}: preprocessing {pre} differs from {chosen[0][1]}'s {first}")
     test: LabelledSplit | None = None
     runs: list[BackendRun] = []
     for spec, (_, precision), (entry, path) in zip(backends, specs, chosen):
@@ -327,10 +333,7 @@ def compare_backends(
         with entry.load()(path, run_options) as opened:
             check_category(path, opened.info, category, any_category)
             if test is None:
-                pre = opened.info.preprocess
-                test = load_test_set(category, data_root, dataset, pre, progress)
-            elif opened.info.preprocess != pre:
-                raise ProtoADError(f"{path}: preprocessing {opened.info.preprocess} differs from {chosen[0][1]}'s {pre}")
+                test = load_test_set(category, data_root, dataset, opened.info.preprocess, progress)
             maps, seconds = _timed_maps(opened, test, batch_size, progress)
             runs.append(BackendRun(spec, opened.describe().line(), path, maps, compute_metrics(test, maps), seconds,
                                    reduced=precision not in (None, "fp32")))
