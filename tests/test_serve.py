@@ -109,3 +109,14 @@ def test_a_server_restart_mid_run_loses_and_repeats_nothing(tiny_model: Path, tm
     local = run_records(video, "--model", tiny_model, "--max-frames", "150")
     np.testing.assert_allclose([r["score"] for r in records], [r["score"] for r in local], rtol=0, atol=1e-5)
     assert "stopped (SIGTERM)" in (tmp_path / "serve.log").read_text()
+
+
+def test_the_load_benchmark_counts_every_answer(server: Server, tiny_model: Path) -> None:
+    """bench_serve.py's load phase, short: concurrent clients, every answer checked against the local scores."""
+    from bench_serve import load, reference
+
+    frames, scores = reference(tiny_model)
+    result = load(server, frames, scores, clients=3, seconds=2.0)
+    assert result.ok() and result.requests >= 3, result
+    wrong = load(server, frames, scores[::-1].copy(), clients=1, seconds=1.0)  # the check can fail
+    assert wrong.mismatched > 0 and not wrong.ok()
