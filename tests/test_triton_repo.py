@@ -30,7 +30,7 @@ def parse(path: Path) -> model_config_pb2.ModelConfig:
 @pytest.fixture()
 def bundle(tiny_model: Path, tmp_path: Path) -> Bundle:
     """A copy of the tiny bundle, so tests may add a plan or edit the sidecar."""
-    for path in tiny_model.parent.iterdir():
+    for path in tiny_model.parent.glob("tiny.*"):
         shutil.copy(path, tmp_path / path.name)
     return Bundle(tmp_path / "tiny")
 
