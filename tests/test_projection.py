@@ -205,7 +205,7 @@ def test_exported_projected_network_equals_pytorch(parts: tuple, projected_onnx:
 
 def test_centring_projection_and_renormalisation_are_in_the_fp32_scope(projected_onnx: Path) -> None:
     model = onnx.load(str(projected_onnx))
-    scoped = [n for n in model.graph.node if n.name.startswith(f"{FP32_SCOPE}projection/")]
+    scoped = [n for n in model.graph.node if n.name.startswith(FP32_SCOPE)]
     ops = {n.op_type for n in scoped}
     assert {"Sub", "MatMul", "ReduceSum", "Sqrt", "Div"} <= ops, ops
     weights = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
@@ -224,7 +224,7 @@ def test_fp16_graph_keeps_the_projection_in_fp32_and_stays_close(parts: tuple, p
     types = {v.name: v.type.tensor_type.elem_type for v in [*typed.value_info, *typed.output]}
     inits = {t.name: t.data_type for t in model16.graph.initializer}
     for node in model16.graph.node:
-        if node.name.startswith(f"{FP32_SCOPE}projection/") and node.op_type != "Constant":
+        if node.name.startswith(FP32_SCOPE) and node.op_type != "Constant":
             assert types[node.output[0]] in (TensorProto.FLOAT, TensorProto.INT64), node.name  # shapes are int64
             assert all(inits.get(name, TensorProto.FLOAT) != TensorProto.FLOAT16 for name in node.input), node.name
     batch = parts[3]

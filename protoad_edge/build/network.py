@@ -138,19 +138,28 @@ class Projection(nn.Module):
 
 
 class ProjectedL2Norm(nn.Module):
-    """The L2 norm followed by the projection, as one module.
+    """The L2 norm followed by the projection, as one module: ``projection(x / |x|)``, computed as
+    ``(P x) / |x| - P mean`` and re-normalised.
 
-    Registered under the L2 norm's name, its centring, projection and re-normalisation are all in the
-    scope ("/l2norm/...") that FP16 graphs and TensorRT 10 engines keep in FP32, with no change to them.
+    Both steps are linear in x but for the per-patch scale, so the projection is applied to the raw features
+    and the scale and the (projected) mean to its D rows: the C x H*W features are read once by the product,
+    instead of being written normalised and then centred first (two passes over the largest tensor of the
+    graph). Registered under the L2 norm's name, all of it is in the scope ("/l2norm/...") that FP16 graphs
+    and TensorRT 10 engines keep in FP32, where the sum of squares of raw activations cannot overflow.
     """
 
-    def __init__(self, projection: Projection) -> None:
+    def __init__(self, projection: Projection, eps: float = 1e-6) -> None:
         super().__init__()
-        self.norm = L2Norm()
         self.projection = projection
+        self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.projection(self.norm(x))
+        n, _, h, w = x.shape
+        flat = x.flatten(2)  # [N,C,H*W]
+        scale = flat.pow(2).sum(dim=1, keepdim=True).sqrt().clamp_min(self.eps)  # [N,1,H*W]
+        p = self.projection
+        y = torch.matmul(p.matrix, flat) / scale - torch.matmul(p.matrix, p.mean)  # [N,D,H*W]
+        return p.norm(y.view(n, -1, h, w))
 
 
 class ProtoADNet(nn.Module):
