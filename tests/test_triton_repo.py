@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -242,3 +243,33 @@ def test_a_model_that_fails_to_load_is_reported_by_its_error_not_its_traceback()
             "AttributeError: '_thread.RLock' object has no attribute '_recursion_count'\\n\\nAt:\\n")
     assert failure(text) == "AttributeError: '_thread.RLock' object has no attribute '_recursion_count'"
     assert failure("port 8001 in use\nmore") == "port 8001 in use"
+
+
+def test_no_server_is_retried_then_one_line_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing listens on the port: the client retries for the reconnect timeout, then says so (real gRPC)."""
+    import socket
+
+    from protoad_edge.runtime.capture import Reconnect
+    from protoad_edge.runtime.triton import TritonBackend
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    logged: list[str] = []
+    with pytest.raises(ProtoADError, match=rf"cannot read the model configuration of grpc://127.0.0.1:{port}/tiny "
+                                           r"\(no answer for [12] s\)"):
+        TritonBackend(f"grpc://127.0.0.1:{port}/tiny", retry=Reconnect(give_up_after=1.0), log=logged.append)
+    assert len(logged) == 1 and "retrying" in logged[0]  # said once, not per attempt
+
+
+def test_missing_client_and_server_libraries_name_their_extras(monkeypatch: pytest.MonkeyPatch, tiny_model: Path) -> None:
+    from protoad_edge.runtime.ort_backend import OrtBackend
+    from protoad_edge.runtime.serve import ServeOptions, serve
+    from protoad_edge.runtime.triton import TritonBackend
+
+    monkeypatch.setitem(sys.modules, "tritonclient.grpc", None)
+    with pytest.raises(ProtoADError, match=r"pip install 'protoad-edge\[triton\]'"):
+        TritonBackend("grpc://127.0.0.1:8001/tiny")
+    monkeypatch.setitem(sys.modules, "pytriton.triton", None)
+    with pytest.raises(ProtoADError, match=r"pip install 'protoad-edge\[serve\]' \(PyTriton needs numpy < 2"):
+        serve(OrtBackend(tiny_model), ServeOptions(name="tiny"), log=print)
