@@ -273,3 +273,22 @@ def test_missing_client_and_server_libraries_name_their_extras(monkeypatch: pyte
     monkeypatch.setitem(sys.modules, "pytriton.triton", None)
     with pytest.raises(ProtoADError, match=r"pip install 'protoad-edge\[serve\]' \(PyTriton needs numpy < 2"):
         serve(OrtBackend(tiny_model), ServeOptions(name="tiny"), log=print)
+
+
+def test_serve_ports_must_differ_and_be_free() -> None:
+    import socket
+
+    from protoad_edge.runtime.serve import ServeOptions, check_ports
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            free = s.getsockname()[1]
+        with pytest.raises(ProtoADError, match=rf"--grpc-port {port}: cannot listen on 127.0.0.1:{port} \(Address already in use\)"):
+            check_ports(ServeOptions("tiny", "127.0.0.1", http_port=free, grpc_port=port, metrics_port=free + 1))
+    with pytest.raises(ProtoADError, match="the three ports must differ"):
+        check_ports(ServeOptions("tiny", "127.0.0.1", http_port=free, grpc_port=free, metrics_port=free + 1))
+    check_ports(ServeOptions("tiny", "127.0.0.1", http_port=free, grpc_port=port, metrics_port=free + 1))  # freed: fine

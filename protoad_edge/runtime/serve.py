@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import sysconfig
 import threading
 import time
@@ -75,6 +76,7 @@ def serve(backend: Backend, options: ServeOptions, *, log: Callable[[str], None]
     except ImportError as exc:
         raise ProtoADError(f"protoad-serve needs PyTriton ({exc}): {INSTALL}") from None
     check_model_name(options.name, "--name")
+    check_ports(options)
     path, line = stub_library_path(sysconfig.get_config_vars(), os.environ)
     if path is not None:
         os.environ["LD_LIBRARY_PATH"] = path  # tritonserver and its stub inherit the environment
@@ -118,6 +120,21 @@ def serve(backend: Backend, options: ServeOptions, *, log: Callable[[str], None]
                 raise ProtoADError(f"Triton serving {options.name} stopped unexpectedly")
     finally:
         triton.stop()
+
+
+def check_ports(options: ServeOptions) -> None:
+    """Each port distinct and free on the address, or one line naming the flag: Triton itself would only exit,
+    and PyTriton report a readiness time-out minutes later."""
+    ports = {"--http-port": options.http_port, "--grpc-port": options.grpc_port, "--metrics-port": options.metrics_port}
+    if len(set(ports.values())) < len(ports):
+        raise ProtoADError(f"{', '.join(f'{k} {v}' for k, v in ports.items())}: the three ports must differ")
+    for flag, port in ports.items():
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((options.address, port))
+            except OSError as exc:
+                raise ProtoADError(f"{flag} {port}: cannot listen on {options.address}:{port} ({exc.strerror})") from None
 
 
 def publish_info(triton: Any, name: str, text: str) -> None:
