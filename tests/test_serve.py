@@ -74,6 +74,16 @@ def test_two_sources_through_one_server(server: Server, tiny_model: Path, tmp_pa
         np.testing.assert_allclose([r["score"] for r in mine], [r["score"] for r in local], rtol=0, atol=1e-5)
 
 
+def test_preview_draws_the_served_models_region(server: Server, tiny_model: Path, tmp_path: Path) -> None:
+    video = write_video(tmp_path / "p.avi", 2, seed=1)
+    for args, name in ((["--model", str(tiny_model)], "local.png"), (["--server", server.url], "served.png")):
+        result = CliRunner().invoke(run_main, [str(video), *args, "--preview", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+    assert (tmp_path / "served.png").read_bytes() == (tmp_path / "local.png").read_bytes()
+    default = CliRunner().invoke(run_main, [str(video), "--preview", str(tmp_path / "none.png")])
+    assert default.exit_code == 0 and (tmp_path / "none.png").read_bytes() != (tmp_path / "local.png").read_bytes()
+
+
 def test_readiness_and_prometheus_metrics(server: Server, tmp_path: Path) -> None:
     assert server.http("/v2/health/ready")[0] == 200
     status, body = server.http(f"/v2/models/{server.name}")

@@ -51,13 +51,15 @@ def stop_on_signals(stop: StopRequest) -> Iterator[None]:
             signal.signal(signum, old)
 
 
-def save_preview(spec: object, model: Path | None, roi: tuple[int, int, int, int] | None, path: Path) -> Path:
-    """The first frame of ``spec`` with the region drawn on it (the model's preprocessing where there is a model)."""
+def save_preview(spec: object, model: Path | None, roi: tuple[int, int, int, int] | None, path: Path,
+                 served: Preprocess | None = None) -> Path:
+    """The first frame of ``spec`` with the region drawn on it (the model's preprocessing where there is a model:
+    ``served``, a --server's, else the bundle's)."""
     from ..runtime.overlay import preview
     from ..runtime.sources import open_source
 
     try:
-        pre = locate(model)[0].info().preprocess
+        pre = served or locate(model)[0].info().preprocess
     except ProtoADError:
         if model is not None:
             raise
@@ -157,16 +159,20 @@ def main(sources: tuple[str, ...], model: Path | None, backend: str, server: str
     region = parse_roi(roi) if roi else None
     if mqtt is not None:
         parse_mqtt_url(mqtt)  # and so does a mistyped broker URL
-    if preview is not None:
-        if len(specs) > 1:
-            raise ProtoADError("--preview draws one source's frame: give one SOURCE")
-        click.echo(f"wrote {save_preview(specs[0], model, region, preview)}")
-        return
     reconnect = Reconnect(give_up_after=reconnect_timeout)
     if server is not None:
         parse_server_url(server)
         if model is not None or backend != "auto":
             raise ProtoADError("--server judges with the server's model: drop --model and --backend")
+    if preview is not None:
+        if len(specs) > 1:
+            raise ProtoADError("--preview draws one source's frame: give one SOURCE")
+        served = None
+        if server is not None:
+            with open_model(None, backend, server, reconnect, log) as remote:
+                served = remote.info.preprocess
+        click.echo(f"wrote {save_preview(specs[0], model, region, preview, served)}")
+        return
     stop = StopRequest()
     with stop_on_signals(stop), open_model(model, backend, server, reconnect, log) as opened:
         facts, info = opened.describe(), opened.info
