@@ -212,6 +212,25 @@ def test_a_second_export_reuses_the_feature_cache(tmp_path: Path, demo_root: Pat
     assert np.array_equal(a, b)  # the same features give the same prototypes
 
 
+def test_a_build_can_write_its_triton_repository(tmp_path: Path, demo_root: Path, torch_threads: None) -> None:
+    from protoad_edge.metadata import ModelInfo
+    from protoad_edge.runtime.triton import info_from_config
+    from google.protobuf import json_format, text_format
+    from tritonclient.grpc import model_config_pb2
+
+    data = tmp_path / "data"
+    _tiny_mvtec(data, demo_root)
+    code, output = _run(["--data-root", str(data), "--category", "part", "--weights", "none", "--crop", "64",
+                         "--resize", "72", "--max-prototypes", "50", "--out", str(tmp_path / "models"),
+                         "--triton-repo", str(tmp_path / "repo")])
+    assert code == 0, output
+    assert "triton        part (onnxruntime_onnx)" in output
+    config = text_format.Parse((tmp_path / "repo/part/config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    served = info_from_config(json_format.MessageToDict(config, preserving_proto_field_name=True), "repo/part")
+    assert served == ModelInfo.load_json(tmp_path / "models/part.json")  # the thresholds the build just set
+    assert (tmp_path / "repo/part/1/model.onnx").read_bytes() == (tmp_path / "models/part.onnx").read_bytes()
+
+
 @pytest.mark.parametrize("exact", [False, True])
 def test_exact_neighbours_flag_reaches_the_search(exact: bool, tmp_path: Path, demo_root: Path,
                                                   monkeypatch: pytest.MonkeyPatch, torch_threads: None) -> None:
