@@ -64,6 +64,20 @@ def test_served_scores_equal_a_local_run(server: Server, tiny_model: Path, tmp_p
     assert served[0]["model"] == server.url
 
 
+def test_a_batch_larger_than_the_servers_goes_as_several_requests(server: Server, tiny_model: Path) -> None:
+    from protoad_edge.preprocess import to_batch
+    from protoad_edge.runtime.ort_backend import OrtBackend
+    from protoad_edge.runtime.triton import TritonBackend
+
+    batch = to_batch(normal_crops(11, 64, seed=3))
+    with TritonBackend(server.url) as remote, OrtBackend(tiny_model) as local:
+        assert remote.max_batch == 4 and remote.info == local.info
+        maps, scores = remote.infer(batch)  # 4 + 4 + 3
+        expected_maps, expected_scores = local.infer(batch)
+    np.testing.assert_allclose(maps, expected_maps, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(scores, expected_scores, rtol=0, atol=1e-5)
+
+
 def test_two_sources_through_one_server(server: Server, tiny_model: Path, tmp_path: Path) -> None:
     a, b = write_video(tmp_path / "a.avi", FRAMES, seed=4), write_video(tmp_path / "b.avi", FRAMES, seed=6)
     both = run_records(a, b, "--server", server.url)

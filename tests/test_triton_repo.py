@@ -202,6 +202,7 @@ class Refusal(Exception):
     ("StatusCode.DEADLINE_EXCEEDED", "Deadline Exceeded", True),
     (None, "Request for unknown model: 'tiny' is not found", True),  # the restarted server still loading it
     (None, "Request for unknown model: 'tiny' version 1 is not ready", True),
+    (None, "Request for unknown model: 'tiny' has no available versions", True),  # loading, another wording
     ("StatusCode.INVALID_ARGUMENT", "unexpected shape for input 'image'", False),  # our request is wrong: final
     ("StatusCode.INTERNAL", "model raised an exception", False),
 ])
