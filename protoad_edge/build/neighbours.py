@@ -198,16 +198,17 @@ def _project(x: torch.Tensor, basis: torch.Tensor, y: torch.Tensor) -> torch.Ten
     rows' inverse norms.
 
     Raw rows are projected and the products scaled, so no normalised copy of a row is written; zero
-    rows stay zero. A non-finite row raises ProtoADError naming it.
+    rows stay zero. A non-finite row raises ProtoADError naming it. Each chunk is scaled while it is in
+    cache: y is written once (a spilled y: its pages dirtied once).
     """
     n, dim = x.shape
     inverse = torch.empty(n)
     buffer = torch.empty(CHUNK_ROWS, dim)
     for start in range(0, n, CHUNK_ROWS):
         block = buffer[:min(CHUNK_ROWS, n - start)].copy_(x[start:start + CHUNK_ROWS])  # FP16 -> FP32 here
-        inverse[start:start + len(block)] = _inverse_norms(block, start)
-        torch.mm(block, basis, out=y[start:start + len(block)])
-    y *= inverse[:, None]
+        rows = slice(start, start + len(block))
+        inverse[rows] = _inverse_norms(block, start)
+        torch.mm(block, basis, out=y[rows]).mul_(inverse[rows, None])
     return inverse
 
 
