@@ -153,8 +153,7 @@ def finch(x: np.ndarray, max_prototypes: int = DEFAULT_MAX_PROTOTYPES, *,
 
     start = time.perf_counter()
     labels, count = _components(search(x, progress=_label(0, progress)).index)
-    sums = _group_sums(x, labels, max(1, scratch_bytes // (4 * dim)),
-                       budget.zeros((count, dim), np.float32, "FINCH level 0 cluster sums"))
+    sums = _group_sums(x, labels, budget.zeros((count, dim), np.float32, "FINCH level 0 cluster sums"), scratch_bytes)
     step = labels  # how the last search's rows were summed into the rows of ``sums``
     partitions, counts, seconds = [labels], [count], [time.perf_counter() - start]
     log(f"FINCH level 0: {count:,} clusters of {n:,} vectors ({seconds[-1]:.1f} s)")
@@ -168,8 +167,8 @@ def finch(x: np.ndarray, max_prototypes: int = DEFAULT_MAX_PROTOTYPES, *,
                 f"merging stopped, keeping level {level - 1}")
             break
         labels, count = merged[labels], new_count
-        sums, step = _group_sums(sums, merged, len(sums),
-                                 budget.zeros((count, dim), np.float32, f"FINCH level {level} cluster sums")), merged
+        sums, step = _group_sums(sums, merged, budget.zeros((count, dim), np.float32, f"FINCH level {level} cluster sums"),
+                                 scratch_bytes), merged
         partitions.append(labels)
         counts.append(count)
         seconds.append(time.perf_counter() - start)
@@ -281,13 +280,17 @@ def as_tensor(x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.asarray(x))
 
 
-def _group_sums(x: np.ndarray, labels: np.ndarray, chunk: int, out: np.ndarray) -> np.ndarray:
-    """``out``, float32 [K, D] zeros (may be a memmap), filled with the sums of the rows of x per label,
-    ``chunk`` rows at a time (x may be a memmap).
+def _group_sums(x: np.ndarray, labels: np.ndarray, out: np.ndarray, scratch_bytes: int) -> np.ndarray:
+    """``out``, float32 [K, D] zeros (may be spilled: a memmap), filled with the sums of the rows of x per label,
+    in chunks within about ``scratch_bytes`` (x may be a memmap).
 
     In torch: its FP16 -> FP32 copy and ``index_add_`` summed 627k x 1792 FP16 rows in 1.4 s, where
-    numpy's conversion and a sparse one-hot product took 8.8 s. No N x K matrix is formed.
+    numpy's conversion and a sparse one-hot product took 8.8 s. No N x K matrix is formed. A spilled
+    ``out`` is filled block by block (``_block_sums``). Either way each cluster's rows are added in row order.
     """
+    chunk = max(1, scratch_bytes // (4 * x.shape[1]))
+    if isinstance(out, np.memmap):
+        return _block_sums(x, labels, out, chunk)
     source = as_tensor(x)
     index = torch.from_numpy(labels)
     sums = torch.from_numpy(out)
@@ -297,6 +300,28 @@ def _group_sums(x: np.ndarray, labels: np.ndarray, chunk: int, out: np.ndarray) 
         if buffer is not None:
             block = buffer[:len(block)].copy_(block)
         sums.index_add_(0, index[start:start + chunk], block)
+    return out
+
+
+def _block_sums(x: np.ndarray, labels: np.ndarray, out: np.ndarray, chunk: int) -> np.ndarray:
+    """``_group_sums`` into a spilled ``out``: ``chunk`` clusters at a time, summed in memory from their rows
+    (gathered in row order, ``chunk`` at a time) and written once, in order.
+
+    Scattering the rows into a spilled array as they stream past thrashed the page cache at 3.2 million
+    vectors (the 11.5 GB features streaming through it, 6.9 GB of sums written back and read again at
+    random): 274 s and 48 GB written. Here each row is read once and each page of ``out`` written once.
+    """
+    order = np.argsort(labels, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=len(out)))])
+    block = torch.empty(min(chunk, len(out)), x.shape[1])
+    for k0 in range(0, len(out), chunk):
+        k1 = min(k0 + chunk, len(out))
+        rows = np.sort(order[bounds[k0]:bounds[k1]])
+        sums = block[:k1 - k0].zero_()
+        for start in range(0, len(rows), chunk):
+            part = rows[start:start + chunk]
+            sums.index_add_(0, torch.from_numpy(labels[part] - k0), torch.from_numpy(x[part]).float())
+        out[k0:k1] = sums.numpy()
     return out
 
 
