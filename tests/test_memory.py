@@ -158,3 +158,20 @@ def test_spilled_sums_are_summed_block_by_block_to_the_same_bits(tmp_path: Path)
     spilled = _group_sums(x, labels, MemoryBudget(0, tmp_path).zeros(streamed.shape, np.float32, "sums"), scratch)
     assert isinstance(spilled, np.memmap)
     np.testing.assert_array_equal(spilled, streamed)
+
+
+def rss_file() -> int:
+    return next(int(line.split()[1]) * 1024 for line in Path("/proc/self/status").read_text().splitlines()
+                if line.startswith("RssFile:"))
+
+
+def test_a_parked_spilled_array_leaves_the_page_cache_and_comes_back_intact(tmp_path: Path) -> None:
+    budget = MemoryBudget(0, tmp_path, lambda _: None)
+    spilled = budget.full((16, 2**20), 3.0, np.float32, "the projection")  # 64 MB
+    before = rss_file()
+    budget.park(spilled.ctypes.data)
+    assert before - rss_file() > 48 * 2**20
+    assert float(spilled[:, ::1024].sum()) == 3.0 * 16 * 1024  # read back from the disk
+    in_memory = MemoryBudget(2**30).full((1024,), 1.0, np.float32, "small")
+    MemoryBudget().park(in_memory.ctypes.data)  # not spilled: left alone
+    assert in_memory.sum() == 1024

@@ -99,7 +99,9 @@ def make_search(device: str = "cpu", *, exact: bool = False, exact_up_to: int | 
         projection = (merge_projection(previous, merged, x, budget) if reuse
                       else project(x, DEFAULT_DIMS, DEFAULT_SAMPLE, 0, budget))
         kept.append(projection)
-        return search_projection(x, projection, progress=progress, budget=budget)
+        found = search_projection(x, projection, progress=progress, budget=budget)
+        budget.park(projection.y.data_ptr())  # idle until the next level merges it
+        return found
 
     return search
 
