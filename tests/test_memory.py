@@ -144,22 +144,6 @@ def test_finch_within_a_tiny_budget_spills_everything_and_gives_the_same_partiti
     assert list(tmp_path.iterdir()) == []
 
 
-def test_spilled_sums_are_summed_block_by_block_to_the_same_bits(tmp_path: Path) -> None:
-    """A spilled sums array is filled a block of clusters at a time (written once, in order); each cluster's
-    rows are still added in row order, so the float32 sums are the streamed ones exactly."""
-    pytest.importorskip("torch")
-    from protoad_edge.build.finch import _group_sums
-
-    rng = np.random.default_rng(3)
-    x = rng.standard_normal((5000, 64)).astype(np.float16)
-    labels = np.unique(rng.integers(0, 700, len(x)), return_inverse=True)[1]
-    scratch = 4 * 64 * 100  # 100 rows or clusters a chunk: 7 blocks of clusters
-    streamed = _group_sums(x, labels, np.zeros((labels.max() + 1, 64), np.float32), scratch)
-    spilled = _group_sums(x, labels, MemoryBudget(0, tmp_path).zeros(streamed.shape, np.float32, "sums"), scratch)
-    assert isinstance(spilled, np.memmap)
-    np.testing.assert_array_equal(spilled, streamed)
-
-
 def rss_file() -> int:
     return next(int(line.split()[1]) * 1024 for line in Path("/proc/self/status").read_text().splitlines()
                 if line.startswith("RssFile:"))
