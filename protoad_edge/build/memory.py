@@ -26,8 +26,9 @@ from ..errors import ProtoADError
 
 GiB = 2**30
 # The build process's own anonymous memory beside the budgeted arrays: the interpreter, torch and the
-# backbone, the training crops, FINCH's per-row labels and indices, tile and chunk buffers. 1.3 GB
-# measured at 3.2 million vectors (benchmarks/RESULTS.md, "FINCH at 3.2 million vectors").
+# backbone, the training crops, FINCH's per-row labels and indices, tile and chunk buffers: about 1.1 GB
+# in the 3.2-million-vector export (5.3 GB at its peak with about 4.2 GB of budgeted arrays live;
+# benchmarks/RESULTS.md, "FINCH at 3.2 million vectors: memory").
 RESERVE = 3 * GiB // 2
 MIN_ARRAYS = GiB // 2  # the least a limit must leave for the arrays: less builds nothing but tiny categories
 # Default limit: this share of MemAvailable. The rest is page cache for the memory-mapped features (11.5 GB
