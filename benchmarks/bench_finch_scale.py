@@ -12,10 +12,14 @@ the build's feature cache holds), and each size is its first N rows:
   ceil(N / 3136) training images at 224 x 224, extracted by the build's own code.
 
 Every method runs in its own process, one after another, so its wall time and peak resident memory
-(VmHWM: memory-mapped pages it touched count too) are its own:
+are its own: VmHWM (memory-mapped pages it touched count too), and RssAnon and RssFile from
+/proc/self/status sampled every ``SAMPLE_SECONDS`` (anonymous memory, which only the process can free,
+and file-backed pages, which the kernel writes back and drops under pressure), each at its own peak:
 
 - ``ours``: ``finch`` on the FP16 memmap with the build's search (``make_search``: exact up to
-  ``EXACT_UP_TO`` rows, as finch-clust, approximate above), all levels;
+  ``EXACT_UP_TO`` rows, as finch-clust, approximate above), all levels, within the build's memory budget
+  (``--memory-limit``, default the build's: a share of the available memory), spilling in ``--workdir``;
+- ``unbounded``: the same with no budget, every array in memory (the build before issue 15);
 - ``finch-clust``: ``FINCH(data, distance="cosine")`` with its defaults (exact up to 20,000 rows,
   PyNNDescent above) on the rows as float32, all levels;
 - ``exact`` (with ``--methods``, up to ``--exact-up-to`` rows): ours with exact search at every level,
@@ -36,6 +40,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -47,7 +52,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PATCHES = 56 * 56  # patch vectors per 224 x 224 image
 DIM = 1792
 RECALL_TOLERANCE = 1e-6
-METHODS = ("ours", "finch-clust", "exact")
+METHODS = ("ours", "unbounded", "finch-clust", "exact")
+SAMPLE_SECONDS = 0.1
 REFERENCE_ANN_THRESHOLD = 20_000  # finch-clust's FINCH default: exact up to this many rows, PyNNDescent above
 
 
@@ -124,6 +130,36 @@ def peak_rss_gb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
+class RssSampler:
+    """Peak RssAnon and RssFile of this process, sampled from /proc/self/status on a thread (the kernel keeps
+    only the peak of their sum, VmHWM)."""
+
+    def __init__(self, status: Path = Path("/proc/self/status")) -> None:
+        self.status = status
+        self.peak = {"RssAnon": 0, "RssFile": 0}
+        self.stop = threading.Event()
+        self.sample()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def sample(self) -> None:
+        for line in self.status.read_text().splitlines():
+            key = line.split(":")[0]
+            if key in self.peak:
+                self.peak[key] = max(self.peak[key], int(line.split()[1]) * 1024)
+
+    def run(self) -> None:
+        while not self.stop.wait(SAMPLE_SECONDS):
+            self.sample()
+
+    def finish(self) -> dict[str, float]:
+        """Stop; the peaks in GB (GiB)."""
+        self.stop.set()
+        self.thread.join()
+        self.sample()
+        return {f"peak_{key.lower()}_gb": value / 2**30 for key, value in self.peak.items()}
+
+
 def exact_rows(path: Path, n: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Exact cosine first neighbours (index, similarity) of ``rows`` among the first ``n`` rows, in float32."""
     from protoad_edge.build.finch import load_normalised
@@ -156,12 +192,24 @@ def chosen(partitions: list[np.ndarray], counts: list[int], max_prototypes: int)
     return partitions[level], level
 
 
-def work_ours(path: Path, n: int, rows: np.ndarray, max_prototypes: int, exact: bool) -> dict:
+def budget_for(method: str, memory_limit: str, spill_dir: Path):
+    """The memory budget ``method`` runs within: the build's (``--memory-limit``, or its default), or none."""
+    from protoad_edge.build.memory import (MemoryBudget, arrays_within, available_bytes, default_limit,
+                                           parse_size)
+
+    if method == "unbounded":
+        return MemoryBudget()
+    limit = default_limit(available_bytes()) if memory_limit == "auto" else parse_size(memory_limit)
+    return MemoryBudget(arrays_within(limit), spill_dir, log=lambda line: print(f"    {line}", flush=True))
+
+
+def work_ours(path: Path, n: int, rows: np.ndarray, max_prototypes: int, method: str, memory_limit: str) -> dict:
     from protoad_edge.build.finch import finch
     from protoad_edge.build.neighbours import make_search
 
     x = np.load(path, mmap_mode="r")[:n]
-    search = make_search(exact=exact, log=lambda _: None)
+    budget = budget_for(method, memory_limit, path.parent)
+    search = make_search(exact=method == "exact", budget=budget, log=lambda _: None)
     first: list = []
 
     def capture(v: np.ndarray, *, progress: str | None = None, merged: np.ndarray | None = None):
@@ -171,11 +219,11 @@ def work_ours(path: Path, n: int, rows: np.ndarray, max_prototypes: int, exact: 
         return found
 
     start = time.perf_counter()
-    result = finch(x, max_prototypes=1, search=capture, log=lambda _: None)
+    result = finch(x, max_prototypes=1, search=capture, budget=budget, log=lambda _: None)
     seconds = time.perf_counter() - start
     labels, level = chosen(result.partitions, result.counts, max_prototypes)
-    return dict(seconds=seconds, counts=result.counts, level=level, labels=labels,
-                nn=first[0].index[rows], sim=first[0].similarity[rows])
+    return dict(seconds=seconds, counts=result.counts, level=level, labels=labels, level_seconds=result.level_seconds,
+                nn=first[0].index[rows], sim=first[0].similarity[rows], spilled_gb=budget.spilled / 2**30)
 
 
 def work_reference(path: Path, n: int, rows: np.ndarray, max_prototypes: int, recall: bool) -> dict:
@@ -202,11 +250,12 @@ def work_reference(path: Path, n: int, rows: np.ndarray, max_prototypes: int, re
 
 def worker(args: argparse.Namespace) -> None:
     rows = np.load(args.rows)
-    if args.worker in ("ours", "exact"):
-        out = work_ours(Path(args.path), args.n, rows, args.max_prototypes, exact=args.worker == "exact")
-    else:
+    sampler = RssSampler()
+    if args.worker == "finch-clust":
         out = work_reference(Path(args.path), args.n, rows, args.max_prototypes, args.reference_recall)
-    out["peak_gb"] = peak_rss_gb()
+    else:
+        out = work_ours(Path(args.path), args.n, rows, args.max_prototypes, args.worker, args.memory_limit)
+    out.update(sampler.finish(), peak_gb=peak_rss_gb())
     np.savez(args.result, **{k: np.asarray(v) for k, v in out.items()})
 
 
@@ -214,7 +263,7 @@ def run_worker(method: str, path: Path, n: int, rows_file: Path, args: argparse.
     """Run one method in a child process; its results (with its wall time and peak RSS)."""
     result = Path(args.workdir) / f"result-{method}.npz"
     cmd = [sys.executable, __file__, "--worker", method, "--path", str(path), "--n", str(n), "--rows", str(rows_file),
-           "--result", str(result), "--max-prototypes", str(args.max_prototypes)]
+           "--result", str(result), "--max-prototypes", str(args.max_prototypes), "--memory-limit", args.memory_limit]
     if n <= args.reference_recall_up_to:
         cmd.append("--reference-recall")
     start = time.perf_counter()
@@ -252,8 +301,12 @@ def compare(kind: str, n: int, args: argparse.Namespace) -> list[str]:
             continue
         r["recall"] = (float(np.mean((r["nn"] == truth) | (np.abs(r["sim"] - truth_sim) <= RECALL_TOLERANCE)))
                        if "nn" in r else None)
-        print(f"  {kind} N={n:,} {method}: {float(r['seconds']):.1f} s, peak {r['peak_gb']:.2f} GB, "
-              f"counts {[int(c) for c in r['counts']]}, recall {r['recall']}", flush=True)
+        same = "-" if method == "ours" or "failed" in results.get("ours", {"failed": ""}) else (
+            np.array_equal(results["ours"]["labels"], r["labels"]))
+        print(f"  {kind} N={n:,} {method}: {float(r['seconds']):.1f} s, peak {r['peak_gb']:.2f} GB (RssAnon "
+              f"{r['peak_rssanon_gb']:.2f} GB, RssFile {r['peak_rssfile_gb']:.2f} GB), counts "
+              f"{[int(c) for c in r['counts']]}, recall {r['recall']}, chosen partition identical to ours: {same}",
+              flush=True)
 
     def versus(method: str, r: dict) -> str:
         other = results.get(method, {"failed": ""})
@@ -262,7 +315,7 @@ def compare(kind: str, n: int, args: argparse.Namespace) -> list[str]:
     lines = []
     for method, r in results.items():
         if "failed" in r:
-            lines.append(f"| {kind} | {n:,} | {method} | {r['failed']} | - | - | - | - | - | - | - |")
+            lines.append(f"| {kind} | {n:,} | {method} | {r['failed']} | - | - | - | - | - | - | - | - | - | - | - |")
             continue
         level = int(r["level"])
         recall = "-" if r["recall"] is None else f"{r['recall']:.4f}"
@@ -270,8 +323,18 @@ def compare(kind: str, n: int, args: argparse.Namespace) -> list[str]:
         ratio = "-" if "failed" in ours else f"{float(r['seconds']) / float(ours['seconds']):.2f}"
         lines.append(f"| {kind} | {n:,} | {method} | {float(r['seconds']):.1f} s | {r['peak_gb']:.2f} GB | "
                      f"{', '.join(f'{int(c):,}' for c in r['counts'])} | {int(r['counts'][level]):,} | {recall} | "
-                     f"{ratio} | {versus('ours', r)} | {versus('exact', r)} |")
+                     f"{ratio} | {versus('ours', r)} | {versus('exact', r)} | {r['peak_rssanon_gb']:.2f} GB | "
+                     f"{r['peak_rssfile_gb']:.2f} GB | {spilled(r)} | {per_level(r)} |")
     return lines
+
+
+def spilled(r: dict) -> str:
+    return f"{float(r['spilled_gb']):.2f} GB" if "spilled_gb" in r else "-"
+
+
+def per_level(r: dict) -> str:
+    """Seconds per FINCH level (ours), level 0 first."""
+    return ", ".join(f"{s:.1f}" for s in r["level_seconds"]) if "level_seconds" in r else "-"
 
 
 def main() -> None:
@@ -282,7 +345,10 @@ def main() -> None:
     parser.add_argument("--category", default="bottle")
     parser.add_argument("--clusters", type=int, default=20_000, help="synthetic centres")
     parser.add_argument("--methods", default="ours,finch-clust",
-                        help="comma-separated, of: ours (as the build runs), finch-clust, exact (ours, exact search)")
+                        help="comma-separated, of: ours (as the build runs), unbounded (ours, no memory budget), "
+                             "finch-clust, exact (ours, exact search)")
+    parser.add_argument("--memory-limit", default="auto",
+                        help="ours: the build's --memory-limit (e.g. 8G); auto: the build's default")
     parser.add_argument("--exact-up-to", type=int, default=100_000, help="run the exact method up to this size")
     parser.add_argument("--max-prototypes", type=int, default=10_000)
     parser.add_argument("--recall-rows", type=int, default=2000)
@@ -316,8 +382,8 @@ def main() -> None:
                 lines += compare(kind, n, args)
     table = "\n".join([
         "| data | N | method | FINCH time | peak RSS | clusters per level | chosen | 1-NN recall | time / ours | "
-        "ARI vs ours | ARI vs exact |",
-        "| --- | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |", *lines])
+        "ARI vs ours | ARI vs exact | peak RssAnon | peak RssFile | spilled | s per level |",
+        "| --- | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |", *lines])
     print(table)
     if args.write:
         body = (f"## {args.title}\n\nMachine: {machine_text()}.\n\n"

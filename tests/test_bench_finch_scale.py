@@ -13,7 +13,7 @@ pytest.importorskip("torch")
 pytest.importorskip("finch")
 pytest.importorskip("sklearn")
 
-from bench_finch_scale import chosen, exact_rows, make_synthetic, read_rows  # noqa: E402
+from bench_finch_scale import RssSampler, chosen, exact_rows, make_synthetic, read_rows  # noqa: E402
 
 from protoad_edge.build.finch import first_neighbours  # noqa: E402
 
@@ -49,16 +49,28 @@ def test_chosen_level_is_the_builds() -> None:
     assert chosen(parts, [500, 300, 200], 100)[1] == 2  # none below: the last
 
 
+def test_rss_sampler_keeps_the_peaks_of_anonymous_and_file_backed_memory() -> None:
+    sampler = RssSampler()
+    held = np.ones(64 * 2**20, np.uint8)  # 64 MB anonymous, touched
+    peaks = sampler.finish()
+    assert sorted(peaks) == ["peak_rssanon_gb", "peak_rssfile_gb"]
+    assert peaks["peak_rssanon_gb"] >= 64 / 1024 and peaks["peak_rssfile_gb"] > 0
+    del held
+
+
 @pytest.mark.slow
 def test_tiny_run_end_to_end(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, str(BENCH / "bench_finch_scale.py"), "--sizes", "1200", "--data", "synthetic",
-                          "--clusters", "40", "--recall-rows", "300", "--methods", "ours,finch-clust,exact",
+                          "--clusters", "40", "--recall-rows", "300", "--methods", "ours,unbounded,finch-clust,exact",
                           "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=600, check=False)
     assert out.returncode == 0, out.stderr
     rows = {cells[2]: cells for cells in ([c.strip() for c in line.strip("|").split("|")]
                                            for line in out.stdout.splitlines() if line.startswith("| synthetic | 1,200 |"))}
-    assert sorted(rows) == ["exact", "finch-clust", "ours"]
+    assert sorted(rows) == ["exact", "finch-clust", "ours", "unbounded"]
     # All exact at this size: the same partitions, and every sampled neighbour right.
     for method, cells in rows.items():
         recall, ari_ours, ari_exact = cells[7], cells[9], cells[10]
         assert recall == "1.0000" and ari_ours == "1.0000" and ari_exact == "1.0000", (method, cells)
+        assert cells[11].endswith(" GB") and cells[12].endswith(" GB"), cells  # peak RssAnon, RssFile
+    assert rows["ours"][13] == "0.00 GB" and rows["finch-clust"][13] == "-"  # nothing spilled at this size
+    assert len(rows["ours"][14].split(", ")) == len(rows["ours"][5].split(", "))  # seconds for every level

@@ -120,6 +120,8 @@ def _run(args: list[str]) -> tuple[int, str]:
         ("bad weights path", "no-such-weights.pth"),
         ("cuda without gpu", "--device cuda"),
         ("no category", "--category"),
+        ("bad memory limit", "--memory-limit 'banana'"),
+        ("memory limit too small", "--memory-limit 1.0 GB is too small to build"),
     ],
 )
 def test_bad_input_gives_one_clear_line(case: str, expected: str, tmp_path: Path, demo_root: Path) -> None:
@@ -149,6 +151,10 @@ def test_bad_input_gives_one_clear_line(case: str, expected: str, tmp_path: Path
         args += ["--device", "cuda"]
     elif case == "no category":
         args = args[:2] + args[4:]
+    elif case == "bad memory limit":
+        args += ["--memory-limit", "banana"]
+    elif case == "memory limit too small":
+        args += ["--memory-limit", "1G"]
     code, output = _run(args)
     assert code != 0
     assert "Traceback" not in output
@@ -169,6 +175,24 @@ def test_late_failure_writes_nothing(tmp_path: Path, demo_root: Path, monkeypatc
                          "--crop", "64", "--resize", "72", "--max-prototypes", "50"])
     assert code != 0 and "ONNX parity check failed" in output and "Traceback" not in output
     assert list(out.iterdir()) == []
+
+
+def test_a_build_over_its_memory_budget_spills_says_so_and_writes_the_same_model(
+        demo_export: tuple[Path, str], demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        torch_threads: None) -> None:
+    """With room for almost no array, FINCH's cluster sums go to disk; the build log says what, how big and where,
+    and the prototypes are the in-memory build's, bit for bit."""
+    import protoad_edge.build.pipeline as build_module
+
+    monkeypatch.setattr(build_module, "arrays_within", lambda limit: 100_000)
+    code, output = _run(["--category", "demo", "--data-root", str(demo_root), "--out", str(tmp_path / "out"), *SMALL,
+                         "--memory-limit", "3G"])
+    assert code == 0, output
+    assert "memory: limit 3.0 GB (--memory-limit)" in output
+    assert re.search(r"memory: spilled FINCH level 0 cluster sums \([\d.]+ MB\) to a file in \S+", output), output
+    out, _ = demo_export
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / "demo.prototypes.npy"),
+                                  np.load(out / "demo.prototypes.npy"))
 
 
 # --- the build's decisions, checked from outside -----------------------------------------------

@@ -14,6 +14,7 @@ finch_clust = pytest.importorskip("finch")
 from protoad_edge.errors import ProtoADError  # noqa: E402
 from protoad_edge.build.finch import Neighbours, finch, first_neighbours  # noqa: E402
 from protoad_edge.build import neighbours  # noqa: E402
+from protoad_edge.build.memory import MemoryBudget  # noqa: E402
 from protoad_edge.build.neighbours import approximate_first_neighbours, make_search  # noqa: E402
 
 def blobs(seed: int, n: int, dim: int, groups: int, per_group: int, spread: float) -> np.ndarray:
@@ -358,7 +359,7 @@ def test_candidates_are_found_from_either_side_of_a_pair() -> None:
     y = torch.from_numpy(np.stack([np.cos(a), np.sin(a)], 1).astype(np.float32))
     none = 2
     near = torch.tensor([[0, none], [1, 0], [0, none], [1, none]])
-    assert neighbours._candidates(y, near, 2, 1, None)[:, 0].tolist() == [1, 0, 0, 1]
+    assert neighbours._candidates(y, near, 2, 1, None, MemoryBudget())[:, 0].tolist() == [1, 0, 0, 1]
 
 
 def test_approximate_neighbours_search_rows_alone_in_their_lists_against_all() -> None:
@@ -383,9 +384,10 @@ def test_merged_projection_equals_projecting_the_sums() -> None:
     first = neighbours.project(x, 32, 1000, 0)
     basis = first.basis.clone()
     merged = neighbours.merge_projection(first, labels, sums)
-    direct = neighbours._project(torch.from_numpy(sums), basis)
-    torch.testing.assert_close(merged.y, direct[0], atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(merged.inverse, direct[1])
+    direct = torch.empty(len(sums), 32)
+    inverse = neighbours._project(torch.from_numpy(sums), basis, direct)
+    torch.testing.assert_close(merged.y, direct, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(merged.inverse, inverse)
     with pytest.raises(ValueError, match="merged"):
         neighbours.merge_projection(neighbours.project(x, 32, 1000, 0), labels[:-1], sums)
 

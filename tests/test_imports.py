@@ -113,7 +113,8 @@ def test_the_walker_sees_function_level_and_relative_imports(graph: dict[str, se
 TORCH_FREE = ("protoad_edge.runtime", "protoad_edge.runtime.loop", "protoad_edge.runtime.ort_backend",
               "protoad_edge.runtime.trt_backend", "protoad_edge.backends", "protoad_edge.export.engine",
               "protoad_edge.export.tensorrt", "protoad_edge.evaluation.bench", "protoad_edge.evaluation.evaluate",
-              "protoad_edge.build.config", "protoad_edge.build.datasets", "protoad_edge.cli.run",
+              "protoad_edge.build.config", "protoad_edge.build.datasets", "protoad_edge.build.memory",
+              "protoad_edge.cli.run",
               "protoad_edge.cli.bench", "protoad_edge.cli.eval", "protoad_edge.cli.export")
 
 

@@ -30,6 +30,7 @@ class BuildConfig:
     cache_dir: Path | None = None  # None: feature_cache.default_cache_dir()
     cache: bool = True  # False: extract into a temporary file in ``out``, reuse nothing
     exact_neighbours: bool = False  # False: approximate first neighbours on the CPU for large levels
+    memory_limit: int | None = None  # bytes of anonymous memory for the build; None: build.memory.default_limit
     tensorrt: str = "auto"  # constants.TENSORRT_CHOICES: also build NAME.plan where TensorRT and a GPU exist
     precision: str = "fp16"  # TensorRT engine precision (constants.ENGINE_PRECISIONS)
     opt_batch: int = 1  # batch TensorRT optimises for

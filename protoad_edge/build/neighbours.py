@@ -38,6 +38,7 @@ from .finch import (
     first_neighbours,
 )
 from .gpu_neighbours import gpu_first_neighbours
+from .memory import MemoryBudget
 
 # As finch-clust: exact up to 20,000 rows, approximate above. A 627k-row category's third level
 # (about 40k cluster means) took 20 s exact and 3.5 s approximate.
@@ -67,7 +68,8 @@ class Projection(NamedTuple):
 
 
 def make_search(device: str = "cpu", *, exact: bool = False, exact_up_to: int | None = None,
-                scratch_bytes: int = DEFAULT_SCRATCH_BYTES, log: Callable[[str], None] = print) -> Search:
+                scratch_bytes: int = DEFAULT_SCRATCH_BYTES, budget: MemoryBudget | None = None,
+                log: Callable[[str], None] = print) -> Search:
     """The first-neighbour search for ``finch(search=...)``.
 
     On a GPU: ``gpu_first_neighbours``, exact (FP16 products checked in FP32; with ``exact``, FP32
@@ -75,7 +77,8 @@ def make_search(device: str = "cpu", *, exact: bool = False, exact_up_to: int | 
     (FINCH's later levels are much smaller than level 0, so the last ones run exact) and for rows of
     at most ``DEFAULT_DIMS`` dimensions (nothing to gain); otherwise approximate. The approximate
     search keeps its last projection: when FINCH's next level passes ``merged``, that level's rows
-    are sums of the last rows and are projected by summing (``merge_projection``).
+    are sums of the last rows and are projected by summing (``merge_projection``). Its projections and
+    candidate lists are allocated through ``budget`` (default: unbounded), spilled when they do not fit.
     """
     if device != "cpu":
         return functools.partial(gpu_first_neighbours, device=device, precision="fp32" if exact else "fp16", log=log)
@@ -83,6 +86,7 @@ def make_search(device: str = "cpu", *, exact: bool = False, exact_up_to: int | 
     if exact:
         return exact_search
     exact_up_to = EXACT_UP_TO if exact_up_to is None else exact_up_to
+    budget = budget or MemoryBudget()
     kept: list[Projection] = []  # the last approximate call's projection, until the next call
 
     def search(x: np.ndarray, *, progress: str | None = None, merged: np.ndarray | None = None) -> Neighbours:
@@ -92,9 +96,12 @@ def make_search(device: str = "cpu", *, exact: bool = False, exact_up_to: int | 
         log(f"first neighbours: approximate ({DEFAULT_DIMS} of {x.shape[1]} dims, {DEFAULT_PROBES:g} nearest k-means "
             f"lists a row on average, top {DEFAULT_CANDIDATES} re-ranked exactly) for {len(x):,} rows; --exact-neighbours for exact")
         reuse = previous is not None and merged is not None
-        projection = merge_projection(previous, merged, x) if reuse else project(x, DEFAULT_DIMS, DEFAULT_SAMPLE, 0)
+        projection = (merge_projection(previous, merged, x, budget) if reuse
+                      else project(x, DEFAULT_DIMS, DEFAULT_SAMPLE, 0, budget))
         kept.append(projection)
-        return search_projection(x, projection, progress=progress)
+        found = search_projection(x, projection, progress=progress, budget=budget)
+        budget.park(projection.y.data_ptr())  # idle until the next level merges it
+        return found
 
     return search
 
@@ -117,7 +124,7 @@ def approximate_first_neighbours(x: np.ndarray, *, dims: int = DEFAULT_DIMS, can
 
 def search_projection(x: np.ndarray, projection: Projection, *, candidates: int = DEFAULT_CANDIDATES, seed: int = 0,
                       lists: int | None = None, probes: float = DEFAULT_PROBES, iterations: int = DEFAULT_ITERATIONS,
-                      progress: str | None = None) -> Neighbours:
+                      progress: str | None = None, budget: MemoryBudget | None = None) -> Neighbours:
     """Approximate cosine first neighbours of the rows of ``x``, compared in ``projection`` (of x).
 
     Candidates: the ``candidates`` most similar rows in the projected space among the members of
@@ -126,8 +133,8 @@ def search_projection(x: np.ndarray, projection: Projection, *, candidates: int 
     ``PROBE_SPREAD`` x ``probes``; and the most similar of the other lists' rows that probe the
     row's list. The answer: the most similar candidate in full float32, ties to the lowest index.
     Besides the projection and chunks of ``CHUNK_ROWS`` rows it holds
-    N x (``PROBE_SPREAD`` x ``probes`` x ``candidates`` + 1) partial results (12 bytes each).
-    ``progress``: a progress bar's label (over the lists), or None.
+    N x (``PROBE_SPREAD`` x ``probes`` x ``candidates`` + 1) partial results (12 bytes each), through
+    ``budget`` (default: unbounded). ``progress``: a progress bar's label (over the lists), or None.
     """
     y = projection.y
     n = len(y)
@@ -135,27 +142,33 @@ def search_projection(x: np.ndarray, projection: Projection, *, candidates: int 
     lists = min(n, lists or max(1, round(LISTS_PER_ROOT * math.sqrt(n))))
     centroids = _kmeans(coarse, lists, iterations, seed)
     near = _probes(coarse, centroids, probes, min(max(1, round(PROBE_SPREAD * probes)), lists))
-    return _rerank(as_tensor(x), projection.inverse, _candidates(y, near, lists, candidates, progress))
+    return _rerank(as_tensor(x), projection.inverse,
+                   _candidates(y, near, lists, candidates, progress, budget or MemoryBudget()))
 
 
-def project(x: np.ndarray, dims: int, sample: int, seed: int) -> Projection:
-    """The rows of ``x`` in the top ``dims`` principal directions of ``sample`` of them."""
+def project(x: np.ndarray, dims: int, sample: int, seed: int, budget: MemoryBudget | None = None) -> Projection:
+    """The rows of ``x`` in the top ``dims`` principal directions of ``sample`` of them (through ``budget``)."""
     basis = _basis(x, dims, sample, seed)
-    return Projection(basis, *_project(as_tensor(x), basis))
+    y = torch.from_numpy((budget or MemoryBudget()).empty((len(x), dims), np.float32, "the search's projection"))
+    return Projection(basis, y, _project(as_tensor(x), basis, y))
 
 
-def merge_projection(previous: Projection, merged: np.ndarray, x: np.ndarray) -> Projection:
+def merge_projection(previous: Projection, merged: np.ndarray, x: np.ndarray,
+                     budget: MemoryBudget | None = None) -> Projection:
     """The projection of rows ``x`` that are the sums of ``previous``'s rows grouped by ``merged``.
 
     Projection is linear, so a sum's projection is the sum of its rows' raw projections: the rows of
     x (K x D) are read for their norms only, not multiplied with the basis again (4 s of 14 at a
-    627k category's level 1), and the basis is kept. Consumes ``previous``.
+    627k category's level 1), and the basis is kept. Consumes ``previous``. The sums are allocated
+    through ``budget`` (default: unbounded).
     """
     if len(merged) != len(previous.y) or merged.max() + 1 != len(x):
         raise ValueError(f"merged: {len(merged)} labels up to {merged.max()} for {len(previous.y)} projected rows "
                          f"summed into {len(x)}")
     raw = previous.y.div_(previous.inverse[:, None])  # zero rows: 0 / (1 / tiny) stays 0
-    y = torch.zeros(len(x), raw.shape[1]).index_add_(0, torch.from_numpy(merged), raw)
+    y = torch.from_numpy((budget or MemoryBudget()).zeros((len(x), raw.shape[1]), np.float32,
+                                                               "the search's merged projection"))
+    y.index_add_(0, torch.from_numpy(merged), raw)
     source = as_tensor(x)
     inverse = torch.cat([_inverse_norms(source[start:start + CHUNK_ROWS].float(), start)
                          for start in range(0, len(x), CHUNK_ROWS)])
@@ -182,22 +195,23 @@ def _basis(x: np.ndarray, dims: int, sample: int, seed: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(vectors[:, ::-1]))
 
 
-def _project(x: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 [N, dims]: the normalised rows in the basis; float32 [N]: the rows' inverse norms.
+def _project(x: torch.Tensor, basis: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``y``, float32 [N, dims], filled with the normalised rows in the basis; returns float32 [N]: the
+    rows' inverse norms.
 
     Raw rows are projected and the products scaled, so no normalised copy of a row is written; zero
-    rows stay zero. A non-finite row raises ProtoADError naming it.
+    rows stay zero. A non-finite row raises ProtoADError naming it. Each chunk is scaled while it is in
+    cache: y is written once (a spilled y: its pages dirtied once).
     """
     n, dim = x.shape
-    y = torch.empty(n, basis.shape[1])
     inverse = torch.empty(n)
     buffer = torch.empty(CHUNK_ROWS, dim)
     for start in range(0, n, CHUNK_ROWS):
         block = buffer[:min(CHUNK_ROWS, n - start)].copy_(x[start:start + CHUNK_ROWS])  # FP16 -> FP32 here
-        inverse[start:start + len(block)] = _inverse_norms(block, start)
-        torch.mm(block, basis, out=y[start:start + len(block)])
-    y *= inverse[:, None]
-    return y, inverse
+        rows = slice(start, start + len(block))
+        inverse[rows] = _inverse_norms(block, start)
+        torch.mm(block, basis, out=y[rows]).mul_(inverse[rows, None])
+    return inverse
 
 
 def _inverse_norms(block: torch.Tensor, start: int) -> torch.Tensor:
@@ -258,7 +272,8 @@ def _probes(y: torch.Tensor, centroids: torch.Tensor, probes: float, most: int) 
     return near
 
 
-def _candidates(y: torch.Tensor, near: torch.Tensor, lists: int, c: int, progress: str | None) -> torch.Tensor:
+def _candidates(y: torch.Tensor, near: torch.Tensor, lists: int, c: int, progress: str | None,
+                budget: MemoryBudget) -> torch.Tensor:
     """int64 [N, c]: each row's ``c`` most similar other rows of ``y`` found in its probed lists, or
     among the rows that probe its list, any order.
 
@@ -269,14 +284,16 @@ def _candidates(y: torch.Tensor, near: torch.Tensor, lists: int, c: int, progres
     that probed its list: the products read both ways, so a pair is found if either row probes the
     other's list (at 627k real features, 2 probes a row then find as many true neighbours as 3 did
     one way). A row whose probed lists hold no other row (degenerate lists) is searched against all rows.
+    The partial results are allocated through ``budget``.
     """
     n, p = near.shape
     slots = near.T.reshape(-1)  # (probe, row) entries, probe-major: sorted by list, a list's members come first
     entries = torch.argsort(slots, stable=True)
     bounds = _bounds(slots, lists)  # unprobed slots (= lists) sort last
     sizes = torch.bincount(near[:, 0], minlength=lists).tolist()
-    vals = torch.full((n, p * c + 1), -math.inf)  # per row: c per probe, then the best row probing its list
-    idx = torch.full((n, p * c + 1), -1, dtype=torch.int64)
+    # per row: c per probe, then the best row probing its list
+    vals = torch.from_numpy(budget.full((n, p * c + 1), -math.inf, np.float32, "the search's candidate similarities"))
+    idx = torch.from_numpy(budget.full((n, p * c + 1), -1, np.int64, "the search's candidate indices"))
     found_vals, found_idx = vals[:, :-1].view(n, p, c), idx[:, :-1].view(n, p, c)
     for j in progress_bar(list(range(lists)), progress or "", progress is not None, unit="vectors", sizes=sizes):
         m = sizes[j]

@@ -41,6 +41,7 @@ from .device import resolve_device
 from .feature_cache import cached_features, default_cache_dir, features_key
 from .features import PatchFeatures, build_backbone
 from .finch import FinchResult, finch
+from .memory import DEFAULT_SHARE, MemoryBudget, arrays_within, available_bytes, default_limit, format_size
 from .neighbours import make_search
 from .network import L2Norm, ProtoADNet
 from .projection import FittedProjection, check_dims, fit_projection, sample_rows, stage_flops
@@ -174,7 +175,7 @@ def extract(cfg: BuildConfig, split: Split, features: PatchFeatures, weights: st
                        weights=weights, resize=cfg.resize, crop=cfg.crop, feature_upsample=cfg.feature_upsample,
                        region=None if cfg.roi is None and cfg.fit == "crop" else [cfg.roi, cfg.fit])
     vectors, cached = cached_features(
-        (cfg.cache_dir or default_cache_dir()) if cfg.cache else Path(cfg.out), key,
+        features_dir(cfg), key,
         (len(split.fit) * features.size**2, FEATURE_CHANNELS),
         lambda out: extract_vectors(features, split.fit_crops, device, cfg.batch_size, cfg.progress, out),
         keep=cfg.cache, log=log)
@@ -183,10 +184,33 @@ def extract(cfg: BuildConfig, split: Split, features: PatchFeatures, weights: st
     return vectors, cached
 
 
-def cluster(cfg: BuildConfig, vectors: np.ndarray, device: torch.device, log: Log) -> FinchResult:
-    """Step 3: FINCH prototypes of the training vectors."""
-    search = make_search(device.type, exact=cfg.exact_neighbours, log=log)
-    return finch(vectors, cfg.max_prototypes, search=search, progress=cfg.progress, log=log)
+def features_dir(cfg: BuildConfig) -> Path:
+    """Where the training features are written: the feature cache, or with ``--no-cache`` the output folder."""
+    return (cfg.cache_dir or default_cache_dir()) if cfg.cache else Path(cfg.out)
+
+
+def memory_budget(cfg: BuildConfig, log: Log) -> MemoryBudget:
+    """The budget of FINCH's large arrays: ``--memory-limit``, else a share of the available memory. What does
+    not fit spills beside the features, which that disk already holds. A limit too small fails here, before
+    the images are read."""
+    if cfg.memory_limit is not None:
+        limit, why = cfg.memory_limit, "--memory-limit"
+    else:
+        available = available_bytes()
+        limit = default_limit(available)
+        why = f"{DEFAULT_SHARE:.2f} of the {format_size(available)} available; --memory-limit to set it"
+    budget = MemoryBudget(arrays_within(limit), features_dir(cfg), log)
+    log(f"memory: limit {format_size(limit)} ({why}); FINCH's arrays beyond it spill to {budget.spill_dir}")
+    return budget
+
+
+def cluster(cfg: BuildConfig, vectors: np.ndarray, device: torch.device, log: Log,
+            budget: MemoryBudget | None = None) -> FinchResult:
+    """Step 3: FINCH prototypes of the training vectors, their large arrays within ``budget`` (default:
+    ``memory_budget``)."""
+    budget = budget or memory_budget(cfg, log)
+    search = make_search(device.type, exact=cfg.exact_neighbours, budget=budget, log=log)
+    return finch(vectors, cfg.max_prototypes, search=search, progress=cfg.progress, budget=budget, log=log)
 
 
 def project(cfg: BuildConfig, vectors: np.ndarray, k: int, log: Log) -> FittedProjection:
@@ -294,6 +318,7 @@ def build(cfg: BuildConfig, log: Log = print) -> BuildReport:
         check_dims(cfg.project_dims)
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     device = resolve_device(cfg.device)
+    budget = memory_budget(cfg, log)
     pre = Preprocess(resize=cfg.resize, crop=cfg.crop, roi=cfg.roi, fit=cfg.fit)
     clock = StageClock()
     with clock("load"):
@@ -303,7 +328,7 @@ def build(cfg: BuildConfig, log: Log = print) -> BuildReport:
         features = PatchFeatures(backbone, cfg.crop, cfg.feature_upsample)
         vectors, cached = extract(cfg, split, features, weights, device, log)
     with clock("finch"):
-        clusters = cluster(cfg, vectors, device, log)
+        clusters = cluster(cfg, vectors, device, log, budget)
     prototypes = clusters.prototypes.astype(np.float32)
     projection = None
     if cfg.project_dims is not None:

@@ -10,6 +10,7 @@ from typing import Iterator
 import click
 
 from ..build.config import PROJECTIONS, BuildConfig
+from ..build.memory import parse_size
 from ..constants import DATASET_KINDS, DEVICES, FEATURE_CHANNELS, ENGINE_PRECISIONS, TENSORRT_CHOICES, UPSAMPLE_MODES
 from ..errors import ProtoADError
 from ..export.triton_repo import ACCELERATORS, write_repository
@@ -61,6 +62,10 @@ BUILD_EXTRA = ("torch", "torchvision", "onnx", "onnxscript", "scipy", "sklearn")
 @click.option("--exact-neighbours", is_flag=True,
               help="FINCH first neighbours exact at every size on the CPU (default: approximate above 20,000 "
                    "vectors) and in FP32 throughout on a GPU (default: FP16 products, checked in FP32).")
+@click.option("--memory-limit", default=None, metavar="SIZE",
+              help="Anonymous memory the build may use, e.g. 8G or 6000M: FINCH's large arrays (cluster sums, the "
+                   "search's projections and candidate lists) spill to files beside the feature cache beyond it. "
+                   "Default: a third of the available memory.")
 @threads_option("torch")
 @click.option("--tensorrt", type=click.Choice(TENSORRT_CHOICES), default=D.tensorrt, show_default=True,
               help="Also build the TensorRT plan OUT/CATEGORY.plan on this GPU (auto: where TensorRT and a GPU exist).")
@@ -97,7 +102,8 @@ BUILD_EXTRA = ("torch", "torchvision", "onnx", "onnxscript", "scipy", "sklearn")
 def main(category: str | None, data_root: Path | None, dataset: str, out: Path, weights: str, feature_upsample: str,
          max_prototypes: int, val_split: float, device: str, seed: int, resize: int, crop: int, roi: str | None,
          fit: str, batch_size: int,
-         cache_dir: Path | None, no_cache: bool, exact_neighbours: bool, threads: int, tensorrt: str, precision: str,
+         cache_dir: Path | None, no_cache: bool, exact_neighbours: bool, memory_limit: str | None, threads: int,
+         tensorrt: str, precision: str,
          opt_batch: int, max_batch: int | None, from_onnx: Path | None, project_dims: int | None,
          projection: str | None, int8: bool, accept_accuracy_loss: bool, triton_repo: Path | None,
          triton_max_batch: int, triton_accelerate: str) -> None:
@@ -128,6 +134,7 @@ def main(category: str | None, data_root: Path | None, dataset: str, out: Path, 
         raise ProtoADError("missing option --category (or --from-onnx PATH to only build a TensorRT engine)")
     if projection is not None and project_dims is None:
         raise ProtoADError(f"--projection {projection} needs --project-dims D")
+    limit = parse_size(memory_limit) if memory_limit is not None else None
     with build_extra_needed():
         from ..build.pipeline import build
         from ..export.onnx import PARITY_TOLERANCE
@@ -137,7 +144,7 @@ def main(category: str | None, data_root: Path | None, dataset: str, out: Path, 
                         feature_upsample=feature_upsample, max_prototypes=max_prototypes, val_split=val_split,
                         device=device, seed=seed, resize=resize, crop=crop, roi=parse_roi(roi) if roi else None,
                         fit=fit, batch_size=batch_size, threads=threads,
-                        cache_dir=cache_dir, cache=not no_cache, exact_neighbours=exact_neighbours,
+                        cache_dir=cache_dir, cache=not no_cache, exact_neighbours=exact_neighbours, memory_limit=limit,
                         tensorrt=tensorrt, precision=precision, opt_batch=opt_batch, max_batch=max_batch,
                         project_dims=project_dims, projection=projection or D.projection),
             log=click.echo,

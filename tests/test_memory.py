@@ -1,0 +1,161 @@
+"""The build's memory budget: sizes, the default limit, what spills and when, and that spilling changes nothing."""
+
+from __future__ import annotations
+
+import errno
+import gc
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from protoad_edge.build import memory
+from protoad_edge.build.memory import (
+    GiB,
+    MemoryBudget,
+    arrays_within,
+    available_bytes,
+    default_limit,
+    format_size,
+    parse_size,
+)
+from protoad_edge.errors import ProtoADError
+
+
+@pytest.mark.parametrize("text, size", [
+    ("8G", 8 * GiB), ("8g", 8 * GiB), ("8GB", 8 * GiB), ("8GiB", 8 * GiB), (" 8 G ", 8 * GiB), ("1.5G", 3 * GiB // 2),
+    ("512M", 512 * 2**20), ("64k", 64 * 1024), ("1T", 2**40), ("8000000000", 8_000_000_000), (".5G", GiB // 2),
+])
+def test_sizes_parse_in_powers_of_1024(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["banana", "", "G", "-1G", "8X", "8 G B", "1e9", "8G8"])
+def test_a_bad_size_names_the_flag(text: str) -> None:
+    with pytest.raises(ProtoADError, match=r"^bad --memory-limit .*expected a size such as 8G"):
+        parse_size(text)
+
+
+def test_sizes_print_in_the_largest_unit() -> None:
+    assert [format_size(n) for n in (6.3 * GiB, 300 * 2**20, 2048, 12)] == ["6.3 GB", "300.0 MB", "2.0 KB", "12 B"]
+
+
+def test_available_memory_is_memavailable(tmp_path: Path) -> None:
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24684096 kB\nMemFree:         9950312 kB\nMemAvailable:   24097012 kB\n")
+    assert available_bytes(meminfo) == 24097012 * 1024
+    meminfo.write_text("MemTotal:       24684096 kB\n")
+    with pytest.raises(ProtoADError, match="--memory-limit"):
+        available_bytes(meminfo)
+    assert available_bytes() > 0  # this machine's
+
+
+def test_the_default_limit_is_a_third_of_the_available_memory() -> None:
+    """24 GB available (these machines): 8 GB, the issue's bound; the rest caches the features and spilled arrays."""
+    assert default_limit(24 * GiB) == 8 * GiB
+    assert default_limit(15 * GiB) == 5 * GiB  # a 16 GB workstation
+    assert default_limit(GiB) == memory.RESERVE + memory.MIN_ARRAYS  # never below what builds
+
+
+def test_the_limit_leaves_the_arrays_all_but_the_reserve() -> None:
+    assert arrays_within(8 * GiB) == 8 * GiB - memory.RESERVE
+    least = memory.RESERVE + memory.MIN_ARRAYS
+    assert arrays_within(least) == memory.MIN_ARRAYS
+    with pytest.raises(ProtoADError, match=r"^--memory-limit 2.0 GB is too small to build: .* at least 2.0 GB"):
+        arrays_within(least - 1)
+
+
+def test_arrays_stay_in_memory_while_they_fit_and_count_until_freed(tmp_path: Path) -> None:
+    lines: list[str] = []
+    budget = MemoryBudget(1000, tmp_path, lines.append)
+    a = budget.empty((100,), np.float64, "a")  # 800 bytes
+    assert type(a) is np.ndarray and budget.held == 800
+    b = budget.zeros((50,), np.float32, "b")  # 200 bytes: exactly full
+    assert type(b) is np.ndarray and budget.held == 1000 and not b.any()
+    view = a[10:]
+    del a
+    gc.collect()
+    assert budget.held == 1000  # a view keeps it
+    del view, b
+    gc.collect()
+    assert budget.held == 0 and lines == [] and budget.spilled == 0
+
+
+def test_an_array_that_does_not_fit_spills_to_an_unlinked_file_and_says_so(tmp_path: Path) -> None:
+    lines: list[str] = []
+    budget = MemoryBudget(1000, tmp_path / "spill", lines.append)
+    kept = budget.empty((100,), np.float64, "kept")
+    spilled = budget.full((10, 30), -np.inf, np.float32, "the candidates")  # 1,200 bytes alone: over the budget
+    assert isinstance(spilled, np.memmap) and (spilled == -np.inf).all()
+    zeros = budget.zeros((300,), np.int64, "the sums")
+    assert isinstance(zeros, np.memmap) and not zeros.any()
+    assert budget.held == 800 and budget.spilled == 1200 + 2400
+    assert list((tmp_path / "spill").iterdir()) == []  # the mappings hold the files, nothing is left behind
+    assert lines[0] == (f"memory: spilled the candidates (1.2 KB) to a file in {tmp_path / 'spill'}: "
+                        "800 B of the arrays' 1000 B already in memory")
+    assert len(lines) == 2 and "the sums (2.3 KB)" in lines[1]
+    zeros[:] = 7  # writable
+    assert int(zeros.sum()) == 2100
+    del kept
+
+
+def test_a_full_disk_is_an_error_before_anything_is_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_space(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(memory.os, "posix_fallocate", no_space)
+    with pytest.raises(ProtoADError, match=r"^no room to spill the sums \(8.0 KB\) in .*raise --memory-limit"):
+        MemoryBudget(10, tmp_path).zeros((1024,), np.float64, "the sums")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unbounded_spills_nothing(tmp_path: Path) -> None:
+    budget = MemoryBudget(spill_dir=tmp_path)
+    assert type(budget.empty((1000, 1000), np.float32, "x")) is np.ndarray and budget.spilled == 0
+
+
+def test_finch_within_a_tiny_budget_spills_everything_and_gives_the_same_partitions(tmp_path: Path) -> None:
+    """Spilled arrays keep their dtype: every level's partition and the prototypes are bit for bit the same."""
+    torch = pytest.importorskip("torch")
+    from protoad_edge.build.finch import finch
+    from protoad_edge.build.neighbours import make_search
+
+    torch.set_num_threads(2)
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((300, 600)).astype(np.float32)
+    x = (centres[rng.integers(0, 300, 30_000)] + 0.7 * rng.standard_normal((30_000, 600), np.float32)).astype(np.float16)
+
+    def run(budget: MemoryBudget):
+        return finch(x, max_prototypes=20, search=make_search(exact_up_to=2000, budget=budget, log=lambda _: None),
+                     budget=budget, log=lambda _: None)
+
+    lines: list[str] = []
+    tiny = MemoryBudget(3_000_000, tmp_path, lines.append)
+    spilled, unbounded = run(tiny), run(MemoryBudget())
+    assert spilled.counts == unbounded.counts and len(spilled.counts) >= 3
+    for a, b in zip(spilled.partitions, unbounded.partitions):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(spilled.prototypes, unbounded.prototypes)
+    said = "\n".join(lines)
+    for what in ("the search's projection", "the search's candidate indices", "FINCH level 0 cluster sums",
+                 "the search's merged projection"):
+        assert f"memory: spilled {what} (" in said
+    assert list(tmp_path.iterdir()) == []
+
+
+def rss_file() -> int:
+    return next(int(line.split()[1]) * 1024 for line in Path("/proc/self/status").read_text().splitlines()
+                if line.startswith("RssFile:"))
+
+
+def test_a_parked_spilled_array_leaves_the_page_cache_and_comes_back_intact(tmp_path: Path) -> None:
+    budget = MemoryBudget(0, tmp_path, lambda _: None)
+    spilled = budget.full((16, 2**20), 3.0, np.float32, "the projection")  # 64 MB
+    before = rss_file()
+    budget.park(spilled.ctypes.data)
+    assert before - rss_file() > 48 * 2**20
+    assert float(spilled[:, ::1024].sum()) == 3.0 * 16 * 1024  # read back from the disk
+    in_memory = MemoryBudget(2**30).full((1024,), 1.0, np.float32, "small")
+    MemoryBudget().park(in_memory.ctypes.data)  # not spilled: left alone
+    assert in_memory.sum() == 1024
