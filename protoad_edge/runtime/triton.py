@@ -147,6 +147,7 @@ class TritonBackend(Backend):
         self.max_batch = int(self.config.get("max_batch_size", 0)) or 1
         self.platform = self.config.get("platform") or self.config.get("backend", "")
         self._inputs, self._outputs = signature(self.info)
+        self._wanted = [grpcclient.InferRequestedOutput(o.name) for o in self._outputs]  # the same for every request
 
     def _config(self) -> dict[str, Any]:
         """The model configuration. A model the server does not have is an error (naming those it has, where the
@@ -176,8 +177,7 @@ class TritonBackend(Backend):
         (spec,) = self._inputs
         tensor = self.grpc.InferInput(spec.name, list(chunk.shape), "FP32")
         tensor.set_data_from_numpy(chunk)
-        wanted = [self.grpc.InferRequestedOutput(o.name) for o in self._outputs]
-        result = self._call(lambda: self.client.infer(self.address.model, [tensor], outputs=wanted,
+        result = self._call(lambda: self.client.infer(self.address.model, [tensor], outputs=self._wanted,
                                                       client_timeout=CALL_TIMEOUT_S), "judge frames on")
         map_spec, score_spec = self._outputs
         amap = result.as_numpy(map_spec.name)
@@ -196,14 +196,12 @@ class TritonBackend(Backend):
             except ProtoADError:
                 raise
             except Exception as exc:  # tritonclient raises InferenceServerException, grpc its own errors
-                waited = self.clock() - started
-                if not retryable(exc) or waited >= self.retry.give_up_after:
-                    why = "no answer" if retryable(exc) else "refused"
-                    after = f" for {waited:.0f} s" if retryable(exc) else ""
-                    raise ProtoADError(f"cannot {what} {self.address.url} ({why}{after}): "
-                                       f"{str(exc).strip().splitlines()[0]}") from None
+                waited, again, first = self.clock() - started, retryable(exc), str(exc).strip().splitlines()[0]
+                if not again or waited >= self.retry.give_up_after:
+                    why = f"no answer for {waited:.0f} s" if again else "refused"
+                    raise ProtoADError(f"cannot {what} {self.address.url} ({why}): {first}") from None
                 if attempt == 0 and self.log:
-                    self.log(f"server {self.address.url} not answering ({str(exc).strip().splitlines()[0]}): retrying")
+                    self.log(f"server {self.address.url} not answering ({first}): retrying")
                 self.sleep(self.retry.pause(attempt))
                 attempt += 1
                 self.retries += 1
