@@ -81,7 +81,12 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
         old = path.with_name(f"{tmp.name}.old")
         if path.exists():
             os.replace(path, old)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if old.exists():
+                os.replace(old, path)  # the old folder back, not left hidden beside a missing one
+            raise
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

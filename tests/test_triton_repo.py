@@ -293,3 +293,24 @@ def test_serve_ports_must_differ_and_be_free() -> None:
     with pytest.raises(ProtoADError, match="the three ports must differ"):
         check_ports(ServeOptions("tiny", "127.0.0.1", http_port=free, grpc_port=free, metrics_port=free + 1))
     check_ports(ServeOptions("tiny", "127.0.0.1", http_port=free, grpc_port=port, metrics_port=free + 1))  # freed: fine
+
+
+def test_a_failed_swap_puts_the_old_folder_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "config.pbtxt").write_text("old")
+    real = os.replace
+
+    def replace(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+        if Path(dst) == target and Path(src).name.endswith(".tmp"):
+            raise OSError("disk went read-only")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="read-only"):
+        with atomic_folder(target) as tmp:
+            (tmp / "config.pbtxt").write_text("new")
+    assert (target / "config.pbtxt").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
