@@ -103,12 +103,13 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--threads", type=int, default=2, help="threads of the AUROC pass (batch 1)")
     parser.add_argument("--speed-images", type=int, default=8, help="test images timed at batch 8 and at 1 thread")
-    parser.add_argument("--note", default="", help="a paragraph after the tables: how the bundles were made")
+    parser.add_argument("--note", type=Path, help="a file whose text goes after the tables: how the bundles were made")
     parser.add_argument("--no-write", action="store_true", help="print the section, leave RESULTS.md alone")
     args = parser.parse_args(argv[1:])
     load = os.getloadavg()[0]
     tables = [table(model, args, *measure(model, args)) for model in args.model]
-    update = "\n\n".join([header(args, load), *tables, args.note]).strip()
+    note = args.note.read_text(encoding="utf-8") if args.note else ""
+    update = "\n\n".join([header(args, load), *tables, note]).strip()
     if args.no_write:
         print(update)
     else:
