@@ -59,6 +59,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--scale", type=int, default=4, help="times the demo's 24 test images to draw")
     parser.add_argument("--prefixes", default="4,8,12,16,20,24", help="how many convs in INT8, in search order")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--note", type=Path, help="a file whose text goes after the table: how the choice was made")
     parser.add_argument("--no-write", action="store_true", help="print the section, leave RESULTS.md alone")
     args = parser.parse_args(argv[1:])
     began = time.perf_counter()
@@ -135,6 +136,8 @@ def print_or_write(args: argparse.Namespace, info: object, test: object, ref: ob
               f"{_fmt(min(failed, default=None))}); largest at which image and pixel AUROC moved less than "
               f"{MAX_AUROC_DROP_PT} pt either way, below every larger move: {_fmt(within)}. "
               f"SEARCH_TOLERANCE = {int8.SEARCH_TOLERANCE} (the second: a rise is as much noise as a drop)."]
+    if args.note:
+        lines += ["", args.note.read_text(encoding="utf-8").strip()]
     text = "\n".join(lines)
     if args.no_write:
         print(text)
