@@ -53,7 +53,7 @@ SEARCH_IMAGES = 4  # calibration images the search scores every trial on
 # as a drop). 0.2, the largest that merely passed the demo's gate, failed on bottle (benchmarks/RESULTS.md); the
 # earlier 0.05 kept 42 of 43 convs FP32 on bottle: INT8 in name only.
 SEARCH_TOLERANCE = 0.15
-MAX_REFINEMENTS = 4  # bisection trials for how many of the least sensitive layers fit
+MAX_REFINEMENTS = 4  # bisection trials for how many layers, in the search's order, fit
 Log = Callable[[str], None]
 
 
@@ -155,9 +155,10 @@ def _stride(n: int) -> int:
 
 
 def _quantize(src: Path, dst: Path, nodes: list[str], reader: _Reader) -> None:
-    """Calibrate and quantize ``nodes``: Q/DQ on their inputs only. A Q/DQ pair on a conv's output would round it a
-    second time (halving the noise it adds is measured in benchmarks/RESULTS.md); INT8 kernels need only the inputs
-    quantized (OpenVINO, TensorRT and onnxruntime's DQ-Conv all take a float output)."""
+    """Calibrate and quantize ``nodes``: Q/DQ on their inputs only. A Q/DQ pair on a conv's output rounds it a
+    second time (without it, all 43 convs move the demo's scores half as far: benchmarks/RESULTS.md), and OpenVINO
+    runs a conv with rounded inputs and a float output in INT8 all the same (measured there). onnxruntime's CPU
+    provider runs it in FP32: there the model is the accuracy reference, not a speed-up."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     options = {"CalibTensorRangeSymmetric": False, "CalibPercentile": PERCENTILE,
