@@ -40,8 +40,7 @@ def test_trial_models_quantize_exactly_the_layers_kept(tiny_model: Path, float_m
                                                        tmp_path: Path) -> None:
     convs = int8.backbone_convs(float_model)
     crops = normal_crops(4, 64, seed=3)
-    int8._quantize(tiny_model, tmp_path / "all.onnx", convs, tmp_path / "cache.json",
-                   int8._Reader(float_model.graph.input[0].name, crops))
+    int8._quantize(tiny_model, tmp_path / "all.onnx", convs, int8._Reader(float_model.graph.input[0].name, crops))
     qdq = onnx.load(str(tmp_path / "all.onnx"))
     none = int8.only(qdq, float_model, set())
     assert not [n for n in none.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
@@ -57,11 +56,47 @@ def test_trial_models_quantize_exactly_the_layers_kept(tiny_model: Path, float_m
         return OrtBackend(path, providers=["CPUExecutionProvider"]).infer(x)[0]
 
     assert np.abs(maps(none) - fp32).max() < 1e-6  # nothing kept: FP32 again
-    full = maps(int8.only(qdq, float_model, set(convs)))
-    assert np.abs(full - maps(qdq)).max() < 1e-6  # everything kept: the quantizer's model
-    one = int8.only(qdq, float_model, {convs[5]})
-    readers = {n.name for n in one.graph.node for i in n.input if i.endswith("DequantizeLinear_Output")}
-    assert convs[5] in readers and not readers & (set(convs) - {convs[5]})
+    assert not [n for n in qdq.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in
+                {o for c in qdq.graph.node if c.op_type == "Conv" for o in c.output}]  # no conv output rounded
+
+    def rounded_readers(model: "onnx.ModelProto") -> set[str]:
+        return {n.name for n in model.graph.node for i in n.input if i.endswith("DequantizeLinear_Output")}
+
+    full = int8.only(qdq, float_model, set(convs))
+    assert rounded_readers(qdq) - set(convs)  # the quantizer hands rounded tensors to residual adds and taps too
+    assert rounded_readers(full) == set(convs)  # only() to the convs alone: the rest read FP32
+    assert np.abs(maps(full) - fp32).max() > 0
+    assert rounded_readers(int8.only(qdq, float_model, {convs[5]})) == {convs[5]}
+
+
+def test_conv_macs_from_shapes(float_model: "onnx.ModelProto") -> None:
+    macs = int8.conv_macs(float_model, int8.backbone_convs(float_model))
+    assert macs["/features/backbone/conv1/Conv"] == 64 * 3 * 7 * 7 * 32 * 32  # crop 64, stride 2
+    assert macs["/features/backbone/layer1/layer1.0/conv2/Conv"] == 128 * 128 * 3 * 3 * 16 * 16  # wide: 2x width
+    assert len(macs) == 43
+
+
+def test_search_takes_the_least_noise_per_multiply_add_within_tolerance() -> None:
+    """Independent noises (error = root sum of squares): the search keeps the prefix that fits SEARCH_TOLERANCE,
+    ordered by variance per multiply-add, so a 3x3 conv with 9x the work beats a quieter 1x1."""
+    t = int8.SEARCH_TOLERANCE
+    sensitivity = {"a_1x1": 0.6 * t, "b_1x1": 0.6 * t, "c_3x3": 0.7 * t}
+    macs = {"a_1x1": 1, "b_1x1": 1, "c_3x3": 9}
+
+    def error(nodes: list[str]) -> float:
+        return float(np.sqrt(sum(sensitivity[n] ** 2 for n in nodes)))
+
+    chosen, measured = int8._search(list(sensitivity), macs, error, lambda _: None)
+    assert chosen == ["a_1x1", "c_3x3"]  # 0.92 t; least sensitive first would take a and b (0.85 t), 2 MACs not 10
+    assert measured == sensitivity
+    everything, measured = int8._search(["a_1x1"], macs, error, lambda _: None)
+    assert everything == ["a_1x1"] and measured == {}  # all within tolerance: all, no per-layer trials
+
+
+def test_search_tolerance_is_the_one_chosen_on_the_demo() -> None:
+    """SEARCH_TOLERANCE was set on the generated demo category (benchmarks/RESULTS.md, "INT8 search tolerance"):
+    the largest label-free error whose model passed the demo's accuracy gate. Changing it means re-measuring."""
+    assert int8.SEARCH_TOLERANCE == 0.15
 
 
 def test_calibration_images_are_the_builds_held_out_ones() -> None:
