@@ -214,8 +214,10 @@ def unit_means(x: np.ndarray, labels: np.ndarray, count: int, budget: MemoryBudg
 
     The sums are those ``_group_sums`` computes, bit for bit (each cluster's rows added in row order), formed a
     block of clusters at a time in a float32 buffer of the room the budget has left (at least
-    ``scratch_bytes``), from the block's rows read in file order; FP16 keeps the features' own precision
-    (relative error 2^-11). Both arrays are allocated through ``budget``.
+    ``scratch_bytes``), one pass over ``x`` in file order a block: a memory-mapped x that has left the page cache
+    is then read from the disk at its sequential rate (about 1 GB/s here) instead of a page at a time (3.2
+    million rows gathered at random from an uncached file: about 260 s at 12k reads/s). FP16 keeps the
+    features' own precision (relative error 2^-11). Both arrays are allocated through ``budget``.
     """
     dim = x.shape[1]
     out = budget.empty((count, dim), dtype, f"{what} as unit means")
@@ -223,21 +225,19 @@ def unit_means(x: np.ndarray, labels: np.ndarray, count: int, budget: MemoryBudg
     room = max(scratch_bytes, int(min(budget.arrays - budget.held, 2**62)))
     per_block = max(1, min(count, room // (4 * dim)))
     sums = torch.from_numpy(budget.empty((per_block, dim), np.float32, f"{what}, a block of them"))
-    order = np.argsort(labels, kind="stable")
-    bounds = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=count))])
     chunk = max(1, scratch_bytes // (4 * dim))
-    source = as_tensor(x)
+    source, index = as_tensor(x), torch.from_numpy(labels)
     staged = torch.empty(min(chunk, len(x)), dim, dtype=source.dtype)
     block = torch.empty(min(chunk, len(x)), dim)
     for k0 in range(0, count, per_block):
         k1 = min(count, k0 + per_block)
-        rows = np.sort(order[bounds[k0]:bounds[k1]])
         acc = sums[:k1 - k0].zero_()
-        for start in range(0, len(rows), chunk):
-            index = torch.from_numpy(rows[start:start + chunk])
-            torch.index_select(source, 0, index, out=staged[:len(index)])
-            acc.index_add_(0, torch.from_numpy(labels[rows[start:start + chunk]] - k0),
-                           block[:len(index)].copy_(staged[:len(index)]))
+        for start in range(0, len(x), chunk):
+            label = index[start:start + chunk]
+            mine = torch.nonzero((label >= k0) & (label < k1))[:, 0]
+            if len(mine):
+                torch.index_select(source[start:start + chunk], 0, mine, out=staged[:len(mine)])
+                acc.index_add_(0, label[mine] - k0, block[:len(mine)].copy_(staged[:len(mine)]))
         block_norms = torch.linalg.vector_norm(acc, dim=1)
         norms[k0:k1] = block_norms.numpy()
         out[k0:k1] = acc.div_(block_norms.clamp_min(torch.finfo(torch.float32).tiny)[:, None]).numpy()

@@ -106,9 +106,7 @@ def make_search(device: str = "cpu", *, exact: bool = False, exact_up_to: int | 
             if norms is not None:
                 rerank, projection = projection.inverse, projection._replace(inverse=_inverse_of(norms))
         kept.append(projection)
-        found = search_projection(x, projection, progress=progress, budget=budget, inverse=rerank)
-        budget.park(projection.y.data_ptr())  # idle until the next level merges it
-        return found
+        return search_projection(x, projection, progress=progress, budget=budget, inverse=rerank)
 
     return search
 
@@ -152,8 +150,10 @@ def search_projection(x: np.ndarray, projection: Projection, *, candidates: int 
     lists = min(n, lists or max(1, round(LISTS_PER_ROOT * math.sqrt(n))))
     centroids = _kmeans(coarse, lists, iterations, seed)
     near = _probes(coarse, centroids, probes, min(max(1, round(PROBE_SPREAD * probes)), lists))
-    return _rerank(as_tensor(x), projection.inverse if inverse is None else inverse,
-                   _candidates(y, near, lists, candidates, progress, budget or MemoryBudget()))
+    budget = budget or MemoryBudget()
+    found = _candidates(y, near, lists, candidates, progress, budget)
+    budget.park(y.data_ptr())  # idle while the re-rank reads x at random, and until the next level merges it
+    return _rerank(as_tensor(x), projection.inverse if inverse is None else inverse, found)
 
 
 def project(x: np.ndarray, dims: int, sample: int, seed: int, budget: MemoryBudget | None = None) -> Projection:
