@@ -213,8 +213,8 @@ def unit_means(x: np.ndarray, labels: np.ndarray, count: int, budget: MemoryBudg
     and its float32 norm: the search's cosines need only the direction, and merging its projection needs the norm.
 
     The sums are those ``_group_sums`` computes, bit for bit (each cluster's rows added in row order), formed a
-    block of clusters at a time in a float32 buffer of the room the budget has left (at least
-    ``scratch_bytes``), one pass over ``x`` in file order a block: a memory-mapped x that has left the page cache
+    block of clusters at a time in a float32 buffer of the room the budget has left beside two chunk buffers
+    (at least ``scratch_bytes``), one pass over ``x`` in file order a block: a memory-mapped x that has left the page cache
     is then read from the disk at its sequential rate (about 1 GB/s here) instead of a page at a time (3.2
     million rows gathered at random from an uncached file: about 260 s at 12k reads/s). FP16 keeps the
     features' own precision (relative error 2^-11). Both arrays are allocated through ``budget``.
@@ -222,8 +222,8 @@ def unit_means(x: np.ndarray, labels: np.ndarray, count: int, budget: MemoryBudg
     dim = x.shape[1]
     out = budget.empty((count, dim), dtype, f"{what} as unit means")
     norms = np.empty(count, np.float32)
-    room = max(scratch_bytes, int(min(budget.arrays - budget.held, 2**62)))
-    per_block = max(1, min(count, room // (4 * dim)))
+    room = int(min(budget.arrays - budget.held, 2**62)) - 2 * scratch_bytes  # less the chunk buffers below
+    per_block = max(1, min(count, max(room, scratch_bytes) // (4 * dim)))
     sums = torch.from_numpy(budget.empty((per_block, dim), np.float32, f"{what}, a block of them"))
     chunk = max(1, scratch_bytes // (4 * dim))
     source, index = as_tensor(x), torch.from_numpy(labels)
