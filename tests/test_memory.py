@@ -169,3 +169,27 @@ def test_a_parked_spilled_array_leaves_the_page_cache_and_comes_back_intact(tmp_
     in_memory = MemoryBudget(2**30).full((1024,), 1.0, np.float32, "small")
     MemoryBudget().park(in_memory.ctypes.data)  # not spilled: left alone
     assert in_memory.sum() == 1024
+
+
+@pytest.mark.parametrize("spare, spilled", [(0, False), (-5121, True)])
+def test_compact_sums_keep_their_fp16_rows_in_memory_only_where_that_costs_no_extra_pass(
+        tmp_path: Path, spare: int, spilled: bool) -> None:
+    """1,000 clusters of 64: float32 sums 256,000 bytes, FP16 rows 128,000, two 2,560-byte chunk buffers. A budget
+    of exactly rows + sums + buffers sums in one pass with the rows in memory; with less than rows + sums, rows
+    first would leave a buffer for 980 clusters (two passes), so the buffer comes first and the rows spill. The
+    answer is the same either way."""
+    pytest.importorskip("torch")
+    from protoad_edge.build.finch import unit_means
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3000, 64)).astype(np.float16)
+    labels = np.concatenate([np.arange(1000), rng.integers(0, 1000, 2000)])
+    lines: list[str] = []
+    budget = MemoryBudget(128_000 + 256_000 + 2 * 2560 + spare, tmp_path, lines.append)
+    rows, norms = unit_means(x, labels, 1000, budget, scratch_bytes=2560, what="the sums")
+    assert ("memory: spilled the sums as unit means (125.0 KB)" in "\n".join(lines)) is spilled
+    assert not any("a block of them" in line for line in lines)
+    sums = np.zeros((1000, 64), np.float32)
+    np.add.at(sums, labels, x.astype(np.float32))
+    np.testing.assert_allclose(norms, np.linalg.norm(sums, axis=1), rtol=1e-6)
+    np.testing.assert_allclose(rows, sums / norms[:, None], atol=2**-11)

@@ -116,9 +116,9 @@ class MemoryBudget:
 
     def park(self, address: int) -> None:
         """Write back the spilled array at ``address`` and drop its pages from the page cache, as it will sit idle
-        (the search's projection between FINCH levels): at 3.2 million vectors the features, the projection and
-        level 0's cluster sums (24.5 GB) outgrow a 24 GB machine's page cache, and level 0's sums read the
-        features at random. Its pages come back from the disk when next read; an array in memory is left alone."""
+        (the search's projection while its re-rank reads the features at random, and between FINCH levels): at
+        3.2 million vectors the features and the projection (16.8 GB) outgrow a 24 GB machine's page cache beside
+        the build's own memory. Its pages come back from the disk when next read; an array in memory is left alone."""
         nbytes = self._files.get(address)
         if nbytes:
             libc = ctypes.CDLL(None, use_errno=True)
