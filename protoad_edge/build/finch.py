@@ -39,7 +39,7 @@ from scipy.sparse.csgraph import connected_components
 
 from ..errors import ProtoADError
 from ..progress import progress_bar
-from .memory import MemoryBudget, format_size
+from .memory import MemoryBudget, format_size, release_free_heap
 
 DEFAULT_MAX_PROTOTYPES = 10_000
 DEFAULT_SCRATCH_BYTES = 256 * 2**20
@@ -154,6 +154,7 @@ def finch(x: np.ndarray, max_prototypes: int = DEFAULT_MAX_PROTOTYPES, *,
 
     start = time.perf_counter()
     labels, count = _components(search(x, progress=_label(0, progress)).index)
+    release_free_heap()
     rows, norms = level_rows(x, labels, count, budget, scratch_bytes, "FINCH level 0 cluster sums", log)
     step = labels  # how the last search's rows were summed into ``rows``
     partitions, counts, seconds = [labels], [count], [time.perf_counter() - start]
@@ -164,6 +165,7 @@ def finch(x: np.ndarray, max_prototypes: int = DEFAULT_MAX_PROTOTYPES, *,
         level = len(partitions)
         merged, new_count = _components(search(rows, progress=_label(level, progress), merged=step,
                                                 norms=norms).index)
+        release_free_heap()
         if new_count == 1 or count - new_count <= 1:
             log(f"FINCH level {level}: {new_count:,} clusters ({time.perf_counter() - start:.1f} s): "
                 f"merging stopped, keeping level {level - 1}")

@@ -38,7 +38,7 @@ from .finch import (
     first_neighbours,
 )
 from .gpu_neighbours import gpu_first_neighbours
-from .memory import MemoryBudget
+from .memory import MemoryBudget, release_free_heap
 
 # As finch-clust: exact up to 20,000 rows, approximate above. A 627k-row category's third level
 # (about 40k cluster means) took 20 s exact and 3.5 s approximate.
@@ -152,6 +152,8 @@ def search_projection(x: np.ndarray, projection: Projection, *, candidates: int 
     near = _probes(coarse, centroids, probes, min(max(1, round(PROBE_SPREAD * probes)), lists))
     budget = budget or MemoryBudget()
     found = _candidates(y, near, lists, candidates, progress, budget)
+    del near
+    release_free_heap()  # the lists' product buffers
     budget.park(y.data_ptr())  # idle while the re-rank reads x at random, and until the next level merges it
     return _rerank(as_tensor(x), projection.inverse if inverse is None else inverse, found)
 
