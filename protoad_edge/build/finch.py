@@ -216,9 +216,9 @@ def unit_means(x: np.ndarray, labels: np.ndarray, count: int, budget: MemoryBudg
 
     The sums are those ``_group_sums`` computes, bit for bit (each cluster's rows added in row order), formed a
     block of clusters at a time in a float32 buffer of the room the budget has left beside two chunk buffers
-    (at least ``scratch_bytes``), one pass over ``x`` in file order a block: a memory-mapped x that has left the page cache
-    is then read from the disk at its sequential rate (about 1 GB/s here) instead of a page at a time (3.2
-    million rows gathered at random from an uncached file: about 260 s at 12k reads/s). FP16 keeps the
+    (at least ``scratch_bytes``), one pass over ``x`` in file order a block: a memory-mapped x that has left
+    the page cache is then read from the disk at its sequential rate (about 1 GB/s here) instead of a page at
+    a time (3.2 million rows gathered at random from an uncached file: about 260 s at 12k reads/s). FP16 keeps the
     features' own precision (relative error 2^-11). Both arrays are allocated through ``budget``: the FP16 rows
     first where the block buffer left beside them needs no more passes, else the buffer first (and the rows
     spill, written once in order): at 3.2 million vectors and a 4.7 GB budget, 2 passes instead of 10.
@@ -226,10 +226,11 @@ def unit_means(x: np.ndarray, labels: np.ndarray, count: int, budget: MemoryBudg
     dim = x.shape[1]
     room = int(min(budget.arrays - budget.held, 2**62)) - 2 * scratch_bytes  # less the chunk buffers below
     means_bytes = count * dim * np.dtype(dtype).itemsize
-    means_first = _block_rows(room - means_bytes, count, dim, scratch_bytes)[1] <= _block_rows(room, count, dim, scratch_bytes)[1]
+    passes = functools.partial(_block_rows, count=count, dim=dim, scratch_bytes=scratch_bytes)
+    means_first = passes(room - means_bytes)[1] <= passes(room)[1]
     if means_first:  # in memory when that costs no extra pass over x, else spilled: a pass is a read of all of x
         out = budget.empty((count, dim), dtype, f"{what} as unit means")
-    per_block = _block_rows(room - (means_bytes if means_first else 0), count, dim, scratch_bytes)[0]
+    per_block = passes(room - (means_bytes if means_first else 0))[0]
     sums = torch.from_numpy(budget.empty((per_block, dim), np.float32, f"{what}, a block of them"))
     if not means_first:
         out = budget.empty((count, dim), dtype, f"{what} as unit means")
