@@ -212,8 +212,8 @@ def work_ours(path: Path, n: int, rows: np.ndarray, max_prototypes: int, method:
     search = make_search(exact=method == "exact", budget=budget, log=lambda _: None)
     first: list = []
 
-    def capture(v: np.ndarray, **kwargs):
-        found = search(v, **kwargs)  # keep level 0's neighbours for the recall
+    def capture(v: np.ndarray, *, progress: str | None = None, merged: np.ndarray | None = None):
+        found = search(v, progress=progress, merged=merged)  # keep level 0's neighbours for the recall
         if not first:
             first.append(found)
         return found

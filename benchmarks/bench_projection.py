@@ -232,8 +232,7 @@ def projected_finch_rows(cat: Category, ks: list[int], d: int, full: FittedProje
     projected = F.normalize(project_rows(cat.train, fit), dim=1).numpy()
     approx = functools.partial(approximate_first_neighbours, dims=d // 2)
 
-    def search(x: np.ndarray, *, progress: str | None = None, merged: np.ndarray | None = None,
-               norms: np.ndarray | None = None):
+    def search(x: np.ndarray, *, progress: str | None = None, merged: np.ndarray | None = None):
         return (first_neighbours if len(x) <= EXACT_UP_TO else approx)(x, progress=progress)
 
     start = time.perf_counter()

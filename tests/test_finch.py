@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 finch_clust = pytest.importorskip("finch")
 
 from protoad_edge.errors import ProtoADError  # noqa: E402
-from protoad_edge.build.finch import Neighbours, finch, first_neighbours, unit_means  # noqa: E402
+from protoad_edge.build.finch import Neighbours, finch, first_neighbours  # noqa: E402
 from protoad_edge.build import neighbours  # noqa: E402
 from protoad_edge.build.memory import MemoryBudget  # noqa: E402
 from protoad_edge.build.neighbours import approximate_first_neighbours, make_search  # noqa: E402
@@ -253,8 +253,7 @@ class ScriptedSearch:
     def __init__(self, *levels: list[int]) -> None:
         self.levels, self.inputs, self.merged = list(levels), [], []
 
-    def __call__(self, x: np.ndarray, *, progress: str | None = None, merged: np.ndarray | None = None,
-                 norms: np.ndarray | None = None) -> Neighbours:
+    def __call__(self, x: np.ndarray, *, progress: str | None = None, merged: np.ndarray | None = None) -> Neighbours:
         self.inputs.append(np.array(x, np.float64))
         self.merged.append(merged)
         index = np.array(self.levels[len(self.inputs) - 1])
@@ -391,40 +390,6 @@ def test_merged_projection_equals_projecting_the_sums() -> None:
     torch.testing.assert_close(merged.inverse, inverse)
     with pytest.raises(ValueError, match="merged"):
         neighbours.merge_projection(neighbours.project(x, 32, 1000, 0), labels[:-1], sums)
-
-
-def test_compact_rows_are_the_sums_directions_and_their_projection_the_sums(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A level kept compact (FP16 unit means + float32 norms) stands for its float32 sums: the directions agree
-    to FP16 rounding, the norms exactly, and the search projects it as the sums, whether it merges the last
-    projection or starts a new one, so that the next level's merge is the next sums' projection."""
-    x = low_rank_blobs(23, 3000, 600, 24, 20)
-    rng = np.random.default_rng(23)
-    labels = np.unique(rng.integers(0, 700, len(x)), return_inverse=True)[1]
-    sums = np.zeros((labels.max() + 1, x.shape[1]), np.float32)
-    np.add.at(sums, labels, x)
-    units, norms = unit_means(x, labels, len(sums), MemoryBudget(), scratch_bytes=600 * 4 * 50)  # many chunks
-    assert units.dtype == np.float16 and norms.dtype == np.float32
-    np.testing.assert_allclose(norms, np.linalg.norm(sums, axis=1), rtol=1e-6)
-    np.testing.assert_allclose(units, sums / norms[:, None], atol=2**-11)
-    merged = np.unique(rng.integers(0, 150, len(sums)), return_inverse=True)[1]
-    next_sums = np.zeros((merged.max() + 1, x.shape[1]), np.float32)
-    np.add.at(next_sums, merged, sums)
-    seen: list[neighbours.Projection] = []
-    search_projection = neighbours.search_projection
-    monkeypatch.setattr(neighbours, "search_projection",
-                        lambda rows, projection, **kw: seen.append(projection) or search_projection(rows, projection, **kw))
-    for first in (None, x):  # a new projection of the compact rows; merging the features' projection into them
-        seen.clear()
-        search = make_search(exact_up_to=99, log=lambda _: None)
-        if first is not None:
-            search(first)
-        search(units, merged=None if first is None else labels, norms=norms)
-        search(next_sums, merged=merged)
-        basis = seen[-1].basis
-        direct = torch.empty(len(next_sums), basis.shape[1])
-        inverse = neighbours._project(torch.from_numpy(next_sums), basis, direct)
-        torch.testing.assert_close(seen[-1].y, direct, atol=1e-4, rtol=1e-3)
-        torch.testing.assert_close(seen[-1].inverse, inverse)
 
 
 def test_finch_levels_reuse_the_first_projection(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -39,7 +39,7 @@ from scipy.sparse.csgraph import connected_components
 
 from ..errors import ProtoADError
 from ..progress import progress_bar
-from .memory import MemoryBudget, format_size, release_free_heap
+from .memory import MemoryBudget, release_free_heap
 
 DEFAULT_MAX_PROTOTYPES = 10_000
 DEFAULT_SCRATCH_BYTES = 256 * 2**20
@@ -56,13 +56,12 @@ class Search(Protocol):
     """A first-neighbour search: rows (any scale; cosine similarity) -> Neighbours, with a progress bar
     labelled ``progress`` unless it is None. FINCH's later levels pass ``merged``: their rows are the
     sums of the previous call's rows grouped by these labels, for a search that can build on its last
-    call (the approximate one sums its projections); the exact ones ignore it. Where FINCH keeps a
-    level compact (``unit_means``: FP16 unit rows standing for float32 sums) it passes the sums'
-    ``norms`` too, which such a search needs to build on. ``first_neighbours`` is the exact CPU search;
-    the others (approximate, GPU) plug into ``finch(search=...)`` through ``neighbours.make_search``."""
+    call (the approximate one sums its projections); the exact ones ignore it. ``first_neighbours``
+    is the exact CPU search; the others (approximate, GPU) plug into ``finch(search=...)`` through
+    ``neighbours.make_search``."""
 
-    def __call__(self, x: np.ndarray, *, progress: str | None = None, merged: np.ndarray | None = None,
-                 norms: np.ndarray | None = None) -> Neighbours: ...
+    def __call__(self, x: np.ndarray, *, progress: str | None = None,
+                 merged: np.ndarray | None = None) -> Neighbours: ...
 
 
 def tile_rows(n: int, dim: int, itemsize: int, scratch_bytes: int) -> int:
@@ -81,7 +80,7 @@ def tile_rows(n: int, dim: int, itemsize: int, scratch_bytes: int) -> int:
 
 def first_neighbours(x: np.ndarray, *, scratch_bytes: int = DEFAULT_SCRATCH_BYTES,
                      block: int | None = None, progress: str | None = None,
-                     merged: np.ndarray | None = None, norms: np.ndarray | None = None) -> Neighbours:
+                     merged: np.ndarray | None = None) -> Neighbours:
     """Exact cosine first neighbours of the rows of ``x`` (float16/32/64, may be a ``np.memmap``).
 
     Rows need not be normalised: each block is converted to float32 and L2-normalised as it is loaded
@@ -90,8 +89,8 @@ def first_neighbours(x: np.ndarray, *, scratch_bytes: int = DEFAULT_SCRATCH_BYTE
     within ``scratch_bytes``); a tile serves the row-wise and the column-wise search, so each pair's
     similarity is computed once and no N x N matrix ever exists. Ties go to the lowest index. This is
     the CPU search (float32 BLAS); ``gpu_neighbours`` is the GPU one, with the same answers.
-    A single row has no non-self neighbour: it gets itself, with similarity -inf. ``merged``, ``norms``:
-    unused (``Search``: exact search has nothing to build on).
+    A single row has no non-self neighbour: it gets itself, with similarity -inf. ``merged``: unused
+    (``Search``: exact search has nothing to build on).
     """
     n, dim = _check_features(x)
     b = min(n, block or tile_rows(n, dim, x.dtype.itemsize, scratch_bytes))
@@ -141,10 +140,10 @@ def finch(x: np.ndarray, max_prototypes: int = DEFAULT_MAX_PROTOTYPES, *,
     the re-normalised means of the chosen clusters, so a 1x1 convolution with them gives cosines.
     ``search`` defaults to the exact CPU ``first_neighbours`` within ``scratch_bytes``
     (``neighbours.make_search`` picks the build's: approximate for large inputs, or the GPU's).
-    Each level's clusters are searched as their float32 sums ([K0, D] at level 0: 1.2 GB for 161k
-    clusters of 1792; float64 would double the largest allocation of a build for digits the search
-    cannot use) while those fit ``budget`` (default: unbounded); a level whose sums do not fit is kept
-    compact (``unit_means``). ``progress`` shows a bar per level's search.
+    Cluster sums are accumulated in float32 ([K0, D] at level 0: 1.2 GB for 161k clusters of 1792;
+    float64 would double the largest allocation of a build for digits the search cannot use), through
+    ``budget`` (default: unbounded): spilled to disk when they do not fit, the same float32 either way.
+    ``progress`` shows a bar per level's search.
     """
     n, dim = _check_features(x)
     if max_prototypes < 1:
@@ -155,109 +154,30 @@ def finch(x: np.ndarray, max_prototypes: int = DEFAULT_MAX_PROTOTYPES, *,
     start = time.perf_counter()
     labels, count = _components(search(x, progress=_label(0, progress)).index)
     release_free_heap()
-    rows, norms = level_rows(x, labels, count, budget, scratch_bytes, "FINCH level 0 cluster sums", log)
-    step = labels  # how the last search's rows were summed into ``rows``
+    sums = _group_sums(x, labels, budget.zeros((count, dim), np.float32, "FINCH level 0 cluster sums"), scratch_bytes)
+    step = labels  # how the last search's rows were summed into the rows of ``sums``
     partitions, counts, seconds = [labels], [count], [time.perf_counter() - start]
     log(f"FINCH level 0: {count:,} clusters of {n:,} vectors ({seconds[-1]:.1f} s)")
 
     while count >= max_prototypes:
         start = time.perf_counter()
         level = len(partitions)
-        merged, new_count = _components(search(rows, progress=_label(level, progress), merged=step,
-                                                norms=norms).index)
+        merged, new_count = _components(search(sums, progress=_label(level, progress), merged=step).index)
         release_free_heap()
         if new_count == 1 or count - new_count <= 1:
             log(f"FINCH level {level}: {new_count:,} clusters ({time.perf_counter() - start:.1f} s): "
                 f"merging stopped, keeping level {level - 1}")
             break
         labels, count = merged[labels], new_count
-        previous = rows if norms is None else None  # float32 sums are summed further; unit means are not
-        del rows
-        rows, norms = level_rows(x, labels, count, budget, scratch_bytes, f"FINCH level {level} cluster sums", log,
-                                 previous, merged)
-        del previous
-        step = merged
+        sums, step = _group_sums(sums, merged, budget.zeros((count, dim), np.float32, f"FINCH level {level} cluster sums"),
+                                 scratch_bytes), merged
         partitions.append(labels)
         counts.append(count)
         seconds.append(time.perf_counter() - start)
         log(f"FINCH level {level}: {count:,} clusters ({seconds[-1]:.1f} s)")
 
     log(f"FINCH chose level {len(partitions) - 1}: {count:,} prototypes")
-    if norms is not None:  # a compact level's rows are FP16: the prototypes come from its sums in float32
-        rows, _ = unit_means(x, labels, count, budget, scratch_bytes, "the prototypes", np.float32)
-    return FinchResult(partitions, counts, _normalised(rows), seconds)
-
-
-def level_rows(x: np.ndarray, labels: np.ndarray, count: int, budget: MemoryBudget, scratch_bytes: int, what: str,
-               log: Callable[[str], None] = print, previous: np.ndarray | None = None,
-               merged: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """The rows a FINCH level's search compares, one per cluster, and their norms where they are kept compact.
-
-    While they fit ``budget``: the clusters' float32 sums (norms None), from the previous level's sums
-    ``previous`` grouped by ``merged``, or else from the features ``x`` grouped by ``labels``. Otherwise the
-    level is kept compact (``unit_means``): summing into spilled float32 sums was the slowest part of a 3.2
-    million vector build, which wrote 6.9 GB at random into a file the page cache could not hold.
-    """
-    nbytes = count * x.shape[1] * 4
-    if budget.fits(nbytes):
-        out = budget.zeros((count, x.shape[1]), np.float32, what)
-        return (_group_sums(previous, merged, out, scratch_bytes) if previous is not None
-                else _group_sums(x, labels, out, scratch_bytes)), None
-    log(f"memory: {what} ({format_size(nbytes)}) do not fit in the arrays' {format_size(budget.arrays)} with "
-        f"{format_size(budget.held)} held: kept as FP16 unit means ({format_size(nbytes // 2)}) and float32 norms, "
-        f"summed from the features a block of clusters at a time")
-    return unit_means(x, labels, count, budget, scratch_bytes, what)
-
-
-def unit_means(x: np.ndarray, labels: np.ndarray, count: int, budget: MemoryBudget, scratch_bytes: int,
-               what: str = "cluster sums", dtype: type = np.float16) -> tuple[np.ndarray, np.ndarray]:
-    """Each cluster's float32 sum of the rows of ``x``, kept as its direction in FP16 (half the bytes; ``dtype``)
-    and its float32 norm: the search's cosines need only the direction, and merging its projection needs the norm.
-
-    The sums are those ``_group_sums`` computes, bit for bit (each cluster's rows added in row order), formed a
-    block of clusters at a time in a float32 buffer of the room the budget has left beside two chunk buffers
-    (at least ``scratch_bytes``), one pass over ``x`` in file order a block: a memory-mapped x that has left
-    the page cache is then read from the disk at its sequential rate (about 1 GB/s here) instead of a page at
-    a time (3.2 million rows gathered at random from an uncached file: about 260 s at 12k reads/s). FP16 keeps the
-    features' own precision (relative error 2^-11). Both arrays are allocated through ``budget``: the FP16 rows
-    first where the block buffer left beside them needs no more passes, else the buffer first (and the rows
-    spill, written once in order): at 3.2 million vectors and a 4.7 GB budget, 2 passes instead of 10.
-    """
-    dim = x.shape[1]
-    room = int(min(budget.arrays - budget.held, 2**62)) - 2 * scratch_bytes  # less the chunk buffers below
-    means_bytes = count * dim * np.dtype(dtype).itemsize
-    passes = functools.partial(_block_rows, count=count, dim=dim, scratch_bytes=scratch_bytes)
-    means_first = passes(room - means_bytes)[1] <= passes(room)[1]
-    if means_first:  # in memory when that costs no extra pass over x, else spilled: a pass is a read of all of x
-        out = budget.empty((count, dim), dtype, f"{what} as unit means")
-    per_block = passes(room - (means_bytes if means_first else 0))[0]
-    sums = torch.from_numpy(budget.empty((per_block, dim), np.float32, f"{what}, a block of them"))
-    if not means_first:
-        out = budget.empty((count, dim), dtype, f"{what} as unit means")
-    norms = np.empty(count, np.float32)
-    chunk = max(1, scratch_bytes // (4 * dim))
-    source, index = as_tensor(x), torch.from_numpy(labels)
-    staged = torch.empty(min(chunk, len(x)), dim, dtype=source.dtype)
-    block = torch.empty(min(chunk, len(x)), dim)
-    for k0 in range(0, count, per_block):
-        k1 = min(count, k0 + per_block)
-        acc = sums[:k1 - k0].zero_()
-        for start in range(0, len(x), chunk):
-            label = index[start:start + chunk]
-            mine = torch.nonzero((label >= k0) & (label < k1))[:, 0]
-            if len(mine):
-                torch.index_select(source[start:start + chunk], 0, mine, out=staged[:len(mine)])
-                acc.index_add_(0, label[mine] - k0, block[:len(mine)].copy_(staged[:len(mine)]))
-        block_norms = torch.linalg.vector_norm(acc, dim=1)
-        norms[k0:k1] = block_norms.numpy()
-        out[k0:k1] = acc.div_(block_norms.clamp_min(torch.finfo(torch.float32).tiny)[:, None]).numpy()
-    return out, norms
-
-
-def _block_rows(room: int, count: int, dim: int, scratch_bytes: int) -> tuple[int, int]:
-    """Clusters a float32 block of ``room`` bytes (at least ``scratch_bytes``) holds, and the passes ``count`` take."""
-    rows = max(1, min(count, max(room, scratch_bytes) // (4 * dim)))
-    return rows, -(-count // rows)
+    return FinchResult(partitions, counts, _normalised(sums), seconds)
 
 
 def _label(level: int, progress: bool) -> str | None:

@@ -6,9 +6,7 @@ lists - outgrow a 16 GB workstation together. Each one is allocated through a ``
 while the arrays it holds fit within the limit, else as a file-backed memmap in the spill folder (the
 feature cache's, which already holds the features). The spilled array keeps its dtype, so the arithmetic,
 and the partition, are the same; its pages are the kernel's page cache, written back and dropped under
-pressure instead of filling memory that only the OOM killer can free. Cluster sums that do not fit are not
-spilled but kept compact (``finch.level_rows``: FP16 directions and float32 norms, half the bytes): summing
-3.2 million rows at random into a spilled file was the slowest part of such a build.
+pressure instead of filling memory that only the OOM killer can free.
 """
 
 from __future__ import annotations
@@ -130,9 +128,9 @@ class MemoryBudget:
 
     def park(self, address: int) -> None:
         """Write back the spilled array at ``address`` and drop its pages from the page cache, as it will sit idle
-        (the search's projection while its re-rank reads the features at random, and between FINCH levels): at
-        3.2 million vectors the features and the projection (16.8 GB) outgrow a 24 GB machine's page cache beside
-        the build's own memory. Its pages come back from the disk when next read; an array in memory is left alone."""
+        (the search's projection between FINCH levels): at 3.2 million vectors the features, the projection and
+        level 0's cluster sums (24.5 GB) outgrow a 24 GB machine's page cache, and level 0's sums read the
+        features at random. Its pages come back from the disk when next read; an array in memory is left alone."""
         nbytes = self._files.get(address)
         if nbytes:
             libc = ctypes.CDLL(None, use_errno=True)

@@ -89,24 +89,19 @@ def make_search(device: str = "cpu", *, exact: bool = False, exact_up_to: int | 
     budget = budget or MemoryBudget()
     kept: list[Projection] = []  # the last approximate call's projection, until the next call
 
-    def search(x: np.ndarray, *, progress: str | None = None, merged: np.ndarray | None = None,
-               norms: np.ndarray | None = None) -> Neighbours:
+    def search(x: np.ndarray, *, progress: str | None = None, merged: np.ndarray | None = None) -> Neighbours:
         previous = kept.pop() if kept else None
         if len(x) <= exact_up_to or x.shape[1] <= DEFAULT_DIMS:
             return exact_search(x, progress=progress)
         log(f"first neighbours: approximate ({DEFAULT_DIMS} of {x.shape[1]} dims, {DEFAULT_PROBES:g} nearest k-means "
             f"lists a row on average, top {DEFAULT_CANDIDATES} re-ranked exactly) for {len(x):,} rows; --exact-neighbours for exact")
-        rerank = None  # x's own inverse norms for the re-rank, where the projection stands for sums x holds normalised
-        if previous is not None and merged is not None:
-            projection = merge_projection(previous, merged, x, budget, norms)
-            if norms is not None:
-                rerank = _row_inverse_norms(x)
-        else:
-            projection = project(x, DEFAULT_DIMS, DEFAULT_SAMPLE, 0, budget)
-            if norms is not None:
-                rerank, projection = projection.inverse, projection._replace(inverse=_inverse_of(norms))
+        reuse = previous is not None and merged is not None
+        projection = (merge_projection(previous, merged, x, budget) if reuse
+                      else project(x, DEFAULT_DIMS, DEFAULT_SAMPLE, 0, budget))
         kept.append(projection)
-        return search_projection(x, projection, progress=progress, budget=budget, inverse=rerank)
+        found = search_projection(x, projection, progress=progress, budget=budget)
+        budget.park(projection.y.data_ptr())  # idle until the next level merges it
+        return found
 
     return search
 
@@ -129,8 +124,7 @@ def approximate_first_neighbours(x: np.ndarray, *, dims: int = DEFAULT_DIMS, can
 
 def search_projection(x: np.ndarray, projection: Projection, *, candidates: int = DEFAULT_CANDIDATES, seed: int = 0,
                       lists: int | None = None, probes: float = DEFAULT_PROBES, iterations: int = DEFAULT_ITERATIONS,
-                      progress: str | None = None, budget: MemoryBudget | None = None,
-                      inverse: torch.Tensor | None = None) -> Neighbours:
+                      progress: str | None = None, budget: MemoryBudget | None = None) -> Neighbours:
     """Approximate cosine first neighbours of the rows of ``x``, compared in ``projection`` (of x).
 
     Candidates: the ``candidates`` most similar rows in the projected space among the members of
@@ -141,8 +135,6 @@ def search_projection(x: np.ndarray, projection: Projection, *, candidates: int 
     Besides the projection and chunks of ``CHUNK_ROWS`` rows it holds
     N x (``PROBE_SPREAD`` x ``probes`` x ``candidates`` + 1) partial results (12 bytes each), through
     ``budget`` (default: unbounded). ``progress``: a progress bar's label (over the lists), or None.
-    ``inverse``: the inverse norms of x's rows for the re-rank, where they are not the projection's (its rows
-    stand for sums that x holds normalised: FINCH's compact levels).
     """
     y = projection.y
     n = len(y)
@@ -150,12 +142,10 @@ def search_projection(x: np.ndarray, projection: Projection, *, candidates: int 
     lists = min(n, lists or max(1, round(LISTS_PER_ROOT * math.sqrt(n))))
     centroids = _kmeans(coarse, lists, iterations, seed)
     near = _probes(coarse, centroids, probes, min(max(1, round(PROBE_SPREAD * probes)), lists))
-    budget = budget or MemoryBudget()
-    found = _candidates(y, near, lists, candidates, progress, budget)
+    found = _candidates(y, near, lists, candidates, progress, budget or MemoryBudget())
     del near
     release_free_heap()  # the lists' product buffers
-    budget.park(y.data_ptr())  # idle while the re-rank reads x at random, and until the next level merges it
-    return _rerank(as_tensor(x), projection.inverse if inverse is None else inverse, found)
+    return _rerank(as_tensor(x), projection.inverse, found)
 
 
 def project(x: np.ndarray, dims: int, sample: int, seed: int, budget: MemoryBudget | None = None) -> Projection:
@@ -166,14 +156,13 @@ def project(x: np.ndarray, dims: int, sample: int, seed: int, budget: MemoryBudg
 
 
 def merge_projection(previous: Projection, merged: np.ndarray, x: np.ndarray,
-                     budget: MemoryBudget | None = None, norms: np.ndarray | None = None) -> Projection:
+                     budget: MemoryBudget | None = None) -> Projection:
     """The projection of rows ``x`` that are the sums of ``previous``'s rows grouped by ``merged``.
 
     Projection is linear, so a sum's projection is the sum of its rows' raw projections: the rows of
     x (K x D) are read for their norms only, not multiplied with the basis again (4 s of 14 at a
-    627k category's level 1), and the basis is kept. Where x holds the sums normalised (FINCH's compact
-    levels) their ``norms`` are given instead, so the projection is the sums' all the same. Consumes
-    ``previous``. The sums are allocated through ``budget`` (default: unbounded).
+    627k category's level 1), and the basis is kept. Consumes ``previous``. The sums are allocated
+    through ``budget`` (default: unbounded).
     """
     if len(merged) != len(previous.y) or merged.max() + 1 != len(x):
         raise ValueError(f"merged: {len(merged)} labels up to {merged.max()} for {len(previous.y)} projected rows "
@@ -182,21 +171,11 @@ def merge_projection(previous: Projection, merged: np.ndarray, x: np.ndarray,
     y = torch.from_numpy((budget or MemoryBudget()).zeros((len(x), raw.shape[1]), np.float32,
                                                                "the search's merged projection"))
     y.index_add_(0, torch.from_numpy(merged), raw)
-    inverse = _row_inverse_norms(x) if norms is None else _inverse_of(norms)
+    source = as_tensor(x)
+    inverse = torch.cat([_inverse_norms(source[start:start + CHUNK_ROWS].float(), start)
+                         for start in range(0, len(x), CHUNK_ROWS)])
     y *= inverse[:, None]
     return Projection(previous.basis, y, inverse)
-
-
-def _inverse_of(norms: np.ndarray) -> torch.Tensor:
-    """float32 [N]: 1 / ``norms``, as ``_inverse_norms`` gives it (zero rows: 1 / tiny)."""
-    return 1.0 / torch.from_numpy(norms).clamp_min(torch.finfo(torch.float32).tiny)
-
-
-def _row_inverse_norms(x: np.ndarray) -> torch.Tensor:
-    """float32 [N]: 1 / the L2 norms of the rows of ``x`` (any float dtype), a chunk at a time."""
-    source = as_tensor(x)
-    return torch.cat([_inverse_norms(source[start:start + CHUNK_ROWS].float(), start)
-                      for start in range(0, len(x), CHUNK_ROWS)])
 
 
 def products(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
