@@ -47,5 +47,5 @@ FP32_SCOPE = f"/{L2NORM_MODULE}/"
 UPSAMPLE_MODES = ("bilinear", "nearest")
 DATASET_KINDS = ("mvtec", "btad", "folder")
 DEVICES = ("auto", "cpu", "cuda")
-ENGINE_PRECISIONS = ("fp16", "fp32")
+ENGINE_PRECISIONS = ("fp16", "fp32", "int8")  # int8: from NAME.int8.onnx (protoad-export --int8)
 TENSORRT_CHOICES = ("auto", "yes", "no")

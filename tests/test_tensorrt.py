@@ -112,6 +112,9 @@ def test_plan_mismatch_names_what_differs() -> None:
 def test_build_options_are_checked_before_tensorrt(tiny_model: Path, tmp_path: Path) -> None:
     onnx = copy_bundle(tiny_model, tmp_path)
     with pytest.raises(ProtoADError, match="--precision"):
+        build_engine(onnx, precision="int4")
+    with pytest.raises(ProtoADError, match=r"^--precision int8 builds from .*tiny\.int8\.onnx, which is not there: "
+                                           r"write it first with protoad-export --from-onnx .*tiny\.onnx --int8"):
         build_engine(onnx, precision="int8")
     with pytest.raises(ProtoADError, match="--max-batch 5000 .* at most 4681"):
         build_engine(onnx, max_batch=5000)
@@ -534,6 +537,29 @@ def test_fp32_clears_tf32(fake_trt: Any, tiny_model: Path, tmp_path: Path, versi
     s = TINY_CROP
     assert config.profiles[0].shapes["image"] == ((1, 3, s, s), (4, 3, s, s), (8, 3, s, s))
     assert build.onnx == tmp_path / "tiny.onnx"
+
+
+@pytest.mark.parametrize("version, flags", [("10.3.0", 1 << 1), ("11.0.0", 0)])
+def test_int8_builds_strongly_typed_from_the_qdq_model(fake_trt: Any, tiny_model: Path, tmp_path: Path, version: str,
+                                                       flags: int) -> None:
+    """The Q/DQ model's types decide: strongly typed on TensorRT 10 too (the STRONGLY_TYPED flag, 1 << 1) and 11 (always),
+    no precision flags, TF32 off for its FP32 part. (The stand-in parses any ONNX: a copy stands in for the Q/DQ model.)"""
+    trt = fake_trt(version)
+    onnx = copy_bundle(tiny_model, tmp_path)
+    shutil.copy(onnx, Bundle.of(onnx).file("int8_onnx"))
+    lines: list[str] = []
+    build = build_engine(onnx, precision="int8", log=lines.append)
+    builder = trt.last_builder
+    assert builder.network.parsed == str(tmp_path / "tiny.int8.onnx") and builder.network.flags == flags
+    assert builder.network.strongly_typed or version.startswith("11")
+    assert builder.config.flags == set() and builder.config.cleared == {"TF32"}
+    assert all(layer.precision is None and not layer.output_types for layer in builder.network.layers)
+    assert build.plan == tmp_path / "tiny.plan" and build.plan.read_bytes() == b"plan of tiny.int8.onnx"
+    assert any("INT8 Q/DQ ONNX for TensorRT" in line for line in lines)
+    info = ModelInfo.load_json(Bundle.of(onnx).sidecar)
+    assert (info.tensorrt_precision, info.build["tensorrt"]["onnx"], info.build["tensorrt"]["strongly_typed"]) == (
+        "int8", "tiny.int8.onnx", True)
+    assert not (tmp_path / "tiny.fp16.onnx").exists()
 
 
 def test_timing_cache_is_reused_and_a_stale_one_ignored(fake_trt: Any, tiny_model: Path, tmp_path: Path) -> None:
@@ -976,6 +1002,35 @@ def test_engine_matches_onnxruntime(engines: dict[str, Path], tiny_model: Path, 
     assert np.abs(maps - ref_maps).max() <= tolerance
     assert np.abs(scores - ref_scores).max() <= tolerance
     assert times is not None and times.batch == 6 and times.compute_ms > 0 and times.h2d_ms >= 0
+
+
+@needs_tensorrt
+@pytest.mark.tensorrt
+def test_int8_engine_matches_its_qdq_model(tiny_model: Path, tmp_path: Path) -> None:
+    """An INT8 plan from a real Q/DQ model (every backbone conv quantized, inputs only, as ``protoad-export --int8``
+    writes them) gives that model's maps as onnxruntime simulates them, within the FP16 tolerance: TensorRT's INT8
+    convs accumulate in int32 and dequantize as the Q/DQ nodes say. Not yet run on a GPU (none lent so far)."""
+    import onnx as onnx_module
+
+    from protoad_edge.backends import open_backend
+    from protoad_edge.export import int8
+
+    onnx = copy_bundle(tiny_model, tmp_path)
+    qdq = Bundle.of(onnx).file("int8_onnx")
+    model = onnx_module.load(str(onnx))
+    int8._quantize(onnx, qdq, int8.backbone_convs(model), int8._Reader(model.graph.input[0].name,
+                                                                      normal_crops(16, TINY_CROP, seed=7)))
+    quantized = onnx_module.load(str(qdq))
+    del quantized.metadata_props[:]
+    quantized.metadata_props.extend(model.metadata_props)  # the bundle's metadata, as the export writes it
+    onnx_module.save(quantized, str(qdq))
+    build = build_engine(onnx, precision="int8", max_batch=4, log=lambda line: None)
+    batch = to_batch(normal_crops(4, TINY_CROP, seed=5))
+    ref_maps, ref_scores = reference(qdq, batch)
+    with open_backend(build.plan) as backend:
+        maps, scores = backend.infer(batch)
+    assert np.abs(maps - ref_maps).max() <= FP16_TOLERANCE
+    assert np.abs(scores - ref_scores).max() <= FP16_TOLERANCE
 
 
 @needs_tensorrt

@@ -70,7 +70,8 @@ BUILD_EXTRA = ("torch", "torchvision", "onnx", "onnxscript", "scipy", "sklearn")
 @click.option("--tensorrt", type=click.Choice(TENSORRT_CHOICES), default=D.tensorrt, show_default=True,
               help="Also build the TensorRT plan OUT/CATEGORY.plan on this GPU (auto: where TensorRT and a GPU exist).")
 @click.option("--precision", type=click.Choice(ENGINE_PRECISIONS), default=D.precision, show_default=True,
-              help="TensorRT engine precision; the L2 normalisation always runs in FP32.")
+              help="TensorRT engine precision; the L2 normalisation always runs in FP32. int8: from NAME.int8.onnx "
+                   "(written by --int8), its quantized convs in INT8 and the rest in FP32.")
 @click.option("--opt-batch", type=click.IntRange(min=1), default=D.opt_batch, show_default=True,
               help="Batch TensorRT optimises for.")
 @click.option("--max-batch", type=click.IntRange(min=1), default=D.max_batch,

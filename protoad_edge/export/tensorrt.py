@@ -10,6 +10,10 @@ depends on the TensorRT version found:
   a strongly typed network built from ``NAME.fp16.onnx``, whose L2 normalisation is already FP32
   (see :mod:`.fp16`).
 
+``--precision int8`` builds a strongly typed network (TensorRT 10 and 11) from ``NAME.int8.onnx``, the Q/DQ
+model ``protoad-export --int8`` wrote and the accuracy gate passed: its quantized convs run in INT8, the rest in
+FP32 as the graph types it (not FP16: that conversion does not handle Q/DQ scales yet).
+
 TensorRT is imported inside the functions, so this module loads anywhere.
 """
 
@@ -56,9 +60,12 @@ def batch_limit(num_prototypes: int, crop: int, cap: int = DEFAULT_MAX_BATCH) ->
 
 
 def strongly_typed(version: str, precision: str) -> bool:
-    """Whether the network is strongly typed: always on TensorRT 11+, and for FP16 from 10.12 on."""
+    """Whether the network is strongly typed: always on TensorRT 11+, for FP16 from 10.12 on, and for INT8: its
+    Q/DQ graph (explicit quantization) says which convs are INT8 and that the rest is FP32, and a weakly typed build
+    could also pick INT8 or FP16 kernels elsewhere, outside what the accuracy gate measured."""
     found = tensorrt_version(version)
-    return found >= ALWAYS_STRONGLY_TYPED_FROM or (precision == "fp16" and found >= STRONGLY_TYPED_FP16_FROM)
+    return (found >= ALWAYS_STRONGLY_TYPED_FROM or precision == "int8"
+            or (precision == "fp16" and found >= STRONGLY_TYPED_FP16_FROM))
 
 
 def network_flags(trt: Any, typed: bool) -> int:
@@ -160,8 +167,8 @@ def builder_config(trt: Any, builder: Any, network: Any, info: ModelInfo, *, pre
     """
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
-    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
-        config.clear_flag(trt.BuilderFlag.TF32)  # TF32 keeps 10 mantissa bits: "fp32" means FP32
+    if precision in ("fp32", "int8") and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)  # TF32 keeps 10 mantissa bits: "fp32" (and INT8's FP32 part) means FP32
     if precision == "fp16" and not typed:
         config.set_flag(trt.BuilderFlag.FP16)
         config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
@@ -226,6 +233,10 @@ def build_engine(onnx_path: str | os.PathLike, *, precision: str = "fp16", opt_b
     if not onnx_path.is_file():
         raise ProtoADError(f"ONNX model not found: {onnx_path}")
     bundle = Bundle.of(onnx_path)
+    int8_onnx = bundle.file("int8_onnx")
+    if precision == "int8" and not int8_onnx.is_file():
+        raise ProtoADError(f"--precision int8 builds from {int8_onnx}, which is not there: write it first with "
+                           f"protoad-export --from-onnx {onnx_path} --int8 --category ... (the accuracy gate decides)")
     if max_batch is not None and max_batch < 1:
         raise ProtoADError(f"--max-batch {max_batch} must be at least 1")
     info = bundle.info()
@@ -245,6 +256,9 @@ def build_engine(onnx_path: str | os.PathLike, *, precision: str = "fp16", opt_b
 
         source = write_fp16_onnx(onnx_path, bundle.fp16_onnx)
         log(f"mixed-precision ONNX for TensorRT {trt.__version__}: {source}")
+    elif precision == "int8":
+        source = int8_onnx
+        log(f"INT8 Q/DQ ONNX for TensorRT {trt.__version__}: {source} (its quantized convs in INT8, the rest in FP32)")
     plan_file, cache_file = bundle.plan, bundle.timing_cache
     logger = trt_logger(trt)
     logger.clear()
