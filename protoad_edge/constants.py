@@ -49,3 +49,8 @@ DATASET_KINDS = ("mvtec", "btad", "folder")
 DEVICES = ("auto", "cpu", "cuda")
 ENGINE_PRECISIONS = ("fp16", "fp32", "int8")  # int8: from NAME.int8.onnx (protoad-export --int8)
 TENSORRT_CHOICES = ("auto", "yes", "no")
+
+# The one Q/DQ form written, because TensorRT's ONNX parser builds no other: INT8 activations and weights with zero
+# points of 0 (symmetric: a non-negative activation uses 7 of the 8 bits), float biases. The sidecar records it
+# and the TensorRT INT8 build refuses a model recorded otherwise.
+QDQ_SCHEME = "int8 symmetric activations and weights, zero points 0, float biases"

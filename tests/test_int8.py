@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import normal_crops
 from protoad_edge.bundle import Bundle
-from protoad_edge.constants import FP32_SCOPE
+from protoad_edge.constants import FP32_SCOPE, QDQ_SCHEME
 from protoad_edge.errors import ProtoADError
 from protoad_edge.evaluation import evaluate
 from protoad_edge.evaluation.accuracy_gate import Verdict
@@ -42,6 +42,14 @@ def test_trial_models_quantize_exactly_the_layers_kept(tiny_model: Path, float_m
     crops = normal_crops(4, 64, seed=3)
     int8._quantize(tiny_model, tmp_path / "all.onnx", convs, int8._Reader(float_model.graph.input[0].name, crops))
     qdq = onnx.load(str(tmp_path / "all.onnx"))
+    assert int8.tensorrt_problems(qdq) == []  # INT8 zero points of 0, float biases: what TensorRT's parser builds
+    zero_points = {n.input[2] for n in qdq.graph.node if n.op_type == "QuantizeLinear"}
+    asymmetric = onnx.ModelProto.FromString(qdq.SerializeToString())
+    for init in asymmetric.graph.initializer:
+        if init.name in zero_points:  # what the quantizer writes for UINT8 activations
+            init.CopyFrom(onnx.numpy_helper.from_array(np.array(128, np.uint8), init.name))
+    assert len(int8.tensorrt_problems(asymmetric)) == 2 * len(zero_points)  # each Q and its DQ
+    assert "zero point UINT8 [128] (needs INT8 zeros)" in int8.tensorrt_problems(asymmetric)[0]
     none = int8.only(qdq, float_model, set())
     assert not [n for n in none.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
     x = to_batch(crops)
@@ -147,6 +155,9 @@ def test_export_writes_the_int8_model_and_records_the_loss(bundle_and_data: tupl
     gate = record["gate"]
     assert gate["images"] == 8 and gate["passed"] is done.verdict.passed
     assert gate["accepted_knowingly"] is (not done.verdict.passed)
+    assert gate["attempts"][-1]["quantized"] == record["quantized"] and gate["attempts"][-1]["passed"] is done.verdict.passed
+    assert gate["attempts"][0]["tolerance"] == int8.SEARCH_TOLERANCE
+    assert record["scheme"] == QDQ_SCHEME  # what the TensorRT INT8 build checks
     assert {"image_auroc", "reference_image_auroc", "pixel_auroc", "spearman", "image_drop_pt"} <= set(gate)
     quantized = onnx.load(str(done.path))
     assert {p.key: p.value for p in quantized.metadata_props} == {
@@ -161,21 +172,73 @@ def test_a_failing_gate_writes_nothing(bundle_and_data: tuple[Path, Path], monke
     model, data = bundle_and_data
     target = Bundle.of(model).file("int8_onnx")
     target.unlink(missing_ok=True)
+    tolerances = []
 
-    def copy_draft(onnx_path: Path, calibration: np.ndarray, workdir: Path, **_: object) -> int8.Int8Draft:
-        assert len(calibration) == 16  # held-out (none in this bundle) topped up with training images, never test
-        shutil.copy(onnx_path, Path(workdir) / "draft.int8.onnx")
-        return int8.Int8Draft(Path(workdir) / "draft.int8.onnx", ["c"], [], 0.0, {"quantized": 1})
+    class CopyDraft:
+        def __init__(self, onnx_path: Path, calibration: np.ndarray, workdir: Path, **_: object) -> None:
+            assert len(calibration) == 16  # held-out (none in this bundle) topped up with training images, never test
+            self.src, self.work = onnx_path, Path(workdir)
 
-    monkeypatch.setattr(evaluate, "quantize_int8", copy_draft)
+        def draft(self, tolerance: float) -> int8.Int8Draft:
+            tolerances.append(tolerance)
+            path = self.work / f"draft{len(tolerances)}.int8.onnx"
+            shutil.copy(self.src, path)
+            return int8.Int8Draft(path, ["c"], [], 0.1 / len(tolerances), {"quantized": 1, "search": {"tolerance": tolerance}})
+
+    monkeypatch.setattr(evaluate, "Int8Search", CopyDraft)
     monkeypatch.setattr(evaluate, "judge", lambda figures: Verdict(figures, ("image AUROC drops 9.00 pt (limit 0.5)",)))
     with pytest.raises(ProtoADError, match=r"tiny.int8.onnx fails the accuracy gate on 8 labelled images against FP32: "
-                                           r"image AUROC .* was not written; pass --accept-accuracy-loss"):
+                                           r"image AUROC .* was not written \(the most accurate of 3 searched, with 1 "
+                                           r"convs in INT8\); pass --accept-accuracy-loss"):
         evaluate.export_int8(model, "tiny", data, threads=2, log=lambda _: None)
+    assert tolerances == [int8.SEARCH_TOLERANCE, 0.05, 0.025]  # each retry within half the failed draft's error
     assert not target.exists()
     assert not [p for p in model.parent.iterdir() if p.name.startswith(".tiny.int8.")]  # the scratch folder is gone
 
 
+class Gate:
+    """A gate whose verdict is whether a draft's score error is at most ``limit``: what a real gate does in effect."""
+
+    def __init__(self, limit: float) -> None:
+        self.limit, self.seen = limit, []
+
+    def __call__(self, draft: int8.Int8Draft) -> bool:
+        self.seen.append(draft.search_error)
+        return draft.search_error <= self.limit
+
+
+def drafts_at(errors: dict[float, float | None]):
+    """Drafts whose score error at each tolerance is ``errors[tolerance]`` (None: no conv fits)."""
+    def draft(tolerance: float) -> int8.Int8Draft | None:
+        error = errors[round(tolerance, 6)]
+        return None if error is None else int8.Int8Draft(Path(f"d{tolerance}"), ["c"] * round(100 * error), [], error, {})
+    return draft
+
+
+def test_a_failed_gate_searches_again_with_less_noise() -> None:
+    t = int8.SEARCH_TOLERANCE
+    lines = []
+    gate = Gate(0.04)
+    draft, verdict, tried = int8.search_within_gate(drafts_at({t: 0.14, 0.07: 0.06, 0.03: 0.03}), gate, bool, lines.append)
+    assert (draft.search_error, verdict) == (0.03, True) and [d.search_error for d, _ in tried] == [0.14, 0.06, 0.03]
+    assert lines == ["int8: 14 convs in INT8 fail the accuracy gate; searching again within 0.07 of the FP32 spread",
+                     "int8: 6 convs in INT8 fail the accuracy gate; searching again within 0.03 of the FP32 spread"]
+    draft, verdict, tried = int8.search_within_gate(drafts_at({t: 0.12}), Gate(0.2), bool, lines.append)
+    assert (draft.search_error, verdict, len(tried)) == (0.12, True, 1)  # passed at once: no retry
+
+
+def test_retries_are_bounded_and_keep_the_most_accurate() -> None:
+    t = int8.SEARCH_TOLERANCE
+    gate = Gate(0.0)
+    draft, verdict, tried = int8.search_within_gate(drafts_at({t: 0.14, 0.07: 0.06, 0.03: 0.02}), gate, bool,
+                                                    lambda _: None)
+    assert int8.GATE_RETRIES == 2 and len(gate.seen) == 3  # the first search and two retries, then the refusal
+    assert (draft.search_error, verdict) == (0.02, False)
+    draft, verdict, tried = int8.search_within_gate(drafts_at({t: 0.14, 0.07: None}), gate, bool, lambda _: None)
+    assert (draft.search_error, len(tried)) == (0.14, 1)  # nothing fits the retry: the failed draft is reported
+    assert int8.search_within_gate(drafts_at({t: None}), gate, bool, lambda _: None) is None
+
+
 def test_too_few_calibration_images(tiny_model: Path, tmp_path: Path) -> None:
     with pytest.raises(ProtoADError, match="INT8 calibration needs at least 16 normal images, got 3"):
-        int8.quantize_int8(tiny_model, normal_crops(3, 64), tmp_path)
+        int8.Int8Search(tiny_model, normal_crops(3, 64), tmp_path)

@@ -25,7 +25,7 @@ import pytest
 from protoad_edge.errors import ProtoADError
 from protoad_edge.export.engine import engine_for_bundle, engine_from_onnx, engine_summary, engine_unavailable
 from protoad_edge.bundle import Bundle
-from protoad_edge.constants import feature_size
+from protoad_edge.constants import QDQ_SCHEME, feature_size
 from protoad_edge.export.tensorrt import DEFAULT_WORKSPACE_MIB, batch_limit, build_engine
 from protoad_edge.metadata import ModelInfo
 from protoad_edge.preprocess import to_batch
@@ -547,6 +547,7 @@ def test_int8_builds_strongly_typed_from_the_qdq_model(fake_trt: Any, tiny_model
     trt = fake_trt(version)
     onnx = copy_bundle(tiny_model, tmp_path)
     shutil.copy(onnx, Bundle.of(onnx).file("int8_onnx"))
+    record_int8_scheme(onnx, QDQ_SCHEME)
     lines: list[str] = []
     build = build_engine(onnx, precision="int8", log=lines.append)
     builder = trt.last_builder
@@ -560,6 +561,28 @@ def test_int8_builds_strongly_typed_from_the_qdq_model(fake_trt: Any, tiny_model
     assert (info.tensorrt_precision, info.build["tensorrt"]["onnx"], info.build["tensorrt"]["strongly_typed"]) == (
         "int8", "tiny.int8.onnx", True)
     assert not (tmp_path / "tiny.fp16.onnx").exists()
+
+
+def record_int8_scheme(onnx: Path, scheme: str | None) -> None:
+    """Record in the sidecar what ``protoad-export --int8`` records of its Q/DQ form (None: an older export's record)."""
+    info = ModelInfo.load_json(Bundle.of(onnx).sidecar)
+    info.build = {**info.build, "int8": {"quantized": 43} | ({"scheme": scheme} if scheme else {})}
+    info.save_json(Bundle.of(onnx).sidecar)
+
+
+def test_int8_model_in_another_qdq_form_is_refused_before_tensorrt(fake_trt: Any, tiny_model: Path,
+                                                                   tmp_path: Path) -> None:
+    """An INT8 model written before the TensorRT form (UINT8 activations, INT32 biases) is refused by name, with the
+    command that writes it again: TensorRT's parser would reject it node by node."""
+    trt = fake_trt("10.3.0")
+    onnx = copy_bundle(tiny_model, tmp_path)
+    shutil.copy(onnx, Bundle.of(onnx).file("int8_onnx"))
+    record_int8_scheme(onnx, None)
+    with pytest.raises(ProtoADError, match=r"tiny\.int8\.onnx is not recorded as TensorRT's INT8 form \(int8 symmetric "
+                                           r".*\) in tiny\.json \(recorded: nothing\): write it again with "
+                                           r"protoad-export --from-onnx .*tiny\.onnx --int8"):
+        build_engine(onnx, precision="int8")
+    assert getattr(trt, "last_builder", None) is None and not (tmp_path / "tiny.plan").exists()  # TensorRT never asked
 
 
 def test_timing_cache_is_reused_and_a_stale_one_ignored(fake_trt: Any, tiny_model: Path, tmp_path: Path) -> None:
@@ -1024,6 +1047,7 @@ def test_int8_engine_matches_its_qdq_model(tiny_model: Path, tmp_path: Path) -> 
     del quantized.metadata_props[:]
     quantized.metadata_props.extend(model.metadata_props)  # the bundle's metadata, as the export writes it
     onnx_module.save(quantized, str(qdq))
+    record_int8_scheme(onnx, QDQ_SCHEME)
     build = build_engine(onnx, precision="int8", max_batch=4, log=lambda line: None)
     batch = to_batch(normal_crops(4, TINY_CROP, seed=5))
     ref_maps, ref_scores = reference(qdq, batch)

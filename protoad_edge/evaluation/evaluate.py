@@ -23,7 +23,15 @@ import numpy as np
 from ..backends import AUTO, REGISTRY, BackendEntry, choose, locate, parse_spec
 from ..build.datasets import Sample, load_crops, load_masks, open_dataset
 from ..bundle import Bundle
-from ..export.int8 import MIN_CALIBRATION_IMAGES, Int8Draft, quantize_int8, temporary_workdir, write_int8
+from ..export.int8 import (
+    MIN_CALIBRATION_IMAGES,
+    SEARCH_TOLERANCE,
+    Int8Draft,
+    Int8Search,
+    search_within_gate,
+    temporary_workdir,
+    write_int8,
+)
 from ..decision import image_scores
 from ..errors import ProtoADError
 from ..metadata import ModelInfo
@@ -372,8 +380,9 @@ def export_int8(onnx_path: str | os.PathLike, category: str, data_root: str | os
                 dataset: str = "mvtec", accept: bool = False, batch_size: int = 8, threads: int = 0,
                 progress: bool = False, log: Callable[[str], None] = print) -> Int8Export:
     """``protoad-export --int8``: calibrate and search on the bundle's held-out normal images
-    (``export.int8``), score FP32 and INT8 through onnxruntime's CPU provider on the labelled test split, and
-    write ``NAME.int8.onnx`` only when the accuracy gate passes (or ``accept``)."""
+    (``export.int8``), score FP32 and INT8 through onnxruntime's CPU provider on the labelled test split, search
+    again with less noise allowed while the accuracy gate fails (``search_within_gate``), and write
+    ``NAME.int8.onnx`` only when a draft passes (or ``accept``: the most accurate one tried)."""
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise ProtoADError(f"--from-onnx {onnx_path}: no such file")
@@ -390,19 +399,30 @@ def export_int8(onnx_path: str | os.PathLike, category: str, data_root: str | os
     ort = REGISTRY["ort"].load()
     cpu = BackendOptions(device="cpu", threads=threads)
     with temporary_workdir(onnx_path) as work:
-        draft = quantize_int8(onnx_path, calibration, work, threads=threads, log=log)
-        maps = {}
-        for name, path in (("fp32", onnx_path), ("int8", draft.path)):
-            with ort(path, cpu) as opened:
-                maps[name] = run_maps(opened, test.crops, batch_size, f"gate {name}", progress)
-        rank = spearman(image_scores(maps["fp32"]), image_scores(maps["int8"]))
-        figures = gate_figures(bundle.file("int8_onnx").name, test, compute_metrics(test, maps["fp32"]),
-                               compute_metrics(test, maps["int8"]), rank)
-        verdict = judge(figures)
-        enforce(verdict, f"{bundle.file('int8_onnx')} was not written", accept)
+        search = Int8Search(onnx_path, calibration, work, threads=threads, log=log)
+        with ort(onnx_path, cpu) as opened:
+            reference = run_maps(opened, test.crops, batch_size, "gate fp32", progress)
+        fp32 = compute_metrics(test, reference)
+
+        def gate(draft: Int8Draft) -> Verdict:
+            with ort(draft.path, cpu) as opened:
+                maps = run_maps(opened, test.crops, batch_size, f"gate int8 ({len(draft.quantized)} convs)", progress)
+            rank = spearman(image_scores(reference), image_scores(maps))
+            return judge(gate_figures(bundle.file("int8_onnx").name, test, fp32, compute_metrics(test, maps), rank))
+
+        found = search_within_gate(search.draft, gate, lambda verdict: verdict.passed, log)
+        if found is None:
+            raise ProtoADError(f"{onnx_path}: no backbone conv can be quantized within the search tolerance "
+                               f"({SEARCH_TOLERANCE} of the FP32 score spread): keep the FP32 model")
+        draft, verdict, tried = found
+        enforce(verdict, f"{bundle.file('int8_onnx')} was not written (the most accurate of {len(tried)} "
+                         f"searched, with {len(draft.quantized)} convs in INT8)", accept)
         record = {**verdict.to_dict(), "measured_with": "onnxruntime CPUExecutionProvider",
                   "split": f"the {test.kind} test split of {category!r} ({len(test.labels)} images)",
-                  "accepted_knowingly": not verdict.passed}
+                  "accepted_knowingly": not verdict.passed,
+                  "attempts": [{"tolerance": d.record["search"]["tolerance"], "quantized": len(d.quantized),
+                                "image_drop_pt": v.figures.image_drop_pt, "pixel_drop_pt": v.figures.pixel_drop_pt,
+                                "spearman": v.figures.spearman, "passed": v.passed} for d, v in tried]}
         path = write_int8(draft, onnx_path, record)
     return Int8Export(path, draft, verdict)
 

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from ..atomic import write_atomic
 from ..bundle import Bundle
-from ..constants import ENGINE_PRECISIONS, FEATURE_CHANNELS, FP32_SCOPE, feature_size
+from ..constants import ENGINE_PRECISIONS, FEATURE_CHANNELS, FP32_SCOPE, QDQ_SCHEME, feature_size
 from ..errors import ProtoADError
 from ..gpu import cuda as cm
 from ..gpu.tensorrt import create_with_logger, import_tensorrt, tensorrt_version, trt_logger
@@ -66,6 +66,16 @@ def strongly_typed(version: str, precision: str) -> bool:
     found = tensorrt_version(version)
     return (found >= ALWAYS_STRONGLY_TYPED_FROM or precision == "int8"
             or (precision == "fp16" and found >= STRONGLY_TYPED_FP16_FROM))
+
+
+def check_int8_scheme(info: ModelInfo, int8_onnx: Path, onnx_path: Path) -> None:
+    """Refuse, before TensorRT loads, an INT8 model the sidecar does not record in ``QDQ_SCHEME``: one written
+    before TensorRT's form was (UINT8 activations, INT32 biases), which its ONNX parser rejects node by node."""
+    scheme = info.build.get("int8", {}).get("scheme")
+    if scheme != QDQ_SCHEME:
+        raise ProtoADError(f"{int8_onnx} is not recorded as TensorRT's INT8 form ({QDQ_SCHEME}) in "
+                           f"{Bundle.of(onnx_path).sidecar.name} (recorded: {scheme or 'nothing'}): write it again with "
+                           f"protoad-export --from-onnx {onnx_path} --int8 --category ...")
 
 
 def network_flags(trt: Any, typed: bool) -> int:
@@ -240,6 +250,8 @@ def build_engine(onnx_path: str | os.PathLike, *, precision: str = "fp16", opt_b
     if max_batch is not None and max_batch < 1:
         raise ProtoADError(f"--max-batch {max_batch} must be at least 1")
     info = bundle.info()
+    if precision == "int8":
+        check_int8_scheme(info, int8_onnx, onnx_path)
     limit = batch_limit(info.num_prototypes, info.crop, cap=max_batch or DEFAULT_MAX_BATCH)
     if max_batch is not None and max_batch > limit:
         raise ProtoADError(f"--max-batch {max_batch} is too large for {info.num_prototypes:,} prototypes at crop "
