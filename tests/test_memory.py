@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import gc
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -141,6 +142,8 @@ def test_finch_within_a_tiny_budget_spills_everything_and_gives_the_same_partiti
     for what in ("the search's projection", "the search's candidate indices", "FINCH level 0 cluster sums",
                  "the search's merged projection"):
         assert f"memory: spilled {what} (" in said
+    head = re.search(r"memory: FINCH level 0 cluster sums: the first ([\d,]+) of ([\d,]+) clusters summed in memory", said)
+    assert head and 0 < int(head[1].replace(",", "")) < int(head[2].replace(",", ""))  # the sums were split in two
     assert list(tmp_path.iterdir()) == []
 
 

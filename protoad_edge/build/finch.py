@@ -39,7 +39,7 @@ from scipy.sparse.csgraph import connected_components
 
 from ..errors import ProtoADError
 from ..progress import progress_bar
-from .memory import MemoryBudget, release_free_heap
+from .memory import MemoryBudget, format_size, release_free_heap
 
 DEFAULT_MAX_PROTOTYPES = 10_000
 DEFAULT_SCRATCH_BYTES = 256 * 2**20
@@ -154,7 +154,8 @@ def finch(x: np.ndarray, max_prototypes: int = DEFAULT_MAX_PROTOTYPES, *,
     start = time.perf_counter()
     labels, count = _components(search(x, progress=_label(0, progress)).index)
     release_free_heap()
-    sums = _group_sums(x, labels, budget.zeros((count, dim), np.float32, "FINCH level 0 cluster sums"), scratch_bytes)
+    what = "FINCH level 0 cluster sums"
+    sums = _group_sums(x, labels, budget.zeros((count, dim), np.float32, what), scratch_bytes, budget, what)
     step = labels  # how the last search's rows were summed into the rows of ``sums``
     partitions, counts, seconds = [labels], [count], [time.perf_counter() - start]
     log(f"FINCH level 0: {count:,} clusters of {n:,} vectors ({seconds[-1]:.1f} s)")
@@ -169,8 +170,9 @@ def finch(x: np.ndarray, max_prototypes: int = DEFAULT_MAX_PROTOTYPES, *,
                 f"merging stopped, keeping level {level - 1}")
             break
         labels, count = merged[labels], new_count
-        sums, step = _group_sums(sums, merged, budget.zeros((count, dim), np.float32, f"FINCH level {level} cluster sums"),
-                                 scratch_bytes), merged
+        what = f"FINCH level {level} cluster sums"
+        sums, step = _group_sums(sums, merged, budget.zeros((count, dim), np.float32, what), scratch_bytes,
+                                 budget, what), merged
         partitions.append(labels)
         counts.append(count)
         seconds.append(time.perf_counter() - start)
@@ -282,27 +284,54 @@ def as_tensor(x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.asarray(x))
 
 
-def _group_sums(x: np.ndarray, labels: np.ndarray, out: np.ndarray, scratch_bytes: int) -> np.ndarray:
+def _group_sums(x: np.ndarray, labels: np.ndarray, out: np.ndarray, scratch_bytes: int,
+                budget: MemoryBudget | None = None, what: str = "cluster sums") -> np.ndarray:
     """``out``, float32 [K, D] zeros (may be spilled: a memmap), filled with the sums of the rows of x per label,
     in chunks within about ``scratch_bytes`` (x may be a memmap).
 
     In torch: its FP16 -> FP32 copy and ``index_add_`` summed 627k x 1792 FP16 rows in 1.4 s, where
-    numpy's conversion and a sparse one-hot product took 8.8 s. No N x K matrix is formed. A spilled ``out``
-    is filled the same way: each cluster's rows are added in row order, so the sums are the same bit for bit.
-    (Filling it a block of clusters at a time, from rows gathered at random, was slower at 3.2 million real
-    vectors: the features left the page cache and were read back at random.)
+    numpy's conversion and a sparse one-hot product took 8.8 s. No N x K matrix is formed. Each cluster's rows are
+    added in row order, so the sums are the same bit for bit however ``out`` is held.
+    A spilled ``out`` (``budget`` says so) is summed in two parts in the same pass: its first clusters, as many as
+    the budget's room holds, in memory, then written out once in order; the rest into the file. Summing all of them
+    into the file dirtied its pages at random, and the kernel wrote 16.7 GB back for 6.9 GB of sums at 3.2 million
+    real vectors. (Filling it a block of clusters at a time, from rows gathered at random, was slower still: the
+    features left the page cache and were read back at random.)
     """
     chunk = max(1, scratch_bytes // (4 * x.shape[1]))
     source = as_tensor(x)
     index = torch.from_numpy(labels)
-    sums = torch.from_numpy(out)
+    head = _head(out, budget, what)
+    split = 0 if head is None else len(head)
+    sums, first = torch.from_numpy(out), None if head is None else torch.from_numpy(head)
     buffer = None if source.dtype == torch.float32 else torch.empty(min(chunk, len(x)), x.shape[1])
     for start in range(0, len(x), chunk):
-        block = source[start:start + chunk]
+        block, where = source[start:start + chunk], index[start:start + chunk]
         if buffer is not None:
             block = buffer[:len(block)].copy_(block)
-        sums.index_add_(0, index[start:start + chunk], block)
+        if first is None:
+            sums.index_add_(0, where, block)
+            continue
+        low = where < split
+        first.index_add_(0, where[low], block[low])
+        sums.index_add_(0, where[~low], block[~low])
+    if head is not None:
+        out[:split] = head
     return out
+
+
+def _head(out: np.ndarray, budget: MemoryBudget | None, what: str) -> np.ndarray | None:
+    """Zeros in memory for the first clusters of a spilled ``out``, as many as the budget's room holds; None when
+    ``out`` is in memory or there is no room."""
+    if budget is None or not budget.in_file(out):
+        return None
+    rows = min(len(out), int(budget.room() // (out.shape[1] * out.itemsize)))
+    if rows < 1:
+        return None
+    head = budget.zeros((rows, out.shape[1]), out.dtype, f"{what}, the part summed in memory")
+    budget.log(f"memory: {what}: the first {rows:,} of {len(out):,} clusters summed in memory "
+               f"({format_size(head.nbytes)}), then written to the spilled file in order")
+    return head
 
 
 def _normalised(sums: np.ndarray) -> np.ndarray:

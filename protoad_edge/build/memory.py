@@ -136,6 +136,14 @@ class MemoryBudget:
             libc = ctypes.CDLL(None, use_errno=True)
             libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(nbytes), MADV_PAGEOUT)
 
+    def in_file(self, array: np.ndarray) -> bool:
+        """Whether ``array`` is one of the live spilled arrays this budget made."""
+        return array.ctypes.data in self._files
+
+    def room(self) -> float:
+        """Bytes that more in-memory arrays may take now (infinite when unbounded)."""
+        return max(0.0, self.arrays - self.held)
+
     def fits(self, nbytes: int) -> bool:
         """Whether ``nbytes`` more stay in memory with the arrays held now."""
         return self.held + nbytes <= self.arrays
