@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -74,3 +75,23 @@ def test_tiny_run_end_to_end(tmp_path: Path) -> None:
         assert cells[11].endswith(" GB") and cells[12].endswith(" GB"), cells  # peak RssAnon, RssFile
     assert rows["ours"][13] == "0.00 GB" and rows["finch-clust"][13] == "-"  # nothing spilled at this size
     assert len(rows["ours"][14].split(", ")) == len(rows["ours"][5].split(", "))  # seconds for every level
+
+
+@pytest.mark.slow
+def test_phases_are_timed_per_level_for_both_methods(tmp_path: Path) -> None:
+    """Above EXACT_UP_TO rows the approximate search runs: its phases and FINCH's are timed per level, both methods
+    give the same partition, and the table sets them side by side."""
+    features = tmp_path / "x.npy"
+    make_synthetic(features, 24_000, clusters=300)
+    script = str(BENCH / "bench_finch_phases.py")
+    worker = subprocess.run([sys.executable, script, "--features", str(features), "--max-prototypes", "500",
+                             "--worker", "ours"], capture_output=True, text=True, timeout=600, check=True)
+    record = json.loads(worker.stdout.strip().splitlines()[-1])
+    phases = {(p["level"], p["phase"]) for p in record["phases"]}
+    assert {(0, "project"), (0, "candidates"), (0, "rerank"), (0, "components"), (0, "group_sums")} <= phases
+    assert len(record["level_seconds"]) == len(record["counts"]) and all(p["read"] >= 0 for p in record["phases"])
+    out = subprocess.run([sys.executable, script, "--features", str(features), "--max-prototypes", "500"],
+                         capture_output=True, text=True, timeout=600, check=True).stdout
+    assert "same partition at the chosen level in every method: True" in out
+    assert "| level | phase | ours s | unbounded s | ours GB read / written | unbounded GB read / written |" in out
+    assert any(line.startswith("| 0 | candidates | ") for line in out.splitlines())

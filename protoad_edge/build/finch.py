@@ -302,7 +302,7 @@ def _group_sums(x: np.ndarray, labels: np.ndarray, out: np.ndarray, scratch_byte
     source = as_tensor(x)
     index = torch.from_numpy(labels)
     head = _head(out, budget, what)
-    split = 0 if head is None else len(head)
+    split = 0 if head is None else len(head) - 1  # the head's last row collects the other clusters' rows, unread
     sums, first = torch.from_numpy(out), None if head is None else torch.from_numpy(head)
     buffer = None if source.dtype == torch.float32 else torch.empty(min(chunk, len(x)), x.shape[1])
     for start in range(0, len(x), chunk):
@@ -312,23 +312,24 @@ def _group_sums(x: np.ndarray, labels: np.ndarray, out: np.ndarray, scratch_byte
         if first is None:
             sums.index_add_(0, where, block)
             continue
-        low = where < split
-        first.index_add_(0, where[low], block[low])
-        sums.index_add_(0, where[~low], block[~low])
+        first.index_add_(0, where.clamp(max=split), block)  # the whole block: no copy of the head's rows
+        high = where >= split
+        sums.index_add_(0, where[high], block[high])
     if head is not None:
-        out[:split] = head
+        out[:split] = head[:split]
     return out
 
 
 def _head(out: np.ndarray, budget: MemoryBudget | None, what: str) -> np.ndarray | None:
-    """Zeros in memory for the first clusters of a spilled ``out``, as many as the budget's room holds; None when
-    ``out`` is in memory or there is no room."""
+    """Zeros in memory for the first clusters of a spilled ``out``, as many as the budget's room holds, and one row
+    more that takes the other clusters' rows (so a chunk is added whole, without gathering the head's rows out of
+    it); None when ``out`` is in memory or there is no room."""
     if budget is None or not budget.in_file(out):
         return None
-    rows = min(len(out), int(budget.room() // (out.shape[1] * out.itemsize)))
+    rows = min(len(out), int(budget.room() // (out.shape[1] * out.itemsize)) - 1)
     if rows < 1:
         return None
-    head = budget.zeros((rows, out.shape[1]), out.dtype, f"{what}, the part summed in memory")
+    head = budget.zeros((rows + 1, out.shape[1]), out.dtype, f"{what}, the part summed in memory")
     budget.log(f"memory: {what}: the first {rows:,} of {len(out):,} clusters summed in memory "
                f"({format_size(head.nbytes)}), then written to the spilled file in order")
     return head
