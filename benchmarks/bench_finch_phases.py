@@ -7,7 +7,7 @@ materialises one under its ``--workdir``). Each method runs ``finch`` at the bui
 in its own process, one after the other (``ours``: the build's default budget, spilling beside the features;
 ``unbounded``: every array in memory, the build before issue 15). The search's and FINCH's phases are
 wrapped with timers that also read the process's I/O (``/proc/self/io``: bytes read from and written to the
-disk) and major page faults, so a table shows, per level and phase, what spilling costs.
+disk), so a table shows, per level and phase, what spilling costs.
 """
 
 from __future__ import annotations
@@ -33,10 +33,9 @@ GB = 2**30
 
 
 def counters() -> dict[str, int]:
-    """Bytes this process read from and wrote to the disk, and its major page faults so far."""
+    """Bytes this process has read from and written to the disk so far."""
     io = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
-    faults = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[9])
-    return {"read": int(io["read_bytes"]), "write": int(io["write_bytes"]), "majflt": faults}
+    return {"read": int(io["read_bytes"]), "write": int(io["write_bytes"])}
 
 
 def timed(module: Any, name: str, record: list[dict]) -> None:
@@ -90,17 +89,12 @@ def table(results: dict[str, dict]) -> list[str]:
     head = ["level", "phase", *[f"{m} s" for m in methods], *[f"{m} GB read / written" for m in methods]]
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + " |"]
     for level, phase in keys:
-        cells = []
-        for m in methods:
-            ps = [p for p in results[m]["phases"] if (p["level"], p["phase"]) == (level, phase)]
-            cells.append(sum(p["seconds"] for p in ps))
-        io = []
-        for m in methods:
-            ps = [p for p in results[m]["phases"] if (p["level"], p["phase"]) == (level, phase)]
-            io.append(f"{sum(p['read'] for p in ps) / GB:.2f} / {sum(p['write'] for p in ps) / GB:.2f}")
-        if max(cells) < 0.05:  # the small levels' phases
+        mine = {m: [p for p in results[m]["phases"] if (p["level"], p["phase"]) == (level, phase)] for m in methods}
+        seconds = [sum(p["seconds"] for p in mine[m]) for m in methods]
+        if max(seconds) < 0.05:  # the small levels' phases
             continue
-        lines.append(f"| {level} | {phase} | " + " | ".join(f"{c:.1f}" for c in cells) + " | " + " | ".join(io) + " |")
+        io = [f"{sum(p['read'] for p in mine[m]) / GB:.2f} / {sum(p['write'] for p in mine[m]) / GB:.2f}" for m in methods]
+        lines.append(f"| {level} | {phase} | " + " | ".join(f"{s:.1f}" for s in seconds) + " | " + " | ".join(io) + " |")
     lines.append("| all | FINCH | " + " | ".join(f"{results[m]['seconds']:.1f}" for m in methods) + " | "
                  + " | ".join("" for _ in methods) + " |")
     return lines

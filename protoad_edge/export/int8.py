@@ -18,7 +18,8 @@ Anomaly scores are small differences of cosines near 1: naive INT8 (MinMax range
 
 Whether the result is written is the accuracy gate's decision on labelled images (``evaluation.accuracy_gate``),
 taken by the caller through :func:`search_within_gate`: a draft that fails it is searched again with less noise
-allowed, so a part more fragile than the one the tolerance was chosen on gets fewer INT8 convs, not a refusal. Needs ``onnx`` (the build extra) and onnxruntime's quantization tools; no torch.
+allowed, so a part more fragile than the one the tolerance was chosen on gets fewer INT8 convs, not a refusal.
+Needs ``onnx`` (the build extra) and onnxruntime's quantization tools; no torch.
 """
 
 from __future__ import annotations
@@ -190,9 +191,10 @@ def tensorrt_problems(model: onnx.ModelProto) -> list[str]:
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
             continue
         zero = inits.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        if zero is not None and (zero.data_type != TensorProto.INT8 or numpy_helper.to_array(zero).any()):
+        points = None if zero is None else numpy_helper.to_array(zero)
+        if zero is not None and (zero.data_type != TensorProto.INT8 or points.any()):
             problems.append(f"{node.name}: zero point {TensorProto.DataType.Name(zero.data_type)} "
-                            f"{numpy_helper.to_array(zero).ravel()[:3].tolist()} (needs INT8 zeros)")
+                            f"{points.ravel()[:3].tolist()} (needs INT8 zeros)")
         data = inits.get(node.input[0])
         if node.op_type == "DequantizeLinear" and data is not None and data.data_type != TensorProto.INT8:
             problems.append(f"{node.name}: dequantizes {TensorProto.DataType.Name(data.data_type)} {data.name} "
