@@ -5,9 +5,12 @@
 ``--features``: an FP16 .npy of patch vectors (what the build's feature cache holds; ``bench_finch_scale.py``
 materialises one under its ``--workdir``). Each method runs ``finch`` at the build's ``--max-prototypes``
 in its own process, one after the other (``ours``: the build's default budget, spilling beside the features;
-``unbounded``: every array in memory, the build before issue 15). The search's and FINCH's phases are
-wrapped with timers that also read the process's I/O (``/proc/self/io``: bytes read from and written to the
-disk), so a table shows, per level and phase, what spilling costs.
+``unbounded``: every array in memory, the build before issue 15). ``--baseline REV`` adds a method that runs
+FINCH from the code of git revision REV (say, the commit before issue 15: "today" in its speed goal) with no
+budget, extracted into a temporary folder. ``--repeat N`` runs the methods N times, interleaved (A B A B), and
+takes each phase's median, because this machine's speed moves by 10-20% from one run to the next. The
+search's and FINCH's phases are wrapped with timers that also read the process's I/O (``/proc/self/io``:
+bytes read from and written to the disk), so a table shows, per level and phase, what spilling costs.
 """
 
 from __future__ import annotations
@@ -16,20 +19,24 @@ import argparse
 import functools
 import hashlib
 import json
+import os
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from bench_common import command_line, machine_text
+from bench_common import ROOT, command_line, machine_text
 from bench_finch_scale import budget_for
 
 SEARCH_PHASES = ("project", "merge_projection", "_kmeans", "_probes", "_candidates", "_rerank")
 FINCH_PHASES = ("_components", "_group_sums")
 GB = 2**30
+BASELINE = "baseline"  # the worker's method for --baseline's code: no budget
 
 
 def counters() -> dict[str, int]:
@@ -65,7 +72,8 @@ def work(features: Path, method: str, max_prototypes: int) -> dict:
     for name in FINCH_PHASES:
         timed(finch_module, name, record)
     x = np.load(features, mmap_mode="r")
-    budget = budget_for(method, "auto", features.parent)
+    # a baseline revision's code may predate the budget: it runs as it was called then
+    given = {} if method == BASELINE else {"budget": budget_for(method, "auto", features.parent)}
     levels: list[int] = []  # phases recorded when each level ended
 
     def log(line: str) -> None:
@@ -73,13 +81,30 @@ def work(features: Path, method: str, max_prototypes: int) -> dict:
             levels.append(len(record))
 
     start = time.perf_counter()
-    result = finch_module.finch(x, max_prototypes, search=neighbours.make_search(budget=budget, log=lambda _: None),
-                                budget=budget, log=log)
+    result = finch_module.finch(x, max_prototypes, search=neighbours.make_search(**given, log=lambda _: None),
+                                **given, log=log)
     seconds = time.perf_counter() - start
     for i, phase in enumerate(record):
         phase["level"] = next((level for level, end in enumerate(levels) if i < end), len(levels))
     return {"seconds": seconds, "level_seconds": result.level_seconds, "counts": result.counts, "phases": record,
-            "labels": hashlib.sha1(result.labels.tobytes()).hexdigest()}
+            "labels": hashlib.sha1(result.labels.tobytes()).hexdigest(), "code": str(Path(finch_module.__file__).parent)}
+
+
+def median_run(runs: list[dict]) -> dict:
+    """One method's repeated runs as one: FINCH's and every phase's median seconds and bytes (phases matched by
+    level, name and order, which the same input keeps), the first run's partition."""
+    phases = [{**first, **{k: statistics.median(r["phases"][i][k] for r in runs) for k in ("seconds", "read", "write")}}
+              for i, first in enumerate(runs[0]["phases"])]
+    return {**runs[0], "seconds": statistics.median(r["seconds"] for r in runs), "phases": phases,
+            "labels_all": {r["labels"] for r in runs}}
+
+
+def extract(revision: str, into: Path) -> Path:
+    """The ``protoad_edge`` package of git ``revision``, written under ``into``: the folder to import it from."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision, "protoad_edge"], capture_output=True,
+                             check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
 
 
 def table(results: dict[str, dict]) -> list[str]:
@@ -105,19 +130,37 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--features", type=Path, required=True, help="FP16 .npy of patch vectors")
     parser.add_argument("--methods", default="ours,unbounded")
     parser.add_argument("--max-prototypes", type=int, default=10_000)
+    parser.add_argument("--baseline", help="a git revision whose FINCH also runs (no budget), e.g. the commit before issue 15")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each method, interleaved; medians reported")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(work(args.features, args.worker, args.max_prototypes)))
         return
-    results = {}
-    for method in args.methods.split(","):
-        out = subprocess.run([sys.executable, __file__, "--features", str(args.features), "--max-prototypes",
-                              str(args.max_prototypes), "--worker", method], capture_output=True, text=True, check=True)
-        results[method] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{method}: FINCH {results[method]['seconds']:.1f} s, clusters {results[method]['counts']}", flush=True)
-    same = len({r["labels"] for r in results.values()}) == 1
-    print(f"{machine_text()}\n`{command_line(sys.argv)}`\nsame partition at the chosen level in every method: {same}\n")
+    methods = {m: None for m in args.methods.split(",")}  # method -> the code it imports (None: this checkout)
+    with tempfile.TemporaryDirectory(prefix="finch-baseline.") as folder:
+        if args.baseline:
+            methods[args.baseline] = extract(args.baseline, Path(folder))
+        runs: dict[str, list[dict]] = {m: [] for m in methods}
+        for repeat in range(args.repeat):
+            for method, code in methods.items():
+                env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(code or ROOT),
+                                                                                 os.environ.get("PYTHONPATH")]))}
+                out = subprocess.run([sys.executable, __file__, "--features", str(args.features), "--max-prototypes",
+                                      str(args.max_prototypes), "--worker", BASELINE if code else method],
+                                     capture_output=True, text=True, check=True, env=env)
+                run = json.loads(out.stdout.strip().splitlines()[-1])
+                runs[method].append(run)
+                print(f"run {repeat + 1} {method}: FINCH {run['seconds']:.1f} s, clusters {run['counts']}, "
+                      f"code from {run['code']}", flush=True)
+    results = {m: median_run(r) for m, r in runs.items()}
+    first = next(iter(results))
+    for method, r in results.items():
+        ratios = [b["seconds"] / a["seconds"] for a, b in zip(runs[first], runs[method])]
+        print(f"{method}: FINCH median {r['seconds']:.1f} s; per run / {first}: "
+              + ", ".join(f"{x:.3f}" for x in ratios))
+    same = len(set().union(*(r["labels_all"] for r in results.values()))) == 1
+    print(f"{machine_text()}\n`{command_line(sys.argv)}`\nsame partition at the chosen level in every method and run: {same}\n")
     print("\n".join(table(results)))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -90,8 +91,15 @@ def test_phases_are_timed_per_level_for_both_methods(tmp_path: Path) -> None:
     phases = {(p["level"], p["phase"]) for p in record["phases"]}
     assert {(0, "project"), (0, "candidates"), (0, "rerank"), (0, "components"), (0, "group_sums")} <= phases
     assert len(record["level_seconds"]) == len(record["counts"]) and all(p["read"] >= 0 for p in record["phases"])
-    out = subprocess.run([sys.executable, script, "--features", str(features), "--max-prototypes", "500"],
-                         capture_output=True, text=True, timeout=600, check=True).stdout
-    assert "same partition at the chosen level in every method: True" in out
-    assert "| level | phase | ours s | unbounded s | ours GB read / written | unbounded GB read / written |" in out
+    out = subprocess.run([sys.executable, script, "--features", str(features), "--max-prototypes", "500",
+                          "--baseline", "HEAD", "--repeat", "2"], capture_output=True, text=True, timeout=600,
+                         check=True).stdout
+    assert "same partition at the chosen level in every method and run: True" in out
+    runs = re.findall(r"^run (\d) (\S+): FINCH [\d.]+ s, clusters \[.*\], code from (\S+)$", out, re.MULTILINE)
+    assert [(r, m) for r, m, _ in runs] == [(r, m) for r in "12" for m in ("ours", "unbounded", "HEAD")]  # interleaved
+    assert {m: Path(c).parents[1] == BENCH.parent for _, m, c in runs} == {"ours": True, "unbounded": True,
+                                                                             "HEAD": False}  # HEAD: extracted
+    assert re.search(r"^HEAD: FINCH median [\d.]+ s; per run / ours: [\d.]+, [\d.]+$", out, re.MULTILINE)
+    assert ("| level | phase | ours s | unbounded s | HEAD s | ours GB read / written | unbounded GB read / written "
+            "| HEAD GB read / written |") in out
     assert any(line.startswith("| 0 | candidates | ") for line in out.splitlines())
