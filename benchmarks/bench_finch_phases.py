@@ -8,7 +8,8 @@ in its own process, one after the other (``ours``: the build's default budget, s
 ``unbounded``: every array in memory, the build before issue 15). ``--baseline REV`` adds a method that runs
 FINCH from the code of git revision REV (say, the commit before issue 15: "today" in its speed goal) with no
 budget, extracted into a temporary folder. ``--repeat N`` runs the methods N times, interleaved (A B A B), and
-takes each phase's median, because this machine's speed moves by 10-20% from one run to the next. The
+takes each phase's median, because this machine's speed moves by 10-20% from one run to the next. Before
+each run the features are read whole (``warm``), so that every run starts with them in the page cache. The
 search's and FINCH's phases are wrapped with timers that also read the process's I/O (``/proc/self/io``:
 bytes read from and written to the disk), so a table shows, per level and phase, what spilling costs.
 """
@@ -33,7 +34,7 @@ import numpy as np
 from bench_common import ROOT, command_line, machine_text
 from bench_finch_scale import budget_for
 
-SEARCH_PHASES = ("project", "merge_projection", "_kmeans", "_probes", "_candidates", "_rerank")
+SEARCH_PHASES = ("project", "merge_projection", "scale_projection", "_kmeans", "_probes", "_candidates", "_rerank")
 FINCH_PHASES = ("_components", "_group_sums")
 GB = 2**30
 BASELINE = "baseline"  # the worker's method for --baseline's code: no budget
@@ -67,10 +68,10 @@ def work(features: Path, method: str, max_prototypes: int) -> dict:
     from protoad_edge.build import neighbours
 
     record: list[dict] = []
-    for name in SEARCH_PHASES:
-        timed(neighbours, name, record)
-    for name in FINCH_PHASES:
-        timed(finch_module, name, record)
+    for module, names in ((neighbours, SEARCH_PHASES), (finch_module, FINCH_PHASES)):
+        for name in names:
+            if hasattr(module, name):  # a baseline's code may have fewer
+                timed(module, name, record)
     x = np.load(features, mmap_mode="r")
     # a baseline revision's code may predate the budget: it runs as it was called then
     given = {} if method == BASELINE else {"budget": budget_for(method, "auto", features.parent)}
@@ -88,6 +89,19 @@ def work(features: Path, method: str, max_prototypes: int) -> dict:
         phase["level"] = next((level for level, end in enumerate(levels) if i < end), len(levels))
     return {"seconds": seconds, "level_seconds": result.level_seconds, "counts": result.counts, "phases": record,
             "labels": hashlib.sha1(result.labels.tobytes()).hexdigest(), "code": str(Path(finch_module.__file__).parent)}
+
+
+def warm(path: Path, chunk: int = 64 * 2**20) -> float:
+    """Read ``path`` whole, so that the next run starts with it in the page cache; the seconds it took.
+
+    Otherwise each run inherits what the one before left: after a run with 15.8 GB of anonymous memory only part of
+    the 11.5 GB of features at 3.2M were cached, and the next run read 4 GB more from the disk (29 s in its
+    projection phase) than the run after one of 7 GB."""
+    start, buffer = time.perf_counter(), bytearray(chunk)
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(buffer):
+            pass
+    return time.perf_counter() - start
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -144,6 +158,7 @@ def main(argv: list[str]) -> None:
         runs: dict[str, list[dict]] = {m: [] for m in methods}
         for repeat in range(args.repeat):
             for method, code in methods.items():
+                warmed = warm(args.features)
                 env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(code or ROOT),
                                                                                  os.environ.get("PYTHONPATH")]))}
                 out = subprocess.run([sys.executable, __file__, "--features", str(args.features), "--max-prototypes",
@@ -152,7 +167,8 @@ def main(argv: list[str]) -> None:
                 run = json.loads(out.stdout.strip().splitlines()[-1])
                 runs[method].append(run)
                 print(f"run {repeat + 1} {method}: FINCH {run['seconds']:.1f} s, clusters {run['counts']}, "
-                      f"code from {run['code']}", flush=True)
+                      f"code from {run['code']} (features read into the page cache before it: {warmed:.0f} s)",
+                      flush=True)
     results = {m: median_run(r) for m, r in runs.items()}
     first = next(iter(results))
     for method, r in results.items():

@@ -95,7 +95,8 @@ def test_phases_are_timed_per_level_for_both_methods(tmp_path: Path) -> None:
                           "--baseline", "HEAD", "--repeat", "2"], capture_output=True, text=True, timeout=600,
                          check=True).stdout
     assert "same partition at the chosen level in every method and run: True" in out
-    runs = re.findall(r"^run (\d) (\S+): FINCH [\d.]+ s, clusters \[.*\], code from (\S+)$", out, re.MULTILINE)
+    runs = re.findall(r"^run (\d) (\S+): FINCH [\d.]+ s, clusters \[.*\], code from (\S+) \(features read into "
+                      r"the page cache before it: \d+ s\)$", out, re.MULTILINE)
     assert [(r, m) for r, m, _ in runs] == [(r, m) for r in "12" for m in ("ours", "unbounded", "HEAD")]  # interleaved
     assert {m: Path(c).parents[1] == BENCH.parent for _, m, c in runs} == {"ours": True, "unbounded": True,
                                                                              "HEAD": False}  # HEAD: extracted
