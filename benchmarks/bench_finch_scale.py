@@ -212,11 +212,13 @@ def work_ours(path: Path, n: int, rows: np.ndarray, max_prototypes: int, method:
     search = make_search(exact=method == "exact", budget=budget, log=lambda _: None)
     first: list = []
 
-    def capture(v: np.ndarray, *, progress: str | None = None, merged: np.ndarray | None = None):
-        found = search(v, progress=progress, merged=merged)  # keep level 0's neighbours for the recall
+    def capture(v: np.ndarray, *, progress: str | None = None):
+        found = search(v, progress=progress)  # keep level 0's neighbours for the recall
         if not first:
             first.append(found)
         return found
+
+    capture.next_level = getattr(search, "next_level", None)  # the search's own (finch.Search)
 
     start = time.perf_counter()
     result = finch(x, max_prototypes=1, search=capture, budget=budget, log=lambda _: None)

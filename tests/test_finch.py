@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import tracemalloc
 from pathlib import Path
 
@@ -251,13 +252,16 @@ class ScriptedSearch:
     """A search backend that answers with given first neighbours, level by level, and records its inputs."""
 
     def __init__(self, *levels: list[int]) -> None:
-        self.levels, self.inputs, self.merged = list(levels), [], []
+        self.levels, self.inputs, self.told = list(levels), [], []
 
-    def __call__(self, x: np.ndarray, *, progress: str | None = None, merged: np.ndarray | None = None) -> Neighbours:
+    def __call__(self, x: np.ndarray, *, progress: str | None = None) -> Neighbours:
         self.inputs.append(np.array(x, np.float64))
-        self.merged.append(merged)
         index = np.array(self.levels[len(self.inputs) - 1])
         return Neighbours(index, np.zeros(len(index), np.float32))
+
+    def next_level(self, labels: np.ndarray | None, count: int = 0) -> None:
+        """What FINCH said after each search: (searches so far, the labels as a list or None, count)."""
+        self.told.append((len(self.inputs), None if labels is None else labels.tolist(), count))
 
 
 def test_level_merging_one_pair_is_discarded() -> None:
@@ -266,11 +270,10 @@ def test_level_merging_one_pair_is_discarded() -> None:
     search = ScriptedSearch([1, 0, 3, 2, 5, 4, 7, 6], [1, 0, 2, 3])
     result = finch(x, max_prototypes=1, search=search, log=lambda _: None)
     assert result.counts == [4] and len(search.inputs) == 2
-    # Level 1 searches the sums of the original points (cosine: the directions of their means), and
-    # is told which level-0 rows each sum adds up.
+    # Level 1 searches the sums of the original points (cosine: the directions of their means); the search was
+    # told, before it, which level-0 rows each sum adds up, and after it that no level follows.
     np.testing.assert_allclose(search.inputs[1], x.reshape(4, 2, 5).astype(np.float64).sum(axis=1), atol=1e-6)
-    assert search.merged[0] is None
-    np.testing.assert_array_equal(search.merged[1], [0, 0, 1, 1, 2, 2, 3, 3])
+    assert search.told == [(1, [0, 0, 1, 1, 2, 2, 3, 3], 4), (2, None, 0)]
 
 
 def test_level_reaching_one_cluster_is_discarded() -> None:
@@ -280,6 +283,18 @@ def test_level_reaching_one_cluster_is_discarded() -> None:
     result = finch(x, max_prototypes=1, search=search, log=lambda _: None)
     assert result.counts == [4, 2] and len(search.inputs) == 3
     np.testing.assert_array_equal(canonical(result.labels), [0, 0, 0, 0, 1, 1, 1, 1])
+    assert search.told == [(1, [0, 0, 1, 1, 2, 2, 3, 3], 4), (2, [0, 0, 1, 1], 2), (3, None, 0)]
+
+
+def test_the_search_is_told_no_level_follows_once_a_partition_is_small_enough() -> None:
+    """A level below ``max_prototypes`` ends FINCH: the search is not asked to prepare a level that never comes."""
+    x = np.random.default_rng(13).standard_normal((8, 5)).astype(np.float32)
+    search = ScriptedSearch([1, 0, 3, 2, 5, 4, 7, 6], [1, 0, 3, 2])
+    assert finch(x, max_prototypes=5, search=search, log=lambda _: None).counts == [4]
+    assert search.told == [(1, None, 4)]
+    search = ScriptedSearch([1, 0, 3, 2, 5, 4, 7, 6], [1, 0, 3, 2])
+    assert finch(x, max_prototypes=3, search=search, log=lambda _: None).counts == [4, 2]
+    assert search.told == [(1, [0, 0, 1, 1, 2, 2, 3, 3], 4), (2, None, 2)]
 
 
 # ---------------------------------------------------------------- approximate search
@@ -382,14 +397,49 @@ def test_merged_projection_equals_projecting_the_sums() -> None:
     sums = np.zeros((labels.max() + 1, x.shape[1]), np.float32)
     np.add.at(sums, labels, x)
     first = neighbours.project(x, 32, 1000, 0)
-    basis = first.basis.clone()
-    merged = neighbours.merge_projection(first, labels, sums)
+    before = first.y.clone()
+    merged = neighbours.scale_projection(first.basis, neighbours.merge_projection(first, labels, len(sums)), sums)
+    assert torch.equal(first.y, before)  # only read
     direct = torch.empty(len(sums), 32)
-    inverse = neighbours._project(torch.from_numpy(sums), basis, direct)
+    inverse = neighbours._project(torch.from_numpy(sums), first.basis, direct)
     torch.testing.assert_close(merged.y, direct, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(merged.inverse, inverse)
     with pytest.raises(ValueError, match="merged"):
-        neighbours.merge_projection(neighbours.project(x, 32, 1000, 0), labels[:-1], sums)
+        neighbours.merge_projection(first, labels[:-1], len(sums))
+    with pytest.raises(ValueError, match="merged"):
+        neighbours.merge_projection(first, labels, len(sums) + 1)
+    with pytest.raises(ValueError, match="projected rows for"):
+        neighbours.scale_projection(first.basis, merged.y, sums[:-1])
+
+
+def test_merged_projection_sums_each_group_in_row_order() -> None:
+    """Visiting the rows group by group changes no bit: each group's rows are still added in row order."""
+    x = low_rank_blobs(23, 5000, 96, 24, 20)
+    labels = np.unique(np.random.default_rng(23).integers(0, 900, len(x)), return_inverse=True)[1]
+    first = neighbours.project(x, 32, 1000, 0)
+    in_row_order = torch.zeros(labels.max() + 1, 32).index_add_(0, torch.from_numpy(labels),
+                                                                first.y / first.inverse[:, None])
+    assert torch.equal(neighbours.merge_projection(first, labels, labels.max() + 1), in_row_order)
+
+
+def test_the_search_sums_its_projection_before_finch_sums_the_level_and_keeps_nothing_after() -> None:
+    """``next_level`` folds the last projection into the next level's (FINCH's cluster sums are allocated after
+    it, with its budget back) and frees it; with None, or once the next level is searched, nothing is kept."""
+    x = low_rank_blobs(24, 3000, 600, 8, 300)
+    budget = MemoryBudget()
+    search = make_search(exact_up_to=999, budget=budget, log=lambda _: None)
+    search(x)
+    held = budget.held
+    labels = np.arange(len(x)) // 2
+    search.next_level(labels, len(x) // 2)
+    gc.collect()
+    assert budget.held == held - 3000 * 512 * 4 + 1500 * 512 * 4  # the level's projection freed, the next one's held
+    sums = np.zeros((1500, 600), np.float32)
+    np.add.at(sums, labels, x.astype(np.float32))
+    search(sums)
+    search.next_level(None)
+    gc.collect()
+    assert budget.held == 0
 
 
 def test_finch_levels_reuse_the_first_projection(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -101,6 +101,29 @@ def test_an_array_that_does_not_fit_spills_to_an_unlinked_file_and_says_so(tmp_p
     del kept
 
 
+def test_an_array_larger_than_the_room_keeps_its_first_pages_in_memory_and_the_rest_in_a_file(tmp_path: Path) -> None:
+    """One contiguous array: its first bytes, whole pages up to the budget's room, anonymous memory; the rest a
+    file mapped behind them. Values cross the boundary intact, and each part counts where it lives."""
+    lines: list[str] = []
+    budget = MemoryBudget(64 * 2**20 + 1000, tmp_path, lines.append)  # room for 64 MB and a partial page
+    anon, file = rss_anon(), rss_file()
+    x = budget.zeros((1000, 40_000), np.float32, "the projection")  # 160 MB, a row (160,000 bytes) across the edge
+    assert type(x) is np.ndarray and x.flags.writeable and x.shape == (1000, 40_000) and not x[::50].any()
+    assert budget.held == 64 * 2**20 and budget.spilled == x.nbytes - 64 * 2**20
+    assert lines == [f"memory: spilled the projection (152.6 MB) to a file in {tmp_path}: 0 B of the arrays' 64.0 MB "
+                     "already in memory; its first 64.0 MB fill the rest, 88.6 MB spilled"]
+    x[:] = np.arange(40_000, dtype=np.float32)
+    edge = 64 * 2**20 // x.strides[0]
+    assert (x[edge - 1:edge + 2] == np.arange(40_000, dtype=np.float32)).all()
+    assert abs((rss_anon() - anon) - 64 * 2**20) < 16 * 2**20  # the head in memory...
+    assert abs((rss_file() - file) - 88.6 * 2**20) < 16 * 2**20  # ...the rest in the page cache
+    assert float(x[:, 7].sum()) == 7 * 1000
+    assert list(tmp_path.iterdir()) == []
+    del x
+    gc.collect()
+    assert budget.held == 0 and rss_anon() - anon < 16 * 2**20
+
+
 def test_a_full_disk_is_an_error_before_anything_is_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def no_space(fd: int, offset: int, length: int) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -116,8 +139,18 @@ def test_unbounded_spills_nothing(tmp_path: Path) -> None:
     assert type(budget.empty((1000, 1000), np.float32, "x")) is np.ndarray and budget.spilled == 0
 
 
-def test_finch_within_a_tiny_budget_spills_everything_and_gives_the_same_partitions(tmp_path: Path) -> None:
-    """Spilled arrays keep their dtype: every level's partition and the prototypes are bit for bit the same."""
+@pytest.mark.parametrize(("limit", "split", "whole"), [
+    # 3 MB: the projection takes the room; it is summed into the next level's, which spills whole, and freed, so
+    # level 0's cluster sums get the room back
+    (3_000_000, ("the search's projection", "FINCH level 0 cluster sums"), ("the search's merged projection",)),
+    # 64 MB: the projection fits whole; level 0's candidate indices and the merged projection take the rest
+    (64_000_000, ("the search's candidate indices", "the search's merged projection"), ()),
+])
+def test_finch_within_a_small_budget_spills_and_gives_the_same_partitions(tmp_path: Path, limit: int,
+                                                                          split: tuple[str, ...],
+                                                                          whole: tuple[str, ...]) -> None:
+    """Spilled arrays keep their dtype: every level's partition and the prototypes are bit for bit the same, whichever
+    arrays the budget splits."""
     torch = pytest.importorskip("torch")
     from protoad_edge.build.finch import finch
     from protoad_edge.build.neighbours import make_search
@@ -132,36 +165,23 @@ def test_finch_within_a_tiny_budget_spills_everything_and_gives_the_same_partiti
                      budget=budget, log=lambda _: None)
 
     lines: list[str] = []
-    tiny = MemoryBudget(3_000_000, tmp_path, lines.append)
-    spilled, unbounded = run(tiny), run(MemoryBudget())
+    small = MemoryBudget(limit, tmp_path, lines.append)
+    spilled, unbounded = run(small), run(MemoryBudget())
     assert spilled.counts == unbounded.counts and len(spilled.counts) >= 3
     for a, b in zip(spilled.partitions, unbounded.partitions):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(spilled.prototypes, unbounded.prototypes)
     said = "\n".join(lines)
-    for what in ("the search's projection", "the search's candidate indices", "FINCH level 0 cluster sums",
-                 "the search's merged projection"):
-        assert f"memory: spilled {what} (" in said
-    head = re.search(r"memory: FINCH level 0 cluster sums: the first ([\d,]+) of ([\d,]+) clusters summed in memory", said)
-    assert head and 0 < int(head[1].replace(",", "")) < int(head[2].replace(",", ""))  # the sums were split in two
+    for what in split:  # in memory up to the room, the rest in a file
+        assert re.search(f"memory: spilled {what} .*; its first [\\d.]+ [KM]B fill the rest", said)
+    for what in whole:  # no room left: all in a file
+        assert re.search(f"memory: spilled {what} .* already in memory$", said, re.MULTILINE)
     assert list(tmp_path.iterdir()) == []
 
 
 def rss_file() -> int:
     return next(int(line.split()[1]) * 1024 for line in Path("/proc/self/status").read_text().splitlines()
                 if line.startswith("RssFile:"))
-
-
-def test_a_parked_spilled_array_leaves_the_page_cache_and_comes_back_intact(tmp_path: Path) -> None:
-    budget = MemoryBudget(0, tmp_path, lambda _: None)
-    spilled = budget.full((16, 2**20), 3.0, np.float32, "the projection")  # 64 MB
-    before = rss_file()
-    budget.park(spilled.ctypes.data)
-    assert before - rss_file() > 48 * 2**20
-    assert float(spilled[:, ::1024].sum()) == 3.0 * 16 * 1024  # read back from the disk
-    in_memory = MemoryBudget(2**30).full((1024,), 1.0, np.float32, "small")
-    MemoryBudget().park(in_memory.ctypes.data)  # not spilled: left alone
-    assert in_memory.sum() == 1024
 
 
 def rss_anon() -> int:

@@ -39,7 +39,7 @@ from scipy.sparse.csgraph import connected_components
 
 from ..errors import ProtoADError
 from ..progress import progress_bar
-from .memory import MemoryBudget, format_size, release_free_heap
+from .memory import MemoryBudget, release_free_heap
 
 DEFAULT_MAX_PROTOTYPES = 10_000
 DEFAULT_SCRATCH_BYTES = 256 * 2**20
@@ -54,14 +54,15 @@ class Neighbours(NamedTuple):
 
 class Search(Protocol):
     """A first-neighbour search: rows (any scale; cosine similarity) -> Neighbours, with a progress bar
-    labelled ``progress`` unless it is None. FINCH's later levels pass ``merged``: their rows are the
-    sums of the previous call's rows grouped by these labels, for a search that can build on its last
-    call (the approximate one sums its projections); the exact ones ignore it. ``first_neighbours``
-    is the exact CPU search; the others (approximate, GPU) plug into ``finch(search=...)`` through
-    ``neighbours.make_search``."""
+    labelled ``progress`` unless it is None. ``first_neighbours`` is the exact CPU search; the others
+    (approximate, GPU) plug into ``finch(search=...)`` through ``neighbours.make_search``.
 
-    def __call__(self, x: np.ndarray, *, progress: str | None = None,
-                 merged: np.ndarray | None = None) -> Neighbours: ...
+    A search may also have ``next_level(labels, count)``: FINCH calls it after each level's search with how
+    that level's rows are summed into the next level's (``count`` groups), or with None when there is no
+    next level, so that a search can build the next level's input from what it kept (the approximate one
+    sums its projections) and free the rest before FINCH allocates the sums."""
+
+    def __call__(self, x: np.ndarray, *, progress: str | None = None) -> Neighbours: ...
 
 
 def tile_rows(n: int, dim: int, itemsize: int, scratch_bytes: int) -> int:
@@ -79,8 +80,7 @@ def tile_rows(n: int, dim: int, itemsize: int, scratch_bytes: int) -> int:
 
 
 def first_neighbours(x: np.ndarray, *, scratch_bytes: int = DEFAULT_SCRATCH_BYTES,
-                     block: int | None = None, progress: str | None = None,
-                     merged: np.ndarray | None = None) -> Neighbours:
+                     block: int | None = None, progress: str | None = None) -> Neighbours:
     """Exact cosine first neighbours of the rows of ``x`` (float16/32/64, may be a ``np.memmap``).
 
     Rows need not be normalised: each block is converted to float32 and L2-normalised as it is loaded
@@ -89,8 +89,7 @@ def first_neighbours(x: np.ndarray, *, scratch_bytes: int = DEFAULT_SCRATCH_BYTE
     within ``scratch_bytes``); a tile serves the row-wise and the column-wise search, so each pair's
     similarity is computed once and no N x N matrix ever exists. Ties go to the lowest index. This is
     the CPU search (float32 BLAS); ``gpu_neighbours`` is the GPU one, with the same answers.
-    A single row has no non-self neighbour: it gets itself, with similarity -inf. ``merged``: unused
-    (``Search``: exact search has nothing to build on).
+    A single row has no non-self neighbour: it gets itself, with similarity -inf.
     """
     n, dim = _check_features(x)
     b = min(n, block or tile_rows(n, dim, x.dtype.itemsize, scratch_bytes))
@@ -151,28 +150,31 @@ def finch(x: np.ndarray, max_prototypes: int = DEFAULT_MAX_PROTOTYPES, *,
     search = search or functools.partial(first_neighbours, scratch_bytes=scratch_bytes)
     budget = budget or MemoryBudget()
 
+    next_level = getattr(search, "next_level", None) or (lambda labels, count=0: None)  # optional (Search)
+
     start = time.perf_counter()
     labels, count = _components(search(x, progress=_label(0, progress)).index)
     release_free_heap()
+    next_level(labels if count >= max_prototypes else None, count)
     what = "FINCH level 0 cluster sums"
-    sums = _group_sums(x, labels, budget.zeros((count, dim), np.float32, what), scratch_bytes, budget, what)
-    step = labels  # how the last search's rows were summed into the rows of ``sums``
+    sums = _group_sums(x, labels, budget.zeros((count, dim), np.float32, what), scratch_bytes)
     partitions, counts, seconds = [labels], [count], [time.perf_counter() - start]
     log(f"FINCH level 0: {count:,} clusters of {n:,} vectors ({seconds[-1]:.1f} s)")
 
     while count >= max_prototypes:
         start = time.perf_counter()
         level = len(partitions)
-        merged, new_count = _components(search(sums, progress=_label(level, progress), merged=step).index)
+        merged, new_count = _components(search(sums, progress=_label(level, progress)).index)
         release_free_heap()
         if new_count == 1 or count - new_count <= 1:
+            next_level(None)
             log(f"FINCH level {level}: {new_count:,} clusters ({time.perf_counter() - start:.1f} s): "
                 f"merging stopped, keeping level {level - 1}")
             break
         labels, count = merged[labels], new_count
+        next_level(merged if count >= max_prototypes else None, count)
         what = f"FINCH level {level} cluster sums"
-        sums, step = _group_sums(sums, merged, budget.zeros((count, dim), np.float32, what), scratch_bytes,
-                                 budget, what), merged
+        sums = _group_sums(sums, merged, budget.zeros((count, dim), np.float32, what), scratch_bytes)
         partitions.append(labels)
         counts.append(count)
         seconds.append(time.perf_counter() - start)
@@ -284,55 +286,23 @@ def as_tensor(x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.asarray(x))
 
 
-def _group_sums(x: np.ndarray, labels: np.ndarray, out: np.ndarray, scratch_bytes: int,
-                budget: MemoryBudget | None = None, what: str = "cluster sums") -> np.ndarray:
-    """``out``, float32 [K, D] zeros (may be spilled: a memmap), filled with the sums of the rows of x per label,
+def _group_sums(x: np.ndarray, labels: np.ndarray, out: np.ndarray, scratch_bytes: int) -> np.ndarray:
+    """``out``, float32 [K, D] zeros (may be partly spilled), filled with the sums of the rows of x per label,
     in chunks within about ``scratch_bytes`` (x may be a memmap).
 
     In torch: its FP16 -> FP32 copy and ``index_add_`` summed 627k x 1792 FP16 rows in 1.4 s, where
     numpy's conversion and a sparse one-hot product took 8.8 s. No N x K matrix is formed. Each cluster's rows are
     added in row order, so the sums are the same bit for bit however ``out`` is held.
-    A spilled ``out`` (``budget`` says so) is summed in two parts in the same pass: its first clusters, as many as
-    the budget's room holds, in memory, then written out once in order; the rest into the file. Summing all of them
-    into the file dirtied its pages at random, and the kernel wrote 16.7 GB back for 6.9 GB of sums at 3.2 million
-    real vectors. (Filling it a block of clusters at a time, from rows gathered at random, was slower still: the
-    features left the page cache and were read back at random.)
     """
     chunk = max(1, scratch_bytes // (4 * x.shape[1]))
-    source = as_tensor(x)
-    index = torch.from_numpy(labels)
-    head = _head(out, budget, what)
-    split = 0 if head is None else len(head) - 1  # the head's last row collects the other clusters' rows, unread
-    sums, first = torch.from_numpy(out), None if head is None else torch.from_numpy(head)
+    source, index, sums = as_tensor(x), torch.from_numpy(labels), torch.from_numpy(out)
     buffer = None if source.dtype == torch.float32 else torch.empty(min(chunk, len(x)), x.shape[1])
     for start in range(0, len(x), chunk):
-        block, where = source[start:start + chunk], index[start:start + chunk]
+        block = source[start:start + chunk]
         if buffer is not None:
             block = buffer[:len(block)].copy_(block)
-        if first is None:
-            sums.index_add_(0, where, block)
-            continue
-        first.index_add_(0, where.clamp(max=split), block)  # the whole block: no copy of the head's rows
-        high = where >= split
-        sums.index_add_(0, where[high], block[high])
-    if head is not None:
-        out[:split] = head[:split]
+        sums.index_add_(0, index[start:start + chunk], block)
     return out
-
-
-def _head(out: np.ndarray, budget: MemoryBudget | None, what: str) -> np.ndarray | None:
-    """Zeros in memory for the first clusters of a spilled ``out``, as many as the budget's room holds, and one row
-    more that takes the other clusters' rows (so a chunk is added whole, without gathering the head's rows out of
-    it); None when ``out`` is in memory or there is no room."""
-    if budget is None or not budget.in_file(out):
-        return None
-    rows = min(len(out), int(budget.room() // (out.shape[1] * out.itemsize)) - 1)
-    if rows < 1:
-        return None
-    head = budget.zeros((rows + 1, out.shape[1]), out.dtype, f"{what}, the part summed in memory")
-    budget.log(f"memory: {what}: the first {rows:,} of {len(out):,} clusters summed in memory "
-               f"({format_size(head.nbytes)}), then written to the spilled file in order")
-    return head
 
 
 def _normalised(sums: np.ndarray) -> np.ndarray:

@@ -54,14 +54,13 @@ def error_bound(precision: str, dim: int) -> float:
 def gpu_first_neighbours(x: np.ndarray, *, device: str = "cuda", precision: str = DEFAULT_PRECISION,
                          candidates: int = DEFAULT_CANDIDATES, block: int = DEFAULT_BLOCK,
                          memory_bytes: int | None = None, progress: str | None = None,
-                         merged: np.ndarray | None = None, log: Callable[[str], None] = print) -> Neighbours:
+                         log: Callable[[str], None] = print) -> Neighbours:
     """Exact cosine first neighbours of the rows of ``x`` (float16/32, may be a memmap) on a torch device.
 
     ``precision``: "fp16" or "tf32" (fast products, checked as the module docstring says) or "fp32".
     ``device`` is any torch device ("cpu" too, for tests; the speed is a GPU's). ``memory_bytes`` bounds
     the rows kept on the device (default: half its free memory). ``progress``: a progress bar's label,
-    or None. A single row gets itself, -inf. ``merged``: unused (``finch.Search``: exact search has
-    nothing to build on).
+    or None. A single row gets itself, -inf.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")

@@ -3,16 +3,19 @@
 At VisA and BTAD scale (3.2 million patch vectors of 1792) FINCH's largest arrays - level 0's cluster
 sums (float32 [K0, 1792], 6-9 GB), the search's projection (float32 [N, 512], 6.6 GB) and its candidate
 lists - outgrow a 16 GB workstation together. Each one is allocated through a ``MemoryBudget``: in memory
-while the arrays it holds fit within the limit, else as a file-backed memmap in the spill folder (the
-feature cache's, which already holds the features). The spilled array keeps its dtype, so the arithmetic,
-and the partition, are the same; its pages are the kernel's page cache, written back and dropped under
-pressure instead of filling memory that only the OOM killer can free.
+while the arrays it holds fit within the limit; else its first bytes, as many as the limit still has room
+for, in memory and the rest in a file in the spill folder (the feature cache's, which already holds the
+features), mapped behind them in one address range, so the code that uses it sees one plain array. The
+spilled part keeps its dtype, so the arithmetic, and the partition, are the same; its pages are the
+kernel's page cache, written back and dropped under pressure instead of filling memory that only the OOM
+killer can free.
 """
 
 from __future__ import annotations
 
 import ctypes
 import math
+import mmap
 import os
 import re
 import tempfile
@@ -35,7 +38,7 @@ MIN_ARRAYS = GiB // 2  # the least a limit must leave for the arrays: less build
 # at 3.2 million vectors) and spilled arrays, which the search reads back at random: spilling is fast only
 # while they stay cached.
 DEFAULT_SHARE = 1 / 3
-MADV_PAGEOUT = 21  # linux/mman.h: write back and reclaim these pages (Linux 5.4+; elsewhere the advice is ignored)
+MAP_FIXED = 0x10  # linux/mman.h: map the file exactly behind an array's part in memory
 UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": GiB, "T": 2**40}
 _SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(?:I?B)?", re.IGNORECASE)
 
@@ -94,12 +97,16 @@ def arrays_within(limit: int) -> int:
 
 
 class MemoryBudget:
-    """Allocates FINCH's large arrays in memory while they fit within ``arrays`` bytes, else spilled.
+    """Allocates FINCH's large arrays in memory while they fit within ``arrays`` bytes, else partly spilled.
 
-    An in-memory array counts against the budget until it is garbage-collected (with every view of it).
-    A spilled one is a memmap of a file in ``spill_dir`` that is unlinked at once (the mapping keeps it
-    until the array goes), with its blocks reserved up front so that a full disk is an error here, not a
-    SIGBUS later. Every spill is logged: what, how big, where.
+    An array's bytes in memory count against the budget until it is garbage-collected (with every view of it).
+    One that does not fit keeps its first bytes, up to the budget's room (whole pages), in memory, and the rest
+    is a shared mapping of a file in ``spill_dir`` placed right behind them: one contiguous array, so nothing
+    that reads or writes it changes. At 3.2 million vectors this keeps all but 2% of the search's 6.1 GB
+    projection in memory, where spilling it whole cost 10% more time in the phases that read it (the kernel
+    wrote it back as it was filled, and page-cache pages come 4 KB at a time where numpy's arrays get huge
+    pages). The file is unlinked at once (the mapping keeps it until the array goes), with its blocks reserved
+    up front so that a full disk is an error here, not a SIGBUS later. Every spill is logged: what, how big, where.
     """
 
     def __init__(self, arrays: float = math.inf, spill_dir: Path | None = None,
@@ -111,7 +118,6 @@ class MemoryBudget:
         self.log = log
         self.held = 0  # bytes of the live in-memory arrays
         self.spilled = 0  # bytes spilled so far, all told
-        self._files: dict[int, int] = {}  # the live spilled arrays: address -> bytes
 
     def empty(self, shape: tuple[int, ...], dtype: type, what: str) -> np.ndarray:
         """An uninitialised array (in memory or spilled)."""
@@ -125,20 +131,6 @@ class MemoryBudget:
         out = self.empty(shape, dtype, what)
         out.fill(value)
         return out
-
-    def park(self, address: int) -> None:
-        """Write back the spilled array at ``address`` and drop its pages from the page cache, as it will sit idle
-        (the search's projection between FINCH levels): at 3.2 million vectors the features, the projection and
-        level 0's cluster sums (24.5 GB) outgrow a 24 GB machine's page cache, and level 0's sums read the
-        features at random. Its pages come back from the disk when next read; an array in memory is left alone."""
-        nbytes = self._files.get(address)
-        if nbytes:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(nbytes), MADV_PAGEOUT)
-
-    def in_file(self, array: np.ndarray) -> bool:
-        """Whether ``array`` is one of the live spilled arrays this budget made."""
-        return array.ctypes.data in self._files
 
     def room(self) -> float:
         """Bytes that more in-memory arrays may take now (infinite when unbounded)."""
@@ -162,21 +154,43 @@ class MemoryBudget:
         self.held -= nbytes
 
     def _spill(self, shape: tuple[int, ...], dtype: np.dtype, nbytes: int, what: str) -> np.ndarray:
+        head = int(self.room()) // mmap.PAGESIZE * mmap.PAGESIZE  # whole pages in memory: what room is left
         self.spill_dir.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=".protoad-spill.", suffix=".bin", dir=self.spill_dir)
         try:
             try:
-                os.posix_fallocate(fd, 0, max(1, nbytes))
+                os.posix_fallocate(fd, 0, nbytes - head)
             except OSError as exc:
-                raise ProtoADError(f"no room to spill {what} ({format_size(nbytes)}) in {self.spill_dir}: "
+                raise ProtoADError(f"no room to spill {what} ({format_size(nbytes - head)}) in {self.spill_dir}: "
                                    f"{exc.strerror}; free disk space there or raise --memory-limit") from None
-            out = np.memmap(name, dtype=dtype, mode="r+", shape=shape)
+            out = (np.memmap(name, dtype=dtype, mode="r+", shape=shape) if head == 0
+                   else _partly_in_file(fd, head, nbytes, shape, dtype))
         finally:
             os.close(fd)
             os.unlink(name)
-        self.spilled += nbytes
-        self._files[out.ctypes.data] = nbytes
-        weakref.finalize(out, self._files.pop, out.ctypes.data, None)
-        self.log(f"memory: spilled {what} ({format_size(nbytes)}) to a file in {self.spill_dir}: "
-                 f"{format_size(self.held)} of the arrays' {format_size(self.arrays)} already in memory")
+        said = (f"memory: spilled {what} ({format_size(nbytes)}) to a file in {self.spill_dir}: "
+                f"{format_size(self.held)} of the arrays' {format_size(self.arrays)} already in memory")
+        if head:
+            said += f"; its first {format_size(head)} fill the rest, {format_size(nbytes - head)} spilled"
+            self.held += head
+            weakref.finalize(out, self._release, head)
+        self.spilled += nbytes - head
+        self.log(said)
         return out
+
+
+def _partly_in_file(fd: int, head: int, nbytes: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An array of ``nbytes`` whose first ``head`` bytes (whole pages) are anonymous memory and the rest the file
+    ``fd`` from offset 0, mapped right behind them. Freeing the array unmaps both (the anonymous mapping's
+    range covers the file's)."""
+    area = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)  # anonymous, private: counted as the process's own
+    if hasattr(mmap, "MADV_HUGEPAGE"):  # Linux: as numpy advises for its large arrays
+        area.madvise(mmap.MADV_HUGEPAGE, 0, head)
+    out = np.frombuffer(area, dtype=dtype, count=math.prod(shape)).reshape(shape)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    tail = out.ctypes.data + head
+    if libc.mmap(tail, nbytes - head, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | MAP_FIXED, fd, 0) != tail:
+        raise OSError(ctypes.get_errno(), f"cannot map a spill file: {os.strerror(ctypes.get_errno())}")
+    return out

@@ -11,7 +11,7 @@ both ways, so a row also meets the rows of other lists that probe its own. With 
 the cost grows as N^1.5 rather than N^2. A row's true neighbour is missed if neither row probes the
 other's list, or if it falls outside the row's top candidates in the subspace. FINCH's later levels,
 whose rows are sums of the level before's, are projected by summing its projections
-(``merge_projection``).
+(``merge_projection``, as soon as FINCH knows the groups: ``ApproximateSearch.next_level``).
 
 Every product and top-k runs in torch (one thread pool: alternating it with numpy's OpenBLAS pool
 list by list cost a third more), into buffers allocated once (fresh 100 MB buffers per chunk cost
@@ -75,35 +75,47 @@ def make_search(device: str = "cpu", *, exact: bool = False, exact_up_to: int | 
     On a GPU: ``gpu_first_neighbours``, exact (FP16 products checked in FP32; with ``exact``, FP32
     products throughout). On the CPU: exact with ``exact``, for inputs of at most ``exact_up_to`` rows
     (FINCH's later levels are much smaller than level 0, so the last ones run exact) and for rows of
-    at most ``DEFAULT_DIMS`` dimensions (nothing to gain); otherwise approximate. The approximate
-    search keeps its last projection: when FINCH's next level passes ``merged``, that level's rows
-    are sums of the last rows and are projected by summing (``merge_projection``). Its projections and
-    candidate lists are allocated through ``budget`` (default: unbounded), spilled when they do not fit.
+    at most ``DEFAULT_DIMS`` dimensions (nothing to gain); otherwise ``ApproximateSearch``, whose
+    projections and candidate lists are allocated through ``budget`` (default: unbounded).
     """
     if device != "cpu":
         return functools.partial(gpu_first_neighbours, device=device, precision="fp32" if exact else "fp16", log=log)
     exact_search = functools.partial(first_neighbours, scratch_bytes=scratch_bytes)
     if exact:
         return exact_search
-    exact_up_to = EXACT_UP_TO if exact_up_to is None else exact_up_to
-    budget = budget or MemoryBudget()
-    kept: list[Projection] = []  # the last approximate call's projection, until the next call
+    return ApproximateSearch(exact_search, EXACT_UP_TO if exact_up_to is None else exact_up_to,
+                             budget or MemoryBudget(), log)
 
-    def search(x: np.ndarray, *, progress: str | None = None, merged: np.ndarray | None = None) -> Neighbours:
-        previous = kept.pop() if kept else None
-        if len(x) <= exact_up_to or x.shape[1] <= DEFAULT_DIMS:
-            return exact_search(x, progress=progress)
-        log(f"first neighbours: approximate ({DEFAULT_DIMS} of {x.shape[1]} dims, {DEFAULT_PROBES:g} nearest k-means "
-            f"lists a row on average, top {DEFAULT_CANDIDATES} re-ranked exactly) for {len(x):,} rows; --exact-neighbours for exact")
-        reuse = previous is not None and merged is not None
-        projection = (merge_projection(previous, merged, x, budget) if reuse
-                      else project(x, DEFAULT_DIMS, DEFAULT_SAMPLE, 0, budget))
-        kept.append(projection)
-        found = search_projection(x, projection, progress=progress, budget=budget)
-        budget.park(projection.y.data_ptr())  # idle until the next level merges it
-        return found
 
-    return search
+class ApproximateSearch:
+    """The CPU search for FINCH: exact up to ``exact_up_to`` rows, ``search_projection`` above, and each level's
+    projection summed into the next level's (``next_level``) instead of projecting that level's rows again."""
+
+    def __init__(self, exact: Search, exact_up_to: int, budget: MemoryBudget, log: Callable[[str], None]) -> None:
+        self.exact, self.exact_up_to, self.budget, self.log = exact, exact_up_to, budget, log
+        self._kept: Projection | None = None  # the last approximate call's projection, until next_level
+        self._summed: tuple[torch.Tensor, torch.Tensor] | None = None  # the next level's basis and raw projection
+
+    def __call__(self, x: np.ndarray, *, progress: str | None = None) -> Neighbours:
+        summed, self._summed, self._kept = self._summed, None, None
+        if len(x) <= self.exact_up_to or x.shape[1] <= DEFAULT_DIMS:
+            return self.exact(x, progress=progress)
+        self.log(f"first neighbours: approximate ({DEFAULT_DIMS} of {x.shape[1]} dims, {DEFAULT_PROBES:g} nearest "
+                 f"k-means lists a row on average, top {DEFAULT_CANDIDATES} re-ranked exactly) for {len(x):,} rows; "
+                 "--exact-neighbours for exact")
+        projection = (scale_projection(*summed, x) if summed is not None
+                      else project(x, DEFAULT_DIMS, DEFAULT_SAMPLE, 0, self.budget))
+        self._kept = projection
+        return search_projection(x, projection, progress=progress, budget=self.budget)
+
+    def next_level(self, labels: np.ndarray | None, count: int = 0) -> None:
+        """FINCH's next level searches the sums of the last searched rows grouped by ``labels`` (``count``
+        groups), or None: there is no next level. The last projection is summed into the next level's now,
+        before FINCH allocates that level's cluster sums, and then freed: at 3.2 million vectors it holds 6.1 GB
+        of the budget, which the sums (7.4 GB) then get, instead of spilling whole beside it."""
+        kept, self._kept = self._kept, None
+        if kept is not None and labels is not None:
+            self._summed = kept.basis, merge_projection(kept, labels, count, self.budget)
 
 
 def approximate_first_neighbours(x: np.ndarray, *, dims: int = DEFAULT_DIMS, candidates: int = DEFAULT_CANDIDATES,
@@ -155,30 +167,39 @@ def project(x: np.ndarray, dims: int, sample: int, seed: int, budget: MemoryBudg
     return Projection(basis, y, _project(as_tensor(x), basis, y))
 
 
-def merge_projection(previous: Projection, merged: np.ndarray, x: np.ndarray,
-                     budget: MemoryBudget | None = None) -> Projection:
-    """The projection of rows ``x`` that are the sums of ``previous``'s rows grouped by ``merged``.
+def merge_projection(previous: Projection, merged: np.ndarray, count: int,
+                     budget: MemoryBudget | None = None) -> torch.Tensor:
+    """float32 [count, dims]: the raw (not normalised) projections of the sums of ``previous``'s rows grouped by
+    ``merged`` (``scale_projection`` normalises them once the sums exist).
 
-    Projection is linear, so a sum's projection is the sum of its rows' raw projections: the rows of
-    x (K x D) are read for their norms only, not multiplied with the basis again (4 s of 14 at a
-    627k category's level 1), and the basis is kept. ``previous`` is only read: dividing it in place made the
-    kernel write a parked 6.1 GB projection back to the disk at 3.2 million vectors. The sums are allocated
-    through ``budget`` (default: unbounded).
+    Projection is linear, so a sum's projection is the sum of its rows' raw projections: the sums are not
+    multiplied with the basis again (4 s of 14 at a 627k category's level 1). The rows are visited group by
+    group, each group's in row order (the sums bit for bit those of any order that keeps it), so the result,
+    which may be spilled (``budget``; default unbounded), is written in order, each page once, and ``previous``
+    is only read.
     """
-    if len(merged) != len(previous.y) or merged.max() + 1 != len(x):
+    if len(merged) != len(previous.y) or merged.max() + 1 != count:
         raise ValueError(f"merged: {len(merged)} labels up to {merged.max()} for {len(previous.y)} projected rows "
-                         f"summed into {len(x)}")
-    y = torch.from_numpy((budget or MemoryBudget()).zeros((len(x), previous.y.shape[1]), np.float32,
+                         f"summed into {count}")
+    y = torch.from_numpy((budget or MemoryBudget()).zeros((count, previous.y.shape[1]), np.float32,
                                                                "the search's merged projection"))
-    index = torch.from_numpy(merged)
-    for start in range(0, len(index), CHUNK_ROWS):  # the raw rows a chunk at a time: a spilled projection is only read
-        rows = slice(start, start + CHUNK_ROWS)
+    index, order = torch.from_numpy(merged), torch.from_numpy(np.argsort(merged, kind="stable"))
+    for start in range(0, len(order), CHUNK_ROWS):
+        rows = order[start:start + CHUNK_ROWS]
         y.index_add_(0, index[rows], previous.y[rows] / previous.inverse[rows, None])  # zero rows stay 0
+    return y
+
+
+def scale_projection(basis: torch.Tensor, raw: torch.Tensor, x: np.ndarray) -> Projection:
+    """The projection of rows ``x`` from their raw projections ``raw`` (``merge_projection``): x is read for its
+    norms only, and ``raw`` is scaled in place."""
+    if len(raw) != len(x):
+        raise ValueError(f"{len(raw)} projected rows for {len(x)} rows")
     source = as_tensor(x)
     inverse = torch.cat([_inverse_norms(source[start:start + CHUNK_ROWS].float(), start)
                          for start in range(0, len(x), CHUNK_ROWS)])
-    y *= inverse[:, None]
-    return Projection(previous.basis, y, inverse)
+    raw *= inverse[:, None]
+    return Projection(basis, raw, inverse)
 
 
 def products(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
