@@ -424,16 +424,22 @@ def test_merged_projection_sums_each_group_in_row_order() -> None:
 
 def test_the_search_sums_its_projection_before_finch_sums_the_level_and_keeps_nothing_after() -> None:
     """``next_level`` folds the last projection into the next level's (FINCH's cluster sums are allocated after
-    it, with its budget back) and frees it; with None, or once the next level is searched, nothing is kept."""
+    it, with its budget back) and frees it, keeping room for the next search's candidate lists; with None, or once
+    the next level is searched, nothing is kept."""
     x = low_rank_blobs(24, 3000, 600, 8, 300)
     budget = MemoryBudget()
+    lists: list[int] = []
+    full = budget.full
+    budget.full = lambda shape, *a: lists.append(int(np.prod(shape)) * np.dtype(a[1]).itemsize) or full(shape, *a)
     search = make_search(exact_up_to=999, budget=budget, log=lambda _: None)
     search(x)
+    assert sum(lists) == neighbours.candidate_bytes(len(x))  # the room kept for them is what they take
     held = budget.held
     labels = np.arange(len(x)) // 2
     search.next_level(labels, len(x) // 2)
     gc.collect()
-    assert budget.held == held - 3000 * 512 * 4 + 1500 * 512 * 4  # the level's projection freed, the next one's held
+    # the level's projection freed; the next one's held, and room kept for the next level's candidate lists
+    assert budget.held == held - 3000 * 512 * 4 + 1500 * 512 * 4 + neighbours.candidate_bytes(1500)
     sums = np.zeros((1500, 600), np.float32)
     np.add.at(sums, labels, x.astype(np.float32))
     search(sums)

@@ -124,6 +124,19 @@ def test_an_array_larger_than_the_room_keeps_its_first_pages_in_memory_and_the_r
     assert budget.held == 0 and rss_anon() - anon < 16 * 2**20
 
 
+def test_kept_room_is_taken_from_what_is_allocated_before_it_until_given_back(tmp_path: Path) -> None:
+    lines: list[str] = []
+    budget = MemoryBudget(1 << 20, tmp_path, lines.append)
+    give_back = budget.reserve(3 << 18)  # 768 KB of 1 MB kept for later
+    first = budget.zeros((1 << 18,), np.uint8, "the projection")  # 256 KB: exactly the rest
+    second = budget.zeros((4096,), np.uint8, "more")
+    assert type(first) is np.ndarray and isinstance(second, np.memmap) and len(lines) == 1
+    give_back()
+    give_back()  # once only
+    assert budget.held == 1 << 18 and budget.room() == 3 << 18
+    assert type(budget.zeros((3 << 18,), np.uint8, "the lists")) is np.ndarray and len(lines) == 1
+
+
 def test_a_full_disk_is_an_error_before_anything_is_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def no_space(fd: int, offset: int, length: int) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -139,16 +152,18 @@ def test_unbounded_spills_nothing(tmp_path: Path) -> None:
     assert type(budget.empty((1000, 1000), np.float32, "x")) is np.ndarray and budget.spilled == 0
 
 
-@pytest.mark.parametrize(("limit", "split", "whole"), [
-    # 3 MB: the projection takes the room; it is summed into the next level's, which spills whole, and freed, so
-    # level 0's cluster sums get the room back
-    (3_000_000, ("the search's projection", "FINCH level 0 cluster sums"), ("the search's merged projection",)),
-    # 64 MB: the projection fits whole; level 0's candidate indices and the merged projection take the rest
-    (64_000_000, ("the search's candidate indices", "the search's merged projection"), ()),
+@pytest.mark.parametrize(("limit", "split", "whole", "in_memory"), [
+    # 64 MB: room is kept for the candidate lists (written at random), so the projection (written once, in order)
+    # spills its end instead; the merged projection takes what is left
+    (64_000_000, ("the search's projection", "the search's merged projection"), (), ("the search's candidate",)),
+    # 3 MB: the lists alone (6 MB) are more than the budget: the projection spills whole, the lists split
+    (3_000_000, ("the search's candidate indices", "the search's merged projection"),
+     ("the search's projection", "FINCH level 0 cluster sums"), ()),
 ])
 def test_finch_within_a_small_budget_spills_and_gives_the_same_partitions(tmp_path: Path, limit: int,
                                                                           split: tuple[str, ...],
-                                                                          whole: tuple[str, ...]) -> None:
+                                                                          whole: tuple[str, ...],
+                                                                          in_memory: tuple[str, ...]) -> None:
     """Spilled arrays keep their dtype: every level's partition and the prototypes are bit for bit the same, whichever
     arrays the budget splits."""
     torch = pytest.importorskip("torch")
@@ -176,6 +191,8 @@ def test_finch_within_a_small_budget_spills_and_gives_the_same_partitions(tmp_pa
         assert re.search(f"memory: spilled {what} .*; its first [\\d.]+ [KM]B fill the rest", said)
     for what in whole:  # no room left: all in a file
         assert re.search(f"memory: spilled {what} .* already in memory$", said, re.MULTILINE)
+    for what in in_memory:
+        assert f"memory: spilled {what}" not in said
     assert list(tmp_path.iterdir()) == []
 
 

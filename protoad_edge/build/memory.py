@@ -132,6 +132,22 @@ class MemoryBudget:
         out.fill(value)
         return out
 
+    def reserve(self, nbytes: int) -> Callable[[], None]:
+        """Keep ``nbytes`` of room for an array allocated later; returns the call that gives it back (once).
+
+        The search's candidate lists are written at random, a few bytes at a time: spilled, the kernel wrote 6.6 GB
+        back for 0.65 GB of lists at 3.2 million vectors. Kept room puts them in memory and spills instead the end of
+        the projection allocated before them, which is written once, in order."""
+        self.held += nbytes
+        given = []
+
+        def give_back() -> None:
+            if not given:
+                given.append(True)
+                self.held -= nbytes
+
+        return give_back
+
     def room(self) -> float:
         """Bytes that more in-memory arrays may take now (infinite when unbounded)."""
         return max(0.0, self.arrays - self.held)

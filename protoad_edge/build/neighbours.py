@@ -95,17 +95,22 @@ class ApproximateSearch:
         self.exact, self.exact_up_to, self.budget, self.log = exact, exact_up_to, budget, log
         self._kept: Projection | None = None  # the last approximate call's projection, until next_level
         self._summed: tuple[torch.Tensor, torch.Tensor] | None = None  # the next level's basis and raw projection
+        self._lists_room: Callable[[], None] = lambda: None  # gives back the room kept for the next lists
 
     def __call__(self, x: np.ndarray, *, progress: str | None = None) -> Neighbours:
         summed, self._summed, self._kept = self._summed, None, None
         if len(x) <= self.exact_up_to or x.shape[1] <= DEFAULT_DIMS:
+            self._lists_room()
             return self.exact(x, progress=progress)
         self.log(f"first neighbours: approximate ({DEFAULT_DIMS} of {x.shape[1]} dims, {DEFAULT_PROBES:g} nearest "
                  f"k-means lists a row on average, top {DEFAULT_CANDIDATES} re-ranked exactly) for {len(x):,} rows; "
                  "--exact-neighbours for exact")
+        if summed is None:
+            self._lists_room = self.budget.reserve(candidate_bytes(len(x)))
         projection = (scale_projection(*summed, x) if summed is not None
                       else project(x, DEFAULT_DIMS, DEFAULT_SAMPLE, 0, self.budget))
         self._kept = projection
+        self._lists_room()
         return search_projection(x, projection, progress=progress, budget=self.budget)
 
     def next_level(self, labels: np.ndarray | None, count: int = 0) -> None:
@@ -114,8 +119,9 @@ class ApproximateSearch:
         before FINCH allocates that level's cluster sums, and then freed: at 3.2 million vectors it holds 6.1 GB
         of the budget, which the sums (7.4 GB) then get, instead of spilling whole beside it."""
         kept, self._kept = self._kept, None
-        if kept is not None and labels is not None:
+        if kept is not None and labels is not None and count > self.exact_up_to:
             self._summed = kept.basis, merge_projection(kept, labels, count, self.budget)
+            self._lists_room = self.budget.reserve(candidate_bytes(count))  # before FINCH's sums take the room
 
 
 def approximate_first_neighbours(x: np.ndarray, *, dims: int = DEFAULT_DIMS, candidates: int = DEFAULT_CANDIDATES,
@@ -341,6 +347,11 @@ def _candidates(y: torch.Tensor, near: torch.Tensor, lists: int, c: int, progres
             idx[mine, -1] = rows[m:][top]
     vals[:, -1].masked_fill_((idx[:, :-1] == idx[:, -1:]).any(dim=1), -math.inf)  # found both ways: count it once
     return _best(y, vals, idx, c)
+
+
+def candidate_bytes(n: int, probes: float = DEFAULT_PROBES, candidates: int = DEFAULT_CANDIDATES) -> int:
+    """Bytes of the partial results ``_candidates`` allocates for ``n`` rows (float32 and int64 per slot)."""
+    return n * (round(PROBE_SPREAD * probes) * candidates + 1) * 12
 
 
 def _bounds(labels: torch.Tensor, lists: int) -> torch.Tensor:
