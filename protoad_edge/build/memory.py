@@ -102,10 +102,9 @@ class MemoryBudget:
     An array's bytes in memory count against the budget until it is garbage-collected (with every view of it).
     One that does not fit keeps its first bytes, up to the budget's room (whole pages), in memory, and the rest
     is a shared mapping of a file in ``spill_dir`` placed right behind them: one contiguous array, so nothing
-    that reads or writes it changes. At 3.2 million vectors this keeps all but 2% of the search's 6.1 GB
-    projection in memory, where spilling it whole cost 10% more time in the phases that read it (the kernel
-    wrote it back as it was filled, and page-cache pages come 4 KB at a time where numpy's arrays get huge
-    pages). The file is unlinked at once (the mapping keeps it until the array goes), with its blocks reserved
+    that reads or writes it changes. At 3.2 million vectors this keeps 5.5 GB of the search's 6.1 GB projection
+    in memory; spilled whole (it missed the default budget by a few MB), the kernel wrote it back as it was filled
+    and the search read it back 4 KB at a time, where numpy's arrays get huge pages. The file is unlinked at once (the mapping keeps it until the array goes), with its blocks reserved
     up front so that a full disk is an error here, not a SIGBUS later. Every spill is logged: what, how big, where.
     """
 
