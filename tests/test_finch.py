@@ -446,6 +446,10 @@ def test_the_search_sums_its_projection_before_finch_sums_the_level_and_keeps_no
     search.next_level(None)
     gc.collect()
     assert budget.held == 0
+    search(x)
+    search.next_level(np.arange(len(x)) // 4, 750)  # the next level is searched exactly: nothing to prepare
+    gc.collect()
+    assert budget.held == 0
 
 
 def test_finch_levels_reuse_the_first_projection(monkeypatch: pytest.MonkeyPatch) -> None:
