@@ -88,7 +88,8 @@ def work(features: Path, method: str, max_prototypes: int) -> dict:
     for i, phase in enumerate(record):
         phase["level"] = next((level for level, end in enumerate(levels) if i < end), len(levels))
     return {"seconds": seconds, "level_seconds": result.level_seconds, "counts": result.counts, "phases": record,
-            "labels": hashlib.sha1(result.labels.tobytes()).hexdigest(), "code": str(Path(finch_module.__file__).parent)}
+            "labels": hashlib.sha1(result.labels.tobytes()).hexdigest(),
+            "code": str(Path(finch_module.__file__).parent)}
 
 
 def warm(path: Path, chunk: int = 64 * 2**20) -> float:
@@ -144,7 +145,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--features", type=Path, required=True, help="FP16 .npy of patch vectors")
     parser.add_argument("--methods", default="ours,unbounded")
     parser.add_argument("--max-prototypes", type=int, default=10_000)
-    parser.add_argument("--baseline", help="a git revision whose FINCH also runs (no budget), e.g. the commit before issue 15")
+    parser.add_argument("--baseline",
+                        help="a git revision whose FINCH also runs (no budget), e.g. the commit before issue 15")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each method, interleaved; medians reported")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -176,7 +178,8 @@ def main(argv: list[str]) -> None:
         print(f"{method}: FINCH median {r['seconds']:.1f} s; per run / {first}: "
               + ", ".join(f"{x:.3f}" for x in ratios))
     same = len(set().union(*(r["labels_all"] for r in results.values()))) == 1
-    print(f"{machine_text()}\n`{command_line(sys.argv)}`\nsame partition at the chosen level in every method and run: {same}\n")
+    print(f"{machine_text()}\n`{command_line(sys.argv)}`\n"
+          f"same partition at the chosen level in every method and run: {same}\n")
     print("\n".join(table(results)))
 
 

@@ -104,8 +104,9 @@ class MemoryBudget:
     is a shared mapping of a file in ``spill_dir`` placed right behind them: one contiguous array, so nothing
     that reads or writes it changes. At 3.2 million vectors this keeps 5.5 GB of the search's 6.1 GB projection
     in memory; spilled whole (it missed the default budget by a few MB), the kernel wrote it back as it was filled
-    and the search read it back 4 KB at a time, where numpy's arrays get huge pages. The file is unlinked at once (the mapping keeps it until the array goes), with its blocks reserved
-    up front so that a full disk is an error here, not a SIGBUS later. Every spill is logged: what, how big, where.
+    and the search read it back 4 KB at a time, where numpy's arrays get huge pages. The file is unlinked at once
+    (the mapping keeps it until the array goes), with its blocks reserved up front so that a full disk is an error
+    here, not a SIGBUS later. Every spill is logged: what, how big, where.
     """
 
     def __init__(self, arrays: float = math.inf, spill_dir: Path | None = None,
