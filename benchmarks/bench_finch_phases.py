@@ -35,7 +35,7 @@ from bench_common import ROOT, command_line, machine_text
 from bench_finch_scale import budget_for
 
 SEARCH_PHASES = ("project", "merge_projection", "scale_projection", "_kmeans", "_probes", "_candidates", "_rerank")
-FINCH_PHASES = ("_components", "_group_sums")
+FINCH_PHASES = ("_components", "_group_sums", "sum_groups_in_place")
 GB = 2**30
 BASELINE = "baseline"  # the worker's method for --baseline's code: no budget
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import mmap
 import tracemalloc
 from pathlib import Path
 
@@ -15,6 +16,7 @@ finch_clust = pytest.importorskip("finch")
 from protoad_edge.errors import ProtoADError  # noqa: E402
 from protoad_edge.build.finch import Neighbours, finch, first_neighbours  # noqa: E402
 from protoad_edge.build import neighbours  # noqa: E402
+import protoad_edge.build.finch as finch_module  # noqa: E402
 from protoad_edge.build.memory import MemoryBudget  # noqa: E402
 from protoad_edge.build.neighbours import approximate_first_neighbours, make_search  # noqa: E402
 
@@ -392,14 +394,12 @@ def test_merged_projection_equals_projecting_the_sums() -> None:
     """FINCH's next level is projected by summing the last level's projections (the projection is
     linear): the same rows and inverse norms as projecting the sums themselves, in the same basis."""
     x = low_rank_blobs(21, 3000, 96, 24, 20)
-    labels = np.random.default_rng(21).integers(0, 700, len(x))
-    labels = np.unique(labels, return_inverse=True)[1]  # every label used
+    labels = by_first_row(np.random.default_rng(21).integers(0, 700, len(x)))
     sums = np.zeros((labels.max() + 1, x.shape[1]), np.float32)
     np.add.at(sums, labels, x)
     first = neighbours.project(x, 32, 1000, 0)
-    before = first.y.clone()
     merged = neighbours.scale_projection(first.basis, neighbours.merge_projection(first, labels, len(sums)), sums)
-    assert torch.equal(first.y, before)  # only read
+    assert merged.y.data_ptr() == first.y.data_ptr()  # in the first rows of the level's own
     direct = torch.empty(len(sums), 32)
     inverse = neighbours._project(torch.from_numpy(sums), first.basis, direct)
     torch.testing.assert_close(merged.y, direct, atol=1e-5, rtol=1e-4)
@@ -412,10 +412,42 @@ def test_merged_projection_equals_projecting_the_sums() -> None:
         neighbours.scale_projection(first.basis, merged.y, sums[:-1])
 
 
+def by_first_row(labels: np.ndarray) -> np.ndarray:
+    """Random labels renumbered as FINCH's components are: in the order of their first rows."""
+    _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    return np.argsort(np.argsort(first))[inverse]
+
+
+def test_groups_are_summed_in_place_bit_for_bit_as_in_a_new_array() -> None:
+    """FINCH's later levels sum the rows into the first rows of the same array, chunk by chunk: each group's rows are
+    still added in row order, so the sums are those of a new array bit for bit, whatever the chunk."""
+    rows = np.random.default_rng(3).standard_normal((5000, 24)).astype(np.float32)
+    labels = by_first_row(np.random.default_rng(4).integers(0, 1200, len(rows)))
+    count = labels.max() + 1
+    expected = torch.zeros(count, 24).index_add_(0, torch.from_numpy(labels), torch.from_numpy(rows))
+    for chunk_rows in (1, 7, 4096, 5000):  # a group's rows in one chunk or many; its label's row in the same chunk
+        a = torch.from_numpy(rows.copy())
+        out = finch_module.sum_groups_in_place(a, labels, count, chunk_rows * 24 * 4)
+        assert out.data_ptr() == a.data_ptr() and torch.equal(out, expected), chunk_rows
+    with pytest.raises(ValueError, match="at most its row's index"):
+        finch_module.sum_groups_in_place(torch.from_numpy(rows.copy()), labels[::-1].copy(), count, 4096)
+
+
+def test_components_are_numbered_by_their_first_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    nn = np.random.default_rng(5).integers(0, 3000, 3000)
+    labels, count = finch_module._components(nn)
+    assert (labels <= np.arange(len(nn))).all()
+    original = finch_module.connected_components
+    monkeypatch.setattr(finch_module, "connected_components",  # numbered the other way round
+                        lambda *a, **k: (lambda c, l: (c, c - 1 - l))(*original(*a, **k)))
+    renumbered, again = finch_module._components(nn)
+    assert again == count and np.array_equal(renumbered, labels)
+
+
 def test_merged_projection_sums_each_group_in_row_order() -> None:
     """Visiting the rows group by group changes no bit: each group's rows are still added in row order."""
     x = low_rank_blobs(23, 5000, 96, 24, 20)
-    labels = np.unique(np.random.default_rng(23).integers(0, 900, len(x)), return_inverse=True)[1]
+    labels = by_first_row(np.random.default_rng(23).integers(0, 900, len(x)))
     first = neighbours.project(x, 32, 1000, 0)
     in_row_order = torch.zeros(labels.max() + 1, 32).index_add_(0, torch.from_numpy(labels),
                                                                 first.y / first.inverse[:, None])
@@ -438,8 +470,10 @@ def test_the_search_sums_its_projection_before_finch_sums_the_level_and_keeps_no
     labels = np.arange(len(x)) // 2
     search.next_level(labels, len(x) // 2)
     gc.collect()
-    # the level's projection freed; the next one's held, and room kept for the next level's candidate lists
-    assert budget.held == held - 3000 * 512 * 4 + 1500 * 512 * 4 + neighbours.candidate_bytes(1500)
+    # the level's projection given back but for its first rows, which hold the next one's (up to the page they end
+    # in), and room kept for the next level's candidate lists
+    kept = held - 3000 * 512 * 4 + 1500 * 512 * 4 + neighbours.candidate_bytes(1500)
+    assert 0 <= budget.held - kept < 2 * mmap.PAGESIZE
     sums = np.zeros((1500, 600), np.float32)
     np.add.at(sums, labels, x.astype(np.float32))
     search(sums)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import gc
+import mmap
 import os
 import re
 from pathlib import Path
@@ -124,6 +125,68 @@ def test_an_array_larger_than_the_room_keeps_its_first_pages_in_memory_and_the_r
     assert budget.held == 0 and rss_anon() - anon < 16 * 2**20
 
 
+def test_a_shrunk_array_gives_back_the_memory_and_file_blocks_behind_its_first_rows(tmp_path: Path) -> None:
+    """FINCH's next level lives in the first rows of the level before's array: the pages behind them go back to the
+    system and to the budget's room at once, and a spilled part's pages are dropped, not written back."""
+    page = mmap.PAGESIZE
+    budget = MemoryBudget(64 * 2**20 + 1000, tmp_path, lambda _: None)
+    anon, file = rss_anon(), rss_file()
+    x = budget.zeros((1000, 40_000), np.float32, "the projection")  # 160 MB: 64 MB in memory, the rest in a file
+    x[:] = np.arange(40_000, dtype=np.float32)
+    assert rss_file() - file > 80 * 2**20
+    head = budget.shrink(x[:300], 100)  # a view of the first rows, as FINCH passes it: 16 MB kept
+    assert head.shape == (100, 40_000) and (head[99] == np.arange(40_000, dtype=np.float32)).all()
+    assert 0 <= budget.held - head.nbytes < page
+    assert abs((rss_anon() - anon) - head.nbytes) < 8 * 2**20 and rss_file() - file < 8 * 2**20
+    again = budget.shrink(head, 10)  # and again, for the level after
+    assert 0 <= budget.held - again.nbytes < page and (again[9] == np.arange(40_000, dtype=np.float32)).all()
+    del x, head, again
+    gc.collect()
+    assert budget.held == 0
+    budget.held = budget.arrays  # as if the room were taken: the next array spills whole
+    whole = budget.zeros((1000, 70_000), np.float32, "too much")  # 280 MB, all in a file
+    whole[:] = 1
+    file = rss_file()
+    assert budget.shrink(whole, 10).shape == (10, 70_000) and file - rss_file() > 250 * 2**20
+    outside = np.ones((1000, 100), np.float32)
+    assert budget.shrink(outside, 10).base is outside and budget.held == budget.arrays  # not the budget's: sliced
+
+
+def vm_flags(address: int) -> list[str]:
+    """The kernel's flags for the mapping that holds ``address`` (``hg``: huge pages advised)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if re.match(r"[0-9a-f]+-[0-9a-f]+ ", line):
+            start, end = (int(v, 16) for v in line.split()[0].split("-"))
+            inside = start <= address < end
+        elif inside and line.startswith("VmFlags:"):
+            return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def test_huge_pages_are_advised_unless_asked_not_to(tmp_path: Path) -> None:
+    """The search's projection is filled while the features fill the page cache: huge pages cost the kernel a
+    compaction each there, so it asks for none; the other arrays get them, as numpy's would."""
+    budget = MemoryBudget(64 * 2**20, tmp_path, lambda _: None)
+    advised = budget.zeros((4 * 2**20,), np.float32, "sums")  # 16 MB in memory
+    plain = budget.empty((4 * 2**20,), np.float32, "the projection", huge_pages=False)
+    split = budget.empty((16 * 2**20,), np.float32, "the lists")  # 64 MB: 32 MB of room left
+    assert "hg" in vm_flags(advised.ctypes.data) and "hg" not in vm_flags(plain.ctypes.data)
+    assert "hg" in vm_flags(split.ctypes.data) and "hg" not in vm_flags(split.ctypes.data + split.nbytes - 1)
+    del split
+    gc.collect()
+    plain_split = budget.empty((16 * 2**20,), np.float32, "the projection", huge_pages=False)  # 32 MB in memory
+    assert budget.held == 64 * 2**20 and "hg" not in vm_flags(plain_split.ctypes.data)
+
+
+def test_the_search_asks_no_huge_pages_for_its_projection() -> None:
+    pytest.importorskip("torch")
+    from protoad_edge.build.neighbours import project
+
+    x = np.random.default_rng(0).standard_normal((3000, 600)).astype(np.float16)
+    assert "hg" not in vm_flags(project(x, 64, 1000, 0, MemoryBudget()).y.data_ptr())
+
+
 def test_kept_room_is_taken_from_what_is_allocated_before_it_until_given_back(tmp_path: Path) -> None:
     lines: list[str] = []
     budget = MemoryBudget(1 << 20, tmp_path, lines.append)
@@ -154,11 +217,10 @@ def test_unbounded_spills_nothing(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("limit", "split", "whole", "in_memory"), [
     # 64 MB: room is kept for the candidate lists (written at random), so the projection (written once, in order)
-    # spills its end instead; the merged projection takes what is left
-    (64_000_000, ("the search's projection", "the search's merged projection"), (), ("the search's candidate",)),
+    # spills its end instead; summed into the next level's in its first rows, it gives the rest back to the sums
+    (64_000_000, ("the search's projection",), (), ("the search's candidate", "FINCH level 0 cluster sums")),
     # 3 MB: the lists alone (6 MB) are more than the budget: the projection spills whole, the lists split
-    (3_000_000, ("the search's candidate indices", "the search's merged projection"),
-     ("the search's projection", "FINCH level 0 cluster sums"), ()),
+    (3_000_000, ("the search's candidate indices", "FINCH level 0 cluster sums"), ("the search's projection",), ()),
 ])
 def test_finch_within_a_small_budget_spills_and_gives_the_same_partitions(tmp_path: Path, limit: int,
                                                                           split: tuple[str, ...],

@@ -60,7 +60,7 @@ class Search(Protocol):
     A search may also have ``next_level(labels, count)``: FINCH calls it after each level's search with how
     that level's rows are summed into the next level's (``count`` groups), or with None when there is no
     next level, so that a search can build the next level's input from what it kept (the approximate one
-    sums its projections) and free the rest before FINCH allocates the sums."""
+    sums its projections) and free the rest before FINCH allocates level 0's sums."""
 
     def __call__(self, x: np.ndarray, *, progress: str | None = None) -> Neighbours: ...
 
@@ -142,6 +142,7 @@ def finch(x: np.ndarray, max_prototypes: int = DEFAULT_MAX_PROTOTYPES, *,
     Cluster sums are accumulated in float32 ([K0, D] at level 0: 1.2 GB for 161k clusters of 1792;
     float64 would double the largest allocation of a build for digits the search cannot use), through
     ``budget`` (default: unbounded): spilled to disk when they do not fit, the same float32 either way.
+    Each later level's sums are summed in the first rows of the level before's (``sum_groups_in_place``).
     ``progress`` shows a bar per level's search.
     """
     n, dim = _check_features(x)
@@ -173,8 +174,7 @@ def finch(x: np.ndarray, max_prototypes: int = DEFAULT_MAX_PROTOTYPES, *,
             break
         labels, count = merged[labels], new_count
         next_level(merged if count >= max_prototypes else None, count)
-        what = f"FINCH level {level} cluster sums"
-        sums = _group_sums(sums, merged, budget.zeros((count, dim), np.float32, what), scratch_bytes)
+        sums = budget.shrink(sum_groups_in_place(torch.from_numpy(sums), merged, count, scratch_bytes).numpy(), count)
         partitions.append(labels)
         counts.append(count)
         seconds.append(time.perf_counter() - start)
@@ -272,11 +272,21 @@ class _NumpyTiles:
 
 
 def _components(nn: np.ndarray) -> tuple[np.ndarray, int]:
-    """Weakly connected components of the graph i -> nn[i]."""
+    """Weakly connected components of the graph i -> nn[i], numbered in the order of their first rows (so that
+    every row's label is at most its index: ``sum_groups_in_place`` relies on it).
+
+    scipy numbers them so, visiting rows in order; should it not, they are renumbered here."""
     n = len(nn)
     graph = sp.csr_matrix((np.ones(n, np.float32), (np.arange(n), nn)), shape=(n, n))
     count, labels = connected_components(graph, directed=True, connection="weak")
-    return labels.astype(np.int64), count
+    labels = labels.astype(np.int64)
+    if (labels > np.arange(n)).any():
+        first = np.full(count, n)
+        np.minimum.at(first, labels, np.arange(n))
+        rank = np.empty(count, np.int64)
+        rank[np.argsort(first)] = np.arange(count)
+        labels = rank[labels]
+    return labels, count
 
 
 def as_tensor(x: np.ndarray) -> torch.Tensor:
@@ -303,6 +313,32 @@ def _group_sums(x: np.ndarray, labels: np.ndarray, out: np.ndarray, scratch_byte
             block = buffer[:len(block)].copy_(block)
         sums.index_add_(0, index[start:start + chunk], block)
     return out
+
+
+def sum_groups_in_place(rows: torch.Tensor, labels: np.ndarray, count: int, chunk_bytes: int,
+                        divide: torch.Tensor | None = None) -> torch.Tensor:
+    """``rows[:count]``, float32 [count, D], overwritten with the sums of ``rows`` grouped by ``labels`` (each row
+    divided by ``divide[row]`` first, if given); the rows behind ``count`` are left used up.
+
+    FINCH's next level in the pages the level before already has, instead of a new array beside it: at 3.2
+    million vectors a new one had to spill (level 1's sums, 1.9 GB), while these pages are in memory, and the
+    rest can be given back at once (``MemoryBudget.shrink``). It works because a group's label is at most the
+    index of its first row (``_components`` numbers them so): a chunk of rows is copied out, then only rows
+    already read are written. Each group's rows are added in row order, as ``_group_sums`` adds them, so the
+    sums are the same bit for bit. Chunks of about ``chunk_bytes``.
+    """
+    n, dim = rows.shape
+    if len(labels) != n or count > n or (n and (labels.max() >= count or (labels > np.arange(n)).any())):
+        raise ValueError(f"labels must number {count} groups of the {n} rows, each at most its row's index")
+    chunk = max(1, chunk_bytes // (4 * dim))
+    index, buffer = torch.from_numpy(labels), torch.empty(min(chunk, n), dim)
+    for start in range(0, n, chunk):
+        block = buffer[:min(chunk, n - start)].copy_(rows[start:start + chunk])
+        if divide is not None:
+            block /= divide[start:start + len(block), None]
+        rows[start:min(start + len(block), count)] = 0  # nothing summed into them yet: earlier rows' labels < start
+        rows.index_add_(0, index[start:start + len(block)], block)
+    return rows[:count]
 
 
 def _normalised(sums: np.ndarray) -> np.ndarray:
