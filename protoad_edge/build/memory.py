@@ -257,9 +257,9 @@ def _madvise(address: int, length: int, advice: int, strict: bool = True) -> Non
 
 def _mapped(head: int, nbytes: int, shape: tuple[int, ...], dtype: np.dtype, huge_pages: bool,
             fd: int | None = None) -> np.ndarray:
-    """An array of ``nbytes`` whose first ``head`` bytes are anonymous memory (in huge pages if ``huge_pages``) and
-    the rest (``head`` whole pages) the file ``fd`` from offset 0, mapped right behind them. Freeing the array unmaps
-    both (the anonymous mapping's range covers the file's)."""
+    """An array of ``nbytes`` whose first ``head`` bytes (whole pages, or all of it) are anonymous memory, in huge
+    pages if ``huge_pages``, and the rest the file ``fd`` from offset 0, mapped right behind them. Freeing the array
+    unmaps both (the anonymous mapping's range covers the file's)."""
     area = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE)  # anonymous, private: the process's own memory
     if huge_pages and head and hasattr(mmap, "MADV_HUGEPAGE"):  # Linux
         area.madvise(mmap.MADV_HUGEPAGE, 0, head)

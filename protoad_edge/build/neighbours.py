@@ -118,7 +118,7 @@ class ApproximateSearch:
         """FINCH's next level searches the sums of the last searched rows grouped by ``labels`` (``count``
         groups), or None: there is no next level. The last projection is summed into the next level's now, in
         its own first rows, and the rest freed, before FINCH allocates level 0's cluster sums: at 3.2 million
-        vectors it holds 6.1 GB of the budget, of which the sums (7.4 GB) then get 4 GB instead of spilling whole."""
+        vectors it holds 6.1 GB of the budget, of which the sums (6.9 GB) then get 3.9 GB."""
         kept, self._kept = self._kept, None
         if kept is not None and labels is not None and count > self.exact_up_to:
             self._summed = kept.basis, merge_projection(kept, labels, count, self.budget)
