@@ -210,6 +210,12 @@ def test_a_full_disk_is_an_error_before_anything_is_written(tmp_path: Path, monk
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_empty_array_spills_when_kept_room_overfills_the_budget(tmp_path: Path) -> None:
+    budget = MemoryBudget(1000, tmp_path, lambda _: None)
+    budget.reserve(2000)  # more than the budget: nothing fits, not even 0 bytes
+    assert budget.zeros((0, 512), np.float32, "the sums").shape == (0, 512)
+
+
 def test_unbounded_spills_nothing(tmp_path: Path) -> None:
     budget = MemoryBudget(spill_dir=tmp_path)
     assert type(budget.empty((1000, 1000), np.float32, "x")) is np.ndarray and budget.spilled == 0

@@ -14,6 +14,7 @@ killer can free.
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import mmap
 import os
@@ -105,7 +106,7 @@ class MemoryBudget:
     is a shared mapping of a file in ``spill_dir`` placed right behind them: one contiguous array, so nothing
     that reads or writes it changes. At 3.2 million vectors this keeps 5.5 GB of the search's 6.1 GB projection
     in memory; spilled whole (it missed the default budget by a few MB), the kernel wrote it back as it was filled
-    and the search read it back 4 KB at a time, where numpy's arrays get huge pages. The file is unlinked at once
+    and the search read it back from the page cache, 4 KB at a time. The file is unlinked at once
     (the mapping keeps it until the array goes), with its blocks reserved up front so that a full disk is an error
     here, not a SIGBUS later. Every spill is logged: what, how big, where.
     """
@@ -215,7 +216,7 @@ class MemoryBudget:
         fd, name = tempfile.mkstemp(prefix=".protoad-spill.", suffix=".bin", dir=self.spill_dir)
         try:
             try:
-                os.posix_fallocate(fd, 0, nbytes - head)
+                os.posix_fallocate(fd, 0, max(1, nbytes - head))  # 0 bytes is EINVAL
             except OSError as exc:
                 raise ProtoADError(f"no room to spill {what} ({format_size(nbytes - head)}) in {self.spill_dir}: "
                                    f"{exc.strerror}; free disk space there or raise --memory-limit") from None
@@ -247,12 +248,24 @@ def _page_up(address: int) -> int:
     return -(-address // mmap.PAGESIZE) * mmap.PAGESIZE
 
 
-def _madvise(address: int, length: int, advice: int, strict: bool = True) -> None:
-    """madvise(2) on a range of an array's pages; ``strict=False``: a filesystem that cannot punch holes keeps them."""
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """The C library, for the calls Python's mmap module does not make on an address (64-bit pointers and sizes)."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    if libc.madvise(address, length, advice) != 0 and strict:
-        raise OSError(ctypes.get_errno(), f"madvise: {os.strerror(ctypes.get_errno())}")
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    return libc
+
+
+def _errno_error(call: str) -> OSError:
+    return OSError(ctypes.get_errno(), f"{call}: {os.strerror(ctypes.get_errno())}")
+
+
+def _madvise(address: int, length: int, advice: int, strict: bool = True) -> None:
+    """madvise(2) on a range of an array's pages; ``strict=False``: a filesystem that cannot punch holes keeps them."""
+    if _libc().madvise(address, length, advice) != 0 and strict:
+        raise _errno_error("madvise")
 
 
 def _mapped(head: int, nbytes: int, shape: tuple[int, ...], dtype: np.dtype, huge_pages: bool,
@@ -266,10 +279,7 @@ def _mapped(head: int, nbytes: int, shape: tuple[int, ...], dtype: np.dtype, hug
     out = np.frombuffer(area, dtype=dtype, count=math.prod(shape)).reshape(shape)
     if fd is None:
         return out
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
     tail = out.ctypes.data + head
-    if libc.mmap(tail, nbytes - head, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | MAP_FIXED, fd, 0) != tail:
-        raise OSError(ctypes.get_errno(), f"cannot map a spill file: {os.strerror(ctypes.get_errno())}")
+    if _libc().mmap(tail, nbytes - head, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | MAP_FIXED, fd, 0) != tail:
+        raise _errno_error("cannot map a spill file")
     return out
