@@ -28,10 +28,13 @@ PARAMETER = "protoad"  # the model-configuration parameter that carries the bund
 # Triton model names: what a repository folder and a URL path can both hold.
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+$")
 SCHEMES = {"grpc": 8001}
-# gRPC statuses of a server that is restarting or not ready yet (the request can be sent again: inference has
-# no side effects), as opposed to a refused request (wrong input, unknown model at start-up), which is final.
+# gRPC statuses of a server that is down, restarting or not ready yet (the request can be sent again: inference has
+# no side effects), as opposed to a refused request (wrong input, a model error), which is final.
 RETRYABLE_STATUS = ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED")
-RETRYABLE_MESSAGES = ("is not ready", "unknown model", "is not found", "failed to connect", "connection refused")
+# Triton's words for a model it does not have ready: still loading (a server just started or restarted), or never
+# there, which only the reconnect timeout can tell apart; waited for like a server that does not answer.
+MODEL_ABSENT_MESSAGES = ("is not ready", "unknown model", "is not found")
+RETRYABLE_MESSAGES = (*MODEL_ABSENT_MESSAGES, "failed to connect", "connection refused")
 # Served models (protoad-serve and --triton-repo alike): the most frames Triton's dynamic batcher gathers into one
 # call, and how long a request may wait for others to fill it (2 ms of latency at most).
 DEFAULT_MAX_BATCH = 8
@@ -113,17 +116,27 @@ def parse_server_url(url: str) -> ServerAddress:
 def retryable(exc: BaseException) -> bool:
     """Whether a failed call is worth sending again: the server is down, restarting or still loading the model."""
     status = str(getattr(exc, "status", lambda: None)() or "")
-    message = str(getattr(exc, "message", lambda: None)() or exc).lower()
-    return status in RETRYABLE_STATUS or any(m in message for m in RETRYABLE_MESSAGES)
+    return status in RETRYABLE_STATUS or any(m in _message(exc) for m in RETRYABLE_MESSAGES)
+
+
+def model_absent(exc: BaseException) -> bool:
+    """Whether the server answered that it has no such model ready (yet)."""
+    return any(m in _message(exc) for m in MODEL_ABSENT_MESSAGES)
+
+
+def _message(exc: BaseException) -> str:
+    return str(getattr(exc, "message", lambda: None)() or exc).lower()
 
 
 class TritonBackend(Backend):
     """A model served by Triton (``protoad-serve``, or a Triton server on a ``--triton-repo`` repository).
 
     Batches larger than the server's ``max_batch_size`` go as several requests. A call that fails because the
-    server is unreachable, restarting or loading is sent again after growing pauses (``retry``: 0.5 s doubling
-    to 2 s) until ``retry.give_up_after`` seconds have passed without an answer, then it is a ProtoADError. A
-    frame is judged once: its record is written from the answer, never from a failed call.
+    server is unreachable, restarting or has the model not ready (loading it; at start-up too, so a line started
+    with its server waits for the model) is sent again after growing pauses (``retry``: 0.5 s doubling to 2 s)
+    until ``retry.give_up_after`` seconds have passed without an answer, then it is a ProtoADError. A refused
+    call (a wrong request, the model's own error) fails at once. A frame is judged once: its record is written
+    from the answer, never from a failed call.
     """
 
     name = "triton"
@@ -141,7 +154,8 @@ class TritonBackend(Backend):
         self.retries = 0  # calls sent again after a failure, for the summary and the tests
         self.grpc = grpcclient
         self.client = grpcclient.InferenceServerClient(self.address.target)
-        config = self._call(self._config, "read the model configuration of")
+        config = self._call(lambda: self.client.get_model_config(self.address.model, as_json=True),
+                            "read the model configuration of")
         self.config = config.get("config", config)
         self.info = info_from_config(self.config, f"model {self.address.model} on {self.address.target}")
         self.max_batch = int(self.config.get("max_batch_size", 0)) or 1
@@ -149,20 +163,15 @@ class TritonBackend(Backend):
         self._inputs, self._outputs = signature(self.info)
         self._wanted = [grpcclient.InferRequestedOutput(o.name) for o in self._outputs]  # the same for every request
 
-    def _config(self) -> dict[str, Any]:
-        """The model configuration. A model the server does not have is an error (naming those it has, where the
-        server lists them: protoad-serve's does not); while the server is still loading models it is retried."""
+    def _absent(self, waited: float) -> str:
+        """The error for a model the server still does not have after ``waited`` seconds, naming those it has."""
         try:
-            return self.client.get_model_config(self.address.model, as_json=True)
-        except Exception as exc:
-            if "unknown model" not in str(exc).lower() or not self.client.is_server_ready():
-                raise
-            try:
-                index = self.client.get_model_repository_index(as_json=True).get("models", [])
-                served = ": it serves " + ", ".join(sorted(m["name"] for m in index if m.get("state") == "READY"))
-            except Exception:  # a server may restrict its repository API (PyTriton's does)
-                served = ""
-            raise ProtoADError(f"--server {self.address.url}: the server has no model {self.address.model!r}{served}") from None
+            index = self.client.get_model_repository_index(as_json=True).get("models", [])
+            served = ": it serves " + ", ".join(sorted(m["name"] for m in index if m.get("state") == "READY"))
+        except Exception:  # a server may restrict its repository API (PyTriton's does)
+            served = ""
+        return (f"--server {self.address.url}: the server has no model {self.address.model!r}{served} (waited "
+                f"{waited:.0f} s for it to load)")
 
     def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         batch = check_batch(batch, self.info)
@@ -188,8 +197,9 @@ class TritonBackend(Backend):
         return amap.astype(np.float32, copy=False), score.reshape(len(chunk)).astype(np.float32, copy=False)
 
     def _call(self, call: Callable[[], Any], what: str) -> Any:
-        """``call()``, sent again while the server is unreachable, restarting or loading (see ``retryable``)."""
-        started, attempt = self.clock(), 0
+        """``call()``, sent again while the server is unreachable, restarting or loading (see ``retryable``); one
+        log line says so for each of the two (no server, no model yet)."""
+        started, attempt, said = self.clock(), 0, set()
         while True:
             try:
                 return call()
@@ -197,11 +207,18 @@ class TritonBackend(Backend):
                 raise
             except Exception as exc:  # tritonclient raises InferenceServerException, grpc its own errors
                 waited, again, first = self.clock() - started, retryable(exc), str(exc).strip().splitlines()[0]
+                absent = again and model_absent(exc)
                 if not again or waited >= self.retry.give_up_after:
+                    if absent:
+                        raise ProtoADError(self._absent(waited)) from None
                     why = f"no answer for {waited:.0f} s" if again else "refused"
                     raise ProtoADError(f"cannot {what} {self.address.url} ({why}): {first}") from None
-                if attempt == 0 and self.log:
-                    self.log(f"server {self.address.url} not answering ({first}): retrying")
+                if absent not in said and self.log:
+                    said.add(absent)
+                    limit = f"up to {self.retry.give_up_after:.0f} s"
+                    self.log(f"server {self.address.url} has no model {self.address.model!r} ready yet ({first}): "
+                             f"waiting {limit} for it to load" if absent else
+                             f"server {self.address.url} not answering ({first}): retrying for {limit}")
                 self.sleep(self.retry.pause(attempt))
                 attempt += 1
                 self.retries += 1
