@@ -14,7 +14,7 @@ import sys
 import tempfile
 import threading
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import ProtoADError
 from ..preprocess import IMAGE_SUFFIXES, load_rgb
+from ..redact import redact
 
 SOURCE_HELP = (
     "camera0 (or 0), csi0, a video file, an image file, a folder of images, "
@@ -47,11 +48,12 @@ FFMPEG_PREFIX = re.compile(r"^\[[^\]]* @ 0x[0-9a-fA-F]+\]\s*")
 
 @dataclass(frozen=True)
 class SourceSpec:
-    """What a SOURCE argument means, decided without opening anything."""
+    """What a SOURCE argument means, decided without opening anything. ``target`` may hold a password (a stream's
+    URL): only the capture opens it, and it stays out of the repr; everything else shows ``name``."""
 
     kind: str  # camera | csi | stream | gstreamer | video | image | folder
-    target: Any  # device index, URL, pipeline, path or list of image paths
-    name: str  # how reports refer to it
+    target: Any = field(repr=False)  # device index, URL, pipeline, path or list of image paths
+    name: str  # how records, logs, errors and the summary refer to it: a stream's URL with its secrets masked
     live: bool  # live sources drop stale frames and reconnect; files never drop
 
 
@@ -81,13 +83,14 @@ class Source(ABC):
 def parse_source(spec: str, *, csi_size: tuple[int, int] = (1920, 1080), csi_fps: int = 30) -> SourceSpec:
     """Classify SOURCE; a missing path or an empty folder is a ProtoADError naming it."""
     text = str(spec).strip()
+    shown = redact(text)  # the source's name wherever it is shown; ``text`` goes only to the capture
     if m := re.fullmatch(r"(?:camera)?(\d+)", text):
         return SourceSpec("camera", int(m.group(1)), f"camera{m.group(1)}", live=True)
     if m := re.fullmatch(r"csi(\d+)", text):
         pipeline = CSI_PIPELINE.format(sensor=m.group(1), width=csi_size[0], height=csi_size[1], fps=csi_fps)
         return SourceSpec("csi", pipeline, text, live=True)
     if text.lower().startswith(STREAM_SCHEMES):
-        return SourceSpec("stream", text, text, live=True)
+        return SourceSpec("stream", text, shown, live=True)
     if "!" in text:
         return SourceSpec("gstreamer", text, "gstreamer pipeline", live=True)
     path = Path(text)
@@ -101,8 +104,8 @@ def parse_source(spec: str, *, csi_size: tuple[int, int] = (1920, 1080), csi_fps
             return SourceSpec("image", [path], str(path), live=False)
         return SourceSpec("video", str(path), str(path), live=False)
     if path.exists():
-        raise ProtoADError(f"source {text} is neither a file nor a folder")
-    raise ProtoADError(f"source not found: {text} (expected {SOURCE_HELP})")
+        raise ProtoADError(f"source {shown} is neither a file nor a folder")
+    raise ProtoADError(f"source not found: {shown} (expected {SOURCE_HELP})")
 
 
 def _images_below(folder: Path, shown: int = 3, depth: int = 3) -> str:
@@ -166,8 +169,8 @@ class OpenCVSource(Source):
             reason = {
                 "camera": f"{self.name} (OpenCV camera index {target}): not connected, or in use by another program?",
                 "csi": f"{self.name} (nvarguscamerasrc): is the camera connected and nvargus-daemon running?",
-                "stream": f"stream {target}: unreachable, or a format OpenCV cannot decode?",
-                "gstreamer": f"GStreamer pipeline {target}",
+                "stream": f"stream {self.name}: unreachable, or a format OpenCV cannot decode?",
+                "gstreamer": f"GStreamer pipeline {redact(str(target))}",
                 "video": f"video {target}: not a video OpenCV can decode",
             }[kind]
             raise ProtoADError(f"cannot open {reason}{_what_it_said(said)}")
@@ -244,8 +247,9 @@ def _fd2_into(lines: list[str]) -> Iterator[None]:
 
 
 def _what_it_said(said: list[str], limit: int = 160) -> str:
-    """The last thing the video libraries wrote while a capture failed to open, as a suffix of our error."""
-    lines = [FFMPEG_PREFIX.sub("", line).strip() for line in said]
+    """The last thing the video libraries wrote while a capture failed to open, as a suffix of our error; a URL
+    they quote is redacted before it is cut short (a cut could fall inside its password)."""
+    lines = [redact(FFMPEG_PREFIX.sub("", line).strip()) for line in said]
     lines = [line for line in lines if line]
     if not lines:
         return ""
