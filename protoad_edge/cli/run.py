@@ -18,12 +18,12 @@ from ..atomic import write_atomic
 from ..bundle import locate
 from ..errors import ProtoADError
 from ..preprocess import Preprocess, parse_roi
-from ..runtime.backend import Backend
+from ..runtime.backend import Backend, BackendOptions
 from ..runtime.capture import Reconnect
 from ..runtime.loop import STATUS_EVERY_S, RunOptions, RunSummary, StopRequest, run_many
 from ..runtime.mqtt import MqttSink, parse_mqtt_url
 from ..runtime.triton import parse_server_url
-from .common import EXIT_INTERRUPTED, EXIT_TERMINATED, user_errors
+from .common import EXIT_INTERRUPTED, EXIT_TERMINATED, cpu_threads, threads_option, user_errors
 
 
 ENDINGS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}
@@ -89,6 +89,7 @@ def save_preview(spec: object, model: Path | None, roi: tuple[int, int, int, int
 @click.option("--model", type=click.Path(path_type=Path), default=None,
               help="Any file of a model bundle (NAME.onnx, .plan or .json). Default: the single bundle in ./models.")
 @click.option("--backend", type=click.Choice(CHOICES), default="auto", show_default=True, help=HELP)
+@threads_option("the local backend (onnxruntime intra-op, OpenVINO, torch)")
 @click.option("--server", default=None, metavar="grpc://HOST[:PORT]/NAME",
               help="Send the frames to model NAME on a Triton server (protoad-serve, or tritonserver on a "
                    "protoad-export --triton-repo repository) instead of a local --model; preprocessing and thresholds "
@@ -131,7 +132,7 @@ def save_preview(spec: object, model: Path | None, roi: tuple[int, int, int, int
 @click.option("--mqtt-buffer", type=click.IntRange(min=1), default=10_000, show_default=True, metavar="N",
               help="Records kept for the broker while it is unreachable; beyond that the oldest are dropped.")
 @user_errors
-def main(sources: tuple[str, ...], model: Path | None, backend: str, server: str | None, threshold: float | None, show: bool, save: Path | None,
+def main(sources: tuple[str, ...], model: Path | None, backend: str, threads: int, server: str | None, threshold: float | None, show: bool, save: Path | None,
          save_masks: Path | None, jsonl: str | None, max_frames: int | None, roi: str | None, view_width: int | None,
          status_every: float, preview: Path | None, reconnect_timeout: float, mqtt: str | None,
          mqtt_anomalies_only: bool, mqtt_buffer: int) -> None:
@@ -162,19 +163,20 @@ def main(sources: tuple[str, ...], model: Path | None, backend: str, server: str
     reconnect = Reconnect(give_up_after=reconnect_timeout)
     if server is not None:
         parse_server_url(server)
-        if model is not None or backend != "auto":
-            raise ProtoADError("--server judges with the server's model: drop --model and --backend")
+        if model is not None or backend != "auto" or threads:
+            raise ProtoADError("--server judges with the server's model and threads (protoad-serve --threads): "
+                               "drop --model, --backend and --threads")
     if preview is not None:
         if len(specs) > 1:
             raise ProtoADError("--preview draws one source's frame: give one SOURCE")
         served = None
         if server is not None:
-            with open_model(None, backend, server, reconnect, log) as remote:
+            with open_model(None, backend, threads, server, reconnect, log) as remote:
                 served = remote.info.preprocess
         click.echo(f"wrote {save_preview(specs[0], model, region, preview, served)}")
         return
     stop = StopRequest()
-    with stop_on_signals(stop), open_model(model, backend, server, reconnect, log) as opened:
+    with stop_on_signals(stop), open_model(model, backend, threads, server, reconnect, log) as opened:
         facts, info = opened.describe(), opened.info
         log(f"model {facts.model} ({info.category}, crop {info.crop}), backend {facts.line()}")
         if threshold is None:
@@ -199,13 +201,14 @@ def main(sources: tuple[str, ...], model: Path | None, backend: str, server: str
         sys.exit(EXIT_CODES[endings[0]])
 
 
-def open_model(model: Path | None, backend: str, server: str | None, reconnect: Reconnect,
+def open_model(model: Path | None, backend: str, threads: int, server: str | None, reconnect: Reconnect,
                log: Callable[[str], None]) -> Backend:
-    """The local backend of --model, or the Triton server of --server (retrying as a source reconnects)."""
+    """The local backend of --model on --threads CPU threads, or the Triton server of --server (retrying as a
+    source reconnects)."""
     if server is None:
         from ..backends import open_backend
 
-        return open_backend(model, backend)
+        return open_backend(model, backend, options=BackendOptions(threads=cpu_threads(threads)))
     from ..runtime.triton import TritonBackend
 
     return TritonBackend(server, retry=reconnect, log=log)
