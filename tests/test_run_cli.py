@@ -8,6 +8,7 @@ the culprit, a non-zero exit and no traceback.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -116,7 +117,7 @@ def test_video_end_to_end(tiny_model: Path, backend: OrtBackend, demo_video: Pat
             jx, jy, jw, jh = r["roi"]
             assert jx <= x and jy <= y and x + w <= jx + jw and y + h <= jy + jh and 0 < region["area"] <= w * h
     frames = video_frames(out / "overlay.mp4")
-    assert len(frames) == FRAMES and frames[0].shape[1] == 96  # the whole frame, at its own size
+    assert len(frames) == FRAMES and {f.shape for f in frames} == {(96, 96, 3)}  # the whole frame, at its own size
     assert sorted(p.name for p in out.iterdir()) == ["masks", "overlay.mp4", "run.jsonl"]  # no temporary files
     assert f"frames      {FRAMES}, anomalies {len(anomalous)}" in result.stdout
     assert "p50" in result.stdout and "p90" in result.stdout and "p99" in result.stdout and "FPS" in result.stdout
@@ -320,8 +321,8 @@ def test_two_videos_in_one_run_equal_two_single_runs(tiny_model: Path, demo_vide
         np.testing.assert_allclose([r["score"] for r in mine], [r["score"] for r in single], rtol=0, atol=1e-5)
         assert [r["verdict"] for r in mine] == [r["verdict"] for r in single]
     assert sorted(p.name for p in out.iterdir()) == ["both.jsonl", "masks", "view.0.avi", "view.1.avi"]
-    for index, single in enumerate(singles):
-        assert len(video_frames(out / f"view.{index}.avi")) == FRAMES
+    for index, (single, size) in enumerate(zip(singles, [(96, 96, 3), (112, 80, 3)])):
+        assert [f.shape for f in video_frames(out / f"view.{index}.avi")] == [size] * FRAMES  # each its source's size
         flagged = [f"{r['frame']:06d}.png" for r in single if r["verdict"] == "anomaly"]
         assert sorted(p.name for p in (out / "masks" / str(index)).iterdir()) == flagged
     assert f"total       {2 * FRAMES} frames from 2 sources" in result.stdout
@@ -337,3 +338,33 @@ def test_a_source_that_cannot_open_is_one_error_before_the_run(tiny_model: Path,
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "cannot open video" in errors[0] and "broken.mp4" in errors[0]
     assert not (tmp_path / "r.jsonl").exists()
+
+
+# --- --threads: the same meaning as in every command that runs a model ---------------------------------
+
+
+def test_threads_reach_the_backend(tiny_model: Path, image_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--threads N is the ORT session's intra-op thread count, read back from the backend; 0 (the default) is
+    every core, as in protoad-eval, protoad-bench and protoad-serve."""
+    from protoad_edge import backends
+
+    seen: list[object] = []
+    real_open = backends.open_backend
+
+    def open_backend(*args: object, **kwargs: object):
+        opened = real_open(*args, **kwargs)
+        seen.append(opened.describe().details["intra_op_threads"])
+        return opened
+
+    monkeypatch.setattr(backends, "open_backend", open_backend)
+    for given in ([], ["--threads", "0"], ["--threads", "1"], ["--threads", "3"]):
+        result = invoke(image_folder / "part_0.png", "--model", tiny_model, *given)
+        assert result.exit_code == 0, result.output
+    assert seen == [os.cpu_count(), os.cpu_count(), 1, 3]
+
+
+def test_threads_with_a_server_is_one_clear_line(image_folder: Path) -> None:
+    result = invoke(image_folder / "part_0.png", "--server", "grpc://127.0.0.1:1/tiny", "--threads", "2")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "error: --server judges with the server's model and threads" in result.stderr
+    assert "drop --model, --backend and --threads" in result.stderr

@@ -23,7 +23,7 @@ from protoad_edge.decision import defect_mask
 from protoad_edge.runtime.backend import BackendOptions
 from protoad_edge.runtime.capture import Capture, Reconnect
 from protoad_edge.runtime.ort_backend import OrtBackend
-from protoad_edge.runtime.overlay import DIM, HEADER, JUDGED_BGR, render
+from protoad_edge.runtime.overlay import DIM, HEADER, HEADER_SHADE, JUDGED_BGR, render
 from protoad_edge.runtime.result import FrameResult, RunContext
 from protoad_edge.runtime.sinks import PendingFile, VideoSink, display_problem
 from protoad_edge.runtime.loop import RunAborted, RunOptions, StopRequest, run, run_many
@@ -251,20 +251,20 @@ def test_overlay_shows_the_frame_as_it_is_with_the_judged_area_and_the_heat_wher
     ok = render(rgb, np.full((64, 64), 0.1, np.float32), geometry, score=0.1, anomalous=False, threshold=0.5,
                 pixel_threshold=0.4, fps=30.0)
     bad = render(rgb, amap, geometry, score=1.0, anomalous=True, threshold=0.5, pixel_threshold=0.4)
-    header = ok.shape[0] - 360
-    assert ok.shape == bad.shape == (header + 360, 640, 3) and header >= HEADER
-    view = ok[header:]
+    assert ok.shape == bad.shape == (360, 640, 3)  # the frame's own size: the header is drawn inside it
+    view, defect = ok, bad
     assert (view[150:250, 250:350] == 120).all()  # inside the judged area a good part looks like itself
-    assert (view[10:90, 10:190] == round(120 * DIM)).all()  # outside it is dimmed, not hidden
+    assert (view[HEADER:90, 10:190] == round(120 * DIM)).all()  # outside it is dimmed, not hidden
     assert tuple(view[100, 300]) == JUDGED_BGR and tuple(view[299, 300]) == JUDGED_BGR  # the judged area outlined
-    defect = bad[header:]
+    band = view[:HEADER, 400:]  # the header's band, right of its text: the frame shows through, darkened
+    assert (band == int(round(120 * DIM) * (1 - HEADER_SHADE))).all() and band.max() > 0
     ys, xs = np.nonzero(np.all(defect == 255, axis=2))  # the white outline of the defect, in frame pixels
     assert 200 + 20 * 200 / 64 - 4 <= xs.min() and xs.max() <= 200 + 30 * 200 / 64 + 4 and 100 + 20 * 200 / 64 - 4 <= ys.min()
     assert not np.array_equal(defect[170:190, 270:290], view[170:190, 270:290])  # heat on the defect
     assert (defect[250:290, 350:390] == 120).all()  # and none on the rest of the part
-    assert not np.array_equal(ok[:header], bad[:header])  # the verdict is written in the header
+    assert not np.array_equal(ok[:HEADER], bad[:HEADER])  # the verdict is written in the header
     small = render(rgb, amap, geometry, score=1.0, anomalous=True, threshold=0.5, pixel_threshold=0.4, view_width=320)
-    assert small.shape[1] == 320 and small.shape[0] - (small.shape[0] - 180) == 180 and small.shape[0] % 2 == 0
+    assert small.shape == (180, 320, 3)  # --view-width: the frame scaled, nothing added
 
 
 def test_pending_file_commit_and_discard(tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """What the operator sees: the whole frame as the camera delivered it, the area the model judges
 outlined and the rest dimmed (visibly not inspected), heat colour only where the map nears or passes
 the pixel threshold (so a good part looks like itself), defect outlines, and a header with the
-verdict, score, threshold and frame rate.
+verdict, score, threshold and frame rate drawn on a translucent band over the frame's top rows: the
+view (``--show``, ``--save``) has exactly the frame's size, or the ``--view-width`` one.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from ..decision import defect_mask
 from ..preprocess import Geometry
 
 HEADER = 44  # px at a 640-px-wide view; scaled with the view so the text stays legible
+HEADER_SHADE = 0.6  # how much the band under the header darkens the frame (the rows stay visible through it)
 DIM = 0.35  # brightness of the frame outside the judged area
 MAX_ALPHA = 0.6  # heat opacity at and above the pixel threshold
 # Heat starts at this share of the pixel threshold and is full from the pixel threshold on; its colour
@@ -34,7 +36,8 @@ def view_size(frame: tuple[int, int], view_width: int | None) -> tuple[int, int]
 def render(frame_rgb: np.ndarray, anomaly_map: np.ndarray, geometry: Geometry, *, score: float, anomalous: bool,
            threshold: float, pixel_threshold: float, fps: float | None = None,
            view_width: int | None = None) -> np.ndarray:
-    """BGR view: a header over the frame (``view_width`` wide, else the frame's size) with the overlay."""
+    """BGR view of the frame with the overlay and the header drawn in it, ``view_width`` wide (else the frame's
+    size)."""
     image = cv2.cvtColor(frame_rgb, cv2.COLOR_RGB2BGR).astype(np.float32)
     judged = np.zeros(image.shape[:2], bool)
     x, y, w, h = geometry.judged
@@ -62,7 +65,8 @@ def render(frame_rgb: np.ndarray, anomaly_map: np.ndarray, geometry: Geometry, *
     if geometry.roi != geometry.judged:
         _rectangle(image, geometry.roi, scale, ROI_BGR, max(1, thick // 2))
     _rectangle(image, geometry.judged, scale, JUDGED_BGR, thick)
-    return np.vstack([_header(size[0], score, anomalous, threshold, fps), image])
+    _header(image, score, anomalous, threshold, fps)
+    return image
 
 
 def _rectangle(image: np.ndarray, box: tuple[int, int, int, int], scale: float, colour: tuple[int, int, int],
@@ -71,18 +75,19 @@ def _rectangle(image: np.ndarray, box: tuple[int, int, int, int], scale: float, 
     cv2.rectangle(image, (x, y), (x + w - 1, y + h - 1), colour, thickness)
 
 
-def _header(width: int, score: float, anomalous: bool, threshold: float, fps: float | None) -> np.ndarray:
-    """Two text lines: the verdict and score, the threshold and frame rate."""
-    font = max(0.45, 0.55 * width / 640)
-    height = round(HEADER * font / 0.55)
-    header = np.zeros((height + height % 2, width, 3), np.uint8)
+def _header(image: np.ndarray, score: float, anomalous: bool, threshold: float, fps: float | None) -> None:
+    """Two text lines on a darkened band over the top rows of ``image``: the verdict and score, the threshold and
+    frame rate. Inside the frame, so a saved video or a window is the camera's size, not taller."""
+    font = max(0.45, 0.55 * image.shape[1] / 640)
+    height = min(round(HEADER * font / 0.55), image.shape[0])
+    header = image[:height]
+    header[:] = (header * (1.0 - HEADER_SHADE)).astype(np.uint8)
     colour = ANOMALY_BGR if anomalous else OK_BGR
     cv2.putText(header, f"{'ANOMALY' if anomalous else 'OK'}  score {score:.5f}", (6, round(0.42 * height)),
                 cv2.FONT_HERSHEY_SIMPLEX, font, colour, max(1, round(font)), cv2.LINE_AA)
     line2 = f"threshold {threshold:.5f}" + (f"   {fps:.1f} FPS" if fps else "")
     cv2.putText(header, line2, (6, round(0.86 * height)), cv2.FONT_HERSHEY_SIMPLEX, 0.82 * font, (220, 220, 220),
                 1, cv2.LINE_AA)
-    return header
 
 
 def preview(frame_rgb: np.ndarray, geometry: Geometry) -> np.ndarray:
