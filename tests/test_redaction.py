@@ -16,17 +16,18 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-
 from bench_outage import free_port
 from mjpeg_server import frame
+
 from protoad_edge.errors import ProtoADError
 from protoad_edge.redact import redact
-from protoad_edge.runtime.sources import SourceSpec, open_source, parse_source
+from protoad_edge.runtime.sources import open_source, parse_source
 
 PASSWORD = "s3cret"
 
@@ -45,11 +46,13 @@ CASES = {
     "http://cam/video.cgi?PASSWORD=s3cret&fps=5": "http://cam/video.cgi?PASSWORD=***&fps=5",
     "http://cam/v?passwd=s3cret;pass=s3cret": "http://cam/v?passwd=***;pass=***",
     "https://cam/v?access_token=s3cret&api_key=s3cret": "https://cam/v?access_token=***&api_key=***",
-    "https://cam/v?Secret=s3cret&auth=s3cret&Authorization=s3cret": "https://cam/v?Secret=***&auth=***&Authorization=***",
+    "https://cam/v?Secret=s3cret&auth=s3cret&Authorization=s3cret":
+        "https://cam/v?Secret=***&auth=***&Authorization=***",
     "https://cam/v?client_secret=s3cret#top": "https://cam/v?client_secret=***#top",
     "rtspsrc location=rtsp://u:s3cret@cam/x user-id=u user-pw=s3cret ! decodebin ! appsink":
         "rtspsrc location=rtsp://u:***@cam/x user-id=u user-pw=*** ! decodebin ! appsink",
-    'souphttpsrc location=http://cam/x proxy-pw="s3 cret" ! appsink': "souphttpsrc location=http://cam/x proxy-pw=*** ! appsink",
+    'souphttpsrc location=http://cam/x proxy-pw="s3 cret" ! appsink':
+        "souphttpsrc location=http://cam/x proxy-pw=*** ! appsink",
     "0": "0",
     "camera2": "camera2",
     "csi0": "csi0",
@@ -92,9 +95,8 @@ def test_error_lines_never_quote_the_password() -> None:
     for typed, shown in (("http://user:s3cret@10.0.0.5/x", "stream http://user:***@10.0.0.5/x"),
                          ("rtspsrc location=rtsp://u:s3cret@cam/x user-pw=s3cret ! appsink",
                           "GStreamer pipeline rtspsrc location=rtsp://u:***@cam/x user-pw=*** ! appsink")):
-        spec = parse_source(typed)
         with pytest.raises(ProtoADError) as caught:
-            open_source(SourceSpec(spec.kind, spec.target, spec.name, spec.live), open_capture=noisy)
+            open_source(typed, open_capture=noisy)
         message = str(caught.value)
         assert message.startswith(f"cannot open {shown}") and PASSWORD not in message, message
         assert "(OpenCV's backend: Cannot open " in message and "HTTP error 401 Unauthorized)" in message
@@ -103,7 +105,7 @@ def test_error_lines_never_quote_the_password() -> None:
 class Opened:
     """A capture that opens and delivers black frames."""
 
-    def isOpened(self) -> bool:  # noqa: N802 - OpenCV's name
+    def isOpened(self) -> bool:
         return True
 
     def get(self, prop: int) -> float:
@@ -117,7 +119,7 @@ class Opened:
 
 
 class Closed(Opened):
-    def isOpened(self) -> bool:  # noqa: N802 - OpenCV's name
+    def isOpened(self) -> bool:
         return False
 
 
@@ -137,12 +139,12 @@ class AuthMjpegServer:
         self._down = threading.Event()
         self._server: socketserver.TCPServer | None = None
 
-    def start(self) -> "AuthMjpegServer":
+    def start(self) -> AuthMjpegServer:
         camera = self
         expected = "Basic " + base64.b64encode(f"user:{PASSWORD}".encode()).decode()
 
         class Stream(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            def do_GET(self) -> None:
                 if self.headers.get("Authorization") != expected:
                     camera.refused += 1
                     self.send_response(401)
@@ -189,9 +191,9 @@ def protoad_run(*args: str | Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for(condition: object, timeout: float = 60.0) -> None:
+def wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
+    while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)
 
