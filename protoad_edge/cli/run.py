@@ -93,8 +93,10 @@ def save_preview(spec: object, model: Path | None, roi: tuple[int, int, int, int
 @click.option("--server", default=None, metavar="grpc://HOST[:PORT]/NAME",
               help="Send the frames to model NAME on a Triton server (protoad-serve, or tritonserver on a "
                    "protoad-export --triton-repo repository) instead of a local --model; preprocessing and thresholds "
-                   "come from the server. While the server is unreachable or restarting each request is sent again "
-                   "(0.5 s pauses doubling to 2 s) for up to --reconnect-timeout. Needs pip install 'protoad-edge[triton]'.")
+                   "come from the server. While the server is unreachable, restarting or still loading the model (also "
+                   "at start-up) each request is sent again (0.5 s pauses doubling to 2 s) for up to "
+                   "--reconnect-timeout; a request the server refuses fails at once. Needs pip install "
+                   "'protoad-edge[triton]'.")
 @click.option("--threshold", type=float, default=None,
               help="Image score above which a frame is anomalous. Default: the model's own.")
 @click.option("--show", is_flag=True, help="Live window with the overlay (q or Esc quits).")
