@@ -24,6 +24,7 @@ from ..runtime.loop import STATUS_EVERY_S, RunOptions, RunSummary, StopRequest, 
 from ..runtime.mqtt import EXIT_UNDELIVERED, PASSWORD_ENV, BrokerAccess, MqttSink, parse_mqtt_url
 from ..runtime.spool import default_folder
 from ..runtime.triton import parse_server_url
+from .station_options import open_station, station_config, station_options
 from .common import EXIT_INTERRUPTED, EXIT_TERMINATED, cpu_threads, threads_option, user_errors
 
 
@@ -160,13 +161,14 @@ def save_preview(spec: object, model: Path | None, roi: tuple[int, int, int, int
 @click.option("--mqtt-insecure", is_flag=True,
               help="mqtts:// without checking the broker's certificate (anyone on the path can read and change "
                    "verdicts): for a first test only.")
+@station_options
 @user_errors
 def main(sources: tuple[str, ...], model: Path | None, backend: str, threads: int, server: str | None, threshold: float | None, show: bool, save: Path | None,
          save_masks: Path | None, jsonl: str | None, max_frames: int | None, roi: str | None, view_width: int | None,
          status_every: float, preview: Path | None, reconnect_timeout: float, mqtt: str | None,
          mqtt_anomalies_only: bool, mqtt_buffer: int, mqtt_drain_timeout: float, mqtt_spool: Path | None,
          mqtt_flush: bool, mqtt_user: str | None, mqtt_password_file: Path | None, mqtt_ca: Path | None,
-         mqtt_cert: Path | None, mqtt_key: Path | None, mqtt_insecure: bool) -> None:
+         mqtt_cert: Path | None, mqtt_key: Path | None, mqtt_insecure: bool, **station_flags: Any) -> None:
     """Judge every frame of SOURCE: camera0 (or 0), csi0 (Jetson CSI camera), a video file, an image
     file, a folder of images, an rtsp:// or http(s):// stream, or a GStreamer pipeline (with '!').
 
@@ -207,6 +209,7 @@ def main(sources: tuple[str, ...], model: Path | None, backend: str, threads: in
         raise click.UsageError("Missing argument 'SOURCE...'.")
     specs = [parse_source(source) for source in sources]  # a mistyped source fails before a model is loaded
     region = parse_roi(roi) if roi else None
+    station_setup = station_config(**station_flags)
     reconnect = Reconnect(give_up_after=reconnect_timeout)
     if server is not None:
         parse_server_url(server)
@@ -230,16 +233,28 @@ def main(sources: tuple[str, ...], model: Path | None, backend: str, threads: in
             log(f"threshold {info.image_threshold:.6g} (the model's; rule: {info.threshold_rule or 'not recorded'})")
         else:
             log(f"threshold {threshold:.6g} (--threshold; the model's is {info.image_threshold:.6g})")
-        sinks = [mqtt_sink(mqtt)] if mqtt is not None else []
-        options = RunOptions(threshold=threshold, max_frames=max_frames, show=show, save=save, save_masks=save_masks,
-                             jsonl=jsonl, roi=region, view_width=view_width, status_every=status_every, log=log,
-                             stop=stop, sinks=sinks, reconnect=reconnect)
-        summaries = run_many(specs, opened, options)
+        station = (open_station(station_setup, opened, [spec.name for spec in specs], threshold, log)
+                   if station_setup is not None else None)  # before the broker's sink: a busy port fails first
+        try:
+            sinks = [mqtt_sink(mqtt)] if mqtt is not None else []
+            options = RunOptions(threshold=threshold, max_frames=max_frames, show=show, save=save,
+                                 save_masks=save_masks, jsonl=jsonl, roi=region, view_width=view_width,
+                                 status_every=status_every, log=log, stop=stop, sinks=sinks, reconnect=reconnect,
+                                 lane_sinks=station.lane_sinks if station is not None else None)
+            if station is not None:
+                station.mqtt = sinks[0] if sinks else None
+                station.start()
+            summaries = run_many(specs, opened, options)
+        finally:
+            station_lines = station.close() if station is not None else []
     for summary in summaries:
         for line in summary.lines():
             click.echo(line, err=to_stderr)
     if len(summaries) > 1:
         click.echo(total_line(summaries), err=to_stderr)
+    for line in station_lines + [f"latency     capture -> mqtt publish: {figures.line()}"
+                                 for sink in sinks if (figures := sink.latency.figures()) is not None]:
+        click.echo(line, err=to_stderr)
     undelivered = report_undelivered(sinks, log)
     errors = [f"{s.source}: {s.error}" if len(summaries) > 1 else s.error for s in summaries if s.error]
     if errors:

@@ -74,6 +74,8 @@ class RunOptions:
     on_frame: Callable[[FrameResult], None] | None = None  # e.g. to drive a reject gate
     stop: StopRequest | None = None  # set (by a signal handler) to end the run between two frames
     sinks: list[Sink] = field(default_factory=list)  # the caller's own (e.g. MQTT), after the others; the run closes them
+    # the caller's own sinks of the i-th source (e.g. the station's), after its others; the run closes them
+    lane_sinks: Callable[[int, Source], list[Sink]] | None = None
 
 
 @dataclass
@@ -274,7 +276,8 @@ def run_many(sources: list[str | SourceSpec | Source], backend: Backend,
         shared = open_sinks(RunOptions(jsonl=options.jsonl, sinks=options.sinks, log=options.log), opened[0],
                             f"protoad-run: {info.category}", pixel_threshold)
         for i, lane in enumerate(lanes):
-            lane_options = dataclasses.replace(options, jsonl=None, sinks=[], save=per_source(options.save, i, count),
+            lane_options = dataclasses.replace(options, jsonl=None, save=per_source(options.save, i, count),
+                                               sinks=options.lane_sinks(i, lane.source) if options.lane_sinks else [],
                                                save_masks=per_source(options.save_masks, i, count))
             title = f"protoad-run: {info.category}" + (f" ({lane.source.name})" if count > 1 else "")
             lane.sinks = open_sinks(lane_options, lane.source, title, pixel_threshold)

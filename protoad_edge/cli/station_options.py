@@ -1,0 +1,80 @@
+"""``protoad-run``'s flags for the line station (--db, --station and their settings), and the station they open."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence, TypeVar
+
+import click
+
+from ..errors import ProtoADError
+from ..runtime.backend import Backend
+from ..runtime.loop import thresholds_in_force
+from ..runtime.station.recorder import KEEP_IMAGES, KEEP_MB, NORMAL_EVERY, Retention
+from ..runtime.station.server import parse_bind
+from ..runtime.station.station import ModelFacts, Station, StationConfig
+
+F = TypeVar("F", bound=Callable[..., Any])
+TOKEN_ENV = "PROTOAD_STATION_TOKEN"
+DEFAULT_DB = Path("protoad-station.db")
+
+OPTIONS = [
+    click.option("--db", type=click.Path(path_type=Path, dir_okay=False), default=None, metavar="FILE",
+                 help="Record every judgement in the SQLite database FILE (created if missing; README: 'The station "
+                      "database'), with the frame, mask and overlay of anomalous frames and of a sample of normal "
+                      "ones in FILE.images/. Default with --station: ./protoad-station.db."),
+    click.option("--db-keep", type=click.IntRange(min=0), default=KEEP_IMAGES, show_default=True, metavar="N",
+                 help="Keep the pictures of at most N frames; beyond it (or --db-keep-mb) the oldest are removed "
+                      "(their records stay)."),
+    click.option("--db-keep-mb", type=click.IntRange(min=0), default=KEEP_MB, show_default=True, metavar="MB",
+                 help="Keep at most MB megabytes of pictures."),
+    click.option("--db-normal-every", type=click.IntRange(min=0), default=NORMAL_EVERY, show_default=True,
+                 metavar="N", help="Keep the pictures of every N-th normal frame of each source too (0: none), to "
+                                   "review passed parts."),
+    click.option("--station", "station_bind", default=None, metavar="HOST:PORT",
+                 help="Serve the station page (live view, counters, health, gallery, review) at HOST:PORT for as "
+                      "long as the run lasts. Bound beyond 127.0.0.1 it needs a token: --station-token-file or "
+                      f"${TOKEN_ENV}. Port 0 picks a free one (the log names the URL)."),
+    click.option("--station-token-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+                 metavar="FILE", help=f"The station's token: the first line of FILE (instead of ${TOKEN_ENV})."),
+]
+
+
+def station_options(func: F) -> F:
+    for option in reversed(OPTIONS):
+        func = option(func)
+    return func
+
+
+def read_token(path: Path | None) -> str | None:
+    """The token from ``path`` (its first line) or the environment; None when neither gives one."""
+    if path is None:
+        return os.environ.get(TOKEN_ENV) or None
+    try:
+        token = path.read_text(encoding="utf-8").splitlines()[0].strip() if path.stat().st_size else ""
+    except OSError as exc:
+        raise ProtoADError(f"--station-token-file {path}: {exc.strerror or exc}") from None
+    if not token:
+        raise ProtoADError(f"--station-token-file {path}: the first line is empty")
+    return token
+
+
+def station_config(db: Path | None, db_keep: int, db_keep_mb: int, db_normal_every: int, station_bind: str | None,
+                   station_token_file: Path | None) -> StationConfig | None:
+    """The flags as a StationConfig (checked before a model is loaded), or None without --db and --station."""
+    if db is None and station_bind is None:
+        return None
+    bind = parse_bind(station_bind) if station_bind is not None else None
+    retention = Retention(db_keep, db_keep_mb * 1024 * 1024, db_normal_every)
+    token = read_token(station_token_file) if bind is not None else None
+    return StationConfig(db if db is not None else DEFAULT_DB, bind, token, retention)
+
+
+def open_station(config: StationConfig, backend: Backend, sources: Sequence[str], threshold: float | None,
+                 log: Callable[[str], None]) -> Station:
+    info, facts = backend.info, backend.describe()
+    if config.db == DEFAULT_DB:
+        log(f"station: recording into {DEFAULT_DB} in the current folder (--db FILE to choose)")
+    model = ModelFacts(facts.model, info.category, facts.line())
+    return Station(config, model, sources, thresholds_in_force(info, threshold)[1], log)
