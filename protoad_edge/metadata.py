@@ -50,6 +50,11 @@ class ModelInfo:
     roi: list[int] | None = None
     fit: str = "crop"
     blur_sigma: float = 4.0
+    # What the build's normal images were like, for the run's health checks (``runtime.health``): "images" (how
+    # many), "region" ({"min", "max"}: [w, h] of the judged region in their pixels), "brightness", "contrast",
+    # "sharpness" ([min, max], ``imagestats``), "scores" ({"images", "count", "p05", "p50", "p95"} of the held-out
+    # normal images). None: a bundle built before protoad-edge recorded it (those checks say "unknown").
+    built_on: dict[str, Any] | None = None
     # The projection before the prototype stage (``protoad-export --project-dims``), or None (the paper's
     # network): {"dims", "centred", "fitted_on", "variance_kept"}; its arrays are NAME.projection.npz.
     projection: dict[str, Any] | None = None

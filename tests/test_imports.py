@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "protoad_edge"
 # reads datasets with the build's readers and runs any backend); the CLIs.
 LAYERS = (
     ("shared", ("protoad_edge", "errors", "atomic", "progress", "constants", "preprocess", "metadata", "bundle",
-                "decision", "metrics", "gpu", "redact")),
+                "decision", "metrics", "gpu", "redact", "imagestats")),
     ("runtime", ("runtime", "backends")),
     ("export", ("export",)),
     ("build", ("build",)),

@@ -24,7 +24,7 @@ from ..runtime.loop import STATUS_EVERY_S, RunOptions, RunSummary, StopRequest, 
 from ..runtime.mqtt import EXIT_UNDELIVERED, PASSWORD_ENV, BrokerAccess, MqttSink, parse_mqtt_url
 from ..runtime.spool import default_folder
 from ..runtime.triton import parse_server_url
-from .station_options import open_station, station_config, station_options
+from .station_options import LineServices, station_config, station_options
 from .common import EXIT_INTERRUPTED, EXIT_TERMINATED, cpu_threads, threads_option, user_errors
 
 
@@ -209,6 +209,7 @@ def main(sources: tuple[str, ...], model: Path | None, backend: str, threads: in
         raise click.UsageError("Missing argument 'SOURCE...'.")
     specs = [parse_source(source) for source in sources]  # a mistyped source fails before a model is loaded
     region = parse_roi(roi) if roi else None
+    health_window = station_flags.pop("health_window")
     station_setup = station_config(**station_flags)
     reconnect = Reconnect(give_up_after=reconnect_timeout)
     if server is not None:
@@ -233,20 +234,18 @@ def main(sources: tuple[str, ...], model: Path | None, backend: str, threads: in
             log(f"threshold {info.image_threshold:.6g} (the model's; rule: {info.threshold_rule or 'not recorded'})")
         else:
             log(f"threshold {threshold:.6g} (--threshold; the model's is {info.image_threshold:.6g})")
-        station = (open_station(station_setup, opened, [spec.name for spec in specs], threshold, log)
-                   if station_setup is not None else None)  # before the broker's sink: a busy port fails first
+        # before the broker's sink: a busy port fails first
+        services = LineServices(station_setup, health_window, opened, [spec.name for spec in specs], threshold, log)
         try:
             sinks = [mqtt_sink(mqtt)] if mqtt is not None else []
             options = RunOptions(threshold=threshold, max_frames=max_frames, show=show, save=save,
                                  save_masks=save_masks, jsonl=jsonl, roi=region, view_width=view_width,
                                  status_every=status_every, log=log, stop=stop, sinks=sinks, reconnect=reconnect,
-                                 lane_sinks=station.lane_sinks if station is not None else None)
-            if station is not None:
-                station.mqtt = sinks[0] if sinks else None
-                station.start()
+                                 lane_sinks=services.lane_sinks)
+            services.start(sinks[0] if sinks else None, mqtt, access)
             summaries = run_many(specs, opened, options)
         finally:
-            station_lines = station.close() if station is not None else []
+            station_lines = services.close()
     for summary in summaries:
         for line in summary.lines():
             click.echo(line, err=to_stderr)

@@ -1,4 +1,5 @@
-"""``protoad-run``'s flags for the line station (--db, --station and their settings), and the station they open."""
+"""``protoad-run``'s flags for the line station (--db, --station and their settings) and its health checks
+(--health-window), and what they add to a run (``LineServices``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ import click
 
 from ..errors import ProtoADError
 from ..runtime.backend import Backend
+from ..runtime.health import WINDOW, Health
 from ..runtime.loop import thresholds_in_force
+from ..runtime.sinks import Sink
+from ..runtime.sources import Source
 from ..runtime.station.recorder import KEEP_IMAGES, KEEP_MB, NORMAL_EVERY, Retention
 from ..runtime.station.server import parse_bind
 from ..runtime.station.station import ModelFacts, Station, StationConfig
@@ -38,6 +42,10 @@ OPTIONS = [
                       f"${TOKEN_ENV}. Port 0 picks a free one (the log names the URL)."),
     click.option("--station-token-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
                  metavar="FILE", help=f"The station's token: the first line of FILE (instead of ${TOKEN_ENV})."),
+    click.option("--health-window", type=click.IntRange(min=1), default=WINDOW, show_default=True, metavar="N",
+                 help="A health problem (the judged area's size, exposure, focus, black or frozen frames, scores "
+                      "drifting from the normal images') is reported once more than half of the last N frames of a "
+                      "source show it, and cleared when no more than half do (README: 'Health')."),
 ]
 
 
@@ -71,10 +79,42 @@ def station_config(db: Path | None, db_keep: int, db_keep_mb: int, db_normal_eve
     return StationConfig(db if db is not None else DEFAULT_DB, bind, token, retention)
 
 
-def open_station(config: StationConfig, backend: Backend, sources: Sequence[str], threshold: float | None,
-                 log: Callable[[str], None]) -> Station:
-    info, facts = backend.info, backend.describe()
-    if config.db == DEFAULT_DB:
-        log(f"station: recording into {DEFAULT_DB} in the current folder (--db FILE to choose)")
-    model = ModelFacts(facts.model, info.category, facts.line())
-    return Station(config, model, sources, thresholds_in_force(info, threshold)[1], log)
+class LineServices:
+    """What the station's and health's flags add to a run: a health monitor per source (always), the station
+    (with --db or --station), and the health's MQTT status message (with --mqtt)."""
+
+    def __init__(self, config: StationConfig | None, health_window: int, backend: Backend, sources: Sequence[str],
+                 threshold: float | None, log: Callable[[str], None]) -> None:
+        self.health = Health(sources, backend.info.built_on, health_window, log)
+        self.station: Station | None = None
+        self.publisher: Any = None
+        if config is not None:
+            info, facts = backend.info, backend.describe()
+            if config.db == DEFAULT_DB:
+                log(f"station: recording into {DEFAULT_DB} in the current folder (--db FILE to choose)")
+            model = ModelFacts(facts.model, info.category, facts.line())
+            self.station = Station(config, model, sources, thresholds_in_force(info, threshold)[1], log)
+            for lane, monitor in zip(self.station.lanes, self.health.monitors):
+                lane.health = monitor
+
+    def lane_sinks(self, index: int, source: Source) -> list[Sink]:
+        """``RunOptions.lane_sinks``: the health first (its findings go into the records), then the station's."""
+        return self.health.lane_sinks(index) + (self.station.lane_sinks(index, source) if self.station else [])
+
+    def start(self, mqtt: Any, mqtt_url: str | None, access: Any) -> None:
+        """With the run's MQTT sink (or None): the page starts, the health's first state is published."""
+        if mqtt_url is not None:
+            from ..runtime.health_mqtt import HealthPublisher
+
+            self.publisher = HealthPublisher(mqtt_url, access)
+            self.health.announce = self.publisher.publish
+            self.publisher.publish(self.health.report())
+        if self.station is not None:
+            self.station.mqtt = mqtt
+            self.station.start()
+
+    def close(self) -> list[str]:
+        """Ends the page and the health's messages; the summary's lines."""
+        if self.publisher is not None:
+            self.publisher.close(self.health.report(running=False))
+        return self.station.close() if self.station is not None else []

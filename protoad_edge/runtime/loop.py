@@ -195,15 +195,18 @@ class Judge:
 
 def status_line(lanes: list[Lane]) -> str:
     """The periodic sign of life of a headless run (stderr, so stdout keeps only data)."""
-    def one(summary: RunSummary, capture: Capture) -> str:
+    def one(lane: Lane) -> str:
+        summary, capture = lane.summary, lane.capture
+        notes = "".join(f", {note}" for sink in lane.sinks if (note := sink.status()))
         return (f"{summary.frames:,} frames in {summary.seconds:,.0f} s ({summary.fps:.1f} FPS), "
-                f"{summary.anomalies:,} anomalies, {capture.dropped:,} dropped, {capture.reconnects:,} reconnects")
+                f"{summary.anomalies:,} anomalies, {capture.dropped:,} dropped, {capture.reconnects:,} reconnects"
+                + notes)
 
     if len(lanes) == 1:
-        return "status: " + one(lanes[0].summary, lanes[0].capture)
+        return "status: " + one(lanes[0])
     total = sum(lane.summary.frames for lane in lanes)
     seconds = max(lane.summary.seconds for lane in lanes)
-    parts = [f"{lane.summary.source}: " + one(lane.summary, lane.capture) for lane in lanes]
+    parts = [f"{lane.summary.source}: " + one(lane) for lane in lanes]
     return f"status: {total:,} frames ({total / seconds if seconds else 0.0:.1f} FPS in all); " + "; ".join(parts)
 
 
