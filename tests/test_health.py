@@ -170,3 +170,14 @@ def test_messages_name_what_was_seen() -> None:
     state = monitor.state()
     assert state["state"] == "attention" and [p["code"] for p in state["problems"]] == ["over-exposed", "scores-high",
                                                                                           "size"]
+
+
+def test_schema_3_metadata_reads_with_nothing_recorded_of_its_normal_images() -> None:
+    from protoad_edge.metadata import SCHEMA, ModelInfo, migrate
+
+    info = ModelInfo(category="cable", resize=256, crop=224, backbone="b", weights="none", feature_upsample="bilinear",
+                     num_prototypes=10, image_threshold=0.3, pixel_threshold=0.2, built_on={"images": 5})
+    old = {k: v for k, v in info.to_dict().items() if k != "built_on"} | {"schema": 3}
+    assert SCHEMA == 4 and migrate(old)["schema"] == 4
+    assert ModelInfo.from_dict(old).built_on is None
+    assert ModelInfo.from_dict(info.to_dict()).built_on == {"images": 5}
