@@ -91,14 +91,20 @@ class RunProcess:
             [sys.executable, "-c", "from protoad_edge.cli.run import main; main()", *args], cwd=folder,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, preexec_fn=preexec)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
         self.stdout = ""
+        self._readers = [threading.Thread(target=self._read, daemon=True),
+                         threading.Thread(target=self._read_stdout, daemon=True)]
+        for reader in self._readers:
+            reader.start()
 
     def _read(self) -> None:
         assert self.process.stderr is not None
         for line in self.process.stderr:
             self.lines.append(line.rstrip("\n"))
+
+    def _read_stdout(self) -> None:
+        assert self.process.stdout is not None
+        self.stdout = self.process.stdout.read()
 
     @property
     def log(self) -> str:
@@ -111,14 +117,15 @@ class RunProcess:
         return str(wait_until(found, timeout, "the station's URL in the log"))
 
     def wait(self, timeout: float = 120) -> int:
-        assert self.process.stdout is not None
+        """The exit status, once the process ended (its stdout in ``stdout``, its stderr all in ``lines``)."""
         try:
-            self.stdout, _ = self.process.communicate(timeout=timeout)
+            code = self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.process.kill()
             raise
-        self._reader.join(timeout=5)
-        return self.process.returncode
+        for reader in self._readers:
+            reader.join(timeout=5)
+        return code
 
     def kill(self) -> None:
         if self.process.poll() is None:

@@ -4,7 +4,7 @@
 
 const TOKEN = new URLSearchParams(location.search).get("token");
 const STATUS_EVERY_MS = 1000;
-const GALLERY_EVERY_MS = 1000; // a judgement appears within this plus the database's half-second batch
+const GALLERY_EVERY_MS = 500; // a judgement appears within this plus the database's half-second batch
 const GALLERY_KEEP = 60;
 const LABELS = {
   "false-alarm": "False alarm",
