@@ -95,8 +95,9 @@ class LineServices:
             info, facts = backend.info, backend.describe()
             if config.db == DEFAULT_DB:
                 log(f"station: recording into {DEFAULT_DB} in the current folder (--db FILE to choose)")
-            model = ModelFacts(facts.model, info.category, facts.line())
-            self.station = Station(config, model, sources, thresholds_in_force(info, threshold)[1], log)
+            image_threshold, pixel_threshold = thresholds_in_force(info, threshold)
+            model = ModelFacts(facts.model, info.category, facts.line(), image_threshold, threshold is not None)
+            self.station = Station(config, model, sources, pixel_threshold, log)
             for lane, monitor in zip(self.station.lanes, self.health.monitors):
                 lane.health = monitor
 

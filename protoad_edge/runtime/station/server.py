@@ -50,6 +50,8 @@ class App(Protocol):
 
     def actions(self) -> dict[str, Any]: ...
 
+    def review(self) -> dict[str, Any]: ...
+
     def post(self, action: str, body: dict[str, Any], address: str) -> dict[str, Any]: ...
 
 
@@ -231,6 +233,9 @@ class Handler(BaseHTTPRequestHandler):
     def actions(self, match: re.Match[str], query: dict[str, str]) -> None:
         self._send_json(self.server.app.actions())
 
+    def review(self, match: re.Match[str], query: dict[str, str]) -> None:
+        self._send_json(self.server.app.review())
+
     def frame(self, match: re.Match[str], query: dict[str, str]) -> None:
         found = self.server.app.frame(int(match["id"]))
         if found is None:
@@ -261,6 +266,7 @@ GET_ROUTES: list[tuple[re.Pattern[str], Route]] = [
     (re.compile(r"/api/live/(?P<lane>\d+)\.jpg"), Handler.live),
     (re.compile(r"/api/gallery"), Handler.gallery),
     (re.compile(r"/api/actions"), Handler.actions),
+    (re.compile(r"/api/review"), Handler.review),
     (re.compile(r"/api/frames/(?P<id>\d+)"), Handler.frame),
     (re.compile(r"/api/frames/(?P<id>\d+)/(?P<kind>frame|mask|overlay)"), Handler.picture),
 ]

@@ -14,7 +14,7 @@ from ...errors import ProtoADError
 from ..latency import Latencies
 from ..sinks import Sink
 from ..sources import Source
-from . import database
+from . import database, review
 from .images import FILES
 from .lane import StationLane
 from .recorder import Recorder, Retention
@@ -40,8 +40,9 @@ class ModelFacts:
     name: str
     category: str
     backend: str
+    threshold: float  # the image threshold the run starts with
+    override: bool = False  # --threshold: the run ignores the bundle's threshold
     version: str | None = None
-    rule: str = ""
 
 
 class Station:
@@ -168,6 +169,30 @@ class Station:
         except FileNotFoundError:  # removed by the retention since the row was read
             return None
 
+    def threshold_in_force(self) -> float:
+        """The image threshold of the newest judged frame (a new bundle version may have changed it)."""
+        newest = max((lane for lane in self.lanes if lane.last_result is not None), key=lambda lane: lane.last,
+                     default=None)
+        return newest.last_result.context.threshold if newest is not None else self.model.threshold  # type: ignore
+
+    @property
+    def export_folder(self) -> Path:
+        assert self.config.db is not None
+        return self.config.db.with_name(self.config.db.name + ".review")
+
+    def review(self) -> dict[str, Any]:
+        """The reviewed frames' counts and the trade of candidate thresholds on them."""
+        db = self._db()
+        try:
+            reviewed = database.labelled(db)
+        finally:
+            db.close()
+        kinds = [review.KIND[r["label"]] for r in reviewed]
+        return {"threshold": self.threshold_in_force(), "normal": kinds.count("normal"),
+                "defect": kinds.count("defect"), "trade": [t.to_dict() for t in review.trade(reviewed,
+                                                                                           self.threshold_in_force())],
+                "export_folder": str(self.export_folder)}
+
     def actions(self) -> dict[str, Any]:
         """Who did what, newest first."""
         db = self._db()
@@ -184,7 +209,25 @@ class Station:
             raise ProtoADError("enter your name (at most 64 characters) before acting: every action is logged")
         if action == "label":
             return self._label(body, operator, address)
+        if action == "export":
+            return self._export(operator, address)
         raise ProtoADError(f"no such action: {action}")
+
+    def _export(self, operator: str, address: str) -> dict[str, Any]:
+        """The reviewed frames into FILE.review/normal and /defect, the folders protoad-eval and protoad-teach take."""
+        db = self._db()
+        try:
+            reviewed = database.labelled(db)
+            assert self.recorder is not None
+            done = review.export(reviewed, self.recorder.image_folder, self.export_folder)
+            database.log_action(db, operator, address, "export", done)
+        finally:
+            db.close()
+        missing = f" ({done['without_picture']} marked frames have no picture left)" if done["without_picture"] else ""
+        message = (f"exported {done['normal']} normal frames to {done['normal_folder']} and {done['defect']} defects "
+                   f"to {done['defect_folder']}{missing}")
+        self.log(f"station: {operator} ({address}) {message}")
+        return {**done, "message": message}
 
     def _label(self, body: dict[str, Any], operator: str, address: str) -> dict[str, Any]:
         frame_id, label = body.get("frame"), body.get("label")

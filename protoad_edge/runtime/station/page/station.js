@@ -227,6 +227,7 @@ function showLabel(node, label) {
 async function label_(frameId, label) {
   const answer = await post("label", { frame: frameId, label });
   for (const node of document.querySelectorAll(`.card[data-id="${frameId}"]`)) showLabel(node, answer.frame.label);
+  refreshReview();
 }
 
 async function galleryLoop(verdict, rootId, labels, newestKey) {
@@ -243,6 +244,63 @@ async function galleryLoop(verdict, rootId, labels, newestKey) {
       // shown by the status loop
     }
     await sleep(GALLERY_EVERY_MS);
+  }
+}
+
+// ------------------------------------------------------------------ review: the trade, export, apply, teach
+
+async function refreshReview() {
+  let answer;
+  try {
+    answer = await getJson("/api/review");
+  } catch (error) {
+    return;
+  }
+  document.getElementById("review-counts").textContent =
+    `${answer.normal + answer.defect} frames marked: ${answer.normal} normal (false alarms), ` +
+    `${answer.defect} defects; the threshold in force is ${fmt(answer.threshold)}`;
+  const body = document.querySelector("#trade tbody");
+  body.textContent = "";
+  for (const row of answer.trade) {
+    const line = document.createElement("tr");
+    line.className = row.in_force ? "current" : "";
+    for (const value of [fmt(row.threshold), row.caught, row.misses, row.false_alarms]) {
+      const cell = document.createElement("td");
+      cell.textContent = value;
+      line.appendChild(cell);
+    }
+    const note = document.createElement("td");
+    note.textContent = row.in_force ? "in force" : row.suggested ? "suggested: misses none" : "";
+    line.appendChild(note);
+    const action = document.createElement("td");
+    if (!row.in_force) {
+      const button = document.createElement("button");
+      button.textContent = "Apply";
+      button.dataset.threshold = String(row.threshold);
+      button.addEventListener("click", () => act("apply", { threshold: row.threshold }));
+      action.appendChild(button);
+    }
+    line.appendChild(action);
+    body.appendChild(line);
+  }
+}
+
+async function act(action, body) {
+  const result = document.getElementById("review-result");
+  result.textContent = `${action}: working...`;
+  try {
+    const answer = await post(action, body);
+    result.textContent = answer.message || JSON.stringify(answer);
+  } catch (error) {
+    result.textContent = `${action} failed: ${error.message}`;
+  }
+  refreshReview();
+}
+
+async function reviewLoop() {
+  for (;;) {
+    await refreshReview();
+    await sleep(5000);
   }
 }
 
@@ -272,3 +330,6 @@ statusLoop();
 galleryLoop("anomaly", "gallery", ["false-alarm", "real-defect"], "newestAnomaly");
 galleryLoop("ok", "passed", ["missed-defect"], "newestPassed");
 actionsLoop();
+reviewLoop();
+document.getElementById("export").addEventListener("click", () => act("export", {}));
+document.getElementById("teach").addEventListener("click", () => act("teach", {}));
