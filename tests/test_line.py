@@ -12,14 +12,14 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from protoad_edge.build.demo import SPLITS, demo_image
+from protoad_edge.builder.demo import SPLITS, demo_image
 from protoad_edge.cli.eval import main as eval_main
 from protoad_edge.cli.export import main as export_main
 from protoad_edge.cli.run import main as run_main
 from protoad_edge.metadata import ModelInfo
 from protoad_edge.preprocess import Preprocess, to_batch
-from protoad_edge.runtime.ort_backend import OrtBackend
-from protoad_edge.runtime.overlay import JUDGED_BGR
+from protoad_edge.runtime.backends.ort import OrtBackend
+from protoad_edge.runtime.outputs.overlay import JUDGED_BGR
 
 FRAME = (1920, 1080)
 PART_AT = (1100, 500)  # where the 256 x 256 part sits in every frame of the line camera
