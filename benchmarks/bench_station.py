@@ -46,7 +46,7 @@ LATENCY_LINE = re.compile(r"latency     capture -> (.+?): p50 ([\d.]+) ms, p95 (
 
 def line_frame(index: int) -> np.ndarray:
     """A demo part on a belt, in a 1280x720 frame (RGB)."""
-    from protoad_edge.build.demo import demo_image
+    from protoad_edge.builder.demo import demo_image
 
     rng = np.random.default_rng([5, index])
     frame = np.clip(50 + rng.normal(0, 5, (SIZE[1], SIZE[0], 1)), 0, 255).repeat(3, axis=2).astype(np.uint8)
@@ -128,7 +128,7 @@ def one_run(video: Path, model: Path, threshold: float, station: bool, live_rate
 def threshold_for(video: Path, model: Path) -> float:
     """The 95th percentile of the video's scores: about 5 % of its frames anomalous."""
     from protoad_edge.runtime.loop import RunOptions, run
-    from protoad_edge.runtime.ort_backend import OrtBackend
+    from protoad_edge.runtime.backends.ort import OrtBackend
 
     scores: list[float] = []
     run(str(video), OrtBackend(model, providers=["CPUExecutionProvider"]),

@@ -14,12 +14,12 @@ from click.testing import CliRunner
 from PIL import Image
 
 from conftest import normal_crops
-from protoad_edge.backends import REGISTRY, choose, open_backend
+from protoad_edge.runtime.backends.registry import REGISTRY, choose, open_backend
 from protoad_edge.bundle import Bundle
 from protoad_edge.cli.run import main as run_main
 from protoad_edge.errors import ProtoADError
 from protoad_edge.preprocess import to_batch
-from protoad_edge.runtime.backend import BackendOptions
+from protoad_edge.runtime.backends.base import BackendOptions
 
 needs_openvino = pytest.mark.skipif(importlib.util.find_spec("openvino") is None,
                                     reason="openvino is not installed (pip install 'protoad-edge[openvino]')")
@@ -30,12 +30,12 @@ def test_registry_row() -> None:
     assert entry.files[0] == "onnx" and "int8_onnx" in entry.files
     assert (entry.needs, entry.install) == ("openvino", "pip install 'protoad-edge[openvino]'")
     assert entry.precisions == ("fp32", "bf16", "fp16")
-    assert entry.target == "protoad_edge.runtime.openvino_backend:OpenVinoBackend"
+    assert entry.target == "protoad_edge.runtime.backends.openvino:OpenVinoBackend"
     assert "torch" not in entry.target and not entry.needs_torch
 
 
 def test_devices() -> None:
-    from protoad_edge.runtime.openvino_backend import resolve_device
+    from protoad_edge.runtime.backends.openvino import resolve_device
 
     assert resolve_device(["CPU"], "auto") == "CPU"
     assert resolve_device(["CPU", "GPU.0", "GPU.1"], "auto") == "GPU.0"  # an Intel GPU where one exists

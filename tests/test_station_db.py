@@ -22,7 +22,7 @@ from station_helpers import Camera, RunProcess, read_jsonl, rows, wait_until
 from protoad_edge.cli.run import main as run_main
 from protoad_edge.errors import ProtoADError
 from protoad_edge.runtime.loop import RunOptions, run
-from protoad_edge.runtime.ort_backend import OrtBackend
+from protoad_edge.runtime.backends.ort import OrtBackend
 from protoad_edge.runtime.station import database
 from protoad_edge.runtime.station.images import FILES
 from protoad_edge.runtime.station.recorder import Judgement, Recorder, Retention

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 
 from protoad_edge.preprocess import Preprocess
-from protoad_edge.runtime.overlay import render
+from protoad_edge.runtime.outputs.overlay import render
 from protoad_edge.runtime.result import FrameResult, RunContext
 from protoad_edge.runtime.station import live
 from protoad_edge.runtime.station.live import LiveView

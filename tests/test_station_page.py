@@ -20,7 +20,7 @@ from selenium.webdriver.common.by import By
 from station_helpers import Camera, RunProcess, browser, rows, wait_until  # noqa: F401
 from test_station_db import part, write_video
 from protoad_edge.preprocess import to_batch
-from protoad_edge.runtime.ort_backend import OrtBackend
+from protoad_edge.runtime.backends.ort import OrtBackend
 
 pytestmark = pytest.mark.slow
 

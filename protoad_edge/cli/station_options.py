@@ -10,11 +10,11 @@ from typing import Any, Callable, Sequence, TypeVar
 import click
 
 from ..errors import ProtoADError
-from ..runtime.backend import Backend
+from ..runtime.backends.base import Backend
 from ..runtime.health import WINDOW, Health
 from ..runtime.loop import thresholds_in_force
-from ..runtime.sinks import Sink
-from ..runtime.sources import Source
+from ..runtime.outputs.sinks import Sink
+from ..runtime.sources.source import Source
 from ..runtime.station.recorder import KEEP_IMAGES, KEEP_MB, NORMAL_EVERY, Retention
 from ..runtime.station.server import is_loopback, parse_bind
 from ..runtime.station.station import ModelFacts, Station, StationConfig
@@ -108,7 +108,7 @@ class LineServices:
     def start(self, mqtt: Any, mqtt_url: str | None, access: Any) -> None:
         """With the run's MQTT sink (or None): the page starts, the health's first state is published."""
         if mqtt_url is not None:
-            from ..runtime.health_mqtt import HealthPublisher
+            from ..runtime.outputs.health_mqtt import HealthPublisher
 
             self.publisher = HealthPublisher(mqtt_url, access)
             self.health.announce = self.publisher.publish

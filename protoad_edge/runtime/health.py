@@ -3,7 +3,7 @@
 A model judges frames like the normal images it was built on; a frame unlike them gets a verdict that means
 nothing, and nothing in the verdict says so. A lamp that changed can flag every part, a camera that moved closer
 can make every frame score lower, so that the line passes every defect in silence. So each frame is compared with
-what the bundle records of its normal images (``ModelInfo.built_on``, ``build.reference``):
+what the bundle records of its normal images (``ModelInfo.built_on``, ``builder.reference``):
 
 ==============  =================================================================================================
 finding         rule (one frame; ``BUILT_ON`` checks are "unknown" for a bundle that does not record them)
@@ -49,7 +49,7 @@ import numpy as np
 
 from ..imagestats import image_stats
 from .result import FrameResult
-from .sinks import Sink
+from .outputs.sinks import Sink
 
 WINDOW = 30
 SIZE = 0.10

@@ -11,7 +11,7 @@ import numpy as np
 from ..latency import Latencies
 from ..loop import FPS_SMOOTHING
 from ..result import FrameResult
-from ..sinks import Sink
+from ..outputs.sinks import Sink
 from .live import LiveView
 
 

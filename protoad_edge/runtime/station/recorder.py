@@ -24,7 +24,7 @@ import numpy as np
 
 from ..latency import Latencies
 from ..result import FrameResult
-from ..sinks import Sink
+from ..outputs.sinks import Sink
 from . import database
 from .images import ImageStore
 

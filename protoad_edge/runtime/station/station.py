@@ -12,8 +12,8 @@ from typing import Any, Callable, Sequence
 
 from ...errors import ProtoADError
 from ..latency import Latencies
-from ..sinks import Sink
-from ..sources import Source
+from ..outputs.sinks import Sink
+from ..sources.source import Source
 from . import database, review
 from .images import FILES
 from .lane import StationLane

@@ -12,7 +12,7 @@ import numpy as np
 
 from ...decision import capped_pixel_threshold
 from ...preprocess import Geometry
-from ..overlay import render, view_size
+from ..outputs.overlay import render, view_size
 from ..result import FrameResult
 
 

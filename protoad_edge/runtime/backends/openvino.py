@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from ..bundle import Bundle, kind_of
-from ..errors import ProtoADError
-from ..metadata import MAP_NAME, SCORE_NAME, ModelInfo
-from .backend import Backend, BackendFacts, BackendOptions, check_batch
+from ...bundle import Bundle, kind_of
+from ...errors import ProtoADError
+from ...metadata import MAP_NAME, SCORE_NAME, ModelInfo
+from .base import Backend, BackendFacts, BackendOptions, check_batch
 
 # BackendOptions.precision -> OpenVINO's inference precision hint; None means fp32.
 PRECISIONS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}

@@ -37,10 +37,10 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from ..errors import ProtoADError
-from ..redact import redact
-from .latency import Latencies
-from .result import FrameResult
+from ...errors import ProtoADError
+from ...redact import redact
+from ..latency import Latencies
+from ..result import FrameResult
 from .sinks import Sink
 from .spool import Spool
 
