@@ -73,3 +73,17 @@ def test_an_export_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
     blocker.write_text("a file where the folder goes")
     with pytest.raises(ProtoADError, match="line.db.review"):
         export([], tmp_path, blocker)
+
+
+def test_the_station_address() -> None:
+    from protoad_edge.runtime.station.server import is_loopback, parse_bind
+
+    assert parse_bind("8080") == ("127.0.0.1", 8080)
+    assert parse_bind("0.0.0.0:0") == ("0.0.0.0", 0)
+    assert parse_bind("[::1]:9000") == ("::1", 9000)
+    assert parse_bind(":8080") == ("127.0.0.1", 8080)
+    for bad in ("host:port", "127.0.0.1:70000", "127.0.0.1:"):
+        with pytest.raises(ProtoADError, match="bad --station"):
+            parse_bind(bad)
+    assert is_loopback("127.0.0.1") and is_loopback("127.8.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("10.0.0.5") and not is_loopback("station.local")
