@@ -12,7 +12,7 @@ from protoad_edge.runtime.outputs.overlay import render
 from protoad_edge.runtime.result import FrameResult, RunContext
 from protoad_edge.runtime.station import live
 from protoad_edge.runtime.station.live import LiveView
-from protoad_edge.runtime.station.view import overlay
+from protoad_edge.runtime.station.view import around, overlay
 
 PRE = Preprocess(resize=256, crop=224, roi=(300, 100, 600, 500))
 
@@ -74,3 +74,19 @@ def test_drawing_stays_within_its_share_of_a_core() -> None:
     # within the budget, give or take the one drawing per window that may start just under it
     assert view.seconds <= live.LIVE_SHARE * elapsed + one * (elapsed / live.BUDGET_WINDOW_S + 1)
     assert seen == sorted(seen)  # never an older picture than one already shown
+
+
+def test_the_gallerys_picture_is_the_judged_area_and_a_margin() -> None:
+    result = judged()
+    x, y, w, h = result.geometry.judged
+    box = around(result.geometry)
+    dx, dy = round(w / 4), round(h / 4)
+    assert box == (x - dx, y - dy, w + 2 * dx, min(720 - (y - dy), h + 2 * dy))  # the frame ends below it
+    part = overlay(result, None, 0.3, box=box)
+    whole = overlay(result, None, 0.3)
+    bx, by, bw, bh = box
+    assert part.shape[:2] == (bh - bh % 2, bw - bw % 2)
+    below_header = slice(80, part.shape[0])  # the header is drawn over the top rows of each picture
+    same = whole[by:by + part.shape[0], bx:bx + part.shape[1]][below_header]
+    differ = np.abs(part[below_header].astype(int) - same.astype(int)).max(axis=2) > 10
+    assert differ.mean() < 0.03  # the same heat and outlines, the lines drawn thinner in a narrower picture

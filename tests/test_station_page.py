@@ -98,9 +98,12 @@ def test_the_page_loads_and_its_live_view_changes(station: dict, browser) -> Non
     assert browser.execute_script("return arguments[0].naturalWidth", live) == 160  # the frame's own width
     wait_until(lambda: live.get_attribute("data-seq") != first, 10, "the live view to change")
     assert "camera" not in browser.find_element(By.CSS_SELECTOR, "#source-0 .source-name").text
-    judged = browser.find_element(By.CSS_SELECTOR, "#source-0 .frames")
+    judged = browser.find_element(By.CSS_SELECTOR, "#source-0 .count-frames")
     count = wait_until(lambda: judged.text.isdigit() and int(judged.text), 10, "the judged counter")
     wait_until(lambda: int(judged.text) > count, 10, "the judged counter to grow")
+    shown = browser.execute_script("return ['frames', 'ok', 'anomalies'].map(c => document.querySelector("
+                                   "'#source-0 .count-' + c).textContent)")
+    assert int(shown[1]) + int(shown[2].split()[0]) == int(shown[0])  # passed + rejected = judged
     assert "model" in browser.find_element(By.ID, "model").text and "tiny" in browser.find_element(By.ID, "model").text
     health = browser.find_element(By.CSS_SELECTOR, "#source-0 .health").text
     assert "health: ok" in health and "not checked" in health  # the tiny bundle records nothing of its images

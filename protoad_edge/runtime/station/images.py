@@ -3,8 +3,8 @@
 For an anomalous frame (and a sample of normal ones) the folder ``FILE.images/NAME/`` holds ``frame.png`` (the
 frame as captured, lossless, so ``protoad-eval`` and ``protoad-teach`` score exactly what the line judged),
 ``mask.png`` (255 = defect pixel, frame pixels, as ``--save-masks`` writes it) and ``overlay.jpg`` (what
-``--show`` draws, at most ``OVERLAY_WIDTH`` wide, for the page). A folder appears whole or not at all (written
-under a temporary name, then renamed).
+``--show`` draws, of the judged area and a margin, at most ``OVERLAY_WIDTH`` wide, for the gallery). A folder
+appears whole or not at all (written under a temporary name, then renamed).
 
 Retention: at most ``keep_count`` folders and ``keep_bytes`` bytes; beyond either the oldest folders are
 removed first (the database's rows stay, without pictures). Folders no row names (left by a crash between the
@@ -23,9 +23,9 @@ import cv2
 
 from ...decision import capped_pixel_threshold, defect_mask
 from ..result import FrameResult
-from .view import jpeg, overlay
+from .view import around, jpeg, overlay
 
-OVERLAY_WIDTH = 960
+OVERLAY_WIDTH = 640
 FILES = {"frame": "frame.png", "mask": "mask.png", "overlay": "overlay.jpg"}
 PNG_LEVEL = 1  # zlib level: the frame is mostly written for a few anomalies a minute, but fast beats small
 
@@ -59,7 +59,7 @@ class ImageStore:
                 "frame": _encode(".png", cv2.cvtColor(result.frame, cv2.COLOR_RGB2BGR),
                                  [cv2.IMWRITE_PNG_COMPRESSION, PNG_LEVEL]),
                 "mask": _encode(".png", result.geometry.to_frame(mask)),
-                "overlay": jpeg(overlay(result, OVERLAY_WIDTH, pixel_threshold)),
+                "overlay": jpeg(overlay(result, OVERLAY_WIDTH, pixel_threshold, box=around(result.geometry))),
             }
             for kind, data in pictures.items():
                 (tmp / FILES[kind]).write_bytes(data)

@@ -161,16 +161,16 @@ function showStatus(status) {
       (d.problem ? ` (${d.problem})` : ""));
   }
   const latency = status.latency && status.latency.station;
-  if (latency) links.push(`capture to here p50 ${fmt(latency.p50_ms, 3)} ms, p99 ${fmt(latency.p99_ms, 3)} ms`);
+  if (latency) links.push(`capture to here p50 ${Math.round(latency.p50_ms)} ms, p99 ${Math.round(latency.p99_ms)} ms`);
   document.getElementById("links").textContent = links.join(" | ");
   for (const source of status.sources) {
     const node = document.getElementById(`source-${source.index}`);
-    node.querySelector(".frames").textContent = source.frames;
-    node.querySelector(".ok").textContent = source.ok;
-    node.querySelector(".anomalies").textContent =
+    node.querySelector(".count-frames").textContent = source.frames;
+    node.querySelector(".count-ok").textContent = source.ok;
+    node.querySelector(".count-anomalies").textContent =
       `${source.anomalies}` + (source.frames ? ` (${(100 * source.anomalies / source.frames).toFixed(1)} %)` : "");
-    node.querySelector(".fps").textContent = source.ended ? "ended" : `${source.fps.toFixed(1)} FPS`;
-    node.querySelector(".threshold").textContent =
+    node.querySelector(".count-fps").textContent = source.ended ? "ended" : `${source.fps.toFixed(1)} FPS`;
+    node.querySelector(".count-threshold").textContent =
       source.threshold === null ? "-" : `${fmt(source.threshold)} (${source.threshold_rule})`;
     showHealth(node.querySelector(".health"), source.health);
   }
