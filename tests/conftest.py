@@ -15,6 +15,19 @@ TINY_RESIZE = 72
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
+# The fast tier (``pytest -m "not slow"``) leaves out end-to-end runs and every test that starts a real server:
+# these modules start one in every test; these fixtures start a server, or run a whole build, for the tests that
+# use them.
+SLOW_MODULES = {"test_serve.py", "test_outage.py", "test_soak.py"}
+SLOW_FIXTURES = {"broker", "secure", "late_broker", "serve", "demo_export", "projected_build"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in SLOW_MODULES or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def feature_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Builds in tests cache their features in a temporary folder, not in the user's ~/.cache."""

@@ -133,6 +133,7 @@ def test_the_three_clis_take_the_same_backend_names() -> None:
         assert "NAME.onnx" in (model.help or "") or "bundle" in (model.help or "")
 
 
+@pytest.mark.slow
 def test_run_eval_and_bench_accept_any_file_of_a_bundle(tiny_model: Path, tmp_path: Path) -> None:
     """``protoad-run --model x.json`` once failed with a protobuf parse error: every file names the bundle."""
     from PIL import Image

@@ -77,6 +77,7 @@ def tiny_features():
     return shape, extract, expected
 
 
+@pytest.mark.slow
 def test_second_call_is_a_cache_hit_with_identical_data(tmp_path: Path, tiny_features) -> None:
     shape, extract, expected = tiny_features
     calls, lines = [], []

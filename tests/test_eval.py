@@ -166,6 +166,7 @@ def test_eval_metrics_json_and_pictures(tiny_model: Path, data_root: Path, tmp_p
             assert im.width >= 600 and im.height >= 400
 
 
+@pytest.mark.slow
 def test_compare_torch_and_ort(tiny_model: Path, data_root: Path, tmp_path: Path) -> None:
     report = tmp_path / "compare.json"
     result = run("--model", tiny_model, "--category", CATEGORY, "--any-category", "--data-root", data_root,
@@ -182,6 +183,7 @@ def test_compare_torch_and_ort(tiny_model: Path, data_root: Path, tmp_path: Path
     assert "max|map-torch|" in result.stdout
 
 
+@pytest.mark.slow
 def test_compare_reference_is_the_bundles_pytorch_network(tiny_model: Path, data_root: Path) -> None:
     """The reference of a comparison is the PyTorch network rebuilt here from the bundle's files by hand."""
     torch = pytest.importorskip("torch")
@@ -208,6 +210,7 @@ def test_compare_reference_is_the_bundles_pytorch_network(tiny_model: Path, data
     assert comparison.test.labels.tolist() == labels.tolist()
 
 
+@pytest.mark.slow
 def test_compare_two_bundles_side_by_side(tiny_model: Path, data_root: Path, tmp_path: Path) -> None:
     """ort@FILE: another network (here other prototypes; in use the projected one) on the same images, each
     bundle's figures its own evaluation's."""

@@ -39,6 +39,7 @@ def demo_export(demo_root: Path, tmp_path_factory: pytest.TempPathFactory, torch
     return out, result.output
 
 
+@pytest.mark.slow
 def test_writes_the_three_files_and_nothing_else(demo_export: tuple[Path, str]) -> None:
     out, _ = demo_export
     assert sorted(p.name for p in out.iterdir()) == ["demo.json", "demo.onnx", "demo.prototypes.npy"]
@@ -166,6 +167,7 @@ def test_bad_input_gives_one_clear_line(case: str, expected: str, tmp_path: Path
     assert not out.exists() or not any(out.iterdir())
 
 
+@pytest.mark.slow
 def test_late_failure_writes_nothing(tmp_path: Path, demo_root: Path, monkeypatch: pytest.MonkeyPatch,
                                      torch_threads: None) -> None:
     """A build that fails at its last check (ONNX parity) leaves no model file, not even a temporary one."""
@@ -180,6 +182,7 @@ def test_late_failure_writes_nothing(tmp_path: Path, demo_root: Path, monkeypatc
     assert list(out.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_build_over_its_memory_budget_spills_says_so_and_writes_the_same_model(
         demo_export: tuple[Path, str], demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         torch_threads: None) -> None:
@@ -258,6 +261,7 @@ def test_a_rebuild_without_held_out_images_disowns_an_old_plan(tmp_path: Path, d
         bundle.check(bundle.plan)
 
 
+@pytest.mark.slow
 def test_a_second_export_reuses_the_feature_cache(tmp_path: Path, demo_root: Path, torch_threads: None) -> None:
     data = tmp_path / "data"
     _tiny_mvtec(data, demo_root)
@@ -274,6 +278,7 @@ def test_a_second_export_reuses_the_feature_cache(tmp_path: Path, demo_root: Pat
     assert np.array_equal(a, b)  # the same features give the same prototypes
 
 
+@pytest.mark.slow
 def test_a_build_can_write_its_triton_repository(tmp_path: Path, demo_root: Path, torch_threads: None) -> None:
     from protoad_edge.metadata import ModelInfo
     from protoad_edge.runtime.serving.triton import info_from_config
@@ -293,6 +298,7 @@ def test_a_build_can_write_its_triton_repository(tmp_path: Path, demo_root: Path
     assert (tmp_path / "repo/part/1/model.onnx").read_bytes() == (tmp_path / "models/part.onnx").read_bytes()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("exact", [False, True])
 def test_exact_neighbours_flag_reaches_the_search(exact: bool, tmp_path: Path, demo_root: Path,
                                                   monkeypatch: pytest.MonkeyPatch, torch_threads: None) -> None:

@@ -486,6 +486,7 @@ def test_the_search_sums_its_projection_before_finch_sums_the_level_and_keeps_no
     assert budget.held == 0
 
 
+@pytest.mark.slow
 def test_finch_levels_reuse_the_first_projection(monkeypatch: pytest.MonkeyPatch) -> None:
     """Approximate levels after the first take their projection from the level before: one basis."""
     bases = []

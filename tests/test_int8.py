@@ -36,6 +36,7 @@ def test_only_backbone_convs_are_candidates(float_model: "onnx.ModelProto") -> N
     assert int8.prototype_matmuls(float_model) == ["/prototypes/MatMul"]  # after the L2 norm: never a candidate
 
 
+@pytest.mark.slow
 def test_trial_models_quantize_exactly_the_layers_kept(tiny_model: Path, float_model: "onnx.ModelProto",
                                                        tmp_path: Path) -> None:
     convs = int8.backbone_convs(float_model)
@@ -183,6 +184,7 @@ def bundle_and_data(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) 
     return folder / tiny_model.name, write_dataset(tmp_path_factory.mktemp("int8_data"), "tiny")
 
 
+@pytest.mark.slow
 def test_export_writes_the_int8_model_and_records_the_loss(bundle_and_data: tuple[Path, Path]) -> None:
     model, data = bundle_and_data
     done = int8_export.export_int8(model, "tiny", data, accept=True, threads=2, log=lambda _: None)

@@ -228,6 +228,7 @@ def test_unbounded_spills_nothing(tmp_path: Path) -> None:
     # 3 MB: the lists alone (6 MB) are more than the budget: the projection spills whole, the lists split
     (3_000_000, ("the search's candidate indices", "FINCH level 0 cluster sums"), ("the search's projection",), ()),
 ])
+@pytest.mark.slow
 def test_finch_within_a_small_budget_spills_and_gives_the_same_partitions(tmp_path: Path, limit: int,
                                                                           split: tuple[str, ...],
                                                                           whole: tuple[str, ...],

@@ -63,6 +63,7 @@ def _prototypes_from(features: PatchFeatures, crops: np.ndarray, k: int, seed: i
     return p / np.linalg.norm(p, axis=1, keepdims=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("upsample", ["bilinear", "nearest"])
 @pytest.mark.parametrize("crop", [224, 96])
 def test_network_matches_authors_pipeline(upsample: str, crop: int, torch_threads: None) -> None:

@@ -98,6 +98,7 @@ def test_impossible_dims_name_the_flag(dims: int, expected: str) -> None:
     assert expected in str(err.value)
 
 
+@pytest.mark.slow
 def test_dims_are_at_most_the_prototypes() -> None:
     check_dims(48, prototypes=48)
     with pytest.raises(ProtoADError, match=r"bad --project-dims 49: more than the 48 prototypes .*--max-prototypes"):
@@ -150,6 +151,7 @@ def numpy_patch_scores(raw: np.ndarray, prototypes: np.ndarray, fit: FittedProje
     return 1.0 - (y @ q.T).max(axis=-1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("centred", [True, False])
 def test_projected_network_is_the_numpy_computation(parts: tuple, centred: bool) -> None:
     features, prototypes, _, batch = parts
@@ -199,6 +201,7 @@ def projected_onnx(parts: tuple, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return export_onnx(projected_net(parts), info, tmp_path_factory.mktemp("proj") / "proj.onnx")
 
 
+@pytest.mark.slow
 def test_exported_projected_network_equals_pytorch(parts: tuple, projected_onnx: Path) -> None:
     assert onnx_parity(projected_onnx, projected_net(parts), parts[3]) <= 1e-4
 
@@ -278,6 +281,7 @@ def training_vectors(data_root: Path, info: ModelInfo) -> np.ndarray:
     return out
 
 
+@pytest.mark.slow
 def test_build_writes_the_projection_and_records_it(projected_build: tuple[Path, str], data_root: Path) -> None:
     out, _ = projected_build
     bundle = Bundle(out / "part")
@@ -379,6 +383,7 @@ def test_paper_figures_are_the_unprojected_network(projected_build: tuple[Path, 
     assert abs(projected_row["pixel_auroc"] - auroc(masks, maps)) > 1e-2
 
 
+@pytest.mark.slow
 def test_uncentred_build_and_a_rebuild_without_projection(data_root: Path, tmp_path: Path, torch_threads: None) -> None:
     args = ["--category", "part", "--data-root", str(data_root), "--out", str(tmp_path), *SMALL, "--val-split", "0"]
     code, output = export([*args, "--project-dims", "8", "--projection", "uncentred"])
@@ -408,6 +413,7 @@ def test_bad_projection_options_give_one_clear_line(extra: list[str], expected: 
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+@pytest.mark.slow
 def test_more_dims_than_prototypes_is_refused_after_clustering(data_root: Path, tmp_path: Path,
                                                                torch_threads: None) -> None:
     code, output = export(["--category", "part", "--data-root", str(data_root), "--out", str(tmp_path),

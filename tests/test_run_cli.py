@@ -298,6 +298,7 @@ def test_a_signal_mid_run_finalises_every_output(signum: int, code: int, ending:
 # --- several cameras in one run ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_videos_in_one_run_equal_two_single_runs(tiny_model: Path, demo_video: Path, tmp_path: Path) -> None:
     other = tmp_path / "other.avi"
     writer = cv2.VideoWriter(str(other), cv2.VideoWriter_fourcc(*"MJPG"), 10, (80, 112))

@@ -71,6 +71,7 @@ def test_batch_limit_keeps_every_tensor_under_2_31_elements() -> None:
         batch_limit(10_000, 2048 * 4)
 
 
+@pytest.mark.slow
 def test_feature_size_is_the_networks() -> None:
     torch = pytest.importorskip("torch")
     from protoad_edge.builder.features import PatchFeatures, build_backbone

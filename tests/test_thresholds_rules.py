@@ -299,6 +299,7 @@ def run_scores(model: Path, folder: Path) -> tuple[Result, np.ndarray, np.ndarra
             np.array([r["verdict"] == "anomaly" for r in records]))
 
 
+@pytest.mark.slow
 def test_set_threshold_f1_is_what_protoad_run_applies(bundle: Path, data_root: Path, flat_images: Path,
                                                       tmp_path: Path) -> None:
     """The acceptance check: eval prints a threshold and its counts, writes it, and the run agrees exactly."""
