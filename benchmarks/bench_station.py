@@ -39,8 +39,10 @@ sys.path[:0] = [str(ROOT / "tests")]
 from bench_common import command_line, machine_text, update_results  # noqa: E402
 
 SIZE = (1280, 720)
-LATENCY_LINE = re.compile(r"latency     capture -> (.+?): p50 ([\d.]+) ms, p95 ([\d.]+) ms, p99 ([\d.]+) ms, "
-                          r"jitter ([\d.]+) ms \(([\d,]+) frames\)")
+LATENCY_LINE = re.compile(
+    r"latency     capture -> (.+?): p50 ([\d.]+) ms, p95 ([\d.]+) ms, p99 ([\d.]+) ms, "
+    r"jitter ([\d.]+) ms \(([\d,]+) frames\)"
+)
 
 
 def line_frame(index: int) -> np.ndarray:
@@ -63,8 +65,13 @@ def write_video(path: Path, count: int) -> Path:
 
 
 def protoad_run(args: list[str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", "from protoad_edge.cli.run import main; main()", *args],
-                            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", "from protoad_edge.cli.run import main; main()", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 class Page(threading.Thread):
@@ -95,11 +102,21 @@ class Page(threading.Thread):
             self.stop.wait(max(0.0, min(due.values()) - time.monotonic()))
 
 
-def one_run(video: Path, model: Path, threshold: float, station: bool, live_rate: float,
-            folder: Path) -> tuple[float, float]:
+def one_run(
+    video: Path, model: Path, threshold: float, station: bool, live_rate: float, folder: Path
+) -> tuple[float, float]:
     """(frames/s from the run's summary, live pictures/s the page got)."""
-    args = [str(video), "--model", str(model), "--threshold", str(threshold), "--status-every", "0",
-            "--jsonl", "run.jsonl"]
+    args = [
+        str(video),
+        "--model",
+        str(model),
+        "--threshold",
+        str(threshold),
+        "--status-every",
+        "0",
+        "--jsonl",
+        "run.jsonl",
+    ]
     if station:
         for old in folder.glob("station.db*"):
             subprocess.run(["rm", "-rf", str(old)], check=True)
@@ -137,12 +154,15 @@ def judging_rate(jsonl: Path) -> tuple[float, float]:
 
 def threshold_for(video: Path, model: Path) -> float:
     """The 95th percentile of the video's scores: about 5 % of its frames anomalous."""
-    from protoad_edge.runtime.loop import RunOptions, run
     from protoad_edge.runtime.backends.ort import OrtBackend
+    from protoad_edge.runtime.loop import RunOptions, run
 
     scores: list[float] = []
-    run(str(video), OrtBackend(model, providers=["CPUExecutionProvider"]),
-        RunOptions(threshold=1e9, status_every=0, log=lambda m: None, on_frame=lambda r: scores.append(r.score)))
+    run(
+        str(video),
+        OrtBackend(model, providers=["CPUExecutionProvider"]),
+        RunOptions(threshold=1e9, status_every=0, log=lambda m: None, on_frame=lambda r: scores.append(r.score)),
+    )
     return float(np.percentile(scores, 95))
 
 
@@ -152,21 +172,24 @@ def speed(model: Path, frames: int, rounds: int, live_rate: float, folder: Path)
     fps: dict[str, list[float]] = {"plain": [], "station": []}
     pictures: list[float] = []
     for r in range(rounds):
-        for name in (["plain", "station"] if r % 2 == 0 else ["station", "plain"]):
+        for name in ["plain", "station"] if r % 2 == 0 else ["station", "plain"]:
             got, shown = one_run(video, model, threshold, name == "station", live_rate, folder)
             fps[name].append(got)
             if name == "station":
                 pictures.append(shown)
-            print(f"round {r + 1}: {name} {got:.3f} FPS" + (f", {shown:.2f} live pictures/s" if shown else ""),
-                  flush=True)
-    return {"fps": fps, "medians": {k: statistics.median(v) for k, v in fps.items()},
-            "pictures": statistics.median(pictures)}
+            print(
+                f"round {r + 1}: {name} {got:.3f} FPS" + (f", {shown:.2f} live pictures/s" if shown else ""), flush=True
+            )
+    return {
+        "fps": fps,
+        "medians": {k: statistics.median(v) for k, v in fps.items()},
+        "pictures": statistics.median(pictures),
+    }
 
 
 def latency(model: Path, seconds: float, camera_fps: float, folder: Path) -> dict:
-    from paho.mqtt.client import CallbackAPIVersion, Client
-
     from mqtt_helpers import TOPIC, Broker
+    from paho.mqtt.client import CallbackAPIVersion, Client
     from station_helpers import Camera
 
     pictures = [line_frame(i) for i in range(40)]
@@ -182,8 +205,22 @@ def latency(model: Path, seconds: float, camera_fps: float, folder: Path) -> dic
     subscriber.connect("127.0.0.1", broker.port)
     subscriber.loop_start()
     time.sleep(1.0)
-    process = protoad_run([camera.url, "--model", str(model), "--mqtt", broker.url(), "--db", "latency.db",
-                           "--station", "127.0.0.1:0", "--status-every", "0"], folder)
+    process = protoad_run(
+        [
+            camera.url,
+            "--model",
+            str(model),
+            "--mqtt",
+            broker.url(),
+            "--db",
+            "latency.db",
+            "--station",
+            "127.0.0.1:0",
+            "--status-every",
+            "0",
+        ],
+        folder,
+    )
     try:
         time.sleep(seconds)
         process.terminate()
@@ -193,8 +230,10 @@ def latency(model: Path, seconds: float, camera_fps: float, folder: Path) -> dic
         subscriber.loop_stop()
         broker.stop()
         camera.close()
-    legs = {m.group(1): [float(m.group(i)) for i in range(2, 6)] + [int(m.group(6).replace(",", ""))]
-            for m in LATENCY_LINE.finditer(out)}
+    legs = {
+        m.group(1): [float(m.group(i)) for i in range(2, 6)] + [int(m.group(6).replace(",", ""))]
+        for m in LATENCY_LINE.finditer(out)
+    }
     ms = np.asarray(received) * 1000.0
     p50, p95, p99 = np.percentile(ms, [50, 95, 99])
     legs["mqtt subscriber (received)"] = [p50, p95, p99, p99 - p50, len(ms)]
@@ -207,8 +246,12 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--frames", type=int, default=150, help="frames of the speed video")
     parser.add_argument("--k", type=int, default=1000)
     parser.add_argument("--live-rate", type=float, default=5.0, help="live pictures per second the page asks for")
-    parser.add_argument("--camera-fps", type=float, default=0.0,
-                        help="frames/s of the latency run's camera (default: 0.6 x the station run's frames/s)")
+    parser.add_argument(
+        "--camera-fps",
+        type=float,
+        default=0.0,
+        help="frames/s of the latency run's camera (default: 0.6 x the station run's frames/s)",
+    )
     parser.add_argument("--seconds", type=float, default=60.0, help="how long the latency run judges the camera")
     parser.add_argument("--write", action="store_true", help="put the figures in benchmarks/RESULTS.md")
     args = parser.parse_args(argv[1:])
@@ -243,8 +286,7 @@ def main(argv: list[str]) -> None:
         f"| station + page | {', '.join(f'{v:.3f}' for v in fast['fps']['station'])} | {station:.3f} | "
         f"{station / plain:.3f}x |",
         "",
-        f"The station costs {cost:.1f} % of the frames/s (goal: at most 5 %): "
-        + ("pass." if cost <= 5.0 else "FAIL."),
+        f"The station costs {cost:.1f} % of the frames/s (goal: at most 5 %): " + ("pass." if cost <= 5.0 else "FAIL."),
         "",
         f"The page asked for {args.live_rate:g} live pictures/s and got {fast['pictures']:.2f} new ones/s (median): "
         "the live view draws within its CPU budget (runtime/station/live.py), so a slow machine lowers the page's "
@@ -257,8 +299,10 @@ def main(argv: list[str]) -> None:
         "",
         "| capture -> | p50 ms | p95 ms | p99 ms | jitter (p99 - p50) ms | frames |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
-        *[f"| {leg} | {v[0]:.1f} | {v[1]:.1f} | {v[2]:.1f} | {v[3]:.1f} | {int(v[4]):,} |"
-          for leg, v in slow["legs"].items()],
+        *[
+            f"| {leg} | {v[0]:.1f} | {v[1]:.1f} | {v[2]:.1f} | {v[3]:.1f} | {int(v[4]):,} |"
+            for leg, v in slow["legs"].items()
+        ],
         "",
         f"Measured {time.strftime('%Y-%m-%d')}.",
     ]

@@ -11,8 +11,9 @@ square network input of the judged area.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import cv2
 import numpy as np
@@ -42,5 +43,7 @@ def ranges(images: Iterable[np.ndarray]) -> dict[str, Any]:
     measured = [image_stats(image) for image in images]
     if not measured:
         return {}
-    return {name: [round(min(getattr(m, name) for m in measured), 6), round(max(getattr(m, name) for m in measured), 6)]
-            for name in STATS}
+    return {
+        name: [round(min(getattr(m, name) for m in measured), 6), round(max(getattr(m, name) for m in measured), 6)]
+        for name in STATS
+    }

@@ -55,8 +55,11 @@ class Camera:
                         started = time.monotonic()
                         bgr = cv2.cvtColor(camera.draw(index), cv2.COLOR_RGB2BGR)
                         jpg = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
-                        self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n"
-                                         % len(jpg) + jpg + b"\r\n")
+                        self.wfile.write(
+                            b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(jpg)
+                            + jpg
+                            + b"\r\n"
+                        )
                         camera.frames_served += 1
                         index += 1
                         time.sleep(max(0.0, 1.0 / camera.fps - (time.monotonic() - started)))
@@ -84,16 +87,28 @@ class Camera:
 class RunProcess:
     """``protoad-run ARGS`` as a process (stderr kept in ``log``); ``url`` is its station's, once it serves."""
 
-    def __init__(self, args: list[str], folder: Path, env: dict[str, str] | None = None,
-                 preexec: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        folder: Path,
+        env: dict[str, str] | None = None,
+        preexec: Callable[[], None] | None = None,
+    ) -> None:
         self.lines: list[str] = []
         self.process = subprocess.Popen(
-            [sys.executable, "-c", "from protoad_edge.cli.run import main; main()", *args], cwd=folder,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, preexec_fn=preexec)
+            [sys.executable, "-c", "from protoad_edge.cli.run import main; main()", *args],
+            cwd=folder,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+            preexec_fn=preexec,
+        )
         self.stdout = ""
-        self._readers = [threading.Thread(target=self._read, daemon=True),
-                         threading.Thread(target=self._read_stdout, daemon=True)]
+        self._readers = [
+            threading.Thread(target=self._read, daemon=True),
+            threading.Thread(target=self._read_stdout, daemon=True),
+        ]
         for reader in self._readers:
             reader.start()
 
@@ -114,6 +129,7 @@ class RunProcess:
         def found() -> str | None:
             assert self.process.poll() is None or any("station:" in line for line in self.lines), self.log
             return next((m.group(1) for line in self.lines if (m := re.search(r"station: (http://\S+)", line))), None)
+
         return str(wait_until(found, timeout, "the station's URL in the log"))
 
     def wait(self, timeout: float = 120) -> int:

@@ -30,22 +30,41 @@ def texture(brightness: float = 120.0, contrast: float = 40.0, blur: float = 0, 
     return np.repeat(grey[..., None], 3, axis=2).astype(np.uint8)
 
 
-def result(crop: np.ndarray, score: float = 0.3, frame_size: tuple[int, int] = (CROP, CROP),
-           index: int = 0) -> FrameResult:
+def result(
+    crop: np.ndarray, score: float = 0.3, frame_size: tuple[int, int] = (CROP, CROP), index: int = 0
+) -> FrameResult:
     geometry = PRE.geometry(*frame_size)
-    return FrameResult(index, time.time(), "cam", score, False, 1.0, np.zeros((frame_size[1], frame_size[0], 3),
-                       np.uint8), crop, np.zeros((CROP, CROP), np.float32), geometry,
-                       RunContext("m", "c", 1.0, "manual"))
+    return FrameResult(
+        index,
+        time.time(),
+        "cam",
+        score,
+        False,
+        1.0,
+        np.zeros((frame_size[1], frame_size[0], 3), np.uint8),
+        crop,
+        np.zeros((CROP, CROP), np.float32),
+        geometry,
+        RunContext("m", "c", 1.0, "manual"),
+    )
 
 
-def reference(crop: np.ndarray, scores: tuple[float, float, float] = (0.2, 0.3, 0.4), count: int = 40,
-              region: tuple[int, int] = (CROP, CROP)) -> dict:
+def reference(
+    crop: np.ndarray,
+    scores: tuple[float, float, float] = (0.2, 0.3, 0.4),
+    count: int = 40,
+    region: tuple[int, int] = (CROP, CROP),
+) -> dict:
     """A ``built_on`` whose ranges are exactly ``crop``'s statistics."""
     stats = image_stats(crop)
-    return {"images": 50, "region": {"min": list(region), "max": list(region)},
-            "brightness": [stats.brightness, stats.brightness], "contrast": [stats.contrast, stats.contrast],
-            "sharpness": [stats.sharpness, stats.sharpness],
-            "scores": {"images": "held-out", "count": count, "p05": scores[0], "p50": scores[1], "p95": scores[2]}}
+    return {
+        "images": 50,
+        "region": {"min": list(region), "max": list(region)},
+        "brightness": [stats.brightness, stats.brightness],
+        "contrast": [stats.contrast, stats.contrast],
+        "sharpness": [stats.sharpness, stats.sharpness],
+        "scores": {"images": "held-out", "count": count, "p05": scores[0], "p50": scores[1], "p95": scores[2]},
+    }
 
 
 def findings(monitor: HealthMonitor, crop: np.ndarray, **kwargs: object) -> set[str]:
@@ -109,8 +128,14 @@ def test_frozen_frames_are_named() -> None:
 def test_size_bound() -> None:
     crop = texture()
     monitor = HealthMonitor("cam", reference(crop, region=(200, 100)))
-    for size, flagged in [((200, 100), False), ((219, 109), False), ((181, 91), False), ((221, 100), True),
-                          ((200, 89), True), ((400, 200), True)]:
+    for size, flagged in [
+        ((200, 100), False),
+        ((219, 109), False),
+        ((181, 91), False),
+        ((221, 100), True),
+        ((200, 89), True),
+        ((400, 200), True),
+    ]:
         assert ("size" in findings(monitor, crop, frame_size=size)) == flagged, size
 
 
@@ -132,8 +157,10 @@ def test_an_old_bundle_checks_what_needs_no_record_and_says_what_it_cannot() -> 
     assert "older protoad-export" in unknown["size"]
     logs: list[str] = []
     Health(["cam"], None, 30, logs.append)
-    assert logs == ["health: size, exposure, focus, drift not checked: the bundle does not record its normal "
-                    "images (built by an older protoad-export)"]
+    assert logs == [
+        "health: size, exposure, focus, drift not checked: the bundle does not record its normal "
+        "images (built by an older protoad-export)"
+    ]
 
 
 def test_a_problem_is_in_force_while_more_than_half_of_the_window_has_it() -> None:
@@ -165,18 +192,33 @@ def test_messages_name_what_was_seen() -> None:
     messages = {p.code: p.message for p in monitor.problems.values()}
     assert set(messages) == {"over-exposed", "size", "scores-high"}
     assert "the judged area is 400x200 px, the bundle was built on 200x100 px" in messages["size"]
-    assert "the median score of the last 1 frames is 0.9, 0.2 to 0.4 for 90 % of the held-out" in messages["scores-high"]
+    assert (
+        "the median score of the last 1 frames is 0.9, 0.2 to 0.4 for 90 % of the held-out" in messages["scores-high"]
+    )
     assert monitor.status() == "health: over-exposed, scores-high, size"
     state = monitor.state()
-    assert state["state"] == "attention" and [p["code"] for p in state["problems"]] == ["over-exposed", "scores-high",
-                                                                                          "size"]
+    assert state["state"] == "attention" and [p["code"] for p in state["problems"]] == [
+        "over-exposed",
+        "scores-high",
+        "size",
+    ]
 
 
 def test_schema_3_metadata_reads_with_nothing_recorded_of_its_normal_images() -> None:
     from protoad_edge.metadata import SCHEMA, ModelInfo, migrate
 
-    info = ModelInfo(category="cable", resize=256, crop=224, backbone="b", weights="none", feature_upsample="bilinear",
-                     num_prototypes=10, image_threshold=0.3, pixel_threshold=0.2, built_on={"images": 5})
+    info = ModelInfo(
+        category="cable",
+        resize=256,
+        crop=224,
+        backbone="b",
+        weights="none",
+        feature_upsample="bilinear",
+        num_prototypes=10,
+        image_threshold=0.3,
+        pixel_threshold=0.2,
+        built_on={"images": 5},
+    )
     old = {k: v for k, v in info.to_dict().items() if k != "built_on"} | {"schema": 3}
     assert SCHEMA == 4 and migrate(old)["schema"] == 4
     assert ModelInfo.from_dict(old).built_on is None

@@ -12,10 +12,10 @@ import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from PIL import Image
-
 from conftest import normal_crops
 from mqtt_helpers import TOPIC, Broker, broker, needs_broker, wait_until  # noqa: F401
+from PIL import Image
+
 from protoad_edge.cli.export import main as export_main
 from protoad_edge.cli.run import main as run_main
 from protoad_edge.metadata import ModelInfo
@@ -34,7 +34,7 @@ def belt_part(seed: int, zoom: float = 1.0, light: float = 1.0) -> np.ndarray:
     if zoom != 1.0:
         w, h = round(SIZE[0] / zoom), round(SIZE[1] / zoom)
         x, y = (SIZE[0] - w) // 2, (SIZE[1] - h) // 2
-        frame = cv2.resize(frame[y:y + h, x:x + w], SIZE, interpolation=cv2.INTER_LINEAR)
+        frame = cv2.resize(frame[y : y + h, x : x + w], SIZE, interpolation=cv2.INTER_LINEAR)
     return np.clip(frame * light, 0, 255).astype(np.uint8)
 
 
@@ -58,17 +58,47 @@ def belt_model(tmp_path_factory: pytest.TempPathFactory, torch_threads: None) ->
         for i in range(count):
             Image.fromarray(belt_part(1000 * (split == "test/good") + i)).save(folder / f"{i:03d}.png")
     out = tmp_path_factory.mktemp("belt_model")
-    result = CliRunner().invoke(export_main, ["--category", "belt", "--data-root", str(root), "--out", str(out),
-                                              "--weights", "none", "--resize", "72", "--crop", "64", "--no-cache",
-                                              "--val-split", "0.34"])
+    result = CliRunner().invoke(
+        export_main,
+        [
+            "--category",
+            "belt",
+            "--data-root",
+            str(root),
+            "--out",
+            str(out),
+            "--weights",
+            "none",
+            "--resize",
+            "72",
+            "--crop",
+            "64",
+            "--no-cache",
+            "--val-split",
+            "0.34",
+        ],
+    )
     assert result.exit_code == 0, result.output
     return out / "belt.onnx"
 
 
 def judge(video: Path, model: Path, tmp_path: Path, *extra: str) -> tuple[list[dict], str]:
     jsonl = tmp_path / f"{video.stem}.jsonl"
-    result = CliRunner().invoke(run_main, [str(video), "--model", str(model), "--jsonl", str(jsonl),
-                                           "--health-window", str(WINDOW), "--status-every", "0", *extra])
+    result = CliRunner().invoke(
+        run_main,
+        [
+            str(video),
+            "--model",
+            str(model),
+            "--jsonl",
+            str(jsonl),
+            "--health-window",
+            str(WINDOW),
+            "--status-every",
+            "0",
+            *extra,
+        ],
+    )
     assert result.exit_code == 0, result.output
     return [json.loads(line) for line in jsonl.read_text().splitlines()], result.output
 
@@ -89,21 +119,19 @@ def test_the_bundle_records_its_normal_images(belt_model: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_lamp_change_is_named_within_the_window_and_cleared_when_restored(belt_model: Path,
-                                                                            tmp_path: Path) -> None:
+def test_a_lamp_change_is_named_within_the_window_and_cleared_when_restored(belt_model: Path, tmp_path: Path) -> None:
     frames = [belt_part(100 + i, light=1.5 if SEGMENT <= i < 2 * SEGMENT else 1.0) for i in range(3 * SEGMENT)]
     records, output = judge(lossless_video(tmp_path / "lamp.avi", frames), belt_model, tmp_path)
     # the 6th brighter frame makes it a problem (6 of 10); the 5th restored frame leaves 5 of 10: no longer one
     assert in_force(records, "over-exposed") == list(range(SEGMENT + WINDOW // 2, 2 * SEGMENT + WINDOW // 2 - 1))
     assert all(r["health"]["problems"] == [] for r in records[:SEGMENT])
     assert records[-1]["health"]["problems"] == []
-    assert all(r["health"]["frame"] == ["over-exposed"] for r in records[SEGMENT:2 * SEGMENT])
+    assert all(r["health"]["frame"] == ["over-exposed"] for r in records[SEGMENT : 2 * SEGMENT])
     assert "health: " in output and "ATTENTION: over-exposed: brightness" in output and "ok again" in output
 
 
 @pytest.mark.slow
-def test_a_scale_change_is_named_within_the_window_and_cleared_when_restored(belt_model: Path,
-                                                                             tmp_path: Path) -> None:
+def test_a_scale_change_is_named_within_the_window_and_cleared_when_restored(belt_model: Path, tmp_path: Path) -> None:
     frames = [belt_part(200 + i, zoom=1.8 if SEGMENT <= i < 2 * SEGMENT else 1.0) for i in range(3 * SEGMENT)]
     records, _ = judge(lossless_video(tmp_path / "zoom.avi", frames), belt_model, tmp_path)
     troubled = [r["frame"] for r in records if r["health"]["problems"]]

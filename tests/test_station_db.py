@@ -16,13 +16,13 @@ import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
 from conftest import normal_crops
 from station_helpers import Camera, RunProcess, read_jsonl, rows, wait_until
+
 from protoad_edge.cli.run import main as run_main
 from protoad_edge.errors import ProtoADError
-from protoad_edge.runtime.loop import RunOptions, run
 from protoad_edge.runtime.backends.ort import OrtBackend
+from protoad_edge.runtime.loop import RunOptions, run
 from protoad_edge.runtime.station import database
 from protoad_edge.runtime.station.images import FILES
 from protoad_edge.runtime.station.recorder import Judgement, Recorder, Retention
@@ -62,25 +62,52 @@ def video(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def threshold(video: Path, backend: OrtBackend) -> float:
     """A threshold that flags some frames of the video and passes others (the median score)."""
     scores: list[float] = []
-    run(str(video), backend, RunOptions(threshold=1.0, status_every=0, log=lambda m: None,
-                                        on_frame=lambda r: scores.append(r.score)))
+    run(
+        str(video),
+        backend,
+        RunOptions(threshold=1.0, status_every=0, log=lambda m: None, on_frame=lambda r: scores.append(r.score)),
+    )
     return float(np.median(scores))
 
 
-def test_the_database_holds_exactly_the_frames_judged(video: Path, tiny_model: Path, threshold: float,
-                                                      tmp_path: Path) -> None:
+def test_the_database_holds_exactly_the_frames_judged(
+    video: Path, tiny_model: Path, threshold: float, tmp_path: Path
+) -> None:
     db, jsonl = tmp_path / "line.db", tmp_path / "line.jsonl"
-    result = CliRunner().invoke(run_main, [str(video), "--model", str(tiny_model), "--threshold", str(threshold),
-                                           "--db", str(db), "--jsonl", str(jsonl), "--db-normal-every", "5"])
+    result = CliRunner().invoke(
+        run_main,
+        [
+            str(video),
+            "--model",
+            str(tiny_model),
+            "--threshold",
+            str(threshold),
+            "--db",
+            str(db),
+            "--jsonl",
+            str(jsonl),
+            "--db-normal-every",
+            "5",
+        ],
+    )
     assert result.exit_code == 0, result.output
     records, stored = read_jsonl(jsonl), rows(db)
     assert len(stored) == len(records) == FRAMES
     assert 0 < sum(r["verdict"] == "anomaly" for r in records) < FRAMES
     for record, row in zip(records, stored):  # same order, same judgement
         assert (row["frame"], row["source"], row["verdict"], row["score"], row["threshold"]) == (
-            record["frame"], record["source"], record["verdict"], record["score"], record["threshold"])
+            record["frame"],
+            record["source"],
+            record["verdict"],
+            record["score"],
+            record["threshold"],
+        )
         assert (row["timestamp"], row["threshold_rule"], row["model"], row["category"]) == (
-            record["timestamp"], record["threshold_rule"], record["model"], record["category"])
+            record["timestamp"],
+            record["threshold_rule"],
+            record["model"],
+            record["category"],
+        )
         assert np.isclose(row["latency_ms"], record["latency_ms"]) and row["lane"] == str(video)
         assert json_of(row["regions"]) == record["regions"] and json_of(row["roi"]) == record["roi"]
     # pictures: every anomalous frame, and every 5th normal one of the source
@@ -114,8 +141,7 @@ def test_sigkill_leaves_every_committed_row(tiny_model: Path, tmp_path: Path) ->
     integrity check, and holds every row that a reader saw committed before the kill, whole and in order."""
     camera = Camera(lambda i: part(i, i % 4 == 0), fps=30)
     db = tmp_path / "killed.db"
-    process = RunProcess([camera.url, "--model", str(tiny_model), "--db", str(db), "--db-normal-every", "2"],
-                         tmp_path)
+    process = RunProcess([camera.url, "--model", str(tiny_model), "--db", str(db), "--db-normal-every", "2"], tmp_path)
     try:
         wait_until(lambda: db.exists() and _count(db) >= 20, 60, "20 committed rows")
         seen = _count(db)
@@ -148,15 +174,25 @@ def _count(db: Path) -> int:
 
 
 def judgement(index: int, anomalous: bool = False, with_result: object = None) -> Judgement:
-    record = {"frame": index, "timestamp": time.time(), "source": "cam", "score": 0.5, "verdict":
-              "anomaly" if anomalous else "ok", "threshold": 0.4, "threshold_rule": "manual", "model": "m",
-              "category": "c", "latency_ms": 1.0, "roi": [0, 0, 10, 10], "regions": []}
+    record = {
+        "frame": index,
+        "timestamp": time.time(),
+        "source": "cam",
+        "score": 0.5,
+        "verdict": "anomaly" if anomalous else "ok",
+        "threshold": 0.4,
+        "threshold_rule": "manual",
+        "model": "m",
+        "category": "c",
+        "latency_ms": 1.0,
+        "roi": [0, 0, 10, 10],
+        "regions": [],
+    }
     return Judgement(0, record, with_result)  # type: ignore[arg-type]
 
 
 def test_rows_are_committed_per_batch_of_rows_or_of_time(tmp_path: Path) -> None:
-    recorder = Recorder(tmp_path / "b.db", "m", "c", ["cam"], 0.0, log=lambda m: None, batch_rows=3,
-                        batch_seconds=30)
+    recorder = Recorder(tmp_path / "b.db", "m", "c", ["cam"], 0.0, log=lambda m: None, batch_rows=3, batch_seconds=30)
     try:
         for i in range(3):
             recorder.put(judgement(i))
@@ -167,8 +203,7 @@ def test_rows_are_committed_per_batch_of_rows_or_of_time(tmp_path: Path) -> None
     finally:
         recorder.close()
     assert _count(tmp_path / "b.db") == 4  # closing stores what waits
-    timed = Recorder(tmp_path / "t.db", "m", "c", ["cam"], 0.0, log=lambda m: None, batch_rows=100,
-                     batch_seconds=0.3)
+    timed = Recorder(tmp_path / "t.db", "m", "c", ["cam"], 0.0, log=lambda m: None, batch_rows=100, batch_seconds=0.3)
     try:
         timed.put(judgement(0))
         wait_until(lambda: _count(tmp_path / "t.db") == 1, 5, "the batch's time to commit one row")
@@ -199,13 +234,25 @@ def test_a_stalled_disk_never_blocks_the_judging_thread(tmp_path: Path) -> None:
     assert f"{recorder.not_recorded:,} not recorded" in summary
 
 
-def test_retention_removes_the_oldest_pictures_first_and_keeps_every_row(video: Path, backend: OrtBackend,
-                                                                          tmp_path: Path) -> None:
+def test_retention_removes_the_oldest_pictures_first_and_keeps_every_row(
+    video: Path, backend: OrtBackend, tmp_path: Path
+) -> None:
     path = tmp_path / "r.db"
-    recorder = Recorder(path, "m", "c", [str(video)], 0.0, Retention(keep_count=3, keep_bytes=10**9, normal_every=1),
-                        log=lambda m: None, image_backlog=FRAMES)
-    run(str(video), backend, RunOptions(threshold=1.0, status_every=0, log=lambda m: None,
-                                        lane_sinks=lambda i, s: [recorder.sink(i)]))
+    recorder = Recorder(
+        path,
+        "m",
+        "c",
+        [str(video)],
+        0.0,
+        Retention(keep_count=3, keep_bytes=10**9, normal_every=1),
+        log=lambda m: None,
+        image_backlog=FRAMES,
+    )
+    run(
+        str(video),
+        backend,
+        RunOptions(threshold=1.0, status_every=0, log=lambda m: None, lane_sinks=lambda i, s: [recorder.sink(i)]),
+    )
     recorder.close()
     stored = rows(path)
     assert len(stored) == FRAMES
@@ -214,11 +261,21 @@ def test_retention_removes_the_oldest_pictures_first_and_keeps_every_row(video: 
     # by size: the newest that fit in the bytes allowed
     one = sum(f.stat().st_size for f in (tmp_path / "r.db.images" / stored[-1]["images"]).iterdir())
     sized = tmp_path / "z.db"
-    recorder = Recorder(sized, "m", "c", [str(video)], 0.0,
-                        Retention(keep_count=100, keep_bytes=int(2.5 * one), normal_every=1), log=lambda m: None,
-                        image_backlog=FRAMES)
-    run(str(video), backend, RunOptions(threshold=1.0, status_every=0, log=lambda m: None,
-                                        lane_sinks=lambda i, s: [recorder.sink(i)]))
+    recorder = Recorder(
+        sized,
+        "m",
+        "c",
+        [str(video)],
+        0.0,
+        Retention(keep_count=100, keep_bytes=int(2.5 * one), normal_every=1),
+        log=lambda m: None,
+        image_backlog=FRAMES,
+    )
+    run(
+        str(video),
+        backend,
+        RunOptions(threshold=1.0, status_every=0, log=lambda m: None, lane_sinks=lambda i, s: [recorder.sink(i)]),
+    )
     recorder.close()
     kept = [row["frame"] for row in rows(sized) if row["images"]]
     assert kept == [FRAMES - 2, FRAMES - 1] and len(rows(sized)) == FRAMES
@@ -238,8 +295,23 @@ def test_pictures_that_cannot_be_written_are_one_line_and_judging_goes_on(tiny_m
     def small_files() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    process = RunProcess([str(noisy), "--model", str(tiny_model), "--db", "full.db", "--db-normal-every", "1",
-                          "--threshold", "1.0", "--status-every", "0"], tmp_path, preexec=small_files)
+    process = RunProcess(
+        [
+            str(noisy),
+            "--model",
+            str(tiny_model),
+            "--db",
+            "full.db",
+            "--db-normal-every",
+            "1",
+            "--threshold",
+            "1.0",
+            "--status-every",
+            "0",
+        ],
+        tmp_path,
+        preexec=small_files,
+    )
     assert process.wait(120) == 0, process.log
     log = process.log + "\n" + process.stdout
     assert f"frames      {FRAMES}, anomalies 0" in log
@@ -271,13 +343,14 @@ def test_a_full_database_is_one_line_until_it_has_room_again(tmp_path: Path) -> 
     assert len(rows(tmp_path / "f.db")) == recorder.recorded
 
 
-def test_a_read_only_database_is_one_line_and_judging_goes_on(tiny_model: Path, video: Path,
-                                                              tmp_path: Path) -> None:
+def test_a_read_only_database_is_one_line_and_judging_goes_on(tiny_model: Path, video: Path, tmp_path: Path) -> None:
     path = tmp_path / "ro.db"
     database.connect(path, create=True).close()
     with read_only(path):
-        result = CliRunner().invoke(run_main, [str(video), "--model", str(tiny_model), "--db", str(path),
-                                               "--threshold", "1.0", "--status-every", "0"])
+        result = CliRunner().invoke(
+            run_main,
+            [str(video), "--model", str(tiny_model), "--db", str(path), "--threshold", "1.0", "--status-every", "0"],
+        )
     assert result.exit_code == 0, result.output
     lines = [line for line in result.output.splitlines() if "readonly database" in line]
     assert len(lines) == 1 and str(path) in lines[0] and "judging goes on" in lines[0], result.output
@@ -348,7 +421,9 @@ def test_labels_keep_their_history_and_the_newest_is_in_force(tmp_path: Path) ->
     assert [f["label"] for f in database.labelled(db)] == ["false-alarm"]
     assert len(rows(path, "SELECT * FROM labels")) == 2
     assert [(a["operator"], a["action"], a["detail"]) for a in database.actions(db)] == [
-        ("ben", "label", {"frame": 1, "label": "false-alarm"}), ("ana", "label", {"frame": 1, "label": "real-defect"})]
+        ("ben", "label", {"frame": 1, "label": "false-alarm"}),
+        ("ana", "label", {"frame": 1, "label": "real-defect"}),
+    ]
     with pytest.raises(ProtoADError, match="unknown label 'good'"):
         database.add_label(db, 1, "good", "ana", "127.0.0.1")
     with pytest.raises(ProtoADError, match="no judged frame 7"):
@@ -368,7 +443,10 @@ def test_writing_happens_off_the_judging_thread(tmp_path: Path, video: Path, bac
         store(batch)
 
     recorder._store = spy  # type: ignore[method-assign]
-    run(str(video), backend, RunOptions(threshold=0.0, status_every=0, log=lambda m: None,
-                                        lane_sinks=lambda i, s: [recorder.sink(i)]))
+    run(
+        str(video),
+        backend,
+        RunOptions(threshold=0.0, status_every=0, log=lambda m: None, lane_sinks=lambda i, s: [recorder.sink(i)]),
+    )
     recorder.close()
     assert writers and judging not in writers and len(rows(tmp_path / "w.db")) == FRAMES

@@ -23,20 +23,44 @@ def judged(index: int = 0, size: tuple[int, int] = (1280, 720), score: float = 0
     amap = np.zeros((224, 224), np.float32)
     amap[100:140, 80:120] = 0.9  # a defect
     geometry = PRE.geometry(*size)
-    return FrameResult(index, time.time(), "cam", score, score > 0.4, 1.0, frame, PRE(frame), amap, geometry,
-                       RunContext("m", "c", 0.4, "manual"))
+    return FrameResult(
+        index,
+        time.time(),
+        "cam",
+        score,
+        score > 0.4,
+        1.0,
+        frame,
+        PRE(frame),
+        amap,
+        geometry,
+        RunContext("m", "c", 0.4, "manual"),
+    )
 
 
 def test_the_live_view_is_what_show_draws_at_the_pages_width() -> None:
     result = judged()
     small = overlay(result, 640, 0.3, fps=12.0)
-    full = render(result.frame, result.anomaly_map, result.geometry, score=result.score, anomalous=True,
-                  threshold=0.4, pixel_threshold=0.3, fps=12.0, view_width=640)
+    full = render(
+        result.frame,
+        result.anomaly_map,
+        result.geometry,
+        score=result.score,
+        anomalous=True,
+        threshold=0.4,
+        pixel_threshold=0.3,
+        fps=12.0,
+        view_width=640,
+    )
     assert small.shape == full.shape == (360, 640, 3)
     # drawn on the shrunk frame rather than shrunk after: the same picture but for the resampling of thin lines
     assert np.abs(small.astype(int) - full.astype(int)).mean() < 4.0
-    heat = np.abs(small.astype(int) - cv2.resize(cv2.cvtColor(result.frame, cv2.COLOR_RGB2BGR), (640, 360),
-                                                 interpolation=cv2.INTER_AREA).astype(int)).sum(axis=2)
+    heat = np.abs(
+        small.astype(int)
+        - cv2.resize(cv2.cvtColor(result.frame, cv2.COLOR_RGB2BGR), (640, 360), interpolation=cv2.INTER_AREA).astype(
+            int
+        )
+    ).sum(axis=2)
     x, y, w, h = (round(v / 2) for v in result.geometry.box_to_frame(80, 100, 40, 40))
     assert heat[y + h // 2, x + w // 2] > 100  # the defect's heat where the region is, in view pixels
     assert overlay(result, None, 0.3).shape == (720, 1280, 3)  # no width: the frame's own
@@ -87,6 +111,6 @@ def test_the_gallerys_picture_is_the_judged_area_and_a_margin() -> None:
     bx, by, bw, bh = box
     assert part.shape[:2] == (bh - bh % 2, bw - bw % 2)
     below_header = slice(80, part.shape[0])  # the header is drawn over the top rows of each picture
-    same = whole[by:by + part.shape[0], bx:bx + part.shape[1]][below_header]
+    same = whole[by : by + part.shape[0], bx : bx + part.shape[1]][below_header]
     differ = np.abs(part[below_header].astype(int) - same.astype(int)).max(axis=2) > 10
     assert differ.mean() < 0.03  # the same heat and outlines, the lines drawn thinner in a narrower picture

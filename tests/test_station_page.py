@@ -16,9 +16,9 @@ import cv2
 import numpy as np
 import pytest
 from selenium.webdriver.common.by import By
-
 from station_helpers import Camera, RunProcess, browser, rows, wait_until  # noqa: F401
 from test_station_db import part, write_video
+
 from protoad_edge.preprocess import to_batch
 from protoad_edge.runtime.backends.ort import OrtBackend
 
@@ -59,9 +59,24 @@ class Line:
 def station(tiny_model: Path, threshold: float, tmp_path_factory: pytest.TempPathFactory):
     folder = tmp_path_factory.mktemp("station")
     line = Line()
-    process = RunProcess([line.camera.url, "--model", str(tiny_model), "--threshold", str(threshold), "--db",
-                          "line.db", "--station", "127.0.0.1:0", "--db-normal-every", "4", "--status-every", "0"],
-                         folder)
+    process = RunProcess(
+        [
+            line.camera.url,
+            "--model",
+            str(tiny_model),
+            "--threshold",
+            str(threshold),
+            "--db",
+            "line.db",
+            "--station",
+            "127.0.0.1:0",
+            "--db-normal-every",
+            "4",
+            "--status-every",
+            "0",
+        ],
+        folder,
+    )
     try:
         url = process.url()
         yield {"url": url, "db": folder / "line.db", "line": line, "process": process, "folder": folder}
@@ -82,8 +97,9 @@ def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes, di
 
 
 def post(url: str, body: dict, content_type: str = "application/json") -> tuple[int, dict | bytes]:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": content_type})
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), method="POST", headers={"Content-Type": content_type}
+    )
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, json.loads(response.read())
@@ -101,8 +117,9 @@ def test_the_page_loads_and_its_live_view_changes(station: dict, browser) -> Non
     judged = browser.find_element(By.CSS_SELECTOR, "#source-0 .count-frames")
     count = wait_until(lambda: judged.text.isdigit() and int(judged.text), 10, "the judged counter")
     wait_until(lambda: int(judged.text) > count, 10, "the judged counter to grow")
-    shown = browser.execute_script("return ['frames', 'ok', 'anomalies'].map(c => document.querySelector("
-                                   "'#source-0 .count-' + c).textContent)")
+    shown = browser.execute_script(
+        "return ['frames', 'ok', 'anomalies'].map(c => document.querySelector('#source-0 .count-' + c).textContent)"
+    )
     assert int(shown[1]) + int(shown[2].split()[0]) == int(shown[0])  # passed + rejected = judged
     assert "model" in browser.find_element(By.ID, "model").text and "tiny" in browser.find_element(By.ID, "model").text
     health = browser.find_element(By.CSS_SELECTOR, "#source-0 .health").text
@@ -114,11 +131,18 @@ def test_a_defect_appears_in_the_gallery_and_a_click_stores_its_label(station: d
     wait_until(lambda: browser.find_elements(By.ID, "live-0"), 20, "the page")
     before = max((r["id"] for r in rows(station["db"])), default=0)
     station["line"].show_defect(0.4)
-    anomaly = wait_until(lambda: next((r for r in rows(station["db"]) if r["id"] > before
-                                       and r["verdict"] == "anomaly"), None), 20, "the defect's judgement")
+    anomaly = wait_until(
+        lambda: next((r for r in rows(station["db"]) if r["id"] > before and r["verdict"] == "anomaly"), None),
+        20,
+        "the defect's judgement",
+    )
     judged_at = anomaly["timestamp"] + anomaly["latency_ms"] / 1000
-    card = wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, f"#gallery .card[data-id='{anomaly['id']}']"),
-                      10, "the defect in the gallery", every=0.02)[0]
+    card = wait_until(
+        lambda: browser.find_elements(By.CSS_SELECTOR, f"#gallery .card[data-id='{anomaly['id']}']"),
+        10,
+        "the defect in the gallery",
+        every=0.02,
+    )[0]
     shown_after = time.time() - judged_at
     assert shown_after <= 2.0, f"the gallery showed the defect {shown_after:.2f} s after its judgement"
     assert browser.find_element(By.CSS_SELECTOR, "#gallery .card").get_attribute("data-id") >= str(anomaly["id"])
@@ -135,7 +159,9 @@ def test_a_defect_appears_in_the_gallery_and_a_click_stores_its_label(station: d
     assert [(r["frame"], r["label"], r["operator"]) for r in labels] == [(anomaly["id"], "false-alarm", "Ana Line3")]
     actions = rows(station["db"], "SELECT * FROM actions")
     assert actions[-1]["operator"] == "Ana Line3" and json.loads(actions[-1]["detail"]) == {
-        "frame": anomaly["id"], "label": "false-alarm"}
+        "frame": anomaly["id"],
+        "label": "false-alarm",
+    }
     assert "Ana Line3 (127.0.0.1) marked frame" in station["process"].log
     wait_until(lambda: "Ana Line3" in browser.find_element(By.ID, "actions").text, 10, "who did what, on the page")
 
@@ -148,7 +174,8 @@ def test_passed_frames_can_be_marked_missed(station: dict, browser) -> None:  # 
     card.find_element(By.CSS_SELECTOR, "button[data-label='missed-defect']").click()
     wait_until(lambda: card.get_attribute("data-label") == "missed-defect", 10, "the label on the card")
     assert rows(station["db"], "SELECT label, operator FROM labels WHERE frame = ?", (frame_id,)) == [
-        {"label": "missed-defect", "operator": "Ben"}]
+        {"label": "missed-defect", "operator": "Ben"}
+    ]
 
 
 def test_the_api_refuses_what_it_must(station: dict) -> None:
@@ -170,15 +197,32 @@ def test_the_api_refuses_what_it_must(station: dict) -> None:
 
 def test_a_station_beyond_the_loopback_needs_a_token(tiny_model: Path, tmp_path: Path) -> None:
     source = write_video(tmp_path / "v.avi", 400, set())
-    refused = RunProcess([str(source), "--model", str(tiny_model), "--db", "x.db", "--station", "0.0.0.0:0"],
-                         tmp_path, env={"PROTOAD_STATION_TOKEN": ""})
+    refused = RunProcess(
+        [str(source), "--model", str(tiny_model), "--db", "x.db", "--station", "0.0.0.0:0"],
+        tmp_path,
+        env={"PROTOAD_STATION_TOKEN": ""},
+    )
     assert refused.wait(60) == 2
-    assert refused.lines[-1] == ("error: --station 0.0.0.0:0 is reachable from other machines: give it a token "
-                                 "(--station-token-file FILE, or the PROTOAD_STATION_TOKEN environment variable)")
+    assert refused.lines[-1] == (
+        "error: --station 0.0.0.0:0 is reachable from other machines: give it a token "
+        "(--station-token-file FILE, or the PROTOAD_STATION_TOKEN environment variable)"
+    )
     token = tmp_path / "token"
     token.write_text("s3cret-t0ken\n")
-    process = RunProcess([str(source), "--model", str(tiny_model), "--db", "y.db", "--station", "0.0.0.0:0",
-                          "--station-token-file", str(token)], tmp_path)
+    process = RunProcess(
+        [
+            str(source),
+            "--model",
+            str(tiny_model),
+            "--db",
+            "y.db",
+            "--station",
+            "0.0.0.0:0",
+            "--station-token-file",
+            str(token),
+        ],
+        tmp_path,
+    )
     try:
         url = process.url().replace("0.0.0.0", "127.0.0.1")
         assert "s3cret" not in process.log
@@ -196,8 +240,10 @@ def test_a_finite_source_still_ends_the_run(tiny_model: Path, tmp_path: Path) ->
     """The page lives as long as the run: a video that ends ends the run, with exit status 0, and the port
     closes."""
     source = write_video(tmp_path / "short.avi", 12, {5})
-    process = RunProcess([str(source), "--model", str(tiny_model), "--db", "s.db", "--station", "127.0.0.1:0",
-                          "--status-every", "0"], tmp_path)
+    process = RunProcess(
+        [str(source), "--model", str(tiny_model), "--db", "s.db", "--station", "127.0.0.1:0", "--status-every", "0"],
+        tmp_path,
+    )
     url = process.url()
     assert process.wait(60) == 0, process.log
     assert "frames      12" in process.stdout and "database    s.db: 12 judgements recorded" in process.stdout

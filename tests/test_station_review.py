@@ -18,8 +18,12 @@ def marked(score: float, label: str, id_: int = 1, images: str | None = None) ->
 
 
 def test_the_trade_of_each_candidate_threshold() -> None:
-    reviewed = [marked(0.30, "false-alarm"), marked(0.50, "real-defect"), marked(0.20, "missed-defect"),
-                marked(0.45, "false-alarm")]
+    reviewed = [
+        marked(0.30, "false-alarm"),
+        marked(0.50, "real-defect"),
+        marked(0.20, "missed-defect"),
+        marked(0.45, "false-alarm"),
+    ]
     trades = trade(reviewed, in_force=0.25)
     assert [round(t.threshold, 4) for t in trades] == [0.195, 0.25, 0.375, 0.475, 0.505]  # 1 % of 0.5 beyond
     assert [(t.caught, t.misses, t.false_alarms) for t in trades] == [
@@ -40,8 +44,13 @@ def test_a_score_equal_to_the_threshold_passes() -> None:
 
 
 def test_the_suggestion_misses_no_defect_with_the_fewest_false_alarms() -> None:
-    reviewed = [marked(0.1, "false-alarm"), marked(0.2, "false-alarm"), marked(0.6, "real-defect"),
-                marked(0.7, "real-defect"), marked(0.9, "false-alarm")]
+    reviewed = [
+        marked(0.1, "false-alarm"),
+        marked(0.2, "false-alarm"),
+        marked(0.6, "real-defect"),
+        marked(0.7, "real-defect"),
+        marked(0.9, "false-alarm"),
+    ]
     suggested = [t for t in trade(reviewed, in_force=0.05) if t.suggested]
     assert len(suggested) == 1
     assert (suggested[0].caught, suggested[0].misses, suggested[0].false_alarms) == (2, 0, 1)
@@ -55,8 +64,12 @@ def test_export_writes_the_folders_the_tools_take(tmp_path: Path) -> None:
     for name in ("a", "b", "c"):
         (pictures / name).mkdir(parents=True)
         cv2.imwrite(str(pictures / name / "frame.png"), np.full((8, 8, 3), ord(name), np.uint8))
-    reviewed = [marked(0.5, "false-alarm", 1, "a"), marked(0.9, "real-defect", 2, "b"),
-                marked(0.1, "missed-defect", 3, "c"), marked(0.3, "false-alarm", 4, None)]
+    reviewed = [
+        marked(0.5, "false-alarm", 1, "a"),
+        marked(0.9, "real-defect", 2, "b"),
+        marked(0.1, "missed-defect", 3, "c"),
+        marked(0.3, "false-alarm", 4, None),
+    ]
     out = tmp_path / "line.db.review"
     (out / "normal").mkdir(parents=True)
     (out / "normal" / "stale.png").write_bytes(b"from an earlier export")

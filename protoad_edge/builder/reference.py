@@ -4,7 +4,8 @@ of the held-out normal images."""
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -16,8 +17,9 @@ from .datasets import Sample
 SCORE_QUANTILES = {"p05": 5, "p50": 50, "p95": 95}
 
 
-def built_on(samples: Sequence[Sample], crops: Iterable[np.ndarray], pre: Preprocess, scores: np.ndarray,
-             held_out: bool) -> dict[str, Any]:
+def built_on(
+    samples: Sequence[Sample], crops: Iterable[np.ndarray], pre: Preprocess, scores: np.ndarray, held_out: bool
+) -> dict[str, Any]:
     """The record of the normal images ``samples`` (decoded and cropped: ``crops``) and the ``scores`` thresholds
     were set on (the held-out images', or with ``held_out`` False the training images')."""
     sizes = []
@@ -27,9 +29,14 @@ def built_on(samples: Sequence[Sample], crops: Iterable[np.ndarray], pre: Prepro
     quantiles = np.percentile(np.asarray(scores, np.float64), list(SCORE_QUANTILES.values())) if len(scores) else []
     return {
         "images": len(samples),
-        "region": {"min": [min(w for w, _ in sizes), min(h for _, h in sizes)],
-                   "max": [max(w for w, _ in sizes), max(h for _, h in sizes)]},
+        "region": {
+            "min": [min(w for w, _ in sizes), min(h for _, h in sizes)],
+            "max": [max(w for w, _ in sizes), max(h for _, h in sizes)],
+        },
         **ranges(crops),
-        "scores": {"images": "held-out" if held_out else "training", "count": len(scores),
-                   **{name: round(float(q), 8) for name, q in zip(SCORE_QUANTILES, quantiles)}},
+        "scores": {
+            "images": "held-out" if held_out else "training",
+            "count": len(scores),
+            **{name: round(float(q), 8) for name, q in zip(SCORE_QUANTILES, quantiles)},
+        },
     }

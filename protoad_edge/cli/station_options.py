@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, TypeVar
 
 import click
 
@@ -24,28 +25,66 @@ TOKEN_ENV = "PROTOAD_STATION_TOKEN"
 DEFAULT_DB = Path("protoad-station.db")
 
 OPTIONS = [
-    click.option("--db", type=click.Path(path_type=Path, dir_okay=False), default=None, metavar="FILE",
-                 help="Record every judgement in the SQLite database FILE (created if missing; README: 'The station "
-                      "database'), with the frame, mask and overlay of anomalous frames and of a sample of normal "
-                      "ones in FILE.images/. Default with --station: ./protoad-station.db."),
-    click.option("--db-keep", type=click.IntRange(min=0), default=KEEP_IMAGES, show_default=True, metavar="N",
-                 help="Keep the pictures of at most N frames; beyond it (or --db-keep-mb) the oldest are removed "
-                      "(their records stay)."),
-    click.option("--db-keep-mb", type=click.IntRange(min=0), default=KEEP_MB, show_default=True, metavar="MB",
-                 help="Keep at most MB megabytes of pictures."),
-    click.option("--db-normal-every", type=click.IntRange(min=0), default=NORMAL_EVERY, show_default=True,
-                 metavar="N", help="Keep the pictures of every N-th normal frame of each source too (0: none), to "
-                                   "review passed parts."),
-    click.option("--station", "station_bind", default=None, metavar="HOST:PORT",
-                 help="Serve the station page (live view, counters, health, gallery, review) at HOST:PORT for as "
-                      "long as the run lasts. Bound beyond 127.0.0.1 it needs a token: --station-token-file or "
-                      f"${TOKEN_ENV}. Port 0 picks a free one (the log names the URL)."),
-    click.option("--station-token-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
-                 metavar="FILE", help=f"The station's token: the first line of FILE (instead of ${TOKEN_ENV})."),
-    click.option("--health-window", type=click.IntRange(min=1), default=WINDOW, show_default=True, metavar="N",
-                 help="A health problem (the judged area's size, exposure, focus, black or frozen frames, scores "
-                      "drifting from the normal images') is reported once more than half of the last N frames of a "
-                      "source show it, and cleared when no more than half do (README: 'Health')."),
+    click.option(
+        "--db",
+        type=click.Path(path_type=Path, dir_okay=False),
+        default=None,
+        metavar="FILE",
+        help="Record every judgement in the SQLite database FILE (created if missing; README: 'The station "
+        "database'), with the frame, mask and overlay of anomalous frames and of a sample of normal "
+        "ones in FILE.images/. Default with --station: ./protoad-station.db.",
+    ),
+    click.option(
+        "--db-keep",
+        type=click.IntRange(min=0),
+        default=KEEP_IMAGES,
+        show_default=True,
+        metavar="N",
+        help="Keep the pictures of at most N frames; beyond it (or --db-keep-mb) the oldest are removed "
+        "(their records stay).",
+    ),
+    click.option(
+        "--db-keep-mb",
+        type=click.IntRange(min=0),
+        default=KEEP_MB,
+        show_default=True,
+        metavar="MB",
+        help="Keep at most MB megabytes of pictures.",
+    ),
+    click.option(
+        "--db-normal-every",
+        type=click.IntRange(min=0),
+        default=NORMAL_EVERY,
+        show_default=True,
+        metavar="N",
+        help="Keep the pictures of every N-th normal frame of each source too (0: none), to review passed parts.",
+    ),
+    click.option(
+        "--station",
+        "station_bind",
+        default=None,
+        metavar="HOST:PORT",
+        help="Serve the station page (live view, counters, health, gallery, review) at HOST:PORT for as "
+        "long as the run lasts. Bound beyond 127.0.0.1 it needs a token: --station-token-file or "
+        f"${TOKEN_ENV}. Port 0 picks a free one (the log names the URL).",
+    ),
+    click.option(
+        "--station-token-file",
+        type=click.Path(path_type=Path, dir_okay=False),
+        default=None,
+        metavar="FILE",
+        help=f"The station's token: the first line of FILE (instead of ${TOKEN_ENV}).",
+    ),
+    click.option(
+        "--health-window",
+        type=click.IntRange(min=1),
+        default=WINDOW,
+        show_default=True,
+        metavar="N",
+        help="A health problem (the judged area's size, exposure, focus, black or frozen frames, scores "
+        "drifting from the normal images') is reported once more than half of the last N frames of a "
+        "source show it, and cleared when no more than half do (README: 'Health').",
+    ),
 ]
 
 
@@ -68,8 +107,14 @@ def read_token(path: Path | None) -> str | None:
     return token
 
 
-def station_config(db: Path | None, db_keep: int, db_keep_mb: int, db_normal_every: int, station_bind: str | None,
-                   station_token_file: Path | None) -> StationConfig | None:
+def station_config(
+    db: Path | None,
+    db_keep: int,
+    db_keep_mb: int,
+    db_normal_every: int,
+    station_bind: str | None,
+    station_token_file: Path | None,
+) -> StationConfig | None:
     """The flags as a StationConfig (checked before a model is loaded), or None without --db and --station."""
     if db is None and station_bind is None:
         return None
@@ -77,8 +122,10 @@ def station_config(db: Path | None, db_keep: int, db_keep_mb: int, db_normal_eve
     retention = Retention(db_keep, db_keep_mb * 1024 * 1024, db_normal_every)
     token = read_token(station_token_file) if bind is not None else None
     if bind is not None and not token and not is_loopback(bind[0]):
-        raise ProtoADError(f"--station {station_bind} is reachable from other machines: give it a token "
-                           f"(--station-token-file FILE, or the {TOKEN_ENV} environment variable)")
+        raise ProtoADError(
+            f"--station {station_bind} is reachable from other machines: give it a token "
+            f"(--station-token-file FILE, or the {TOKEN_ENV} environment variable)"
+        )
     return StationConfig(db if db is not None else DEFAULT_DB, bind, token, retention)
 
 
@@ -86,8 +133,15 @@ class LineServices:
     """What the station's and health's flags add to a run: a health monitor per source (always), the station
     (with --db or --station), and the health's MQTT status message (with --mqtt)."""
 
-    def __init__(self, config: StationConfig | None, health_window: int, backend: Backend, sources: Sequence[str],
-                 threshold: float | None, log: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        config: StationConfig | None,
+        health_window: int,
+        backend: Backend,
+        sources: Sequence[str],
+        threshold: float | None,
+        log: Callable[[str], None],
+    ) -> None:
         self.health = Health(sources, backend.info.built_on, health_window, log)
         self.station: Station | None = None
         self.publisher: Any = None

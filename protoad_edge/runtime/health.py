@@ -42,14 +42,15 @@ from __future__ import annotations
 
 import statistics
 from collections import Counter, deque
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
 from ..imagestats import image_stats
-from .result import FrameResult
 from .outputs.sinks import Sink
+from .result import FrameResult
 
 WINDOW = 30
 SIZE = 0.10
@@ -59,9 +60,14 @@ BLACK_LEVEL, BLACK_CONTRAST = 16.0, 4.0
 DRIFT_MIN_IMAGES = 10  # fewer held-out scores than this say too little of where normal scores lie
 IMAGE_FINDINGS = ("black", "frozen", "over-exposed", "under-exposed", "blurred", "size")
 # check -> the findings it makes, and the part of ``built_on`` it needs (None: none)
-CHECKS = {"size": (("size",), "region"), "exposure": (("over-exposed", "under-exposed"), "brightness"),
-          "focus": (("blurred",), "sharpness"), "drift": (("scores-high", "scores-low"), "scores"),
-          "black": (("black",), None), "frozen": (("frozen",), None)}
+CHECKS = {
+    "size": (("size",), "region"),
+    "exposure": (("over-exposed", "under-exposed"), "brightness"),
+    "focus": (("blurred",), "sharpness"),
+    "drift": (("scores-high", "scores-low"), "scores"),
+    "black": (("black",), None),
+    "frozen": (("frozen",), None),
+}
 
 
 @dataclass(frozen=True)
@@ -80,8 +86,10 @@ def checks_known(built_on: dict[str, Any] | None) -> tuple[list[str], dict[str, 
         if needs is not None and not (built_on or {}).get(needs):
             unknown[check] = "the bundle does not record its normal images (built by an older protoad-export)"
         elif needs == "scores" and (count := built_on["scores"].get("count", 0)) < DRIFT_MIN_IMAGES:  # type: ignore
-            unknown[check] = (f"{count} held-out normal images are too few to tell where normal scores lie (at "
-                              f"least {DRIFT_MIN_IMAGES}: protoad-export --val-split)")
+            unknown[check] = (
+                f"{count} held-out normal images are too few to tell where normal scores lie (at "
+                f"least {DRIFT_MIN_IMAGES}: protoad-export --val-split)"
+            )
         else:
             known.append(check)
     return known, unknown
@@ -93,8 +101,13 @@ class HealthMonitor(Sink):
 
     names_files = True
 
-    def __init__(self, source: str, built_on: dict[str, Any] | None, window: int = WINDOW,
-                 on_change: Callable[["HealthMonitor"], None] | None = None) -> None:
+    def __init__(
+        self,
+        source: str,
+        built_on: dict[str, Any] | None,
+        window: int = WINDOW,
+        on_change: Callable[[HealthMonitor], None] | None = None,
+    ) -> None:
         if window < 1:
             raise ValueError("the health window must hold at least one frame")
         self.source, self.built_on, self.window = source, built_on or {}, window
@@ -124,14 +137,20 @@ class HealthMonitor(Sink):
         if "exposure" in self.known and not black:
             low, high = ref["brightness"]
             if stats.brightness > min(high * (1 + EXPOSURE), (high + 255) / 2):
-                found["over-exposed"] = (f"over-exposed: brightness {stats.brightness:.0f}, the training images "
-                                         f"{low:.0f} to {high:.0f}: the lamp or the exposure changed?")
+                found["over-exposed"] = (
+                    f"over-exposed: brightness {stats.brightness:.0f}, the training images "
+                    f"{low:.0f} to {high:.0f}: the lamp or the exposure changed?"
+                )
             elif stats.brightness < low * (1 - EXPOSURE):
-                found["under-exposed"] = (f"under-exposed: brightness {stats.brightness:.0f}, the training images "
-                                          f"{low:.0f} to {high:.0f}: the lamp or the exposure changed?")
+                found["under-exposed"] = (
+                    f"under-exposed: brightness {stats.brightness:.0f}, the training images "
+                    f"{low:.0f} to {high:.0f}: the lamp or the exposure changed?"
+                )
         if "focus" in self.known and not black and stats.sharpness < BLUR * ref["sharpness"][0]:
-            found["blurred"] = (f"blurred: sharpness {stats.sharpness:.3g}, the least sharp training image "
-                                f"{ref['sharpness'][0]:.3g}: out of focus, or the camera moved closer")
+            found["blurred"] = (
+                f"blurred: sharpness {stats.sharpness:.3g}, the least sharp training image "
+                f"{ref['sharpness'][0]:.3g}: out of focus, or the camera moved closer"
+            )
         if "drift" in self.known:
             found.update(self._drift(result.score))
         return found
@@ -142,8 +161,10 @@ class HealthMonitor(Sink):
         if min_w * (1 - SIZE) <= w <= max_w * (1 + SIZE) and min_h * (1 - SIZE) <= h <= max_h * (1 + SIZE):
             return {}
         built = f"{min_w}x{min_h}" + (f" to {max_w}x{max_h}" if (min_w, min_h) != (max_w, max_h) else "")
-        return {"size": f"size: the judged area is {w}x{h} px, the bundle was built on {built} px: parts appear "
-                        "at another scale (set --roi, or teach the model this view)"}
+        return {
+            "size": f"size: the judged area is {w}x{h} px, the bundle was built on {built} px: parts appear "
+            "at another scale (set --roi, or teach the model this view)"
+        }
 
     def _drift(self, score: float) -> dict[str, str]:
         self._scores.append(score)
@@ -152,11 +173,15 @@ class HealthMonitor(Sink):
         seen = f"the median score of the last {len(self._scores)} frames is {median:.4g}"
         normal = f"{ref['p05']:.4g} to {ref['p95']:.4g} for 90 % of the {ref['images']} normal images"
         if score > ref["p95"]:
-            return {"scores-high": f"scores-high: {seen}, {normal}: the light, the camera or the product changed? "
-                                   "Rejects may be false alarms"}
+            return {
+                "scores-high": f"scores-high: {seen}, {normal}: the light, the camera or the product changed? "
+                "Rejects may be false alarms"
+            }
         if score < ref["p05"]:
-            return {"scores-low": f"scores-low: {seen}, {normal}: the camera moved or the light changed? Defects "
-                                  "may pass unseen"}
+            return {
+                "scores-low": f"scores-low: {seen}, {normal}: the camera moved or the light changed? Defects "
+                "may pass unseen"
+            }
         return {}
 
     def write(self, result: FrameResult, view: np.ndarray | None) -> bool:
@@ -183,16 +208,27 @@ class HealthMonitor(Sink):
 
     def state(self) -> dict[str, Any]:
         """For the page and the MQTT status message."""
-        return {"source": self.source, "state": "attention" if self.problems else "ok",
-                "problems": [p.to_dict() for p in self.problems.values()], "unknown": list(self.unknown),
-                "window": self.window, "frames": self.frames}
+        return {
+            "source": self.source,
+            "state": "attention" if self.problems else "ok",
+            "problems": [p.to_dict() for p in self.problems.values()],
+            "unknown": list(self.unknown),
+            "window": self.window,
+            "frames": self.frames,
+        }
 
 
 class Health:
     """The health of a run's sources: one monitor each, one log line and one ``announce`` per change."""
 
-    def __init__(self, sources: Sequence[str], built_on: dict[str, Any] | None, window: int,
-                 log: Callable[[str], None], announce: Callable[[dict[str, Any]], None] | None = None) -> None:
+    def __init__(
+        self,
+        sources: Sequence[str],
+        built_on: dict[str, Any] | None,
+        window: int,
+        log: Callable[[str], None],
+        announce: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
         self.log, self.announce = log, announce
         self.monitors = [HealthMonitor(name, built_on, window, self._changed) for name in sources]
         reasons: dict[str, list[str]] = {}

@@ -30,12 +30,19 @@ class Figures:
         return self.p99 - self.p50
 
     def line(self) -> str:
-        return (f"p50 {self.p50:.1f} ms, p95 {self.p95:.1f} ms, p99 {self.p99:.1f} ms, jitter {self.jitter:.1f} ms "
-                f"({self.count:,} frames)")
+        return (
+            f"p50 {self.p50:.1f} ms, p95 {self.p95:.1f} ms, p99 {self.p99:.1f} ms, jitter {self.jitter:.1f} ms "
+            f"({self.count:,} frames)"
+        )
 
     def to_dict(self) -> dict[str, float]:
-        return {"count": self.count, "p50_ms": round(self.p50, 3), "p95_ms": round(self.p95, 3),
-                "p99_ms": round(self.p99, 3), "jitter_ms": round(self.jitter, 3)}
+        return {
+            "count": self.count,
+            "p50_ms": round(self.p50, 3),
+            "p95_ms": round(self.p95, 3),
+            "p99_ms": round(self.p99, 3),
+            "jitter_ms": round(self.jitter, 3),
+        }
 
 
 class Latencies:

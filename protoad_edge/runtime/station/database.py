@@ -25,8 +25,9 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from ...errors import ProtoADError
 
@@ -84,9 +85,26 @@ CREATE TABLE actions (
 """
 # version -> the statements that bring a database of that version to the next one
 MIGRATIONS: dict[int, str] = {}
-FRAME_COLUMNS = ("run", "lane", "source", "frame", "timestamp", "pos_ms", "score", "verdict", "threshold",
-                 "threshold_rule", "model", "model_version", "category", "latency_ms", "roi", "regions", "health",
-                 "images")
+FRAME_COLUMNS = (
+    "run",
+    "lane",
+    "source",
+    "frame",
+    "timestamp",
+    "pos_ms",
+    "score",
+    "verdict",
+    "threshold",
+    "threshold_rule",
+    "model",
+    "model_version",
+    "category",
+    "latency_ms",
+    "roi",
+    "regions",
+    "health",
+    "images",
+)
 INSERT_FRAME = f"INSERT INTO frames ({', '.join(FRAME_COLUMNS)}) VALUES ({', '.join('?' * len(FRAME_COLUMNS))})"
 # The newest label of each frame (the one in force).
 CURRENT_LABELS = "SELECT frame, label FROM labels WHERE id IN (SELECT max(id) FROM labels GROUP BY frame)"
@@ -105,16 +123,17 @@ def connect(path: str | Path, *, create: bool = False) -> sqlite3.Connection:
     if not create and not path.is_file():
         raise ProtoADError(f"station database not found: {path}")
     try:
-        db = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
-                             check_same_thread=False)
+        db = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False)
     except sqlite3.Error as exc:
         raise Unwritable(f"cannot open the station database {path}: {exc}") from None
     try:
         db.row_factory = sqlite3.Row
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
-            raise ProtoADError(f"station database {path} has schema {version}, newer than this protoad-edge reads "
-                               f"({SCHEMA_VERSION}): upgrade protoad-edge or use another --db file")
+            raise ProtoADError(
+                f"station database {path} has schema {version}, newer than this protoad-edge reads "
+                f"({SCHEMA_VERSION}): upgrade protoad-edge or use another --db file"
+            )
         if version == 0 and db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
             raise ProtoADError(f"{path} is an SQLite file but not a station database: use another --db file")
         if create:
@@ -169,8 +188,10 @@ class transaction:
 
 def start_run(db: sqlite3.Connection, model: str, category: str, sources: Sequence[str]) -> int:
     with transaction(db):
-        cursor = db.execute("INSERT INTO runs (started, model, category, sources) VALUES (?, ?, ?, ?)",
-                            (time.time(), model, category, json.dumps(list(sources))))
+        cursor = db.execute(
+            "INSERT INTO runs (started, model, category, sources) VALUES (?, ?, ?, ?)",
+            (time.time(), model, category, json.dumps(list(sources))),
+        )
     assert cursor.lastrowid is not None
     return cursor.lastrowid
 
@@ -182,10 +203,26 @@ def end_run(db: sqlite3.Connection, run: int) -> None:
 
 def frame_row(run: int, lane: str, record: dict[str, Any], images: str | None) -> tuple[Any, ...]:
     """The ``frames`` row of one JSON record (``FrameResult.record()``), in FRAME_COLUMNS' order."""
-    return (run, lane, record["source"], record["frame"], record["timestamp"], record.get("pos_ms"),
-            record["score"], record["verdict"], record["threshold"], record["threshold_rule"], record["model"],
-            record.get("model_version"), record["category"], record["latency_ms"], json.dumps(record["roi"]),
-            json.dumps(record["regions"]), json.dumps(record["health"]) if "health" in record else None, images)
+    return (
+        run,
+        lane,
+        record["source"],
+        record["frame"],
+        record["timestamp"],
+        record.get("pos_ms"),
+        record["score"],
+        record["verdict"],
+        record["threshold"],
+        record["threshold_rule"],
+        record["model"],
+        record.get("model_version"),
+        record["category"],
+        record["latency_ms"],
+        json.dumps(record["roi"]),
+        json.dumps(record["regions"]),
+        json.dumps(record["health"]) if "health" in record else None,
+        images,
+    )
 
 
 def insert_frames(db: sqlite3.Connection, rows: Iterable[tuple[Any, ...]]) -> None:
@@ -216,8 +253,14 @@ def frame_dict(row: sqlite3.Row) -> dict[str, Any]:
 FRAME_WITH_LABEL = f"SELECT f.*, l.label FROM frames f LEFT JOIN ({CURRENT_LABELS}) l ON l.frame = f.id"
 
 
-def recent(db: sqlite3.Connection, verdict: str, after: int = 0, limit: int = 24, lane: str | None = None,
-           with_images: bool = False) -> list[dict[str, Any]]:
+def recent(
+    db: sqlite3.Connection,
+    verdict: str,
+    after: int = 0,
+    limit: int = 24,
+    lane: str | None = None,
+    with_images: bool = False,
+) -> list[dict[str, Any]]:
     """Frames of ``verdict`` newer than row ``after``, newest first (the gallery)."""
     where = ["f.verdict = ?", "f.id > ?"] + (["f.lane = ?"] if lane is not None else [])
     where += ["f.images IS NOT NULL"] if with_images else []
@@ -238,8 +281,10 @@ def add_label(db: sqlite3.Connection, frame_id: int, label: str, operator: str, 
     with transaction(db):
         if db.execute("SELECT 1 FROM frames WHERE id = ?", (frame_id,)).fetchone() is None:
             raise ProtoADError(f"no judged frame {frame_id}")
-        db.execute("INSERT INTO labels (frame, label, operator, at) VALUES (?, ?, ?, ?)",
-                   (frame_id, label, operator, time.time()))
+        db.execute(
+            "INSERT INTO labels (frame, label, operator, at) VALUES (?, ?, ?, ?)",
+            (frame_id, label, operator, time.time()),
+        )
         _log(db, operator, address, "label", {"frame": frame_id, "label": label})
 
 
@@ -249,8 +294,10 @@ def log_action(db: sqlite3.Connection, operator: str, address: str, action: str,
 
 
 def _log(db: sqlite3.Connection, operator: str, address: str, action: str, detail: dict[str, Any]) -> None:
-    db.execute("INSERT INTO actions (at, operator, address, action, detail) VALUES (?, ?, ?, ?, ?)",
-               (time.time(), operator, address, action, json.dumps(detail)))
+    db.execute(
+        "INSERT INTO actions (at, operator, address, action, detail) VALUES (?, ?, ?, ?, ?)",
+        (time.time(), operator, address, action, json.dumps(detail)),
+    )
 
 
 def labelled(db: sqlite3.Connection) -> list[dict[str, Any]]:

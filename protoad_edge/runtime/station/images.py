@@ -16,8 +16,8 @@ from __future__ import annotations
 import os
 import shutil
 from collections import OrderedDict
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import cv2
 
@@ -43,7 +43,8 @@ class ImageStore:
             if entry.name not in wanted:
                 _remove(entry)
         self.kept: OrderedDict[str, int] = OrderedDict(
-            (name, _size(self.folder / name)) for name in named if (self.folder / name).is_dir())
+            (name, _size(self.folder / name)) for name in named if (self.folder / name).is_dir()
+        )
         self.bytes = sum(self.kept.values())
 
     def path(self, name: str, kind: str) -> Path:
@@ -56,8 +57,9 @@ class ImageStore:
             tmp.mkdir(exist_ok=True)
             mask = defect_mask(result.anomaly_map, capped_pixel_threshold(pixel_threshold, result.context.threshold))
             pictures = {
-                "frame": _encode(".png", cv2.cvtColor(result.frame, cv2.COLOR_RGB2BGR),
-                                 [cv2.IMWRITE_PNG_COMPRESSION, PNG_LEVEL]),
+                "frame": _encode(
+                    ".png", cv2.cvtColor(result.frame, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, PNG_LEVEL]
+                ),
                 "mask": _encode(".png", result.geometry.to_frame(mask)),
                 "overlay": jpeg(overlay(result, OVERLAY_WIDTH, pixel_threshold, box=around(result.geometry))),
             }

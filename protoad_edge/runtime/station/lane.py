@@ -10,8 +10,8 @@ import numpy as np
 
 from ..latency import Latencies
 from ..loop import FPS_SMOOTHING
-from ..result import FrameResult
 from ..outputs.sinks import Sink
+from ..result import FrameResult
 from .live import LiveView
 
 

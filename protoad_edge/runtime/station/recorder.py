@@ -16,15 +16,16 @@ import queue
 import sqlite3
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
 from ..latency import Latencies
-from ..result import FrameResult
 from ..outputs.sinks import Sink
+from ..result import FrameResult
 from . import database
 from .images import ImageStore
 
@@ -58,10 +59,20 @@ class Recorder:
     the storage. ``committed`` stamps each row's capture-to-commit latency.
     """
 
-    def __init__(self, path: str | Path, model: str, category: str, lanes: Sequence[str], pixel_threshold: float,
-                 retention: Retention = Retention(), log: Callable[[str], None] = print,
-                 batch_rows: int = BATCH_ROWS, batch_seconds: float = BATCH_SECONDS,
-                 queue_rows: int = QUEUE_ROWS, image_backlog: int = IMAGE_BACKLOG) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        model: str,
+        category: str,
+        lanes: Sequence[str],
+        pixel_threshold: float,
+        retention: Retention = Retention(),
+        log: Callable[[str], None] = print,
+        batch_rows: int = BATCH_ROWS,
+        batch_seconds: float = BATCH_SECONDS,
+        queue_rows: int = QUEUE_ROWS,
+        image_backlog: int = IMAGE_BACKLOG,
+    ) -> None:
         self.path = Path(path)
         self.lanes = list(lanes)
         self.pixel_threshold = pixel_threshold
@@ -88,7 +99,7 @@ class Recorder:
     def image_folder(self) -> Path:
         return self.path.with_name(self.path.name + ".images")
 
-    def sink(self, lane: int) -> "RecordSink":
+    def sink(self, lane: int) -> RecordSink:
         return RecordSink(self, lane)
 
     def put(self, judgement: Judgement) -> None:
@@ -110,8 +121,10 @@ class Recorder:
                 first = not self._dropped_logged
                 self._dropped_logged = True
             if first:
-                self.log(f"station: the writer of {self.path} is {self._queue.maxsize:,} rows behind (a stalled "
-                         "disk?): further rows are dropped and counted until it catches up; judging goes on")
+                self.log(
+                    f"station: the writer of {self.path} is {self._queue.maxsize:,} rows behind (a stalled "
+                    "disk?): further rows are dropped and counted until it catches up; judging goes on"
+                )
 
     def close(self) -> str:
         """Stores everything queued, ends the run's row, and returns the summary line."""
@@ -130,9 +143,13 @@ class Recorder:
 
     def state(self) -> dict[str, Any]:
         """For the page."""
-        return {"path": str(self.path), "recorded": self.recorded, "not_recorded": self.not_recorded,
-                "images_kept": len(self.images.kept) if self.images is not None else 0,
-                "problem": self.problem or self.image_problem}
+        return {
+            "path": str(self.path),
+            "recorded": self.recorded,
+            "not_recorded": self.not_recorded,
+            "images_kept": len(self.images.kept) if self.images is not None else 0,
+            "problem": self.problem or self.image_problem,
+        }
 
     # ------------------------------------------------------------------ the writer thread
 
@@ -150,8 +167,9 @@ class Recorder:
                     first = time.monotonic()
                 pending.append(item)
             closing = item is _CLOSE
-            if pending and (closing or len(pending) >= self.batch_rows
-                            or time.monotonic() - first >= self.batch_seconds):
+            if pending and (
+                closing or len(pending) >= self.batch_rows or time.monotonic() - first >= self.batch_seconds
+            ):
                 self._store(pending)
                 pending = []
             if closing:
@@ -190,8 +208,10 @@ class Recorder:
         with self._lock:
             self.recorded += len(rows)
         if self.problem:
-            self.log(f"station: recording into {self.path} again ({self.not_recorded:,} judgements were not "
-                     "recorded meanwhile)")
+            self.log(
+                f"station: recording into {self.path} again ({self.not_recorded:,} judgements were not "
+                "recorded meanwhile)"
+            )
             self.problem = ""
         self._trim()
 
@@ -239,23 +259,24 @@ class Recorder:
     def _open_images(self) -> None:
         assert self.db is not None
         try:
-            self.images = ImageStore(self.image_folder, self.retention.keep_count, self.retention.keep_bytes,
-                                     database.kept_images(self.db))
+            self.images = ImageStore(
+                self.image_folder, self.retention.keep_count, self.retention.keep_bytes, database.kept_images(self.db)
+            )
         except OSError as exc:
             self._images_failed(exc)
 
     def _storage_failed(self, why: str) -> None:
         """One line when recording stops, none while it stays stopped."""
         if not self.problem:
-            self.log(f"station: {why}; judgements are not recorded until it can be written again "
-                     "(judging goes on)")
+            self.log(f"station: {why}; judgements are not recorded until it can be written again (judging goes on)")
         self.problem = why
 
     def _images_failed(self, exc: OSError) -> None:
         why = f"cannot keep pictures in {self.image_folder}: {exc.strerror or exc}"
         if not self.image_problem:
-            self.log(f"station: {why}; frames are recorded without them until it can be written again "
-                     "(judging goes on)")
+            self.log(
+                f"station: {why}; frames are recorded without them until it can be written again (judging goes on)"
+            )
         self.image_problem = why
 
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -55,8 +56,15 @@ def trade(reviewed: Iterable[dict[str, Any]], in_force: float) -> list[Trade]:
     trades = []
     for t in sorted(candidates):
         flagged = is_anomalous(scores, t)
-        trades.append(Trade(t, int((flagged & defect).sum()), int((~flagged & defect).sum()),
-                            int((flagged & ~defect).sum()), in_force=t == float(in_force)))
+        trades.append(
+            Trade(
+                t,
+                int((flagged & defect).sum()),
+                int((~flagged & defect).sum()),
+                int((flagged & ~defect).sum()),
+                in_force=t == float(in_force),
+            )
+        )
     catching = [t for t in trades if t.misses == 0]
     if catching and defect.any():
         best = max(catching, key=lambda t: (-t.false_alarms, t.threshold))

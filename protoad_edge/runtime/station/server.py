@@ -29,8 +29,11 @@ from ...errors import ProtoADError
 
 COOKIE = "protoad_station_token"
 TOKEN_HEADER = "X-Station-Token"
-STATIC = {"/": ("index.html", "text/html; charset=utf-8"), "/station.js": ("station.js", "text/javascript"),
-          "/station.css": ("station.css", "text/css")}
+STATIC = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/station.js": ("station.js", "text/javascript"),
+    "/station.css": ("station.css", "text/css"),
+}
 LOOPBACK_NAMES = ("localhost",)
 MAX_BODY = 64 * 1024
 
@@ -81,8 +84,10 @@ class StationServer(ThreadingHTTPServer):
     def __init__(self, bind: tuple[str, int], app: App, token: str | None) -> None:
         host, port = bind
         if not is_loopback(host) and not token:
-            raise ProtoADError(f"--station {host}:{port} is reachable from other machines: give it a token "
-                               "(--station-token-file FILE, or the PROTOAD_STATION_TOKEN environment variable)")
+            raise ProtoADError(
+                f"--station {host}:{port} is reachable from other machines: give it a token "
+                "(--station-token-file FILE, or the PROTOAD_STATION_TOKEN environment variable)"
+            )
         self.app, self.token, self.loopback = app, token, is_loopback(host)
         if ":" in host:
             self.address_family = socket.AF_INET6

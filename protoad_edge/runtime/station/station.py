@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 from ...errors import ProtoADError
 from ..latency import Latencies
@@ -46,16 +47,24 @@ class ModelFacts:
 
 
 class Station:
-    def __init__(self, config: StationConfig, model: ModelFacts, sources: Sequence[str], pixel_threshold: float,
-                 log: Callable[[str], None], mqtt: Any = None) -> None:
+    def __init__(
+        self,
+        config: StationConfig,
+        model: ModelFacts,
+        sources: Sequence[str],
+        pixel_threshold: float,
+        log: Callable[[str], None],
+        mqtt: Any = None,
+    ) -> None:
         self.config, self.model, self.log, self.mqtt = config, model, log, mqtt
         self.latency = Latencies()  # capture -> the station has the verdict
         self.lanes = [StationLane(i, name, pixel_threshold, self.latency) for i, name in enumerate(sources)]
         self.recorder: Recorder | None = None
         self.server: StationServer | None = None
         if config.db is not None:
-            self.recorder = Recorder(config.db, model.name, model.category, sources, pixel_threshold,
-                                     config.retention, log)
+            self.recorder = Recorder(
+                config.db, model.name, model.category, sources, pixel_threshold, config.retention, log
+            )
         try:
             if config.bind is not None:
                 if config.db is None:
@@ -96,8 +105,11 @@ class Station:
         legs = [("station", self.latency)] if self.config.bind is not None else []
         if self.recorder is not None:
             legs.append(("database", self.recorder.committed))
-        return [f"latency     capture -> {name}: {figures.line()}" for name, leg in legs
-                if (figures := leg.figures()) is not None]
+        return [
+            f"latency     capture -> {name}: {figures.line()}"
+            for name, leg in legs
+            if (figures := leg.figures()) is not None
+        ]
 
     # ------------------------------------------------------------------ what the page reads
 
@@ -109,16 +121,23 @@ class Station:
     def status(self) -> dict[str, Any]:
         mqtt = None
         if self.mqtt is not None:
-            mqtt = {"url": self.mqtt.url, "connected": self.mqtt.connected, "delivered": self.mqtt.delivered,
-                    "queued": self.mqtt.queued, "dropped": self.mqtt.dropped}
+            mqtt = {
+                "url": self.mqtt.url,
+                "connected": self.mqtt.connected,
+                "delivered": self.mqtt.delivered,
+                "queued": self.mqtt.queued,
+                "dropped": self.mqtt.dropped,
+            }
         return {
             "time": time.time(),
             "model": vars(self.model),
             "sources": [lane.state() for lane in self.lanes],
             "mqtt": mqtt,
             "database": self.recorder.state() if self.recorder is not None else None,
-            "latency": {"station": _figures(self.latency),
-                        "database": _figures(self.recorder.committed) if self.recorder is not None else None},
+            "latency": {
+                "station": _figures(self.latency),
+                "database": _figures(self.recorder.committed) if self.recorder is not None else None,
+            },
         }
 
     def live(self, lane: int, width: int) -> tuple[dict[str, Any], bytes] | None:
@@ -127,8 +146,12 @@ class Station:
         picture = self.lanes[lane].live.picture(width)
         if picture is None:
             return None
-        facts = {"Seq": picture.seq, "Index": picture.frame, "Score": f"{picture.score:.6g}",
-                 "Verdict": "anomaly" if picture.anomalous else "ok"}
+        facts = {
+            "Seq": picture.seq,
+            "Index": picture.frame,
+            "Score": f"{picture.score:.6g}",
+            "Verdict": "anomaly" if picture.anomalous else "ok",
+        }
         return facts, picture.jpeg
 
     def gallery(self, query: dict[str, str]) -> dict[str, Any]:
@@ -146,8 +169,9 @@ class Station:
         limit = min(max(_whole(query.get("limit", "24"), "limit"), 1), GALLERY_LIMIT)
         db = self._db()
         try:
-            frames = database.recent(db, verdict, _whole(query.get("after", "0"), "after"), limit, lane,
-                                     with_images=verdict == "ok")
+            frames = database.recent(
+                db, verdict, _whole(query.get("after", "0"), "after"), limit, lane, with_images=verdict == "ok"
+            )
         finally:
             db.close()
         return {"frames": frames}
@@ -171,8 +195,9 @@ class Station:
 
     def threshold_in_force(self) -> float:
         """The image threshold of the newest judged frame (a new bundle version may have changed it)."""
-        newest = max((lane for lane in self.lanes if lane.last_result is not None), key=lambda lane: lane.last,
-                     default=None)
+        newest = max(
+            (lane for lane in self.lanes if lane.last_result is not None), key=lambda lane: lane.last, default=None
+        )
         return newest.last_result.context.threshold if newest is not None else self.model.threshold  # type: ignore
 
     @property
@@ -188,10 +213,13 @@ class Station:
         finally:
             db.close()
         kinds = [review.KIND[r["label"]] for r in reviewed]
-        return {"threshold": self.threshold_in_force(), "normal": kinds.count("normal"),
-                "defect": kinds.count("defect"), "trade": [t.to_dict() for t in review.trade(reviewed,
-                                                                                           self.threshold_in_force())],
-                "export_folder": str(self.export_folder)}
+        return {
+            "threshold": self.threshold_in_force(),
+            "normal": kinds.count("normal"),
+            "defect": kinds.count("defect"),
+            "trade": [t.to_dict() for t in review.trade(reviewed, self.threshold_in_force())],
+            "export_folder": str(self.export_folder),
+        }
 
     def actions(self) -> dict[str, Any]:
         """Who did what, newest first."""
@@ -224,8 +252,10 @@ class Station:
         finally:
             db.close()
         missing = f" ({done['without_picture']} marked frames have no picture left)" if done["without_picture"] else ""
-        message = (f"exported {done['normal']} normal frames to {done['normal_folder']} and {done['defect']} defects "
-                   f"to {done['defect_folder']}{missing}")
+        message = (
+            f"exported {done['normal']} normal frames to {done['normal_folder']} and {done['defect']} defects "
+            f"to {done['defect_folder']}{missing}"
+        )
         self.log(f"station: {operator} ({address}) {message}")
         return {**done, "message": message}
 
@@ -240,8 +270,10 @@ class Station:
         finally:
             db.close()
         assert found is not None
-        self.log(f"station: {operator} ({address}) marked frame {found['frame']} of {found['lane']} "
-                 f"(score {found['score']:.5g}, {found['verdict']}) as {label}")
+        self.log(
+            f"station: {operator} ({address}) marked frame {found['frame']} of {found['lane']} "
+            f"(score {found['score']:.5g}, {found['verdict']}) as {label}"
+        )
         return {"frame": found}
 
 

@@ -24,8 +24,12 @@ def scaled(geometry: Geometry, size: tuple[int, int]) -> Geometry:
     sx, sy = size[0] / geometry.frame[0], size[1] / geometry.frame[1]
     x, y, w, h = geometry.roi
     fx, fy, fw, fh = geometry.frame_box
-    return Geometry(size, (round(x * sx), round(y * sy), max(1, round(w * sx)), max(1, round(h * sy))),
-                    geometry.input_box, (fx * sx, fy * sy, fw * sx, fh * sy))
+    return Geometry(
+        size,
+        (round(x * sx), round(y * sy), max(1, round(w * sx)), max(1, round(h * sy))),
+        geometry.input_box,
+        (fx * sx, fy * sy, fw * sx, fh * sy),
+    )
 
 
 def around(geometry: Geometry, margin: float = MARGIN) -> tuple[int, int, int, int]:
@@ -45,22 +49,35 @@ def cut(geometry: Geometry, box: tuple[int, int, int, int]) -> Geometry:
     return Geometry((bw, bh), (x - bx, y - by, w, h), geometry.input_box, (fx - bx, fy - by, fw, fh))
 
 
-def overlay(result: FrameResult, width: int | None, pixel_threshold: float, fps: float | None = None,
-            box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+def overlay(
+    result: FrameResult,
+    width: int | None,
+    pixel_threshold: float,
+    fps: float | None = None,
+    box: tuple[int, int, int, int] | None = None,
+) -> np.ndarray:
     """BGR overlay of ``result`` (of its part ``box``, default all) at most ``width`` pixels wide (None: its own
     width), as ``--show`` draws it: heat, defect outlines, the judged area, the header with the verdict, score,
     threshold and ``fps``. ``pixel_threshold`` is capped at the frame's image threshold, as the run caps it."""
     frame, geometry = result.frame, result.geometry
     if box is not None:
         x, y, w, h = box
-        frame, geometry = frame[y:y + h, x:x + w], cut(geometry, box)
+        frame, geometry = frame[y : y + h, x : x + w], cut(geometry, box)
     size = view_size((frame.shape[1], frame.shape[0]), width)
     if size != (frame.shape[1], frame.shape[0]):
         frame = cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
         geometry = scaled(geometry, size)
     threshold = result.context.threshold
-    return render(frame, result.anomaly_map, geometry, score=result.score, anomalous=result.anomalous,
-                  threshold=threshold, pixel_threshold=capped_pixel_threshold(pixel_threshold, threshold), fps=fps)
+    return render(
+        frame,
+        result.anomaly_map,
+        geometry,
+        score=result.score,
+        anomalous=result.anomalous,
+        threshold=threshold,
+        pixel_threshold=capped_pixel_threshold(pixel_threshold, threshold),
+        fps=fps,
+    )
 
 
 def jpeg(image_bgr: np.ndarray, quality: int = 80) -> bytes:
