@@ -20,6 +20,8 @@ from protoad_edge.cli.export import main as export_main
 from protoad_edge.cli.run import main as run_main
 from protoad_edge.metadata import ModelInfo
 
+pytestmark = pytest.mark.slow  # a real build, then runs
+
 SIZE = (160, 120)
 WINDOW = 10  # --health-window: a problem is in force from the 6th of 10 frames showing it
 SEGMENT = 20  # frames before, during and after each change
@@ -118,7 +120,6 @@ def test_the_bundle_records_its_normal_images(belt_model: Path) -> None:
         assert 0 < low <= high
 
 
-@pytest.mark.slow
 def test_a_lamp_change_is_named_within_the_window_and_cleared_when_restored(belt_model: Path, tmp_path: Path) -> None:
     frames = [belt_part(100 + i, light=1.5 if SEGMENT <= i < 2 * SEGMENT else 1.0) for i in range(3 * SEGMENT)]
     records, output = judge(lossless_video(tmp_path / "lamp.avi", frames), belt_model, tmp_path)
@@ -130,7 +131,6 @@ def test_a_lamp_change_is_named_within_the_window_and_cleared_when_restored(belt
     assert "health: " in output and "ATTENTION: over-exposed: brightness" in output and "ok again" in output
 
 
-@pytest.mark.slow
 def test_a_scale_change_is_named_within_the_window_and_cleared_when_restored(belt_model: Path, tmp_path: Path) -> None:
     frames = [belt_part(200 + i, zoom=1.8 if SEGMENT <= i < 2 * SEGMENT else 1.0) for i in range(3 * SEGMENT)]
     records, _ = judge(lossless_video(tmp_path / "zoom.avi", frames), belt_model, tmp_path)
@@ -142,7 +142,6 @@ def test_a_scale_change_is_named_within_the_window_and_cleared_when_restored(bel
     assert {code for r in records for code in r["health"]["problems"]} == {"blurred", "scores-high"}
 
 
-@pytest.mark.slow
 def test_frozen_and_black_frames_are_named(belt_model: Path, tmp_path: Path) -> None:
     good = [belt_part(300 + i) for i in range(SEGMENT)]
     black = np.zeros((SIZE[1], SIZE[0], 3), np.uint8)
@@ -155,7 +154,6 @@ def test_frozen_and_black_frames_are_named(belt_model: Path, tmp_path: Path) -> 
     assert 15 in in_force(records, "frozen")  # the 6th frozen frame of 10
 
 
-@pytest.mark.slow
 @needs_broker
 def test_one_mqtt_status_message_per_change(belt_model: Path, broker: Broker, tmp_path: Path) -> None:  # noqa: F811
     """Retained on TOPIC/health: the state at the start, one message on each change of the problems (as the
