@@ -450,3 +450,28 @@ def test_writing_happens_off_the_judging_thread(tmp_path: Path, video: Path, bac
     )
     recorder.close()
     assert writers and judging not in writers and len(rows(tmp_path / "w.db")) == FRAMES
+
+
+def test_frames_waiting_for_their_pictures_are_bounded(tmp_path: Path) -> None:
+    """The writer is stalled (another process holds the write lock): past ``image_backlog`` frames waiting for their
+    pictures, the next ones are queued without (each would hold its frame in memory), and counted."""
+    import protoad_edge.runtime.station.recorder as recorder_module
+    from test_station_live import judged
+
+    assert recorder_module.IMAGE_BACKLOG == 8
+    path = tmp_path / "p.db"
+    recorder = Recorder(path, "m", "c", ["cam"], 0.3, log=lambda m: None, batch_rows=1, image_backlog=2)
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        for i in range(6):
+            result = judged(i)
+            recorder.put(Judgement(0, result.record(), result))
+        assert 6 - 2 - 1 <= recorder.images_skipped <= 6 - 2  # the writer may have taken the first meanwhile
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    summary = recorder.close()
+    kept = [row for row in rows(path) if row["images"]]
+    assert len(rows(path)) == 6 and len(kept) == 6 - recorder.images_skipped
+    assert f"{recorder.images_skipped} without pictures (writer behind)" in summary

@@ -56,6 +56,9 @@ def test_the_suggestion_misses_no_defect_with_the_fewest_false_alarms() -> None:
     assert (suggested[0].caught, suggested[0].misses, suggested[0].false_alarms) == (2, 0, 1)
     assert suggested[0].threshold == pytest.approx(0.4)  # halfway between 0.2 and 0.6: the same margin both ways
     assert trade([marked(0.1, "false-alarm")], 0.5)[0] == Trade(0.1 - 0.001, 0, 0, 1)  # no defect: no suggestion
+    # two thresholds miss nothing and raise no false alarm: the higher one (the wider margin above the normal)
+    tied = trade([marked(0.1, "false-alarm"), marked(0.5, "real-defect")], in_force=0.35)
+    assert [t.threshold for t in tied if t.suggested] == [0.35]
     assert trade([], 0.5) == []
 
 
