@@ -9,7 +9,6 @@ import numpy as np
 
 from protoad_edge.imagestats import image_stats
 from protoad_edge.preprocess import Preprocess
-from protoad_edge.runtime import health
 from protoad_edge.runtime.health import Health, HealthMonitor, checks_known
 from protoad_edge.runtime.result import FrameResult, RunContext
 

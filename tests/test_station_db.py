@@ -455,8 +455,9 @@ def test_writing_happens_off_the_judging_thread(tmp_path: Path, video: Path, bac
 def test_frames_waiting_for_their_pictures_are_bounded(tmp_path: Path) -> None:
     """The writer is stalled (another process holds the write lock): past ``image_backlog`` frames waiting for their
     pictures, the next ones are queued without (each would hold its frame in memory), and counted."""
-    import protoad_edge.runtime.station.recorder as recorder_module
     from test_station_live import judged
+
+    import protoad_edge.runtime.station.recorder as recorder_module
 
     assert recorder_module.IMAGE_BACKLOG == 8
     path = tmp_path / "p.db"
