@@ -17,11 +17,10 @@ from ..runtime.loop import thresholds_in_force
 from ..runtime.outputs.sinks import Sink
 from ..runtime.sources.source import Source
 from ..runtime.station.recorder import KEEP_IMAGES, KEEP_MB, NORMAL_EVERY, Retention
-from ..runtime.station.server import is_loopback, parse_bind
-from ..runtime.station.station import ModelFacts, Station, StationConfig
+from ..runtime.station.server import parse_bind
+from ..runtime.station.station import TOKEN_ENV, ModelFacts, Station, StationConfig
 
 F = TypeVar("F", bound=Callable[..., Any])
-TOKEN_ENV = "PROTOAD_STATION_TOKEN"
 DEFAULT_DB = Path("protoad-station.db")
 
 OPTIONS = [
@@ -121,11 +120,6 @@ def station_config(
     bind = parse_bind(station_bind) if station_bind is not None else None
     retention = Retention(db_keep, db_keep_mb * 1024 * 1024, db_normal_every)
     token = read_token(station_token_file) if bind is not None else None
-    if bind is not None and not token and not is_loopback(bind[0]):
-        raise ProtoADError(
-            f"--station {station_bind} is reachable from other machines: give it a token "
-            f"(--station-token-file FILE, or the {TOKEN_ENV} environment variable)"
-        )
     return StationConfig(db if db is not None else DEFAULT_DB, bind, token, retention)
 
 

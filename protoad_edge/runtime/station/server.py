@@ -83,11 +83,6 @@ class StationServer(ThreadingHTTPServer):
 
     def __init__(self, bind: tuple[str, int], app: App, token: str | None) -> None:
         host, port = bind
-        if not is_loopback(host) and not token:
-            raise ProtoADError(
-                f"--station {host}:{port} is reachable from other machines: give it a token "
-                "(--station-token-file FILE, or the PROTOAD_STATION_TOKEN environment variable)"
-            )
         self.app, self.token, self.loopback = app, token, is_loopback(host)
         if ":" in host:
             self.address_family = socket.AF_INET6

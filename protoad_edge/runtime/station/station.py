@@ -19,8 +19,9 @@ from . import database, review
 from .images import FILES
 from .lane import StationLane
 from .recorder import Recorder, Retention
-from .server import StationServer
+from .server import StationServer, is_loopback
 
+TOKEN_ENV = "PROTOAD_STATION_TOKEN"
 GALLERY_LIMIT = 100  # frames one gallery request returns at most
 OPERATOR = re.compile(r"[^\x00-\x1f]{1,64}")  # a name the page sends with every action: printable, short
 CONTENT_TYPES = {".png": "image/png", ".jpg": "image/jpeg"}
@@ -32,6 +33,14 @@ class StationConfig:
     bind: tuple[str, int] | None = None  # where the page is served (None: no page)
     token: str | None = None
     retention: Retention = field(default_factory=Retention)
+
+    def __post_init__(self) -> None:
+        if self.bind is not None and not self.token and not is_loopback(self.bind[0]):
+            host, port = self.bind
+            raise ProtoADError(
+                f"--station {host}:{port} is reachable from other machines: give it a token "
+                f"(--station-token-file FILE, or the {TOKEN_ENV} environment variable)"
+            )
 
 
 @dataclass
