@@ -45,6 +45,10 @@ class ModelInfo:
     # Earlier thresholds, oldest first ({"image_threshold", "pixel_threshold", "threshold_rule", "replaced"}),
     # kept when ``protoad-eval --set-threshold`` puts new ones in force.
     threshold_history: list[dict[str, Any]] = field(default_factory=list)
+    # The bundle's version (``versions.py``): 1 as built, one more with every teach or threshold change; and what
+    # made each version from the one before, oldest first ({"version", "from", "what", "when", ...}).
+    version: int = 1
+    changes: list[dict[str, Any]] = field(default_factory=list)
     # Where the network looks: the region of interest [x, y, w, h] in source-image pixels (None: the whole
     # image), and how that region becomes the square network input (``preprocess.FITS``).
     roi: list[int] | None = None
