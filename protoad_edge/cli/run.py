@@ -22,6 +22,7 @@ from ..runtime.backend import Backend, BackendOptions
 from ..runtime.capture import Reconnect
 from ..runtime.loop import STATUS_EVERY_S, RunOptions, RunSummary, StopRequest, run_many
 from ..runtime.mqtt import MqttSink, parse_mqtt_url
+from ..runtime.reload import CHECK_EVERY_S, ModelWatch, reopener
 from ..runtime.triton import parse_server_url
 from .common import EXIT_INTERRUPTED, EXIT_TERMINATED, cpu_threads, threads_option, user_errors
 
@@ -131,11 +132,16 @@ def save_preview(spec: object, model: Path | None, roi: tuple[int, int, int, int
 @click.option("--mqtt-anomalies-only", is_flag=True, help="Publish only the records of anomalous frames.")
 @click.option("--mqtt-buffer", type=click.IntRange(min=1), default=10_000, show_default=True, metavar="N",
               help="Records kept for the broker while it is unreachable; beyond that the oldest are dropped.")
+@click.option("--reload-every", type=click.FloatRange(min=0.0), default=CHECK_EVERY_S, show_default=True,
+              metavar="SECONDS",
+              help="Look this often whether the bundle changed on disk (protoad-teach, its --rollback, protoad-eval "
+                   "--set-threshold) and switch to the new version between two frames, without dropping or repeating "
+                   "one; a version that cannot be opened is refused with one line. 0: never. Not with --server.")
 @user_errors
 def main(sources: tuple[str, ...], model: Path | None, backend: str, threads: int, server: str | None, threshold: float | None, show: bool, save: Path | None,
          save_masks: Path | None, jsonl: str | None, max_frames: int | None, roi: str | None, view_width: int | None,
          status_every: float, preview: Path | None, reconnect_timeout: float, mqtt: str | None,
-         mqtt_anomalies_only: bool, mqtt_buffer: int) -> None:
+         mqtt_anomalies_only: bool, mqtt_buffer: int, reload_every: float) -> None:
     """Judge every frame of SOURCE: camera0 (or 0), csi0 (Jetson CSI camera), a video file, an image
     file, a folder of images, an rtsp:// or http(s):// stream, or a GStreamer pipeline (with '!').
 
@@ -178,16 +184,23 @@ def main(sources: tuple[str, ...], model: Path | None, backend: str, threads: in
     stop = StopRequest()
     with stop_on_signals(stop), open_model(model, backend, threads, server, reconnect, log) as opened:
         facts, info = opened.describe(), opened.info
-        log(f"model {facts.model} ({info.category}, crop {info.crop}), backend {facts.line()}")
+        log(f"model {facts.model} ({info.category}, version {info.version}, crop {info.crop}), backend {facts.line()}")
         if threshold is None:
             log(f"threshold {info.image_threshold:.6g} (the model's; rule: {info.threshold_rule or 'not recorded'})")
         else:
             log(f"threshold {threshold:.6g} (--threshold; the model's is {info.image_threshold:.6g})")
         sinks = [MqttSink(mqtt, mqtt_anomalies_only, mqtt_buffer, log=log)] if mqtt is not None else []
+        watch = None
+        if server is None and reload_every > 0:
+            watch = ModelWatch(opened, reopener(opened, BackendOptions(threads=cpu_threads(threads))), reload_every, log)
         options = RunOptions(threshold=threshold, max_frames=max_frames, show=show, save=save, save_masks=save_masks,
                              jsonl=jsonl, roi=region, view_width=view_width, status_every=status_every, log=log,
-                             stop=stop, sinks=sinks, reconnect=reconnect)
-        summaries = run_many(specs, opened, options)
+                             stop=stop, sinks=sinks, reconnect=reconnect, watch=watch)
+        try:
+            summaries = run_many(specs, opened, options)
+        finally:
+            if watch is not None:
+                watch.close()
     for summary in summaries:
         for line in summary.lines():
             click.echo(line, err=to_stderr)
