@@ -14,13 +14,13 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, replace
-from datetime import datetime
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .. import versions
 from ..bundle import Bundle
 from ..decision import is_anomalous
 from ..errors import ProtoADError
@@ -180,19 +180,21 @@ class ThresholdChange:
 def write_threshold(model: str | os.PathLike, chosen: Outcome, split: str) -> ThresholdChange:
     """Put ``chosen`` in force for the bundle of ``model``: its sidecar gets the new image threshold and rule
     (``split`` says which images chose it), the previous values go to ``threshold_history``, and the file is
-    replaced atomically. The pixel threshold is kept (the runtime caps it at the image threshold)."""
+    replaced atomically, as a new version of the bundle (``versions.py``). The pixel threshold is kept (the runtime
+    caps it at the image threshold)."""
     bundle = Bundle.of(model)
     created = not bundle.sidecar.exists()
-    old = bundle.info()  # the sidecar, or the ONNX metadata when there is none
-    previous = {"image_threshold": old.image_threshold, "pixel_threshold": old.pixel_threshold,
-                "threshold_rule": old.threshold_rule,
-                "replaced": datetime.now().astimezone().isoformat(timespec="seconds")}
-    rule = (f"image: {chosen.rule} ({FLAG}) on {split}: flags {chosen.anomalous_caught}/{chosen.anomalous} "
-            f"anomalous and {chosen.false_alarms}/{chosen.normal} normal images; "
-            "pixel: unchanged (see threshold_history), capped at the image threshold in force")
-    new = replace(old, image_threshold=chosen.image_threshold, threshold_rule=rule,
-                  threshold_history=[*old.threshold_history, previous])
-    new.save_json(bundle.sidecar)
+    with versions.writing(bundle) as version:  # a new version: a running line switches to it, a rollback undoes it
+        old = version.before  # the sidecar, or the ONNX metadata when there is none
+        previous = {"image_threshold": old.image_threshold, "pixel_threshold": old.pixel_threshold,
+                    "threshold_rule": old.threshold_rule, "replaced": versions.now()}
+        rule = (f"image: {chosen.rule} ({FLAG}) on {split}: flags {chosen.anomalous_caught}/{chosen.anomalous} "
+                f"anomalous and {chosen.false_alarms}/{chosen.normal} normal images; "
+                "pixel: unchanged (see threshold_history), capped at the image threshold in force")
+        new = version.info(replace(old, image_threshold=chosen.image_threshold, threshold_rule=rule,
+                                   threshold_history=[*old.threshold_history, previous]),
+                           "set-threshold", rule=chosen.rule, image_threshold=chosen.image_threshold, split=split)
+        version.commit(new)
     return ThresholdChange(bundle.sidecar, old, new, created)
 
 
