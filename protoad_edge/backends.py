@@ -113,4 +113,11 @@ def open_backend(model: str | os.PathLike | None, backend: str = AUTO, *, catego
     ./models) with ``backend``."""
     bundle, given = locate(model, category)
     entry, path = choose(bundle, given, backend)
+    return open_file(entry, path, options)
+
+
+def open_file(entry: BackendEntry, path: Path, options: BackendOptions | None = None) -> Backend:
+    """Open ``path`` with ``entry``'s backend once the bundle's sidecar vouches for it (``Bundle.check``): every
+    command that runs a model (protoad-run, -eval, -bench, -serve) opens it here."""
+    Bundle.of(path).check(path)
     return entry.load()(path, options or BackendOptions())

@@ -152,8 +152,9 @@ class NewVersion:
         return dataclasses.replace(info, version=self.version, changes=[*self.before.changes, change])
 
     def commit(self, info: ModelInfo, keep: int = KEEP) -> ModelInfo:
-        """Keep the version in force, rename the staged files into place, drop the dropped ones, and write the
-        sidecar last (the commit point). ``info`` comes from :meth:`info`."""
+        """Keep the version in force, rename the staged files into place, drop the dropped ones, record the
+        digests of the files changed (``Bundle.seal``: a sidecar without digests stays without), and write the
+        sidecar last (the commit point). ``info`` comes from :meth:`info`; returns it as written."""
         if info.version != self.version:
             raise ValueError(f"commit of version {info.version}, staged as {self.version}")
         archive(self.bundle, self.before.version)
@@ -161,6 +162,7 @@ class NewVersion:
             pending.commit()
         for kind in self.dropped - set(self.pending):
             self.bundle.file(kind).unlink(missing_ok=True)
+        info = self.bundle.seal(info, tuple(sorted(set(self.pending) | self.dropped)))
         info.save_json(self.bundle.sidecar)
         prune(self.bundle, keep)
         return info

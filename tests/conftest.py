@@ -40,6 +40,7 @@ def make_bundle(out: Path, name: str = "tiny", crop: int = TINY_CROP, resize: in
 
     from protoad_edge.export.onnx import export_onnx
     from protoad_edge.build.features import PatchFeatures, build_backbone
+    from protoad_edge.bundle import Bundle
     from protoad_edge.constants import BACKBONE
     from protoad_edge.metadata import ModelInfo
     from protoad_edge.build.network import L2Norm, ProtoADNet
@@ -63,8 +64,8 @@ def make_bundle(out: Path, name: str = "tiny", crop: int = TINY_CROP, resize: in
     t = from_normal_maps(maps)
     info.image_threshold, info.pixel_threshold, info.threshold_rule = t.image, t.pixel, t.rule
     export_onnx(net, info, onnx_path)
-    info.save_json(out / f"{name}.json")
     np.save(out / f"{name}.prototypes.npy", prototypes)
+    Bundle(out / name).seal(info).save_json(out / f"{name}.json")  # digests, as an export records them
     return onnx_path
 
 

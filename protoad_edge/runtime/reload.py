@@ -90,16 +90,21 @@ class ModelWatch:
 
 
 def reopener(backend: Backend, options: BackendOptions) -> Callable[[], Backend]:
-    """How to open the new version of ``backend``'s file with the same backend and options. onnxruntime gets
-    the providers that run now: a provider that would fall back prints to stdout, which may carry the records."""
-    from ..backends import REGISTRY
+    """How to open the new version of ``backend``'s file with the same backend and options, once its sidecar
+    vouches for it (``backends.open_file``: the digests). onnxruntime gets the providers that run now: a provider
+    that would fall back prints to stdout, which may carry the records."""
+    from ..backends import REGISTRY, open_file
 
-    cls = REGISTRY[backend.name].load()
-    path = Path(backend.path)
-    providers = getattr(backend, "providers", None)
-    if providers:
-        return lambda: cls(path, options, providers=list(providers))  # type: ignore[call-arg]
-    return lambda: cls(path, options)
+    entry, path = REGISTRY[backend.name], Path(backend.path)
+    if backend.name != "ort":
+        return lambda: open_file(entry, path, options)
+    providers = list(getattr(backend, "providers", []))
+
+    def open_() -> Backend:
+        Bundle.of(path).check(path)
+        return entry.load()(path, options, providers=providers)  # type: ignore[call-arg]
+
+    return open_
 
 
 def _one_line(exc: BaseException) -> str:

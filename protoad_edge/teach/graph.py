@@ -51,14 +51,17 @@ class BundleGraph:
                                "protoad-export")
         where = str(bundle.onnx)
         self.bundle, self.info = bundle, info
+        bundle.check(bundle.onnx)  # what is taught must be the bundle's own graph (its sidecar's digest)
         self.model = xp.load(bundle.onnx)
         self.taps = xp.taps(self.model, where)
         self.prototypes = xp.read_prototypes(self.model, where)
         if len(self.prototypes) != info.num_prototypes:
             raise ProtoADError(f"{where} holds {len(self.prototypes):,} prototypes, its sidecar says "
                                f"{info.num_prototypes:,}: restore the pair the build or the last teach wrote")
-        self.projection: FittedProjection | None = (
-            load_projection(bundle.file("projection"), info.projection) if info.projection else None)
+        self.projection: FittedProjection | None = None
+        if info.projection:
+            bundle.check(bundle.file("projection"))
+            self.projection = load_projection(bundle.file("projection"), info.projection)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads

@@ -40,6 +40,7 @@ from .search import Cells
 Log = Callable[[str], None]
 # The graphs of a bundle that carry a prototype stage, besides NAME.onnx (which teaching reads).
 GRAPHS = ("fp16_onnx", "int8_onnx")
+RECORDED_FRAMES = 100  # per-frame lines kept in the sidecar's change record (the report has them all)
 
 
 @dataclass
@@ -141,7 +142,7 @@ def teach(bundle: Bundle, frames: Frames, *, graph: BundleGraph | None = None, c
         record = {"frames": n, "sources": sorted({label.rsplit("#", 1)[0] for label in frames.labels})[:20],
                   "patches": result.patches, "prototypes_added": len(covered.rows), "k_before": result.k_before,
                   "k_after": result.k_after, "cosine": cosine,
-                  "per_frame": [r.to_dict() for r in result.frames]}
+                  "per_frame": [r.to_dict() for r in result.frames[:RECORDED_FRAMES]]}
         if result.check is not None:
             record["check"] = result.check.to_dict()
         new_info = new.info(dataclasses.replace(info, num_prototypes=result.k_after), "teach", **record)
@@ -210,11 +211,13 @@ def _write(bundle: Bundle, graph: BundleGraph, covered: Cover, new: versions.New
     for kind in GRAPHS:
         path = bundle.file(kind)
         if path.is_file():
+            bundle.check(path)  # a stranger's graph would be sealed into the new version
             model = xp.load(path)
             xp.append_prototypes(model, covered.rows, info, str(path))
             _save(model, new.stage(kind))
             written.append(kind)
     if bundle.prototypes.is_file():
+        bundle.check(bundle.prototypes)
         old = np.load(bundle.prototypes, allow_pickle=False)
         if old.shape != (info.num_prototypes - len(covered.rows), covered.prototypes.shape[1]):
             raise ProtoADError(f"{bundle.prototypes}: shape {list(old.shape)} does not match the bundle's "
