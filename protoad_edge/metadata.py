@@ -38,12 +38,13 @@ SIDECAR_ONLY = ("digests",)
 HELD_OUT = "held-out"  # the build: max(max, mean + 3 std) of held-out normal images' scores
 TRAINING = "training-images"  # the build, with no image held out: the same on the training images (optimistic)
 ON_TEST_SPLIT = "@test-split"  # protoad-eval --set-threshold f1 / normal-max / fpr=X: chosen on a labelled test split
+ON_LINE_FRAMES = "@line-frames"  # the same, chosen on frames an operator sorted on the line (--normal/--defect)
 MANUAL = "manual"  # protoad-eval --set-threshold NUMBER
 OVERRIDE = "--threshold"  # protoad-run --threshold NUMBER (records only: the sidecar is not changed)
 UNRECORDED = "unrecorded"  # records, where the metadata names no rule
 CUSTOM = "custom"  # a rule protoad-edge does not write (edited by hand): records carry this, not the text
 RULE_NAMES = re.compile(rf"({HELD_OUT}|{TRAINING}|{MANUAL}|{OVERRIDE}|{UNRECORDED}|{CUSTOM}"
-                        rf"|(f1|normal-max|fpr=[0-9.e+-]+){ON_TEST_SPLIT})")
+                        rf"|(f1|normal-max|fpr=[0-9.e+-]+)({ON_TEST_SPLIT}|{ON_LINE_FRAMES}))")
 # Schema 2 kept a sentence in ``threshold_rule``: the build's began so, --set-threshold's named its rule so.
 V2_BUILD_RULE = "image: max(max, mean + 3 std)"
 V2_SET_RULE = re.compile(r"image: (\S+) \(--set-threshold\)")

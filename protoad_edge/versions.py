@@ -199,11 +199,11 @@ def rollback(bundle: Bundle, to: int | None = None) -> Rollback:
     with locked(bundle):
         info = bundle.info()
         versions = kept(bundle)
-        listed = ", ".join(map(str, sorted(versions))) or "none"
+        listed = ", ".join(str(v) for v in sorted(versions) if v != info.version) or "none"
         if to is None:
             if not info.changes:
-                raise ProtoADError(f"{bundle.stem} is version {info.version} as built, not made from another: nothing to "
-                                   f"roll back to (kept versions: {listed}; name one with --to)")
+                raise ProtoADError(f"{bundle.stem} is version {info.version} as built, not made from another: "
+                                   f"nothing to roll back to (kept versions: {listed}; name one with --to)")
             to = int(info.changes[-1]["from"])
         if to == info.version:
             raise ProtoADError(f"{bundle.stem} is version {to} already")

@@ -16,6 +16,7 @@ from ..atomic import write_text_atomic
 from ..backends import AUTO, CHOICES, HELP, NAMES, REGISTRY, parse_spec
 from ..constants import DATASET_KINDS, DEVICES
 from ..errors import ProtoADError
+from ..metadata import ON_LINE_FRAMES, ON_TEST_SPLIT
 from ..evaluation.accuracy_gate import ACCEPT_FLAG, MAX_AUROC_DROP_PT, MIN_SPEARMAN, Verdict, enforce
 from ..evaluation.paper import METRIC_LABELS, METRICS, comparison_rows, paper_dataset, paper_source
 from ..runtime.backend import BackendOptions
@@ -211,12 +212,13 @@ def _evaluate_one(model: Path, category: str, backend: str, options: dict[str, A
     return summary
 
 
-def _set_threshold(result: CategoryResult, rule: Rule, split: str, summary: dict[str, Any]) -> None:
+def _set_threshold(result: CategoryResult, rule: Rule, split: str, summary: dict[str, Any],
+                   on: str = ON_TEST_SPLIT) -> None:
     """Put ``rule``'s threshold on ``result``'s images in force (a new version of the bundle) and say so."""
     from ..evaluation.threshold_rules import apply_rule, write_threshold
 
     chosen = apply_rule(rule, result.test.labels, result.scores)  # the row printed for it
-    change = write_threshold(result.model, chosen, split)
+    change = write_threshold(result.model, chosen, split, on)
     source = " (new, from the ONNX metadata)" if change.created else ""
     click.echo(f"  set threshold {chosen.rule}: image {_thr(change.old.image_threshold)} -> "
                f"{_thr(chosen.image_threshold)}, pixel {_thr(change.new.pixel_threshold)} kept; "
@@ -239,7 +241,7 @@ def _evaluate_line(model: Path, normal: list[str], defect: list[str], backend: s
                "(no masks: image level only)")
     click.echo(format_rules(summary["threshold_rules"], summary["thresholds"]["pixel_threshold"]))
     if rule is not None:
-        _set_threshold(result, rule, split, summary)
+        _set_threshold(result, rule, split, summary, ON_LINE_FRAMES)
     if json_path is not None:
         report = {"tool": "protoad-eval", "version": __version__, "mode": "line", "frames": split, **summary}
         write_text_atomic(json_path, json.dumps(report, indent=2, allow_nan=False) + "\n")

@@ -239,7 +239,8 @@ def main(sources: tuple[str, ...], model: Path | None, backend: str, threads: in
         sinks = [mqtt_sink(mqtt)] if mqtt is not None else []
         watch = None
         if server is None and reload_every > 0:
-            watch = ModelWatch(opened, reopener(opened, BackendOptions(threads=cpu_threads(threads))), reload_every, log)
+            reopen = reopener(opened, BackendOptions(threads=cpu_threads(threads)))
+            watch = ModelWatch(opened, reopen, reload_every, log)
         options = RunOptions(threshold=threshold, max_frames=max_frames, show=show, save=save, save_masks=save_masks,
                              jsonl=jsonl, roi=region, view_width=view_width, status_every=status_every, log=log,
                              stop=stop, sinks=sinks, reconnect=reconnect, watch=watch)

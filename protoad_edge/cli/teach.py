@@ -125,8 +125,8 @@ def _teach(bundle: Bundle, sources: list[str], max_frames: int | None, held_out:
                f"(1 - the pixel threshold {result.pixel_threshold:.6g} in force)")
     rows = [["frame", "score before", "after", "taught patches", "share", "where (x,y,w,h)"]]
     for r in result.frames:
-        rows.append([r.label, f"{r.score_before:.6g}", f"{r.score_after:.6g}", f"{r.patches:,}", f"{100 * r.share:.1f}%",
-                     ",".join(map(str, r.bbox)) if r.bbox else "-"])
+        rows.append([r.label, f"{r.score_before:.6g}", f"{r.score_after:.6g}", f"{r.patches:,}",
+                     f"{100 * r.share:.1f}%", ",".join(map(str, r.bbox)) if r.bbox else "-"])
     click.echo(_columns(rows))
     if result.held_out is not None:
         h = result.held_out

@@ -122,7 +122,8 @@ def append_prototypes(model: onnx.ModelProto, rows: np.ndarray, info: ModelInfo,
         block = numpy_helper.from_array(rows[start:start + PROTOTYPE_CHUNK].astype(dtype), f"prototypes.blocks.{tag}")
         graph.initializer.append(block)
         matmul = _clone(stage.matmuls[-1], f"/prototypes/MatMul_{tag}", {stage.blocks[-1].name: block.name})
-        reduce = _clone(stage.reduces[-1], f"/prototypes/ReduceMax_{tag}", {stage.matmuls[-1].output[0]: matmul.output[0]})
+        reduce = _clone(stage.reduces[-1], f"/prototypes/ReduceMax_{tag}",
+                        {stage.matmuls[-1].output[0]: matmul.output[0]})
         merge = helper.make_node("Max", [current, reduce.output[0]], [f"/prototypes/Max_{tag}_output_0"],
                                  name=f"/prototypes/Max_{tag}")
         new_nodes += [matmul, reduce, merge]
@@ -136,7 +137,8 @@ def append_prototypes(model: onnx.ModelProto, rows: np.ndarray, info: ModelInfo,
         for offset, node in enumerate(new_nodes):
             graph.node.insert(producer + 1 + offset, node)
     if info.num_prototypes != count:
-        raise ProtoADError(f"{where}: {count:,} prototypes after appending, but the metadata says {info.num_prototypes:,}")
+        raise ProtoADError(f"{where}: {count:,} prototypes after appending, but the metadata says "
+                           f"{info.num_prototypes:,}")
     set_metadata(model, info)
     return count
 

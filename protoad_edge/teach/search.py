@@ -91,7 +91,8 @@ class Cells:
             self._compare(zb, part, rest, best, which)
         return best, which
 
-    def _compare(self, zb: np.ndarray, part: np.ndarray, cells: np.ndarray, best: np.ndarray, which: np.ndarray) -> None:
+    def _compare(self, zb: np.ndarray, part: np.ndarray, cells: np.ndarray, best: np.ndarray,
+                 which: np.ndarray) -> None:
         """Compare the block ``zb`` (patches ``part``) with the rows of ``cells``, keeping the best of each."""
         picked = [np.arange(self.starts[g], self.starts[g + 1]) for g in np.flatnonzero(cells)]
         rows = np.concatenate(picked) if picked else np.zeros(0, np.int64)

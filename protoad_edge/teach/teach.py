@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import cv2
 import numpy as np
 
 from .. import versions
@@ -31,6 +32,7 @@ from ..decision import image_scores, is_anomalous
 from ..errors import ProtoADError
 from ..export import prototypes as xp
 from ..metadata import ModelInfo
+from ..preprocess import Geometry
 from ..runtime.frames import Frames
 from .check import Check, CheckResult
 from .cover import Cover, cover, level
@@ -179,20 +181,28 @@ def _maps(graph: BundleGraph, cells: Cells, crops: np.ndarray) -> tuple[np.ndarr
 def _reports(frames: Frames, seen: Seen, after: np.ndarray, uncovered: np.ndarray) -> list[FrameReport]:
     """Per frame: scores before and after (``after`` maps, or scores when nothing was taught), what it taught."""
     side = seen.patch_scores.shape[1]
-    stride = frames.crops.shape[1] / side
     scores_after = after if after.ndim == 1 else after.reshape(len(after), -1).max(axis=1)
     reports = []
     for i, label in enumerate(frames.labels):
         mask = uncovered[i].reshape(side, side)
-        bbox = None
-        if mask.any():
-            rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-            u, v = math.floor(cols[0] * stride), math.floor(rows[0] * stride)
-            w, h = math.ceil((cols[-1] + 1) * stride) - u, math.ceil((rows[-1] + 1) * stride) - v
-            bbox = frames.geometries[i].box_to_frame(u, v, w, h)
-        reports.append(FrameReport(label, float(seen.scores[i]), float(scores_after[i]), int(mask.sum()),
-                                   float(mask.mean()), bbox))
+        share, bbox = taught_region(mask, frames.crops.shape[1], frames.geometries[i])
+        reports.append(FrameReport(label, float(seen.scores[i]), float(scores_after[i]), int(mask.sum()), share, bbox))
     return reports
+
+
+def taught_region(mask: np.ndarray, crop: int, geometry: Geometry) -> tuple[float, list[int] | None]:
+    """(the share of the judged area a frame taught, and where: the box [x, y, w, h] in frame pixels of its largest
+    8-connected group of taught patches, or None). A new look of the part is one group over all of it; a defect
+    taught by mistake is a small group where the defect is (scattered single patches are normal variation)."""
+    if not mask.any():
+        return 0.0, None
+    count, _, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    largest = 1 + int(np.argmax(stats[1:count, cv2.CC_STAT_AREA]))
+    col, row, width, height = (int(v) for v in stats[largest, :4])
+    stride = crop / mask.shape[0]
+    u, v = math.floor(col * stride), math.floor(row * stride)
+    w, h = math.ceil((col + width) * stride) - u, math.ceil((row + height) * stride) - v
+    return float(mask.mean()), geometry.box_to_frame(u, v, w, h)
 
 
 def _held_out(maps: tuple[np.ndarray, np.ndarray], frames: int, info: ModelInfo) -> HeldOut:
