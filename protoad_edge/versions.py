@@ -79,6 +79,23 @@ def locked(bundle: Bundle) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def writing_now(bundle: Bundle) -> bool:
+    """Whether a writer holds ``bundle``'s lock (a version is being written): a reader waits for the sidecar."""
+    import fcntl
+
+    try:
+        lock = open(folder(bundle) / ".lock")
+    except OSError:
+        return False
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        return False
+
+
 def _link(src: Path, dst: Path) -> None:
     """``dst`` becomes ``src``'s bytes: a hard link, or a copy where the file system has none."""
     try:

@@ -8,7 +8,8 @@ frame is judged twice or skipped and the capture and every output stay open; the
 
 A version that cannot be opened (half written, corrupt, its sidecar not matching its graph, a plan of another
 GPU) is refused with one line and the run goes on with the version it has; the watch tries again when the files
-change again. A change that lands while the new version is being opened is opened afresh: the version handed
+change again. A version still being written (``versions.writing`` holds the bundle's lock) is not read before its
+writer is done. A change that lands while the new version is being opened is opened afresh: the version handed
 over is the one whose files stayed put while it was read.
 """
 
@@ -20,8 +21,8 @@ from typing import Callable
 
 import numpy as np
 
-from ..bundle import Bundle, kind_of
-from ..versions import stamp
+from ..bundle import Bundle
+from ..versions import stamp, writing_now
 from .backend import Backend, BackendOptions
 
 CHECK_EVERY_S = 2.0  # between two looks at the bundle's files
@@ -36,7 +37,8 @@ class ModelWatch:
                  log: Log = print) -> None:
         self.open_, self.every, self.log = open_, every, log
         path = Path(backend.path)
-        self.paths = (Bundle.of(path).sidecar, path) if kind_of(path) is not None else (path,)
+        self.bundle = Bundle.of(path)
+        self.paths = (self.bundle.sidecar, path)
         self.seen = stamp(*self.paths)  # the files of the version running (or last refused)
         self.version = backend.info.version
         self._ready: Backend | None = None
@@ -61,7 +63,7 @@ class ModelWatch:
     def _watch(self) -> None:
         while not self._stop.wait(self.every):
             now = stamp(*self.paths)
-            if now == self.seen:
+            if now == self.seen or writing_now(self.bundle):  # a version half written: read it once it is whole
                 continue
             try:
                 opened = self.open_()
