@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .atomic import PendingFile
-from .bundle import FILES, Bundle, kind_of
+from .bundle import FILES, Bundle, kind_of, sha256
 from .errors import ProtoADError
 from .metadata import ModelInfo
 
@@ -227,10 +227,13 @@ def rollback(bundle: Bundle, to: int | None = None) -> Rollback:
         if to not in versions:
             raise ProtoADError(f"version {to} of {bundle.stem} is not kept in {folder(bundle)} (kept: {listed})")
         source = versions[to]
-        archive(bundle, info.version)
         files = {kind_of(p): p for p in source.iterdir() if kind_of(p) in KINDS}
+        _verify(files, to)
+        archive(bundle, info.version)
         for kind in sorted(files, key=lambda k: k == "sidecar"):  # the sidecar last: it commits
             target = bundle.file(kind)
+            if target.exists() and os.path.samefile(files[kind], target):
+                continue  # the version in force shares the file (a rename onto its own link would do nothing)
             tmp = target.with_name(f".{target.name}.{os.getpid()}.restore")
             tmp.unlink(missing_ok=True)
             _link(files[kind], tmp)
@@ -238,6 +241,19 @@ def rollback(bundle: Bundle, to: int | None = None) -> Rollback:
         for kind in sorted(set(KINDS) - set(files), key=lambda k: k == "sidecar"):
             bundle.file(kind).unlink(missing_ok=True)
         return Rollback(info.version, to, sorted(p.name for p in files.values()))
+
+
+def _verify(files: dict[str, Path], version: int) -> None:
+    """Refuse to restore a kept version whose files no longer have the digests its sidecar recorded: a copy onto
+    the bundle's file (``cp`` writes in place) changes the kept link too. Unsealed versions cannot be checked."""
+    if "sidecar" not in files:
+        return
+    digests = ModelInfo.load_json(files["sidecar"]).digests or {}
+    for kind, path in files.items():
+        if kind in digests and sha256(path) != digests[kind]:
+            raise ProtoADError(f"version {version}'s {path.name} in {path.parent} no longer has the sha256 its sidecar "
+                               "recorded (the bundle's file was overwritten in place, by cp, while this version shared "
+                               "it): not restored")
 
 
 def stamp(*paths: Path) -> tuple[tuple[int, int, int] | None, ...]:

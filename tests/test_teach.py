@@ -372,3 +372,60 @@ def test_set_threshold_on_frames_sorted_on_the_line(pristine: Path, frames: dict
     assert info.threshold_rule == "normal-max@line-frames"  # what every record of a run names
     both = CliRunner().invoke(eval_main, ["--model", str(onnx_path), "--normal", str(frames["normal"])])
     assert both.exit_code == 2 and "frames of both kinds" in both.output
+
+
+# --- the search and the grouping, on their own -------------------------------------------------------------------
+
+def clustered(n: int, dims: int, clusters: int, spread: float, seed: int) -> np.ndarray:
+    """Unit vectors around ``clusters`` random directions, like patch vectors of a few looks."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, dims))
+    x = centres[rng.integers(0, clusters, n)] + spread * rng.normal(size=(n, dims))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_the_pruned_search_is_exact() -> None:
+    from protoad_edge.teach.search import Cells, centres
+
+    rows = clustered(3000, 64, 40, 0.3, seed=1)
+    z = clustered(2000, 64, 40, 0.3, seed=2)
+    cells = Cells(rows, centres(rows))
+    best, which = cells.best(z, z @ cells.centres.T)
+    brute = z @ rows.T
+    assert np.array_equal(which, brute.argmax(axis=1)) and np.allclose(best, brute.max(axis=1), atol=1e-6)
+    floor = np.full(len(z), 0.9, np.float32)  # only rows better than the floor are looked for
+    high, where = cells.best(z, z @ cells.centres.T, floor=floor)
+    assert np.allclose(high, np.maximum(brute.max(axis=1), 0.9), atol=1e-6)
+    assert np.array_equal(where >= 0, brute.max(axis=1) > 0.9)
+
+
+def test_grouping_covers_every_patch_at_the_level() -> None:
+    from protoad_edge.teach.cover import cover
+
+    unit = clustered(4000, 64, 30, 0.15, seed=3)
+    cosine = 0.95
+    covered = cover(unit, unit, cosine, lambda rows: rows)
+    reach = np.einsum("ij,ij->i", unit, covered.rows[covered.owner])
+    assert reach.min() >= cosine and (covered.owner >= 0).all()
+    assert np.allclose(np.linalg.norm(covered.prototypes, axis=1), 1.0, atol=1e-5)
+    assert len(covered.rows) < len(unit) / 4  # grouped: the new look of a part is not one prototype a patch
+    rng = np.random.default_rng(4)  # through a projection (as --project-dims compares), covered in its space
+    matrix = np.linalg.qr(rng.normal(size=(64, 16)))[0].T.astype(np.float32)
+
+    def project(rows: np.ndarray) -> np.ndarray:
+        p = rows @ matrix.T
+        return p / np.linalg.norm(p, axis=1, keepdims=True)
+
+    projected = cover(project(unit), unit, cosine, project)
+    assert np.einsum("ij,ij->i", project(unit), projected.rows[projected.owner]).min() >= cosine
+    assert np.allclose(projected.rows, project(projected.prototypes), atol=1e-6)
+
+
+def test_the_level_is_the_pixel_threshold_in_force() -> None:
+    from protoad_edge.teach.cover import level
+
+    info = ModelInfo(category="c", resize=72, crop=64, backbone="b", weights="none", feature_upsample="bilinear",
+                     num_prototypes=1, image_threshold=0.2, pixel_threshold=0.1)
+    assert level(info) == pytest.approx(0.9)
+    assert level(dataclasses.replace(info, pixel_threshold=0.3)) == pytest.approx(0.8)  # capped at the image one
+    assert level(dataclasses.replace(info, pixel_threshold=float("nan"))) == pytest.approx(0.8)
