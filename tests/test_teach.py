@@ -182,6 +182,35 @@ def test_extended_graphs_are_a_fresh_export(which: str, added: int, request: pyt
     assert embedded["num_prototypes"] == len(everything)
 
 
+@pytest.mark.slow
+def test_the_int8_graph_is_extended_as_a_fresh_quantization_would_be(pristine: Path, tmp_path: Path) -> None:
+    """NAME.int8.onnx keeps its prototype MatMuls in FP32 and its calibration depends only on the backbone: after a
+    teach it equals the taught NAME.onnx quantized the same way."""
+    from protoad_edge.export import int8
+
+    onnx_path = copy_of(pristine, tmp_path)
+    calibration = crops(demo_frames(range(8, 12)))
+
+    def quantized(src: Path, dst: Path) -> None:
+        float_model = onnx.load(str(src))
+        convs = int8.backbone_convs(float_model)
+        int8._quantize(src, tmp_path / "all.onnx", convs, int8._Reader(float_model.graph.input[0].name, calibration))
+        model = int8.only(onnx.load(str(tmp_path / "all.onnx")), float_model, set(convs[:8]))
+        del model.metadata_props[:]
+        model.metadata_props.extend(float_model.metadata_props)
+        onnx.save(model, str(dst))
+
+    quantized(onnx_path, onnx_path.with_name("part.int8.onnx"))
+    Bundle.of(onnx_path).reseal()
+    result = teach(Bundle.of(onnx_path), frames_of(changed_lamp(demo_frames(range(20, 24)))))
+    assert "int8_onnx" in result.written
+    quantized(onnx_path, tmp_path / "fresh.int8.onnx")
+    x = to_batch(crops(changed_lamp(demo_frames(range(90, 93)))))
+    a = OrtBackend(onnx_path.with_name("part.int8.onnx"), providers=["CPUExecutionProvider"]).infer(x)
+    b = OrtBackend(tmp_path / "fresh.int8.onnx", providers=["CPUExecutionProvider"]).infer(x)
+    assert np.abs(a[0] - b[0]).max() <= GRAPH_TOLERANCE and np.abs(a[1] - b[1]).max() <= GRAPH_TOLERANCE
+
+
 def test_wrong_width_of_prototypes_is_refused(pristine: Path) -> None:
     model = xp.load(pristine)
     info = Bundle.of(pristine).info()

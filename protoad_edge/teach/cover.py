@@ -46,12 +46,13 @@ class Cover:
     centres: np.ndarray  # float32 [G, D]: the cells' centres
 
 
-def cover(compared: np.ndarray, unit: np.ndarray, cosine: float, to_graph: Callable[[np.ndarray], np.ndarray],
-          seed: int = 0) -> Cover:
+def cover(compared: np.ndarray, unit: np.ndarray | None, cosine: float,
+          to_graph: Callable[[np.ndarray], np.ndarray], seed: int = 0) -> Cover:
     """Prototypes covering every row of ``compared`` [M, D] (uncovered patches, unit vectors as the graph compares
-    them; ``unit`` [M, 1792] the same before any projection) at ``cosine``; ``to_graph`` maps 1792-d prototypes to
-    the graph's space."""
+    them; ``unit`` [M, 1792] the same before any projection, None where the graph does not project) at ``cosine``;
+    ``to_graph`` maps 1792-d prototypes to the graph's space."""
     m = len(compared)
+    unit = compared if unit is None else unit
     rng = np.random.default_rng(seed)
     sample = compared[np.sort(rng.choice(m, min(m, 8192), replace=False))]
     c = centres(sample, max(1, min(MAX_CELLS, m // PATCHES_PER_CELL)), seed=seed)
@@ -65,12 +66,14 @@ def cover(compared: np.ndarray, unit: np.ndarray, cosine: float, to_graph: Calla
             leader = pending
             group = np.arange(len(pending))
         else:
-            leader = _leaders(compared[pending], np.argmax(compared[pending] @ c.T, axis=1), cosine)
+            z = compared if len(pending) == m else compared[pending]
+            leader = _leaders(z, np.argmax(z @ c.T, axis=1), cosine)
             _, group = np.unique(leader, return_inverse=True)
-        _, sums = group_sums(unit[pending], group)
+        every = len(pending) == m  # the first round: no copy of the patches
+        _, sums = group_sums(unit if every else unit[pending], group)
         new = (sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)).astype(np.float32)
         graph_rows = to_graph(new)
-        reach = np.einsum("ij,ij->i", compared[pending], graph_rows[group])
+        reach = np.einsum("ij,ij->i", compared if every else compared[pending], graph_rows[group])
         covered = reach >= cosine if round_ < ROUNDS else np.ones(len(pending), bool)
         kept = np.unique(group[covered])  # groups covering at least one member
         renumber = np.full(len(new), -1, np.int64)

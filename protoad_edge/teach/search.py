@@ -19,7 +19,7 @@ CELLS = 128  # cells of the tree (at most one per 8 prototypes)
 ROWS_PER_CELL = 8
 ROUNDS = 6  # k-means rounds
 MARGIN = 1e-4  # widening of the bound, in distance (float32 dot products of unit vectors err by ~1e-6)
-BLOCK = 512  # patches per block: similar ones, which share their candidate cells
+BLOCK = 4096  # patches per product
 
 
 def centres(rows: np.ndarray, cells: int = CELLS, rounds: int = ROUNDS, seed: int = 0) -> np.ndarray:
@@ -68,10 +68,7 @@ class Cells:
     def best(self, z: np.ndarray, near: np.ndarray, floor: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(the highest similarity of each of ``z`` [M, D] to the rows, which row, as given) - exactly. ``near`` is
         ``z @ centres.T``; ``floor`` a similarity already reached elsewhere (a row no better is not looked for:
-        its rows come back as -1 where none beats it).
-
-        Patches are taken in blocks of similar ones (sorted by their nearest centre), so that a block's patches
-        share their candidate cells and each block is two products with the rows of those cells."""
+        its rows come back as -1 where none beats it)."""
         m = len(z)
         best = np.full(m, -np.inf, np.float32) if floor is None else floor.astype(np.float32).copy()
         which = np.full(m, -1, np.int64)
@@ -79,28 +76,32 @@ class Cells:
             return best, which
         reach = distance(near) - self.radius[None, :]  # no row of cell g is nearer than this
         own = np.argmax(near, axis=1)
-        order = np.argsort(own, kind="stable")
-        for start in range(0, m, BLOCK):
-            part = order[start:start + BLOCK]
-            zb = z[part]
-            first = np.zeros(len(self.radius), bool)
-            first[own[part]] = True
-            self._compare(zb, part, first, best, which)
-            bound = distance(best[part]) + MARGIN
-            rest = (reach[part] < bound[:, None]).any(axis=0) & ~first
-            self._compare(zb, part, rest, best, which)
+        self._visit(z, np.arange(m), own, best, which)
+        bound = distance(best) + MARGIN
+        for g in np.argsort(np.where(np.isfinite(self.radius), reach.mean(axis=0), np.inf)):
+            if not np.isfinite(self.radius[g]):
+                continue
+            todo = np.flatnonzero((reach[:, g] < bound) & (own != g))
+            if len(todo):
+                self._visit(z, todo, np.full(len(todo), g), best, which)
+                bound[todo] = distance(best[todo]) + MARGIN
         return best, which
 
-    def _compare(self, zb: np.ndarray, part: np.ndarray, cells: np.ndarray, best: np.ndarray,
-                 which: np.ndarray) -> None:
-        """Compare the block ``zb`` (patches ``part``) with the rows of ``cells``, keeping the best of each."""
-        picked = [np.arange(self.starts[g], self.starts[g + 1]) for g in np.flatnonzero(cells)]
-        rows = np.concatenate(picked) if picked else np.zeros(0, np.int64)
-        if not len(rows):
-            return
-        similarity = zb @ self.rows[rows].T
-        top = np.argmax(similarity, axis=1)
-        value = similarity[np.arange(len(part)), top]
-        better = value > best[part]
-        best[part[better]] = value[better]
-        which[part[better]] = self.index[rows[top[better]]]
+    def _visit(self, z: np.ndarray, patches: np.ndarray, cells: np.ndarray, best: np.ndarray,
+               which: np.ndarray) -> None:
+        """Compare ``patches`` with the rows of their ``cells``, keeping the best of each."""
+        order = np.argsort(cells, kind="stable")
+        patches, cells = patches[order], cells[order]
+        used, starts = np.unique(cells, return_index=True)
+        for g, start, end in zip(used, starts, [*starts[1:], len(cells)]):
+            rows = self.cell(g)
+            if not len(rows):
+                continue
+            for first in range(start, end, BLOCK):
+                part = patches[first:min(end, first + BLOCK)]
+                similarity = z[part] @ rows.T
+                top = np.argmax(similarity, axis=1)
+                value = similarity[np.arange(len(part)), top]
+                better = value > best[part]
+                best[part[better]] = value[better]
+                which[part[better]] = self.index[self.starts[g] + top[better]]

@@ -123,7 +123,8 @@ def teach(bundle: Bundle, frames: Frames, *, graph: BundleGraph | None = None, c
         result.frames = _reports(frames, seen, seen.scores, uncovered)
         result.notes.append("every patch of these frames is covered already: nothing to teach, no new version")
         return result
-    covered = cover(seen.compared[uncovered], seen.unit[uncovered], cosine, graph.to_graph, seed=info.seed)
+    unit = None if seen.unit is seen.compared else seen.unit[uncovered]
+    covered = cover(seen.compared[uncovered], unit, cosine, graph.to_graph, seed=info.seed)
     cells = Cells(covered.rows, covered.centres)
     after, _ = _after(graph, cells, seen)
     clock["prototypes"] = time.perf_counter() - start - sum(clock.values())
