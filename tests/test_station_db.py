@@ -161,7 +161,7 @@ def test_sigkill_leaves_every_committed_row(tiny_model: Path, tmp_path: Path) ->
     assert all(row[column] is not None for row in stored for column in ("score", "verdict", "regions", "roi"))
     # a new run on the same file goes on from there, and the pictures of rows never committed are gone
     named = {row["images"] for row in stored if row["images"]}
-    recorder = Recorder(db, "tiny", "tiny", ["again"], 0.0, log=lambda m: None)
+    recorder = Recorder(db, "tiny", "tiny", ["again"], log=lambda m: None)
     recorder.close()
     assert {p.name for p in db.with_name("killed.db.images").iterdir()} == named
 
@@ -192,7 +192,7 @@ def judgement(index: int, anomalous: bool = False, with_result: object = None) -
 
 
 def test_rows_are_committed_per_batch_of_rows_or_of_time(tmp_path: Path) -> None:
-    recorder = Recorder(tmp_path / "b.db", "m", "c", ["cam"], 0.0, log=lambda m: None, batch_rows=3, batch_seconds=30)
+    recorder = Recorder(tmp_path / "b.db", "m", "c", ["cam"], log=lambda m: None, batch_rows=3, batch_seconds=30)
     try:
         for i in range(3):
             recorder.put(judgement(i))
@@ -203,7 +203,7 @@ def test_rows_are_committed_per_batch_of_rows_or_of_time(tmp_path: Path) -> None
     finally:
         recorder.close()
     assert _count(tmp_path / "b.db") == 4  # closing stores what waits
-    timed = Recorder(tmp_path / "t.db", "m", "c", ["cam"], 0.0, log=lambda m: None, batch_rows=100, batch_seconds=0.3)
+    timed = Recorder(tmp_path / "t.db", "m", "c", ["cam"], log=lambda m: None, batch_rows=100, batch_seconds=0.3)
     try:
         timed.put(judgement(0))
         wait_until(lambda: _count(tmp_path / "t.db") == 1, 5, "the batch's time to commit one row")
@@ -216,7 +216,7 @@ def test_a_stalled_disk_never_blocks_the_judging_thread(tmp_path: Path) -> None:
     bound rows are dropped and counted, in one log line; when the lock goes every queued row is stored."""
     path = tmp_path / "s.db"
     logs: list[str] = []
-    recorder = Recorder(path, "m", "c", ["cam"], 0.0, log=logs.append, batch_rows=1, queue_rows=5)
+    recorder = Recorder(path, "m", "c", ["cam"], log=logs.append, batch_rows=1, queue_rows=5)
     blocker = sqlite3.connect(path, isolation_level=None)
     blocker.execute("BEGIN EXCLUSIVE")
     try:
@@ -243,7 +243,6 @@ def test_retention_removes_the_oldest_pictures_first_and_keeps_every_row(
         "m",
         "c",
         [str(video)],
-        0.0,
         Retention(keep_count=3, keep_bytes=10**9, normal_every=1),
         log=lambda m: None,
         image_backlog=FRAMES,
@@ -266,7 +265,6 @@ def test_retention_removes_the_oldest_pictures_first_and_keeps_every_row(
         "m",
         "c",
         [str(video)],
-        0.0,
         Retention(keep_count=100, keep_bytes=int(2.5 * one), normal_every=1),
         log=lambda m: None,
         image_backlog=FRAMES,
@@ -326,7 +324,7 @@ def test_a_full_database_is_one_line_until_it_has_room_again(tmp_path: Path) -> 
     """SQLite's own 'database or disk is full' (the file may not pass max_page_count): one line, the rows counted,
     and one line when rows are stored again."""
     logs: list[str] = []
-    recorder = Recorder(tmp_path / "f.db", "m", "c", ["cam"], 0.0, log=logs.append, batch_rows=1)
+    recorder = Recorder(tmp_path / "f.db", "m", "c", ["cam"], log=logs.append, batch_rows=1)
     assert recorder.db is not None
     pages = recorder.db.execute("PRAGMA page_count").fetchone()[0]
     recorder.db.execute(f"PRAGMA max_page_count = {pages}")
@@ -412,7 +410,7 @@ def test_every_column_is_documented(tmp_path: Path) -> None:
 
 def test_labels_keep_their_history_and_the_newest_is_in_force(tmp_path: Path) -> None:
     path = tmp_path / "l.db"
-    recorder = Recorder(path, "m", "c", ["cam"], 0.0, log=lambda m: None)
+    recorder = Recorder(path, "m", "c", ["cam"], log=lambda m: None)
     recorder.put(judgement(0, anomalous=True))
     recorder.close()
     db = database.connect(path)
@@ -433,7 +431,7 @@ def test_labels_keep_their_history_and_the_newest_is_in_force(tmp_path: Path) ->
 
 def test_writing_happens_off_the_judging_thread(tmp_path: Path, video: Path, backend: OrtBackend) -> None:
     """SQLite and the pictures are touched only by the recorder's thread."""
-    recorder = Recorder(tmp_path / "w.db", "m", "c", [str(video)], 0.0, log=lambda m: None)
+    recorder = Recorder(tmp_path / "w.db", "m", "c", [str(video)], log=lambda m: None)
     judging = threading.get_ident()
     writers: set[int] = set()
     store = recorder._store
@@ -461,7 +459,7 @@ def test_frames_waiting_for_their_pictures_are_bounded(tmp_path: Path) -> None:
 
     assert recorder_module.IMAGE_BACKLOG == 8
     path = tmp_path / "p.db"
-    recorder = Recorder(path, "m", "c", ["cam"], 0.3, log=lambda m: None, batch_rows=1, image_backlog=2)
+    recorder = Recorder(path, "m", "c", ["cam"], log=lambda m: None, batch_rows=1, image_backlog=2)
     blocker = sqlite3.connect(path, isolation_level=None)
     blocker.execute("BEGIN EXCLUSIVE")
     try:

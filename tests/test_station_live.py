@@ -34,13 +34,13 @@ def judged(index: int = 0, size: tuple[int, int] = (1280, 720), score: float = 0
         PRE(frame),
         amap,
         geometry,
-        RunContext("m", "c", 0.4, "manual"),
+        RunContext("m", "c", 0.4, "manual", pixel_threshold=0.3),
     )
 
 
 def test_the_live_view_is_what_show_draws_at_the_pages_width() -> None:
     result = judged()
-    small = overlay(result, 640, 0.3, fps=12.0)
+    small = overlay(result, 640, fps=12.0)
     full = render(
         result.frame,
         result.anomaly_map,
@@ -63,11 +63,11 @@ def test_the_live_view_is_what_show_draws_at_the_pages_width() -> None:
     ).sum(axis=2)
     x, y, w, h = (round(v / 2) for v in result.geometry.box_to_frame(80, 100, 40, 40))
     assert heat[y + h // 2, x + w // 2] > 100  # the defect's heat where the region is, in view pixels
-    assert overlay(result, None, 0.3).shape == (720, 1280, 3)  # no width: the frame's own
+    assert overlay(result, None).shape == (720, 1280, 3)  # no width: the frame's own
 
 
 def test_nothing_is_drawn_until_asked_and_each_frame_once_per_width() -> None:
-    view = LiveView(0.3)
+    view = LiveView()
     assert view.picture(640) is None
     for index in range(5):
         view.update(judged(index), 10.0)
@@ -83,7 +83,7 @@ def test_nothing_is_drawn_until_asked_and_each_frame_once_per_width() -> None:
 def test_drawing_stays_within_its_share_of_a_core() -> None:
     """A page asking for every new frame as fast as it can: the drawing takes at most LIVE_SHARE of the time (plus
     the one drawing that may run over), and the page gets the newest picture drawn meanwhile."""
-    view = LiveView(0.3)
+    view = LiveView()
     frames = [judged(i, size=(1920, 1080)) for i in range(4)]
     started = time.perf_counter()
     index = 0
@@ -106,8 +106,8 @@ def test_the_gallerys_picture_is_the_judged_area_and_a_margin() -> None:
     box = around(result.geometry)
     dx, dy = round(w / 4), round(h / 4)
     assert box == (x - dx, y - dy, w + 2 * dx, min(720 - (y - dy), h + 2 * dy))  # the frame ends below it
-    part = overlay(result, None, 0.3, box=box)
-    whole = overlay(result, None, 0.3)
+    part = overlay(result, None, box=box)
+    whole = overlay(result, None)
     bx, by, bw, bh = box
     assert part.shape[:2] == (bh - bh % 2, bw - bw % 2)
     below_header = slice(80, part.shape[0])  # the header is drawn over the top rows of each picture

@@ -6,6 +6,7 @@ database. Access rules (the loopback, the token, JSON-only actions) are checked 
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 import urllib.error
@@ -19,6 +20,7 @@ from selenium.webdriver.common.by import By
 from station_helpers import Camera, RunProcess, browser, rows, wait_until  # noqa: F401
 from test_station_db import part, write_video
 
+from protoad_edge.metadata import ModelInfo
 from protoad_edge.preprocess import to_batch
 from protoad_edge.runtime.backends.ort import OrtBackend
 
@@ -31,17 +33,28 @@ def jpeg_roundtrip(rgb: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(cv2.imdecode(data, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
 
 
+def shown(index: int, defect: bool) -> np.ndarray:
+    """A good part, or one with a black-and-white checked patch on it (a defect the tiny model tells apart)."""
+    frame = part(index)
+    if defect:
+        yy, xx = np.mgrid[0:36, 0:36]
+        frame[42:78, 62:98] = np.where(((yy // 6 + xx // 6) % 2)[..., None] == 0, 255, 0)
+    return frame
+
+
 @pytest.fixture(scope="module")
-def threshold(tiny_model: Path) -> float:
-    """Halfway between the highest score of a good part and the lowest of a part with the defect painted on."""
+def scores(tiny_model: Path) -> dict[str, float]:
+    """The highest score of a good part and the lowest of a defective one, as the camera delivers them (the same
+    five parts over and over, so these are exact), and a threshold halfway."""
     backend = OrtBackend(tiny_model, providers=["CPUExecutionProvider"])
     pre = backend.info.preprocess
-    scores = {}
+    found = {}
     for defect in (False, True):
-        crops = [pre(jpeg_roundtrip(part(i, defect))) for i in range(10)]
-        scores[defect] = backend.infer(to_batch(crops))[1]
-    assert scores[False].max() < scores[True].min(), scores
-    return float((scores[False].max() + scores[True].min()) / 2)
+        crops = [pre(jpeg_roundtrip(shown(i, defect))) for i in range(10)]
+        found[defect] = backend.infer(to_batch(crops))[1]
+    assert found[False].max() < found[True].min(), found
+    good, bad = float(found[False].max()), float(found[True].min())
+    return {"good": good, "defect": bad, "threshold": (good + bad) / 2}
 
 
 class Line:
@@ -49,37 +62,33 @@ class Line:
 
     def __init__(self) -> None:
         self.defect_until = 0.0
-        self.camera = Camera(lambda i: part(i, time.time() < self.defect_until), fps=8)
+        self.camera = Camera(lambda i: shown(i, time.time() < self.defect_until), fps=8)
 
     def show_defect(self, seconds: float) -> None:
         self.defect_until = time.time() + seconds
 
 
 @pytest.fixture(scope="module")
-def station(tiny_model: Path, threshold: float, tmp_path_factory: pytest.TempPathFactory):
+def station(tiny_model: Path, scores: dict[str, float], tmp_path_factory: pytest.TempPathFactory):
+    """The run judging the camera, with its own copy of the tiny bundle (the page changes it), whose threshold
+    is set between good and defective parts."""
     folder = tmp_path_factory.mktemp("station")
+    (folder / "models").mkdir()
+    for suffix in (".onnx", ".json", ".prototypes.npy"):
+        shutil.copy(tiny_model.with_name(tiny_model.stem + suffix), folder / "models")
+    model = folder / "models" / tiny_model.name
+    info = ModelInfo.load_json(model.with_suffix(".json"))
+    info.image_threshold, info.threshold_rule = scores["threshold"], "manual"
+    info.save_json(model.with_suffix(".json"))
     line = Line()
     process = RunProcess(
-        [
-            line.camera.url,
-            "--model",
-            str(tiny_model),
-            "--threshold",
-            str(threshold),
-            "--db",
-            "line.db",
-            "--station",
-            "127.0.0.1:0",
-            "--db-normal-every",
-            "4",
-            "--status-every",
-            "0",
-        ],
+        [line.camera.url, "--model", str(model), "--db", "line.db", "--station", "127.0.0.1:0"]
+        + ["--db-normal-every", "4", "--status-every", "0", "--reload-every", "0.2"],
         folder,
     )
     try:
         url = process.url()
-        yield {"url": url, "db": folder / "line.db", "line": line, "process": process, "folder": folder}
+        yield {"url": url, "db": folder / "line.db", "line": line, "process": process, "model": model}
     finally:
         process.process.terminate()
         code = process.wait(60)
@@ -265,3 +274,112 @@ def test_many_pages_at_once_share_one_picture_per_frame(station: dict) -> None:
     for thread in threads:
         thread.join()
     assert [status for status, _ in answers] == [200] * 10
+
+
+def test_applying_a_threshold_changes_the_verdicts_of_the_following_frames(station: dict, browser) -> None:  # noqa: F811
+    """Passed parts marked 'missed defect' make the page suggest a lower threshold; Apply writes it as a new
+    version of the bundle, and the running line judges the next frames with it: parts that passed now fail."""
+    before = ModelInfo.load_json(station["model"].with_suffix(".json"))
+    query = "SELECT id FROM frames WHERE verdict = 'ok' AND images IS NOT NULL LIMIT 12"
+    passed = wait_until(lambda: len(rows(station["db"], query)) >= 5 and rows(station["db"], query), 60, "5 passed")
+    for row in passed:
+        status, _ = post(station["url"] + "api/label", {"frame": row["id"], "label": "missed-defect", "operator": "Cy"})
+        assert status == 200
+    browser.get(station["url"])
+    browser.find_element(By.ID, "operator").send_keys("Cy")
+    row = wait_until(
+        lambda: [r for r in browser.find_elements(By.CSS_SELECTOR, "#trade tbody tr") if "suggested" in r.text],
+        20,
+        "the suggested threshold",
+    )[0]
+    suggested = float(row.find_element(By.CSS_SELECTOR, "button").get_attribute("data-threshold"))
+    assert suggested < before.image_threshold
+    last = max(r["id"] for r in rows(station["db"]))
+    row.find_element(By.CSS_SELECTOR, "button").click()
+    message = wait_until(
+        lambda: "puts the threshold" in (t := browser.find_element(By.ID, "review-result").text) and t,
+        60,
+        "the new version",
+    )
+    after = ModelInfo.load_json(station["model"].with_suffix(".json"))
+    assert after.version == before.version + 1 and after.image_threshold == suggested
+    assert f"version {after.version} of tiny puts the threshold" in message
+    judged = wait_until(
+        lambda: [r for r in rows(station["db"]) if r["id"] > last and r["model_version"] == after.version],
+        30,
+        "frames judged with the new version",
+    )
+    assert all(r["threshold"] == suggested for r in judged)
+    assert all((r["verdict"] == "anomaly") == (r["score"] > suggested) for r in judged)
+    earlier = rows(station["db"], "SELECT * FROM frames WHERE id <= ? AND model_version = ?", (last, before.version))
+    assert any(r["verdict"] == "ok" for r in earlier) and all(r["verdict"] == "anomaly" for r in judged)
+    wait_until(
+        lambda: browser.find_element(By.ID, "model").get_attribute("data-version") == str(after.version),
+        10,
+        "the page to name the new version",
+    )
+    applied = rows(station["db"], "SELECT * FROM actions WHERE action = 'apply'")
+    assert [(a["operator"], json.loads(a["detail"])["version"]) for a in applied] == [("Cy", after.version)]
+    assert after.changes[-1]["what"] == "set-threshold" and "chosen by Cy" in after.changes[-1]["split"]
+
+
+def test_teaching_the_false_alarms_makes_them_pass(station: dict, scores: dict[str, float], browser) -> None:  # noqa: F811
+    """With every part flagged (the threshold applied above), the operator marks good parts 'false alarm' and parts
+    with the defect 'real defect' (also the frames marked before, for what they show), and teaches from
+    the page: a new version with more prototypes, which passes the check on the marked frames (the defects stay
+    caught), and the good parts score lower from the next frames on."""
+    before = ModelInfo.load_json(station["model"].with_suffix(".json"))
+    last = max(r["id"] for r in rows(station["db"]))
+    station["line"].show_defect(1.0)
+    bad = wait_until(
+        lambda: (
+            (
+                found := rows(
+                    station["db"],
+                    "SELECT id, score FROM frames WHERE id > ? AND score >= ? AND images IS NOT NULL",
+                    (last, scores["defect"] - 1e-6),
+                )
+            )
+            and len(found) >= 2
+            and found
+        ),
+        30,
+        "2 frames of the defect",
+    )
+    good = rows(
+        station["db"],
+        "SELECT id, score FROM frames WHERE model_version = ? AND images IS NOT NULL AND "
+        "score <= ? ORDER BY id DESC LIMIT 8",
+        (before.version, scores["good"] + 1e-6),
+    )
+    # the frames marked by the tests before, marked again for what they show (a defect scores at least scores["defect"])
+    again = rows(station["db"], "SELECT id, score FROM frames WHERE id IN (SELECT frame FROM labels)")
+    assert len(good) >= 3
+    for row in bad + good + again:
+        label = "real-defect" if row["score"] >= scores["defect"] - 1e-6 else "false-alarm"
+        assert post(station["url"] + "api/label", {"frame": row["id"], "label": label, "operator": "Dee"})[0] == 200
+    browser.get(station["url"])
+    browser.find_element(By.ID, "operator").send_keys("Dee")
+    browser.find_element(By.ID, "teach").click()
+    message = wait_until(
+        lambda: (t := browser.find_element(By.ID, "review-result").text) and "working" not in t and t,
+        180,
+        "the teach to finish",
+    )
+    after = ModelInfo.load_json(station["model"].with_suffix(".json"))
+    assert after.version == before.version + 1 and after.num_prototypes > before.num_prototypes, message
+    newest = "SELECT frame, label FROM labels WHERE id IN (SELECT max(id) FROM labels GROUP BY frame)"
+    marked = rows(
+        station["db"],
+        f"SELECT f.id FROM frames f JOIN ({newest}) l ON l.frame = f.id "
+        "WHERE l.label = 'false-alarm' AND f.images IS NOT NULL",
+    )
+    assert f"version {after.version} of tiny knows the {len(marked)} false alarms as normal" in message
+    assert "check on the" in message and ": passed;" in message
+    judged = wait_until(
+        lambda: rows(station["db"], "SELECT score FROM frames WHERE model_version = ?", (after.version,)),
+        30,
+        "frames judged with the taught version",
+    )
+    assert max(r["score"] for r in judged) < min(r["score"] for r in good)  # the same good parts, known now
+    assert [a["operator"] for a in rows(station["db"], "SELECT * FROM actions WHERE action = 'teach'")] == ["Dee"]

@@ -242,7 +242,9 @@ def main(sources: tuple[str, ...], model: Path | None, backend: str, threads: in
         else:
             log(f"threshold {threshold:.6g} (--threshold; the model's is {info.image_threshold:.6g})")
         # before the broker's sink: a busy port fails first
-        services = LineServices(station_setup, health_window, opened, [spec.name for spec in specs], threshold, log)
+        bundle = locate(model)[0] if server is None else None  # what the station's Apply and Teach change
+        services = LineServices(station_setup, health_window, opened, bundle, [spec.name for spec in specs],
+                                threshold, log)
         watch = None
         try:
             sinks = [mqtt_sink(mqtt)] if mqtt is not None else []

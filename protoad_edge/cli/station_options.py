@@ -10,6 +10,7 @@ from typing import Any, Callable, TypeVar
 
 import click
 
+from ..bundle import Bundle
 from ..errors import ProtoADError
 from ..runtime.backends.base import Backend
 from ..runtime.health import WINDOW, Health
@@ -19,6 +20,7 @@ from ..runtime.sources.source import Source
 from ..runtime.station.recorder import KEEP_IMAGES, KEEP_MB, NORMAL_EVERY, Retention
 from ..runtime.station.server import parse_bind
 from ..runtime.station.station import TOKEN_ENV, ModelFacts, Station, StationConfig
+from .station_changes import BundleChanges
 
 F = TypeVar("F", bound=Callable[..., Any])
 DEFAULT_DB = Path("protoad-station.db")
@@ -132,6 +134,7 @@ class LineServices:
         config: StationConfig | None,
         health_window: int,
         backend: Backend,
+        bundle: Bundle | None,
         sources: Sequence[str],
         threshold: float | None,
         log: Callable[[str], None],
@@ -143,9 +146,13 @@ class LineServices:
             info, facts = backend.info, backend.describe()
             if config.db == DEFAULT_DB:
                 log(f"station: recording into {DEFAULT_DB} in the current folder (--db FILE to choose)")
-            image_threshold, pixel_threshold = thresholds_in_force(info, threshold)
-            model = ModelFacts(facts.model, info.category, facts.line(), image_threshold, threshold is not None)
-            self.station = Station(config, model, sources, pixel_threshold, log)
+            image_threshold = thresholds_in_force(info, threshold)[0]
+            model = ModelFacts(
+                facts.model, info.category, facts.line(), image_threshold, threshold is not None, info.version
+            )
+            self.station = Station(config, model, sources, log)
+            if bundle is not None:
+                self.station.changes = BundleChanges(bundle, log)
             for lane, monitor in zip(self.station.lanes, self.health.monitors):
                 lane.health = monitor
 

@@ -56,7 +56,7 @@ CREATE TABLE frames (
     threshold REAL NOT NULL,
     threshold_rule TEXT NOT NULL,
     model TEXT NOT NULL,
-    model_version TEXT,
+    model_version INTEGER,
     category TEXT NOT NULL,
     latency_ms REAL NOT NULL,
     roi TEXT NOT NULL,

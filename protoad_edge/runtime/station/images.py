@@ -21,7 +21,7 @@ from pathlib import Path
 
 import cv2
 
-from ...decision import capped_pixel_threshold, defect_mask
+from ...decision import defect_mask
 from ..result import FrameResult
 from .view import around, jpeg, overlay
 
@@ -50,18 +50,18 @@ class ImageStore:
     def path(self, name: str, kind: str) -> Path:
         return self.folder / name / FILES[kind]
 
-    def save(self, name: str, result: FrameResult, pixel_threshold: float) -> None:
+    def save(self, name: str, result: FrameResult) -> None:
         """Writes ``name``'s pictures of ``result``; an OSError (disk full, read-only) leaves nothing behind."""
         tmp = self.folder / f".{name}.tmp"
         try:
             tmp.mkdir(exist_ok=True)
-            mask = defect_mask(result.anomaly_map, capped_pixel_threshold(pixel_threshold, result.context.threshold))
+            mask = defect_mask(result.anomaly_map, result.context.pixel_threshold)
             pictures = {
                 "frame": _encode(
                     ".png", cv2.cvtColor(result.frame, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, PNG_LEVEL]
                 ),
                 "mask": _encode(".png", result.geometry.to_frame(mask)),
-                "overlay": jpeg(overlay(result, OVERLAY_WIDTH, pixel_threshold, box=around(result.geometry))),
+                "overlay": jpeg(overlay(result, OVERLAY_WIDTH, box=around(result.geometry))),
             }
             for kind, data in pictures.items():
                 (tmp / FILES[kind]).write_bytes(data)

@@ -16,9 +16,9 @@ from .live import LiveView
 
 
 class StationLane(Sink):
-    def __init__(self, index: int, name: str, pixel_threshold: float, latency: Latencies) -> None:
+    def __init__(self, index: int, name: str, latency: Latencies) -> None:
         self.index, self.name = index, name
-        self.live = LiveView(pixel_threshold)
+        self.live = LiveView()
         self.frames = self.anomalies = 0
         self.fps = 0.0
         self.last = 0.0  # time.monotonic() of the newest frame
@@ -59,5 +59,6 @@ class StationLane(Sink):
             "live_seq": self.live.seq,
             "threshold": result.context.threshold if result is not None else None,
             "threshold_rule": result.context.threshold_rule if result is not None else None,
+            "model_version": result.context.model_version if result is not None else None,
             "health": self.health.state() if self.health is not None else None,
         }

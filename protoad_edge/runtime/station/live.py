@@ -35,8 +35,7 @@ class Picture:
 
 
 class LiveView:
-    def __init__(self, pixel_threshold: float) -> None:
-        self.pixel_threshold = pixel_threshold
+    def __init__(self) -> None:
         self._latest: tuple[int, FrameResult, float] | None = None
         self._seq = 0
         self._cache: dict[int, Picture] = {}  # width -> the picture of the newest frame drawn at that width
@@ -71,7 +70,7 @@ class LiveView:
             if self._newest is not None and self._spending(started) >= LIVE_SHARE * BUDGET_WINDOW_S:
                 self.held += 1
                 return self._newest
-            drawn = jpeg(overlay(result, width, self.pixel_threshold, fps))
+            drawn = jpeg(overlay(result, width, fps))
             ended = time.perf_counter()
             self._spent.append((ended, ended - started))
             self.seconds += ended - started

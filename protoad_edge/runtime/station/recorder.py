@@ -55,7 +55,7 @@ class Retention:
 class Recorder:
     """Opens (creating or migrating) the database ``path`` and its picture folder ``path.images``, records one run.
 
-    ``lanes`` are the run's SOURCEs as shown; ``pixel_threshold`` draws the masks; ``log`` takes the lines about
+    ``lanes`` are the run's SOURCEs as shown; ``log`` takes the lines about
     the storage. ``committed`` stamps each row's capture-to-commit latency.
     """
 
@@ -65,7 +65,6 @@ class Recorder:
         model: str,
         category: str,
         lanes: Sequence[str],
-        pixel_threshold: float,
         retention: Retention = Retention(),
         log: Callable[[str], None] = print,
         batch_rows: int = BATCH_ROWS,
@@ -75,7 +74,6 @@ class Recorder:
     ) -> None:
         self.path = Path(path)
         self.lanes = list(lanes)
-        self.pixel_threshold = pixel_threshold
         self.retention = retention
         self.log = log
         self.batch_rows, self.batch_seconds, self.image_backlog = batch_rows, batch_seconds, image_backlog
@@ -221,7 +219,7 @@ class Recorder:
         assert judgement.result is not None
         name = f"{self.run:06d}-{judgement.lane}-{judgement.record['frame']:09d}"
         try:
-            self.images.save(name, judgement.result, self.pixel_threshold)
+            self.images.save(name, judgement.result)
         except OSError as exc:
             self._images_failed(exc)
             return None

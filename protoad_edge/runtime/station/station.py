@@ -4,12 +4,13 @@ closes it when the run ends (the page lives exactly as long as the run)."""
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from ...errors import ProtoADError
 from ..latency import Latencies
@@ -25,6 +26,14 @@ TOKEN_ENV = "PROTOAD_STATION_TOKEN"
 GALLERY_LIMIT = 100  # frames one gallery request returns at most
 OPERATOR = re.compile(r"[^\x00-\x1f]{1,64}")  # a name the page sends with every action: printable, short
 CONTENT_TYPES = {".png": "image/png", ".jpg": "image/jpeg"}
+
+
+class Changes(Protocol):
+    """What "Apply" and "Teach" do to the run's bundle (``cli.station_changes.BundleChanges``)."""
+
+    def set_threshold(self, threshold: float, reviewed: list[dict[str, Any]], operator: str) -> dict[str, Any]: ...
+
+    def teach(self, normal: Path, defect: Path) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -52,7 +61,7 @@ class ModelFacts:
     backend: str
     threshold: float  # the image threshold the run starts with
     override: bool = False  # --threshold: the run ignores the bundle's threshold
-    version: str | None = None
+    version: int | None = None  # the bundle's version when the run started (each frame's is in its context)
 
 
 class Station:
@@ -61,19 +70,17 @@ class Station:
         config: StationConfig,
         model: ModelFacts,
         sources: Sequence[str],
-        pixel_threshold: float,
         log: Callable[[str], None],
         mqtt: Any = None,
     ) -> None:
         self.config, self.model, self.log, self.mqtt = config, model, log, mqtt
+        self.changes: Changes | None = None  # set by the caller where the bundle is at hand
         self.latency = Latencies()  # capture -> the station has the verdict
-        self.lanes = [StationLane(i, name, pixel_threshold, self.latency) for i, name in enumerate(sources)]
+        self.lanes = [StationLane(i, name, self.latency) for i, name in enumerate(sources)]
         self.recorder: Recorder | None = None
         self.server: StationServer | None = None
         if config.db is not None:
-            self.recorder = Recorder(
-                config.db, model.name, model.category, sources, pixel_threshold, config.retention, log
-            )
+            self.recorder = Recorder(config.db, model.name, model.category, sources, config.retention, log)
         try:
             if config.bind is not None:
                 if config.db is None:
@@ -248,7 +255,51 @@ class Station:
             return self._label(body, operator, address)
         if action == "export":
             return self._export(operator, address)
+        if action == "apply":
+            return self._apply(body, operator, address)
+        if action == "teach":
+            return self._teach(operator, address)
         raise ProtoADError(f"no such action: {action}")
+
+    def _changes(self, what: str) -> Changes:
+        if self.changes is None:
+            raise ProtoADError(f"{what}: this run judges with a model on a server (--server), whose bundle is not here")
+        return self.changes
+
+    def _apply(self, body: dict[str, Any], operator: str, address: str) -> dict[str, Any]:
+        """The threshold ``body["threshold"]`` as a new version of the bundle, which the line switches to."""
+        threshold = body.get("threshold")
+        if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not math.isfinite(threshold):
+            raise ProtoADError("apply: give the threshold as a number")
+        if self.model.override:
+            raise ProtoADError(
+                f"apply: this run judges with --threshold {self.model.threshold:.6g}, whatever the bundle says: "
+                "restart it without --threshold to judge with the bundle's"
+            )
+        changes = self._changes("apply")
+        db = self._db()
+        try:
+            done = changes.set_threshold(float(threshold), database.labelled(db), operator)
+            database.log_action(db, operator, address, "apply", {"threshold": threshold, "version": done["version"]})
+        finally:
+            db.close()
+        self.log(f"station: {operator} ({address}): {done['message']}")
+        return done
+
+    def _teach(self, operator: str, address: str) -> dict[str, Any]:
+        """The marked false alarms taught to the bundle as a new version (exported first: the folders it reads)."""
+        changes = self._changes("teach")
+        exported = self._export(operator, address)
+        if not exported["normal"]:
+            raise ProtoADError("teach: no frame marked as a false alarm has its picture: mark some first")
+        done = changes.teach(Path(exported["normal_folder"]), Path(exported["defect_folder"]))
+        db = self._db()
+        try:
+            database.log_action(db, operator, address, "teach", {"frames": exported["normal"], **done})
+        finally:
+            db.close()
+        self.log(f"station: {operator} ({address}) taught: {done['message']}")
+        return done
 
     def _export(self, operator: str, address: str) -> dict[str, Any]:
         """The reviewed frames into FILE.review/normal and /defect, the folders protoad-eval and protoad-teach take."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from ...decision import capped_pixel_threshold
 from ...preprocess import Geometry
 from ..outputs.overlay import render, view_size
 from ..result import FrameResult
@@ -52,13 +51,12 @@ def cut(geometry: Geometry, box: tuple[int, int, int, int]) -> Geometry:
 def overlay(
     result: FrameResult,
     width: int | None,
-    pixel_threshold: float,
     fps: float | None = None,
     box: tuple[int, int, int, int] | None = None,
 ) -> np.ndarray:
     """BGR overlay of ``result`` (of its part ``box``, default all) at most ``width`` pixels wide (None: its own
     width), as ``--show`` draws it: heat, defect outlines, the judged area, the header with the verdict, score,
-    threshold and ``fps``. ``pixel_threshold`` is capped at the frame's image threshold, as the run caps it."""
+    threshold and ``fps``, with the thresholds the frame was judged with (``result.context``)."""
     frame, geometry = result.frame, result.geometry
     if box is not None:
         x, y, w, h = box
@@ -67,15 +65,14 @@ def overlay(
     if size != (frame.shape[1], frame.shape[0]):
         frame = cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
         geometry = scaled(geometry, size)
-    threshold = result.context.threshold
     return render(
         frame,
         result.anomaly_map,
         geometry,
         score=result.score,
         anomalous=result.anomalous,
-        threshold=threshold,
-        pixel_threshold=capped_pixel_threshold(pixel_threshold, threshold),
+        threshold=result.context.threshold,
+        pixel_threshold=result.context.pixel_threshold,
         fps=fps,
     )
 

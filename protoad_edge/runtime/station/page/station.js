@@ -146,9 +146,12 @@ function showHealth(node, health) {
 function showStatus(status) {
   if (state.sources.length !== status.sources.length) buildSources(status.sources);
   const model = status.model;
-  document.getElementById("model").textContent =
-    `model ${model.name} (${model.category})` + (model.version ? `, version ${model.version}` : "") +
-    `, ${model.backend}`;
+  const judging = status.sources.map((s) => s.model_version).filter((v) => v !== null && v !== undefined);
+  const version = judging.length ? Math.max(...judging) : model.version;
+  const modelBox = document.getElementById("model");
+  modelBox.dataset.version = version === null || version === undefined ? "" : String(version);
+  modelBox.textContent = `model ${model.name} (${model.category})` +
+    (version !== null && version !== undefined ? `, version ${version}` : "") + `, ${model.backend}`;
   const links = [];
   if (status.mqtt) {
     const m = status.mqtt;
