@@ -138,16 +138,8 @@ def table(category: str, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, required=True, help="NAME.onnx of a built bundle (left unchanged)")
-    parser.add_argument("--category", required=True)
-    parser.add_argument("--data-root", type=Path, required=True)
-    parser.add_argument("--counts", default="5,10,20", help="frames to teach, one fresh copy each")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--results", action="store_true", help="write the section of benchmarks/RESULTS.md")
-    args = parser.parse_args()
+def measure(args: argparse.Namespace) -> list[dict]:
+    """The rows: the bundle as built, then a fresh copy taught each count of frames."""
     counts = [int(c) for c in args.counts.split(",")]
     frames = scenario(args.model, args.category, args.data_root, max(counts))
     rows = [{"taught": 0, **metrics(args.model, frames, args.threads)}]
@@ -158,6 +150,20 @@ def main() -> None:
             rows.append({"taught": count, "seconds": seconds, "phases": report["seconds"],
                          **metrics(copy, frames, args.threads)})
         print(table(args.category, rows[-1:]).splitlines()[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, required=True, help="NAME.onnx of a built bundle (left unchanged)")
+    parser.add_argument("--category", required=True)
+    parser.add_argument("--data-root", type=Path, required=True)
+    parser.add_argument("--counts", default="5,10,20", help="frames to teach, one fresh copy each")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--results", action="store_true", help="write the section of benchmarks/RESULTS.md")
+    args = parser.parse_args()
+    rows = measure(args)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     if args.results:

@@ -340,6 +340,45 @@ def test_the_check_passes_a_teach_of_the_new_lamp(pristine: Path, frames: dict[s
     assert change["check"]["passed"] and change["check"]["caught"] == [4, 4]
 
 
+def test_a_plan_is_left_out_of_the_new_version_where_no_tensorrt_builds_it(pristine: Path, frames: dict[str, Path],
+                                                                           tmp_path: Path) -> None:
+    """A TensorRT plan holds the old prototypes: the new version has none, one line says where to build it, and the
+    version kept still has it (a rollback brings it back)."""
+    from protoad_edge.export.engine import engine_unavailable
+
+    if engine_unavailable() is None:
+        pytest.skip("TensorRT and a GPU are here: the plan is rebuilt instead (benchmarks/gpu_check.sh)")
+    onnx_path = copy_of(pristine, tmp_path)
+    plan = onnx_path.with_suffix(".plan")
+    plan.write_bytes(b"a plan of the old prototypes")
+    Bundle.of(onnx_path).reseal()
+    result = CliRunner().invoke(teach_main, ["--model", str(onnx_path), str(frames["teach"])])
+    assert result.exit_code == 0, result.output
+    assert not plan.exists() and "plan" not in Bundle.of(onnx_path).info().digests
+    note = next(line for line in result.output.splitlines() if line.startswith("note: part.plan"))
+    assert "not part of the new version" in note and f"protoad-export --from-onnx {onnx_path}" in note
+    versions.rollback(Bundle.of(onnx_path))
+    assert plan.read_bytes() == b"a plan of the old prototypes"
+
+
+def test_frames_from_a_video_and_a_live_source(pristine: Path, tmp_path: Path) -> None:
+    import cv2
+
+    from protoad_edge.runtime.frames import read_frames
+
+    path = tmp_path / "line.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25.0, (128, 128))
+    for frame in changed_lamp(demo_frames(range(20, 25))):
+        writer.write(cv2.cvtColor(cv2.resize(frame, (128, 128)), cv2.COLOR_RGB2BGR))
+    writer.release()
+    pre = Bundle.of(pristine).info().preprocess
+    got = read_frames([str(path)], pre, max_frames=3)
+    assert got.labels == [f"{path}#0", f"{path}#1", f"{path}#2"] and got.crops.shape == (3, 64, 64, 3)
+    assert len(read_frames([str(path)], pre).labels) == 5
+    with pytest.raises(ProtoADError, match="camera0 is live and has no end: give --max-frames"):
+        read_frames(["camera0"], pre)
+
+
 # --- versions ---------------------------------------------------------------------------------------------------
 
 def test_rollback_restores_the_files_bit_for_bit(pristine: Path, frames: dict[str, Path], tmp_path: Path) -> None:

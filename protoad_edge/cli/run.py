@@ -23,7 +23,7 @@ from ..runtime.capture import Reconnect
 from ..runtime.loop import STATUS_EVERY_S, RunOptions, RunSummary, StopRequest, run_many
 from ..runtime.mqtt import EXIT_UNDELIVERED, PASSWORD_ENV, BrokerAccess, MqttSink, parse_mqtt_url
 from ..runtime.spool import default_folder
-from ..runtime.reload import CHECK_EVERY_S, ModelWatch, reopener
+from ..runtime import reload
 from ..runtime.triton import parse_server_url
 from .common import EXIT_INTERRUPTED, EXIT_TERMINATED, cpu_threads, threads_option, user_errors
 
@@ -161,11 +161,12 @@ def save_preview(spec: object, model: Path | None, roi: tuple[int, int, int, int
 @click.option("--mqtt-insecure", is_flag=True,
               help="mqtts:// without checking the broker's certificate (anyone on the path can read and change "
                    "verdicts): for a first test only.")
-@click.option("--reload-every", type=click.FloatRange(min=0.0), default=CHECK_EVERY_S, show_default=True,
+@click.option("--reload-every", type=click.FloatRange(min=0.0), default=reload.CHECK_EVERY_S, show_default=True,
               metavar="SECONDS",
               help="Look this often whether the bundle changed on disk (protoad-teach, its --rollback, protoad-eval "
-                   "--set-threshold) and switch to the new version between two frames, without dropping or repeating "
-                   "one; a version that cannot be opened is refused with one line. 0: never. Not with --server.")
+                   "--set-threshold), or with --server whether the served model did (a server restarted on a new "
+                   "version), and switch to the new version between two frames, without dropping or repeating one; a "
+                   "version that cannot be opened is refused with one line. 0: never.")
 @user_errors
 def main(sources: tuple[str, ...], model: Path | None, backend: str, threads: int, server: str | None, threshold: float | None, show: bool, save: Path | None,
          save_masks: Path | None, jsonl: str | None, max_frames: int | None, roi: str | None, view_width: int | None,
@@ -238,9 +239,9 @@ def main(sources: tuple[str, ...], model: Path | None, backend: str, threads: in
             log(f"threshold {threshold:.6g} (--threshold; the model's is {info.image_threshold:.6g})")
         sinks = [mqtt_sink(mqtt)] if mqtt is not None else []
         watch = None
-        if server is None and reload_every > 0:
-            reopen = reopener(opened, BackendOptions(threads=cpu_threads(threads)))
-            watch = ModelWatch(opened, reopen, reload_every, log)
+        if reload_every > 0:
+            watch = (reload.served(opened, reload_every, log) if server is not None  # type: ignore[arg-type]
+                     else reload.local(opened, BackendOptions(threads=cpu_threads(threads)), reload_every, log))
         options = RunOptions(threshold=threshold, max_frames=max_frames, show=show, save=save, save_masks=save_masks,
                              jsonl=jsonl, roi=region, view_width=view_width, status_every=status_every, log=log,
                              stop=stop, sinks=sinks, reconnect=reconnect, watch=watch)
