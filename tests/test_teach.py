@@ -125,6 +125,17 @@ def test_a_graph_older_than_the_l2_scope_is_one_line(pristine: Path, tmp_path: P
     assert result.exit_code == 2 and result.output.count("\n") == 1 and "protoad-export" in result.output
 
 
+def test_a_graph_the_sidecar_does_not_vouch_for_is_not_extended(pristine: Path, frames: dict[str, Path],
+                                                                 tmp_path: Path) -> None:
+    """A NAME.fp16.onnx copied in from elsewhere would be sealed into the new version: refused, nothing written."""
+    onnx_path = copy_of(pristine, tmp_path)
+    onnx.save(convert_to_mixed_fp16(onnx.load(str(onnx_path))), str(onnx_path.with_name("part.fp16.onnx")))
+    before = {p.name: p.read_bytes() for p in onnx_path.parent.iterdir() if p.is_file()}
+    result = CliRunner().invoke(teach_main, ["--model", str(onnx_path), str(frames["teach"])])
+    assert result.exit_code == 2 and "part.fp16.onnx does not match" in result.output
+    assert {p.name: p.read_bytes() for p in onnx_path.parent.iterdir() if p.is_file()} == before
+
+
 def test_a_bundle_without_its_onnx_says_where_to_get_it(pristine: Path, tmp_path: Path) -> None:
     onnx_path = copy_of(pristine, tmp_path)
     onnx_path.unlink()
@@ -491,6 +502,24 @@ def test_grouping_covers_every_patch_at_the_level() -> None:
     projected = cover(project(unit), unit, cosine, project)
     assert np.einsum("ij,ij->i", project(unit), projected.rows[projected.owner]).min() >= cosine
     assert np.allclose(projected.rows, project(projected.prototypes), atol=1e-6)
+
+
+def test_a_groups_mean_that_leaves_a_member_uncovered_is_checked() -> None:
+    """Twenty patches on one side of a leader and one on the other, all within the level of it: their mean leans
+    to the twenty and no longer covers the one, which is covered in a later round."""
+    from protoad_edge.teach.cover import cover
+
+    def at(cosine: float, side: float, noise: float) -> np.ndarray:
+        v = np.zeros(8)
+        v[0], v[1], v[2] = cosine, side * np.sqrt(1 - cosine**2), noise
+        return v / np.linalg.norm(v)
+
+    rows = np.stack([at(1.0, 1, 0)] + [at(0.97, 1, 0.001 * i) for i in range(20)] + [at(0.955, -1, 0)])
+    rows = rows.astype(np.float32)
+    covered = cover(rows, None, 0.95, lambda r: r)
+    lone = rows[-1]
+    assert float(lone @ covered.rows[0]) < 0.9  # the first group's mean
+    assert float(lone @ covered.rows[covered.owner[-1]]) >= 0.95 and len(covered.rows) == 2
 
 
 def test_the_level_is_the_pixel_threshold_in_force() -> None:

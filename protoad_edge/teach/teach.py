@@ -110,6 +110,9 @@ def teach(bundle: Bundle, frames: Frames, *, graph: BundleGraph | None = None, c
     info = bundle.info()
     if not np.isfinite(info.image_threshold):
         raise ProtoADError(f"{bundle.sidecar}: no image threshold: set one with protoad-eval --set-threshold first")
+    for kind in (*GRAPHS, "prototypes"):  # what is extended must be the bundle's own: a stranger would be sealed in
+        if bundle.file(kind).is_file():
+            bundle.check(bundle.file(kind))
     graph = graph or BundleGraph(bundle, info, threads)
     clock["open"] = time.perf_counter() - start
     seen = graph.see(frames.crops)
@@ -222,13 +225,11 @@ def _write(bundle: Bundle, graph: BundleGraph, covered: Cover, new: versions.New
     for kind in GRAPHS:
         path = bundle.file(kind)
         if path.is_file():
-            bundle.check(path)  # a stranger's graph would be sealed into the new version
             model = xp.load(path)
             xp.append_prototypes(model, covered.rows, info, str(path))
             _save(model, new.stage(kind))
             written.append(kind)
     if bundle.prototypes.is_file():
-        bundle.check(bundle.prototypes)
         old = np.load(bundle.prototypes, allow_pickle=False)
         if old.shape != (info.num_prototypes - len(covered.rows), covered.prototypes.shape[1]):
             raise ProtoADError(f"{bundle.prototypes}: shape {list(old.shape)} does not match the bundle's "
