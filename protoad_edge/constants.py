@@ -42,6 +42,9 @@ def feature_size(crop: int) -> int:
 # "/l2norm/...": the scope that FP16 graphs and engines keep in FP32 (its sum of squares overflows FP16).
 L2NORM_MODULE = "l2norm"
 FP32_SCOPE = f"/{L2NORM_MODULE}/"
+# Prototypes per block of the graph's prototype stage (``build.network.NearestPrototype``); a teach that appends
+# prototypes (``export/prototypes.py``) fills the last block to it and adds blocks of it, as an export would.
+PROTOTYPE_CHUNK = 512
 
 # Choice lists shared by the CLIs and the Python API.
 UPSAMPLE_MODES = ("bilinear", "nearest")

@@ -38,12 +38,13 @@ SIDECAR_ONLY = ("digests",)
 HELD_OUT = "held-out"  # the build: max(max, mean + 3 std) of held-out normal images' scores
 TRAINING = "training-images"  # the build, with no image held out: the same on the training images (optimistic)
 ON_TEST_SPLIT = "@test-split"  # protoad-eval --set-threshold f1 / normal-max / fpr=X: chosen on a labelled test split
+ON_LINE_FRAMES = "@line-frames"  # the same, chosen on frames an operator sorted on the line (--normal/--defect)
 MANUAL = "manual"  # protoad-eval --set-threshold NUMBER
 OVERRIDE = "--threshold"  # protoad-run --threshold NUMBER (records only: the sidecar is not changed)
 UNRECORDED = "unrecorded"  # records, where the metadata names no rule
 CUSTOM = "custom"  # a rule protoad-edge does not write (edited by hand): records carry this, not the text
 RULE_NAMES = re.compile(rf"({HELD_OUT}|{TRAINING}|{MANUAL}|{OVERRIDE}|{UNRECORDED}|{CUSTOM}"
-                        rf"|(f1|normal-max|fpr=[0-9.e+-]+){ON_TEST_SPLIT})")
+                        rf"|(f1|normal-max|fpr=[0-9.e+-]+)({ON_TEST_SPLIT}|{ON_LINE_FRAMES}))")
 # Schema 2 kept a sentence in ``threshold_rule``: the build's began so, --set-threshold's named its rule so.
 V2_BUILD_RULE = "image: max(max, mean + 3 std)"
 V2_SET_RULE = re.compile(r"image: (\S+) \(--set-threshold\)")
@@ -67,6 +68,10 @@ class ModelInfo:
     # Earlier thresholds, oldest first ({"image_threshold", "pixel_threshold", "threshold_rule", "threshold_detail",
     # "replaced"}), kept when ``protoad-eval --set-threshold`` puts new ones in force.
     threshold_history: list[dict[str, Any]] = field(default_factory=list)
+    # The bundle's version (``versions.py``): 1 as built, one more with every teach or threshold change; and what
+    # made each version from the one before, oldest first ({"version", "from", "what", "when", ...}).
+    version: int = 1
+    changes: list[dict[str, Any]] = field(default_factory=list)
     # Where the network looks: the region of interest [x, y, w, h] in source-image pixels (None: the whole
     # image), and how that region becomes the square network input (``preprocess.FITS``).
     roi: list[int] | None = None

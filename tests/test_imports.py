@@ -14,14 +14,16 @@ PACKAGE = Path(__file__).resolve().parents[1] / "protoad_edge"
 
 # Lowest first. Shared code; the torch-free runtime and the backend registry; the exporters (which run
 # what they make through the runtime); the build stage (which drives the exporters); evaluation (which
-# reads datasets with the build's readers and runs any backend); the CLIs.
+# reads datasets with the build's readers and runs any backend); teaching a deployed bundle (which checks a teach
+# with the evaluation's accuracy gate); the CLIs.
 LAYERS = (
     ("shared", ("protoad_edge", "errors", "atomic", "progress", "constants", "preprocess", "metadata", "bundle",
-                "decision", "metrics", "gpu", "redact")),
+                "decision", "metrics", "gpu", "redact", "versions")),
     ("runtime", ("runtime",)),
     ("export", ("export",)),
     ("build", ("builder",)),
     ("evaluation", ("evaluation",)),
+    ("teach", ("teach",)),
     ("cli", ("cli",)),
 )
 
@@ -115,7 +117,10 @@ TORCH_FREE = ("protoad_edge.runtime", "protoad_edge.runtime.loop", "protoad_edge
               "protoad_edge.export.tensorrt", "protoad_edge.evaluation.bench", "protoad_edge.evaluation.evaluate",
               "protoad_edge.builder.config", "protoad_edge.builder.datasets", "protoad_edge.builder.memory",
               "protoad_edge.cli.run",
-              "protoad_edge.cli.bench", "protoad_edge.cli.eval", "protoad_edge.cli.export")
+              "protoad_edge.cli.bench", "protoad_edge.cli.eval", "protoad_edge.cli.export",
+              "protoad_edge.versions", "protoad_edge.runtime.reload", "protoad_edge.export.prototypes",
+              "protoad_edge.teach.teach", "protoad_edge.teach.check", "protoad_edge.evaluation.line_split",
+              "protoad_edge.cli.teach")
 
 
 def test_runtime_side_imports_without_torch() -> None:

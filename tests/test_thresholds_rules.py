@@ -208,10 +208,15 @@ def test_write_keeps_history_and_pixel_threshold(bundle: Path) -> None:
     assert named.new.threshold_rule == "f1@test-split" and named.new.digests == built.digests
     for entry in info.threshold_history:
         assert datetime.fromisoformat(entry["replaced"]).tzinfo is not None
-    # Everything but the thresholds is the build's (its digests too), so the runtime still accepts the pair.
-    keep = {k: v for k, v in built.to_dict().items() if not k.startswith("threshold") and k != "image_threshold"}
+    # Everything but the thresholds and the version is the build's (its digests too), so the runtime still accepts
+    # the pair; each threshold set is a new version, the ones it replaced kept beside the bundle (versions.py).
+    keep = {k: v for k, v in built.to_dict().items()
+            if not k.startswith("threshold") and k not in ("image_threshold", "version", "changes")}
     assert {k: info.to_dict()[k] for k in keep} == keep and set(built.digests) == {"onnx", "prototypes"}
-    assert sorted(p.name for p in bundle.parent.iterdir()) == ["tiny.json", "tiny.onnx", "tiny.prototypes.npy"]
+    assert (info.version, [(c["what"], c["from"]) for c in info.changes]) == (3, [("set-threshold", 1),
+                                                                                 ("set-threshold", 2)])
+    assert sorted(p.name for p in bundle.parent.iterdir()) == ["tiny.json", "tiny.onnx", "tiny.prototypes.npy",
+                                                               "tiny.versions"]
 
 
 def test_failed_write_leaves_the_old_file(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -225,7 +230,8 @@ def test_failed_write_leaves_the_old_file(bundle: Path, monkeypatch: pytest.Monk
     with pytest.raises(OSError):
         write_threshold(bundle, chosen(0.5), "the test split")
     assert sidecar.read_bytes() == before
-    assert sorted(p.name for p in bundle.parent.iterdir()) == ["tiny.json", "tiny.onnx", "tiny.prototypes.npy"]
+    assert sorted(p.name for p in bundle.parent.iterdir()) == ["tiny.json", "tiny.onnx", "tiny.prototypes.npy",
+                                                               "tiny.versions"]  # the version in force, kept
 
 
 def test_bundle_without_sidecar_gets_one_from_the_onnx_metadata(bundle: Path) -> None:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..constants import L2NORM_MODULE
+from ..constants import L2NORM_MODULE, PROTOTYPE_CHUNK
 from .features import PatchFeatures
 
 
@@ -81,7 +81,7 @@ class NearestPrototype(nn.Module):
     product as in the convolution and the maximum is exact, so results match it to float rounding.
     """
 
-    CHUNK = 512
+    CHUNK = PROTOTYPE_CHUNK
 
     def __init__(self, prototypes: torch.Tensor) -> None:
         super().__init__()

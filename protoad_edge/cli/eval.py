@@ -16,12 +16,14 @@ from ..atomic import write_text_atomic
 from ..runtime.backends.registry import AUTO, CHOICES, HELP, NAMES, REGISTRY, parse_spec
 from ..constants import DATASET_KINDS, DEVICES
 from ..errors import ProtoADError
+from ..metadata import ON_LINE_FRAMES, ON_TEST_SPLIT
 from ..evaluation.accuracy_gate import ACCEPT_FLAG, MAX_AUROC_DROP_PT, MIN_SPEARMAN, Verdict, enforce
 from ..evaluation.paper import METRIC_LABELS, METRICS, comparison_rows, paper_dataset, paper_source
 from ..runtime.backends.base import BackendOptions
 from .common import cpu_threads, threads_option, user_errors
 
 if TYPE_CHECKING:
+    from ..evaluation.evaluate import CategoryResult
     from ..evaluation.threshold_rules import Rule
 
 ALL = "all"
@@ -31,7 +33,13 @@ ALL = "all"
 @click.option("--model", required=True, type=click.Path(path_type=Path),
               help="A bundle file (NAME.onnx, .json or .plan; the others are found beside it) "
                    "or a folder of bundles CATEGORY.* (required for --category all).")
-@click.option("--category", required=True, help="Category to evaluate, or 'all' for every category under the data root.")
+@click.option("--category", default=None,
+              help="Category to evaluate, or 'all' for every category under the data root (or --normal/--defect).")
+@click.option("--normal", multiple=True, metavar="SOURCE",
+              help="Instead of --category: normal frames sorted on the line (a folder, video, image; repeatable), "
+                   "with --defect. Shows the threshold trade (caught, misses, false alarms) on the line's own frames, "
+                   "and --set-threshold chooses on them (image level: the frames have no masks).")
+@click.option("--defect", multiple=True, metavar="SOURCE", help="Defect frames sorted on the line (repeatable).")
 @click.option("--any-category", is_flag=True,
               help="Evaluate a bundle built for another category than --category (refused otherwise: its scores "
                    "there say nothing about either category).")
@@ -72,10 +80,12 @@ ALL = "all"
 @click.option("--fp32", is_flag=True, help="torch backend: stay in FP32 on a GPU (default there: FP16); "
                                             "ort's TensorRT provider: FP32 instead of FP16.")
 @user_errors
-def main(model: Path, category: str, any_category: bool, data_root: Path | None, dataset: str, backend: str,
+def main(model: Path, category: str | None, normal: tuple[str, ...], defect: tuple[str, ...], any_category: bool,
+         data_root: Path | None, dataset: str, backend: str,
          compare: str | None, accept_accuracy_loss: bool, set_threshold: str | None, json_path: Path | None,
          out: Path | None, batch_size: int, device: str, threads: int, fp32: bool) -> None:
-    """Evaluate a ProtoAD model bundle on the test split of CATEGORY (images with normal/anomalous labels)."""
+    """Evaluate a ProtoAD model bundle on the test split of CATEGORY (images with normal/anomalous labels), or on
+    frames an operator sorted on the line (--normal and --defect)."""
     from ..builder.datasets import list_categories, resolve_data_root, root_mistake  # heavy imports wait for --help
     from ..evaluation.threshold_rules import parse_rule
 
@@ -85,6 +95,16 @@ def main(model: Path, category: str, any_category: bool, data_root: Path | None,
     rule = parse_rule(set_threshold) if set_threshold is not None else None  # a typo fails before any work
     if rule is not None and backends:
         raise ProtoADError("--set-threshold writes the threshold of the bundle evaluated: use it without --compare")
+    if normal or defect:
+        if category is not None or backends or out is not None:
+            raise ProtoADError("--normal/--defect evaluate frames sorted on the line: drop --category, --compare and "
+                               "--out")
+        _evaluate_line(model, list(normal), list(defect), backend, rule, json_path, batch_size,
+                       BackendOptions(device=device, threads=cpu_threads(threads), fp16=False if fp32 else None))
+        return
+    if category is None:
+        raise ProtoADError("give --category (a labelled test split), or --normal and --defect (frames sorted on the "
+                           "line)")
     if rule is not None and category == ALL:
         raise ProtoADError("--set-threshold writes one bundle's threshold: name one --category, not all")
     if category == ALL:
@@ -183,22 +203,49 @@ def _evaluate_one(model: Path, category: str, backend: str, options: dict[str, A
     click.echo(f"  time: inference {s['infer']:,.2f} s ({'-' if speed is None else f'{speed:,.1f}'} images/s, "
                f"{options['batch_size']} images per call), metrics {s['metrics']:,.2f} s")
     if rule is not None:
-        from ..evaluation.threshold_rules import apply_rule, write_threshold
-
-        chosen = apply_rule(rule, result.test.labels, result.scores)  # the row printed for it above
-        change = write_threshold(result.model, chosen, result.split)
-        source = " (new, from the ONNX metadata)" if change.created else ""
-        click.echo(f"  set threshold {chosen.rule}: image {_thr(change.old.image_threshold)} -> "
-                   f"{_thr(chosen.image_threshold)}, pixel {_thr(change.new.pixel_threshold)} kept; "
-                   f"wrote {change.sidecar}{source}, previous values in its threshold_history")
-        summary["set_threshold"] = change.to_dict()
-        result.info = change.new  # the pictures show the threshold now in force
+        _set_threshold(result, rule, result.split, summary)
     if out is not None:
         from ..evaluation.report import write_report
 
         for path in write_report(result, out):
             click.echo(f"  wrote {path}")
     return summary
+
+
+def _set_threshold(result: CategoryResult, rule: Rule, split: str, summary: dict[str, Any],
+                   on: str = ON_TEST_SPLIT) -> None:
+    """Put ``rule``'s threshold on ``result``'s images in force (a new version of the bundle) and say so."""
+    from ..evaluation.threshold_rules import apply_rule, write_threshold
+
+    chosen = apply_rule(rule, result.test.labels, result.scores)  # the row printed for it
+    change = write_threshold(result.model, chosen, split, on)
+    source = " (new, from the ONNX metadata)" if change.created else ""
+    click.echo(f"  set threshold {chosen.rule}: image {_thr(change.old.image_threshold)} -> "
+               f"{_thr(chosen.image_threshold)}, pixel {_thr(change.new.pixel_threshold)} kept; "
+               f"wrote {change.sidecar}{source} (version {change.new.version}), previous values in its "
+               "threshold_history")
+    summary["set_threshold"] = change.to_dict()
+    result.info = change.new  # the pictures show the threshold now in force
+
+
+def _evaluate_line(model: Path, normal: list[str], defect: list[str], backend: str, rule: Rule | None,
+                   json_path: Path | None, batch_size: int, options: BackendOptions) -> None:
+    """The threshold trade on frames sorted on the line; ``rule`` puts one in force."""
+    from ..evaluation.line_split import describe, evaluate_line
+
+    result = evaluate_line(model, normal, defect, backend, batch_size, options, progress=True)
+    summary = result.summary(rule)
+    split = describe(normal, defect, result.test)
+    click.echo(f"{split}; model {result.model} on {result.backend}, version {result.info.version}, "
+               f"{result.info.num_prototypes:,} prototypes; image AUROC {_fmt(summary['image_auroc'])} "
+               "(no masks: image level only)")
+    click.echo(format_rules(summary["threshold_rules"], summary["thresholds"]["pixel_threshold"]))
+    if rule is not None:
+        _set_threshold(result, rule, split, summary, ON_LINE_FRAMES)
+    if json_path is not None:
+        report = {"tool": "protoad-eval", "version": __version__, "mode": "line", "frames": split, **summary}
+        write_text_atomic(json_path, json.dumps(report, indent=2, allow_nan=False) + "\n")
+        click.echo(f"wrote {json_path}")
 
 
 def _compare_one(model: Path, category: str, backends: list[str], options: dict[str, Any],

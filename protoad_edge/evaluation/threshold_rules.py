@@ -14,13 +14,13 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, replace
-from datetime import datetime
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .. import versions
 from ..bundle import Bundle
 from ..decision import is_anomalous
 from ..errors import ProtoADError
@@ -47,11 +47,10 @@ class Rule:
             return f"fpr={self.value!r}"
         return repr(self.value) if self.kind == VALUE else self.kind
 
-    @property
-    def recorded(self) -> str:
+    def recorded(self, on: str = ON_TEST_SPLIT) -> str:
         """The sidecar's (and every record's) ``threshold_rule`` once this rule is in force: a number is MANUAL,
-        the others are named after the split that chose the threshold (``f1@test-split``)."""
-        return MANUAL if self.kind == VALUE else self.name + ON_TEST_SPLIT
+        the others are named after the images that chose the threshold (``f1@test-split``, ``f1@line-frames``)."""
+        return MANUAL if self.kind == VALUE else self.name + on
 
 
 @dataclass(frozen=True)
@@ -183,25 +182,30 @@ class ThresholdChange:
                 "new": {k: _finite(getattr(self.new, k)) for k in keys}}
 
 
-def write_threshold(model: str | os.PathLike, chosen: Outcome, split: str) -> ThresholdChange:
+def write_threshold(model: str | os.PathLike, chosen: Outcome, split: str, on: str = ON_TEST_SPLIT) -> ThresholdChange:
     """Put ``chosen`` in force for the bundle of ``model``: its sidecar gets the new image threshold and rule
-    (``split`` says which images chose it), the previous values go to ``threshold_history``, and the file is
-    replaced atomically. The pixel threshold is kept (the runtime caps it at the image threshold), and so are the
-    digests: the file evaluated was checked against them when it was opened."""
+    (``split`` says which images chose it, ``on`` names them in a word), the previous values go to
+    ``threshold_history``, and the file is replaced atomically, as a new version of the bundle (``versions.py``).
+    The pixel threshold is kept (the runtime caps it at the image threshold), and so are the digests: the file
+    evaluated was checked against them when it was opened."""
     bundle = Bundle.of(model)
     created = not bundle.sidecar.exists()
-    old = bundle.info()  # the sidecar, or the ONNX metadata when there is none
-    previous = {"image_threshold": old.image_threshold, "pixel_threshold": old.pixel_threshold,
-                "threshold_rule": old.threshold_rule, "threshold_detail": old.threshold_detail,
-                "replaced": datetime.now().astimezone().isoformat(timespec="seconds")}
-    detail = (f"image: {chosen.rule} ({FLAG}) on {split}: flags {chosen.anomalous_caught}/{chosen.anomalous} "
-              f"anomalous and {chosen.false_alarms}/{chosen.normal} normal images; "
-              "pixel: unchanged (see threshold_history), capped at the image threshold in force")
-    new = replace(old, image_threshold=chosen.image_threshold, threshold_rule=parse_rule(chosen.rule).recorded,
-                  threshold_detail=detail, threshold_history=[*old.threshold_history, previous])
-    if created:  # a first sidecar vouches for the files beside it now, as a re-seal does
-        new = bundle.seal(new)
-    new.save_json(bundle.sidecar)
+    with versions.writing(bundle) as version:  # a new version: a running line switches to it, a rollback undoes it
+        old = version.before  # the sidecar, or the ONNX metadata when there is none
+        previous = {"image_threshold": old.image_threshold, "pixel_threshold": old.pixel_threshold,
+                    "threshold_rule": old.threshold_rule, "threshold_detail": old.threshold_detail,
+                    "replaced": versions.now()}
+        detail = (f"image: {chosen.rule} ({FLAG}) on {split}: flags {chosen.anomalous_caught}/{chosen.anomalous} "
+                  f"anomalous and {chosen.false_alarms}/{chosen.normal} normal images; "
+                  "pixel: unchanged (see threshold_history), capped at the image threshold in force")
+        new = replace(old, image_threshold=chosen.image_threshold,
+                      threshold_rule=parse_rule(chosen.rule).recorded(on), threshold_detail=detail,
+                      threshold_history=[*old.threshold_history, previous])
+        if created:  # a first sidecar vouches for the files beside it now, as a re-seal does
+            new = bundle.seal(new)
+        new = version.info(new, "set-threshold", rule=chosen.rule, image_threshold=chosen.image_threshold,
+                           split=split)
+        version.commit(new)
     return ThresholdChange(bundle.sidecar, old, new, created)
 
 

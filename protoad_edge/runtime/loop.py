@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -28,6 +28,9 @@ from .outputs.overlay import render
 from .result import FrameResult, Region, RunContext
 from .outputs.sinks import JsonlSink, MaskSink, Sink, VideoSink, WindowSink
 from .sources.source import Source, SourceSpec, open_source
+
+if TYPE_CHECKING:
+    from .reload import ModelWatch
 
 # Overlay video frame rate when the source reports none or an implausible one (streams often say
 # 90000): slow enough to look at image by image for files, a usual camera rate for live sources.
@@ -74,6 +77,7 @@ class RunOptions:
     on_frame: Callable[[FrameResult], None] | None = None  # e.g. to drive a reject gate
     stop: StopRequest | None = None  # set (by a signal handler) to end the run between two frames
     sinks: list[Sink] = field(default_factory=list)  # the caller's own (e.g. MQTT), after the others; the run closes them
+    watch: ModelWatch | None = None  # hands over a new version of the bundle, taken between two batches
 
 
 @dataclass
@@ -133,13 +137,13 @@ def thresholds_in_force(info: ModelInfo, override: float | None) -> tuple[float,
     return threshold, capped_pixel_threshold(info.pixel_threshold, threshold)
 
 
-def open_sinks(options: RunOptions, src: Source, title: str, pixel_threshold: float) -> list[Sink]:
+def open_sinks(options: RunOptions, src: Source, title: str) -> list[Sink]:
     """The sinks ``options`` ask for, then the caller's own. On failure every one of them is closed, the
     caller's too."""
     sinks: list[Sink] = []
     try:
         if options.save_masks is not None:
-            sinks.append(MaskSink(options.save_masks, src.name, pixel_threshold))
+            sinks.append(MaskSink(options.save_masks, src.name))
         if options.jsonl is not None:
             sinks.append(JsonlSink(options.jsonl))
         if options.save is not None:
@@ -161,10 +165,19 @@ def close_sinks(sinks: list[Sink], keep: bool) -> list[str]:
 class Judge:
     """Frames in, FrameResults out: preprocessing, one batched inference, verdicts, regions in frame pixels."""
 
-    def __init__(self, backend: Backend, pre: Preprocess, context: RunContext, pixel_threshold: float) -> None:
+    def __init__(self, backend: Backend, pre: Preprocess, context: RunContext) -> None:
         self.backend, self.pre, self.context = backend, pre, context
-        self.pixel_threshold = pixel_threshold
         self.geometries: dict[tuple[int, int], Geometry] = {}
+
+    @classmethod
+    def of(cls, backend: Backend, options: RunOptions) -> Judge:
+        """The judge of ``backend``'s model with the run's ``--threshold`` and ``--roi``, if given."""
+        info = backend.info
+        threshold, pixel_threshold = thresholds_in_force(info, options.threshold)
+        pre = info.preprocess if options.roi is None else dataclasses.replace(info.preprocess, roi=tuple(options.roi))
+        rule = rule_name(info.threshold_rule) if options.threshold is None else OVERRIDE
+        return cls(backend, pre, RunContext(backend.describe().model, info.category, threshold, rule, pixel_threshold,
+                                            info.version))
 
     def geometry(self, width: int, height: int, source_name: str) -> Geometry:
         if (width, height) not in self.geometries:
@@ -185,7 +198,7 @@ class Judge:
         for (frame, _), crop, amap, score, geometry in zip(frames, crops, maps, scores, geometries):
             anomalous = bool(is_anomalous(float(score), self.context.threshold))
             regions = [Region(geometry.box_to_frame(*box), round(count * geometry.scale[0] * geometry.scale[1]), peak)
-                       for box, count, peak in defect_regions(amap, self.pixel_threshold, MAX_REGIONS)] if anomalous else []
+                       for box, count, peak in defect_regions(amap, self.context.pixel_threshold, MAX_REGIONS)] if anomalous else []
             results.append(FrameResult(frame.index, frame.timestamp, frame.label, float(score), anomalous, latency_ms,
                                        frame.rgb, crop, amap, geometry, self.context, regions, frame.pos_ms))
         return results
@@ -260,10 +273,8 @@ def run_many(sources: list[str | SourceSpec | Source], backend: Backend,
     """
     options = options or RunOptions()
     info = backend.info
-    threshold, pixel_threshold = thresholds_in_force(info, options.threshold)
-    pre = info.preprocess if options.roi is None else dataclasses.replace(info.preprocess, roi=tuple(options.roi))
-    rule = rule_name(info.threshold_rule) if options.threshold is None else OVERRIDE
-    judge = Judge(backend, pre, RunContext(backend.describe().model, info.category, threshold, rule), pixel_threshold)
+    judge = Judge.of(backend, options)
+    threshold = judge.context.threshold
     arrived = threading.Event()
     opened = [s if isinstance(s, Source) else open_source(s) for s in sources]
     count = len(opened)
@@ -272,19 +283,19 @@ def run_many(sources: list[str | SourceSpec | Source], backend: Backend,
     shared: list[Sink] = []
     try:
         shared = open_sinks(RunOptions(jsonl=options.jsonl, sinks=options.sinks, log=options.log), opened[0],
-                            f"protoad-run: {info.category}", pixel_threshold)
+                            f"protoad-run: {info.category}")
         for i, lane in enumerate(lanes):
             lane_options = dataclasses.replace(options, jsonl=None, sinks=[], save=per_source(options.save, i, count),
                                                save_masks=per_source(options.save_masks, i, count))
             title = f"protoad-run: {info.category}" + (f" ({lane.source.name})" if count > 1 else "")
-            lane.sinks = open_sinks(lane_options, lane.source, title, pixel_threshold)
+            lane.sinks = open_sinks(lane_options, lane.source, title)
         for lane in lanes:  # the order a frame's sinks are written in: masks before the records that name them
             lane.writes = sorted(lane.sinks + shared, key=lambda sink: not sink.names_files)
         # Warm-up: lazy allocations and engine builds happen here, not in the first frame's latency.
         backend.infer(to_batch(np.zeros((info.crop, info.crop, 3), np.uint8)))
         for lane in lanes:
             lane.capture.start()
-        _judge_until_done(lanes, judge, options, threshold, pixel_threshold)
+        _judge_until_done(lanes, judge, options)
     except KeyboardInterrupt:
         for lane in lanes:
             lane.summary.stopped = lane.summary.stopped or "interrupted"
@@ -295,6 +306,8 @@ def run_many(sources: list[str | SourceSpec | Source], backend: Backend,
             if lane.active:
                 _end(lane, "failed", str(exc))
     finally:
+        if judge.backend is not backend:  # a version switched to: the run opened it, the caller has its own
+            judge.backend.close()
         for lane in lanes:
             lane.capture.stop()
             s = lane.summary
@@ -312,12 +325,34 @@ def _end(lane: Lane, why: str, error: str = "") -> None:
     lane.summary.stopped, lane.summary.error = why, error
 
 
-def _judge_until_done(lanes: list[Lane], judge: Judge, options: RunOptions, threshold: float,
-                      pixel_threshold: float) -> None:
+def switch(judge: Judge, backend: Backend, options: RunOptions, lanes: list[Lane], given: Backend) -> None:
+    """Make ``judge`` judge with a new version of the bundle (``backend``, from ``options.watch``), between two
+    batches; one line says what changed. A version this run cannot judge with is refused and closed. The backend
+    switched from is closed unless it is ``given`` (the caller's)."""
+    old = judge.context
+    try:
+        new = Judge.of(backend, options)
+    except ProtoADError as exc:
+        backend.close()
+        options.log(f"model: version {backend.info.version} refused, still judging with version {old.model_version}: "
+                    f"{exc}")
+        return
+    options.log(f"model: version {old.model_version} -> {new.context.model_version} "
+                f"({backend.info.num_prototypes:,} prototypes), threshold {old.threshold:.6g} -> "
+                f"{new.context.threshold:.6g} ({new.context.threshold_rule or 'rule not recorded'})")
+    if judge.backend is not given:
+        judge.backend.close()
+    judge.backend, judge.pre, judge.context = new.backend, new.pre, new.context
+    judge.geometries = {}
+    for lane in lanes:
+        lane.summary.threshold = new.context.threshold
+
+
+def _judge_until_done(lanes: list[Lane], judge: Judge, options: RunOptions) -> None:
     """The loop: take the frames waiting across sources (one each, in turns), judge them in one call, hand
-    each result to the shared outputs and its source's, until every source has ended."""
-    stop, limit = options.stop, options.max_frames
-    max_batch = judge.backend.max_batch or len(lanes)
+    each result to the shared outputs and its source's, until every source has ended; between two batches, a new
+    version of the bundle (``options.watch``) takes over."""
+    stop, limit, given = options.stop, options.max_frames, judge.backend
     started = last_status = time.perf_counter()
     for lane in lanes:
         lane.last = started
@@ -328,6 +363,9 @@ def _judge_until_done(lanes: list[Lane], judge: Judge, options: RunOptions, thre
                 if lane.active:
                     _end(lane, stop.reason)
             return
+        if options.watch is not None and (fresh := options.watch.poll()) is not None:
+            switch(judge, fresh, options, lanes, given)
+        max_batch = judge.backend.max_batch or len(lanes)
         ready: list[tuple[Lane, Frame]] = []
         for lane in lanes[turn:] + lanes[:turn]:
             if not lane.active or len(ready) >= max_batch:
@@ -358,7 +396,8 @@ def _judge_until_done(lanes: list[Lane], judge: Judge, options: RunOptions, thre
             lane.fps = rate if lane.fps == 0.0 else (1 - FPS_SMOOTHING) * lane.fps + FPS_SMOOTHING * rate
             lane.last = now
             view = render(frame.rgb, result.anomaly_map, result.geometry, score=result.score,
-                          anomalous=result.anomalous, threshold=threshold, pixel_threshold=pixel_threshold,
+                          anomalous=result.anomalous, threshold=result.context.threshold,
+                          pixel_threshold=result.context.pixel_threshold,
                           fps=lane.fps, view_width=options.view_width) if lane.needs_view else None
             if not all([sink.write(result, view) for sink in lane.writes]):
                 _end(lane, "window closed")

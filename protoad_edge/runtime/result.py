@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,12 +25,15 @@ class Region:
 
 @dataclass(frozen=True)
 class RunContext:
-    """What every record of a run shares: which model judged, with which threshold and rule."""
+    """What every record of a run shares: which model judged, with which threshold and rule (until the run switches
+    to a new version of its bundle, ``runtime/reload.py``)."""
 
     model: str
     category: str
     threshold: float
     threshold_rule: str
+    pixel_threshold: float = math.nan  # in force: capped at the image threshold (masks and regions)
+    model_version: int | None = None  # the bundle's version (``versions.py``)
 
 
 @dataclass
@@ -62,6 +66,7 @@ class FrameResult:
             "category": self.context.category,
             "threshold": self.context.threshold,
             "threshold_rule": self.context.threshold_rule,
+            "model_version": self.context.model_version,
             "roi": list(self.geometry.judged),
             "regions": [region.to_dict() for region in self.regions],
         }

@@ -16,6 +16,7 @@ import os
 import re
 import struct
 import sys
+import threading
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterator
@@ -113,8 +114,13 @@ def stdout_to_stderr() -> Iterator[None]:
     While a session is created, onnxruntime prints its fallback banner with print() and native
     libraries write to fd 1; stdout may carry JSON lines. Python's and C's stdout buffers are flushed
     on both sides of the switch, so nothing lands on the wrong side of it. The switch is process-wide:
-    backends are opened before any record is written.
+    backends are opened before any record is written, except a new version of the bundle, opened on a thread beside
+    the running one (``runtime/reload.py``): there stdout is left alone, since the records are being written to it,
+    and the new version is opened with the providers already running, so none falls back and prints.
     """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     _flush_stdout()
     try:
         saved = os.dup(1)

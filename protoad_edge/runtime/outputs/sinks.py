@@ -123,15 +123,15 @@ class VideoSink(Sink):
 
 class MaskSink(Sink):
     """PNG masks (255 = defect pixel) of anomalous frames at the frame's resolution (frame pixels, like the
-    records' regions), named by frame index (and image name for folders); the record names the file."""
+    records' regions), named by frame index (and image name for folders); the record names the file. The pixel
+    threshold is the one in force for the frame (its ``RunContext``: a new version of the bundle may change it)."""
 
     names_files = True
 
-    def __init__(self, folder: str | os.PathLike, source_name: str, pixel_threshold: float) -> None:
+    def __init__(self, folder: str | os.PathLike, source_name: str) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.source_name = source_name
-        self.pixel_threshold = pixel_threshold
         self.written = 0
 
     def write(self, result: FrameResult, view: np.ndarray | None) -> bool:
@@ -139,7 +139,7 @@ class MaskSink(Sink):
             return True
         label = result.label
         stem = f"{result.index:06d}" if label == self.source_name else f"{result.index:06d}_{Path(label).stem}"
-        mask = result.geometry.to_frame(defect_mask(result.anomaly_map, self.pixel_threshold))
+        mask = result.geometry.to_frame(defect_mask(result.anomaly_map, result.context.pixel_threshold))
         ok, png = cv2.imencode(".png", mask)
         if not ok:
             raise ProtoADError(f"cannot encode mask {stem}.png")
