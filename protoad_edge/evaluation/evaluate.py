@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..backends import AUTO, REGISTRY, BackendEntry, choose, locate, parse_spec
+from ..backends import AUTO, REGISTRY, BackendEntry, choose, locate, parse_spec, with_precision
 from ..build.datasets import Sample, load_crops, load_masks, open_dataset
 from ..bundle import Bundle
 from ..export.int8 import (
@@ -205,11 +205,13 @@ def evaluate_category(
     any_category: bool = False,
 ) -> CategoryResult:
     """Run ``model`` (any file of a bundle, or a folder of bundles) on the test split of ``category``;
-    a bundle built for another category is refused unless ``any_category`` (see ``check_category``)."""
+    a bundle built for another category is refused unless ``any_category`` (see ``check_category``);
+    ``backend`` may name a precision (``openvino:bf16``)."""
+    backend, options = with_precision(backend, options or BackendOptions())
     entry, path = _resolve(model, category, backend)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    with entry.load()(path, options or BackendOptions()) as opened:
+    with entry.load()(path, options) as opened:
         check_category(path, opened.info, category, any_category)
         seconds["open"] = time.perf_counter() - start
         test = load_test_set(category, data_root, dataset, opened.info.preprocess, progress)
