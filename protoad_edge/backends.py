@@ -56,8 +56,9 @@ REGISTRY: dict[str, BackendEntry] = {entry.name: entry for entry in (
     BackendEntry("torch", "protoad_edge.build.torch_backend:TorchBackend", ("sidecar", "prototypes"), "torch",
                  "pip install 'protoad-edge[build]'", "the PyTorch network rebuilt from the bundle (the yardstick)"),
     BackendEntry("openvino", "protoad_edge.runtime.openvino_backend:OpenVinoBackend", ("onnx", "int8_onnx", "fp16_onnx"),
-                 "openvino", "pip install 'protoad-edge[openvino]'", "OpenVINO on an Intel CPU or GPU, FP32 unless asked "
-                 "(openvino:bf16 or :fp16 the backbone only, the cosine stage in FP32; :bf16-all the whole network)",
+                 "openvino", "pip install 'protoad-edge[openvino]'",
+                 "OpenVINO on an Intel CPU or GPU, FP32 unless asked (openvino:bf16 or :fp16 the backbone only, "
+                 "the cosine stage in FP32; :bf16-all the whole network)",
                  ("fp32", "bf16", "fp16", "bf16-all", "fp16-all")),
 )}
 NAMES = tuple(REGISTRY)

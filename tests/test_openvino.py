@@ -301,3 +301,21 @@ def test_protoad_run_and_eval_with_backend_openvino_bf16(tiny_model: Path, tmp_p
     evaluated = evaluate_category(tiny_model, "tiny", write_graded(tmp_path / "data"), backend="openvino:bf16",
                                   options=BackendOptions(device="cpu", threads=2))
     assert evaluated.backend == "openvino (cpu, bf16 backbone + fp32 scope)" and len(evaluated.maps) == 16
+
+
+@needs_openvino
+def test_an_int8_model_is_refused_in_the_mixed_form_in_one_line() -> None:
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    from protoad_edge.runtime.openvino_precision import check_not_quantized
+
+    x = ops.parameter([1, 4], np.float32, name="x")
+    bounds = [ops.constant(np.float32(v)) for v in (0, 1, 0, 1)]
+    plain = ov.Model([ops.relu(x)], [x])
+    quantized = ov.Model([ops.fake_quantize(x, *bounds, levels=256)], [x])
+    check_not_quantized(plain, "bf16", "m.onnx")
+    with pytest.raises(ProtoADError, match=r"^openvino:bf16 on m.int8.onnx: an INT8 model's other layers cannot be "
+                                           r"lowered without losing its INT8 layers in OpenVINO; run it with --backend "
+                                           r"openvino \(INT8 \+ FP32\), or the FP32 model with openvino:bf16$"):
+        check_not_quantized(quantized, "bf16", "m.int8.onnx")

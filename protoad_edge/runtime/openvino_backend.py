@@ -22,7 +22,14 @@ from ..bundle import Bundle, kind_of
 from ..errors import ProtoADError
 from ..metadata import MAP_NAME, SCORE_NAME, ModelInfo
 from .backend import Backend, BackendFacts, BackendOptions, check_batch
-from .openvino_precision import check_capability, lower_outside, mode, read_back, scope_names
+from .openvino_precision import (
+    check_capability,
+    check_not_quantized,
+    lower_outside,
+    mode,
+    read_back,
+    scope_names,
+)
 
 # What each BackendOptions.precision runs, in words (describe's precision).
 RUNS = {"fp32": "fp32", "bf16": "bf16 backbone + fp32 scope", "fp16": "fp16 backbone + fp32 scope",
@@ -80,6 +87,7 @@ class OpenVinoBackend(Backend):
                              list(core.get_property(self.device, "OPTIMIZATION_CAPABILITIES")))
         scope = scope_names(model) if self.asked != "fp32" else set()
         if low:
+            check_not_quantized(model, self.asked, str(path))
             lower_outside(model, low, scope)
         config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
         if self.device == "CPU":

@@ -76,56 +76,54 @@ def scope_names(model: Any, scope: str = FP32_SCOPE) -> set[str]:
     return inside
 
 
+def check_not_quantized(model: Any, precision: str, path: str) -> None:
+    """Refuse the mixed form on an INT8 (Q/DQ) model: lowered, its FakeQuantize nodes no longer meet OpenVINO's low
+    precision transformations and every INT8 layer ran in BF16 instead (measured with OpenVINO 2026.4, also with the
+    quantized layers and their dequantization left in FP32)."""
+    if any(op.get_type_name() == "FakeQuantize" for op in model.get_ordered_ops()):
+        raise ProtoADError(f"openvino:{precision} on {path}: an INT8 model's other layers cannot be lowered without "
+                           f"losing its INT8 layers in OpenVINO; run it with --backend openvino (INT8 + FP32), or the "
+                           f"FP32 model with openvino:{precision}")
+
+
 def lower_outside(model: Any, low: str, scope: set[str]) -> None:
-    """Lower every float node of ``model`` outside ``scope`` to element type ``low`` (in place), with explicit
-    Converts at the boundaries; the scope, the inputs and the outputs stay FP32."""
+    """Lower every float node of ``model`` outside ``scope`` to element type ``low`` (in place): in topological
+    order, each float input of a node outside the scope is converted to ``low`` (weights, biases, the input) and
+    each reduced input of a node inside it back to FP32, so the types follow; the outputs stay FP32."""
     import openvino as ov
     import openvino.opset13 as ops
     from openvino.passes import ConstantFolding, Manager
 
     f32, low_type = ov.Type.f32, getattr(ov.Type, low)
-    nodes = model.get_ordered_ops()
-    outside = [op for op in nodes
-               if op.get_friendly_name() not in scope and op.get_type_name() not in ("Constant", "Parameter", "Result")]
-    entries = [i for op in nodes if op.get_friendly_name() in scope for i in op.inputs()
-               if i.get_source_output().get_element_type() == f32
-               and i.get_source_output().get_node().get_friendly_name() not in scope
-               and i.get_source_output().get_node().get_type_name() != "Constant"]
-    for i in entries:  # into the scope: back to FP32 (one Convert per tensor)
-        i.replace_source_output(_convert(ops, i.get_source_output(), f32, "fp32"))
-    for param in model.get_parameters():
-        if param.get_element_type() == f32:
-            readers = list(param.output(0).get_target_inputs())
-            down = ops.convert(param.output(0), low_type)
-            down.set_friendly_name(f"{param.get_friendly_name()}/to_{low}")
-            for reader in readers:
-                reader.replace_source_output(down.output(0))
-    for op in outside:
-        for i in op.inputs():
-            src = i.get_source_output()
-            if src.get_element_type() != f32 or i.get_index() >= FLOAT32_ONLY_PORTS.get(op.get_type_name(), 99):
-                continue
-            if src.get_node().get_type_name() == "Constant":
-                i.replace_source_output(ops.convert(src, low_type).output(0))
-            elif src.get_node().get_friendly_name() in scope:  # out of the scope again (a scope that is not a tail)
-                i.replace_source_output(_convert(ops, src, low_type, low))
-    for result in model.get_results():  # the outputs stay FP32 whatever computes them
-        src = result.input(0).get_source_output()
-        if src.get_node().get_friendly_name() not in scope and src.get_element_type() == f32:
-            result.input(0).replace_source_output(_convert(ops, src, f32, "fp32"))
+    converts: dict[tuple[int, int, str], Any] = {}  # one Convert per tensor and direction
+
+    def convert(src: Any, to: Any) -> Any:
+        key = (id(src.get_node()), src.get_index(), str(to))
+        if key not in converts:
+            node = ops.convert(src, to)
+            node.set_friendly_name(f"{src.get_node().get_friendly_name()}/to_{'fp32' if to == f32 else low}")
+            converts[key] = node.output(0)
+        return converts[key]
+
     try:
+        for op in model.get_ordered_ops():
+            kind = op.get_type_name()
+            if kind in ("Constant", "Parameter"):
+                continue
+            inside = op.get_friendly_name() in scope or kind == "Result"
+            for i in op.inputs():
+                src = i.get_source_output()
+                if inside and src.get_element_type() == low_type:
+                    i.replace_source_output(convert(src, f32))
+                elif not inside and src.get_element_type() == f32 and i.get_index() < FLOAT32_ONLY_PORTS.get(kind, 99):
+                    i.replace_source_output(convert(src, low_type))
+            op.validate_and_infer_types()
         model.validate_nodes_and_infer_types()
     except RuntimeError as exc:
         raise ProtoADError(f"openvino: cannot lower the backbone to {low}: {str(exc).splitlines()[0]}") from None
     manager = Manager()
     manager.register_pass(ConstantFolding())  # the converted weights become constants of the lowered type
     manager.run_passes(model)
-
-
-def _convert(ops: Any, output: Any, to: Any, tag: str) -> Any:
-    node = ops.convert(output, to)
-    node.set_friendly_name(f"{output.get_node().get_friendly_name()}/to_{tag}")
-    return node.output(0)
 
 
 @dataclass(frozen=True)
