@@ -60,9 +60,19 @@ class Server:
             return r.read().decode()
 
     def start(self) -> "Server":
+        return self.launch().wait_ready()
+
+    def launch(self, env: dict[str, str] | None = None) -> "Server":
+        """Start the process and return at once (``wait_ready`` waits for the model); ``env`` adds variables."""
         with open(self.log, "a") as log:
-            self.process = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+            self.process = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                            env={**os.environ, **(env or {})})
         self.starts += 1
+        return self
+
+    def wait_ready(self) -> "Server":
+        """Wait until the model is ready (Triton's /v2/models/NAME/ready), or fail with the server's log."""
+        assert self.process is not None
         end = time.monotonic() + READY_TIMEOUT_S
         while self.http(f"/v2/models/{self.name}/ready")[0] != 200:
             if self.process.poll() is not None or time.monotonic() > end:

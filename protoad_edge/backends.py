@@ -119,7 +119,7 @@ def open_backend(model: str | os.PathLike | None, backend: str = AUTO, *, catego
     backend, options = with_precision(backend, options or BackendOptions())
     bundle, given = locate(model, category)
     entry, path = choose(bundle, given, backend)
-    return entry.load()(path, options)
+    return open_file(entry, path, options)
 
 
 def with_precision(spec: str, options: BackendOptions) -> tuple[str, BackendOptions]:
@@ -128,3 +128,10 @@ def with_precision(spec: str, options: BackendOptions) -> tuple[str, BackendOpti
         return spec, options
     name, precision = parse_spec(spec)
     return name, options if precision is None else dataclasses.replace(options, precision=precision)
+
+
+def open_file(entry: BackendEntry, path: Path, options: BackendOptions | None = None) -> Backend:
+    """Open ``path`` with ``entry``'s backend once the bundle's sidecar vouches for it (``Bundle.check``): every
+    command that runs a model (protoad-run, -eval, -bench, -serve) opens it here."""
+    Bundle.of(path).check(path)
+    return entry.load()(path, options or BackendOptions())

@@ -4,12 +4,20 @@
 ``NAME.prototypes.npy``; the TensorRT step adds ``NAME.plan`` and ``NAME.timing.cache``, and on
 TensorRT 11 ``NAME.fp16.onnx``. A new artefact (another precision) is one more row in ``FILES``.
 Any file of a bundle names the whole bundle. No torch here: the runtime uses it.
+
+The files belong together by content, not by name: the sidecar records the sha256 of each file the bundle was
+written with (``seal``, by every step that writes one), and every command checks the file it runs against it
+(``check``), so an ONNX or plan copied over from another build is refused instead of running with this bundle's
+thresholds. A file changed on purpose is recorded again with ``protoad-export --from-onnx NAME.onnx --reseal``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +35,12 @@ FILES = {
     "timing_cache": ".timing.cache",
     "projection": ".projection.npz",
 }
+# The files whose digests the sidecar records: all but itself and the timing cache (a build-time cache that
+# TensorRT rewrites, which decides no result).
+SEALED = ("onnx", "fp16_onnx", "int8_onnx", "plan", "prototypes", "projection")
+RESEAL = "protoad-export --from-onnx {onnx} --reseal"
+HASH_CHUNK = 1 << 20
+_WARNED: set[Path] = set()  # sidecars without digests already named: one warning each, however often opened
 DEFAULT_FOLDER = Path("models")
 # The sidecar fields that must equal the ONNX metadata: they decide the input and the network. The
 # thresholds, TensorRT build facts and the free-form ``build`` dict change in the sidecar after the build
@@ -110,6 +124,90 @@ class Bundle:
             raise ProtoADError(f"model sidecar {self.sidecar} does not match {model} ({'; '.join(differ)}): "
                                "restore the pair the build wrote, or delete the stale sidecar")
         return side
+
+    def seal(self, info: ModelInfo, kinds: tuple[str, ...] = SEALED) -> ModelInfo:
+        """``info`` with the digests of this bundle's files of ``kinds`` as they are now (a missing one is
+        dropped). Sealing every kind starts afresh; a writer of some files adds theirs to digests already
+        recorded, and leaves an unsealed sidecar unsealed (sealing a stranger beside it would vouch for it)."""
+        if kinds != SEALED and info.digests is None:
+            return info
+        digests = {} if kinds == SEALED else dict(info.digests or {})
+        for kind in kinds:
+            digests.pop(kind, None)
+            if self.file(kind).is_file():
+                digests[kind] = sha256(self.file(kind))
+        return dataclasses.replace(info, digests=dict(sorted(digests.items())))
+
+    def check(self, path: str | os.PathLike) -> None:
+        """Refuse ``path``, the file about to run, when the sidecar records another digest for it, or none while
+        recording others; the torch backend runs the sidecar with the prototypes (and projection), checked here.
+        A bundle without sidecar has nothing to check against (its ONNX carries its own metadata); a sidecar
+        without digests (written before schema 3) passes with one warning line."""
+        path = Path(path)
+        kind = kind_of(path)
+        if kind is None or not self.sidecar.is_file():
+            return
+        info = ModelInfo.load_json(self.sidecar)
+        kinds = (kind,) if kind != "sidecar" else ("prototypes", "projection") if info.projection else ("prototypes",)
+        if info.digests is None:
+            if self.sidecar not in _WARNED:
+                _WARNED.add(self.sidecar)
+                print(f"warning: {self.sidecar} records no file digests (written before protoad-edge checked them), "
+                      f"so nothing shows that {path} belongs to it; record them with {self.reseal_command}",
+                      file=sys.stderr, flush=True)
+            return
+        for kind in kinds:
+            file = self.file(kind)
+            if not file.is_file():
+                continue  # the backend says so in its own words
+            recorded = info.digests.get(kind)
+            if recorded is None:
+                why = "records no digest for it: it was not written with this bundle"
+            else:
+                found = sha256(file)
+                if found == recorded:
+                    continue
+                why = f"records sha256 {recorded[:12]}..., the file has {found[:12]}...: it was replaced since"
+            restore = (f"rebuild the plan with protoad-export --from-onnx {self.onnx}" if kind == "plan" else
+                       "put back the file written with the bundle, or rebuild the bundle")
+            raise ProtoADError(f"{file} does not match {self.sidecar}, which {why}. To run it, {restore}; if it was "
+                               f"changed on purpose, run {self.reseal_command}")
+
+    @property
+    def reseal_command(self) -> str:
+        return RESEAL.format(onnx=self.onnx)
+
+    def reseal(self) -> list[str]:
+        """Record the digests of the bundle's files as they are now in its sidecar (after a file was changed on
+        purpose: ``RESEAL``); one line per file saying what changed. Whether the files fit together is still
+        checked when they run (``in_force``: the ONNX metadata against the sidecar; the plan by TensorRT)."""
+        if not self.sidecar.is_file():
+            raise ProtoADError(f"{self.sidecar} not found: only a sidecar records digests (without one, "
+                               f"{self.onnx} runs from its own metadata)")
+        old = ModelInfo.load_json(self.sidecar)
+        new = self.seal(old)
+        before, after = old.digests or {}, new.digests or {}
+        lines = []
+        for kind in SEALED:
+            was, now = before.get(kind), after.get(kind)
+            if was is None and now is None:
+                continue
+            what = ("unchanged" if was == now else "dropped: no such file" if now is None
+                    else "new" if was is None else f"was {was[:12]}...")
+            lines.append(f"{self.file(kind)}" + (f" sha256 {now[:12]}..." if now else "") + f" ({what})")
+        new.save_json(self.sidecar)
+        return lines
+
+
+def sha256(path: str | os.PathLike) -> str:
+    """The file's sha256 (hex), read in 1 MiB chunks: an ONNX of many prototypes is hundreds of MB."""
+    digest = hashlib.sha256()
+    chunk = bytearray(HASH_CHUNK)
+    view = memoryview(chunk)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(chunk):
+            digest.update(view[:n])
+    return digest.hexdigest()
 
 
 def kind_of(path: str | os.PathLike) -> str | None:

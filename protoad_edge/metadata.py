@@ -4,12 +4,16 @@
 The format is versioned (``schema``). Metadata of an older schema is brought up to date on read by
 ``migrate``, the one place that knows the history; metadata of a newer schema, or of an unknown
 format, is refused with both versions and the command that rebuilds the bundle.
+
+The sidecar alone records the sha256 of each file of its bundle (``digests``, see ``bundle.Bundle.check``): a
+file cannot hold its own digest, so the ONNX's copy of the metadata leaves them out.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -20,12 +24,29 @@ from .errors import ProtoADError
 from .preprocess import Preprocess
 
 FORMAT = "protoad-edge"
-SCHEMA = 2
+SCHEMA = 3
 # Schema 1 named the format and its version in one string.
 FORMAT_V1 = "protoad-edge/1"
 INPUT_NAME = "image"
 MAP_NAME = "anomaly_map"
 SCORE_NAME = "score"
+# Only in the sidecar (``to_props`` leaves it out): the ONNX is one of the files it describes.
+SIDECAR_ONLY = ("digests",)
+
+# ``threshold_rule``: a short name of how the image threshold in force was chosen, the same in the sidecar and in
+# every record a run writes; how exactly, and on which images, is ``threshold_detail`` (and the history's entries).
+HELD_OUT = "held-out"  # the build: max(max, mean + 3 std) of held-out normal images' scores
+TRAINING = "training-images"  # the build, with no image held out: the same on the training images (optimistic)
+ON_TEST_SPLIT = "@test-split"  # protoad-eval --set-threshold f1 / normal-max / fpr=X: chosen on a labelled test split
+MANUAL = "manual"  # protoad-eval --set-threshold NUMBER
+OVERRIDE = "--threshold"  # protoad-run --threshold NUMBER (records only: the sidecar is not changed)
+UNRECORDED = "unrecorded"  # records, where the metadata names no rule
+CUSTOM = "custom"  # a rule protoad-edge does not write (edited by hand): records carry this, not the text
+RULE_NAMES = re.compile(rf"({HELD_OUT}|{TRAINING}|{MANUAL}|{OVERRIDE}|{UNRECORDED}|{CUSTOM}"
+                        rf"|(f1|normal-max|fpr=[0-9.e+-]+){ON_TEST_SPLIT})")
+# Schema 2 kept a sentence in ``threshold_rule``: the build's began so, --set-threshold's named its rule so.
+V2_BUILD_RULE = "image: max(max, mean + 3 std)"
+V2_SET_RULE = re.compile(r"image: (\S+) \(--set-threshold\)")
 
 
 @dataclass
@@ -41,9 +62,10 @@ class ModelInfo:
     num_prototypes: int
     image_threshold: float
     pixel_threshold: float
-    threshold_rule: str = ""
-    # Earlier thresholds, oldest first ({"image_threshold", "pixel_threshold", "threshold_rule", "replaced"}),
-    # kept when ``protoad-eval --set-threshold`` puts new ones in force.
+    threshold_rule: str = ""  # one of RULE_NAMES
+    threshold_detail: str = ""  # the rule in words, and the images it was applied to
+    # Earlier thresholds, oldest first ({"image_threshold", "pixel_threshold", "threshold_rule", "threshold_detail",
+    # "replaced"}), kept when ``protoad-eval --set-threshold`` puts new ones in force.
     threshold_history: list[dict[str, Any]] = field(default_factory=list)
     # Where the network looks: the region of interest [x, y, w, h] in source-image pixels (None: the whole
     # image), and how that region becomes the square network input (``preprocess.FITS``).
@@ -70,6 +92,9 @@ class ModelInfo:
     tensorrt_precision: str = ""
     # Free-form facts about the build (images, levels, timings, parity): informative only.
     build: dict[str, Any] = field(default_factory=dict)
+    # File kind (``bundle.FILES``) -> sha256 of that file of the bundle, as written; None: never recorded (a
+    # sidecar older than schema 3, or one written without ``Bundle.seal``): its files run unchecked, with a warning.
+    digests: dict[str, str] | None = None
 
     @property
     def preprocess(self) -> Preprocess:
@@ -79,8 +104,8 @@ class ModelInfo:
         return asdict(self)
 
     def to_props(self) -> dict[str, str]:
-        """ONNX metadata_props: one string per field (JSON-encoded)."""
-        return {k: json.dumps(v) for k, v in self.to_dict().items()}
+        """ONNX metadata_props: one string per field (JSON-encoded), but the sidecar's own."""
+        return {k: json.dumps(v) for k, v in self.to_dict().items() if k not in SIDECAR_ONLY}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "metadata") -> "ModelInfo":
@@ -132,6 +157,9 @@ def migrate(data: dict[str, Any], source: str = "metadata") -> dict[str, Any]:
 
     Schema 1 -> 2: ``format`` "protoad-edge/1" became "protoad-edge" plus ``schema``, and the
     TensorRT engine's precision, stored as ``precision``, became ``tensorrt_precision``.
+    Schema 2 -> 3: ``threshold_rule`` (a sentence, with the test split's absolute path after --set-threshold)
+    became a short name (``rule_name``) and ``threshold_detail`` the sentence, in the history's entries too; the
+    sidecar records ``digests`` from then on (none here: nothing has checked the files yet).
     """
     schema = schema_of(data, source)
     if schema > SCHEMA:
@@ -143,4 +171,31 @@ def migrate(data: dict[str, Any], source: str = "metadata") -> dict[str, Any]:
     if schema == 1:
         data["tensorrt_precision"] = data.pop("precision", "")
         data["format"], data["schema"] = FORMAT, 2
+    if schema <= 2:
+        data.update(_v2_rule(data), schema=3, digests=None)
+        data["threshold_history"] = [{**entry, **_v2_rule(entry)} for entry in data.get("threshold_history", [])]
     return data
+
+
+def _v2_rule(entry: dict[str, Any]) -> dict[str, str]:
+    """A schema 2 ``threshold_rule`` sentence as schema 3's short name and detail."""
+    sentence = entry.get("threshold_rule") or ""
+    named = V2_SET_RULE.match(sentence)
+    if not sentence:
+        name = ""
+    elif sentence.startswith(V2_BUILD_RULE):
+        name = TRAINING if "no held-out images" in sentence else HELD_OUT
+    elif named is None:
+        name = CUSTOM
+    else:
+        rule = named.group(1)
+        name = rule + ON_TEST_SPLIT if RULE_NAMES.fullmatch(rule + ON_TEST_SPLIT) else MANUAL
+    return {"threshold_rule": name, "threshold_detail": sentence}
+
+
+def rule_name(rule: str) -> str:
+    """What a record says of the sidecar's ``threshold_rule``: the name itself when protoad-edge writes it, else
+    UNRECORDED or CUSTOM - never a hand-edited text (a record goes to every line's log and broker)."""
+    if not rule:
+        return UNRECORDED
+    return rule if RULE_NAMES.fullmatch(rule) else CUSTOM

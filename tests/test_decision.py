@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from protoad_edge.build.thresholds import from_normal_maps
-from protoad_edge.decision import capped_pixel_threshold, defect_mask, image_scores, is_anomalous
+from protoad_edge.decision import capped_pixel_threshold, defect_mask, defect_regions, image_scores, is_anomalous
 from protoad_edge.metrics import f1_optimal_threshold
 from protoad_edge.runtime.loop import thresholds_in_force
 from protoad_edge.metadata import ModelInfo
@@ -131,3 +131,17 @@ def test_f1_threshold_when_every_image_must_be_flagged() -> None:
     scores = np.array([0.0, 0.2, 0.3, 0.4])  # flagging all is best (F1 6/7): the threshold lies below 0
     threshold, f1 = f1_optimal_threshold(labels, scores)
     assert threshold < 0.0 and is_anomalous(scores, threshold).all() and f1 == pytest.approx(6 / 7)
+
+
+def test_defect_regions_are_the_largest_up_to_the_limit() -> None:
+    """Twelve separate blobs, blob i a row of i pixels with peak 1 + i/100: the ``limit`` largest come back, largest
+    first, each with its box, pixel count and peak (the runtime's records carry at most MAX_REGIONS of them)."""
+    amap = np.zeros((26, 14), np.float32)
+    for i in range(1, 13):
+        amap[2 * i, :i] = 0.5
+        amap[2 * i, 0] = 1 + i / 100
+    expected = [((0, 2 * i, i, 1), i, pytest.approx(1 + i / 100)) for i in range(12, 0, -1)]
+    assert defect_regions(amap, 0.1, 10) == expected[:10]
+    assert defect_regions(amap, 0.1, 3) == expected[:3]
+    assert defect_regions(amap, 0.1, 50) == expected
+    assert defect_regions(amap, 2.0, 10) == []

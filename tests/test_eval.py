@@ -15,8 +15,10 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from conftest import write_demo_category
+from protoad_edge.bundle import Bundle
 from protoad_edge.cli.eval import main
 from protoad_edge.errors import ProtoADError
+from protoad_edge.metadata import ModelInfo
 from protoad_edge.metrics import pro_area, pro_curve
 from protoad_edge.evaluation.paper import METRICS, comparison_rows, paper_dataset
 from protoad_edge.preprocess import to_batch
@@ -289,6 +291,8 @@ def test_a_bundle_of_another_category_is_refused(tiny_model: Path, data_root: Pa
 
     for suffix in (".onnx", ".json", ".prototypes.npy"):  # a private copy: --set-threshold would write into it
         shutil.copy(tiny_model.with_name("tiny" + suffix), tmp_path / ("tiny" + suffix))
+    bundle = Bundle(tmp_path / "tiny")  # sealed as a build leaves it: the refusal is the only line
+    bundle.seal(ModelInfo.load_json(bundle.sidecar)).save_json(bundle.sidecar)
     model, sidecar = tmp_path / "tiny.onnx", (tmp_path / "tiny.json").read_text()
     for extra in ([], ["--compare", "torch,ort"], ["--set-threshold", "f1"]):
         result = run("--model", model, "--category", CATEGORY, "--data-root", data_root, *extra)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import re
 import shutil
@@ -58,7 +60,8 @@ def test_onnx_is_valid_with_metadata_and_dynamic_batch(demo_export: tuple[Path, 
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
     props = {p.key: p.value for p in model.metadata_props}
     info = ModelInfo.from_props(props)
-    assert info == ModelInfo.load_json(out / "demo.json")
+    side = ModelInfo.load_json(out / "demo.json")
+    assert info == dataclasses.replace(side, digests=None)  # all but the digests of the files, itself among them
     assert (info.category, info.crop, info.resize, info.weights, info.feature_upsample) == ("demo", 112, 128, "none", "bilinear")
     assert np.isfinite(info.image_threshold) and 0 < info.pixel_threshold <= info.image_threshold
     assert info.build["onnx_parity_max_abs"] <= 1e-4
@@ -218,6 +221,41 @@ def test_thresholds_come_from_the_held_out_images(demo_export: tuple[Path, str],
     held_out, training = rule(val), rule(fit)
     assert info.image_threshold == pytest.approx(held_out, rel=1e-6, abs=0)
     assert abs(training - held_out) > 1e-3 * held_out  # so the comparison above can tell them apart
+
+
+def test_the_sidecar_records_each_files_digest_and_names_the_rule(demo_export: tuple[Path, str]) -> None:
+    out, _ = demo_export
+    info = ModelInfo.load_json(out / "demo.json")
+    assert info.digests == {kind: hashlib.sha256((out / name).read_bytes()).hexdigest()
+                            for kind, name in (("onnx", "demo.onnx"), ("prototypes", "demo.prototypes.npy"))}
+    assert info.threshold_rule == "held-out" and info.threshold_detail.startswith("image: max(max, mean + 3 std)")
+    assert "digests" not in {p.key for p in onnx.load(str(out / "demo.onnx")).metadata_props}
+
+
+@pytest.mark.slow
+def test_a_rebuild_without_held_out_images_disowns_an_old_plan(tmp_path: Path, demo_root: Path,
+                                                               torch_threads: None) -> None:
+    """A plan left by an earlier build of the name is not recorded by the new sidecar: refused, not run with the
+    new thresholds. With no image held out the rule says so."""
+    from protoad_edge.bundle import Bundle
+    from protoad_edge.errors import ProtoADError
+
+    data = tmp_path / "data"
+    _tiny_mvtec(data, demo_root)
+    bundle = Bundle(tmp_path / "models" / "part")
+    bundle.plan.parent.mkdir()
+    bundle.plan.write_bytes(b"an engine of the earlier build")
+    code, output = _run(["--data-root", str(data), "--category", "part", "--weights", "none", "--crop", "64",
+                         "--resize", "72", "--max-prototypes", "50", "--val-split", "0", "--tensorrt", "no",
+                         "--out", str(bundle.stem.parent)])
+    assert code == 0, output
+    info = ModelInfo.load_json(bundle.sidecar)
+    assert info.threshold_rule == "training-images"
+    assert info.threshold_detail.endswith("(no held-out images: set on training images, optimistic)")
+    assert set(info.digests) == {"onnx", "prototypes"}
+    bundle.check(bundle.onnx)
+    with pytest.raises(ProtoADError, match=r"part.plan does not match .*part.json, which records no digest for it"):
+        bundle.check(bundle.plan)
 
 
 def test_a_second_export_reuses_the_feature_cache(tmp_path: Path, demo_root: Path, torch_threads: None) -> None:

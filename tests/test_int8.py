@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from conftest import normal_crops
-from protoad_edge.bundle import Bundle
+from protoad_edge.bundle import Bundle, sha256
 from protoad_edge.constants import FP32_SCOPE, QDQ_SCHEME
 from protoad_edge.errors import ProtoADError
 from protoad_edge.evaluation import evaluate
@@ -75,6 +75,43 @@ def test_trial_models_quantize_exactly_the_layers_kept(tiny_model: Path, float_m
     assert rounded_readers(full) == set(convs)  # only() to the convs alone: the rest read FP32
     assert np.abs(maps(full) - fp32).max() > 0
     assert rounded_readers(int8.only(qdq, float_model, {convs[5]})) == {convs[5]}
+
+
+def qdq_model(zero_point: np.ndarray | None, bias: np.ndarray | None = None) -> "onnx.ModelProto":
+    """x -> QuantizeLinear -> DequantizeLinear -> y with ``zero_point`` (or none: the default 0), and optionally
+    a quantized bias dequantized on its own (what the quantizer writes for a conv's bias)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    scale = numpy_helper.from_array(np.array(0.05, np.float32), "scale")
+    inits, qdq_inputs = [scale], ["scale"]
+    if zero_point is not None:
+        inits.append(numpy_helper.from_array(zero_point, "zero"))
+        qdq_inputs.append("zero")
+    nodes = [helper.make_node("QuantizeLinear", ["x", *qdq_inputs], ["q"], name="q"),
+             helper.make_node("DequantizeLinear", ["q", *qdq_inputs], ["y"], name="dq")]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])]
+    if bias is not None:
+        inits.append(numpy_helper.from_array(bias, "bias_q"))
+        nodes.append(helper.make_node("DequantizeLinear", ["bias_q", "scale"], ["bias"], name="dq_bias"))
+        outputs.append(helper.make_tensor_value_info("bias", TensorProto.FLOAT, [3]))
+    graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])], outputs,
+                              initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_tensorrt_takes_int8_zero_points_of_zero_only() -> None:
+    """TensorRT builds Q/DQ whose zero points are INT8 zeros: a non-zero INT8 one (the right type, an asymmetric
+    range) is refused like a UINT8 one; so is a dequantized INT32 bias."""
+    assert int8.tensorrt_problems(qdq_model(np.array(0, np.int8))) == []
+    assert int8.tensorrt_problems(qdq_model(np.zeros(3, np.int8))) == []  # per channel
+    assert int8.tensorrt_problems(qdq_model(None)) == []  # omitted: 0
+    assert int8.tensorrt_problems(qdq_model(np.array(3, np.int8))) == [
+        "q: zero point INT8 [3] (needs INT8 zeros)", "dq: zero point INT8 [3] (needs INT8 zeros)"]
+    assert int8.tensorrt_problems(qdq_model(np.array([0, 0, -1], np.int8))) == [
+        "q: zero point INT8 [0, 0, -1] (needs INT8 zeros)", "dq: zero point INT8 [0, 0, -1] (needs INT8 zeros)"]
+    assert int8.tensorrt_problems(qdq_model(np.array(0, np.uint8)))[0] == "q: zero point UINT8 [0] (needs INT8 zeros)"
+    assert int8.tensorrt_problems(qdq_model(np.array(0, np.int8), bias=np.array([1, 2, 3], np.int32))) == [
+        "dq_bias: dequantizes INT32 bias_q (needs INT8)"]
 
 
 def test_conv_macs_from_shapes(float_model: "onnx.ModelProto") -> None:
@@ -141,6 +178,8 @@ def bundle_and_data(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) 
     for f in tiny_model.parent.iterdir():
         if f.is_file():
             shutil.copy(f, folder / f.name)
+    bundle = Bundle.of(folder / tiny_model.name)
+    bundle.seal(ModelInfo.load_json(bundle.sidecar)).save_json(bundle.sidecar)  # as a build leaves it
     return folder / tiny_model.name, write_dataset(tmp_path_factory.mktemp("int8_data"), "tiny")
 
 
@@ -164,6 +203,10 @@ def test_export_writes_the_int8_model_and_records_the_loss(bundle_and_data: tupl
         p.key: p.value for p in onnx.load(str(model), load_external_data=False).metadata_props}
     backend = OrtBackend(done.path, providers=["CPUExecutionProvider"])  # the sidecar still matches it
     assert np.isfinite(backend.infer(to_batch(normal_crops(2, 64)))[0]).all()
+    digests = ModelInfo.load_json(Bundle.of(model).sidecar).digests
+    assert digests == {"onnx": sha256(model), "prototypes": sha256(Bundle.of(model).prototypes),
+                       "int8_onnx": sha256(done.path)}  # recorded beside the build's own
+    Bundle.of(model).check(done.path)  # what protoad-run --model NAME.int8.onnx checks first
     qdq_nodes = [n for n in quantized.graph.node if n.op_type == "DequantizeLinear"]
     assert qdq_nodes and not [n for n in quantized.graph.node if FP32_SCOPE in n.name and "Quantize" in n.op_type]
 

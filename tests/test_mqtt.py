@@ -7,177 +7,33 @@ finish promptly and count what it dropped and what is still queued.
 
 from __future__ import annotations
 
-import json
-import os
-import pwd
-import shutil
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Callable
 
 import pytest
-from paho.mqtt.client import CallbackAPIVersion, Client
-from PIL import Image
 
-from conftest import normal_crops
+from mqtt_helpers import (TOPIC, Broker, Relay, Subscriber, accounted, backend, broker, free_port,  # noqa: F401
+                          needs_broker, parts, quiet, read_jsonl, run_with, some_parts, wait_until)
 from protoad_edge.errors import ProtoADError
-from protoad_edge.runtime.loop import RunOptions, RunSummary, run
-from protoad_edge.runtime.mqtt import MqttSink, parse_mqtt_url
+from protoad_edge.runtime.loop import RunOptions, run
+from protoad_edge.runtime.mqtt import INFLIGHT, BrokerUrl, MqttSink, parse_mqtt_url
 from protoad_edge.runtime.ort_backend import OrtBackend
 
 REPO = Path(__file__).resolve().parents[1]
-TOPIC = "plant/line3/verdicts"
-# Debian installs the broker in /usr/sbin, which a user's PATH may lack; .ci/run looks there too.
-MOSQUITTO = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/local/sbin:/usr/sbin")
-needs_broker = pytest.mark.skipif(MOSQUITTO is None, reason="no mosquitto binary (apt-get install mosquitto)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < end, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(0.02)
-
-
-class Broker:
-    """mosquitto on 127.0.0.1:``port``; ``persistent`` keeps sessions and queued messages across a restart
-    (saved when it is stopped with SIGTERM), which a subscriber needs to miss nothing while it reconnects."""
-
-    def __init__(self, folder: Path, persistent: bool = False) -> None:
-        self.port = free_port()
-        self.folder = folder
-        self.config = folder / "mosquitto.conf"
-        # Started as root, mosquitto switches to the user named here: stay ourselves, who own the folder.
-        user = pwd.getpwuid(os.geteuid()).pw_name
-        lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true", f"user {user}"]
-        lines += ["persistence true", f"persistence_location {folder}/"] if persistent else ["persistence false"]
-        self.config.write_text("\n".join(lines) + "\n")
-        self.process: subprocess.Popen | None = None
-
-    def url(self, topic: str = TOPIC) -> str:
-        return f"mqtt://127.0.0.1:{self.port}/{topic}"
-
-    def start(self) -> None:
-        with open(self.folder / "mosquitto.log", "ab") as log:
-            self.process = subprocess.Popen([MOSQUITTO, "-c", str(self.config)], stdout=log, stderr=subprocess.STDOUT)
-        wait_until(self.listening, 10, f"mosquitto on port {self.port}")
-
-    def listening(self) -> bool:
-        assert self.process is not None and self.process.poll() is None, (self.folder / "mosquitto.log").read_text()
-        try:
-            socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-            return True
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
-        self.process = None
-
-
-class Subscriber:
-    """A paho client that (re)subscribes at QoS 1 on every connect and keeps each payload as a record.
-
-    With ``client_id`` its session is persistent, so a persistent broker queues what arrives while it is away."""
-
-    def __init__(self, broker: Broker, client_id: str | None = None) -> None:
-        self.payloads: list[bytes] = []
-        self.subscribed = threading.Event()
-        self.client = Client(CallbackAPIVersion.VERSION2, client_id=client_id or "", clean_session=client_id is None)
-        self.client.reconnect_delay_set(min_delay=1, max_delay=1)
-        self.client.on_connect = lambda client, userdata, flags, reason, properties: client.subscribe(TOPIC, qos=1)
-        self.client.on_subscribe = lambda *args: self.subscribed.set()
-        self.client.on_message = lambda client, userdata, message: self.payloads.append(message.payload)
-        self.client.connect("127.0.0.1", broker.port)
-        self.client.loop_start()
-        assert self.subscribed.wait(10), "no SUBACK"
-
-    def records(self) -> list[dict]:
-        return [json.loads(p) for p in list(self.payloads)]
-
-    def wait_for(self, frames: set[int], timeout: float = 10) -> list[dict]:
-        wait_until(lambda: {r["frame"] for r in self.records()} >= frames, timeout, f"frames {sorted(frames)}")
-        return self.records()
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
-@pytest.fixture(scope="module")
-def backend(tiny_model: Path) -> OrtBackend:
-    return OrtBackend(tiny_model, providers=["CPUExecutionProvider"])
-
-
-@pytest.fixture(scope="module")
-def parts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder of 50 'part' images: a source that runs the same way every time."""
-    folder = tmp_path_factory.mktemp("parts")
-    for i, rgb in enumerate(normal_crops(50, 80, seed=3)):
-        Image.fromarray(rgb).save(folder / f"part_{i:03d}.png")
-    return folder
-
-
-def some_parts(parts: Path, n: int, tmp_path: Path) -> Path:
-    folder = tmp_path / f"first_{n}"
-    folder.mkdir()
-    for path in sorted(parts.iterdir())[:n]:
-        (folder / path.name).symlink_to(path)
-    return folder
-
-
-@pytest.fixture
-def broker(tmp_path: Path):
-    if MOSQUITTO is None:
-        pytest.skip("no mosquitto binary (apt-get install mosquitto)")
-    folder = tmp_path / "broker"
-    folder.mkdir()
-    started = Broker(folder)
-    started.start()
-    yield started
-    started.stop()
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def quiet(message: str) -> None:
-    pass
-
-
-def run_with(sink: MqttSink, source: Path, backend: OrtBackend, tmp_path: Path,
-             **options) -> tuple[RunSummary, list[dict]]:
-    """Runs ``source`` into ``sink`` and a JSON-lines log; returns the summary and the log's records."""
-    log = tmp_path / "run.jsonl"
-    summary = run(str(source), backend, RunOptions(jsonl=log, sinks=[sink], log=quiet, **options))
-    return summary, read_jsonl(log)
 
 
 # ---------------------------------------------------------------- URLs and installation
 
 
 def test_parse_mqtt_url() -> None:
-    assert parse_mqtt_url("mqtt://10.0.0.5/line3") == ("10.0.0.5", 1883, "line3")
+    assert parse_mqtt_url("mqtt://10.0.0.5/line3") == BrokerUrl("10.0.0.5", 1883, "line3", tls=False)
     assert parse_mqtt_url("mqtt://broker.plant.local:8883/factory/line3/verdicts") == (
-        "broker.plant.local", 8883, "factory/line3/verdicts")
-    assert parse_mqtt_url("mqtt://[::1]:1884/a") == ("::1", 1884, "a")
+        "broker.plant.local", 8883, "factory/line3/verdicts", False)
+    assert parse_mqtt_url("mqtt://[::1]:1884/a") == ("::1", 1884, "a", False)
+    assert parse_mqtt_url("mqtts://10.0.0.5/line3") == ("10.0.0.5", 8883, "line3", True)
+    assert parse_mqtt_url("mqtts://10.0.0.5:1883/line3") == ("10.0.0.5", 1883, "line3", True)
 
 
 @pytest.mark.parametrize("url, why", [
@@ -192,13 +48,26 @@ def test_parse_mqtt_url() -> None:
     ("mqtt://10.0.0.5:/line3", "port"),
     ("mqtt://10.0.0.5/line3/#", "cannot contain"),
     ("mqtt://10.0.0.5/+/verdicts", "cannot contain"),
-    ("mqtt://user:secret@10.0.0.5/line3", "credentials"),
 ])
 def test_bad_urls_name_the_url(url: str, why: str) -> None:
     for attempt in (parse_mqtt_url, MqttSink):
         with pytest.raises(ProtoADError) as error:
             attempt(url)
         assert repr(url) in str(error.value) and why in str(error.value)
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("mqtts://operator:s3cr3t-pw@10.0.0.5/line3", "'mqtts://operator:***@10.0.0.5/line3'"),
+    ("mqtt://s3cr3t-pw@10.0.0.5/line3", "'mqtt://***@10.0.0.5/line3'"),  # a user information alone may be a token
+])
+def test_credentials_in_the_url_are_refused_without_echoing_them(url: str, shown: str) -> None:
+    """The line says where the password goes instead, and shows the URL with the secret masked."""
+    for attempt in (parse_mqtt_url, MqttSink):
+        with pytest.raises(ProtoADError) as error:
+            attempt(url)
+        message = str(error.value)
+        assert "s3cr3t-pw" not in message and f"bad MQTT URL {shown}: a URL is no place for credentials" in message
+        assert "--mqtt-user" in message and "PROTOAD_MQTT_PASSWORD" in message and "--mqtt-password-file" in message
 
 
 def test_without_paho_the_runtime_imports_and_the_sink_says_what_to_install() -> None:
@@ -234,8 +103,9 @@ def test_every_record_arrives_in_order(broker: Broker, backend: OrtBackend, part
         assert subscriber.wait_for(set(range(12))) == records  # in order, once each, equal to the JSON lines
     finally:
         subscriber.close()
-    assert (sink.delivered, sink.queued, sink.dropped) == (12, 0, 0)
-    assert summary.written[-1] == f"{broker.url()}: 12 delivered, 0 queued, 0 dropped"
+    assert subscriber.qos == [1] * 12  # published at QoS 1: a subscription at QoS 1 gets QoS 0 from a QoS 0 publish
+    assert (sink.delivered, sink.queued, sink.dropped) == (12, 0, 0) and accounted(sink)
+    assert summary.written[-1] == f"{broker.url()}: 12 delivered, 0 queued, 0 spooled, 0 dropped"
     assert logs == []
 
 
@@ -255,9 +125,10 @@ def test_anomalies_only(broker: Broker, backend: OrtBackend, parts: Path, tmp_pa
         assert subscriber.records() == anomalous
     finally:
         subscriber.close()
-    assert summary.written[-1] == f"{broker.url()}: {len(anomalous)} delivered, 0 queued, 0 dropped"
+    assert summary.written[-1] == f"{broker.url()}: {len(anomalous)} delivered, 0 queued, 0 spooled, 0 dropped"
 
 
+@pytest.mark.slow
 @needs_broker
 def test_a_broker_restart_mid_run_loses_nothing(backend: OrtBackend, parts: Path, tmp_path: Path) -> None:
     """mosquitto stops after frame 8 while frames keep coming (one per 0.1 s) and is back 2 s later on the
@@ -290,7 +161,7 @@ def test_a_broker_restart_mid_run_loses_nothing(backend: OrtBackend, parts: Path
     assert first_seen == list(range(50))  # complete and in order; a resent message may come twice
     assert all(r == records[r["frame"]] for r in received)
     assert (sink.delivered, sink.queued, sink.dropped) == (50, 0, 0)
-    assert summary.written[-1] == f"{broker.url()}: 50 delivered, 0 queued, 0 dropped"
+    assert summary.written[-1] == f"{broker.url()}: 50 delivered, 0 queued, 0 spooled, 0 dropped"
     assert len(logs) == 2 and "lost the connection to 127.0.0.1" in logs[0] and "connected to 127.0.0.1" in logs[1]
 
 
@@ -303,8 +174,8 @@ def test_without_a_broker_the_run_goes_on_and_counts(backend: OrtBackend, parts:
     summary, records = run_with(sink, some_parts(parts, 12, tmp_path), backend, tmp_path)
     assert time.monotonic() - started < 8 and len(records) == 12
     assert (sink.delivered, sink.queued, sink.dropped) == (0, 3, 9)
-    assert summary.written[-1] == f"{url}: 0 delivered, 3 queued, 9 dropped"
-    assert len(logs) == 1 and "cannot connect to 127.0.0.1" in logs[0]
+    assert summary.written[-1] == f"{url}: 0 delivered, 3 queued, 0 spooled, 9 dropped"
+    assert len(logs) == 1 and f"cannot connect to 127.0.0.1:{sink.port} (Connection refused)" in logs[0]
 
 
 @needs_broker
@@ -329,7 +200,7 @@ def test_a_late_broker_gets_the_newest_messages_in_order(backend: OrtBackend, pa
         subscriber.close()
         broker.stop()
     assert received == records[9:]
-    assert summary.written[-1] == f"{broker.url()}: 3 delivered, 0 queued, 9 dropped"
+    assert summary.written[-1] == f"{broker.url()}: 3 delivered, 0 queued, 0 spooled, 9 dropped"
     assert len(logs) == 2 and "cannot connect" in logs[0] and "sending 3 queued messages" in logs[1]
 
 
@@ -349,13 +220,70 @@ def test_protoad_run_publishes_through_the_cli(broker: Broker, tiny_model: Path,
     try:
         result = CliRunner().invoke(main, [str(source), "--model", str(tiny_model), "--threshold", repr(threshold),
                                            "--jsonl", str(tmp_path / "r.jsonl"), "--mqtt", broker.url(),
-                                           "--mqtt-anomalies-only"])
+                                           "--mqtt-anomalies-only", "--mqtt-spool", str(tmp_path / "spool")])
         assert result.exit_code == 0, result.output
         anomalous = [r for r in read_jsonl(tmp_path / "r.jsonl") if r["verdict"] == "anomaly"]
         assert len(anomalous) == 5
         assert subscriber.wait_for({r["frame"] for r in anomalous}) == anomalous
     finally:
         subscriber.close()
-    assert f"{broker.url()}: 5 delivered, 0 queued, 0 dropped" in result.stdout
+    spool = tmp_path / "spool" / f"127.0.0.1_{broker.port}_"
+    assert f"{broker.url()}: 5 delivered, 0 queued, 0 spooled, 0 dropped (spool {spool}" in result.stdout
+    assert not list((tmp_path / "spool").glob("*.jsonl"))  # nothing owed, no spool file
     bad = CliRunner().invoke(main, [str(source), "--model", str(tiny_model), "--mqtt", "mqtt://127.0.0.1"])
     assert bad.exit_code == 2 and "bad MQTT URL 'mqtt://127.0.0.1': no topic" in bad.stderr
+
+
+def test_messages_in_flight_at_a_cut_are_resent_in_order(broker: Broker, backend: OrtBackend, parts: Path,
+                                                         tmp_path: Path) -> None:
+    """A full window of messages awaiting their PUBACK when the connection breaks (the relay held them: the
+    broker never saw them) goes out again, oldest first, ahead of those not sent yet: the subscriber gets
+    every frame once, in order."""
+    relay = Relay(broker.port)
+    subscriber = Subscriber(broker)
+    frames = INFLIGHT + 5
+    sink = MqttSink(relay.url(), log=quiet, drain_timeout=10)
+
+    def cut_with_a_full_window(result) -> None:
+        if result.index == 0:
+            wait_until(lambda: sink.delivered == 1, 5, "the first PUBACK")
+            relay.stall()
+        if result.index == frames - 1:
+            wait_until(lambda: len(sink._inflight) == INFLIGHT, 5, "a full window in flight")
+            relay.cut()
+
+    try:
+        _, records = run_with(sink, some_parts(parts, frames, tmp_path), backend, tmp_path,
+                              on_frame=cut_with_a_full_window)
+        received = subscriber.wait_for(set(range(frames)))
+    finally:
+        subscriber.close()
+        relay.close()
+    assert [r["frame"] for r in received] == list(range(frames))
+    assert received == records
+    assert (sink.delivered, sink.queued, sink.dropped) == (frames, 0, 0)
+
+
+def test_a_late_puback_of_a_dropped_message_is_not_counted(broker: Broker, backend: OrtBackend, parts: Path,
+                                                           tmp_path: Path) -> None:
+    """Buffer 3: frames 0-2 are in flight, held by the relay, when frames 3 and 4 push the two oldest out of the
+    buffer; then the relay lets everything through and the broker acknowledges all five. The two dropped ones
+    stay dropped: delivered + queued + spooled + dropped = written."""
+    relay = Relay(broker.port)
+    sink = MqttSink(relay.url(), buffer=3, log=quiet, drain_timeout=10)
+    wait_until(lambda: sink._connected, 5, "the sink's connection")
+    relay.stall()
+
+    def overflow_then_flow(result) -> None:
+        if result.index == 2:
+            wait_until(lambda: len(sink._inflight) == 3, 5, "frames 0-2 in flight")
+        if result.index == 4:
+            wait_until(lambda: list(sink._inflight) == [2, 3, 4], 5, "frames 2-4 in flight")
+            relay.flow()
+
+    try:
+        run_with(sink, some_parts(parts, 5, tmp_path), backend, tmp_path, on_frame=overflow_then_flow)
+    finally:
+        relay.close()
+    assert (sink.written, sink.delivered, sink.queued, sink.dropped) == (5, 3, 0, 2)
+    assert accounted(sink)

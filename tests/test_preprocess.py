@@ -146,6 +146,23 @@ def test_geometry_maps_input_pixels_back_to_the_frame(fit: str) -> None:
         assert (jx, jy, jw, jh) == (320, 90, 960, 720)
 
 
+@pytest.mark.parametrize("fit", ["crop", "resize", "pad"])
+def test_roi_may_end_at_the_last_pixel_and_not_one_past_it(fit: str) -> None:
+    """A 100 x 80 frame: a region ending at x 100 or y 80 is the frame's edge; at 101 or 81 it needs a pixel that
+    is not there (PIL would fill it black and the model would judge it)."""
+    frame = np.full((80, 100, 3), 200, np.uint8)
+    for roi in ((20, 10, 80, 30), (20, 10, 30, 70), (0, 0, 100, 80)):
+        crop = Preprocess(32, 32, roi, fit)(frame)
+        assert crop.shape == (32, 32, 3) and (fit == "pad" or crop.min() == 200)
+        assert Preprocess(32, 32, roi, fit).geometry(100, 80).roi == roi
+    for roi, end in (((20, 10, 81, 30), "x 101, y 40"), ((20, 10, 30, 71), "x 50, y 81"),
+                     ((0, 0, 101, 81), "x 101, y 81")):
+        with pytest.raises(ProtoADError, match=f"reaches past the 100x80 image: the region ends at {end}"):
+            Preprocess(32, 32, roi, fit)(frame)
+        with pytest.raises(ProtoADError, match="reaches past"):
+            Preprocess(32, 32, roi, fit).geometry(100, 80)
+
+
 def test_roi_outside_the_image_names_the_sizes() -> None:
     with pytest.raises(ProtoADError, match=r"--roi 1800,900,300,300 reaches past the 1920x1080 image: .*x 2100, y 1200"):
         Preprocess(256, 224, (1800, 900, 300, 300))(np.zeros((1080, 1920, 3), np.uint8))

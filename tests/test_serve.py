@@ -1,5 +1,6 @@
 """protoad-serve for real: Triton's server (PyTriton) on 127.0.0.1 in the serving environment, judged through by
-protoad-run --server, against the same model run locally; a server restart in the middle of a run is survived.
+protoad-run --server, against the same model run locally; a server restart in the middle of a run is survived;
+ready means the model answers, and a line started with its server waits for it.
 
 The serving environment is ``.venv-serve`` (PyTriton needs numpy < 2; .ci/run makes it). Where it is missing the
 tests skip, except under ``PROTOAD_REQUIRE_SERVE=1`` (CI), where that is a failure.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -21,6 +23,7 @@ from click.testing import CliRunner
 
 from conftest import normal_crops
 from protoad_edge.cli.run import main as run_main
+from protoad_edge.errors import ProtoADError
 from triton_server import Server, serve_python
 
 FRAMES = 12
@@ -38,6 +41,13 @@ def write_video(path: Path, frames: int, seed: int) -> Path:
         writer.write(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     writer.release()
     return path
+
+
+def write_images(folder: Path, frames: int, seed: int) -> Path:
+    folder.mkdir()
+    for i, rgb in enumerate(normal_crops(frames, 96, seed=seed)):
+        cv2.imwrite(str(folder / f"{i:03d}.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    return folder
 
 
 def run_records(*args: str | Path) -> list[dict]:
@@ -108,11 +118,97 @@ def test_readiness_and_prometheus_metrics(server: Server, tmp_path: Path) -> Non
     assert lines and float(lines[0].rsplit(" ", 1)[1]) >= 3
 
 
-def test_an_unknown_model_names_the_served_ones(server: Server, tmp_path: Path) -> None:
+def test_an_unknown_model_is_waited_for_then_named(server: Server, tmp_path: Path) -> None:
+    """A model the server does not have may still be loading: waited for up to --reconnect-timeout, then named."""
+    started = time.monotonic()
     result = CliRunner().invoke(run_main, [str(write_video(tmp_path / "v.avi", 2, seed=1)), "--server",
-                                           server.url.replace(f"/{server.name}", "/cable")])
+                                           server.url.replace(f"/{server.name}", "/cable"), "--reconnect-timeout", "1"])
     assert result.exit_code == 2 and "Traceback" not in result.output
-    assert "the server has no model 'cable'" in result.output
+    assert "the server has no model 'cable'" in result.output and "waited" in result.output
+    assert result.output.count("has no model 'cable' ready yet") == 1 and "waiting up to 1 s" in result.output
+    assert time.monotonic() - started >= 1.0
+
+
+def test_a_refused_request_fails_at_once(server: Server) -> None:
+    """A request the server refuses (INVALID_ARGUMENT: more images than its max_batch_size) is not sent again."""
+    from protoad_edge.preprocess import to_batch
+    from protoad_edge.runtime.capture import Reconnect
+    from protoad_edge.runtime.triton import TritonBackend
+
+    with TritonBackend(server.url, retry=Reconnect(give_up_after=60.0)) as remote:
+        remote.max_batch = 6  # the server's is 4: Triton refuses the request
+        started = time.monotonic()
+        with pytest.raises(ProtoADError, match=r"\(refused\): .*batch-size must be <= 4"):
+            remote.infer(to_batch(normal_crops(6, 64, seed=3)))
+        assert remote.retries == 0 and time.monotonic() - started < 10
+
+
+def test_a_healthy_cpu_server_shows_no_error(server: Server) -> None:
+    """Triton's lines about CUDA, NVML and DCGM on a host without a GPU are hidden; its other lines still show."""
+    text = server.log.read_text()
+    assert "successfully loaded 'tiny'" in text and "Started GRPCInferenceService" in text
+    errors = [line for line in text.splitlines() if re.match(r"E\d{4} ", line) or "error" in line.lower()]
+    assert errors == []
+
+
+@pytest.mark.slow
+def test_ready_means_the_model_answers(tiny_model: Path, tmp_path: Path) -> None:
+    """/v2/health/ready, polled from the moment the process starts, first says 200 when an inference succeeds
+    right then, and the model's own readiness agrees."""
+    from protoad_edge.preprocess import to_batch
+    from protoad_edge.runtime.capture import Reconnect
+    from protoad_edge.runtime.triton import TritonBackend
+
+    server = Server(tiny_model, tmp_path / "serve.log", max_batch=4).launch()
+    try:
+        seen = []
+        while (status := server.http("/v2/health/ready")[0]) != 200:
+            seen.append(status)
+            assert server.process.poll() is None, server.log.read_text()[-3000:]
+            time.sleep(0.02)
+        with TritonBackend(server.url, retry=Reconnect(give_up_after=0.0)) as remote:  # no second chance
+            _, scores = remote.infer(to_batch(normal_crops(2, 64, seed=1)))
+        assert scores.shape == (2,) and remote.retries == 0
+        assert server.http(f"/v2/models/{server.name}/ready")[0] == 200
+        assert seen and set(seen) <= {0, 400}  # polled before it listened: never ready early
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_a_line_started_with_its_server_judges_every_frame(tiny_model: Path, tmp_path: Path) -> None:
+    """protoad-serve and protoad-run --server started at the same moment: the line waits for the model (one line
+    says so) and judges every frame, as a local run does."""
+    frames = write_images(tmp_path / "frames", 5, seed=7)
+    server = Server(tiny_model, tmp_path / "serve.log", max_batch=4)
+    run_args = [sys.executable, "-c", "from protoad_edge.cli.run import main; main()", str(frames), "--server",
+                server.url, "--jsonl", "-", "--status-every", "0", "--reconnect-timeout", "120"]
+    server.launch()
+    try:
+        run = subprocess.run(run_args, capture_output=True, text=True, timeout=300)
+    finally:
+        server.stop()
+    assert run.returncode == 0, run.stderr
+    waits = [line for line in run.stderr.splitlines() if "retrying for up to 120 s" in line or "waiting up to" in line]
+    assert len(waits) == 1, run.stderr
+    records = [json.loads(line) for line in run.stdout.splitlines()]
+    local = run_records(frames, "--model", tiny_model)
+    assert [r["frame"] for r in records] == [r["frame"] for r in local] == list(range(5))
+    np.testing.assert_allclose([r["score"] for r in records], [r["score"] for r in local], rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_model_that_fails_to_load_is_one_line_at_once(tiny_model: Path, tmp_path: Path) -> None:
+    """Triton exits when the model fails to load (here: PyTriton's tracer asked for and not installed): protoad-serve
+    says why in one line within seconds, not after PyTriton's two-minute start-up wait."""
+    server = Server(tiny_model, tmp_path / "serve.log").launch(env={"PYTRITON_VIZTRACER": "1"})
+    try:
+        code = server.process.wait(90)
+    finally:
+        server.stop()
+    text = server.log.read_text()
+    assert code == 2 and "Traceback" not in text
+    assert "error: Triton did not start model tiny: ModuleNotFoundError: No module named 'viztracer'" in text
 
 
 def test_a_server_restart_mid_run_loses_and_repeats_nothing(tiny_model: Path, tmp_path: Path) -> None:

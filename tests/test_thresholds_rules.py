@@ -18,6 +18,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from conftest import write_demo_category
+from protoad_edge.bundle import Bundle
 from protoad_edge.cli.eval import main as eval_main
 from protoad_edge.cli.run import main as run_main
 from protoad_edge.errors import ProtoADError
@@ -171,11 +172,13 @@ def test_rules_that_cannot_be_computed_are_refused(text: str, labels: list[bool]
 
 @pytest.fixture
 def bundle(tiny_model: Path, tmp_path: Path) -> Path:
-    """A private copy of the tiny bundle (the session fixture is shared): its .onnx."""
+    """A private copy of the tiny bundle (the session fixture is shared), sealed as a build seals it: its .onnx."""
     folder = tmp_path / "bundle"
     folder.mkdir()
     for suffix in (".onnx", ".json", ".prototypes.npy"):
         shutil.copy(tiny_model.with_name("tiny" + suffix), folder / ("tiny" + suffix))
+    sealed = Bundle(folder / "tiny")
+    sealed.seal(ModelInfo.load_json(sealed.sidecar)).save_json(sealed.sidecar)
     return folder / "tiny.onnx"
 
 
@@ -191,18 +194,23 @@ def test_write_keeps_history_and_pixel_threshold(bundle: Path) -> None:
     info = ModelInfo.load_json(sidecar)
     assert (first.sidecar, first.created, second.old.image_threshold) == (sidecar, False, 0.5)
     assert info.image_threshold == 0.25 and info.pixel_threshold == built.pixel_threshold
-    assert info.threshold_rule.startswith("image: 0.5 (--set-threshold) on the test split: flags 3/6 anomalous")
-    old = [{k: h[k] for k in ("image_threshold", "pixel_threshold", "threshold_rule")} for h in info.threshold_history]
+    assert info.threshold_rule == "manual"  # a number: the name every record carries
+    assert info.threshold_detail.startswith("image: 0.5 (--set-threshold) on the test split: flags 3/6 anomalous")
+    keys = ("image_threshold", "pixel_threshold", "threshold_rule", "threshold_detail")
+    old = [{k: h[k] for k in keys} for h in info.threshold_history]
     assert old == [
         {"image_threshold": built.image_threshold, "pixel_threshold": built.pixel_threshold,
-         "threshold_rule": built.threshold_rule},
-        {"image_threshold": 0.5, "pixel_threshold": built.pixel_threshold, "threshold_rule": first.new.threshold_rule},
+         "threshold_rule": built.threshold_rule, "threshold_detail": built.threshold_detail},
+        {"image_threshold": 0.5, "pixel_threshold": built.pixel_threshold, "threshold_rule": "manual",
+         "threshold_detail": first.new.threshold_detail},
     ]
+    named = write_threshold(bundle, Outcome("f1", 0.5, 3, 6, 1, 4), "the test split")
+    assert named.new.threshold_rule == "f1@test-split" and named.new.digests == built.digests
     for entry in info.threshold_history:
         assert datetime.fromisoformat(entry["replaced"]).tzinfo is not None
-    # Everything but the thresholds is the build's, so the runtime still accepts the pair.
+    # Everything but the thresholds is the build's (its digests too), so the runtime still accepts the pair.
     keep = {k: v for k, v in built.to_dict().items() if not k.startswith("threshold") and k != "image_threshold"}
-    assert {k: info.to_dict()[k] for k in keep} == keep
+    assert {k: info.to_dict()[k] for k in keep} == keep and set(built.digests) == {"onnx", "prototypes"}
     assert sorted(p.name for p in bundle.parent.iterdir()) == ["tiny.json", "tiny.onnx", "tiny.prototypes.npy"]
 
 
@@ -231,6 +239,7 @@ def test_bundle_without_sidecar_gets_one_from_the_onnx_metadata(bundle: Path) ->
     info = ModelInfo.load_json(sidecar)
     assert info.image_threshold == 0.5
     assert info.threshold_history[0]["image_threshold"] == built.image_threshold
+    assert info.digests == built.digests  # the new sidecar records the files beside it
     assert OrtBackend(bundle, providers=["CPUExecutionProvider"]).info.image_threshold == 0.5  # in force
 
 

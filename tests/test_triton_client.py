@@ -105,7 +105,8 @@ def test_the_fake_triton_answers_like_one(serve: Any) -> None:
 
 def test_a_refused_request_fails_at_once(serve: Any) -> None:
     """INVALID_ARGUMENT is the server refusing the request: sent once, never again until the reconnect timeout."""
-    triton = Triton({"ModelInfer": [(grpc.StatusCode.INVALID_ARGUMENT, "inference request batch-size must be <= 4")] * 50})
+    refusal = (grpc.StatusCode.INVALID_ARGUMENT, "inference request batch-size must be <= 4")
+    triton = Triton({"ModelInfer": [refusal] * 50})
     logged: list[str] = []
     with TritonBackend(serve(triton), retry=Reconnect(give_up_after=5.0), log=logged.append) as remote:
         started = time.monotonic()

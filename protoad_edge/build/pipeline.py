@@ -29,7 +29,7 @@ from ..errors import ProtoADError
 from ..export.engine import engine_for_bundle
 from ..export.onnx import PARITY_TOLERANCE, export_onnx, parity_gate
 from ..export.tensorrt import EngineBuild
-from ..metadata import ModelInfo
+from ..metadata import TRAINING, ModelInfo
 from ..metrics import auroc, f1_optimal_threshold, pro_area, pro_curve
 from ..preprocess import Preprocess, to_batch
 from ..progress import progress_bar
@@ -291,20 +291,23 @@ def ms_per_image(backends: dict[str, OrtBackend], crops: np.ndarray, rounds: int
 
 def write(net: ProtoADNet, info: ModelInfo, prototypes: np.ndarray, tmp: Path, bundle: Bundle,
           projection: FittedProjection | None = None) -> list[Path]:
-    """Step 5: the final graph (with the final metadata), sidecar, prototypes and projection (if any), renamed
-    into place. A projection left by an earlier build of this name is removed: it describes another network."""
-    export_onnx(net, info, tmp / "model.onnx")
-    np.save(tmp / "prototypes.npy", prototypes)
-    info.save_json(tmp / "model.json")
-    staged = [("model.onnx", "onnx"), ("model.json", "sidecar"), ("prototypes.npy", "prototypes")]
+    """Step 5: the final graph (with the final metadata), prototypes, projection (if any) and the sidecar, which
+    records their digests (``info.digests``), renamed into place, the sidecar last. A projection left by an
+    earlier build of this name is removed: it describes another network."""
+    staged = Bundle(tmp / "model")
+    export_onnx(net, info, staged.onnx)
+    np.save(staged.prototypes, prototypes)
+    kinds = ["onnx", "prototypes"]
     if projection is not None:
-        projection.save(tmp / "projection.npz")
-        staged.append(("projection.npz", "projection"))
+        projection.save(staged.file("projection"))
+        kinds.append("projection")
     else:
         bundle.file("projection").unlink(missing_ok=True)
+    info.digests = staged.seal(info).digests
+    info.save_json(staged.sidecar)
     files = []
-    for src, kind in staged:
-        os.replace(tmp / src, bundle.file(kind))
+    for kind in [*kinds, "sidecar"]:
+        os.replace(staged.file(kind), bundle.file(kind))
         files.append(bundle.file(kind))
     return files
 
@@ -361,8 +364,9 @@ def build(cfg: BuildConfig, log: Log = print) -> BuildReport:
                                           calibration.test_metrics)
         t = calibration.thresholds
         info.image_threshold, info.pixel_threshold = t.image, t.pixel
-        info.threshold_rule = t.rule + ("" if calibration.held_out else
-                                        " (no held-out images: set on training images, optimistic)")
+        info.threshold_rule = t.rule if calibration.held_out else TRAINING
+        info.threshold_detail = t.detail + ("" if calibration.held_out else
+                                            " (no held-out images: set on training images, optimistic)")
         info.build = {
             "weights": weights,
             "dataset": split.data.kind,

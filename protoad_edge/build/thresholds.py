@@ -1,6 +1,7 @@
 """Decision thresholds from held-out normal images (no defect examples needed).
 
-Rule (stored verbatim in the model metadata as ``threshold_rule``):
+Rule (named ``held-out`` in the model metadata's ``threshold_rule`` and in every record, and described in its
+``threshold_detail``):
 
 - image threshold = max(highest held-out normal score, mean + 3 std of those scores). No held-out
   normal part raises an alarm (the verdict is ``score > threshold``, see ``protoad_edge.decision``),
@@ -19,8 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..decision import image_scores
+from ..metadata import HELD_OUT
 
-RULE = (
+DETAIL = (
     "image: max(max, mean + 3 std) of held-out normal image scores; "
     "pixel: 99.9th percentile of held-out normal pixel scores, capped at the image threshold in force"
 )
@@ -32,7 +34,8 @@ PIXEL_QUANTILE = 0.999
 class Thresholds:
     image: float
     pixel: float
-    rule: str = RULE
+    rule: str = HELD_OUT
+    detail: str = DETAIL
 
 
 def from_normal_maps(maps: np.ndarray) -> Thresholds:

@@ -11,6 +11,7 @@ import click
 
 from ..build.config import PROJECTIONS, BuildConfig
 from ..build.memory import parse_size
+from ..bundle import Bundle
 from ..constants import DATASET_KINDS, DEVICES, FEATURE_CHANNELS, ENGINE_PRECISIONS, TENSORRT_CHOICES, UPSAMPLE_MODES
 from ..errors import ProtoADError
 from ..export.triton_repo import ACCELERATORS, write_repository
@@ -85,6 +86,10 @@ BUILD_EXTRA = ("torch", "torchvision", "onnx", "onnxscript", "scipy", "sklearn")
 @click.option("--from-onnx", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Only build the TensorRT plan for this existing NAME.onnx (no torch needed: the Jetson step); "
                    "with --int8, only its NAME.int8.onnx.")
+@click.option("--reseal", is_flag=True,
+              help="With --from-onnx: only record in NAME.json the sha256 of every file of that bundle as it is now. "
+                   "Every command refuses a file whose digest differs from the sidecar's; after changing one on "
+                   "purpose, re-seal the bundle.")
 @click.option("--int8", is_flag=True,
               help="Also write OUT/CATEGORY.int8.onnx: backbone convs in INT8 (Q/DQ), calibrated on the held-out normal "
                    "images, the convs that cost accuracy kept FP32; written only when the accuracy gate passes on the "
@@ -106,12 +111,19 @@ def main(category: str | None, data_root: Path | None, dataset: str, out: Path, 
          cache_dir: Path | None, no_cache: bool, exact_neighbours: bool, memory_limit: str | None, threads: int,
          tensorrt: str, precision: str,
          opt_batch: int, max_batch: int | None, from_onnx: Path | None, project_dims: int | None,
-         projection: str | None, int8: bool, accept_accuracy_loss: bool, triton_repo: Path | None,
+         projection: str | None, reseal: bool, int8: bool, accept_accuracy_loss: bool, triton_repo: Path | None,
          triton_max_batch: int, triton_accelerate: str) -> None:
     """Learn prototypes from normal images and write OUT/CATEGORY.onnx, .json and .prototypes.npy
     (and OUT/CATEGORY.plan where TensorRT and a GPU exist)."""
     from ..export.engine import engine_for_bundle, engine_from_onnx, engine_summary
 
+    if reseal:
+        if from_onnx is None or not from_onnx.is_file():
+            raise ProtoADError("--reseal records the files of an existing bundle: give --from-onnx NAME.onnx"
+                               + (f" ({from_onnx}: no such file)" if from_onnx else ""))
+        for line in Bundle.of(from_onnx).reseal():
+            click.echo(f"  sealed        {line}")
+        return
     if from_onnx is not None and int8:
         if category is None:
             raise ProtoADError("--from-onnx with --int8 needs --category (and --data-root): the held-out images to "

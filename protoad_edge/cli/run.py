@@ -21,7 +21,8 @@ from ..preprocess import Preprocess, parse_roi
 from ..runtime.backend import Backend, BackendOptions
 from ..runtime.capture import Reconnect
 from ..runtime.loop import STATUS_EVERY_S, RunOptions, RunSummary, StopRequest, run_many
-from ..runtime.mqtt import MqttSink, parse_mqtt_url
+from ..runtime.mqtt import EXIT_UNDELIVERED, PASSWORD_ENV, BrokerAccess, MqttSink, parse_mqtt_url
+from ..runtime.spool import default_folder
 from ..runtime.triton import parse_server_url
 from .common import EXIT_INTERRUPTED, EXIT_TERMINATED, cpu_threads, threads_option, user_errors
 
@@ -85,7 +86,7 @@ def save_preview(spec: object, model: Path | None, roi: tuple[int, int, int, int
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("sources", metavar="SOURCE...", nargs=-1, required=True)
+@click.argument("sources", metavar="SOURCE...", nargs=-1)
 @click.option("--model", type=click.Path(path_type=Path), default=None,
               help="Any file of a model bundle (NAME.onnx, .plan or .json). Default: the single bundle in ./models.")
 @click.option("--backend", type=click.Choice(SPECS), default="auto", show_default=True, help=HELP)
@@ -93,8 +94,10 @@ def save_preview(spec: object, model: Path | None, roi: tuple[int, int, int, int
 @click.option("--server", default=None, metavar="grpc://HOST[:PORT]/NAME",
               help="Send the frames to model NAME on a Triton server (protoad-serve, or tritonserver on a "
                    "protoad-export --triton-repo repository) instead of a local --model; preprocessing and thresholds "
-                   "come from the server. While the server is unreachable or restarting each request is sent again "
-                   "(0.5 s pauses doubling to 2 s) for up to --reconnect-timeout. Needs pip install 'protoad-edge[triton]'.")
+                   "come from the server. While the server is unreachable, restarting or still loading the model (also "
+                   "at start-up) each request is sent again (0.5 s pauses doubling to 2 s) for up to "
+                   "--reconnect-timeout; a request the server refuses fails at once. Needs pip install "
+                   "'protoad-edge[triton]'.")
 @click.option("--threshold", type=float, default=None,
               help="Image score above which a frame is anomalous. Default: the model's own.")
 @click.option("--show", is_flag=True, help="Live window with the overlay (q or Esc quits).")
@@ -124,18 +127,46 @@ def save_preview(spec: object, model: Path | None, roi: tuple[int, int, int, int
               help="A camera or stream that stops delivering is reopened after growing pauses (0.5 s, doubling to "
                    "2 s), and so is a --server that stops answering; after this long without a frame (an answer) the "
                    "run ends with an error, every output finalised.")
-@click.option("--mqtt", default=None, metavar="mqtt://HOST[:PORT]/TOPIC",
-              help="Publish each frame's JSON record (QoS 1) to this broker topic. An outage never stalls "
-                   "inspection: records queue (--mqtt-buffer), the client reconnects with backoff, and the summary "
-                   "counts what was delivered, queued and dropped. Needs pip install 'protoad-edge[mqtt]'.")
+@click.option("--mqtt", default=None, metavar="mqtt[s]://HOST[:PORT]/TOPIC",
+              help="Publish each frame's JSON record (QoS 1, at least once) to this broker topic (mqtts://: TLS, "
+                   "port 8883). An outage never stalls inspection: records queue (--mqtt-buffer), the client "
+                   "reconnects with backoff; what is unacknowledged at the end is spooled (--mqtt-spool) and the "
+                   "exit status is 75. The summary counts what was delivered, queued, spooled and dropped. Needs "
+                   "pip install 'protoad-edge[mqtt]'.")
 @click.option("--mqtt-anomalies-only", is_flag=True, help="Publish only the records of anomalous frames.")
 @click.option("--mqtt-buffer", type=click.IntRange(min=1), default=10_000, show_default=True, metavar="N",
               help="Records kept for the broker while it is unreachable; beyond that the oldest are dropped.")
+@click.option("--mqtt-drain-timeout", type=click.FloatRange(min=0.0), default=5.0, show_default=True,
+              metavar="SECONDS", help="At the end, wait this long for the broker to acknowledge every record "
+                                      "before spooling the rest (and, with --mqtt-flush, for the spool).")
+@click.option("--mqtt-spool", type=click.Path(path_type=Path, file_okay=False), default=None, metavar="DIR",
+              help="Folder of the spool of unacknowledged records, one file per broker and topic, sent first by the "
+                   "next run (at most --mqtt-buffer records and 64 MiB; beyond that the oldest are dropped). "
+                   "Default: $XDG_STATE_HOME/protoad-edge/mqtt-spool (~/.local/state/...).")
+@click.option("--mqtt-flush", is_flag=True,
+              help="Send the spool of --mqtt URL and exit (no SOURCE): 0 once the broker acknowledged all, else 75.")
+@click.option("--mqtt-user", default=None, metavar="USER",
+              help=f"Broker user name; the password comes from ${PASSWORD_ENV} or --mqtt-password-file, never the "
+                   f"command line (ps shows it).")
+@click.option("--mqtt-password-file", type=click.Path(path_type=Path, dir_okay=False), default=None, metavar="FILE",
+              help=f"The broker password: the first line of FILE (instead of ${PASSWORD_ENV}).")
+@click.option("--mqtt-ca", type=click.Path(path_type=Path, dir_okay=False), default=None, metavar="FILE",
+              help="mqtts://: the CA certificate(s) (PEM) the broker's certificate must chain to. Default: the "
+                   "system's CAs.")
+@click.option("--mqtt-cert", type=click.Path(path_type=Path, dir_okay=False), default=None, metavar="FILE",
+              help="mqtts://: a client certificate (PEM) for a broker that requires one (with its key, or --mqtt-key).")
+@click.option("--mqtt-key", type=click.Path(path_type=Path, dir_okay=False), default=None, metavar="FILE",
+              help="mqtts://: the private key of --mqtt-cert.")
+@click.option("--mqtt-insecure", is_flag=True,
+              help="mqtts:// without checking the broker's certificate (anyone on the path can read and change "
+                   "verdicts): for a first test only.")
 @user_errors
 def main(sources: tuple[str, ...], model: Path | None, backend: str, threads: int, server: str | None, threshold: float | None, show: bool, save: Path | None,
          save_masks: Path | None, jsonl: str | None, max_frames: int | None, roi: str | None, view_width: int | None,
          status_every: float, preview: Path | None, reconnect_timeout: float, mqtt: str | None,
-         mqtt_anomalies_only: bool, mqtt_buffer: int) -> None:
+         mqtt_anomalies_only: bool, mqtt_buffer: int, mqtt_drain_timeout: float, mqtt_spool: Path | None,
+         mqtt_flush: bool, mqtt_user: str | None, mqtt_password_file: Path | None, mqtt_ca: Path | None,
+         mqtt_cert: Path | None, mqtt_key: Path | None, mqtt_insecure: bool) -> None:
     """Judge every frame of SOURCE: camera0 (or 0), csi0 (Jetson CSI camera), a video file, an image
     file, a folder of images, an rtsp:// or http(s):// stream, or a GStreamer pipeline (with '!').
 
@@ -156,10 +187,26 @@ def main(sources: tuple[str, ...], model: Path | None, backend: str, threads: in
     def log(message: str) -> None:
         click.echo(message, err=True)
 
+    access = BrokerAccess.from_options(mqtt_user, mqtt_password_file, mqtt_ca, mqtt_cert, mqtt_key, mqtt_insecure)
+    if mqtt is not None:
+        access.tls_context(parse_mqtt_url(mqtt))  # a mistyped broker URL or TLS file fails before a model is loaded
+
+    def mqtt_sink(url: str) -> MqttSink:
+        return MqttSink(url, mqtt_anomalies_only, mqtt_buffer, log=log, drain_timeout=mqtt_drain_timeout,
+                        access=access, spool=mqtt_spool or default_folder())
+
+    if mqtt_flush:
+        if mqtt is None or sources:
+            raise ProtoADError("--mqtt-flush sends the spool of --mqtt URL and exits: give --mqtt and no SOURCE")
+        flushed = mqtt_sink(mqtt)
+        click.echo(flushed.close(keep=True))
+        if report_undelivered([flushed], log):
+            sys.exit(EXIT_UNDELIVERED)
+        return
+    if not sources:
+        raise click.UsageError("Missing argument 'SOURCE...'.")
     specs = [parse_source(source) for source in sources]  # a mistyped source fails before a model is loaded
     region = parse_roi(roi) if roi else None
-    if mqtt is not None:
-        parse_mqtt_url(mqtt)  # and so does a mistyped broker URL
     reconnect = Reconnect(give_up_after=reconnect_timeout)
     if server is not None:
         parse_server_url(server)
@@ -183,7 +230,7 @@ def main(sources: tuple[str, ...], model: Path | None, backend: str, threads: in
             log(f"threshold {info.image_threshold:.6g} (the model's; rule: {info.threshold_rule or 'not recorded'})")
         else:
             log(f"threshold {threshold:.6g} (--threshold; the model's is {info.image_threshold:.6g})")
-        sinks = [MqttSink(mqtt, mqtt_anomalies_only, mqtt_buffer, log=log)] if mqtt is not None else []
+        sinks = [mqtt_sink(mqtt)] if mqtt is not None else []
         options = RunOptions(threshold=threshold, max_frames=max_frames, show=show, save=save, save_masks=save_masks,
                              jsonl=jsonl, roi=region, view_width=view_width, status_every=status_every, log=log,
                              stop=stop, sinks=sinks, reconnect=reconnect)
@@ -193,12 +240,23 @@ def main(sources: tuple[str, ...], model: Path | None, backend: str, threads: in
             click.echo(line, err=to_stderr)
     if len(summaries) > 1:
         click.echo(total_line(summaries), err=to_stderr)
+    undelivered = report_undelivered(sinks, log)
     errors = [f"{s.source}: {s.error}" if len(summaries) > 1 else s.error for s in summaries if s.error]
     if errors:
         raise ProtoADError(errors[0] + (f" ({len(errors) - 1} more sources failed, see above)" if len(errors) > 1 else ""))
     endings = [s.stopped for s in summaries if s.stopped in EXIT_CODES]
     if endings:
         sys.exit(EXIT_CODES[endings[0]])
+    if undelivered:
+        sys.exit(EXIT_UNDELIVERED)
+
+
+def report_undelivered(sinks: list[MqttSink], log: Callable[[str], None]) -> bool:
+    """After the sinks closed: one line for each that did not get every record to its broker; whether any did not."""
+    shortfalls = [line for sink in sinks if (line := sink.shortfall())]
+    for line in shortfalls:
+        log(line)
+    return bool(shortfalls)
 
 
 def open_model(model: Path | None, backend: str, threads: int, server: str | None, reconnect: Reconnect,

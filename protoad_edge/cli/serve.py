@@ -37,8 +37,11 @@ PORT = click.IntRange(1, 65535)
 def main(model: Path | None, backend: str, name: str | None, address: str, http_port: int, grpc_port: int,
          metrics_port: int, max_batch: int, queue_delay_us: int, threads: int) -> None:
     """Serve a model bundle with Triton Inference Server until Ctrl-C or SIGTERM: dynamic batching across clients,
-    HTTP and gRPC, readiness (/v2/health/ready) and Prometheus metrics. Lines connect with
-    protoad-run SOURCE --server grpc://HOST:GRPC_PORT/NAME. Needs pip install 'protoad-edge[serve]'."""
+    HTTP and gRPC, readiness and Prometheus metrics. Lines connect with
+    protoad-run SOURCE --server grpc://HOST:GRPC_PORT/NAME. Needs pip install 'protoad-edge[serve]'.
+
+    Ready means the model answers: Triton loads it before it opens any endpoint, so /v2/health/ready and
+    /v2/models/NAME/ready say 200 only once an inference can be served (before that they refuse connections)."""
     from ..backends import open_backend
     from ..runtime.backend import BackendOptions
     from ..runtime.serve import serve

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..backends import AUTO, REGISTRY, BackendEntry, choose, locate, parse_spec, with_precision
+from ..backends import AUTO, REGISTRY, BackendEntry, choose, locate, open_file, parse_spec, with_precision
 from ..build.datasets import Sample, load_crops, load_masks, open_dataset
 from ..bundle import Bundle
 from ..export.int8 import (
@@ -211,7 +211,7 @@ def evaluate_category(
     entry, path = _resolve(model, category, backend)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    with entry.load()(path, options) as opened:
+    with open_file(entry, path, options) as opened:
         check_category(path, opened.info, category, any_category)
         seconds["open"] = time.perf_counter() - start
         test = load_test_set(category, data_root, dataset, opened.info.preprocess, progress)
@@ -340,7 +340,7 @@ def compare_backends(
     runs: list[BackendRun] = []
     for spec, (_, precision), (entry, path) in zip(backends, specs, chosen):
         run_options = dataclasses.replace(options or BackendOptions(), precision=precision)
-        with entry.load()(path, run_options) as opened:
+        with open_file(entry, path, run_options) as opened:
             check_category(path, opened.info, category, any_category)
             if test is None:
                 test = load_test_set(category, data_root, dataset, opened.info.preprocess, progress)
@@ -389,6 +389,7 @@ def export_int8(onnx_path: str | os.PathLike, category: str, data_root: str | os
     if not onnx_path.is_file():
         raise ProtoADError(f"--from-onnx {onnx_path}: no such file")
     bundle = Bundle.of(onnx_path)
+    bundle.check(onnx_path)  # an INT8 copy of a stranger would be sealed into the bundle
     info = bundle.info()
     check_category(onnx_path, info, category, False)
     data = open_dataset(category, data_root, dataset)

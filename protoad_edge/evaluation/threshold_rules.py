@@ -24,7 +24,7 @@ import numpy as np
 from ..bundle import Bundle
 from ..decision import is_anomalous
 from ..errors import ProtoADError
-from ..metadata import ModelInfo
+from ..metadata import MANUAL, ON_TEST_SPLIT, ModelInfo
 from ..metrics import f1_optimal_threshold
 
 FLAG = "--set-threshold"
@@ -46,6 +46,12 @@ class Rule:
         if self.kind == FPR:
             return f"fpr={self.value!r}"
         return repr(self.value) if self.kind == VALUE else self.kind
+
+    @property
+    def recorded(self) -> str:
+        """The sidecar's (and every record's) ``threshold_rule`` once this rule is in force: a number is MANUAL,
+        the others are named after the split that chose the threshold (``f1@test-split``)."""
+        return MANUAL if self.kind == VALUE else self.name + ON_TEST_SPLIT
 
 
 @dataclass(frozen=True)
@@ -180,18 +186,21 @@ class ThresholdChange:
 def write_threshold(model: str | os.PathLike, chosen: Outcome, split: str) -> ThresholdChange:
     """Put ``chosen`` in force for the bundle of ``model``: its sidecar gets the new image threshold and rule
     (``split`` says which images chose it), the previous values go to ``threshold_history``, and the file is
-    replaced atomically. The pixel threshold is kept (the runtime caps it at the image threshold)."""
+    replaced atomically. The pixel threshold is kept (the runtime caps it at the image threshold), and so are the
+    digests: the file evaluated was checked against them when it was opened."""
     bundle = Bundle.of(model)
     created = not bundle.sidecar.exists()
     old = bundle.info()  # the sidecar, or the ONNX metadata when there is none
     previous = {"image_threshold": old.image_threshold, "pixel_threshold": old.pixel_threshold,
-                "threshold_rule": old.threshold_rule,
+                "threshold_rule": old.threshold_rule, "threshold_detail": old.threshold_detail,
                 "replaced": datetime.now().astimezone().isoformat(timespec="seconds")}
-    rule = (f"image: {chosen.rule} ({FLAG}) on {split}: flags {chosen.anomalous_caught}/{chosen.anomalous} "
-            f"anomalous and {chosen.false_alarms}/{chosen.normal} normal images; "
-            "pixel: unchanged (see threshold_history), capped at the image threshold in force")
-    new = replace(old, image_threshold=chosen.image_threshold, threshold_rule=rule,
-                  threshold_history=[*old.threshold_history, previous])
+    detail = (f"image: {chosen.rule} ({FLAG}) on {split}: flags {chosen.anomalous_caught}/{chosen.anomalous} "
+              f"anomalous and {chosen.false_alarms}/{chosen.normal} normal images; "
+              "pixel: unchanged (see threshold_history), capped at the image threshold in force")
+    new = replace(old, image_threshold=chosen.image_threshold, threshold_rule=parse_rule(chosen.rule).recorded,
+                  threshold_detail=detail, threshold_history=[*old.threshold_history, previous])
+    if created:  # a first sidecar vouches for the files beside it now, as a re-seal does
+        new = bundle.seal(new)
     new.save_json(bundle.sidecar)
     return ThresholdChange(bundle.sidecar, old, new, created)
 

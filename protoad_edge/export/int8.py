@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 import numpy as np
 
 from ..atomic import atomic_path
-from ..bundle import Bundle
+from ..bundle import SEALED, Bundle
 from ..constants import FP32_SCOPE, QDQ_SCHEME
 from ..errors import ProtoADError
 from ..preprocess import to_batch
@@ -467,14 +467,15 @@ def _search(convs: list[str], macs: dict[str, int], error: Callable[[list[str]],
 
 def write_int8(draft: Int8Draft, onnx_path: str | os.PathLike, gate: dict[str, Any]) -> Path:
     """Rename the draft into place as ``NAME.int8.onnx`` and record what was quantized and the measured loss
-    (``gate``) in the sidecar's ``build["int8"]`` (written from the ONNX metadata if missing)."""
+    (``gate``) in the sidecar's ``build["int8"]``, and its digest (written from the ONNX metadata if missing)."""
     bundle = Bundle.of(onnx_path)
     info = bundle.info()
     info.build = {**info.build, "int8": {**draft.record, "gate": gate}}
     target = bundle.file("int8_onnx")
+    created = not bundle.sidecar.is_file()
     with atomic_path(target) as tmp:
         os.replace(draft.path, tmp)
-    info.save_json(bundle.sidecar)
+    bundle.seal(info, SEALED if created else ("int8_onnx",)).save_json(bundle.sidecar)
     return target
 
 

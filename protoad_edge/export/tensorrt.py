@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..atomic import write_atomic
-from ..bundle import Bundle
+from ..bundle import SEALED, Bundle
 from ..constants import ENGINE_PRECISIONS, FEATURE_CHANNELS, FP32_SCOPE, QDQ_SCHEME, feature_size
 from ..errors import ProtoADError
 from ..gpu import cuda as cm
@@ -232,7 +232,8 @@ class EngineBuild:
 def build_engine(onnx_path: str | os.PathLike, *, precision: str = "fp16", opt_batch: int = 1,
                  max_batch: int | None = None, workspace_mib: int = DEFAULT_WORKSPACE_MIB, device: int = 0,
                  log: Callable[[str], None] = print) -> EngineBuild:
-    """Build ``NAME.plan`` beside ``NAME.onnx`` on this machine's GPU and record the build in ``NAME.json``.
+    """Build ``NAME.plan`` beside ``NAME.onnx`` on this machine's GPU and record the build, and the digests of the
+    files it wrote, in ``NAME.json``.
 
     Needs TensorRT and cuda-python, never torch: this is what runs on a Jetson
     (``protoad-export --from-onnx models/cable.onnx``).
@@ -249,8 +250,11 @@ def build_engine(onnx_path: str | os.PathLike, *, precision: str = "fp16", opt_b
                            f"protoad-export --from-onnx {onnx_path} --int8 --category ... (the accuracy gate decides)")
     if max_batch is not None and max_batch < 1:
         raise ProtoADError(f"--max-batch {max_batch} must be at least 1")
+    bundle.check(onnx_path)  # a plan built from a stranger would be sealed into the bundle
+    created = not bundle.sidecar.is_file()
     info = bundle.info()
     if precision == "int8":
+        bundle.check(int8_onnx)
         check_int8_scheme(info, int8_onnx, onnx_path)
     limit = batch_limit(info.num_prototypes, info.crop, cap=max_batch or DEFAULT_MAX_BATCH)
     if max_batch is not None and max_batch > limit:
@@ -294,7 +298,8 @@ def build_engine(onnx_path: str | os.PathLike, *, precision: str = "fp16", opt_b
     info.tensorrt_version, info.gpu_name, info.tensorrt_precision = trt.__version__, gpu, precision
     info.build["tensorrt"] = {"plan": plan_file.name, "onnx": source.name, **facts, "build_seconds": round(seconds, 1),
                               "opt_batch": opt_batch, "max_batch": max_batch, "workspace_mib": workspace_mib}
-    sidecar = info.save_json(bundle.sidecar)
+    wrote = ("plan", "fp16_onnx") if source == bundle.fp16_onnx else ("plan",)
+    sidecar = bundle.seal(info, SEALED if created else wrote).save_json(bundle.sidecar)
     for warning in dict.fromkeys(logger.warnings):
         log(f"TensorRT warning: {warning}")
     return EngineBuild(plan_file, sidecar, source, precision, trt.__version__, gpu, opt_batch, max_batch, seconds)

@@ -56,6 +56,8 @@ def write_repository(model: str | Path, repo: str | Path, *, name: str | None = 
     bundle = Bundle.of(model)
     if not bundle.onnx.is_file():
         raise ProtoADError(f"--triton-repo needs the bundle's ONNX model {bundle.onnx}, which does not exist")
+    for kind in ("onnx", "plan"):  # the server runs them with this sidecar's thresholds
+        bundle.check(bundle.file(kind))
     info = bundle.info()
     name = check_model_name(name or bundle.name, "model name")
     repo = Path(repo)

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..decision import capped_pixel_threshold, defect_regions, is_anomalous
 from ..errors import ProtoADError
-from ..metadata import ModelInfo
+from ..metadata import OVERRIDE, ModelInfo, rule_name
 from ..preprocess import Geometry, Preprocess, to_batch
 from .backend import Backend
 from .capture import STOP_POLL_S, Capture, Frame, Reconnect
@@ -262,7 +262,7 @@ def run_many(sources: list[str | SourceSpec | Source], backend: Backend,
     info = backend.info
     threshold, pixel_threshold = thresholds_in_force(info, options.threshold)
     pre = info.preprocess if options.roi is None else dataclasses.replace(info.preprocess, roi=tuple(options.roi))
-    rule = info.threshold_rule if options.threshold is None else "--threshold"
+    rule = rule_name(info.threshold_rule) if options.threshold is None else OVERRIDE
     judge = Judge(backend, pre, RunContext(backend.describe().model, info.category, threshold, rule), pixel_threshold)
     arrived = threading.Event()
     opened = [s if isinstance(s, Source) else open_source(s) for s in sources]

@@ -8,8 +8,12 @@ The buffer, not paho, is the record of what is owed. paho (2.x) does resend the 
 it was handed once it reconnects, but from a queue of its own that has no bound of ours and cannot drop
 the oldest. So on every (re)connect paho's leftovers are discarded (``drop_out_messages``) and everything
 still in the buffer is published again from the oldest: an outage loses nothing within the bound and
-keeps the order. A message whose PUBACK was lost with the connection may arrive twice (QoS 1 allows it),
-but each message is counted once: delivered (PUBACK), queued (still in the buffer at the end) or dropped.
+keeps the order. A message whose PUBACK was lost with the connection may arrive twice (QoS 1 is at least
+once: a duplicate is the same bytes, the same source, frame and timestamp), but each message is counted
+once: delivered (PUBACK), spooled, queued (owed at the end and not spooled) or dropped.
+
+What is still owed when the run ends (after up to ``drain_timeout`` waiting for PUBACKs) goes to the
+spool (``spool.Spool``), which the next sink for the same broker and topic loads and sends first.
 
 Locking: paho calls ``on_publish`` holding its own message lock, so ``_state`` is never held while
 calling into paho (the reverse order could deadlock). ``_send_lock`` makes each publish and the record
@@ -18,42 +22,60 @@ of its message id one step that a reconnect's reset cannot split.
 
 from __future__ import annotations
 
+import functools
 import json
+import os
+import ssl
 import sys
 import threading
 from collections import OrderedDict, deque
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, NamedTuple
 from urllib.parse import urlsplit
 
 import numpy as np
 
 from ..errors import ProtoADError
+from ..redact import redact
 from .result import FrameResult
 from .sinks import Sink
+from .spool import Spool
 
-DEFAULT_PORT = 1883
+DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 INFLIGHT = 20  # messages awaiting their PUBACK on one connection (paho's own default window)
 KEEPALIVE_S = 15  # a silently dead link is noticed within about 1.5 times this
-URL_FORM = "mqtt://HOST[:PORT]/TOPIC"
+URL_FORM = "mqtt[s]://HOST[:PORT]/TOPIC"
+PASSWORD_ENV = "PROTOAD_MQTT_PASSWORD"
+EXIT_UNDELIVERED = 75  # sysexits' EX_TEMPFAIL: some records did not reach the broker; try again later
+AUTH_REFUSALS = ("Bad user name or password", "Not authorized")  # CONNACK reasons that mean the credentials
 
 
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def parse_mqtt_url(url: str) -> tuple[str, int, str]:
-    """``mqtt://HOST[:PORT]/TOPIC`` -> (host, port, topic); the topic may contain ``/`` but no wildcard."""
+class BrokerUrl(NamedTuple):
+    host: str
+    port: int
+    topic: str
+    tls: bool  # mqtts://
+
+
+def parse_mqtt_url(url: str) -> BrokerUrl:
+    """``mqtt[s]://HOST[:PORT]/TOPIC`` -> BrokerUrl; the topic may contain ``/`` but no wildcard."""
 
     def bad(why: str) -> ProtoADError:
-        return ProtoADError(f"bad MQTT URL {url!r}: {why} (expected {URL_FORM})")
+        return ProtoADError(f"bad MQTT URL {redact(url)!r}: {why} (expected {URL_FORM})")
 
     parts = urlsplit(url)
-    if parts.scheme != "mqtt":
-        raise bad("it must start with mqtt://")
+    if parts.scheme not in DEFAULT_PORTS:
+        raise bad("it must start with mqtt:// or mqtts://")
+    if parts.username is not None:
+        raise bad(f"a URL is no place for credentials (ps shows them): give --mqtt-user, and the password in "
+                  f"{PASSWORD_ENV} or --mqtt-password-file")
     if "#" in url or "+" in parts.path or "?" in url:
         raise bad("a topic to publish to cannot contain '#', '+' or '?'")
-    if parts.username is not None:
-        raise bad("credentials in the URL are not supported")
     try:
         port = parts.port
     except ValueError:
@@ -65,26 +87,120 @@ def parse_mqtt_url(url: str) -> tuple[str, int, str]:
     topic = parts.path[1:]
     if not topic:
         raise bad("no topic")
-    return parts.hostname, port or DEFAULT_PORT, topic
+    return BrokerUrl(parts.hostname, port or DEFAULT_PORTS[parts.scheme], topic, parts.scheme == "mqtts")
+
+
+@dataclass(frozen=True)
+class BrokerAccess:
+    """Who the sink is to the broker and how it trusts the broker. The password has no repr: it never shows
+    in a log line or a traceback."""
+
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ca: Path | None = None  # CA file the broker's certificate must chain to (None: the system's CAs)
+    cert: Path | None = None  # client certificate (and key, unless ``key``), for brokers that require one
+    key: Path | None = None
+    insecure: bool = False  # do not verify the broker's certificate
+
+    @classmethod
+    def from_options(cls, user: str | None = None, password_file: Path | None = None, ca: Path | None = None,
+                     cert: Path | None = None, key: Path | None = None, insecure: bool = False,
+                     environ: Mapping[str, str] = os.environ) -> "BrokerAccess":
+        """The CLI's options: the password from ``password_file`` (its first line), else from ``PASSWORD_ENV``."""
+        password = None
+        if password_file is not None:
+            if user is None:
+                raise ProtoADError("--mqtt-password-file needs --mqtt-user")
+            try:
+                lines = Path(password_file).read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ProtoADError(f"cannot read --mqtt-password-file {password_file}: "
+                                   f"{getattr(exc, 'strerror', None) or exc}") from None
+            if not lines or not lines[0]:
+                raise ProtoADError(f"--mqtt-password-file {password_file}: its first line is empty")
+            password = lines[0]
+        elif user is not None:
+            password = environ.get(PASSWORD_ENV) or None
+        if key is not None and cert is None:
+            raise ProtoADError("--mqtt-key needs --mqtt-cert (the client certificate it belongs to)")
+        return cls(user, password, ca, cert, key, insecure)
+
+    def tls_context(self, broker: BrokerUrl) -> ssl.SSLContext | None:
+        """The TLS settings of ``broker`` (None for mqtt://); files that cannot be used fail here, naming the flag."""
+        if not broker.tls:
+            if self.ca or self.cert or self.insecure:
+                raise ProtoADError("--mqtt-ca, --mqtt-cert and --mqtt-insecure are TLS settings: use an mqtts:// URL")
+            return None
+
+        def unusable(flag: str, path: Path | None, exc: OSError) -> ProtoADError:
+            return ProtoADError(f"cannot use {flag} {path}: {exc.strerror or exc}")
+
+        try:
+            context = ssl.create_default_context(cafile=str(self.ca) if self.ca else None)
+        except OSError as exc:  # ssl.SSLError is an OSError
+            raise unusable("--mqtt-ca", self.ca, exc) from None
+        if self.cert is not None:
+            try:
+                context.load_cert_chain(self.cert, self.key)
+            except OSError as exc:
+                flags = "--mqtt-cert" if self.key is None else "--mqtt-cert/--mqtt-key"
+                raise unusable(flags, self.cert, exc) from None
+        if self.insecure:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
+
+
+def _why(exc: OSError) -> str:
+    """A failed connection attempt in a few words (a certificate's problem, not just 'SSL error')."""
+    verify = getattr(exc, "verify_message", None)
+    return f"TLS certificate verify failed: {verify}" if verify else exc.strerror or str(exc)
+
+
+@functools.cache
+def _client_class() -> type:
+    """paho's Client, remembering why its last connection attempt failed (paho's ``on_connect_fail`` is not told).
+    Built on first use, as paho is optional: ImportError without it."""
+    from paho.mqtt.client import Client
+
+    class RecordingClient(Client):  # type: ignore[misc]
+        failure = ""
+
+        def reconnect(self) -> Any:
+            try:
+                return super().reconnect()
+            except OSError as exc:
+                self.failure = _why(exc)
+                raise
+
+    return RecordingClient
 
 
 class MqttSink(Sink):
     """Publishes each frame's JSON record (QoS 1) to one topic, or only the anomalous ones.
 
     ``buffer`` bounds the messages not yet acknowledged; ``drain_timeout`` is how long ``close`` waits for
-    them; ``max_backoff`` caps the pause between reconnect attempts (1 s, doubling). The counts
-    ``delivered``, ``queued`` and ``dropped`` are final once ``close`` returned.
+    them; ``max_backoff`` caps the pause between reconnect attempts (1 s, doubling). With ``spool`` (a folder)
+    what an earlier run left there for this broker and topic is sent first, and what is owed at ``close``
+    is left there. The counts ``delivered``, ``queued``, ``spooled`` and ``dropped`` are final once ``close``
+    returned; they add up to ``from_spool`` + ``written``.
     """
 
     def __init__(self, url: str, anomalies_only: bool = False, buffer: int = 10_000, client_id: str | None = None,
-                 log: Callable[[str], None] = _stderr, drain_timeout: float = 5.0, max_backoff: int = 10) -> None:
-        self.host, self.port, self.topic = parse_mqtt_url(url)
+                 log: Callable[[str], None] = _stderr, drain_timeout: float = 5.0, max_backoff: int = 10,
+                 access: BrokerAccess | None = None, spool: str | os.PathLike | None = None) -> None:
+        self.host, self.port, self.topic, tls = broker = parse_mqtt_url(url)
         if buffer < 1:
             raise ProtoADError(f"the MQTT buffer must hold at least one message, not {buffer}")
+        access = access or BrokerAccess()
+        context = access.tls_context(broker)
         try:
-            from paho.mqtt.client import CallbackAPIVersion, Client
+            from paho.mqtt.client import CallbackAPIVersion
+
+            client_class = _client_class()
         except ImportError:
             raise ProtoADError(f"publishing to {url} needs paho-mqtt 2.x: pip install 'protoad-edge[mqtt]'") from None
+
         self.url = url
         self.anomalies_only = anomalies_only
         self.buffer = buffer
@@ -92,6 +208,8 @@ class MqttSink(Sink):
         self.drain_timeout = drain_timeout
         self.delivered = 0
         self.dropped = 0
+        self.spooled = 0
+        self.written = 0
         self._unsent: deque[tuple[int, bytes]] = deque()  # in order, after every message in _inflight
         self._inflight: OrderedDict[int, bytes] = OrderedDict()  # handed to paho, no PUBACK yet
         self._mids: dict[int, int] = {}  # paho's message id -> our sequence number, this connection
@@ -103,7 +221,22 @@ class MqttSink(Sink):
         self._state = threading.Condition()
         self._send_lock = threading.Lock()
 
-        self._client: Any = Client(CallbackAPIVersion.VERSION2, client_id=client_id or "")
+        self.spool = Spool(spool, self.host, self.port, self.topic) if spool is not None else None
+        earlier = self.spool.records if self.spool is not None else []
+        self.from_spool = len(earlier)
+        for payload in earlier:  # first, oldest first
+            self._append(payload)
+        if access.insecure:
+            log(f"mqtt: WARNING: --mqtt-insecure: the certificate of {self.host}:{self.port} is not verified; "
+                f"anyone between here and the broker can read and change the verdicts")
+        elif access.password is not None and not tls:
+            log(f"mqtt: WARNING: the password for {self.host}:{self.port} travels unencrypted: use mqtts://")
+
+        self._client: Any = client_class(CallbackAPIVersion.VERSION2, client_id=client_id or "")
+        if access.user is not None:
+            self._client.username_pw_set(access.user, access.password)
+        if context is not None:
+            self._client.tls_set_context(context)
         self._client.max_inflight_messages_set(INFLIGHT)
         self._client.reconnect_delay_set(min_delay=1, max_delay=max_backoff)
         self._client.on_connect = self._on_connect
@@ -117,14 +250,19 @@ class MqttSink(Sink):
 
     @property
     def queued(self) -> int:
-        """Messages still waiting for their PUBACK."""
+        """Messages still waiting for their PUBACK (after ``close``: owed, and not in the spool)."""
         with self._state:
             return len(self._unsent) + len(self._inflight)
 
     def write(self, result: FrameResult, view: np.ndarray | None) -> bool:
         if self.anomalies_only and not result.anomalous:
             return True
-        payload = json.dumps(result.record()).encode()
+        self.written += 1
+        self._append(json.dumps(result.record()).encode())
+        return True
+
+    def _append(self, payload: bytes) -> None:
+        """Buffers one message; over the bound the oldest is dropped."""
         with self._state:
             self._unsent.append((self._next_seq, payload))
             self._next_seq += 1
@@ -135,19 +273,58 @@ class MqttSink(Sink):
                     self._unsent.popleft()
                 self.dropped += 1
             self._state.notify_all()
-        return True
 
     def close(self, keep: bool) -> str | None:
         """Waits up to ``drain_timeout`` for the buffer to empty (sent messages cannot be recalled, so
-        ``keep`` changes nothing), then disconnects."""
+        ``keep`` changes nothing), disconnects, and leaves what is still owed in the spool."""
         with self._state:
             self._state.wait_for(lambda: not self._unsent and not self._inflight, timeout=self.drain_timeout)
             self._closing = True
             self._state.notify_all()
         self._sender.join()
         self._client.disconnect()
-        self._client.loop_stop()
-        return f"{self.url}: {self.delivered} delivered, {self.queued} queued, {self.dropped} dropped"
+        self._client.loop_stop()  # no callback runs after this
+        if self.spool is not None:
+            self._spool_owed(self.spool)
+        return self.summary()
+
+    def _spool_owed(self, spool: Spool) -> None:
+        """Moves the messages still owed into the spool, oldest first (an unwritable spool leaves them queued)."""
+        owed = list(self._inflight.values()) + [payload for _, payload in self._unsent]
+        try:
+            over = spool.save(owed)
+        except OSError as exc:
+            self.log(f"mqtt: cannot write the spool {spool.path} ({exc.strerror or exc}): "
+                     f"{len(owed)} undelivered records are lost")
+        else:
+            self._inflight.clear()
+            self._unsent.clear()
+            self.spooled, self.dropped = len(owed) - over, self.dropped + over
+        finally:
+            spool.release()
+
+    def summary(self) -> str:
+        """What became of every message: the summary's line."""
+        origin = f"{self.from_spool} from the spool + {self.written} new: " if self.from_spool else ""
+        where = f" (spool {self.spool.path})" if self.spool is not None else ""
+        return (f"{self.url}: {origin}{self.delivered} delivered, {self.queued} queued, {self.spooled} spooled, "
+                f"{self.dropped} dropped{where}")
+
+    def shortfall(self) -> str | None:
+        """After ``close``: one line saying what did not reach the broker and where it is, or None if all did."""
+        if not (self.spooled or self.queued or self.dropped):
+            return None
+        parts = []
+        if self.spooled:
+            assert self.spool is not None
+            parts.append(f"{self.spooled} spooled in {self.spool.path} (the next run to this broker and topic, or "
+                         f"protoad-run --mqtt {self.url} --mqtt-flush, sends them first)")
+        if self.queued:
+            parts.append(f"{self.queued} lost (not spooled)")
+        if self.dropped:
+            parts.append(f"{self.dropped} dropped (the buffer or the spool was full)")
+        undelivered = self.spooled + self.queued + self.dropped
+        return f"mqtt: {undelivered} records not acknowledged by {self.host}:{self.port}: " + "; ".join(parts)
 
     def _ready(self) -> bool:
         return self._connected and bool(self._unsent) and len(self._inflight) < INFLIGHT
@@ -189,7 +366,9 @@ class MqttSink(Sink):
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if reason.is_failure:
-            self._note_outage(f"broker {self.host}:{self.port} refused the connection ({reason})")
+            hint = (f": check --mqtt-user and the password ({PASSWORD_ENV} or --mqtt-password-file)"
+                    if str(reason) in AUTH_REFUSALS else "")
+            self._note_outage(f"broker {self.host}:{self.port} refused the connection ({reason}){hint}")
             return
         with self._send_lock:
             client.drop_out_messages()  # the last connection's leftovers: the buffer resends them, in order
@@ -206,7 +385,7 @@ class MqttSink(Sink):
             self.log(f"mqtt: connected to {self.host}:{self.port}; sending {queued} queued messages")
 
     def _on_connect_fail(self, client: Any, userdata: Any) -> None:
-        self._note_outage(f"cannot connect to {self.host}:{self.port}")
+        self._note_outage(f"cannot connect to {self.host}:{self.port} ({client.failure})")
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         with self._state:
