@@ -319,3 +319,17 @@ def test_an_int8_model_is_refused_in_the_mixed_form_in_one_line() -> None:
                                            r"lowered without losing its INT8 layers in OpenVINO; run it with --backend "
                                            r"openvino \(INT8 \+ FP32\), or the FP32 model with openvino:bf16$"):
         check_not_quantized(quantized, "bf16", "m.int8.onnx")
+
+
+@needs_openvino
+def test_a_compiled_model_that_lowers_the_scope_is_refused(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The read back is the guarantee: were OpenVINO to lower the scope after all (here: the model lowered and the
+    BF16 hint on top, under which the plugin lowers the rest too), the backend refuses to run it."""
+    if not has("BF16"):
+        return  # refused before compiling: test_protoad_run_refuses_a_precision_this_cpu_lacks_in_one_line
+    from protoad_edge.runtime import openvino_backend
+
+    monkeypatch.setattr(openvino_backend, "mode", lambda precision: ("bf16", "bf16"))
+    with pytest.raises(ProtoADError, match=r"^openvino:bf16: OpenVINO .* on CPU runs \d+ node\(s\) of the FP32 scope "
+                                           r"in a reduced precision \(/l2norm/.*\): run --backend openvino \(FP32\)$"):
+        open_backend(tiny_model, "openvino", options=BackendOptions(device="cpu", precision="bf16"))
