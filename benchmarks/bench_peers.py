@@ -61,8 +61,8 @@ def build(args: argparse.Namespace) -> None:
     from anomalib.pre_processing import PreProcessor
     from torchvision.transforms import v2
 
-    from protoad_edge.build.datasets import load_crops, open_dataset
-    from protoad_edge.build.features import build_backbone
+    from protoad_edge.builder.datasets import load_crops, open_dataset
+    from protoad_edge.builder.features import build_backbone
     from protoad_edge.bundle import Bundle
 
     torch.set_num_threads(args.threads)
@@ -141,9 +141,9 @@ class Run:
 
 
 def ours(bundle: Path, threads: int) -> list[Run]:
-    from protoad_edge.backends import open_backend
+    from protoad_edge.runtime.backends.registry import open_backend
     from protoad_edge.bundle import Bundle
-    from protoad_edge.runtime.backend import BackendOptions
+    from protoad_edge.runtime.backends.base import BackendOptions
 
     info = Bundle.of(bundle).info()
     name = f"protoad-edge K {info.num_prototypes:,}" + (f", D {info.projection['dims']}" if info.projection else "")

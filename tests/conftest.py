@@ -39,13 +39,13 @@ def make_bundle(out: Path, name: str = "tiny", crop: int = TINY_CROP, resize: in
     import torch
 
     from protoad_edge.export.onnx import export_onnx
-    from protoad_edge.build.features import PatchFeatures, build_backbone
+    from protoad_edge.builder.features import PatchFeatures, build_backbone
     from protoad_edge.constants import BACKBONE
     from protoad_edge.metadata import ModelInfo
-    from protoad_edge.build.network import L2Norm, ProtoADNet
+    from protoad_edge.builder.network import L2Norm, ProtoADNet
     from protoad_edge.preprocess import to_batch
-    from protoad_edge.runtime.ort_backend import OrtBackend
-    from protoad_edge.build.thresholds import from_normal_maps
+    from protoad_edge.runtime.backends.ort import OrtBackend
+    from protoad_edge.builder.thresholds import from_normal_maps
 
     rng = np.random.default_rng(seed)
     backbone, _ = build_backbone("none", seed)
@@ -63,6 +63,8 @@ def make_bundle(out: Path, name: str = "tiny", crop: int = TINY_CROP, resize: in
     t = from_normal_maps(maps)
     info.image_threshold, info.pixel_threshold, info.threshold_rule = t.image, t.pixel, t.rule
     export_onnx(net, info, onnx_path)
+    # Unsealed (no digests), like a bundle of an older release: tests swap its files freely; the digest tests
+    # seal their own copies.
     info.save_json(out / f"{name}.json")
     np.save(out / f"{name}.prototypes.npy", prototypes)
     return onnx_path
@@ -96,7 +98,7 @@ def write_demo_category(root: Path, category: str, splits: dict[str, int]) -> No
     """A small MVTec-layout category of generated demo images (``demo.demo_image``), with their masks."""
     from PIL import Image
 
-    from protoad_edge.build.demo import demo_image
+    from protoad_edge.builder.demo import demo_image
 
     for split, count in splits.items():
         for index in range(count):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import bench_peers
-from protoad_edge.build.pipeline import split_train
+from protoad_edge.builder.pipeline import split_train
 
 
 @pytest.mark.parametrize(("images", "val_split", "seed"), [(209, 0.1, 0), (20, 0.1, 3), (7, 0.3, 1)])

@@ -12,14 +12,14 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from protoad_edge.build.demo import SPLITS, demo_image
+from protoad_edge.builder.demo import SPLITS, demo_image
 from protoad_edge.cli.eval import main as eval_main
 from protoad_edge.cli.export import main as export_main
 from protoad_edge.cli.run import main as run_main
 from protoad_edge.metadata import ModelInfo
 from protoad_edge.preprocess import Preprocess, to_batch
-from protoad_edge.runtime.ort_backend import OrtBackend
-from protoad_edge.runtime.overlay import JUDGED_BGR
+from protoad_edge.runtime.backends.ort import OrtBackend
+from protoad_edge.runtime.outputs.overlay import JUDGED_BGR
 
 FRAME = (1920, 1080)
 PART_AT = (1100, 500)  # where the 256 x 256 part sits in every frame of the line camera
@@ -129,8 +129,8 @@ def test_run_reports_defects_in_frame_pixels_inside_the_region(line: dict, line_
     assert caught >= 2  # random-weight features: most defects, not all, pass the held-out threshold
     overlay = cv2.VideoCapture(str(tmp_path / "overlay.avi"))
     ok, view = overlay.read()
-    assert ok and view.shape[1] == FRAME[0] and view.shape[0] > FRAME[1]  # the whole frame under a header
-    top = view.shape[0] - FRAME[1] + judged[1]
+    assert ok and view.shape[:2] == (FRAME[1], FRAME[0])  # the frame at its own size, the header drawn inside it
+    top = judged[1]
     edge = view[top, judged[0] + 10:judged[0] + judged[2] - 10].astype(int)
     assert np.abs(edge.mean(axis=0) - JUDGED_BGR).max() < 40  # the judged area's outline (through MJPEG)
 

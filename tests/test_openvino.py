@@ -14,12 +14,12 @@ from click.testing import CliRunner
 from PIL import Image
 
 from conftest import normal_crops
-from protoad_edge.backends import REGISTRY, choose, open_backend
+from protoad_edge.runtime.backends.registry import REGISTRY, choose, open_backend
 from protoad_edge.bundle import Bundle
 from protoad_edge.cli.run import main as run_main
 from protoad_edge.errors import ProtoADError
 from protoad_edge.preprocess import to_batch
-from protoad_edge.runtime.backend import BackendOptions
+from protoad_edge.runtime.backends.base import BackendOptions
 
 needs_openvino = pytest.mark.skipif(importlib.util.find_spec("openvino") is None,
                                     reason="openvino is not installed (pip install 'protoad-edge[openvino]')")
@@ -30,12 +30,12 @@ def test_registry_row() -> None:
     assert entry.files[0] == "onnx" and "int8_onnx" in entry.files
     assert (entry.needs, entry.install) == ("openvino", "pip install 'protoad-edge[openvino]'")
     assert entry.precisions == ("fp32", "bf16", "fp16", "bf16-all", "fp16-all")
-    assert entry.target == "protoad_edge.runtime.openvino_backend:OpenVinoBackend"
+    assert entry.target == "protoad_edge.runtime.backends.openvino:OpenVinoBackend"
     assert "torch" not in entry.target and not entry.needs_torch
 
 
 def test_devices() -> None:
-    from protoad_edge.runtime.openvino_backend import resolve_device
+    from protoad_edge.runtime.backends.openvino import resolve_device
 
     assert resolve_device(["CPU"], "auto") == "CPU"
     assert resolve_device(["CPU", "GPU.0", "GPU.1"], "auto") == "GPU.0"  # an Intel GPU where one exists
@@ -122,7 +122,7 @@ def has(capability: str) -> bool:
 
 
 def test_a_device_without_the_units_is_refused_in_one_line() -> None:
-    from protoad_edge.runtime.openvino_precision import check_capability
+    from protoad_edge.runtime.backends.openvino_precision import check_capability
 
     for precision in ("fp32", "bf16", "bf16-all"):
         check_capability(precision, "CPU", "Xeon", ["FP32", "BF16", "INT8"])
@@ -168,9 +168,9 @@ def projected_onnx(out: Path, dims: int = 12) -> Path:
     """A tiny bundle of the projected network (``--project-dims``): its projection is inside the L2 norm's scope."""
     import torch
 
-    from protoad_edge.build.features import PatchFeatures, build_backbone
-    from protoad_edge.build.network import L2Norm, ProtoADNet
-    from protoad_edge.build.projection import fit_projection
+    from protoad_edge.builder.features import PatchFeatures, build_backbone
+    from protoad_edge.builder.network import L2Norm, ProtoADNet
+    from protoad_edge.builder.projection import fit_projection
     from protoad_edge.constants import BACKBONE
     from protoad_edge.export.onnx import export_onnx
     from protoad_edge.metadata import ModelInfo
@@ -264,7 +264,7 @@ def write_graded(root: Path) -> Path:
 def test_the_gate_passes_the_mixed_model_and_refuses_it_with_the_scope_broken(
         tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from protoad_edge.cli.eval import main as eval_main
-    from protoad_edge.runtime import openvino_backend
+    from protoad_edge.runtime.backends import openvino as openvino_backend
 
     data = write_graded(tmp_path / "data")
     report = tmp_path / "gate.json"
@@ -308,7 +308,7 @@ def test_an_int8_model_is_refused_in_the_mixed_form_in_one_line() -> None:
     import openvino as ov
     import openvino.opset13 as ops
 
-    from protoad_edge.runtime.openvino_precision import check_not_quantized
+    from protoad_edge.runtime.backends.openvino_precision import check_not_quantized
 
     x = ops.parameter([1, 4], np.float32, name="x")
     bounds = [ops.constant(np.float32(v)) for v in (0, 1, 0, 1)]
@@ -327,7 +327,7 @@ def test_a_compiled_model_that_lowers_the_scope_is_refused(tiny_model: Path, mon
     BF16 hint on top, under which the plugin lowers the rest too), the backend refuses to run it."""
     if not has("BF16"):
         return  # refused before compiling: test_protoad_run_refuses_a_precision_this_cpu_lacks_in_one_line
-    from protoad_edge.runtime import openvino_backend
+    from protoad_edge.runtime.backends import openvino as openvino_backend
 
     monkeypatch.setattr(openvino_backend, "mode", lambda precision: ("bf16", "bf16"))
     with pytest.raises(ProtoADError, match=r"^openvino:bf16: OpenVINO .* on CPU runs \d+ node\(s\) of the FP32 scope "

@@ -17,12 +17,12 @@ ort = pytest.importorskip("onnxruntime")
 from click.testing import CliRunner  # noqa: E402
 
 from conftest import TINY_CROP, TINY_RESIZE, normal_crops, write_demo_category  # noqa: E402
-from protoad_edge.build.features import PatchFeatures, build_backbone  # noqa: E402
-from protoad_edge.build.network import L2Norm, ProtoADNet  # noqa: E402
-from protoad_edge.build.projection import (  # noqa: E402
+from protoad_edge.builder.features import PatchFeatures, build_backbone  # noqa: E402
+from protoad_edge.builder.network import L2Norm, ProtoADNet  # noqa: E402
+from protoad_edge.builder.projection import (  # noqa: E402
     FittedProjection, check_dims, fit_projection, load_projection, sample_rows,
 )
-from protoad_edge.build.torch_backend import load_torch_network  # noqa: E402
+from protoad_edge.builder.torch_backend import load_torch_network  # noqa: E402
 from protoad_edge.bundle import Bundle  # noqa: E402
 from protoad_edge.cli.export import main as export_main  # noqa: E402
 from protoad_edge.constants import BACKBONE, FP32_SCOPE  # noqa: E402
@@ -31,7 +31,7 @@ from protoad_edge.export.fp16 import convert_to_mixed_fp16  # noqa: E402
 from protoad_edge.export.onnx import export_onnx, onnx_parity  # noqa: E402
 from protoad_edge.metadata import ModelInfo  # noqa: E402
 from protoad_edge.preprocess import to_batch  # noqa: E402
-from protoad_edge.runtime.ort_backend import OrtBackend  # noqa: E402
+from protoad_edge.runtime.backends.ort import OrtBackend  # noqa: E402
 
 K, D = 48, 12
 FP16_TOLERANCE = 5e-3  # the issue's bound for the FP16 graph's maps against FP32
@@ -266,8 +266,8 @@ def projected_build(data_root: Path, tmp_path_factory: pytest.TempPathFactory, t
 
 def training_vectors(data_root: Path, info: ModelInfo) -> np.ndarray:
     """The build's training patch vectors (FP16, as its feature cache holds them), recomputed."""
-    from protoad_edge.build.config import BuildConfig
-    from protoad_edge.build.pipeline import extract_vectors, load_split
+    from protoad_edge.builder.config import BuildConfig
+    from protoad_edge.builder.pipeline import extract_vectors, load_split
 
     split = load_split(BuildConfig(category="part", data_root=data_root, progress=False), info.preprocess,
                        lambda _: None)
@@ -361,7 +361,7 @@ def test_summary_shows_both_networks_side_by_side(projected_build: tuple[Path, s
 
 def test_paper_figures_are_the_unprojected_network(projected_build: tuple[Path, str], data_root: Path) -> None:
     """The side-by-side's paper row is what the paper's network (same prototypes) scores on the test split."""
-    from protoad_edge.build.datasets import load_crops, load_masks, open_dataset
+    from protoad_edge.builder.datasets import load_crops, load_masks, open_dataset
     from protoad_edge.metrics import auroc
 
     out, _ = projected_build

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..backends import AUTO, HELP, SPECS
+from ..runtime.backends.registry import AUTO, HELP, SPECS
 from ..constants import DEVICES
 from ..errors import ProtoADError
 from .common import cpu_threads, threads_option, user_errors
@@ -84,9 +84,9 @@ def main(model: Path | None, backend: str, engine: Path | None, onnx_path: Path 
     """Benchmark one model: host preprocessing, inference (H2D / GPU compute / D2H on TensorRT) and end
     to end latency (min / mean / median / p90 / p95 / p99 / max) and throughput, per batch size,
     beside the paper's RTX 2080 Ti figures. The ort and trt backends do not need PyTorch."""
-    from ..backends import open_backend
+    from ..runtime.backends.registry import open_backend
     from ..evaluation.bench import benchmark, make_frame
-    from ..runtime.backend import BackendOptions
+    from ..runtime.backends.base import BackendOptions
 
     model, backend = model_and_backend(model, backend, {"engine": engine, "onnx": onnx_path, "torch": torch_path})
     sizes = parse_batches(batches)

@@ -13,12 +13,12 @@ import click
 
 from .. import __version__
 from ..atomic import write_text_atomic
-from ..backends import AUTO, HELP, NAMES, REGISTRY, SPECS, parse_spec
+from ..runtime.backends.registry import AUTO, HELP, NAMES, REGISTRY, SPECS, parse_spec
 from ..constants import DATASET_KINDS, DEVICES
 from ..errors import ProtoADError
 from ..evaluation.accuracy_gate import ACCEPT_FLAG, MAX_AUROC_DROP_PT, MIN_SPEARMAN, Verdict, enforce
 from ..evaluation.paper import METRIC_LABELS, METRICS, comparison_rows, paper_dataset, paper_source
-from ..runtime.backend import BackendOptions
+from ..runtime.backends.base import BackendOptions
 from .common import cpu_threads, threads_option, user_errors
 
 if TYPE_CHECKING:
@@ -76,7 +76,7 @@ def main(model: Path, category: str, any_category: bool, data_root: Path | None,
          compare: str | None, accept_accuracy_loss: bool, set_threshold: str | None, json_path: Path | None,
          out: Path | None, batch_size: int, device: str, threads: int, fp32: bool) -> None:
     """Evaluate a ProtoAD model bundle on the test split of CATEGORY (images with normal/anomalous labels)."""
-    from ..build.datasets import list_categories, resolve_data_root, root_mistake  # heavy imports wait for --help
+    from ..builder.datasets import list_categories, resolve_data_root, root_mistake  # heavy imports wait for --help
     from ..evaluation.threshold_rules import parse_rule
 
     backends = _parse_compare(compare) if compare else None

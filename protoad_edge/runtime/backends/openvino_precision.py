@@ -21,8 +21,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from ..constants import FP32_SCOPE
-from ..errors import ProtoADError
+from ...constants import FP32_SCOPE
+from ...errors import ProtoADError
 
 # BackendOptions.precision -> (OpenVINO's inference precision hint, element type of the lowered backbone or None).
 # "bf16"/"fp16": mixed, the scope in FP32; "-all": the whole network at the device's hint (the accuracy gate decides).

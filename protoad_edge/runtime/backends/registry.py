@@ -14,9 +14,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .bundle import Bundle, kind_of, locate
-from .errors import ProtoADError
-from .runtime.backend import Backend, BackendOptions
+from ...bundle import Bundle, kind_of, locate
+from ...errors import ProtoADError
+from .base import Backend, BackendOptions
 
 AUTO = "auto"
 
@@ -48,14 +48,14 @@ class BackendEntry:
 
 
 REGISTRY: dict[str, BackendEntry] = {entry.name: entry for entry in (
-    BackendEntry("ort", "protoad_edge.runtime.ort_backend:OrtBackend", ("onnx", "fp16_onnx", "int8_onnx"),
+    BackendEntry("ort", "protoad_edge.runtime.backends.ort:OrtBackend", ("onnx", "fp16_onnx", "int8_onnx"),
                  "onnxruntime",
                  "pip install onnxruntime (or onnxruntime-gpu)", "onnxruntime, best available execution provider"),
-    BackendEntry("trt", "protoad_edge.runtime.trt_backend:TrtBackend", ("plan",), "tensorrt",
+    BackendEntry("trt", "protoad_edge.runtime.backends.trt:TrtBackend", ("plan",), "tensorrt",
                  "pip install 'protoad-edge[gpu]' (on a Jetson TensorRT comes with JetPack)", "TensorRT plan on this GPU"),
-    BackendEntry("torch", "protoad_edge.build.torch_backend:TorchBackend", ("sidecar", "prototypes"), "torch",
+    BackendEntry("torch", "protoad_edge.builder.torch_backend:TorchBackend", ("sidecar", "prototypes"), "torch",
                  "pip install 'protoad-edge[build]'", "the PyTorch network rebuilt from the bundle (the yardstick)"),
-    BackendEntry("openvino", "protoad_edge.runtime.openvino_backend:OpenVinoBackend", ("onnx", "int8_onnx", "fp16_onnx"),
+    BackendEntry("openvino", "protoad_edge.runtime.backends.openvino:OpenVinoBackend", ("onnx", "int8_onnx", "fp16_onnx"),
                  "openvino", "pip install 'protoad-edge[openvino]'",
                  "OpenVINO on an Intel CPU or GPU, FP32 unless asked (openvino:bf16 or :fp16 the backbone only, "
                  "the cosine stage in FP32; :bf16-all the whole network)",

@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from ..bundle import Bundle, kind_of
-from ..errors import ProtoADError
-from ..metadata import MAP_NAME, SCORE_NAME, ModelInfo
-from .backend import Backend, BackendFacts, BackendOptions, check_batch
+from ...bundle import Bundle, kind_of
+from ...errors import ProtoADError
+from ...metadata import MAP_NAME, SCORE_NAME, ModelInfo
+from .base import Backend, BackendFacts, BackendOptions, check_batch
 from .openvino_precision import (
     check_capability,
     check_not_quantized,
