@@ -61,6 +61,7 @@ def build(args: argparse.Namespace) -> None:
     from anomalib.pre_processing import PreProcessor
     from torchvision.transforms import v2
 
+    from protoad_edge.atomic import write_text_atomic
     from protoad_edge.builder.datasets import load_crops, open_dataset
     from protoad_edge.builder.features import build_backbone
     from protoad_edge.bundle import Bundle
@@ -99,7 +100,7 @@ def build(args: argparse.Namespace) -> None:
         record["models"][name] = {"onnx": str(path), "fit_s": round(time.perf_counter() - start, 1), **kwargs,
                                   "memory_bank": list(bank.shape) if isinstance(bank, torch.Tensor) else None}
         print(f"{name}: {record['models'][name]}", file=sys.stderr, flush=True)
-    (args.out / "peers.json").write_text(json.dumps(record, indent=2) + "\n")
+        write_text_atomic(args.out / "peers.json", json.dumps(record, indent=2) + "\n")  # each model as it is done
 
 
 def numpy_inverse(matrix: Any) -> Any:
