@@ -73,9 +73,12 @@ def build(args: argparse.Namespace) -> None:
     backbone, weights = build_backbone(info.weights, info.seed)
     state = backbone.state_dict()
     args.out.mkdir(parents=True, exist_ok=True)
+    done = args.out / "peers.json"
     record: dict[str, Any] = {"bundle": str(args.bundle), "train_images": len(crops), "weights": weights,
-                              "crop": info.crop, "models": {}}
+                              "crop": info.crop, "models": json.loads(done.read_text())["models"] if done.exists() else {}}
     for name, cls, kwargs in PEERS:
+        if args.peer and name not in args.peer:
+            continue
         start = time.perf_counter()
         pre = PreProcessor(transform=v2.Compose([v2.Normalize(*IMAGENET)]))
         model = {"Padim": Padim, "Patchcore": Patchcore}[cls](
@@ -100,7 +103,7 @@ def build(args: argparse.Namespace) -> None:
         record["models"][name] = {"onnx": str(path), "fit_s": round(time.perf_counter() - start, 1), **kwargs,
                                   "memory_bank": list(bank.shape) if isinstance(bank, torch.Tensor) else None}
         print(f"{name}: {record['models'][name]}", file=sys.stderr, flush=True)
-        write_text_atomic(args.out / "peers.json", json.dumps(record, indent=2) + "\n")  # each model as it is done
+        write_text_atomic(done, json.dumps(record, indent=2) + "\n")  # each model as it is done
 
 
 def numpy_inverse(matrix: Any) -> Any:
@@ -291,7 +294,10 @@ def main(argv: list[str]) -> None:
                              " build fits the peers on the first one's training images)")
     parser.add_argument("--category", default="bottle")
     parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--out", type=Path, help="build: where the peers' ONNX files and peers.json go")
+    parser.add_argument("--out", type=Path, help="build: where the peers' ONNX files and peers.json go (the models "
+                        "already there are kept)")
+    parser.add_argument("--peer", action="append", choices=[name for name, _, _ in PEERS],
+                        help="build: only this peer (repeatable; default: all)")
     parser.add_argument("--peers", type=Path, help="time: the build step's --out")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=8, help="time: interleaved rounds (batch 1 and 8 each)")
