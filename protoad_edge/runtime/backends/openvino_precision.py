@@ -1,8 +1,9 @@
 """Mixed precision for OpenVINO: the backbone in BF16 or FP16, every node from the L2 normalisation's input to the
-score in FP32 - the scope the TensorRT FP16 build keeps (``constants.FP32_SCOPE`` and all that follows it).
+score in FP32 (``constants.FP32_SCOPE`` and all that follows it; the TensorRT FP16 build keeps the L2 norm alone).
 
-The score is 1 minus a cosine near 1: BF16's 8-bit mantissa erases it (whole network in BF16 on bottle, random
-weights: image AUROC 86.9 -> 84.0, pixel 84.2 -> 73.6), while the backbone alone in BF16 keeps it (issue 29).
+The score is 1 minus a cosine near 1: BF16's 8-bit significand erases it (whole network in BF16 on bottle, random
+weights: image AUROC 86.9 -> 84.0, pixel 84.2 -> 73.6), while the backbone alone in BF16 keeps it (issue 29); the
+L2 norm alone in FP32 is not enough (tests: the gate refuses that scope).
 
 How the scope is kept: by the graph's own element types. The model is read in FP32 and lowered outside the scope -
 a ``Convert`` to BF16/FP16 after the input, the backbone's constants converted, a ``Convert`` back to FP32 on every
