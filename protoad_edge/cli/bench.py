@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..runtime.backends.registry import AUTO, CHOICES, HELP
+from ..runtime.backends.registry import AUTO, HELP, SPECS
 from ..constants import DEVICES
 from ..errors import ProtoADError
 from .common import cpu_threads, threads_option, user_errors
@@ -53,7 +53,7 @@ def model_and_backend(model: Path | None, backend: str, aliases: dict[str, Path 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", type=click.Path(path_type=Path), default=None,
               help="Any file of a model bundle (NAME.onnx, .plan or .json). Default: the single bundle in ./models.")
-@click.option("--backend", type=click.Choice(CHOICES), default=AUTO, show_default=True, help=HELP)
+@click.option("--backend", type=click.Choice(SPECS), default=AUTO, show_default=True, help=HELP)
 @click.option("--engine", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Same as --model NAME.plan --backend trt.")
 @click.option("--onnx", "onnx_path", type=click.Path(path_type=Path, dir_okay=False), default=None,

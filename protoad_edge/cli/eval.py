@@ -13,7 +13,7 @@ import click
 
 from .. import __version__
 from ..atomic import write_text_atomic
-from ..runtime.backends.registry import AUTO, CHOICES, HELP, NAMES, REGISTRY, parse_spec
+from ..runtime.backends.registry import AUTO, HELP, NAMES, REGISTRY, SPECS, parse_spec
 from ..constants import DATASET_KINDS, DEVICES
 from ..errors import ProtoADError
 from ..metadata import ON_LINE_FRAMES, ON_TEST_SPLIT
@@ -47,7 +47,7 @@ ALL = "all"
               help="Dataset root. Default: $PROTOAD_DATA, then ./data.")
 @click.option("--dataset", type=click.Choice(DATASET_KINDS), default="mvtec", show_default=True,
               help="Layout of the data root (see README: MVTec AD, BTAD, or a folder of your own images).")
-@click.option("--backend", type=click.Choice(CHOICES), default=AUTO, show_default=True, help=HELP)
+@click.option("--backend", type=click.Choice(SPECS), default=AUTO, show_default=True, help=HELP)
 @click.option("--compare", "compare", default=None, metavar="B1,B2[,B3]",
               help=f"Run the same images through these backends ({', '.join(NAMES)}) and compare them with the first. "
                    "NAME@FILE runs another bundle's FILE (e.g. the projected network beside --model's: "

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator
 import click
 import cv2
 
-from ..runtime.backends.registry import CHOICES, HELP
+from ..runtime.backends.registry import HELP, SPECS
 from ..atomic import write_atomic
 from ..bundle import locate
 from ..errors import ProtoADError
@@ -90,7 +90,7 @@ def save_preview(spec: object, model: Path | None, roi: tuple[int, int, int, int
 @click.argument("sources", metavar="SOURCE...", nargs=-1)
 @click.option("--model", type=click.Path(path_type=Path), default=None,
               help="Any file of a model bundle (NAME.onnx, .plan or .json). Default: the single bundle in ./models.")
-@click.option("--backend", type=click.Choice(CHOICES), default="auto", show_default=True, help=HELP)
+@click.option("--backend", type=click.Choice(SPECS), default="auto", show_default=True, help=HELP)
 @threads_option("the local backend (onnxruntime intra-op, OpenVINO, torch)")
 @click.option("--server", default=None, metavar="grpc://HOST[:PORT]/NAME",
               help="Send the frames to model NAME on a Triton server (protoad-serve, or tritonserver on a "

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from ..runtime.backends.registry import CHOICES, HELP
+from ..runtime.backends.registry import HELP, SPECS
 from ..bundle import Bundle
 from ..runtime.serving.serve import ServeOptions
 from ..runtime.serving.triton import DEFAULT_MAX_BATCH, DEFAULT_QUEUE_DELAY_US
@@ -21,7 +21,7 @@ PORT = click.IntRange(1, 65535)
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", type=click.Path(path_type=Path), default=None,
               help="Any file of a model bundle (NAME.onnx, .plan or .json). Default: the single bundle in ./models.")
-@click.option("--backend", type=click.Choice(CHOICES), default="auto", show_default=True, help=HELP)
+@click.option("--backend", type=click.Choice(SPECS), default="auto", show_default=True, help=HELP)
 @click.option("--name", default=None, help="Model name clients use (grpc://HOST:PORT/NAME). Default: the bundle's name.")
 @click.option("--address", default="0.0.0.0", show_default=True,
               help="Interface the endpoints listen on (127.0.0.1: this machine only).")

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..runtime.backends.registry import AUTO, BackendEntry, choose, locate, open_file, parse_spec
+from ..runtime.backends.registry import AUTO, BackendEntry, choose, locate, open_file, parse_spec, with_precision
 from ..builder.datasets import Sample, load_crops, load_masks, open_dataset
 from ..bundle import Bundle
 from ..decision import image_scores
@@ -196,7 +196,9 @@ def evaluate_category(
     any_category: bool = False,
 ) -> CategoryResult:
     """Run ``model`` (any file of a bundle, or a folder of bundles) on the test split of ``category``;
-    a bundle built for another category is refused unless ``any_category`` (see ``check_category``)."""
+    a bundle built for another category is refused unless ``any_category`` (see ``check_category``);
+    ``backend`` may name a precision (``openvino:bf16``)."""
+    backend, options = with_precision(backend, options or BackendOptions())
     entry, path = _resolve(model, category, backend)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
