@@ -18,7 +18,7 @@ import numpy as np
 
 from protoad_edge.atomic import write_text_atomic
 from protoad_edge.evaluation.bench import machine, software_versions
-from protoad_edge.build.demo import demo_image
+from protoad_edge.builder.demo import demo_image
 from protoad_edge.preprocess import IMAGE_SUFFIXES, Preprocess, load_rgb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +55,7 @@ def sample_prototypes(features: object, train_crops: np.ndarray, k: int, seed: i
     """
     import torch
 
-    from protoad_edge.build.network import L2Norm
+    from protoad_edge.builder.network import L2Norm
     from protoad_edge.preprocess import to_batch
 
     with torch.inference_mode():

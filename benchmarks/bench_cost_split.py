@@ -53,9 +53,9 @@ from scipy.ndimage import gaussian_filter
 from torch import nn
 
 from protoad_edge.constants import FEATURE_CHANNELS
-from protoad_edge.build.features import PatchFeatures, build_backbone
+from protoad_edge.builder.features import PatchFeatures, build_backbone
 from protoad_edge.metadata import INPUT_NAME, MAP_NAME, SCORE_NAME
-from protoad_edge.build.network import NearestPrototype, ProtoADNet
+from protoad_edge.builder.network import NearestPrototype, ProtoADNet
 from protoad_edge.preprocess import Preprocess, to_batch
 
 SECTION = "bench_cost_split"

@@ -21,8 +21,8 @@ from typing import Callable, TypeVar
 
 import numpy as np
 
-from protoad_edge.build.finch import DEFAULT_SCRATCH_BYTES, finch, first_neighbours, tile_rows
-from protoad_edge.build.neighbours import (DEFAULT_CANDIDATES, DEFAULT_DIMS, DEFAULT_PROBES, EXACT_UP_TO,
+from protoad_edge.builder.finch import DEFAULT_SCRATCH_BYTES, finch, first_neighbours, tile_rows
+from protoad_edge.builder.neighbours import (DEFAULT_CANDIDATES, DEFAULT_DIMS, DEFAULT_PROBES, EXACT_UP_TO,
                                      approximate_first_neighbours, make_search)
 
 T = TypeVar("T")

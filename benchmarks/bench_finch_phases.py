@@ -64,8 +64,8 @@ def timed(module: Any, name: str, record: list[dict]) -> None:
 
 def work(features: Path, method: str, max_prototypes: int) -> dict:
     """One method's FINCH with every phase timed; the level each phase belongs to from the log."""
-    from protoad_edge.build import finch as finch_module
-    from protoad_edge.build import neighbours
+    from protoad_edge.builder import finch as finch_module
+    from protoad_edge.builder import neighbours
 
     record: list[dict] = []
     for module, names in ((neighbours, SEARCH_PHASES), (finch_module, FINCH_PHASES)):

@@ -77,9 +77,9 @@ def make_real(path: Path, n: int, data_root: Path, category: str) -> None:
     """The first ``n`` patch vectors of the category's training images (random weights), as FP16 at ``path``."""
     import torch
 
-    from protoad_edge.build.pipeline import extract_vectors
-    from protoad_edge.build.datasets import load_crops, open_dataset
-    from protoad_edge.build.features import PatchFeatures, build_backbone
+    from protoad_edge.builder.pipeline import extract_vectors
+    from protoad_edge.builder.datasets import load_crops, open_dataset
+    from protoad_edge.builder.features import PatchFeatures, build_backbone
     from protoad_edge.preprocess import Preprocess
 
     images = math.ceil(n / PATCHES)
@@ -162,7 +162,7 @@ class RssSampler:
 
 def exact_rows(path: Path, n: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Exact cosine first neighbours (index, similarity) of ``rows`` among the first ``n`` rows, in float32."""
-    from protoad_edge.build.finch import load_normalised
+    from protoad_edge.builder.finch import load_normalised
 
     x = np.load(path, mmap_mode="r")[:n]
     buffer = np.empty((max(len(rows), 1), x.shape[1]), np.float32)
@@ -194,7 +194,7 @@ def chosen(partitions: list[np.ndarray], counts: list[int], max_prototypes: int)
 
 def budget_for(method: str, memory_limit: str, spill_dir: Path):
     """The memory budget ``method`` runs within: the build's (``--memory-limit``, or its default), or none."""
-    from protoad_edge.build.memory import (MemoryBudget, arrays_within, available_bytes, default_limit,
+    from protoad_edge.builder.memory import (MemoryBudget, arrays_within, available_bytes, default_limit,
                                            parse_size)
 
     if method == "unbounded":
@@ -204,8 +204,8 @@ def budget_for(method: str, memory_limit: str, spill_dir: Path):
 
 
 def work_ours(path: Path, n: int, rows: np.ndarray, max_prototypes: int, method: str, memory_limit: str) -> dict:
-    from protoad_edge.build.finch import finch
-    from protoad_edge.build.neighbours import make_search
+    from protoad_edge.builder.finch import finch
+    from protoad_edge.builder.neighbours import make_search
 
     x = np.load(path, mmap_mode="r")[:n]
     budget = budget_for(method, memory_limit, path.parent)

@@ -24,9 +24,9 @@ import numpy as np
 import onnx
 
 from bench_common import command_line, machine_text, update_results
-from protoad_edge.backends import REGISTRY
-from protoad_edge.build.datasets import load_crops, open_dataset
-from protoad_edge.build.demo import SPLITS, demo_image
+from protoad_edge.runtime.backends.registry import REGISTRY
+from protoad_edge.builder.datasets import load_crops, open_dataset
+from protoad_edge.builder.demo import SPLITS, demo_image
 from protoad_edge.bundle import Bundle
 from protoad_edge.constants import FP32_SCOPE
 from protoad_edge.decision import image_scores
@@ -35,7 +35,7 @@ from protoad_edge.evaluation.evaluate import calibration_samples, compute_metric
 from protoad_edge.export import int8
 from protoad_edge.export.fp16 import scope_boundary
 from protoad_edge.metrics import spearman
-from protoad_edge.runtime.backend import BackendOptions, run_maps
+from protoad_edge.runtime.backends.base import BackendOptions, run_maps
 
 
 def write_demo(root: Path, scale: int) -> Path:

@@ -44,12 +44,12 @@ from bench_common import (
 )
 from scipy.ndimage import gaussian_filter
 
-from protoad_edge.build.features import PatchFeatures, build_backbone
-from protoad_edge.build.network import ProtoADNet
+from protoad_edge.builder.features import PatchFeatures, build_backbone
+from protoad_edge.builder.network import ProtoADNet
 from protoad_edge.preprocess import to_batch
 from reference import ReferencePipeline
-from protoad_edge.runtime.backend import BackendOptions
-from protoad_edge.runtime.ort_backend import OrtBackend
+from protoad_edge.runtime.backends.base import BackendOptions
+from protoad_edge.runtime.backends.ort import OrtBackend
 
 TOLERANCE = 1e-4
 TARGET = 1.5  # (a) must be at least this much faster than (b), end to end

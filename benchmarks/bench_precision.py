@@ -23,14 +23,14 @@ from pathlib import Path
 import numpy as np
 
 from bench_common import DEFAULT_DATA, command_line, machine_text, update_results
-from protoad_edge.backends import REGISTRY
+from protoad_edge.runtime.backends.registry import REGISTRY
 from protoad_edge.bundle import Bundle
 from protoad_edge.decision import image_scores
 from protoad_edge.evaluation.accuracy_gate import judge
 from protoad_edge.evaluation.evaluate import LabelledSplit, Metrics, compute_metrics, gate_figures, load_test_set
 from protoad_edge.metrics import spearman
 from protoad_edge.preprocess import to_batch
-from protoad_edge.runtime.backend import Backend, BackendOptions
+from protoad_edge.runtime.backends.base import Backend, BackendOptions
 
 # (label, backend, bundle file, precision); the first is the reference.
 CONFIGS = (

@@ -41,23 +41,23 @@ import torch
 import torch.nn.functional as F
 from bench_common import DEFAULT_DATA, RESULTS, command_line, interleaved, machine_text, median_ms, update_results
 
-from protoad_edge.build.config import BuildConfig
-from protoad_edge.build.feature_cache import cached_features, default_cache_dir, features_key
-from protoad_edge.build.features import PatchFeatures, build_backbone
-from protoad_edge.build.finch import FinchResult, finch, first_neighbours
-from protoad_edge.build.network import GaussianBlur, ProtoADNet
-from protoad_edge.build.neighbours import EXACT_UP_TO, approximate_first_neighbours
-from protoad_edge.build.pipeline import Split, cluster, extract, extract_vectors, load_split
-from protoad_edge.build.projection import FIT_ROWS, FittedProjection, fit_projection, sample_rows, stage_flops
+from protoad_edge.builder.config import BuildConfig
+from protoad_edge.builder.feature_cache import cached_features, default_cache_dir, features_key
+from protoad_edge.builder.features import PatchFeatures, build_backbone
+from protoad_edge.builder.finch import FinchResult, finch, first_neighbours
+from protoad_edge.builder.network import GaussianBlur, ProtoADNet
+from protoad_edge.builder.neighbours import EXACT_UP_TO, approximate_first_neighbours
+from protoad_edge.builder.pipeline import Split, cluster, extract, extract_vectors, load_split
+from protoad_edge.builder.projection import FIT_ROWS, FittedProjection, fit_projection, sample_rows, stage_flops
 from protoad_edge.constants import BACKBONE, FEATURE_CHANNELS
 from protoad_edge.export.fp16 import convert_to_mixed_fp16
 from protoad_edge.export.onnx import export_onnx
 from protoad_edge.metadata import ModelInfo
 from protoad_edge.metrics import auroc, pro_area, pro_curve
 from protoad_edge.preprocess import Preprocess, to_batch
-from protoad_edge.build.datasets import load_masks
-from protoad_edge.runtime.backend import run_maps
-from protoad_edge.runtime.ort_backend import OrtBackend
+from protoad_edge.builder.datasets import load_masks
+from protoad_edge.runtime.backends.base import run_maps
+from protoad_edge.runtime.backends.ort import OrtBackend
 
 SECTION = "bench_projection"
 CROP = 224

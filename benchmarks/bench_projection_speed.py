@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 
 from bench_common import command_line, crops, export_model, frames, interleaved, machine_text, median_ms, sample_prototypes, update_results
-from protoad_edge.build.features import PatchFeatures, build_backbone
-from protoad_edge.build.network import ProtoADNet
-from protoad_edge.build.projection import FittedProjection, fit_projection, stage_flops
+from protoad_edge.builder.features import PatchFeatures, build_backbone
+from protoad_edge.builder.network import ProtoADNet
+from protoad_edge.builder.projection import FittedProjection, fit_projection, stage_flops
 from protoad_edge.constants import feature_size
 from protoad_edge.preprocess import to_batch
-from protoad_edge.runtime.backend import BackendOptions
-from protoad_edge.runtime.ort_backend import OrtBackend
+from protoad_edge.runtime.backends.base import BackendOptions
+from protoad_edge.runtime.backends.ort import OrtBackend
 
 
 def main(argv: list[str]) -> int:

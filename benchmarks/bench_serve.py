@@ -43,11 +43,11 @@ from triton_server import Server  # noqa: E402
 from protoad_edge.bundle import Bundle  # noqa: E402
 from protoad_edge.errors import ProtoADError  # noqa: E402
 from protoad_edge.preprocess import to_batch  # noqa: E402
-from protoad_edge.runtime.backend import BackendOptions  # noqa: E402
-from protoad_edge.runtime.capture import Reconnect  # noqa: E402
+from protoad_edge.runtime.backends.base import BackendOptions  # noqa: E402
+from protoad_edge.runtime.sources.capture import Reconnect  # noqa: E402
 from protoad_edge.runtime.loop import RunOptions, run_many  # noqa: E402
-from protoad_edge.runtime.ort_backend import OrtBackend  # noqa: E402
-from protoad_edge.runtime.triton import TritonBackend  # noqa: E402
+from protoad_edge.runtime.backends.ort import OrtBackend  # noqa: E402
+from protoad_edge.runtime.serving.triton import TritonBackend  # noqa: E402
 
 TOLERANCE = 1e-5
 DISTINCT_FRAMES = 16

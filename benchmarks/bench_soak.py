@@ -29,10 +29,10 @@ sys.path[:0] = [str(ROOT / "tests")]
 from bench_common import command_line, machine_text, update_results  # noqa: E402
 
 from protoad_edge.preprocess import to_batch  # noqa: E402
-from protoad_edge.runtime.backend import BackendOptions  # noqa: E402
+from protoad_edge.runtime.backends.base import BackendOptions  # noqa: E402
 from protoad_edge.runtime.loop import RunOptions, run  # noqa: E402
-from protoad_edge.runtime.ort_backend import OrtBackend  # noqa: E402
-from protoad_edge.runtime.sources import Source  # noqa: E402
+from protoad_edge.runtime.backends.ort import OrtBackend  # noqa: E402
+from protoad_edge.runtime.sources.source import Source  # noqa: E402
 
 GROWTH_LIMIT = 0.05  # resident memory after the first sample
 FPS_SPREAD = 0.25  # last block's FPS within this share of the first's

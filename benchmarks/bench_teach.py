@@ -53,14 +53,14 @@ def images(paths: list[Path]) -> list[np.ndarray]:
 
 def generated(split: str, start: int, count: int) -> list[np.ndarray]:
     """Demo frames that are in no split of the demo category (indices past it)."""
-    from protoad_edge.build.demo import demo_image
+    from protoad_edge.builder.demo import demo_image
 
     return [demo_image(split, start + i)[1] for i in range(count)]
 
 
 def scenario(model: Path, category: str, data_root: Path, largest: int) -> dict[str, object]:
     """The frames of the benchmark: to teach, held out (normal, new lamp), and the test split both ways."""
-    from protoad_edge.build.datasets import open_dataset
+    from protoad_edge.builder.datasets import open_dataset
     from protoad_edge.bundle import Bundle
     from protoad_edge.evaluation.evaluate import calibration_samples
 
@@ -81,11 +81,11 @@ def scenario(model: Path, category: str, data_root: Path, largest: int) -> dict[
 def metrics(model: Path, frames: dict[str, object], threads: int) -> dict[str, float]:
     """False alarms on the held-out variant frames; image and pixel AUROC on the test split, as it is and under the
     new lamp; through the bundle's own graph."""
-    from protoad_edge.build.datasets import load_masks
+    from protoad_edge.builder.datasets import load_masks
     from protoad_edge.decision import image_scores, is_anomalous
     from protoad_edge.evaluation.evaluate import LabelledSplit, compute_metrics
-    from protoad_edge.runtime.backend import BackendOptions, run_maps
-    from protoad_edge.runtime.ort_backend import OrtBackend
+    from protoad_edge.runtime.backends.base import BackendOptions, run_maps
+    from protoad_edge.runtime.backends.ort import OrtBackend
 
     backend = OrtBackend(model, BackendOptions(device="cpu", threads=threads))
     info = backend.info

@@ -88,8 +88,8 @@ def torch_network(crop: int, k: int, seed: int = 0):  # -> ProtoADNet
     import torch
 
     from conftest import normal_crops
-    from protoad_edge.build.features import PatchFeatures, build_backbone
-    from protoad_edge.build.network import L2Norm, ProtoADNet
+    from protoad_edge.builder.features import PatchFeatures, build_backbone
+    from protoad_edge.builder.network import L2Norm, ProtoADNet
 
     features = PatchFeatures(build_backbone("none", seed)[0], crop)
     with torch.no_grad():
@@ -149,9 +149,9 @@ def check_tensorrt() -> str:
     from conftest import make_bundle, normal_crops
     from protoad_edge.export.tensorrt import build_engine
     from protoad_edge.metadata import ModelInfo
-    from protoad_edge.runtime.backend import BackendOptions
-    from protoad_edge.runtime.ort_backend import OrtBackend
-    from protoad_edge.runtime.trt_backend import TrtBackend
+    from protoad_edge.runtime.backends.base import BackendOptions
+    from protoad_edge.runtime.backends.ort import OrtBackend
+    from protoad_edge.runtime.backends.trt import TrtBackend
 
     work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     lines = [f"TensorRT {tensorrt.__version__}"]
@@ -190,9 +190,9 @@ def check_finch_gpu(n: int = 627_200, sample: int = 2000) -> str:
     if not torch.cuda.is_available():
         raise Skipped("torch: no CUDA device")
     from bench_finch_scale import exact_rows, make_synthetic
-    from protoad_edge.build.finch import finch
-    from protoad_edge.build.gpu_neighbours import gpu_first_neighbours
-    from protoad_edge.build.neighbours import make_search
+    from protoad_edge.builder.finch import finch
+    from protoad_edge.builder.gpu_neighbours import gpu_first_neighbours
+    from protoad_edge.builder.neighbours import make_search
 
     work = Path(tempfile.mkdtemp(prefix="gpu_check_finch_"))
     try:

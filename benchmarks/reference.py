@@ -1,4 +1,4 @@
-"""The authors' evaluation pipeline, written independently of ``protoad_edge.build.network``: the parity oracle.
+"""The authors' evaluation pipeline, written independently of ``protoad_edge.builder.network``: the parity oracle.
 
 Eager torchvision wide_resnet50_2 (the full model, features taken by forward hooks), patch
 embedding by PaDiM's ``embedding_concat`` (unfold/fold; equals nearest upsampling) or bilinear
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import torchvision
 from scipy.ndimage import gaussian_filter
 
-from protoad_edge.build.features import IMAGENET_MEAN, IMAGENET_STD, Backbone
+from protoad_edge.builder.features import IMAGENET_MEAN, IMAGENET_STD, Backbone
 
 
 def full_model(backbone: Backbone) -> torchvision.models.ResNet:

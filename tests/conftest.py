@@ -15,6 +15,20 @@ TINY_RESIZE = 72
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
+# The fast tier (``pytest -m "not slow"``) leaves out end-to-end runs and every test that starts a real server:
+# these modules start one in every test; these fixtures start a server, or run a whole build, for the tests that
+# use them.
+SLOW_MODULES = {"test_serve.py", "test_outage.py", "test_soak.py"}
+SLOW_FIXTURES = {"broker", "secure", "late_broker", "serve", "demo_export", "projected_build",
+                 "pristine", "projected", "bundle_dir"}  # test_teach, test_reload: a bundle built, then taught
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in SLOW_MODULES or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def feature_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Builds in tests cache their features in a temporary folder, not in the user's ~/.cache."""
@@ -39,14 +53,13 @@ def make_bundle(out: Path, name: str = "tiny", crop: int = TINY_CROP, resize: in
     import torch
 
     from protoad_edge.export.onnx import export_onnx
-    from protoad_edge.build.features import PatchFeatures, build_backbone
-    from protoad_edge.bundle import Bundle
+    from protoad_edge.builder.features import PatchFeatures, build_backbone
     from protoad_edge.constants import BACKBONE
     from protoad_edge.metadata import ModelInfo
-    from protoad_edge.build.network import L2Norm, ProtoADNet
+    from protoad_edge.builder.network import L2Norm, ProtoADNet
     from protoad_edge.preprocess import to_batch
-    from protoad_edge.runtime.ort_backend import OrtBackend
-    from protoad_edge.build.thresholds import from_normal_maps
+    from protoad_edge.runtime.backends.ort import OrtBackend
+    from protoad_edge.builder.thresholds import from_normal_maps
 
     rng = np.random.default_rng(seed)
     backbone, _ = build_backbone("none", seed)
@@ -64,8 +77,10 @@ def make_bundle(out: Path, name: str = "tiny", crop: int = TINY_CROP, resize: in
     t = from_normal_maps(maps)
     info.image_threshold, info.pixel_threshold, info.threshold_rule = t.image, t.pixel, t.rule
     export_onnx(net, info, onnx_path)
+    # Unsealed (no digests), like a bundle of an older release: tests swap its files freely; the digest tests
+    # seal their own copies.
+    info.save_json(out / f"{name}.json")
     np.save(out / f"{name}.prototypes.npy", prototypes)
-    Bundle(out / name).seal(info).save_json(out / f"{name}.json")  # digests, as an export records them
     return onnx_path
 
 
@@ -97,7 +112,7 @@ def write_demo_category(root: Path, category: str, splits: dict[str, int]) -> No
     """A small MVTec-layout category of generated demo images (``demo.demo_image``), with their masks."""
     from PIL import Image
 
-    from protoad_edge.build.demo import demo_image
+    from protoad_edge.builder.demo import demo_image
 
     for split, count in splits.items():
         for index in range(count):

@@ -19,8 +19,8 @@ from paho.mqtt.client import CallbackAPIVersion, Client
 
 from conftest import normal_crops
 from protoad_edge.runtime.loop import RunOptions, RunSummary, run
-from protoad_edge.runtime.mqtt import MqttSink
-from protoad_edge.runtime.ort_backend import OrtBackend
+from protoad_edge.runtime.outputs.mqtt import MqttSink
+from protoad_edge.runtime.backends.ort import OrtBackend
 
 TOPIC = "plant/line3/verdicts"
 # Debian installs the broker in /usr/sbin, which a user's PATH may lack; .ci/run looks there too.

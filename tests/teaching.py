@@ -15,7 +15,7 @@ TRAIN, HELD = range(8), range(8, 16)  # demo training images of the bundle's pro
 
 def demo_frames(indices: range | list[int], split: str = "train/good") -> np.ndarray:
     """Demo images (uint8 [N, 256, 256, 3]), as a camera delivers them."""
-    from protoad_edge.build.demo import demo_image
+    from protoad_edge.builder.demo import demo_image
 
     return np.stack([demo_image(split, i)[1] for i in indices])
 
@@ -51,16 +51,16 @@ def teach_bundle(out: Path, name: str = "part", k: int = 256, project_dims: int 
     images. Its changed-lamp frames score about 3x its image threshold; a black square about 4x."""
     import torch
 
-    from protoad_edge.build.features import PatchFeatures, build_backbone
-    from protoad_edge.build.network import L2Norm, ProtoADNet
-    from protoad_edge.build.projection import fit_projection
-    from protoad_edge.build.thresholds import from_normal_maps
+    from protoad_edge.builder.features import PatchFeatures, build_backbone
+    from protoad_edge.builder.network import L2Norm, ProtoADNet
+    from protoad_edge.builder.projection import fit_projection
+    from protoad_edge.builder.thresholds import from_normal_maps
     from protoad_edge.bundle import Bundle
     from protoad_edge.constants import BACKBONE
     from protoad_edge.export.onnx import export_onnx
     from protoad_edge.metadata import ModelInfo
     from protoad_edge.preprocess import to_batch
-    from protoad_edge.runtime.ort_backend import OrtBackend
+    from protoad_edge.runtime.backends.ort import OrtBackend
 
     backbone, _ = build_backbone("none", 0)
     features = PatchFeatures(backbone, CROP, "bilinear")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from protoad_edge.backends import parse_spec
+from protoad_edge.runtime.backends.registry import parse_spec
 from protoad_edge.cli.eval import _parse_compare
 from protoad_edge.errors import ProtoADError
 from protoad_edge.evaluation import accuracy_gate as gate

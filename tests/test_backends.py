@@ -12,13 +12,13 @@ import pytest
 from click.testing import CliRunner
 
 
-from protoad_edge.backends import AUTO, CHOICES, NAMES, REGISTRY, choose, open_backend
+from protoad_edge.runtime.backends.registry import AUTO, CHOICES, NAMES, REGISTRY, choose, open_backend
 from protoad_edge.bundle import FILES, Bundle, kind_of, locate
 from protoad_edge.cli.bench import main as bench_main
 from protoad_edge.cli.eval import main as eval_main
 from protoad_edge.cli.run import main as run_main
 from protoad_edge.errors import ProtoADError
-from protoad_edge.runtime.backend import Backend, BackendOptions
+from protoad_edge.runtime.backends.base import Backend, BackendOptions
 
 
 def test_every_file_of_a_bundle_comes_from_its_stem(tmp_path: Path) -> None:
@@ -133,6 +133,7 @@ def test_the_three_clis_take_the_same_backend_names() -> None:
         assert "NAME.onnx" in (model.help or "") or "bundle" in (model.help or "")
 
 
+@pytest.mark.slow
 def test_run_eval_and_bench_accept_any_file_of_a_bundle(tiny_model: Path, tmp_path: Path) -> None:
     """``protoad-run --model x.json`` once failed with a protobuf parse error: every file names the bundle."""
     from PIL import Image

@@ -26,10 +26,10 @@ from protoad_edge.evaluation.bench import (
     make_frame,
     run_batch,
 )
-from protoad_edge.backends import open_backend
+from protoad_edge.runtime.backends.registry import open_backend
 from protoad_edge.cli.bench import main, parse_batches
 from protoad_edge.metadata import ModelInfo
-from protoad_edge.runtime.backend import Backend, BackendFacts, BackendOptions
+from protoad_edge.runtime.backends.base import Backend, BackendFacts, BackendOptions
 
 ORDERED = ("min", "median", "p90", "p95", "p99", "max")
 

@@ -17,7 +17,7 @@ pytest.importorskip("sklearn")
 
 from bench_finch_scale import RssSampler, chosen, exact_rows, make_synthetic, read_rows  # noqa: E402
 
-from protoad_edge.build.finch import first_neighbours  # noqa: E402
+from protoad_edge.builder.finch import first_neighbours  # noqa: E402
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import TINY_CROP, normal_crops
 
-from protoad_edge.build.feature_cache import cached_features, default_cache_dir, features_key
+from protoad_edge.builder.feature_cache import cached_features, default_cache_dir, features_key
 
 
 @pytest.fixture()
@@ -60,8 +60,8 @@ def test_default_dir_follows_environment(monkeypatch: pytest.MonkeyPatch, tmp_pa
 def tiny_features():
     """Random-weight patch features (the network's own) and the extraction that made them."""
     torch = pytest.importorskip("torch")
-    from protoad_edge.build.features import PatchFeatures, build_backbone
-    from protoad_edge.build.pipeline import extract_vectors
+    from protoad_edge.builder.features import PatchFeatures, build_backbone
+    from protoad_edge.builder.pipeline import extract_vectors
     from protoad_edge.constants import FEATURE_CHANNELS
 
     torch.set_num_threads(2)
@@ -77,6 +77,7 @@ def tiny_features():
     return shape, extract, expected
 
 
+@pytest.mark.slow
 def test_second_call_is_a_cache_hit_with_identical_data(tmp_path: Path, tiny_features) -> None:
     shape, extract, expected = tiny_features
     calls, lines = [], []

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 
 from conftest import normal_crops
-from protoad_edge.backends import open_backend
+from protoad_edge.runtime.backends.registry import open_backend
 from protoad_edge.bundle import SEALED, Bundle, sha256
 from protoad_edge.cli.bench import main as bench_main
 from protoad_edge.cli.eval import main as eval_main
@@ -28,7 +28,7 @@ from protoad_edge.cli.serve import main as serve_main
 from protoad_edge.errors import ProtoADError
 from protoad_edge.metadata import ModelInfo
 from protoad_edge.preprocess import to_batch
-from protoad_edge.runtime.backend import BackendOptions
+from protoad_edge.runtime.backends.base import BackendOptions
 
 CPU = BackendOptions(device="cpu", threads=1)
 
@@ -161,7 +161,7 @@ def test_a_plan_or_prototypes_not_written_with_the_bundle(tiny_model: Path, tmp_
 def test_the_export_steps_refuse_to_build_on_a_stranger(tiny_model: Path, tmp_path: Path) -> None:
     """The TensorRT plan, the INT8 model and a Triton repository are made from the bundle's ONNX and sealed into it
     (or served with its thresholds): from another build's ONNX each is refused before any work."""
-    from protoad_edge.evaluation.evaluate import export_int8
+    from protoad_edge.evaluation.int8_export import export_int8
     from protoad_edge.export.tensorrt import build_engine
     from protoad_edge.export.triton_repo import write_repository
 

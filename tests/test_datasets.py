@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from conftest import every_anomaly_has_a_mask
-from protoad_edge.build.datasets import Sample, list_categories, open_dataset, resolve_data_root
+from protoad_edge.builder.datasets import Sample, list_categories, open_dataset, resolve_data_root
 from protoad_edge.errors import ProtoADError
 
 MVTEC = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec"
@@ -263,7 +263,7 @@ def test_real_mvtec_bottle():
 
 def test_a_category_folder_given_as_the_data_root_names_its_parent(mvtec, btad, tmp_path_factory, monkeypatch):
     """--data-root .../mvtec/bottle once answered "categories there: none": the parent is the root to pass."""
-    from protoad_edge.build.datasets import root_mistake
+    from protoad_edge.builder.datasets import root_mistake
 
     for category, root, kind, sign in (("widget", mvtec, "mvtec", "train/good/"), ("01", btad, "btad", "train/ok/")):
         for asked in (category, "other"):

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from protoad_edge.build.thresholds import from_normal_maps
+from protoad_edge.builder.thresholds import from_normal_maps
 from protoad_edge.decision import capped_pixel_threshold, defect_mask, defect_regions, image_scores, is_anomalous
 from protoad_edge.metrics import f1_optimal_threshold
 from protoad_edge.runtime.loop import thresholds_in_force

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from conftest import every_anomaly_has_a_mask
-from protoad_edge.build import demo
-from protoad_edge.build.datasets import open_dataset
-from protoad_edge.build.demo import SIZE, SPLITS, demo_image, generate_demo
+from protoad_edge.builder import demo
+from protoad_edge.builder.datasets import open_dataset
+from protoad_edge.builder.demo import SIZE, SPLITS, demo_image, generate_demo
 from protoad_edge.errors import ProtoADError
 from protoad_edge.preprocess import load_mask, load_rgb
 

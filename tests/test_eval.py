@@ -22,7 +22,7 @@ from protoad_edge.metadata import ModelInfo
 from protoad_edge.metrics import pro_area, pro_curve
 from protoad_edge.evaluation.paper import METRICS, comparison_rows, paper_dataset
 from protoad_edge.preprocess import to_batch
-from protoad_edge.runtime.backend import BackendOptions
+from protoad_edge.runtime.backends.base import BackendOptions
 
 TEXTURES = {"carpet", "grid", "leather", "tile", "wood"}
 OBJECTS = {"bottle", "cable", "capsule", "hazelnut", "metal_nut", "pill", "screw", "toothbrush", "transistor", "zipper"}
@@ -115,7 +115,7 @@ def assert_user_error(result: Result, *words: str) -> None:
 
 def independent_maps(model: Path, root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(labels, masks, maps) of the test split, read and run here without protoad-eval's code paths."""
-    from protoad_edge.runtime.ort_backend import OrtBackend
+    from protoad_edge.runtime.backends.ort import OrtBackend
 
     backend = OrtBackend(model, providers=["CPUExecutionProvider"])
     pre = backend.info.preprocess
@@ -166,6 +166,7 @@ def test_eval_metrics_json_and_pictures(tiny_model: Path, data_root: Path, tmp_p
             assert im.width >= 600 and im.height >= 400
 
 
+@pytest.mark.slow
 def test_compare_torch_and_ort(tiny_model: Path, data_root: Path, tmp_path: Path) -> None:
     report = tmp_path / "compare.json"
     result = run("--model", tiny_model, "--category", CATEGORY, "--any-category", "--data-root", data_root,
@@ -182,11 +183,12 @@ def test_compare_torch_and_ort(tiny_model: Path, data_root: Path, tmp_path: Path
     assert "max|map-torch|" in result.stdout
 
 
+@pytest.mark.slow
 def test_compare_reference_is_the_bundles_pytorch_network(tiny_model: Path, data_root: Path) -> None:
     """The reference of a comparison is the PyTorch network rebuilt here from the bundle's files by hand."""
     torch = pytest.importorskip("torch")
-    from protoad_edge.build.features import PatchFeatures, build_backbone
-    from protoad_edge.build.network import ProtoADNet
+    from protoad_edge.builder.features import PatchFeatures, build_backbone
+    from protoad_edge.builder.network import ProtoADNet
     from protoad_edge.evaluation.evaluate import compare_backends
     from protoad_edge.metadata import ModelInfo
 
@@ -208,6 +210,7 @@ def test_compare_reference_is_the_bundles_pytorch_network(tiny_model: Path, data
     assert comparison.test.labels.tolist() == labels.tolist()
 
 
+@pytest.mark.slow
 def test_compare_two_bundles_side_by_side(tiny_model: Path, data_root: Path, tmp_path: Path) -> None:
     """ort@FILE: another network (here other prototypes; in use the projected one) on the same images, each
     bundle's figures its own evaluation's."""
@@ -272,7 +275,7 @@ def test_torch_backend_fp16_on_gpu(tiny_model: Path, data_root: Path) -> None:
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from protoad_edge.build.torch_backend import TorchBackend
+    from protoad_edge.builder.torch_backend import TorchBackend
 
     labels, _, ort_maps = independent_maps(tiny_model, data_root)
     gpu = TorchBackend(tiny_model.with_suffix(".json"), BackendOptions(device="cuda"))

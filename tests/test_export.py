@@ -16,10 +16,10 @@ from click.testing import CliRunner
 
 from conftest import normal_crops
 from protoad_edge.cli.export import main as export_main
-from protoad_edge.build.demo import generate_demo
+from protoad_edge.builder.demo import generate_demo
 from protoad_edge.metadata import ModelInfo
 from protoad_edge.preprocess import to_batch
-from protoad_edge.runtime.ort_backend import OrtBackend
+from protoad_edge.runtime.backends.ort import OrtBackend
 
 SMALL = ["--weights", "none", "--resize", "128", "--crop", "112", "--max-prototypes", "1500"]
 
@@ -39,6 +39,7 @@ def demo_export(demo_root: Path, tmp_path_factory: pytest.TempPathFactory, torch
     return out, result.output
 
 
+@pytest.mark.slow
 def test_writes_the_three_files_and_nothing_else(demo_export: tuple[Path, str]) -> None:
     out, _ = demo_export
     assert sorted(p.name for p in out.iterdir()) == ["demo.json", "demo.onnx", "demo.prototypes.npy"]
@@ -166,10 +167,11 @@ def test_bad_input_gives_one_clear_line(case: str, expected: str, tmp_path: Path
     assert not out.exists() or not any(out.iterdir())
 
 
+@pytest.mark.slow
 def test_late_failure_writes_nothing(tmp_path: Path, demo_root: Path, monkeypatch: pytest.MonkeyPatch,
                                      torch_threads: None) -> None:
     """A build that fails at its last check (ONNX parity) leaves no model file, not even a temporary one."""
-    import protoad_edge.build.pipeline as build_module
+    import protoad_edge.builder.pipeline as build_module
 
     data, out = tmp_path / "data", tmp_path / "out"
     _tiny_mvtec(data, demo_root)
@@ -180,12 +182,13 @@ def test_late_failure_writes_nothing(tmp_path: Path, demo_root: Path, monkeypatc
     assert list(out.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_build_over_its_memory_budget_spills_says_so_and_writes_the_same_model(
         demo_export: tuple[Path, str], demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         torch_threads: None) -> None:
     """With room for almost no array, FINCH's cluster sums go to disk; the build log says what, how big and where,
     and the prototypes are the in-memory build's, bit for bit."""
-    import protoad_edge.build.pipeline as build_module
+    import protoad_edge.builder.pipeline as build_module
 
     monkeypatch.setattr(build_module, "arrays_within", lambda limit: 100_000)
     code, output = _run(["--category", "demo", "--data-root", str(demo_root), "--out", str(tmp_path / "out"), *SMALL,
@@ -203,10 +206,10 @@ def test_a_build_over_its_memory_budget_spills_says_so_and_writes_the_same_model
 
 def test_thresholds_come_from_the_held_out_images(demo_export: tuple[Path, str], demo_root: Path) -> None:
     """The image threshold is the rule applied to the held-out normal images' maps, not the training images'."""
-    from protoad_edge.build.datasets import load_crops, open_dataset
-    from protoad_edge.build.pipeline import split_train
+    from protoad_edge.builder.datasets import load_crops, open_dataset
+    from protoad_edge.builder.pipeline import split_train
     from protoad_edge.decision import image_scores
-    from protoad_edge.runtime.backend import run_maps
+    from protoad_edge.runtime.backends.base import run_maps
 
     out, _ = demo_export
     backend = OrtBackend(out / "demo.onnx", providers=["CPUExecutionProvider"])
@@ -258,6 +261,7 @@ def test_a_rebuild_without_held_out_images_disowns_an_old_plan(tmp_path: Path, d
         bundle.check(bundle.plan)
 
 
+@pytest.mark.slow
 def test_a_second_export_reuses_the_feature_cache(tmp_path: Path, demo_root: Path, torch_threads: None) -> None:
     data = tmp_path / "data"
     _tiny_mvtec(data, demo_root)
@@ -274,9 +278,10 @@ def test_a_second_export_reuses_the_feature_cache(tmp_path: Path, demo_root: Pat
     assert np.array_equal(a, b)  # the same features give the same prototypes
 
 
+@pytest.mark.slow
 def test_a_build_can_write_its_triton_repository(tmp_path: Path, demo_root: Path, torch_threads: None) -> None:
     from protoad_edge.metadata import ModelInfo
-    from protoad_edge.runtime.triton import info_from_config
+    from protoad_edge.runtime.serving.triton import info_from_config
     from google.protobuf import json_format, text_format
     from tritonclient.grpc import model_config_pb2
 
@@ -293,11 +298,12 @@ def test_a_build_can_write_its_triton_repository(tmp_path: Path, demo_root: Path
     assert (tmp_path / "repo/part/1/model.onnx").read_bytes() == (tmp_path / "models/part.onnx").read_bytes()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("exact", [False, True])
 def test_exact_neighbours_flag_reaches_the_search(exact: bool, tmp_path: Path, demo_root: Path,
                                                   monkeypatch: pytest.MonkeyPatch, torch_threads: None) -> None:
     """768 training vectors take the approximate search once it starts at 100 rows, unless --exact-neighbours."""
-    from protoad_edge.build import neighbours
+    from protoad_edge.builder import neighbours
 
     monkeypatch.setattr(neighbours, "EXACT_UP_TO", 100)
     data = tmp_path / "data"
@@ -314,7 +320,7 @@ def test_parity_gate_refuses_a_graph_that_differs(tiny_model: Path, torch_thread
     """The gate runs the exported graph and the network: another network's graph fails it, its own passes."""
     import torch
 
-    from protoad_edge.build.torch_backend import load_torch_network
+    from protoad_edge.builder.torch_backend import load_torch_network
     from protoad_edge.errors import ProtoADError
     from protoad_edge.export.onnx import PARITY_TOLERANCE, onnx_parity, parity_gate
 

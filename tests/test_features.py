@@ -12,7 +12,7 @@ import torchvision
 
 from protoad_edge.errors import ProtoADError
 from protoad_edge.constants import FEATURE_CHANNELS, FEATURE_INFO
-from protoad_edge.build.features import PatchFeatures, build_backbone
+from protoad_edge.builder.features import PatchFeatures, build_backbone
 
 
 def test_backbone_has_no_layer4_or_fc() -> None:

@@ -14,11 +14,11 @@ torch = pytest.importorskip("torch")
 finch_clust = pytest.importorskip("finch")
 
 from protoad_edge.errors import ProtoADError  # noqa: E402
-from protoad_edge.build.finch import Neighbours, finch, first_neighbours  # noqa: E402
-from protoad_edge.build import neighbours  # noqa: E402
-import protoad_edge.build.finch as finch_module  # noqa: E402
-from protoad_edge.build.memory import MemoryBudget  # noqa: E402
-from protoad_edge.build.neighbours import approximate_first_neighbours, make_search  # noqa: E402
+from protoad_edge.builder.finch import Neighbours, finch, first_neighbours  # noqa: E402
+from protoad_edge.builder import neighbours  # noqa: E402
+import protoad_edge.builder.finch as finch_module  # noqa: E402
+from protoad_edge.builder.memory import MemoryBudget  # noqa: E402
+from protoad_edge.builder.neighbours import approximate_first_neighbours, make_search  # noqa: E402
 
 def blobs(seed: int, n: int, dim: int, groups: int, per_group: int, spread: float) -> np.ndarray:
     """Unit vectors in blobs around centres that are themselves grouped: several FINCH levels."""
@@ -486,6 +486,7 @@ def test_the_search_sums_its_projection_before_finch_sums_the_level_and_keeps_no
     assert budget.held == 0
 
 
+@pytest.mark.slow
 def test_finch_levels_reuse_the_first_projection(monkeypatch: pytest.MonkeyPatch) -> None:
     """Approximate levels after the first take their projection from the level before: one basis."""
     bases = []

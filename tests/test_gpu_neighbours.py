@@ -12,9 +12,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from protoad_edge.errors import ProtoADError  # noqa: E402
-from protoad_edge.build.finch import finch, first_neighbours  # noqa: E402
-from protoad_edge.build.gpu_neighbours import PRECISIONS, error_bound, gpu_first_neighbours  # noqa: E402
-from protoad_edge.build.neighbours import make_search  # noqa: E402
+from protoad_edge.builder.finch import finch, first_neighbours  # noqa: E402
+from protoad_edge.builder.gpu_neighbours import PRECISIONS, error_bound, gpu_first_neighbours  # noqa: E402
+from protoad_edge.builder.neighbours import make_search  # noqa: E402
 
 
 def clustered(seed: int, n: int, dim: int, groups: int, spread: float) -> np.ndarray:

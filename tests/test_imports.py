@@ -19,9 +19,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "protoad_edge"
 LAYERS = (
     ("shared", ("protoad_edge", "errors", "atomic", "progress", "constants", "preprocess", "metadata", "bundle",
                 "decision", "metrics", "gpu", "redact", "versions")),
-    ("runtime", ("runtime", "backends")),
+    ("runtime", ("runtime",)),
     ("export", ("export",)),
-    ("build", ("build",)),
+    ("build", ("builder",)),
     ("evaluation", ("evaluation",)),
     ("teach", ("teach",)),
     ("cli", ("cli",)),
@@ -107,15 +107,15 @@ def test_each_layer_imports_only_layers_below_it(graph: dict[str, set[str]]) -> 
 
 
 def test_the_walker_sees_function_level_and_relative_imports(graph: dict[str, set[str]]) -> None:
-    assert "protoad_edge.build.pipeline" in graph["protoad_edge.cli.export"]  # imported inside main()
-    assert "protoad_edge.runtime.backend" in graph["protoad_edge.backends"]  # ``from .runtime.backend import``
-    assert "protoad_edge.build.network" not in graph["protoad_edge.export.onnx"]  # only under TYPE_CHECKING
+    assert "protoad_edge.builder.pipeline" in graph["protoad_edge.cli.export"]  # imported inside main()
+    assert "protoad_edge.runtime.backends.base" in graph["protoad_edge.runtime.backends.registry"]  # ``from .runtime.backend import``
+    assert "protoad_edge.builder.network" not in graph["protoad_edge.export.onnx"]  # only under TYPE_CHECKING
 
 
-TORCH_FREE = ("protoad_edge.runtime", "protoad_edge.runtime.loop", "protoad_edge.runtime.ort_backend",
-              "protoad_edge.runtime.trt_backend", "protoad_edge.backends", "protoad_edge.export.engine",
+TORCH_FREE = ("protoad_edge.runtime", "protoad_edge.runtime.loop", "protoad_edge.runtime.backends.ort",
+              "protoad_edge.runtime.backends.trt", "protoad_edge.runtime.backends.registry", "protoad_edge.export.engine",
               "protoad_edge.export.tensorrt", "protoad_edge.evaluation.bench", "protoad_edge.evaluation.evaluate",
-              "protoad_edge.build.config", "protoad_edge.build.datasets", "protoad_edge.build.memory",
+              "protoad_edge.builder.config", "protoad_edge.builder.datasets", "protoad_edge.builder.memory",
               "protoad_edge.cli.run",
               "protoad_edge.cli.bench", "protoad_edge.cli.eval", "protoad_edge.cli.export",
               "protoad_edge.versions", "protoad_edge.runtime.reload", "protoad_edge.export.prototypes",

@@ -14,11 +14,11 @@ from conftest import normal_crops
 from protoad_edge.bundle import Bundle, sha256
 from protoad_edge.constants import FP32_SCOPE, QDQ_SCHEME
 from protoad_edge.errors import ProtoADError
-from protoad_edge.evaluation import evaluate
+from protoad_edge.evaluation import int8_export
 from protoad_edge.evaluation.accuracy_gate import Verdict
 from protoad_edge.export import int8
 from protoad_edge.metadata import ModelInfo
-from protoad_edge.runtime.ort_backend import OrtBackend
+from protoad_edge.runtime.backends.ort import OrtBackend
 from protoad_edge.preprocess import to_batch
 
 onnx = pytest.importorskip("onnx")
@@ -36,6 +36,7 @@ def test_only_backbone_convs_are_candidates(float_model: "onnx.ModelProto") -> N
     assert int8.prototype_matmuls(float_model) == ["/prototypes/MatMul"]  # after the L2 norm: never a candidate
 
 
+@pytest.mark.slow
 def test_trial_models_quantize_exactly_the_layers_kept(tiny_model: Path, float_model: "onnx.ModelProto",
                                                        tmp_path: Path) -> None:
     convs = int8.backbone_convs(float_model)
@@ -145,13 +146,13 @@ def test_search_tolerance_is_the_one_chosen_on_the_demo() -> None:
 
 
 def test_calibration_images_are_the_builds_held_out_ones() -> None:
-    torch_pipeline = pytest.importorskip("protoad_edge.build.pipeline")
+    torch_pipeline = pytest.importorskip("protoad_edge.builder.pipeline")
     samples = [f"img{i}" for i in range(40)]
     for val_split, seed in ((0.1, 0), (0.2, 7), (0.5, 3)):
         fit, val = torch_pipeline.split_train(samples, val_split, seed)
-        chosen, held = evaluate.calibration_samples(samples, len(val), seed, minimum=4)
+        chosen, held = int8_export.calibration_samples(samples, len(val), seed, minimum=4)
         assert chosen[:held] == val and held == len(val)
-    chosen, held = evaluate.calibration_samples(samples, 3, 0, minimum=16)  # topped up with training images
+    chosen, held = int8_export.calibration_samples(samples, 3, 0, minimum=16)  # topped up with training images
     assert held == 3 and len(chosen) == 16 and len(set(chosen)) == 16
 
 
@@ -183,9 +184,10 @@ def bundle_and_data(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) 
     return folder / tiny_model.name, write_dataset(tmp_path_factory.mktemp("int8_data"), "tiny")
 
 
+@pytest.mark.slow
 def test_export_writes_the_int8_model_and_records_the_loss(bundle_and_data: tuple[Path, Path]) -> None:
     model, data = bundle_and_data
-    done = evaluate.export_int8(model, "tiny", data, accept=True, threads=2, log=lambda _: None)
+    done = int8_export.export_int8(model, "tiny", data, accept=True, threads=2, log=lambda _: None)
     assert done.path == Bundle.of(model).file("int8_onnx") and done.path.is_file()
     record = ModelInfo.load_json(Bundle.of(model).sidecar).build["int8"]
     assert record["quantized"] == len(done.draft.quantized) > 0
@@ -228,12 +230,12 @@ def test_a_failing_gate_writes_nothing(bundle_and_data: tuple[Path, Path], monke
             shutil.copy(self.src, path)
             return int8.Int8Draft(path, ["c"], [], 0.1 / len(tolerances), {"quantized": 1, "search": {"tolerance": tolerance}})
 
-    monkeypatch.setattr(evaluate, "Int8Search", CopyDraft)
-    monkeypatch.setattr(evaluate, "judge", lambda figures: Verdict(figures, ("image AUROC drops 9.00 pt (limit 0.5)",)))
+    monkeypatch.setattr(int8_export, "Int8Search", CopyDraft)
+    monkeypatch.setattr(int8_export, "judge", lambda figures: Verdict(figures, ("image AUROC drops 9.00 pt (limit 0.5)",)))
     with pytest.raises(ProtoADError, match=r"tiny.int8.onnx fails the accuracy gate on 8 labelled images against FP32: "
                                            r"image AUROC .* was not written \(the most accurate of 3 searched, with 1 "
                                            r"convs in INT8\); pass --accept-accuracy-loss"):
-        evaluate.export_int8(model, "tiny", data, threads=2, log=lambda _: None)
+        int8_export.export_int8(model, "tiny", data, threads=2, log=lambda _: None)
     assert tolerances == [int8.SEARCH_TOLERANCE, 0.05, 0.025]  # each retry within half the failed draft's error
     assert not target.exists()
     assert not [p for p in model.parent.iterdir() if p.name.startswith(".tiny.int8.")]  # the scratch folder is gone

@@ -12,14 +12,14 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from protoad_edge.build.demo import SPLITS, demo_image
+from protoad_edge.builder.demo import SPLITS, demo_image
 from protoad_edge.cli.eval import main as eval_main
 from protoad_edge.cli.export import main as export_main
 from protoad_edge.cli.run import main as run_main
 from protoad_edge.metadata import ModelInfo
 from protoad_edge.preprocess import Preprocess, to_batch
-from protoad_edge.runtime.ort_backend import OrtBackend
-from protoad_edge.runtime.overlay import JUDGED_BGR
+from protoad_edge.runtime.backends.ort import OrtBackend
+from protoad_edge.runtime.outputs.overlay import JUDGED_BGR
 
 FRAME = (1920, 1080)
 PART_AT = (1100, 500)  # where the 256 x 256 part sits in every frame of the line camera
@@ -68,6 +68,7 @@ def line(tmp_path_factory: pytest.TempPathFactory, torch_threads: None) -> dict:
     return {"root": root, "model": out / "line.onnx", "truth": truth, "export": result.output}
 
 
+@pytest.mark.slow
 def test_the_bundle_judges_the_region_of_every_image(line: dict) -> None:
     info = ModelInfo.load_json(line["model"].with_suffix(".json"))
     assert info.roi == list(ROI) and info.fit == "crop"
@@ -81,6 +82,7 @@ def test_the_bundle_judges_the_region_of_every_image(line: dict) -> None:
     assert np.abs(by_region - by_hand).max() <= 1e-5
 
 
+@pytest.mark.slow
 def test_eval_uses_the_bundles_region(line: dict) -> None:
     result = CliRunner().invoke(eval_main, ["--model", str(line["model"]), "--category", "line", "--data-root",
                                             str(line["root"]), "--json", str(line["root"] / "eval.json")])
@@ -104,6 +106,7 @@ def line_video(line: dict, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pa
     return path, names
 
 
+@pytest.mark.slow
 def test_run_reports_defects_in_frame_pixels_inside_the_region(line: dict, line_video: tuple[Path, list[str]],
                                                                tmp_path: Path) -> None:
     video, names = line_video
@@ -135,6 +138,7 @@ def test_run_reports_defects_in_frame_pixels_inside_the_region(line: dict, line_
     assert np.abs(edge.mean(axis=0) - JUDGED_BGR).max() < 40  # the judged area's outline (through MJPEG)
 
 
+@pytest.mark.slow
 def test_run_roi_follows_a_camera_mounted_differently(line: dict, tmp_path: Path) -> None:
     """The same part elsewhere in the frame scores the same with --roi pointing at it."""
     _, image, _ = demo_image("test/crack", 0)

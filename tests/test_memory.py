@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from protoad_edge.build import memory
-from protoad_edge.build.memory import (
+from protoad_edge.builder import memory
+from protoad_edge.builder.memory import (
     GiB,
     MemoryBudget,
     arrays_within,
@@ -181,7 +181,7 @@ def test_huge_pages_are_advised_unless_asked_not_to(tmp_path: Path) -> None:
 
 def test_the_search_asks_no_huge_pages_for_its_projection() -> None:
     pytest.importorskip("torch")
-    from protoad_edge.build.neighbours import project
+    from protoad_edge.builder.neighbours import project
 
     x = np.random.default_rng(0).standard_normal((3000, 600)).astype(np.float16)
     assert "hg" not in vm_flags(project(x, 64, 1000, 0, MemoryBudget()).y.data_ptr())
@@ -228,6 +228,7 @@ def test_unbounded_spills_nothing(tmp_path: Path) -> None:
     # 3 MB: the lists alone (6 MB) are more than the budget: the projection spills whole, the lists split
     (3_000_000, ("the search's candidate indices", "FINCH level 0 cluster sums"), ("the search's projection",), ()),
 ])
+@pytest.mark.slow
 def test_finch_within_a_small_budget_spills_and_gives_the_same_partitions(tmp_path: Path, limit: int,
                                                                           split: tuple[str, ...],
                                                                           whole: tuple[str, ...],
@@ -235,8 +236,8 @@ def test_finch_within_a_small_budget_spills_and_gives_the_same_partitions(tmp_pa
     """Spilled arrays keep their dtype: every level's partition and the prototypes are bit for bit the same, whichever
     arrays the budget splits."""
     torch = pytest.importorskip("torch")
-    from protoad_edge.build.finch import finch
-    from protoad_edge.build.neighbours import make_search
+    from protoad_edge.builder.finch import finch
+    from protoad_edge.builder.neighbours import make_search
 
     torch.set_num_threads(2)
     rng = np.random.default_rng(0)
@@ -277,7 +278,7 @@ def rss_anon() -> int:
 def test_free_heap_memory_goes_back_to_the_system() -> None:
     """Small buffers freed among live ones stay in glibc's heap (anonymous memory the budget cannot see) until
     it is trimmed."""
-    from protoad_edge.build.memory import release_free_heap
+    from protoad_edge.builder.memory import release_free_heap
 
     chunks = [np.ones(100_000, np.uint8) for _ in range(3000)]  # below glibc's mmap threshold: on the heap
     kept = chunks[::10]

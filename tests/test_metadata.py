@@ -12,10 +12,10 @@ import onnx
 import pytest
 
 from protoad_edge import __version__
-from protoad_edge.build.thresholds import DETAIL
+from protoad_edge.builder.thresholds import DETAIL
 from protoad_edge.errors import ProtoADError
 from protoad_edge.metadata import FORMAT, RULE_NAMES, SCHEMA, ModelInfo, migrate, rule_name
-from protoad_edge.runtime.ort_backend import OrtBackend
+from protoad_edge.runtime.backends.ort import OrtBackend
 
 
 def v1(data: dict) -> dict:

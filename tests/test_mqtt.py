@@ -18,8 +18,8 @@ from mqtt_helpers import (TOPIC, Broker, Relay, Subscriber, accounted, backend, 
                           needs_broker, parts, quiet, read_jsonl, run_with, some_parts, wait_until)
 from protoad_edge.errors import ProtoADError
 from protoad_edge.runtime.loop import RunOptions, run
-from protoad_edge.runtime.mqtt import INFLIGHT, BrokerUrl, MqttSink, parse_mqtt_url
-from protoad_edge.runtime.ort_backend import OrtBackend
+from protoad_edge.runtime.outputs.mqtt import INFLIGHT, BrokerUrl, MqttSink, parse_mqtt_url
+from protoad_edge.runtime.backends.ort import OrtBackend
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,7 +78,7 @@ def test_without_paho_the_runtime_imports_and_the_sink_says_what_to_install() ->
         "        if name.split('.')[0] == 'paho':\n"
         "            raise ImportError('blocked: ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import protoad_edge.runtime, protoad_edge.runtime.mqtt as m\n"
+        "import protoad_edge.runtime, protoad_edge.runtime.outputs.mqtt as m\n"
         "from protoad_edge.errors import ProtoADError\n"
         "try:\n"
         "    m.MqttSink('mqtt://127.0.0.1/line3')\n"

@@ -19,9 +19,9 @@ from mqtt_helpers import (MOSQUITTO, TOPIC, Broker, Subscriber, accounted, backe
                           quiet, read_jsonl, run_with, some_parts, wait_until)
 from protoad_edge.cli.run import main
 from protoad_edge.errors import ProtoADError
-from protoad_edge.runtime.mqtt import EXIT_UNDELIVERED, MqttSink
-from protoad_edge.runtime.ort_backend import OrtBackend
-from protoad_edge.runtime.spool import Spool, default_folder
+from protoad_edge.runtime.outputs.mqtt import EXIT_UNDELIVERED, MqttSink
+from protoad_edge.runtime.backends.ort import OrtBackend
+from protoad_edge.runtime.outputs.spool import Spool, default_folder
 
 HOST, PORT = "10.0.0.5", 1883
 

@@ -20,8 +20,8 @@ from mqtt_helpers import (MOSQUITTO, TOPIC, Broker, Subscriber, accounted, backe
                           quiet, run_with, some_parts)
 from protoad_edge.cli.run import main
 from protoad_edge.errors import ProtoADError
-from protoad_edge.runtime.mqtt import EXIT_UNDELIVERED, PASSWORD_ENV, BrokerAccess, MqttSink
-from protoad_edge.runtime.ort_backend import OrtBackend
+from protoad_edge.runtime.outputs.mqtt import EXIT_UNDELIVERED, PASSWORD_ENV, BrokerAccess, MqttSink
+from protoad_edge.runtime.backends.ort import OrtBackend
 
 OPENSSL = shutil.which("openssl")
 PASSWORD = "correct horse 7"  # the publisher's; a space in it, as a real one may have

@@ -11,8 +11,8 @@ from scipy.ndimage import gaussian_filter
 
 from conftest import normal_crops
 from protoad_edge.constants import FEATURE_CHANNELS
-from protoad_edge.build.features import PatchFeatures, build_backbone
-from protoad_edge.build.network import GaussianBlur, L2Norm, ProtoADNet, gaussian_kernel1d, reflect_index
+from protoad_edge.builder.features import PatchFeatures, build_backbone
+from protoad_edge.builder.network import GaussianBlur, L2Norm, ProtoADNet, gaussian_kernel1d, reflect_index
 from protoad_edge.preprocess import to_batch
 from reference import ReferencePipeline
 
@@ -63,6 +63,7 @@ def _prototypes_from(features: PatchFeatures, crops: np.ndarray, k: int, seed: i
     return p / np.linalg.norm(p, axis=1, keepdims=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("upsample", ["bilinear", "nearest"])
 @pytest.mark.parametrize("crop", [224, 96])
 def test_network_matches_authors_pipeline(upsample: str, crop: int, torch_threads: None) -> None:
@@ -94,7 +95,7 @@ def test_upsample_modes_differ(torch_threads: None) -> None:
 
 def test_tiny_bundle_prototypes_are_patches_of_its_normal_images(tiny_model: Path) -> None:
     """What conftest.make_bundle promises: each prototype is one normal patch, which therefore scores 0."""
-    from protoad_edge.build.torch_backend import load_torch_network
+    from protoad_edge.builder.torch_backend import load_torch_network
 
     net, info = load_torch_network(tiny_model)
     with torch.no_grad():

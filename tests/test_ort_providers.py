@@ -25,8 +25,8 @@ ort = pytest.importorskip("onnxruntime")
 
 from protoad_edge.errors import ProtoADError  # noqa: E402
 from protoad_edge.evaluation.bench import describe, header_lines  # noqa: E402
-from protoad_edge.runtime import ort_backend  # noqa: E402
-from protoad_edge.runtime.backend import BackendOptions  # noqa: E402
+from protoad_edge.runtime.backends import ort as ort_backend  # noqa: E402
+from protoad_edge.runtime.backends.base import BackendOptions  # noqa: E402
 
 TRT, CUDA, CPU = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
 # What onnxruntime-gpu 1.31's TensorRT provider links (readelf -d), less the system libraries.
@@ -139,7 +139,7 @@ RUN = """
 import ctypes, json, os, sys
 from pathlib import Path
 import onnxruntime as ort
-from protoad_edge.runtime import ort_backend
+from protoad_edge.runtime.backends import ort as ort_backend
 
 library, asked_file, argv = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
 real = ort.InferenceSession

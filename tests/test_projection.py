@@ -17,12 +17,12 @@ ort = pytest.importorskip("onnxruntime")
 from click.testing import CliRunner  # noqa: E402
 
 from conftest import TINY_CROP, TINY_RESIZE, normal_crops, write_demo_category  # noqa: E402
-from protoad_edge.build.features import PatchFeatures, build_backbone  # noqa: E402
-from protoad_edge.build.network import L2Norm, ProtoADNet  # noqa: E402
-from protoad_edge.build.projection import (  # noqa: E402
+from protoad_edge.builder.features import PatchFeatures, build_backbone  # noqa: E402
+from protoad_edge.builder.network import L2Norm, ProtoADNet  # noqa: E402
+from protoad_edge.builder.projection import (  # noqa: E402
     FittedProjection, check_dims, fit_projection, load_projection, sample_rows,
 )
-from protoad_edge.build.torch_backend import load_torch_network  # noqa: E402
+from protoad_edge.builder.torch_backend import load_torch_network  # noqa: E402
 from protoad_edge.bundle import Bundle  # noqa: E402
 from protoad_edge.cli.export import main as export_main  # noqa: E402
 from protoad_edge.constants import BACKBONE, FP32_SCOPE  # noqa: E402
@@ -31,7 +31,7 @@ from protoad_edge.export.fp16 import convert_to_mixed_fp16  # noqa: E402
 from protoad_edge.export.onnx import export_onnx, onnx_parity  # noqa: E402
 from protoad_edge.metadata import ModelInfo  # noqa: E402
 from protoad_edge.preprocess import to_batch  # noqa: E402
-from protoad_edge.runtime.ort_backend import OrtBackend  # noqa: E402
+from protoad_edge.runtime.backends.ort import OrtBackend  # noqa: E402
 
 K, D = 48, 12
 FP16_TOLERANCE = 5e-3  # the issue's bound for the FP16 graph's maps against FP32
@@ -98,6 +98,7 @@ def test_impossible_dims_name_the_flag(dims: int, expected: str) -> None:
     assert expected in str(err.value)
 
 
+@pytest.mark.slow
 def test_dims_are_at_most_the_prototypes() -> None:
     check_dims(48, prototypes=48)
     with pytest.raises(ProtoADError, match=r"bad --project-dims 49: more than the 48 prototypes .*--max-prototypes"):
@@ -150,6 +151,7 @@ def numpy_patch_scores(raw: np.ndarray, prototypes: np.ndarray, fit: FittedProje
     return 1.0 - (y @ q.T).max(axis=-1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("centred", [True, False])
 def test_projected_network_is_the_numpy_computation(parts: tuple, centred: bool) -> None:
     features, prototypes, _, batch = parts
@@ -199,6 +201,7 @@ def projected_onnx(parts: tuple, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return export_onnx(projected_net(parts), info, tmp_path_factory.mktemp("proj") / "proj.onnx")
 
 
+@pytest.mark.slow
 def test_exported_projected_network_equals_pytorch(parts: tuple, projected_onnx: Path) -> None:
     assert onnx_parity(projected_onnx, projected_net(parts), parts[3]) <= 1e-4
 
@@ -266,8 +269,8 @@ def projected_build(data_root: Path, tmp_path_factory: pytest.TempPathFactory, t
 
 def training_vectors(data_root: Path, info: ModelInfo) -> np.ndarray:
     """The build's training patch vectors (FP16, as its feature cache holds them), recomputed."""
-    from protoad_edge.build.config import BuildConfig
-    from protoad_edge.build.pipeline import extract_vectors, load_split
+    from protoad_edge.builder.config import BuildConfig
+    from protoad_edge.builder.pipeline import extract_vectors, load_split
 
     split = load_split(BuildConfig(category="part", data_root=data_root, progress=False), info.preprocess,
                        lambda _: None)
@@ -278,6 +281,7 @@ def training_vectors(data_root: Path, info: ModelInfo) -> np.ndarray:
     return out
 
 
+@pytest.mark.slow
 def test_build_writes_the_projection_and_records_it(projected_build: tuple[Path, str], data_root: Path) -> None:
     out, _ = projected_build
     bundle = Bundle(out / "part")
@@ -361,7 +365,7 @@ def test_summary_shows_both_networks_side_by_side(projected_build: tuple[Path, s
 
 def test_paper_figures_are_the_unprojected_network(projected_build: tuple[Path, str], data_root: Path) -> None:
     """The side-by-side's paper row is what the paper's network (same prototypes) scores on the test split."""
-    from protoad_edge.build.datasets import load_crops, load_masks, open_dataset
+    from protoad_edge.builder.datasets import load_crops, load_masks, open_dataset
     from protoad_edge.metrics import auroc
 
     out, _ = projected_build
@@ -379,6 +383,7 @@ def test_paper_figures_are_the_unprojected_network(projected_build: tuple[Path, 
     assert abs(projected_row["pixel_auroc"] - auroc(masks, maps)) > 1e-2
 
 
+@pytest.mark.slow
 def test_uncentred_build_and_a_rebuild_without_projection(data_root: Path, tmp_path: Path, torch_threads: None) -> None:
     args = ["--category", "part", "--data-root", str(data_root), "--out", str(tmp_path), *SMALL, "--val-split", "0"]
     code, output = export([*args, "--project-dims", "8", "--projection", "uncentred"])
@@ -408,6 +413,7 @@ def test_bad_projection_options_give_one_clear_line(extra: list[str], expected: 
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+@pytest.mark.slow
 def test_more_dims_than_prototypes_is_refused_after_clustering(data_root: Path, tmp_path: Path,
                                                                torch_threads: None) -> None:
     code, output = export(["--category", "part", "--data-root", str(data_root), "--out", str(tmp_path),

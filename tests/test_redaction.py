@@ -27,7 +27,7 @@ from mjpeg_server import frame
 
 from protoad_edge.errors import ProtoADError
 from protoad_edge.redact import redact
-from protoad_edge.runtime.sources import open_source, parse_source
+from protoad_edge.runtime.sources.source import open_source, parse_source
 
 PASSWORD = "s3cret"
 

@@ -20,7 +20,7 @@ from teaching import changed_lamp, crops, demo_frames, teach_bundle
 from protoad_edge import versions
 from protoad_edge.bundle import Bundle
 from protoad_edge.preprocess import Preprocess
-from protoad_edge.runtime.frames import Frames
+from protoad_edge.runtime.sources.frames import Frames
 from protoad_edge.teach.teach import teach
 from triton_server import Server, serve_python
 

@@ -24,8 +24,8 @@ from PIL import Image
 from conftest import normal_crops
 from protoad_edge.cli.run import main
 from protoad_edge.preprocess import load_rgb, to_batch
-from protoad_edge.runtime.ort_backend import OrtBackend
-from protoad_edge.runtime.sources import has_gstreamer
+from protoad_edge.runtime.backends.ort import OrtBackend
+from protoad_edge.runtime.sources.source import has_gstreamer
 
 FRAMES = 12
 DEFECT_FRAMES = (3, 7, 11)
@@ -298,6 +298,7 @@ def test_a_signal_mid_run_finalises_every_output(signum: int, code: int, ending:
 # --- several cameras in one run ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_videos_in_one_run_equal_two_single_runs(tiny_model: Path, demo_video: Path, tmp_path: Path) -> None:
     other = tmp_path / "other.avi"
     writer = cv2.VideoWriter(str(other), cv2.VideoWriter_fourcc(*"MJPG"), 10, (80, 112))
@@ -346,7 +347,7 @@ def test_a_source_that_cannot_open_is_one_error_before_the_run(tiny_model: Path,
 def test_threads_reach_the_backend(tiny_model: Path, image_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--threads N is the ORT session's intra-op thread count, read back from the backend; 0 (the default) is
     every core, as in protoad-eval, protoad-bench and protoad-serve."""
-    from protoad_edge import backends
+    from protoad_edge.runtime.backends import registry as backends
 
     seen: list[object] = []
     real_open = backends.open_backend

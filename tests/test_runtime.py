@@ -20,14 +20,14 @@ from protoad_edge.errors import ProtoADError
 from protoad_edge.preprocess import Preprocess, to_batch
 from protoad_edge.bundle import Bundle
 from protoad_edge.decision import defect_mask
-from protoad_edge.runtime.backend import BackendOptions
-from protoad_edge.runtime.capture import Capture, Reconnect
-from protoad_edge.runtime.ort_backend import OrtBackend
-from protoad_edge.runtime.overlay import DIM, HEADER, HEADER_SHADE, JUDGED_BGR, render
+from protoad_edge.runtime.backends.base import BackendOptions
+from protoad_edge.runtime.sources.capture import Capture, Reconnect
+from protoad_edge.runtime.backends.ort import OrtBackend
+from protoad_edge.runtime.outputs.overlay import DIM, HEADER, HEADER_SHADE, JUDGED_BGR, render
 from protoad_edge.runtime.result import FrameResult, RunContext
-from protoad_edge.runtime.sinks import PendingFile, VideoSink, display_problem
+from protoad_edge.runtime.outputs.sinks import PendingFile, VideoSink, display_problem
 from protoad_edge.runtime.loop import RunAborted, RunOptions, StopRequest, run, run_many
-from protoad_edge.runtime.sources import CSI_PIPELINE, OpenCVSource, SourceSpec, open_source, parse_source
+from protoad_edge.runtime.sources.source import CSI_PIPELINE, OpenCVSource, SourceSpec, open_source, parse_source
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -517,7 +517,7 @@ def test_runtime_runs_without_torch(tiny_model: Path, tmp_path: Path) -> None:
     image = tmp_path / "part.png"
     Image.fromarray(np.full((70, 90, 3), 100, np.uint8)).save(image)
     code = BLOCK_TORCH + f"""
-import protoad_edge.runtime, protoad_edge.runtime.loop, protoad_edge.runtime.ort_backend
+import protoad_edge.runtime, protoad_edge.runtime.loop, protoad_edge.runtime.backends.ort
 import protoad_edge.cli.run
 assert 'torch' not in sys.modules
 sys.argv = ['protoad-run', {str(image)!r}, '--model', {str(tiny_model)!r}, '--jsonl', '-']

@@ -76,8 +76,8 @@ def test_served_scores_equal_a_local_run(server: Server, tiny_model: Path, tmp_p
 
 def test_a_batch_larger_than_the_servers_goes_as_several_requests(server: Server, tiny_model: Path) -> None:
     from protoad_edge.preprocess import to_batch
-    from protoad_edge.runtime.ort_backend import OrtBackend
-    from protoad_edge.runtime.triton import TritonBackend
+    from protoad_edge.runtime.backends.ort import OrtBackend
+    from protoad_edge.runtime.serving.triton import TritonBackend
 
     batch = to_batch(normal_crops(11, 64, seed=3))
     with TritonBackend(server.url) as remote, OrtBackend(tiny_model) as local:
@@ -132,8 +132,8 @@ def test_an_unknown_model_is_waited_for_then_named(server: Server, tmp_path: Pat
 def test_a_refused_request_fails_at_once(server: Server) -> None:
     """A request the server refuses (INVALID_ARGUMENT: more images than its max_batch_size) is not sent again."""
     from protoad_edge.preprocess import to_batch
-    from protoad_edge.runtime.capture import Reconnect
-    from protoad_edge.runtime.triton import TritonBackend
+    from protoad_edge.runtime.sources.capture import Reconnect
+    from protoad_edge.runtime.serving.triton import TritonBackend
 
     with TritonBackend(server.url, retry=Reconnect(give_up_after=60.0)) as remote:
         remote.max_batch = 6  # the server's is 4: Triton refuses the request
@@ -156,8 +156,8 @@ def test_ready_means_the_model_answers(tiny_model: Path, tmp_path: Path) -> None
     """/v2/health/ready, polled from the moment the process starts, first says 200 when an inference succeeds
     right then, and the model's own readiness agrees."""
     from protoad_edge.preprocess import to_batch
-    from protoad_edge.runtime.capture import Reconnect
-    from protoad_edge.runtime.triton import TritonBackend
+    from protoad_edge.runtime.sources.capture import Reconnect
+    from protoad_edge.runtime.serving.triton import TritonBackend
 
     server = Server(tiny_model, tmp_path / "serve.log", max_batch=4).launch()
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 
-from protoad_edge.runtime.serve import TritonOutput, load_error
+from protoad_edge.runtime.serving.serve import TritonOutput, load_error
 
 # Triton 2.51's start-up on a host without a GPU, as protoad-serve printed it (PyTriton 0.7, CPU-only machine).
 CPU_HOST = (

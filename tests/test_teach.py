@@ -31,8 +31,8 @@ from protoad_edge.export import prototypes as xp
 from protoad_edge.export.fp16 import convert_to_mixed_fp16
 from protoad_edge.metadata import ModelInfo
 from protoad_edge.preprocess import to_batch
-from protoad_edge.runtime.frames import Frames
-from protoad_edge.runtime.ort_backend import OrtBackend
+from protoad_edge.runtime.sources.frames import Frames
+from protoad_edge.runtime.backends.ort import OrtBackend
 from protoad_edge.teach.graph import BundleGraph
 from protoad_edge.teach.teach import teach
 
@@ -70,7 +70,7 @@ def copy_of(onnx_path: Path, tmp_path: Path) -> Path:
 
 
 def scores(onnx_path: Path, folder: Path) -> np.ndarray:
-    from protoad_edge.runtime.frames import read_frames
+    from protoad_edge.runtime.sources.frames import read_frames
 
     backend = OrtBackend(onnx_path, providers=["CPUExecutionProvider"])
     return backend.infer(to_batch(read_frames([str(folder)], backend.info.preprocess).crops))[1]
@@ -92,7 +92,7 @@ def test_the_graphs_features_are_pytorchs(which: str, request: pytest.FixtureReq
     stage compares), and its patch scores, maps and image scores are the full graph's."""
     import torch
 
-    from protoad_edge.build.torch_backend import load_torch_network
+    from protoad_edge.builder.torch_backend import load_torch_network
 
     onnx_path = request.getfixturevalue(which)
     bundle = Bundle.of(onnx_path)
@@ -150,8 +150,8 @@ def fresh_export(bundle: Bundle, prototypes: np.ndarray, out: Path) -> Path:
     """The bundle's network exported anew with ``prototypes`` (what a build with them would write)."""
     import torch
 
-    from protoad_edge.build.network import ProtoADNet
-    from protoad_edge.build.torch_backend import load_torch_network
+    from protoad_edge.builder.network import ProtoADNet
+    from protoad_edge.builder.torch_backend import load_torch_network
     from protoad_edge.export.onnx import export_onnx
 
     net, info = load_torch_network(bundle.sidecar)
@@ -379,7 +379,7 @@ def test_a_plan_is_left_out_of_the_new_version_where_no_tensorrt_builds_it(prist
 def test_frames_from_a_video_and_a_live_source(pristine: Path, tmp_path: Path) -> None:
     import cv2
 
-    from protoad_edge.runtime.frames import read_frames
+    from protoad_edge.runtime.sources.frames import read_frames
 
     path = tmp_path / "line.avi"
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25.0, (128, 128))

@@ -31,9 +31,9 @@ from protoad_edge.metadata import ModelInfo
 from protoad_edge.preprocess import to_batch
 from protoad_edge.gpu import cuda as cm
 from protoad_edge.gpu import tensorrt as gpu_tensorrt
-from protoad_edge.runtime import trt_backend
-from protoad_edge.runtime.backend import BackendOptions
-from protoad_edge.runtime.trt_backend import plan_mismatch
+from protoad_edge.runtime.backends import trt as trt_backend
+from protoad_edge.runtime.backends.base import BackendOptions
+from protoad_edge.runtime.backends.trt import plan_mismatch
 
 from conftest import TINY_CROP, normal_crops
 
@@ -53,7 +53,7 @@ def copy_bundle(onnx: Path, dest: Path) -> Path:
 
 def reference(onnx: Path, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Maps and scores of onnxruntime's FP32 CPU run: what every engine is compared with."""
-    from protoad_edge.runtime.ort_backend import OrtBackend
+    from protoad_edge.runtime.backends.ort import OrtBackend
 
     return OrtBackend(onnx, providers=["CPUExecutionProvider"]).infer(batch)
 
@@ -71,9 +71,10 @@ def test_batch_limit_keeps_every_tensor_under_2_31_elements() -> None:
         batch_limit(10_000, 2048 * 4)
 
 
+@pytest.mark.slow
 def test_feature_size_is_the_networks() -> None:
     torch = pytest.importorskip("torch")
-    from protoad_edge.build.features import PatchFeatures, build_backbone
+    from protoad_edge.builder.features import PatchFeatures, build_backbone
 
     backbone = build_backbone("none", 0)[0]
     for crop in (32, 63, 65, 97):
@@ -809,7 +810,7 @@ def fake_runtime_tensorrt(version: str, onnx: Path, memory: Any, max_batch: int,
 
     ``fail_runtime``: ``trt.Runtime`` logs an error and fails as pybind11 does when TensorRT returns nullptr.
     """
-    from protoad_edge.runtime.ort_backend import OrtBackend
+    from protoad_edge.runtime.backends.ort import OrtBackend
 
     reference = OrtBackend(onnx, providers=["CPUExecutionProvider"])
     s = reference.info.crop
@@ -1011,7 +1012,7 @@ def engines(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
 @pytest.mark.tensorrt
 @pytest.mark.parametrize("precision,tolerance", [("fp32", FP32_TOLERANCE), ("fp16", FP16_TOLERANCE)])
 def test_engine_matches_onnxruntime(engines: dict[str, Path], tiny_model: Path, precision: str, tolerance: float) -> None:
-    from protoad_edge.backends import open_backend
+    from protoad_edge.runtime.backends.registry import open_backend
 
     crops = normal_crops(4, TINY_CROP, seed=5)
     noisy = np.clip(crops + np.random.default_rng(1).normal(0, 40, crops.shape), 0, 255).astype(np.uint8)
@@ -1035,7 +1036,7 @@ def test_int8_engine_matches_its_qdq_model(tiny_model: Path, tmp_path: Path) -> 
     convs accumulate in int32 and dequantize as the Q/DQ nodes say. Not yet run on a GPU (none lent so far)."""
     import onnx as onnx_module
 
-    from protoad_edge.backends import open_backend
+    from protoad_edge.runtime.backends.registry import open_backend
     from protoad_edge.export import int8
 
     onnx = copy_bundle(tiny_model, tmp_path)
@@ -1102,7 +1103,7 @@ def test_module_imports_without_torch() -> None:
     code = ("import sys\nclass Block:\n    def find_spec(self, name, path=None, target=None):\n"
             "        if name.split('.')[0] in ('torch', 'onnx'):\n            raise ImportError(name)\n"
             "sys.meta_path.insert(0, Block())\n"
-            "import protoad_edge.runtime, protoad_edge.runtime.trt_backend, protoad_edge.export.engine\n")
+            "import protoad_edge.runtime, protoad_edge.runtime.backends.trt, protoad_edge.export.engine\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert result.returncode == 0, result.stderr
 

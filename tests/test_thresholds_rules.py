@@ -235,7 +235,7 @@ def test_failed_write_leaves_the_old_file(bundle: Path, monkeypatch: pytest.Monk
 
 
 def test_bundle_without_sidecar_gets_one_from_the_onnx_metadata(bundle: Path) -> None:
-    from protoad_edge.runtime.ort_backend import OrtBackend
+    from protoad_edge.runtime.backends.ort import OrtBackend
 
     sidecar = bundle.with_suffix(".json")
     built = ModelInfo.load_json(sidecar)
@@ -305,10 +305,11 @@ def run_scores(model: Path, folder: Path) -> tuple[Result, np.ndarray, np.ndarra
             np.array([r["verdict"] == "anomaly" for r in records]))
 
 
+@pytest.mark.slow
 def test_set_threshold_f1_is_what_protoad_run_applies(bundle: Path, data_root: Path, flat_images: Path,
                                                       tmp_path: Path) -> None:
     """The acceptance check: eval prints a threshold and its counts, writes it, and the run agrees exactly."""
-    from protoad_edge.backends import open_backend
+    from protoad_edge.runtime.backends.registry import open_backend
     from protoad_edge.runtime.loop import RunOptions, run
 
     report = tmp_path / "eval.json"

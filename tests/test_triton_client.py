@@ -19,8 +19,8 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from protoad_edge.errors import ProtoADError
 from protoad_edge.metadata import ModelInfo
-from protoad_edge.runtime.capture import Reconnect
-from protoad_edge.runtime.triton import PARAMETER, TritonBackend, info_parameter, retryable, signature
+from protoad_edge.runtime.sources.capture import Reconnect
+from protoad_edge.runtime.serving.triton import PARAMETER, TritonBackend, info_parameter, retryable, signature
 
 CROP = 32
 INFO = ModelInfo(category="tiny", resize=36, crop=CROP, backbone="wide_resnet50_2", weights="none",

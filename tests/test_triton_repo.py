@@ -19,8 +19,8 @@ from protoad_edge.cli.export import main as export_main
 from protoad_edge.errors import ProtoADError
 from protoad_edge.export.triton_repo import quote, write_repository
 from protoad_edge.metadata import ModelInfo
-from protoad_edge.runtime.serve import stub_library_path
-from protoad_edge.runtime.triton import info_from_config, parse_server_url, retryable
+from protoad_edge.runtime.serving.serve import stub_library_path
+from protoad_edge.runtime.serving.triton import info_from_config, parse_server_url, retryable
 
 
 def parse(path: Path) -> model_config_pb2.ModelConfig:
@@ -237,7 +237,7 @@ def test_a_python_without_a_shared_libpython_is_said_plainly(tmp_path: Path) -> 
 
 
 def test_a_model_that_fails_to_load_is_reported_by_its_error_not_its_traceback() -> None:
-    from protoad_edge.runtime.serve import failure
+    from protoad_edge.runtime.serving.serve import failure
 
     text = ("[400] load failed for model 'tiny': version 1 is at UNAVAILABLE state: Internal: TritonModelException: "
             "Model initialize error: Traceback (most recent call last):\\n  File \"model.py\", line 419\\n"
@@ -250,8 +250,8 @@ def test_no_server_is_retried_then_one_line_naming_it(monkeypatch: pytest.Monkey
     """Nothing listens on the port: the client retries for the reconnect timeout, then says so (real gRPC)."""
     import socket
 
-    from protoad_edge.runtime.capture import Reconnect
-    from protoad_edge.runtime.triton import TritonBackend
+    from protoad_edge.runtime.sources.capture import Reconnect
+    from protoad_edge.runtime.serving.triton import TritonBackend
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -264,9 +264,9 @@ def test_no_server_is_retried_then_one_line_naming_it(monkeypatch: pytest.Monkey
 
 
 def test_missing_client_and_server_libraries_name_their_extras(monkeypatch: pytest.MonkeyPatch, tiny_model: Path) -> None:
-    from protoad_edge.runtime.ort_backend import OrtBackend
-    from protoad_edge.runtime.serve import ServeOptions, serve
-    from protoad_edge.runtime.triton import TritonBackend
+    from protoad_edge.runtime.backends.ort import OrtBackend
+    from protoad_edge.runtime.serving.serve import ServeOptions, serve
+    from protoad_edge.runtime.serving.triton import TritonBackend
 
     monkeypatch.setitem(sys.modules, "tritonclient.grpc", None)
     with pytest.raises(ProtoADError, match=r"pip install 'protoad-edge\[triton\]'"):
@@ -279,7 +279,7 @@ def test_missing_client_and_server_libraries_name_their_extras(monkeypatch: pyte
 def test_serve_ports_must_differ_and_be_free() -> None:
     import socket
 
-    from protoad_edge.runtime.serve import ServeOptions, check_ports
+    from protoad_edge.runtime.serving.serve import ServeOptions, check_ports
 
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

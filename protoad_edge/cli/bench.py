@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..backends import AUTO, CHOICES, HELP
+from ..runtime.backends.registry import AUTO, HELP, SPECS
 from ..constants import DEVICES
 from ..errors import ProtoADError
 from .common import cpu_threads, threads_option, user_errors
@@ -53,7 +53,7 @@ def model_and_backend(model: Path | None, backend: str, aliases: dict[str, Path 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", type=click.Path(path_type=Path), default=None,
               help="Any file of a model bundle (NAME.onnx, .plan or .json). Default: the single bundle in ./models.")
-@click.option("--backend", type=click.Choice(CHOICES), default=AUTO, show_default=True, help=HELP)
+@click.option("--backend", type=click.Choice(SPECS), default=AUTO, show_default=True, help=HELP)
 @click.option("--engine", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Same as --model NAME.plan --backend trt.")
 @click.option("--onnx", "onnx_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
@@ -84,9 +84,9 @@ def main(model: Path | None, backend: str, engine: Path | None, onnx_path: Path 
     """Benchmark one model: host preprocessing, inference (H2D / GPU compute / D2H on TensorRT) and end
     to end latency (min / mean / median / p90 / p95 / p99 / max) and throughput, per batch size,
     beside the paper's RTX 2080 Ti figures. The ort and trt backends do not need PyTorch."""
-    from ..backends import open_backend
+    from ..runtime.backends.registry import open_backend
     from ..evaluation.bench import benchmark, make_frame
-    from ..runtime.backend import BackendOptions
+    from ..runtime.backends.base import BackendOptions
 
     model, backend = model_and_backend(model, backend, {"engine": engine, "onnx": onnx_path, "torch": torch_path})
     sizes = parse_batches(batches)

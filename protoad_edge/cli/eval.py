@@ -13,13 +13,13 @@ import click
 
 from .. import __version__
 from ..atomic import write_text_atomic
-from ..backends import AUTO, CHOICES, HELP, NAMES, REGISTRY, parse_spec
+from ..runtime.backends.registry import AUTO, HELP, NAMES, REGISTRY, SPECS, parse_spec
 from ..constants import DATASET_KINDS, DEVICES
 from ..errors import ProtoADError
 from ..metadata import ON_LINE_FRAMES, ON_TEST_SPLIT
 from ..evaluation.accuracy_gate import ACCEPT_FLAG, MAX_AUROC_DROP_PT, MIN_SPEARMAN, Verdict, enforce
 from ..evaluation.paper import METRIC_LABELS, METRICS, comparison_rows, paper_dataset, paper_source
-from ..runtime.backend import BackendOptions
+from ..runtime.backends.base import BackendOptions
 from .common import cpu_threads, threads_option, user_errors
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ ALL = "all"
               help="Dataset root. Default: $PROTOAD_DATA, then ./data.")
 @click.option("--dataset", type=click.Choice(DATASET_KINDS), default="mvtec", show_default=True,
               help="Layout of the data root (see README: MVTec AD, BTAD, or a folder of your own images).")
-@click.option("--backend", type=click.Choice(CHOICES), default=AUTO, show_default=True, help=HELP)
+@click.option("--backend", type=click.Choice(SPECS), default=AUTO, show_default=True, help=HELP)
 @click.option("--compare", "compare", default=None, metavar="B1,B2[,B3]",
               help=f"Run the same images through these backends ({', '.join(NAMES)}) and compare them with the first. "
                    "NAME@FILE runs another bundle's FILE (e.g. the projected network beside --model's: "
@@ -86,7 +86,7 @@ def main(model: Path, category: str | None, normal: tuple[str, ...], defect: tup
          out: Path | None, batch_size: int, device: str, threads: int, fp32: bool) -> None:
     """Evaluate a ProtoAD model bundle on the test split of CATEGORY (images with normal/anomalous labels), or on
     frames an operator sorted on the line (--normal and --defect)."""
-    from ..build.datasets import list_categories, resolve_data_root, root_mistake  # heavy imports wait for --help
+    from ..builder.datasets import list_categories, resolve_data_root, root_mistake  # heavy imports wait for --help
     from ..evaluation.threshold_rules import parse_rule
 
     backends = _parse_compare(compare) if compare else None

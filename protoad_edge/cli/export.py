@@ -9,14 +9,14 @@ from typing import Iterator
 
 import click
 
-from ..build.config import PROJECTIONS, BuildConfig
-from ..build.memory import parse_size
+from ..builder.config import PROJECTIONS, BuildConfig
+from ..builder.memory import parse_size
 from ..bundle import Bundle
 from ..constants import DATASET_KINDS, DEVICES, FEATURE_CHANNELS, ENGINE_PRECISIONS, TENSORRT_CHOICES, UPSAMPLE_MODES
 from ..errors import ProtoADError
 from ..export.triton_repo import ACCELERATORS, write_repository
 from ..preprocess import FIT_HELP, FITS, parse_roi
-from ..runtime.triton import DEFAULT_MAX_BATCH
+from ..runtime.serving.triton import DEFAULT_MAX_BATCH
 from .common import threads_option, user_errors
 
 D = BuildConfig(category="")  # the defaults, written once in BuildConfig
@@ -149,7 +149,7 @@ def main(category: str | None, data_root: Path | None, dataset: str, out: Path, 
         raise ProtoADError(f"--projection {projection} needs --project-dims D")
     limit = parse_size(memory_limit) if memory_limit is not None else None
     with build_extra_needed():
-        from ..build.pipeline import build
+        from ..builder.pipeline import build
         from ..export.onnx import PARITY_TOLERANCE
 
         report = build(
@@ -210,9 +210,9 @@ def triton_summary(onnx_path: Path, repo: Path | None, max_batch: int, accelerat
 
 def int8_summary(onnx_path: Path, category: str, data_root: Path | None, dataset: str, accept: bool, batch_size: int,
                  threads: int) -> str:
-    """Run the INT8 export (``evaluation.evaluate.export_int8``) and say in one line what it wrote and lost."""
+    """Run the INT8 export (``evaluation.int8_export.export_int8``) and say in one line what it wrote and lost."""
     with build_extra_needed():
-        from ..evaluation.evaluate import export_int8
+        from ..evaluation.int8_export import export_int8
 
         done = export_int8(onnx_path, category, data_root, dataset, accept=accept, batch_size=batch_size,
                            threads=threads, progress=True, log=click.echo)

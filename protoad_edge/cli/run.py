@@ -13,18 +13,18 @@ from typing import Any, Callable, Iterator
 import click
 import cv2
 
-from ..backends import CHOICES, HELP
+from ..runtime.backends.registry import HELP, SPECS
 from ..atomic import write_atomic
 from ..bundle import locate
 from ..errors import ProtoADError
 from ..preprocess import Preprocess, parse_roi
-from ..runtime.backend import Backend, BackendOptions
-from ..runtime.capture import Reconnect
+from ..runtime.backends.base import Backend, BackendOptions
+from ..runtime.sources.capture import Reconnect
 from ..runtime.loop import STATUS_EVERY_S, RunOptions, RunSummary, StopRequest, run_many
-from ..runtime.mqtt import EXIT_UNDELIVERED, PASSWORD_ENV, BrokerAccess, MqttSink, parse_mqtt_url
-from ..runtime.spool import default_folder
 from ..runtime import reload
-from ..runtime.triton import parse_server_url
+from ..runtime.outputs.mqtt import EXIT_UNDELIVERED, PASSWORD_ENV, BrokerAccess, MqttSink, parse_mqtt_url
+from ..runtime.outputs.spool import default_folder
+from ..runtime.serving.triton import parse_server_url
 from .common import EXIT_INTERRUPTED, EXIT_TERMINATED, cpu_threads, threads_option, user_errors
 
 
@@ -57,8 +57,8 @@ def save_preview(spec: object, model: Path | None, roi: tuple[int, int, int, int
                  served: Preprocess | None = None) -> Path:
     """The first frame of ``spec`` with the region drawn on it (the model's preprocessing where there is a model:
     ``served``, a --server's, else the bundle's)."""
-    from ..runtime.overlay import preview
-    from ..runtime.sources import open_source
+    from ..runtime.outputs.overlay import preview
+    from ..runtime.sources.source import open_source
 
     try:
         pre = served or locate(model)[0].info().preprocess
@@ -90,7 +90,7 @@ def save_preview(spec: object, model: Path | None, roi: tuple[int, int, int, int
 @click.argument("sources", metavar="SOURCE...", nargs=-1)
 @click.option("--model", type=click.Path(path_type=Path), default=None,
               help="Any file of a model bundle (NAME.onnx, .plan or .json). Default: the single bundle in ./models.")
-@click.option("--backend", type=click.Choice(CHOICES), default="auto", show_default=True, help=HELP)
+@click.option("--backend", type=click.Choice(SPECS), default="auto", show_default=True, help=HELP)
 @threads_option("the local backend (onnxruntime intra-op, OpenVINO, torch)")
 @click.option("--server", default=None, metavar="grpc://HOST[:PORT]/NAME",
               help="Send the frames to model NAME on a Triton server (protoad-serve, or tritonserver on a "
@@ -186,7 +186,7 @@ def main(sources: tuple[str, ...], model: Path | None, backend: str, threads: in
     Ctrl-C (or SIGTERM) stops cleanly after the frame in hand: every output is finalised, the summary
     printed, and the exit status is 130 (143 for SIGTERM). A second Ctrl-C stops at once.
     """
-    from ..runtime.sources import parse_source
+    from ..runtime.sources.source import parse_source
 
     # Human-readable text goes to stderr when stdout carries the JSON lines.
     to_stderr = jsonl == "-"
@@ -279,10 +279,10 @@ def open_model(model: Path | None, backend: str, threads: int, server: str | Non
     """The local backend of --model on --threads CPU threads, or the Triton server of --server (retrying as a
     source reconnects)."""
     if server is None:
-        from ..backends import open_backend
+        from ..runtime.backends.registry import open_backend
 
         return open_backend(model, backend, options=BackendOptions(threads=cpu_threads(threads)))
-    from ..runtime.triton import TritonBackend
+    from ..runtime.serving.triton import TritonBackend
 
     return TritonBackend(server, retry=reconnect, log=log)
 

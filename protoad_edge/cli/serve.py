@@ -9,10 +9,10 @@ from typing import Any
 
 import click
 
-from ..backends import CHOICES, HELP
+from ..runtime.backends.registry import HELP, SPECS
 from ..bundle import Bundle
-from ..runtime.serve import ServeOptions
-from ..runtime.triton import DEFAULT_MAX_BATCH, DEFAULT_QUEUE_DELAY_US
+from ..runtime.serving.serve import ServeOptions
+from ..runtime.serving.triton import DEFAULT_MAX_BATCH, DEFAULT_QUEUE_DELAY_US
 from .common import cpu_threads, threads_option, user_errors
 
 PORT = click.IntRange(1, 65535)
@@ -21,7 +21,7 @@ PORT = click.IntRange(1, 65535)
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", type=click.Path(path_type=Path), default=None,
               help="Any file of a model bundle (NAME.onnx, .plan or .json). Default: the single bundle in ./models.")
-@click.option("--backend", type=click.Choice(CHOICES), default="auto", show_default=True, help=HELP)
+@click.option("--backend", type=click.Choice(SPECS), default="auto", show_default=True, help=HELP)
 @click.option("--name", default=None, help="Model name clients use (grpc://HOST:PORT/NAME). Default: the bundle's name.")
 @click.option("--address", default="0.0.0.0", show_default=True,
               help="Interface the endpoints listen on (127.0.0.1: this machine only).")
@@ -42,9 +42,9 @@ def main(model: Path | None, backend: str, name: str | None, address: str, http_
 
     Ready means the model answers: Triton loads it before it opens any endpoint, so /v2/health/ready and
     /v2/models/NAME/ready say 200 only once an inference can be served (before that they refuse connections)."""
-    from ..backends import open_backend
-    from ..runtime.backend import BackendOptions
-    from ..runtime.serve import serve
+    from ..runtime.backends.registry import open_backend
+    from ..runtime.backends.base import BackendOptions
+    from ..runtime.serving.serve import serve
 
     stop = threading.Event()
     received: list[str] = []

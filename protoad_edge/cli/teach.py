@@ -96,7 +96,7 @@ def _teach(bundle: Bundle, sources: list[str], max_frames: int | None, held_out:
            keep: int, json_path: Path | None, threads: int, started: float) -> None:
     """Teach and print the report (``main``'s options, checked)."""
     from .. import versions
-    from ..runtime.frames import read_frames
+    from ..runtime.sources.frames import read_frames
     from ..teach.check import Check
     from ..teach.graph import BundleGraph
     from ..teach.teach import teach

@@ -32,7 +32,7 @@ import numpy as np
 from ..atomic import write_text_atomic
 from ..errors import ProtoADError
 from ..preprocess import load_rgb, to_batch
-from ..runtime.backend import Backend
+from ..runtime.backends.base import Backend
 
 # The paper's inference speed (section 4, 224x224 input, WRN50 backbone), measured on one GPU.
 PAPER_GPU = "NVIDIA GeForce RTX 2080 Ti"

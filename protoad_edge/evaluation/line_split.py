@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..backends import AUTO, choose, locate
-from ..build.datasets import Sample
+from ..runtime.backends.registry import AUTO, choose, locate
+from ..builder.datasets import Sample
 from ..errors import ProtoADError
 from ..preprocess import Preprocess
-from ..runtime.backend import BackendOptions
-from ..runtime.frames import read_frames
+from ..runtime.backends.base import BackendOptions
+from ..runtime.sources.frames import read_frames
 from .evaluate import CategoryResult, LabelledSplit, _timed_maps, compute_metrics
 
 KIND = "line"

@@ -1,4 +1,4 @@
 """Exporters: the PyTorch network -> ONNX (-> FP16 ONNX -> TensorRT plan).
 
-One function per format; each is timed, logged and checked by its caller (``protoad_edge.build.pipeline``).
+One function per format; each is timed, logged and checked by its caller (``protoad_edge.builder.pipeline``).
 """

@@ -15,10 +15,10 @@ from ..atomic import atomic_path
 from ..constants import FP32_SCOPE
 from ..errors import ProtoADError
 from ..metadata import INPUT_NAME, MAP_NAME, SCORE_NAME, ModelInfo
-from ..runtime.ort_backend import OrtBackend
+from ..runtime.backends.ort import OrtBackend
 
 if TYPE_CHECKING:
-    from ..build.network import ProtoADNet
+    from ..builder.network import ProtoADNet
 
 MIN_OPSET = 17
 PARITY_TOLERANCE = 1e-4  # max abs difference of FP32 maps and scores, ONNX vs PyTorch

@@ -24,7 +24,7 @@ from ..atomic import atomic_folder
 from ..bundle import Bundle
 from ..errors import ProtoADError
 from ..metadata import ModelInfo
-from ..runtime.triton import DEFAULT_MAX_BATCH, DEFAULT_QUEUE_DELAY_US, PARAMETER, TensorSpec, check_model_name, info_parameter, signature
+from ..runtime.serving.triton import DEFAULT_MAX_BATCH, DEFAULT_QUEUE_DELAY_US, PARAMETER, TensorSpec, check_model_name, info_parameter, signature
 from .tensorrt import DEFAULT_WORKSPACE_MIB, batch_limit
 
 ACCELERATORS = ("none", "tensorrt")

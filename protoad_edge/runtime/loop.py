@@ -22,12 +22,12 @@ from ..decision import capped_pixel_threshold, defect_regions, is_anomalous
 from ..errors import ProtoADError
 from ..metadata import OVERRIDE, ModelInfo, rule_name
 from ..preprocess import Geometry, Preprocess, to_batch
-from .backend import Backend
-from .capture import STOP_POLL_S, Capture, Frame, Reconnect
-from .overlay import render
+from .backends.base import Backend
+from .sources.capture import STOP_POLL_S, Capture, Frame, Reconnect
+from .outputs.overlay import render
 from .result import FrameResult, Region, RunContext
-from .sinks import JsonlSink, MaskSink, Sink, VideoSink, WindowSink
-from .sources import Source, SourceSpec, open_source
+from .outputs.sinks import JsonlSink, MaskSink, Sink, VideoSink, WindowSink
+from .sources.source import Source, SourceSpec, open_source
 
 if TYPE_CHECKING:
     from .reload import ModelWatch

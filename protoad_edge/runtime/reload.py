@@ -23,10 +23,10 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..versions import stamp, writing_now
-from .backend import Backend, BackendOptions
+from .backends.base import Backend, BackendOptions
 
 if TYPE_CHECKING:
-    from .triton import TritonBackend
+    from .serving.triton import TritonBackend
 
 CHECK_EVERY_S = 2.0  # between two looks at the bundle's files
 Log = Callable[[str], None]
@@ -106,7 +106,7 @@ def local(backend: Backend, options: BackendOptions, every: float = CHECK_EVERY_
     same backend and options once its sidecar vouches for the file (``backends.open_file``: the digests).
     onnxruntime gets the providers that run now: a provider that would fall back prints to stdout, which may carry
     the records."""
-    from ..backends import REGISTRY, open_file
+    from .backends.registry import REGISTRY, open_file
 
     entry, path = REGISTRY[backend.name], Path(backend.path)
     bundle = Bundle.of(path)
@@ -129,7 +129,7 @@ def served(backend: TritonBackend, every: float = CHECK_EVERY_S, log: Log = prin
     """The watch of a ``--server`` model: it reads the model's configuration (one call; its ``protoad`` parameter
     carries the version and thresholds), so a server restarted on a new version of the bundle, or a Triton that
     loaded a rewritten repository, is judged with from then on."""
-    from .triton import TritonBackend
+    from .serving.triton import TritonBackend
 
     client = backend.grpc.InferenceServerClient(backend.address.target)
 

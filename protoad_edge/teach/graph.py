@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..build.projection import FittedProjection, load_projection
+from ..builder.projection import FittedProjection, load_projection
 from ..bundle import Bundle
 from ..errors import ProtoADError
 from ..export import prototypes as xp

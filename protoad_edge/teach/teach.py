@@ -26,14 +26,14 @@ import cv2
 import numpy as np
 
 from .. import versions
-from ..build.thresholds import Thresholds, from_normal_maps
+from ..builder.thresholds import Thresholds, from_normal_maps
 from ..bundle import Bundle
 from ..decision import image_scores, is_anomalous
 from ..errors import ProtoADError
 from ..export import prototypes as xp
 from ..metadata import ModelInfo
 from ..preprocess import Geometry
-from ..runtime.frames import Frames
+from ..runtime.sources.frames import Frames
 from .check import Check, CheckResult
 from .cover import Cover, cover, level
 from .graph import BATCH, BundleGraph, Seen

@@ -2,7 +2,7 @@
 
 A backend takes the network input (float32 NCHW RGB 0-255 crops, see ``preprocess.to_batch``) and
 returns the anomaly maps [N,H,W] and image scores [N] as numpy arrays. Which class runs which file
-of a bundle is decided in ``protoad_edge.backends`` (the registry), never here.
+of a bundle is decided in ``protoad_edge.runtime.backends.registry`` (the registry), never here.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ProtoADError
-from ..metadata import ModelInfo
-from ..preprocess import to_batch
-from ..progress import progress_bar
+from ...errors import ProtoADError
+from ...metadata import ModelInfo
+from ...preprocess import to_batch
+from ...progress import progress_bar
 
 
 @dataclass(frozen=True)

@@ -15,12 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from ..bundle import Bundle
-from ..errors import ProtoADError
-from ..gpu import cuda as cm
-from ..gpu.tensorrt import create_with_logger, import_tensorrt, trt_logger
-from ..metadata import MAP_NAME, SCORE_NAME, ModelInfo
-from .backend import Backend, BackendFacts, BackendOptions, check_batch
+from ...bundle import Bundle
+from ...errors import ProtoADError
+from ...gpu import cuda as cm
+from ...gpu.tensorrt import create_with_logger, import_tensorrt, trt_logger
+from ...metadata import MAP_NAME, SCORE_NAME, ModelInfo
+from .base import Backend, BackendFacts, BackendOptions, check_batch
 
 def plan_mismatch(info: ModelInfo, tensorrt_version: str, gpu_name: str) -> str | None:
     """Why a plan described by ``info`` cannot run on this TensorRT/GPU, or None if it can."""

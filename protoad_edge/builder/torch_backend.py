@@ -16,7 +16,7 @@ from ..bundle import Bundle
 from ..constants import BACKBONE, FEATURE_CHANNELS
 from ..errors import ProtoADError
 from ..metadata import ModelInfo
-from ..runtime.backend import Backend, BackendFacts, BackendOptions, check_batch
+from ..runtime.backends.base import Backend, BackendFacts, BackendOptions, check_batch
 from .device import resolve_device
 from .features import PatchFeatures, build_backbone
 from .network import ProtoADNet

@@ -10,8 +10,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from ..decision import defect_mask
-from ..preprocess import Geometry
+from ...decision import defect_mask
+from ...preprocess import Geometry
 
 HEADER = 44  # px at a 640-px-wide view; scaled with the view so the text stays legible
 HEADER_SHADE = 0.6  # how much the band under the header darkens the frame (the rows stay visible through it)

@@ -17,8 +17,8 @@ import os
 import re
 from pathlib import Path
 
-from ..atomic import write_atomic
-from ..errors import ProtoADError
+from ...atomic import write_atomic
+from ...errors import ProtoADError
 
 FORMAT = 1
 MAX_BYTES = 64 * 1024 * 1024  # beyond this the oldest records are dropped (the count is bounded by the buffer)

@@ -19,10 +19,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import ProtoADError
-from ..metadata import ModelInfo
-from .backend import Backend, BackendFacts, BackendOptions, check_batch
-from .capture import Reconnect
+from ...errors import ProtoADError
+from ...metadata import ModelInfo
+from ..backends.base import Backend, BackendFacts, BackendOptions, check_batch
+from ..sources.capture import Reconnect
 
 PARAMETER = "protoad"  # the model-configuration parameter that carries the bundle's metadata
 # Triton model names: what a repository folder and a URL path can both hold.

@@ -18,8 +18,8 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import ProtoADError
-from .sources import Source
+from ...errors import ProtoADError
+from .source import Source
 
 # Queue depth: a live source keeps at most two frames waiting (the verdict stays fresh); a file
 # source reads a few ahead so decoding overlaps inference.

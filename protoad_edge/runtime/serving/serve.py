@@ -35,8 +35,8 @@ from typing import Any, Callable, Mapping, TextIO
 
 import numpy as np
 
-from ..errors import ProtoADError
-from .backend import Backend
+from ...errors import ProtoADError
+from ..backends.base import Backend
 from .triton import DEFAULT_MAX_BATCH, DEFAULT_QUEUE_DELAY_US, PARAMETER, check_model_name, info_parameter, signature
 
 ALIVE_CHECK_S = 1.0

@@ -36,9 +36,9 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from ..errors import ProtoADError
-from ..redact import redact
-from .result import FrameResult
+from ...errors import ProtoADError
+from ...redact import redact
+from ..result import FrameResult
 from .sinks import Sink
 from .spool import Spool
 

@@ -109,7 +109,7 @@ class Projection(nn.Module):
     """Centre, project to D dimensions and re-normalise unit patch vectors: [N,C,H,W] -> [N,D,H,W].
 
     The cosine to the prototypes is then taken in a D-dimensional subspace: D x (C + K) multiply-adds
-    per patch instead of the paper's C x K (issue 18; ``build/projection.py`` fits it). The mean is zeros
+    per patch instead of the paper's C x K (issue 18; ``builder/projection.py`` fits it). The mean is zeros
     when the projection is not centred. ``rows`` applies the same operations to the prototypes.
     """
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-PROJECTIONS = ("centred", "uncentred")  # --projection (build/projection.py)
+PROJECTIONS = ("centred", "uncentred")  # --projection (builder/projection.py)
 
 
 @dataclass

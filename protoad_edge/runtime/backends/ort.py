@@ -23,10 +23,10 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..bundle import Bundle, kind_of
-from ..errors import ProtoADError
-from ..metadata import MAP_NAME, SCORE_NAME, ModelInfo
-from .backend import Backend, BackendFacts, BackendOptions, check_batch
+from ...bundle import Bundle, kind_of
+from ...errors import ProtoADError
+from ...metadata import MAP_NAME, SCORE_NAME, ModelInfo
+from .base import Backend, BackendFacts, BackendOptions, check_batch
 
 # Preferred first. TensorRT EP runs FP16 (the graph's L2 norm is FP16-safe) and caches its engines
 # beside the model, so only the first start on a device pays for the engine build.

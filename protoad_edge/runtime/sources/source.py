@@ -21,9 +21,9 @@ from typing import Any, Callable, Iterator
 import cv2
 import numpy as np
 
-from ..errors import ProtoADError
-from ..preprocess import IMAGE_SUFFIXES, load_rgb
-from ..redact import redact
+from ...errors import ProtoADError
+from ...preprocess import IMAGE_SUFFIXES, load_rgb
+from ...redact import redact
 
 SOURCE_HELP = (
     "camera0 (or 0), csi0, a video file, an image file, a folder of images, "

@@ -21,10 +21,10 @@ from typing import IO, Any, Callable
 import cv2
 import numpy as np
 
-from ..atomic import PendingFile, write_atomic
-from ..decision import defect_mask
-from ..errors import ProtoADError
-from .result import FrameResult
+from ...atomic import PendingFile, write_atomic
+from ...decision import defect_mask
+from ...errors import ProtoADError
+from ..result import FrameResult
 
 # Container -> codec OpenCV's bundled FFmpeg writes everywhere without extra libraries.
 VIDEO_CODECS = {".mp4": "mp4v", ".avi": "MJPG"}

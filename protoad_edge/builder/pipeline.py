@@ -33,8 +33,8 @@ from ..metadata import TRAINING, ModelInfo
 from ..metrics import auroc, f1_optimal_threshold, pro_area, pro_curve
 from ..preprocess import Preprocess, to_batch
 from ..progress import progress_bar
-from ..runtime.backend import run_maps
-from ..runtime.ort_backend import OrtBackend
+from ..runtime.backends.base import run_maps
+from ..runtime.backends.ort import OrtBackend
 from .config import PROJECTIONS, BuildConfig
 from .datasets import Dataset, Sample, load_crops, load_masks, open_dataset
 from .device import resolve_device
@@ -215,7 +215,7 @@ def cluster(cfg: BuildConfig, vectors: np.ndarray, device: torch.device, log: Lo
 
 def project(cfg: BuildConfig, vectors: np.ndarray, k: int, log: Log) -> FittedProjection:
     """Step 3b (``--project-dims``): the PCA the network compares in, fitted on a seeded sample of the training
-    patch vectors (build/projection.py says why); D at most the K prototypes."""
+    patch vectors (builder/projection.py says why); D at most the K prototypes."""
     check_dims(cfg.project_dims, prototypes=k)
     fitted = fit_projection(sample_rows(vectors, seed=cfg.seed), cfg.project_dims, centred=cfg.projection == "centred")
     hw = feature_size(cfg.crop) ** 2

@@ -1,0 +1,1 @@
+"""Where verdicts go: overlay pictures, files (JSONL, video, masks), a window, MQTT."""

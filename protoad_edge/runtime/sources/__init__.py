@@ -1,0 +1,1 @@
+"""Where frames come from: sources (cameras, streams, files, folders) and the capture thread that reads one."""
