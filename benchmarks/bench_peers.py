@@ -309,6 +309,7 @@ def measure(args: argparse.Namespace, argv: list[str]) -> None:
         "and pixel AUROC within 0.5 pt, Spearman of the image scores >= 0.99).", "",
         table(runs, test), "",
         *[f"- {name}: {json.dumps(m)}" for name, m in record["models"].items()],
+        *([f"\n{args.note.read_text(encoding='utf-8').strip()}"] if args.note else []),
     ])
     if args.no_write:
         print(text)
@@ -332,6 +333,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=8, help="time: interleaved rounds (batch 1 and 8 each)")
     parser.add_argument("--anomalib", default="2.7.0", help="time: the anomalib version the build step used")
+    parser.add_argument("--note", type=Path, help="time: a file whose text goes after the table")
     parser.add_argument("--no-write", action="store_true", help="print the section, leave RESULTS.md alone")
     args = parser.parse_args(argv[1:])
     if args.step == "build":
