@@ -44,6 +44,7 @@ PEERS = (
     ("PatchCore 1 %", "Patchcore", {"layers": ["layer2", "layer3"], "coreset_sampling_ratio": 0.01}),
 )
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+TIMED_BATCHES = (1, 8)
 # Our runs: (label, --backend spec); the first is the reference the gate judges the others against.
 OURS = (("onnxruntime FP32", "ort"), ("OpenVINO FP32", "openvino"),
         ("OpenVINO BF16 backbone, FP32 scope", "openvino:bf16"), ("OpenVINO BF16 whole network", "openvino:bf16-all"))
@@ -99,11 +100,30 @@ def build(args: argparse.Namespace) -> None:
                 torch.linalg.inv = inverse
         model.eval()
         path = model.to_onnx(args.out / slug(name), input_size=(info.crop, info.crop))
+        onnx_files: str | dict[str, str] = str(path)
+        if not batch_is_dynamic(path):  # torch.export fixed PatchCore's batch (at 2): one static graph per batch
+            onnx_files = {str(b): str(static_export(model, path.with_name(f"model_b{b}.onnx"), b, info.crop))
+                          for b in TIMED_BATCHES}
         bank = getattr(model.model, "memory_bank", None)  # PatchCore's coreset; PaDiM keeps a Gaussian per patch
-        record["models"][name] = {"onnx": str(path), "fit_s": round(time.perf_counter() - start, 1), **kwargs,
+        record["models"][name] = {"onnx": onnx_files, "fit_s": round(time.perf_counter() - start, 1), **kwargs,
                                   "memory_bank": list(bank.shape) if isinstance(bank, torch.Tensor) else None}
         print(f"{name}: {record['models'][name]}", file=sys.stderr, flush=True)
         write_text_atomic(done, json.dumps(record, indent=2) + "\n")  # each model as it is done
+
+
+def batch_is_dynamic(path: Path) -> bool:
+    import onnx
+
+    return bool(onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[0].dim_param)
+
+
+def static_export(model: Any, path: Path, batch: int, crop: int) -> Path:
+    """anomalib's module through the exporter anomalib uses (dynamo), at one fixed batch size."""
+    import torch
+
+    torch.onnx.export(model, (torch.zeros(batch, 3, crop, crop),), str(path), dynamo=True, opset_version=18,
+                      input_names=["input"], output_names=["pred_score", "anomaly_map"])
+    return path
 
 
 def numpy_inverse(matrix: Any) -> Any:
@@ -158,36 +178,46 @@ def ours(bundle: Path, threads: int) -> list[Run]:
     return runs
 
 
-def peer(name: str, onnx_path: Path, threads: int) -> list[Run]:
-    """anomalib's exported graph: input the crop in [0, 1], outputs anomaly_map and pred_score."""
-    import onnxruntime as ort
-    import openvino as ov
-
+def peer(name: str, onnx_files: str | dict[str, str], threads: int) -> list[Run]:
+    """anomalib's exported graph (one, or one per batch size where the export fixed it): input the crop in [0, 1],
+    outputs anomaly_map and pred_score."""
+    files = {0: onnx_files} if isinstance(onnx_files, str) else {int(b): f for b, f in onnx_files.items()}
     runs = []
     for label, runtime, hint in PEER_RUNS:
-        if runtime == "ort":
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = threads
-            session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-            names = [o.name for o in session.get_outputs()]
-            call = (lambda s, n: lambda x: dict(zip(n, s.run(None, {s.get_inputs()[0].name: x}))))(session, names)
-            ran = "onnxruntime CPU fp32"
-        else:
-            config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
-            if hint:
-                config["INFERENCE_PRECISION_HINT"] = hint
-            compiled = ov.Core().compile_model(str(onnx_path), "CPU", config)
-            request = compiled.create_infer_request()
-            call = (lambda r, c: lambda x: {o.get_any_name(): v for o, v in zip(c.outputs, r.infer([x]).values())})(
-                request, compiled)
-            ran = f"openvino CPU {compiled.get_property('INFERENCE_PRECISION_HINT')}"
+        calls = {b: session(f, runtime, hint, threads) for b, f in files.items()}
 
-        def infer(batch: np.ndarray, call: Callable = call) -> tuple[np.ndarray, np.ndarray]:
-            out = call(np.ascontiguousarray(batch / 255.0, dtype=np.float32))
-            return np.asarray(out["anomaly_map"]).reshape(len(batch), *batch.shape[2:]), np.asarray(out["pred_score"])
+        def infer(batch: np.ndarray, calls: dict = calls) -> tuple[np.ndarray, np.ndarray]:
+            n = len(batch)
+            size = 0 if 0 in calls else min((b for b in calls if b >= n), default=max(calls))
+            x = np.ascontiguousarray(batch / 255.0, dtype=np.float32)
+            if size and size != n:  # a fixed batch: padded with copies of the last image, which are dropped
+                x = np.concatenate([x, np.repeat(x[-1:], size - n, axis=0)])
+            out = calls[size](x)
+            maps = np.asarray(out["anomaly_map"]).reshape(len(x), *batch.shape[2:])
+            return maps[:n], np.ravel(out["pred_score"])[:n]
 
-        runs.append(Run(name, label, ran, infer))
+        runs.append(Run(name, label, f"{runtime} {hint or 'default'}", infer))
     return runs
+
+
+def session(path: str, runtime: str, hint: str | None, threads: int) -> Callable[[np.ndarray], dict[str, Any]]:
+    """One graph opened by onnxruntime (CPU, FP32) or OpenVINO (``hint``, or OpenVINO's default where None)."""
+    if runtime == "ort":
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        sess = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        names = [o.name for o in sess.get_outputs()]
+        return lambda x: dict(zip(names, sess.run(None, {sess.get_inputs()[0].name: x})))
+    import openvino as ov
+
+    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
+    if hint:
+        config["INFERENCE_PRECISION_HINT"] = hint
+    compiled = ov.Core().compile_model(path, "CPU", config)
+    request = compiled.create_infer_request()
+    return lambda x: {o.get_any_name(): v for o, v in zip(compiled.outputs, request.infer([x]).values())}
 
 
 def accuracy(run: Run, test: Any, batch: int) -> None:
@@ -260,7 +290,7 @@ def measure(args: argparse.Namespace, argv: list[str]) -> None:
     test = load_test_set(args.category, args.data_root, "mvtec", Bundle.of(args.bundle[0]).info().preprocess)
     record = json.loads((args.peers / "peers.json").read_text()) if args.peers else {"models": {}}
     runs = [run for bundle in args.bundle for run in ours(bundle, args.threads)]
-    runs += [run for name, m in record["models"].items() for run in peer(name, Path(m["onnx"]), args.threads)]
+    runs += [run for name, m in record["models"].items() for run in peer(name, m["onnx"], args.threads)]
     for run in runs:
         accuracy(run, test, 8)
     timing(runs, test, args.rounds)
@@ -279,6 +309,7 @@ def measure(args: argparse.Namespace, argv: list[str]) -> None:
         "and pixel AUROC within 0.5 pt, Spearman of the image scores >= 0.99).", "",
         table(runs, test), "",
         *[f"- {name}: {json.dumps(m)}" for name, m in record["models"].items()],
+        *([f"\n{args.note.read_text(encoding='utf-8').strip()}"] if args.note else []),
     ])
     if args.no_write:
         print(text)
@@ -302,6 +333,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=8, help="time: interleaved rounds (batch 1 and 8 each)")
     parser.add_argument("--anomalib", default="2.7.0", help="time: the anomalib version the build step used")
+    parser.add_argument("--note", type=Path, help="time: a file whose text goes after the table")
     parser.add_argument("--no-write", action="store_true", help="print the section, leave RESULTS.md alone")
     args = parser.parse_args(argv[1:])
     if args.step == "build":

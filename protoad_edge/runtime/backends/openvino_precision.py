@@ -38,8 +38,6 @@ MODES: dict[str, tuple[str, str | None]] = {
 NEEDS = {"bf16": "BF16", "fp16": "FP16"}
 # Layer types whose runtime precision says what the heavy compute ran in.
 COMPUTE_LAYERS = ("Convolution", "MatMul", "FullyConnected")
-# Inputs that stay FP32 whatever the data's type: Interpolate's scales (port 1 of v11, ports 1-2 of v4).
-FLOAT32_ONLY_PORTS = {"Interpolate": 1}
 
 
 def mode(precision: str) -> tuple[str, str | None]:
@@ -116,7 +114,7 @@ def lower_outside(model: Any, low: str, scope: set[str]) -> None:
                 src = i.get_source_output()
                 if inside and src.get_element_type() == low_type:
                     i.replace_source_output(convert(src, f32))
-                elif not inside and src.get_element_type() == f32 and i.get_index() < FLOAT32_ONLY_PORTS.get(kind, 99):
+                elif not inside and src.get_element_type() == f32:
                     i.replace_source_output(convert(src, low_type))
             op.validate_and_infer_types()
         model.validate_nodes_and_infer_types()
