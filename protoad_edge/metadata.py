@@ -24,7 +24,7 @@ from .errors import ProtoADError
 from .preprocess import Preprocess
 
 FORMAT = "protoad-edge"
-SCHEMA = 3
+SCHEMA = 4
 # Schema 1 named the format and its version in one string.
 FORMAT_V1 = "protoad-edge/1"
 INPUT_NAME = "image"
@@ -77,6 +77,11 @@ class ModelInfo:
     roi: list[int] | None = None
     fit: str = "crop"
     blur_sigma: float = 4.0
+    # What the build's normal images were like, for the run's health checks (``runtime.health``): "images" (how
+    # many), "region" ({"min", "max"}: [w, h] of the judged region in their pixels), "brightness", "contrast",
+    # "sharpness" ([min, max], ``imagestats``), "scores" ({"images", "count", "p05", "p50", "p95"} of the held-out
+    # normal images). None: a bundle built before protoad-edge recorded it (those checks say "unknown").
+    built_on: dict[str, Any] | None = None
     # The projection before the prototype stage (``protoad-export --project-dims``), or None (the paper's
     # network): {"dims", "centred", "fitted_on", "variance_kept"}; its arrays are NAME.projection.npz.
     projection: dict[str, Any] | None = None
@@ -165,6 +170,8 @@ def migrate(data: dict[str, Any], source: str = "metadata") -> dict[str, Any]:
     Schema 2 -> 3: ``threshold_rule`` (a sentence, with the test split's absolute path after --set-threshold)
     became a short name (``rule_name``) and ``threshold_detail`` the sentence, in the history's entries too; the
     sidecar records ``digests`` from then on (none here: nothing has checked the files yet).
+    Schema 3 -> 4: the build records its normal images in ``built_on`` (none here: the run's health checks that
+    need it say "unknown").
     """
     schema = schema_of(data, source)
     if schema > SCHEMA:
@@ -179,6 +186,8 @@ def migrate(data: dict[str, Any], source: str = "metadata") -> dict[str, Any]:
     if schema <= 2:
         data.update(_v2_rule(data), schema=3, digests=None)
         data["threshold_history"] = [{**entry, **_v2_rule(entry)} for entry in data.get("threshold_history", [])]
+    if schema <= 3:
+        data.update(schema=4, built_on=None)
     return data
 
 

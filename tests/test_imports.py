@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "protoad_edge"
 # with the evaluation's accuracy gate); the CLIs.
 LAYERS = (
     ("shared", ("protoad_edge", "errors", "atomic", "progress", "constants", "preprocess", "metadata", "bundle",
-                "decision", "metrics", "gpu", "redact", "versions")),
+                "decision", "metrics", "gpu", "redact", "imagestats", "versions")),
     ("runtime", ("runtime",)),
     ("export", ("export",)),
     ("build", ("builder",)),

@@ -32,7 +32,7 @@ def test_schema_1_is_migrated() -> None:
     old = v1(info.to_dict())
     assert "schema" not in old and old["precision"] == "fp16"
     new = migrate(old)
-    assert new["format"] == FORMAT and new["schema"] == SCHEMA == 3 and new["tensorrt_precision"] == "fp16"
+    assert new["format"] == FORMAT and new["schema"] == SCHEMA == 4 and new["tensorrt_precision"] == "fp16"
     assert "precision" not in new and old["format"] == "protoad-edge/1"  # the input is left as it was
     assert ModelInfo.from_dict(old) == info
     assert migrate(info.to_dict()) == info.to_dict()  # the current schema passes unchanged
@@ -69,7 +69,7 @@ def test_schema_2_rule_sentences_become_short_names(sentence: str) -> None:
                      digests={"onnx": "0" * 64})
     new = ModelInfo.from_dict(v2(info.to_dict()))
     name = V2_RULES[sentence]
-    assert (new.schema, new.threshold_rule, new.threshold_detail, new.digests) == (3, name, sentence, None)
+    assert (new.schema, new.threshold_rule, new.threshold_detail, new.digests) == (SCHEMA, name, sentence, None)
     assert new.threshold_history == [{"image_threshold": 0.2, "threshold_rule": name, "threshold_detail": sentence,
                                       "replaced": "x"}]
     assert "/" not in new.threshold_rule and (not name or RULE_NAMES.fullmatch(name))

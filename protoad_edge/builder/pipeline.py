@@ -45,6 +45,7 @@ from .memory import DEFAULT_SHARE, MemoryBudget, arrays_within, available_bytes,
 from .neighbours import make_search
 from .network import L2Norm, ProtoADNet
 from .projection import FittedProjection, check_dims, fit_projection, sample_rows, stage_flops
+from .reference import built_on
 from .thresholds import Thresholds, from_normal_maps
 
 Log = Callable[[str], None]
@@ -76,6 +77,7 @@ class Calibration:
     thresholds: Thresholds
     held_out: bool  # False: no held-out images, thresholds set on training images (optimistic)
     test_metrics: dict[str, float]
+    normal_scores: np.ndarray  # the image scores the thresholds were set on
 
 
 @dataclass
@@ -234,8 +236,9 @@ def calibrate_and_check(cfg: BuildConfig, net: ProtoADNet, draft: Path, split: S
     backend = OrtBackend(draft, providers=["CPUExecutionProvider"])
     held_out = len(split.val_crops) > 0
     normal = split.val_crops if held_out else split.fit_crops
-    thresholds = from_normal_maps(run_maps(backend, normal, cfg.batch_size, "thresholds", cfg.progress))
-    return Calibration(parity, thresholds, held_out, score_test_split(split, backend, pre, cfg))
+    maps = run_maps(backend, normal, cfg.batch_size, "thresholds", cfg.progress)
+    return Calibration(parity, from_normal_maps(maps), held_out, score_test_split(split, backend, pre, cfg),
+                       image_scores(maps))
 
 
 def score_test_split(split: Split, backend: OrtBackend, pre: Preprocess, cfg: BuildConfig) -> dict[str, float]:
@@ -356,6 +359,8 @@ def build(cfg: BuildConfig, log: Log = print) -> BuildReport:
             export_onnx(net, info, tmp / "draft.onnx")
         with clock("calibrate"):
             calibration = calibrate_and_check(cfg, net, tmp / "draft.onnx", split, pre, log)
+        info.built_on = built_on(split.fit + split.val, [*split.fit_crops, *split.val_crops], pre,
+                                 calibration.normal_scores, calibration.held_out)
         comparison = []
         if projection is not None and calibration.test_metrics:
             with clock("compare"):

@@ -25,6 +25,7 @@ from ..runtime import reload
 from ..runtime.outputs.mqtt import EXIT_UNDELIVERED, PASSWORD_ENV, BrokerAccess, MqttSink, parse_mqtt_url
 from ..runtime.outputs.spool import default_folder
 from ..runtime.serving.triton import parse_server_url
+from .station_options import LineServices, station_config, station_options
 from .common import EXIT_INTERRUPTED, EXIT_TERMINATED, cpu_threads, threads_option, user_errors
 
 
@@ -167,13 +168,15 @@ def save_preview(spec: object, model: Path | None, roi: tuple[int, int, int, int
                    "--set-threshold), or with --server whether the served model did (a server restarted on a new "
                    "version), and switch to the new version between two frames, without dropping or repeating one; a "
                    "version that cannot be opened is refused with one line. 0: never.")
+@station_options
 @user_errors
 def main(sources: tuple[str, ...], model: Path | None, backend: str, threads: int, server: str | None, threshold: float | None, show: bool, save: Path | None,
          save_masks: Path | None, jsonl: str | None, max_frames: int | None, roi: str | None, view_width: int | None,
          status_every: float, preview: Path | None, reconnect_timeout: float, mqtt: str | None,
          mqtt_anomalies_only: bool, mqtt_buffer: int, mqtt_drain_timeout: float, mqtt_spool: Path | None,
          mqtt_flush: bool, mqtt_user: str | None, mqtt_password_file: Path | None, mqtt_ca: Path | None,
-         mqtt_cert: Path | None, mqtt_key: Path | None, mqtt_insecure: bool, reload_every: float) -> None:
+         mqtt_cert: Path | None, mqtt_key: Path | None, mqtt_insecure: bool, reload_every: float,
+         **station_flags: Any) -> None:
     """Judge every frame of SOURCE: camera0 (or 0), csi0 (Jetson CSI camera), a video file, an image
     file, a folder of images, an rtsp:// or http(s):// stream, or a GStreamer pipeline (with '!').
 
@@ -214,6 +217,8 @@ def main(sources: tuple[str, ...], model: Path | None, backend: str, threads: in
         raise click.UsageError("Missing argument 'SOURCE...'.")
     specs = [parse_source(source) for source in sources]  # a mistyped source fails before a model is loaded
     region = parse_roi(roi) if roi else None
+    health_window = station_flags.pop("health_window")
+    station_setup = station_config(**station_flags)
     reconnect = Reconnect(give_up_after=reconnect_timeout)
     if server is not None:
         parse_server_url(server)
@@ -237,24 +242,34 @@ def main(sources: tuple[str, ...], model: Path | None, backend: str, threads: in
             log(f"threshold {info.image_threshold:.6g} (the model's; rule: {info.threshold_rule or 'not recorded'})")
         else:
             log(f"threshold {threshold:.6g} (--threshold; the model's is {info.image_threshold:.6g})")
-        sinks = [mqtt_sink(mqtt)] if mqtt is not None else []
+        # before the broker's sink: a busy port fails first
+        bundle = locate(model)[0] if server is None else None  # what the station's Apply and Teach change
+        services = LineServices(station_setup, health_window, opened, bundle, [spec.name for spec in specs],
+                                threshold, log)
         watch = None
-        if reload_every > 0:
-            watch = (reload.served(opened, reload_every, log) if server is not None  # type: ignore[arg-type]
-                     else reload.local(opened, BackendOptions(threads=cpu_threads(threads)), reload_every, log))
-        options = RunOptions(threshold=threshold, max_frames=max_frames, show=show, save=save, save_masks=save_masks,
-                             jsonl=jsonl, roi=region, view_width=view_width, status_every=status_every, log=log,
-                             stop=stop, sinks=sinks, reconnect=reconnect, watch=watch)
         try:
+            sinks = [mqtt_sink(mqtt)] if mqtt is not None else []
+            if reload_every > 0:
+                watch = (reload.served(opened, reload_every, log) if server is not None  # type: ignore[arg-type]
+                         else reload.local(opened, BackendOptions(threads=cpu_threads(threads)), reload_every, log))
+            options = RunOptions(threshold=threshold, max_frames=max_frames, show=show, save=save,
+                                 save_masks=save_masks, jsonl=jsonl, roi=region, view_width=view_width,
+                                 status_every=status_every, log=log, stop=stop, sinks=sinks, reconnect=reconnect,
+                                 watch=watch, lane_sinks=services.lane_sinks)
+            services.start(sinks[0] if sinks else None, mqtt, access)
             summaries = run_many(specs, opened, options)
         finally:
             if watch is not None:
                 watch.close()
+            station_lines = services.close()
     for summary in summaries:
         for line in summary.lines():
             click.echo(line, err=to_stderr)
     if len(summaries) > 1:
         click.echo(total_line(summaries), err=to_stderr)
+    for line in station_lines + [f"latency     capture -> mqtt publish: {figures.line()}"
+                                 for sink in sinks if (figures := sink.latency.figures()) is not None]:
+        click.echo(line, err=to_stderr)
     undelivered = report_undelivered(sinks, log)
     errors = [f"{s.source}: {s.error}" if len(summaries) > 1 else s.error for s in summaries if s.error]
     if errors:

@@ -78,6 +78,8 @@ class RunOptions:
     stop: StopRequest | None = None  # set (by a signal handler) to end the run between two frames
     sinks: list[Sink] = field(default_factory=list)  # the caller's own (e.g. MQTT), after the others; the run closes them
     watch: ModelWatch | None = None  # hands over a new version of the bundle, taken between two batches
+    # the caller's own sinks of the i-th source (e.g. the station's), after its others; the run closes them
+    lane_sinks: Callable[[int, Source], list[Sink]] | None = None
 
 
 @dataclass
@@ -206,15 +208,18 @@ class Judge:
 
 def status_line(lanes: list[Lane]) -> str:
     """The periodic sign of life of a headless run (stderr, so stdout keeps only data)."""
-    def one(summary: RunSummary, capture: Capture) -> str:
+    def one(lane: Lane) -> str:
+        summary, capture = lane.summary, lane.capture
+        notes = "".join(f", {note}" for sink in lane.sinks if (note := sink.status()))
         return (f"{summary.frames:,} frames in {summary.seconds:,.0f} s ({summary.fps:.1f} FPS), "
-                f"{summary.anomalies:,} anomalies, {capture.dropped:,} dropped, {capture.reconnects:,} reconnects")
+                f"{summary.anomalies:,} anomalies, {capture.dropped:,} dropped, {capture.reconnects:,} reconnects"
+                + notes)
 
     if len(lanes) == 1:
-        return "status: " + one(lanes[0].summary, lanes[0].capture)
+        return "status: " + one(lanes[0])
     total = sum(lane.summary.frames for lane in lanes)
     seconds = max(lane.summary.seconds for lane in lanes)
-    parts = [f"{lane.summary.source}: " + one(lane.summary, lane.capture) for lane in lanes]
+    parts = [f"{lane.summary.source}: " + one(lane) for lane in lanes]
     return f"status: {total:,} frames ({total / seconds if seconds else 0.0:.1f} FPS in all); " + "; ".join(parts)
 
 
@@ -285,7 +290,8 @@ def run_many(sources: list[str | SourceSpec | Source], backend: Backend,
         shared = open_sinks(RunOptions(jsonl=options.jsonl, sinks=options.sinks, log=options.log), opened[0],
                             f"protoad-run: {info.category}")
         for i, lane in enumerate(lanes):
-            lane_options = dataclasses.replace(options, jsonl=None, sinks=[], save=per_source(options.save, i, count),
+            lane_options = dataclasses.replace(options, jsonl=None, save=per_source(options.save, i, count),
+                                               sinks=options.lane_sinks(i, lane.source) if options.lane_sinks else [],
                                                save_masks=per_source(options.save_masks, i, count))
             title = f"protoad-run: {info.category}" + (f" ({lane.source.name})" if count > 1 else "")
             lane.sinks = open_sinks(lane_options, lane.source, title)

@@ -28,6 +28,7 @@ import os
 import ssl
 import sys
 import threading
+import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ import numpy as np
 
 from ...errors import ProtoADError
 from ...redact import redact
+from ..latency import Latencies
 from ..result import FrameResult
 from .sinks import Sink
 from .spool import Spool
@@ -215,6 +217,8 @@ class MqttSink(Sink):
         self._mids: dict[int, int] = {}  # paho's message id -> our sequence number, this connection
         self._early: set[int] = set()  # PUBACKs that came before publish() returned their message id
         self._next_seq = 0
+        self._captured: dict[int, float] = {}  # sequence number -> capture time of the frame, until published
+        self.latency = Latencies()  # capture -> handed to the broker's connection (first time)
         self._connected = False
         self._outage = False  # an outage was logged; the next connect logs the recovery
         self._closing = False
@@ -258,19 +262,26 @@ class MqttSink(Sink):
         if self.anomalies_only and not result.anomalous:
             return True
         self.written += 1
-        self._append(json.dumps(result.record()).encode())
+        self._append(json.dumps(result.record()).encode(), result.timestamp)
         return True
 
-    def _append(self, payload: bytes) -> None:
-        """Buffers one message; over the bound the oldest is dropped."""
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    def _append(self, payload: bytes, captured: float | None = None) -> None:
+        """Buffers one message (of a frame captured at ``captured``); over the bound the oldest is dropped."""
         with self._state:
+            if captured is not None:
+                self._captured[self._next_seq] = captured
             self._unsent.append((self._next_seq, payload))
             self._next_seq += 1
             if len(self._unsent) + len(self._inflight) > self.buffer:
                 if self._inflight:  # the oldest; its PUBACK, should it still come, is ignored
-                    self._inflight.popitem(last=False)
+                    seq, _ = self._inflight.popitem(last=False)
                 else:
-                    self._unsent.popleft()
+                    seq, _ = self._unsent.popleft()
+                self._captured.pop(seq, None)
                 self.dropped += 1
             self._state.notify_all()
 
@@ -343,12 +354,16 @@ class MqttSink(Sink):
                     seq, payload = self._unsent.popleft()
                     self._inflight[seq] = payload
                 mid = self._client.publish(self.topic, payload, qos=1).mid
+                sent = time.time()
                 with self._state:
+                    captured = self._captured.pop(seq, None)
                     if mid in self._early:
                         self._early.discard(mid)
                         self._acknowledged(seq)
                     else:
                         self._mids[mid] = seq
+                if captured is not None:
+                    self.latency.since_capture(captured, sent)
 
     def _acknowledged(self, seq: int) -> None:
         """Counts a PUBACK, unless its message was dropped meanwhile. Call holding ``_state``."""

@@ -44,6 +44,10 @@ class Sink(ABC):
     def close(self, keep: bool) -> str | None:
         """Finish; with ``keep`` commit what was written. Returns what was written, for the summary."""
 
+    def status(self) -> str | None:
+        """A few words for the run's periodic status line (None: nothing to say)."""
+        return None
+
 
 class JsonlSink(Sink):
     """One JSON object per line; ``-`` streams to stdout (flushed per line, for pipes)."""
