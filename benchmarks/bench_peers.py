@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-
 from bench_common import DEFAULT_DATA, command_line, machine_text, update_results
 
 # (name, anomalib class, its arguments); the input is the bundle's crop, normalised inside the exported graph.
@@ -46,11 +45,18 @@ PEERS = (
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 TIMED_BATCHES = (1, 8)
 # Our runs: (label, --backend spec); the first is the reference the gate judges the others against.
-OURS = (("onnxruntime FP32", "ort"), ("OpenVINO FP32", "openvino"),
-        ("OpenVINO BF16 backbone, FP32 scope", "openvino:bf16"), ("OpenVINO BF16 whole network", "openvino:bf16-all"))
+OURS = (
+    ("onnxruntime FP32", "ort"),
+    ("OpenVINO FP32", "openvino"),
+    ("OpenVINO BF16 backbone, FP32 scope", "openvino:bf16"),
+    ("OpenVINO BF16 whole network", "openvino:bf16-all"),
+)
 # A peer's runs: (label, runtime, OpenVINO hint or None: OpenVINO's default, BF16 on CPUs that have it).
-PEER_RUNS = (("onnxruntime FP32", "ort", None), ("OpenVINO FP32", "openvino", "f32"),
-             ("OpenVINO default (BF16)", "openvino", None))
+PEER_RUNS = (
+    ("onnxruntime FP32", "ort", None),
+    ("OpenVINO FP32", "openvino", "f32"),
+    ("OpenVINO default (BF16)", "openvino", None),
+)
 
 
 # --- step 1: anomalib's models (anomalib's environment) --------------------------------------------------------
@@ -75,16 +81,27 @@ def build(args: argparse.Namespace) -> None:
     state = backbone.state_dict()
     args.out.mkdir(parents=True, exist_ok=True)
     done = args.out / "peers.json"
-    record: dict[str, Any] = {"bundle": str(args.bundle), "train_images": len(crops), "weights": weights,
-                              "crop": info.crop, "models": json.loads(done.read_text())["models"] if done.exists() else {}}
+    record: dict[str, Any] = {
+        "bundle": str(args.bundle),
+        "train_images": len(crops),
+        "weights": weights,
+        "crop": info.crop,
+        "models": json.loads(done.read_text())["models"] if done.exists() else {},
+    }
     for name, cls, kwargs in PEERS:
         if args.peer and name not in args.peer:
             continue
         start = time.perf_counter()
         pre = PreProcessor(transform=v2.Compose([v2.Normalize(*IMAGENET)]))
         model = {"Padim": Padim, "Patchcore": Patchcore}[cls](
-            backbone="wide_resnet50_2", pre_trained=False, pre_processor=pre, post_processor=False,
-            evaluator=False, visualizer=False, **kwargs)
+            backbone="wide_resnet50_2",
+            pre_trained=False,
+            pre_processor=pre,
+            post_processor=False,
+            evaluator=False,
+            visualizer=False,
+            **kwargs,
+        )
         extractor = model.model.feature_extractor.feature_extractor
         missing, _ = extractor.load_state_dict(state, strict=False)
         if missing:
@@ -102,11 +119,17 @@ def build(args: argparse.Namespace) -> None:
         path = model.to_onnx(args.out / slug(name), input_size=(info.crop, info.crop))
         onnx_files: str | dict[str, str] = str(path)
         if not batch_is_dynamic(path):  # torch.export fixed PatchCore's batch (at 2): one static graph per batch
-            onnx_files = {str(b): str(static_export(model, path.with_name(f"model_b{b}.onnx"), b, info.crop))
-                          for b in TIMED_BATCHES}
+            onnx_files = {
+                str(b): str(static_export(model, path.with_name(f"model_b{b}.onnx"), b, info.crop))
+                for b in TIMED_BATCHES
+            }
         bank = getattr(model.model, "memory_bank", None)  # PatchCore's coreset; PaDiM keeps a Gaussian per patch
-        record["models"][name] = {"onnx": onnx_files, "fit_s": round(time.perf_counter() - start, 1), **kwargs,
-                                  "memory_bank": list(bank.shape) if isinstance(bank, torch.Tensor) else None}
+        record["models"][name] = {
+            "onnx": onnx_files,
+            "fit_s": round(time.perf_counter() - start, 1),
+            **kwargs,
+            "memory_bank": list(bank.shape) if isinstance(bank, torch.Tensor) else None,
+        }
         print(f"{name}: {record['models'][name]}", file=sys.stderr, flush=True)
         write_text_atomic(done, json.dumps(record, indent=2) + "\n")  # each model as it is done
 
@@ -121,8 +144,15 @@ def static_export(model: Any, path: Path, batch: int, crop: int) -> Path:
     """anomalib's module through the exporter anomalib uses (dynamo), at one fixed batch size."""
     import torch
 
-    torch.onnx.export(model, (torch.zeros(batch, 3, crop, crop),), str(path), dynamo=True, opset_version=18,
-                      input_names=["input"], output_names=["pred_score", "anomaly_map"])
+    torch.onnx.export(
+        model,
+        (torch.zeros(batch, 3, crop, crop),),
+        str(path),
+        dynamo=True,
+        opset_version=18,
+        input_names=["input"],
+        output_names=["pred_score", "anomaly_map"],
+    )
     return path
 
 
@@ -165,9 +195,9 @@ class Run:
 
 
 def ours(bundle: Path, threads: int) -> list[Run]:
-    from protoad_edge.runtime.backends.registry import open_backend
     from protoad_edge.bundle import Bundle
     from protoad_edge.runtime.backends.base import BackendOptions
+    from protoad_edge.runtime.backends.registry import open_backend
 
     info = Bundle.of(bundle).info()
     name = f"protoad-edge K {info.num_prototypes:,}" + (f", D {info.projection['dims']}" if info.projection else "")
@@ -233,8 +263,11 @@ def accuracy(run: Run, test: Any, batch: int) -> None:
     run.image_auroc = curve_area(*roc_curve(test.labels, run.scores)[:2])
     usable = test.pixel_usable
     run.pixel_auroc = curve_area(*roc_curve(test.masks[usable], maps_all[usable])[:2])
-    print(f"{run.model} / {run.label}: image {100 * run.image_auroc:.1f}, pixel {100 * run.pixel_auroc:.1f}",
-          file=sys.stderr, flush=True)
+    print(
+        f"{run.model} / {run.label}: image {100 * run.image_auroc:.1f}, pixel {100 * run.pixel_auroc:.1f}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def timing(runs: list[Run], test: Any, rounds: int) -> None:
@@ -261,29 +294,45 @@ def table(runs: list[Run], test: Any) -> str:
     from protoad_edge.evaluation.accuracy_gate import GateFigures, judge
     from protoad_edge.metrics import spearman
 
-    rows = ["| model | runtime, precision | image / pixel AUROC | gate against its FP32 | ms/image b1 | b8 |"
-            " vs its onnxruntime FP32 b1 |", "| --- | --- | ---: | --- | ---: | ---: | ---: |"]
+    rows = [
+        "| model | runtime, precision | image / pixel AUROC | gate against its FP32 | ms/image b1 | b8 |"
+        " vs its onnxruntime FP32 b1 |",
+        "| --- | --- | ---: | --- | ---: | ---: | ---: |",
+    ]
     first: dict[str, Run] = {}
     for run in runs:
         ref = first.setdefault(run.model, run)
         b1, b8 = statistics.median(run.ms[1]), statistics.median(run.ms[8])
         gate = "reference"
         if run is not ref:
-            verdict = judge(GateFigures(run.label, len(test.labels), ref.image_auroc, run.image_auroc,
-                                        spearman(ref.scores, run.scores), ref.pixel_auroc, run.pixel_auroc))
+            verdict = judge(
+                GateFigures(
+                    run.label,
+                    len(test.labels),
+                    ref.image_auroc,
+                    run.image_auroc,
+                    spearman(ref.scores, run.scores),
+                    ref.pixel_auroc,
+                    run.pixel_auroc,
+                )
+            )
             f = verdict.figures
-            gate = (f"{'passes' if verdict.passed else 'fails'}: {-f.image_drop_pt:+.2f} / {-f.pixel_drop_pt:+.2f} pt, "
-                    f"Spearman {f.spearman:.4f}")
-        rows.append(f"| {run.model} | {run.label} | {100 * run.image_auroc:.1f} / {100 * run.pixel_auroc:.1f} | "
-                    f"{gate} | {b1:.0f} | {b8:.0f} | {statistics.median(ref.ms[1]) / b1:.2f}x |")
+            gate = (
+                f"{'passes' if verdict.passed else 'fails'}: {-f.image_drop_pt:+.2f} / {-f.pixel_drop_pt:+.2f} pt, "
+                f"Spearman {f.spearman:.4f}"
+            )
+        rows.append(
+            f"| {run.model} | {run.label} | {100 * run.image_auroc:.1f} / {100 * run.pixel_auroc:.1f} | "
+            f"{gate} | {b1:.0f} | {b8:.0f} | {statistics.median(ref.ms[1]) / b1:.2f}x |"
+        )
     return "\n".join(rows)
 
 
 def measure(args: argparse.Namespace, argv: list[str]) -> None:
+    import openvino as ov
+
     from protoad_edge.bundle import Bundle
     from protoad_edge.evaluation.evaluate import load_test_set
-
-    import openvino as ov
 
     load = os.getloadavg()[0]
     units = ", ".join(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
@@ -294,23 +343,31 @@ def measure(args: argparse.Namespace, argv: list[str]) -> None:
     for run in runs:
         accuracy(run, test, 8)
     timing(runs, test, args.rounds)
-    text = "\n".join([
-        f"## Ahead of the peers on the CPU: protoad-edge against anomalib {args.anomalib} (issue 29)", "",
-        f"Measured {time.strftime('%Y-%m-%d')} on {machine_text()}; load average {load:.1f} when it started (other "
-        f"jobs share the cores: compare ratios within the table); OpenVINO {ov.get_version()}, CPU capabilities "
-        f"{units}. {args.threads} threads for every runtime.", "",
-        f"Command: `{command_line(argv)}` after the `build` step in anomalib's environment (see the script).", "",
-        f"Same data for all: MVTec AD {args.category}, {len(test.labels)} test images at the bundle's "
-        f"{test.crops.shape[1]} px crop; anomalib's models fitted on the bundle's "
-        f"{record.get('train_images', '-')} training images with the same backbone weights "
-        f"({record.get('weights', '-')}), exported by anomalib (normalisation inside the graph, no post-processing).",
-        "Timings: every row in turn, rotating order, " f"{args.rounds} rounds, medians; b8 is ms per image in a batch"
-        " of 8. The gate column judges each reduced precision against the same model's onnxruntime FP32 row (image "
-        "and pixel AUROC within 0.5 pt, Spearman of the image scores >= 0.99).", "",
-        table(runs, test), "",
-        *[f"- {name}: {json.dumps(m)}" for name, m in record["models"].items()],
-        *([f"\n{args.note.read_text(encoding='utf-8').strip()}"] if args.note else []),
-    ])
+    text = "\n".join(
+        [
+            f"## Ahead of the peers on the CPU: protoad-edge against anomalib {args.anomalib} (issue 29)",
+            "",
+            f"Measured {time.strftime('%Y-%m-%d')} on {machine_text()}; load average {load:.1f} when it started (other "
+            f"jobs share the cores: compare ratios within the table); OpenVINO {ov.get_version()}, CPU capabilities "
+            f"{units}. {args.threads} threads for every runtime.",
+            "",
+            f"Command: `{command_line(argv)}` after the `build` step in anomalib's environment (see the script).",
+            "",
+            f"Same data for all: MVTec AD {args.category}, {len(test.labels)} test images at the bundle's "
+            f"{test.crops.shape[1]} px crop; anomalib's models fitted on the bundle's "
+            f"{record.get('train_images', '-')} training images with the same backbone weights "
+            f"({record.get('weights', '-')}), exported by anomalib (normalisation inside the graph, no post-processing).",
+            "Timings: every row in turn, rotating order, "
+            f"{args.rounds} rounds, medians; b8 is ms per image in a batch"
+            " of 8. The gate column judges each reduced precision against the same model's onnxruntime FP32 row (image "
+            "and pixel AUROC within 0.5 pt, Spearman of the image scores >= 0.99).",
+            "",
+            table(runs, test),
+            "",
+            *[f"- {name}: {json.dumps(m)}" for name, m in record["models"].items()],
+            *([f"\n{args.note.read_text(encoding='utf-8').strip()}"] if args.note else []),
+        ]
+    )
     if args.no_write:
         print(text)
     else:
@@ -320,15 +377,27 @@ def measure(args: argparse.Namespace, argv: list[str]) -> None:
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("step", choices=("build", "time"))
-    parser.add_argument("--bundle", type=Path, action="append", required=True,
-                        help="a bundle's NAME.onnx (repeatable for time: e.g. the paper network and --project-dims 256;"
-                             " build fits the peers on the first one's training images)")
+    parser.add_argument(
+        "--bundle",
+        type=Path,
+        action="append",
+        required=True,
+        help="a bundle's NAME.onnx (repeatable for time: e.g. the paper network and --project-dims 256;"
+        " build fits the peers on the first one's training images)",
+    )
     parser.add_argument("--category", default="bottle")
     parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--out", type=Path, help="build: where the peers' ONNX files and peers.json go (the models "
-                        "already there are kept)")
-    parser.add_argument("--peer", action="append", choices=[name for name, _, _ in PEERS],
-                        help="build: only this peer (repeatable; default: all)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="build: where the peers' ONNX files and peers.json go (the models already there are kept)",
+    )
+    parser.add_argument(
+        "--peer",
+        action="append",
+        choices=[name for name, _, _ in PEERS],
+        help="build: only this peer (repeatable; default: all)",
+    )
     parser.add_argument("--peers", type=Path, help="time: the build step's --out")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=8, help="time: interleaved rounds (batch 1 and 8 each)")

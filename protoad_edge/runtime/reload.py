@@ -36,8 +36,15 @@ class ModelWatch:
     """Watches the model of ``backend``: ``look()`` says what it is now (None: not now, a version is being
     written), and when that changes ``open_()`` opens it (``local`` and ``served`` make the pair)."""
 
-    def __init__(self, backend: Backend, open_: Callable[[], Backend], look: Callable[[], object],
-                 every: float = CHECK_EVERY_S, log: Log = print, what: str = "") -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        open_: Callable[[], Backend],
+        look: Callable[[], object],
+        every: float = CHECK_EVERY_S,
+        log: Log = print,
+        what: str = "",
+    ) -> None:
         self.open_, self.look, self.every, self.log = open_, look, every, log
         self.what = what or str(backend.path)
         self.seen = look()  # the model running (or last refused)
@@ -68,8 +75,10 @@ class ModelWatch:
             return None
 
     def _refuse(self, exc: BaseException) -> None:
-        self.log(f"model: the new version of {self.what} was refused, still judging with version {self.version}: "
-                 f"{_one_line(exc)}")
+        self.log(
+            f"model: the new version of {self.what} was refused, still judging with version {self.version}: "
+            f"{_one_line(exc)}"
+        )
 
     def _watch(self) -> None:
         while not self._stop.wait(self.every):

@@ -76,7 +76,7 @@ class Backend(ABC):
     def close(self) -> None:
         """Release device resources (no-op for backends that hold none)."""
 
-    def __enter__(self) -> "Backend":
+    def __enter__(self) -> Backend:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -87,11 +87,15 @@ def check_batch(batch: np.ndarray, info: ModelInfo) -> np.ndarray:
     """Validate the input once, at the edge, so backends can trust it."""
     batch = np.ascontiguousarray(batch, dtype=np.float32)
     if batch.ndim != 4 or batch.shape[1:] != (3, info.crop, info.crop):
-        raise ProtoADError(f"model {info.category!r} expects input [N,3,{info.crop},{info.crop}], got {list(batch.shape)}")
+        raise ProtoADError(
+            f"model {info.category!r} expects input [N,3,{info.crop},{info.crop}], got {list(batch.shape)}"
+        )
     return batch
 
 
-def run_maps(backend: Backend, crops: np.ndarray, batch_size: int, label: str = "", progress: bool = False) -> np.ndarray:
+def run_maps(
+    backend: Backend, crops: np.ndarray, batch_size: int, label: str = "", progress: bool = False
+) -> np.ndarray:
     """Anomaly maps [N,S,S] of uint8 [N,S,S,3] ``crops``, ``batch_size`` at a time."""
     maps = np.empty(crops.shape[:3], dtype=np.float32)
     starts = list(range(0, len(crops), batch_size))

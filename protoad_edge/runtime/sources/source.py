@@ -14,9 +14,10 @@ import sys
 import tempfile
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import cv2
 import numpy as np
@@ -283,4 +284,3 @@ class ImageFiles(Source):
         path = self.paths[self.position]
         self.position += 1
         return np.asarray(load_rgb(path)), str(path)
-
