@@ -80,7 +80,8 @@ class ConvMax(nn.Module):
 
 
 class TransposedBlocks(nn.Module):
-    """The blocked product the other way round: activations [N,H*W,D] x prototypes^T [D,block], max over the last axis."""
+    """The blocked product the other way round: activations [N,H*W,D] x prototypes^T [D,block], max over the last
+    axis."""
 
     def __init__(self, prototypes: np.ndarray, chunk: int) -> None:
         super().__init__()
@@ -299,7 +300,8 @@ def decisions(pv: list[tuple[str, float, float]], gv: list[tuple[str, float, flo
   (the optimised graph holds 45 `com.microsoft.nchwc` Conv nodes, no NHWC ones).
 - Kept: onnxruntime's default threads (one intra-op thread per physical core) with spin-waiting.
   Turning spin-waiting off measured {nospin / base:.2f}x: spin-waiting can only cost time when other
-  jobs compete for the cores, as on this shared VM, so a dedicated device keeps the default. One thread measured {one / base:.2f}x{one_note}
+  jobs compete for the cores, as on this shared VM, so a dedicated device keeps the default. One thread
+  measured {one / base:.2f}x{one_note}
 - Not changed: the L2 norm ({100 * l2_share:.0f} % of the stages in the split above), which is written to stay
   finite in FP16 and is kept in FP32 by the TensorRT FP16 path (`/l2norm/`).
 """
@@ -348,9 +350,11 @@ def main() -> None:
         host_table = [
             "| host step | ms |",
             "| --- | ---: |",
-            f"| preprocess: {frame.shape[1]}x{frame.shape[0]} decoded frame -> resize 256 -> crop 224 (PIL) | {host['preprocess']:.2f} |",
+            f"| preprocess: {frame.shape[1]}x{frame.shape[0]} decoded frame -> resize 256 -> crop 224 (PIL) | "
+            f"{host['preprocess']:.2f} |",
             f"| crop -> float32 NCHW batch (`to_batch`) | {host['to_batch']:.2f} |",
-            f"| authors' host post-processing per image (`cv2.resize` + `gaussian_filter`), not used by us | {host['authors_post']:.2f} |",
+            "| authors' host post-processing per image (`cv2.resize` + `gaussian_filter`), not used by us | "
+            f"{host['authors_post']:.2f} |",
         ]
         print("\n".join(split_table) + "\n\n" + "\n".join(host_table) + "\n")
         variants_text = ""
@@ -388,8 +392,8 @@ def main() -> None:
 Measured {datetime.date.today().isoformat()} on a **2-core shared VM** ({machine_text()}), while other jobs
 shared the CPU: candidates ran in turns (rotating order) and figures are medians of {args.rounds} runs, so
 compare ratios within one table rather than absolute times (the load changed between tables). Eager
-PyTorch with 2 threads is hit hardest by the other jobs (see the pipeline section). Backbone weights: {weights}; prototypes: real normalised
-patch vectors of {train_src}; frame: {test_src}.
+PyTorch with 2 threads is hit hardest by the other jobs (see the pipeline section). Backbone weights: {weights};
+prototypes: real normalised patch vectors of {train_src}; frame: {test_src}.
 
 Command: `{command_line(sys.argv)}`
 

@@ -129,7 +129,8 @@ def print_or_write(
         "## INT8 search tolerance, chosen on the demo category (issue 17)",
         "",
         f"`{command_line(sys.argv)}` on {machine_text()} ({minutes:.0f} min).",
-        f"Demo bundle {args.model} (K = {info.num_prototypes:,}, random weights); {len(test.labels)} labelled demo test "
+        f"Demo bundle {args.model} (K = {info.num_prototypes:,}, random weights); {len(test.labels)} labelled demo "
+        "test "
         f"images ({args.scale}x the demo's own); FP32 image AUROC {100 * ref.image_auroc:.2f}, pixel "
         f"{100 * ref.pixel_auroc:.2f}. Convs added in the search's order (least noise per multiply-add); error: the "
         "search's label-free patch score change on 4 calibration images, as a share of the FP32 spread; gate: through "

@@ -160,12 +160,15 @@ def main(argv: list[str]) -> int:
             "## Stream outage: an MJPEG stream killed mid-run and restarted (CPU)",
             "",
             f"Measured {time.strftime('%Y-%m-%d')} on {machine_text()}; command: `{command_line(argv)}`.",
-            f"protoad-run on http://127.0.0.1 (benchmarks/mjpeg_server.py, 25 frames/s), --max-frames {args.frames}; the server "
+            f"protoad-run on http://127.0.0.1 (benchmarks/mjpeg_server.py, 25 frames/s), --max-frames {args.frames}; "
+            "the server "
             f"was killed after {args.before} frames and restarted {args.gap:g} s later on the same port.",
             "",
-            f"- Exit status {survived['returncode']}; {survived['records']} of {args.frames} records, frame indices in order: "
+            f"- Exit status {survived['returncode']}; {survived['records']} of {args.frames} records, frame indices "
+            "in order: "
             f"{survived['in_order']}; the server was down {survived['server_down_s']:.1f} s; the first frame after the "
-            f"restart was captured {survived['frames_again_after_restart_s']:.1f} s after it (the reconnect pause in progress).",
+            f"restart was captured {survived['frames_again_after_restart_s']:.1f} s after it (the reconnect pause in "
+            "progress).",
             "- What the run logged: " + "; ".join(f"`{e}`" for e in survived["events"]),
             "- Its summary: " + " / ".join(f"`{line.strip()}`" for line in survived["summary"]),
             f"- Left without a server (--reconnect-timeout {args.timeout:g}): exit status {ended['returncode']} "

@@ -356,7 +356,8 @@ def measure(args: argparse.Namespace, argv: list[str]) -> None:
             f"Same data for all: MVTec AD {args.category}, {len(test.labels)} test images at the bundle's "
             f"{test.crops.shape[1]} px crop; anomalib's models fitted on the bundle's "
             f"{record.get('train_images', '-')} training images with the same backbone weights "
-            f"({record.get('weights', '-')}), exported by anomalib (normalisation inside the graph, no post-processing).",
+            f"({record.get('weights', '-')}), exported by anomalib (normalisation inside the graph, no "
+            "post-processing).",
             "Timings: every row in turn, rotating order, "
             f"{args.rounds} rounds, medians; b8 is ms per image in a batch"
             " of 8. The gate column judges each reduced precision against the same model's onnxruntime FP32 row (image "

@@ -150,7 +150,8 @@ def main() -> None:
                 )
 
     table = [
-        "| K | threads (each) | (a) ONNX via onnxruntime, ms | (b) authors' pipeline, ms | speed-up (a) vs (b) | max abs map diff | runs each |",
+        "| K | threads (each) | (a) ONNX via onnxruntime, ms | (b) authors' pipeline, ms | speed-up (a) vs (b) | max "
+        "abs map diff | runs each |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:

@@ -131,7 +131,8 @@ def header(args: argparse.Namespace, load: float) -> str:
             f"`{command_line(sys.argv)}` on {machine_text()}; load average {load:.1f} when it started, "
             f"{os.getloadavg()[0]:.1f} when it ended (a shared machine: read speeds as ratios within one table).",
             f"All test images of {args.category}; AUROC at batch 1 with {args.threads} threads; batch 8 and 1 thread "
-            f"timed on {max(8, args.speed_images)} test images. Each cell: median ms/image (speed-up against onnxruntime "
+            f"timed on {max(8, args.speed_images)} test images. Each cell: median ms/image (speed-up against "
+            "onnxruntime "
             "FP32 in the same column). Gate: image/pixel AUROC within 0.5 pt of onnxruntime FP32 and Spearman >= 0.99 "
             "(reduced precisions only).",
         ]

@@ -289,7 +289,8 @@ def projected_finch_rows(cat: Category, ks: list[int], d: int, full: FittedProje
     seconds = time.perf_counter() - start
     del projected
     log(
-        f"{cat.name}: FINCH in the projected {d} dims: {' -> '.join(f'{c:,}' for c in result.counts)} ({seconds:.0f} s; "
+        f"{cat.name}: FINCH in the projected {d} dims: {' -> '.join(f'{c:,}' for c in result.counts)} ({seconds:.0f} "
+        "s; "
         f"in 1792 dims: {' -> '.join(f'{c:,}' for c in cat.finch.counts)}, {cat.finch_seconds:.0f} s)"
     )
     maps = Maps(len(cat.labels), cat.size)
@@ -438,7 +439,7 @@ def section(
         exported = r["fit"] in ("-", "patch vectors") and "uncentred" not in r["space"]  # the graphs timed
         timed = t.get((r["k"], r["dims"])) if exported else None
         base = paper[r["k"]]
-        delta = lambda key: "" if r["dims"] is None else f" ({r[key] - base[key]:+.2f})"  # noqa: E731
+        delta = lambda key, r=r, base=base: "" if r["dims"] is None else f" ({r[key] - base[key]:+.2f})"  # noqa: E731
         kept = "" if r["dims"] is None else f"{100 * r['kept']:.2f} %"
         ms = f"{timed['ms']:.0f}" if timed else ""
         lines.append(

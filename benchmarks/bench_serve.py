@@ -165,7 +165,8 @@ def multi_source(model: Path, counts: list[int], frames: int) -> dict[int, float
 
 def load_table(rows: list[Load], restart: Load | None) -> str:
     lines = [
-        "| clients | seconds | requests | frames/s | p50 ms | p99 ms | max ms | lost | mismatched | out of order | retries |",
+        "| clients | seconds | requests | frames/s | p50 ms | p99 ms | max ms | lost | mismatched | out of order | "
+        "retries |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows + ([restart] if restart else []):

@@ -134,8 +134,9 @@ def soak(model: Path, frames: int, every: int, out: Path) -> list[Sample]:
 
 
 def verdict(samples: list[Sample]) -> tuple[bool, dict[str, float]]:
-    """Growth of resident memory after the first sample, of threads and open files; FPS of the last block vs the first."""
-    first, last = samples[0], samples[-1]
+    """Growth of resident memory after the first sample, of threads and open files; FPS of the last block vs the
+    first."""
+    first = samples[0]
     fps = [(b.frames - a.frames) / (b.seconds - a.seconds) for a, b in zip(samples, samples[1:])]
     figures = {
         "rss_growth": (max(s.rss_mb for s in samples[1:]) - first.rss_mb) / first.rss_mb,
@@ -191,14 +192,17 @@ def main(argv: list[str]) -> int:
             "## Soak: protoad-run over many frames (CPU)",
             "",
             f"Measured {time.strftime('%Y-%m-%d')} on {machine_text()}; command: `{command_line(argv)}`.",
-            f"{args.frames:,} frames of a generated 320x240 source through a crop-64, K-48 bundle with a JSONL log, an overlay",
-            f"video and masks ({written / 2**20:,.1f} MB written), sampled every {args.every:,} frames. Timings vary with load.",
+            f"{args.frames:,} frames of a generated 320x240 source through a crop-64, K-48 bundle with a JSONL log, "
+            "an overlay",
+            f"video and masks ({written / 2**20:,.1f} MB written), sampled every {args.every:,} frames. Timings vary "
+            "with load.",
             "",
             table(samples),
             "",
             f"Resident memory after the first sample: {100 * figures['rss_growth']:+.2f}% at most (anonymous "
             f"{100 * figures['anon_growth']:+.2f}%; limit {100 * GROWTH_LIMIT:.0f}%); threads "
-            f"{figures['threads_growth']:+d}, open files {figures['files_growth']:+d}; FPS {figures['fps_first']:.1f} in the "
+            f"{figures['threads_growth']:+d}, open files {figures['files_growth']:+d}; FPS {figures['fps_first']:.1f} "
+            "in the "
             f"first block, {figures['fps_last']:.1f} in the last. Verdict: {'pass' if ok else 'FAIL'}.",
         ]
     )

@@ -80,7 +80,10 @@ def check_cuda_memory() -> str:
         stream.close()
         for e in events:
             e.close()
-    return f"{gpu}: 64 MiB pinned round trip exact; H2D {buf.nbytes / h2d / 1e6:.1f} GB/s, D2H {buf.nbytes / d2h / 1e6:.1f} GB/s"
+    return (
+        f"{gpu}: 64 MiB pinned round trip exact; H2D {buf.nbytes / h2d / 1e6:.1f} GB/s, "
+        f"D2H {buf.nbytes / d2h / 1e6:.1f} GB/s"
+    )
 
 
 def torch_network(crop: int, k: int, seed: int = 0):  # -> ProtoADNet
@@ -171,9 +174,9 @@ def check_tensorrt() -> str:
                 build = build_engine(onnx, precision=precision, max_batch=8, log=lambda line: None)
                 with TrtBackend(build.plan, BackendOptions(timing=True)) as backend:
                     maps, _ = backend.infer(batch)
-                    ms8 = per_image_ms(lambda: backend.infer(batch), 8)
+                    ms8 = per_image_ms(lambda b=batch: backend.infer(b), 8)
                     stages = backend.last_times
-                    ms1 = per_image_ms(lambda: backend.infer(batch[:1]), 1)
+                    ms1 = per_image_ms(lambda b=batch: backend.infer(b[:1]), 1)
                 diff = float(np.abs(maps - ref_maps).max())
                 facts = ModelInfo.load_json(build.sidecar).build["tensorrt"]
                 how = "strongly typed" if facts["strongly_typed"] else "weakly typed"

@@ -443,7 +443,7 @@ def test_components_are_numbered_by_their_first_row(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(
         finch_module,
         "connected_components",  # numbered the other way round
-        lambda *a, **k: (lambda c, l: (c, c - 1 - l))(*original(*a, **k)),
+        lambda *a, **k: (lambda c, labels: (c, c - 1 - labels))(*original(*a, **k)),
     )
     renumbered, again = finch_module._components(nn)
     assert again == count and np.array_equal(renumbered, labels)

@@ -48,8 +48,11 @@ CASES = {
     "https://cam/v?access_token=s3cret&api_key=s3cret": "https://cam/v?access_token=***&api_key=***",
     "https://cam/v?Secret=s3cret&auth=s3cret&Authorization=s3cret": "https://cam/v?Secret=***&auth=***&Authorization=***",
     "https://cam/v?client_secret=s3cret#top": "https://cam/v?client_secret=***#top",
-    "rtspsrc location=rtsp://u:s3cret@cam/x user-id=u user-pw=s3cret ! decodebin ! appsink": "rtspsrc location=rtsp://u:***@cam/x user-id=u user-pw=*** ! decodebin ! appsink",
-    'souphttpsrc location=http://cam/x proxy-pw="s3 cret" ! appsink': "souphttpsrc location=http://cam/x proxy-pw=*** ! appsink",
+    "rtspsrc location=rtsp://u:s3cret@cam/x user-id=u user-pw=s3cret ! decodebin ! appsink": "rtspsrc "
+    "location=rtsp://u:***@cam/x user-id=u user-pw=*** ! decodebin ! appsink",
+    'souphttpsrc location=http://cam/x proxy-pw="s3 cret" ! appsink': (
+        "souphttpsrc location=http://cam/x proxy-pw=*** ! appsink"
+    ),
     "0": "0",
     "camera2": "camera2",
     "csi0": "csi0",

@@ -569,8 +569,9 @@ def test_fp32_clears_tf32(fake_trt: Any, tiny_model: Path, tmp_path: Path, versi
 def test_int8_builds_strongly_typed_from_the_qdq_model(
     fake_trt: Any, tiny_model: Path, tmp_path: Path, version: str, flags: int
 ) -> None:
-    """The Q/DQ model's types decide: strongly typed on TensorRT 10 too (the STRONGLY_TYPED flag, 1 << 1) and 11 (always),
-    no precision flags, TF32 off for its FP32 part. (The stand-in parses any ONNX: a copy stands in for the Q/DQ model.)"""
+    """The Q/DQ model's types decide: strongly typed on TensorRT 10 too (the STRONGLY_TYPED flag, 1 << 1) and 11
+    (always), no precision flags, TF32 off for its FP32 part. (The stand-in parses any ONNX: a copy stands in for the
+    Q/DQ model.)"""
     trt = fake_trt(version)
     onnx = copy_bundle(tiny_model, tmp_path)
     shutil.copy(onnx, Bundle.of(onnx).file("int8_onnx"))
@@ -594,7 +595,8 @@ def test_int8_builds_strongly_typed_from_the_qdq_model(
 
 
 def record_int8_scheme(onnx: Path, scheme: str | None) -> None:
-    """Record in the sidecar what ``protoad-export --int8`` records of its Q/DQ form (None: an older export's record)."""
+    """Record in the sidecar what ``protoad-export --int8`` records of its Q/DQ form (None: an older export's
+    record)."""
     info = ModelInfo.load_json(Bundle.of(onnx).sidecar)
     info.build = {**info.build, "int8": {"quantized": 43} | ({"scheme": scheme} if scheme else {})}
     info.save_json(Bundle.of(onnx).sidecar)

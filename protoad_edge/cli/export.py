@@ -290,7 +290,8 @@ def main(
         triton_summary, repo=triton_repo, max_batch=triton_max_batch, accelerate=triton_accelerate
     )
     if from_onnx is not None:
-        # Alone, --from-onnx makes only the engine (auto means yes); with --triton-repo the engine is built where it can be.
+        # Alone, --from-onnx makes only the engine (auto means yes); with --triton-repo the engine is built where it
+        # can be.
         if triton_repo is not None and not from_onnx.is_file():
             raise ProtoADError(f"--from-onnx {from_onnx}: no such file")
         engine_step = engine_from_onnx if triton_repo is None else engine_for_bundle

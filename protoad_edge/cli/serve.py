@@ -1,4 +1,5 @@
-"""``protoad-serve``: serve a bundle through Triton Inference Server (PyTriton) to many lines' ``protoad-run --server``."""
+"""``protoad-serve``: serve a bundle through Triton Inference Server (PyTriton) to many lines'
+``protoad-run --server``."""
 
 from __future__ import annotations
 

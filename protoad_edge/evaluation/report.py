@@ -103,7 +103,7 @@ def plot_curves(
         for a in np.arange(0, 1, 0.04):
             p = px(np.array([a, a + 0.02]) * x_max, np.array([a, a + 0.02]))
             cv2.line(img, tuple(np.round(p[0]).astype(int)), tuple(np.round(p[1]).astype(int)), GREY, 1, cv2.LINE_AA)
-    for label, x, y, colour in curves:
+    for _label, x, y, colour in curves:
         x, y = _clip_curve(np.asarray(x, np.float64), np.asarray(y, np.float64), x_max)
         pts = _thin(px(x, y))
         if fill:

@@ -425,7 +425,8 @@ class Int8Search:
             "quantized": len(chosen),
             "int8_share_of_backbone_macs": round(share, 4),
             "kept_fp32": kept,
-            "fp32": f"conv outputs, residual adds, L2 normalisation ({FP32_SCOPE}), prototype MatMuls, upsampling, blur",
+            "fp32": f"conv outputs, residual adds, L2 normalisation ({FP32_SCOPE}), prototype MatMuls, upsampling, "
+            "blur",
             "scheme": QDQ_SCHEME,
             "weights": "per output channel",
             "activations": f"per tensor, histogram percentile {PERCENTILE}, read rounded by the INT8 convs only",

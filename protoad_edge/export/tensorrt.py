@@ -335,7 +335,8 @@ def build_engine(
     )
     attach_timing_cache(config, cache_file, log)
     log(
-        f"building the TensorRT {trt.__version__} {precision} engine on {gpu} (batch 1..{max_batch}, opt {opt_batch}) ..."
+        f"building the TensorRT {trt.__version__} {precision} engine on {gpu} (batch 1..{max_batch}, opt {opt_batch}) "
+        "..."
     )
     plan = serialized_plan(trt, builder, network, config, source)
     seconds = time.perf_counter() - started

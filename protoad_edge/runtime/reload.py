@@ -3,8 +3,9 @@
 A teach, a rollback or ``protoad-eval --set-threshold`` rewrites the bundle's files and its sidecar last
 (``versions.py``). :class:`ModelWatch` looks every ``every`` seconds, on a thread, at the sidecar and the file the
 backend runs (a ``stat`` each; for a ``--server`` model, the served configuration); when they change it opens the
-new version there, beside the backend that keeps judging, warms it up on one frame, and hands it over. The run loop takes it between two batches (``poll``), so no
-frame is judged twice or skipped and the capture and every output stay open; the old backend is closed after.
+new version there, beside the backend that keeps judging, warms it up on one frame, and hands it over. The run
+loop takes it between two batches (``poll``), so no frame is judged twice or skipped and the capture and every
+output stay open; the old backend is closed after.
 
 A version that cannot be opened (half written, corrupt, its sidecar not matching its graph, a plan of another
 GPU) is refused with one line and the run goes on with the version it has; the watch tries again when the files

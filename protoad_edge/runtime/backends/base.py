@@ -29,7 +29,8 @@ class BackendOptions:
     fp16: bool | None = None  # torch: None = FP16 on CUDA, FP32 on the CPU; ort's TensorRT provider: FP16 unless False
     timing: bool = False  # trt: CUDA events around the copies and the compute (``stage_times``)
     # Compute precision where a backend can lower it at run time (openvino: fp32, bf16, fp16); None = the backend's
-    # full precision (FP32), never a reduced default. A reduced one must pass the accuracy gate (evaluation.accuracy_gate).
+    # full precision (FP32), never a reduced default. A reduced one must pass the accuracy gate
+    # (evaluation.accuracy_gate).
     precision: str | None = None
 
 
@@ -73,7 +74,7 @@ class Backend(ABC):
         """Milliseconds of the last ``infer`` by stage (h2d / compute / d2h), where the backend measures them."""
         return None
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional: most backends hold nothing to release
         """Release device resources (no-op for backends that hold none)."""
 
     def __enter__(self) -> Backend:

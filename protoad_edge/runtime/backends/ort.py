@@ -226,7 +226,8 @@ class OrtBackend(Backend):
         expected = [3, self.info.crop, self.info.crop]
         if self.info.input_name not in inputs or list(inputs[self.info.input_name])[1:] != expected:
             raise ProtoADError(
-                f"{path}: input {inputs} does not match its metadata ({self.info.input_name} [N,{','.join(map(str, expected))}])"
+                f"{path}: input {inputs} does not match its metadata ({self.info.input_name} "
+                f"[N,{','.join(map(str, expected))}])"
             )
         if kind_of(path) is not None:
             self.info = Bundle.of(path).in_force(self.info, path)

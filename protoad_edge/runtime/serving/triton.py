@@ -150,7 +150,7 @@ class TritonBackend(Backend):
         url: str,
         options: BackendOptions | None = None,
         *,
-        retry: Reconnect = Reconnect(),
+        retry: Reconnect = Reconnect(),  # noqa: B008 - frozen: one shared default is safe
         log: Callable[[str], None] | None = None,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,

@@ -73,7 +73,7 @@ class Source(ABC):
     def read(self) -> tuple[np.ndarray, str] | None:
         """The next frame as HxWx3 uint8 RGB and a label (file path or source name); None: no frame."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional: a source may hold nothing to release
         """Release the device or file."""
 
     def position_ms(self) -> float | None:
