@@ -43,8 +43,10 @@ MANUAL = "manual"  # protoad-eval --set-threshold NUMBER
 OVERRIDE = "--threshold"  # protoad-run --threshold NUMBER (records only: the sidecar is not changed)
 UNRECORDED = "unrecorded"  # records, where the metadata names no rule
 CUSTOM = "custom"  # a rule protoad-edge does not write (edited by hand): records carry this, not the text
-RULE_NAMES = re.compile(rf"({HELD_OUT}|{TRAINING}|{MANUAL}|{OVERRIDE}|{UNRECORDED}|{CUSTOM}"
-                        rf"|(f1|normal-max|fpr=[0-9.e+-]+)({ON_TEST_SPLIT}|{ON_LINE_FRAMES}))")
+RULE_NAMES = re.compile(
+    rf"({HELD_OUT}|{TRAINING}|{MANUAL}|{OVERRIDE}|{UNRECORDED}|{CUSTOM}"
+    rf"|(f1|normal-max|fpr=[0-9.e+-]+)({ON_TEST_SPLIT}|{ON_LINE_FRAMES}))"
+)
 # Schema 2 kept a sentence in ``threshold_rule``: the build's began so, --set-threshold's named its rule so.
 V2_BUILD_RULE = "image: max(max, mean + 3 std)"
 V2_SET_RULE = re.compile(r"image: (\S+) \(--set-threshold\)")
@@ -118,7 +120,7 @@ class ModelInfo:
         return {k: json.dumps(v) for k, v in self.to_dict().items() if k not in SIDECAR_ONLY}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "metadata") -> "ModelInfo":
+    def from_dict(cls, data: dict[str, Any], source: str = "metadata") -> ModelInfo:
         data = migrate(data, source)
         known = {f.name for f in fields(cls)}
         try:
@@ -127,7 +129,7 @@ class ModelInfo:
             raise ProtoADError(f"{source}: incomplete metadata ({exc})") from None
 
     @classmethod
-    def from_props(cls, props: dict[str, str], source: str = "ONNX metadata") -> "ModelInfo":
+    def from_props(cls, props: dict[str, str], source: str = "ONNX metadata") -> ModelInfo:
         try:
             data = {k: json.loads(v) for k, v in props.items()}
         except json.JSONDecodeError as exc:
@@ -138,7 +140,7 @@ class ModelInfo:
         return write_text_atomic(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
-    def load_json(cls, path: str | os.PathLike) -> "ModelInfo":
+    def load_json(cls, path: str | os.PathLike) -> ModelInfo:
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -176,9 +178,11 @@ def migrate(data: dict[str, Any], source: str = "metadata") -> dict[str, Any]:
     schema = schema_of(data, source)
     if schema > SCHEMA:
         rebuild = f"protoad-export --category {data.get('category', 'CATEGORY')}"
-        raise ProtoADError(f"{source}: metadata schema {schema} was written by a newer protoad-edge "
-                           f"({data.get('toolkit_version', '?')}); this one ({__version__}) reads schemas 1 to {SCHEMA}: "
-                           f"upgrade protoad-edge, or rebuild the bundle with {rebuild}")
+        raise ProtoADError(
+            f"{source}: metadata schema {schema} was written by a newer protoad-edge "
+            f"({data.get('toolkit_version', '?')}); this one ({__version__}) reads schemas 1 to {SCHEMA}: "
+            f"upgrade protoad-edge, or rebuild the bundle with {rebuild}"
+        )
     data = dict(data)
     if schema == 1:
         data["tensorrt_precision"] = data.pop("precision", "")

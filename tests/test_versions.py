@@ -22,8 +22,17 @@ def make(folder: Path, sealed: bool = True) -> Bundle:
     bundle.onnx.write_bytes(b"graph 1")
     bundle.prototypes.write_bytes(b"prototypes 1")
     bundle.plan.write_bytes(b"plan 1")
-    info = ModelInfo(category="part", resize=72, crop=64, backbone="b", weights="none", feature_upsample="bilinear",
-                     num_prototypes=10, image_threshold=0.5, pixel_threshold=0.4)
+    info = ModelInfo(
+        category="part",
+        resize=72,
+        crop=64,
+        backbone="b",
+        weights="none",
+        feature_upsample="bilinear",
+        num_prototypes=10,
+        image_threshold=0.5,
+        pixel_threshold=0.4,
+    )
     (bundle.seal(info) if sealed else info).save_json(bundle.sidecar)
     return bundle
 
@@ -49,7 +58,7 @@ def test_a_new_version_keeps_the_one_it_replaced(tmp_path: Path, monkeypatch: py
 
     monkeypatch.setattr(os, "replace", spy)
     info = teach_once(bundle, b"graph 2", drop_plan=True)
-    assert renamed[-2:] == ["part.onnx", "part.json"]  # the model files first, the sidecar last: the commit
+    assert renamed == ["v1", "part.onnx", "part.json"]  # kept, the model files, the sidecar once and last
     assert (info.version, info.changes[-1]["from"], info.changes[-1]["what"]) == (2, 1, "teach")
     assert bundle.onnx.read_bytes() == b"graph 2" and not bundle.plan.exists()
     kept = versions.kept(bundle)[1]

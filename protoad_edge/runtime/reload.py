@@ -1,10 +1,11 @@
 """A running line picks up a new version of its bundle without stopping.
 
 A teach, a rollback or ``protoad-eval --set-threshold`` rewrites the bundle's files and its sidecar last
-(``versions.py``). :class:`ModelWatch` polls the sidecar and the file the backend runs (a ``stat`` each, every
-``every`` seconds) on a thread; when they change it opens the new version there, beside the backend that keeps
-judging, warms it up on one frame, and hands it over. The run loop takes it between two batches (``poll``), so no
-frame is judged twice or skipped and the capture and every output stay open; the old backend is closed after.
+(``versions.py``). :class:`ModelWatch` looks every ``every`` seconds, on a thread, at the sidecar and the file the
+backend runs (a ``stat`` each; for a ``--server`` model, the served configuration); when they change it opens the
+new version there, beside the backend that keeps judging, warms it up on one frame, and hands it over. The run
+loop takes it between two batches (``poll``), so no frame is judged twice or skipped and the capture and every
+output stay open; the old backend is closed after.
 
 A version that cannot be opened (half written, corrupt, its sidecar not matching its graph, a plan of another
 GPU) is refused with one line and the run goes on with the version it has; the watch tries again when the files
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -25,21 +26,29 @@ from ..bundle import Bundle
 from ..versions import stamp, writing_now
 from .backends.base import Backend, BackendOptions
 
+if TYPE_CHECKING:
+    from .serving.triton import TritonBackend
+
 CHECK_EVERY_S = 2.0  # between two looks at the bundle's files
 Log = Callable[[str], None]
 
 
 class ModelWatch:
-    """Watches the bundle of ``backend`` (a local backend opened from a file of a bundle); ``open_`` opens the
-    bundle's new version (``reopener``)."""
+    """Watches the model of ``backend``: ``look()`` says what it is now (None: not now, a version is being
+    written), and when that changes ``open_()`` opens it (``local`` and ``served`` make the pair)."""
 
-    def __init__(self, backend: Backend, open_: Callable[[], Backend], every: float = CHECK_EVERY_S,
-                 log: Log = print) -> None:
-        self.open_, self.every, self.log = open_, every, log
-        path = Path(backend.path)
-        self.bundle = Bundle.of(path)
-        self.paths = (self.bundle.sidecar, path)
-        self.seen = stamp(*self.paths)  # the files of the version running (or last refused)
+    def __init__(
+        self,
+        backend: Backend,
+        open_: Callable[[], Backend],
+        look: Callable[[], object],
+        every: float = CHECK_EVERY_S,
+        log: Log = print,
+        what: str = "",
+    ) -> None:
+        self.open_, self.look, self.every, self.log = open_, look, every, log
+        self.what = what or str(backend.path)
+        self.seen = look()  # the model running (or last refused)
         self.version = backend.info.version
         self._ready: Backend | None = None
         self._lock = threading.Lock()
@@ -60,19 +69,30 @@ class ModelWatch:
         if leftover is not None:
             leftover.close()
 
+    def _now(self) -> object:
+        try:
+            return self.look()
+        except Exception:  # a server restarting: the requests wait for it, the watch looks again later
+            return None
+
+    def _refuse(self, exc: BaseException) -> None:
+        self.log(
+            f"model: the new version of {self.what} was refused, still judging with version {self.version}: "
+            f"{_one_line(exc)}"
+        )
+
     def _watch(self) -> None:
         while not self._stop.wait(self.every):
-            now = stamp(*self.paths)
-            if now == self.seen or writing_now(self.bundle):  # a version half written: read it once it is whole
+            now = self._now()
+            if now is None or now == self.seen:
                 continue
             try:
                 opened = self.open_()
             except Exception as exc:  # any failure to open: the line goes on with the version it has
                 self.seen = now
-                self.log(f"model: the changed {self.paths[0].name} was refused, still judging with version "
-                         f"{self.version}: {_one_line(exc)}")
+                self._refuse(exc)
                 continue
-            if stamp(*self.paths) != now:  # it changed again while being read: read it afresh
+            if self._now() != now:  # it changed again while being read: read it afresh
                 opened.close()
                 continue
             try:
@@ -81,8 +101,7 @@ class ModelWatch:
             except Exception as exc:
                 opened.close()
                 self.seen = now
-                self.log(f"model: the changed {self.paths[0].name} was refused, still judging with version "
-                         f"{self.version}: {_one_line(exc)}")
+                self._refuse(exc)
                 continue
             self.seen, self.version = now, opened.info.version
             with self._lock:
@@ -91,22 +110,46 @@ class ModelWatch:
                 stale.close()
 
 
-def reopener(backend: Backend, options: BackendOptions) -> Callable[[], Backend]:
-    """How to open the new version of ``backend``'s file with the same backend and options, once its sidecar
-    vouches for it (``backends.open_file``: the digests). onnxruntime gets the providers that run now: a provider
-    that would fall back prints to stdout, which may carry the records."""
+def local(backend: Backend, options: BackendOptions, every: float = CHECK_EVERY_S, log: Log = print) -> ModelWatch:
+    """The watch of a backend opened from a bundle's file: it looks at the sidecar and that file (a ``stat`` each),
+    not while a version is being written (``versions.writing`` holds the lock), and opens the new version with the
+    same backend and options once its sidecar vouches for the file (``backends.open_file``: the digests).
+    onnxruntime gets the providers that run now: a provider that would fall back prints to stdout, which may carry
+    the records."""
     from .backends.registry import REGISTRY, open_file
 
     entry, path = REGISTRY[backend.name], Path(backend.path)
+    bundle = Bundle.of(path)
+
+    def look() -> object:
+        return None if writing_now(bundle) else stamp(bundle.sidecar, path)
+
     if backend.name != "ort":
-        return lambda: open_file(entry, path, options)
+        return ModelWatch(backend, lambda: open_file(entry, path, options), look, every, log, str(bundle.stem))
     providers = list(getattr(backend, "providers", []))
 
     def open_() -> Backend:
-        Bundle.of(path).check(path)
+        bundle.check(path)
         return entry.load()(path, options, providers=providers)  # type: ignore[call-arg]
 
-    return open_
+    return ModelWatch(backend, open_, look, every, log, str(bundle.stem))
+
+
+def served(backend: TritonBackend, every: float = CHECK_EVERY_S, log: Log = print) -> ModelWatch:
+    """The watch of a ``--server`` model: it reads the model's configuration (one call; its ``protoad`` parameter
+    carries the version and thresholds), so a server restarted on a new version of the bundle, or a Triton that
+    loaded a rewritten repository, is judged with from then on."""
+    from .serving.triton import TritonBackend
+
+    client = backend.grpc.InferenceServerClient(backend.address.target)
+
+    def look() -> object:
+        return client.get_model_config(backend.address.model, as_json=True)
+
+    def open_() -> Backend:
+        return TritonBackend(backend.address.url, retry=backend.retry, log=log)
+
+    return ModelWatch(backend, open_, look, every, log, backend.address.url)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -3,15 +3,16 @@
 OpenVINO reads the ONNX graph and its metadata itself, so one bundle serves onnxruntime and OpenVINO. Its
 CPU plugin runs BF16 by default on CPUs that have it (AVX512-BF16, AMX), and its GPU plugin FP16. Anomaly
 scores are small differences of cosines near 1, and BF16 cost 5-11 AUROC points on bottle
-(benchmarks/RESULTS.md), so the precision hint is always set: FP32 unless ``BackendOptions.precision`` asks
-for another, and ``describe`` reports what the compiled model actually runs, read back from it.
+(benchmarks/RESULTS.md), so the precision is always set: FP32 unless ``BackendOptions.precision`` asks for
+another - ``bf16``/``fp16``: the backbone only, from the L2 norm's input to the score in FP32
+(``openvino_precision``); ``bf16-all``/``fp16-all``: the whole network - and ``describe`` reports what the
+compiled model actually runs, read back from it node by node.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +22,26 @@ from ...bundle import Bundle, kind_of
 from ...errors import ProtoADError
 from ...metadata import MAP_NAME, SCORE_NAME, ModelInfo
 from .base import Backend, BackendFacts, BackendOptions, check_batch
+from .openvino_precision import (
+    check_capability,
+    check_not_quantized,
+    lower_outside,
+    mode,
+    read_back,
+    scope_names,
+)
 
-# BackendOptions.precision -> OpenVINO's inference precision hint; None means fp32.
-PRECISIONS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
-NAMES = {hint: name for name, hint in PRECISIONS.items()}
+# What each BackendOptions.precision runs, in words (describe's precision).
+RUNS = {
+    "fp32": "fp32",
+    "bf16": "bf16 backbone + fp32 scope",
+    "fp16": "fp16 backbone + fp32 scope",
+    "bf16-all": "bf16 (whole network)",
+    "fp16-all": "fp16 (whole network)",
+}
+HINT_NAMES = {"f32": "fp32", "bf16": "bf16-all", "f16": "fp16-all"}
 # Compiled models are cached beside the model (like ort's .ort_trt_cache): a GPU compiles its kernels once.
 CACHE_DIR = ".ov_cache"
-# Layer types whose runtime precision says whether the heavy compute ran in INT8.
-COMPUTE_LAYERS = ("Convolution", "MatMul", "FullyConnected")
 INT8_TYPES = ("i8", "u8")
 
 
@@ -36,8 +49,10 @@ def resolve_device(available: list[str], device: str) -> str:
     """BackendOptions.device -> an OpenVINO device: cpu -> CPU; auto -> the first GPU where one exists, else CPU;
     an OpenVINO device name (``GPU.1``) as it is."""
     if device == "cuda":
-        raise ProtoADError("--device cuda: OpenVINO runs on Intel CPUs and GPUs, not on NVIDIA's: use --device cpu or "
-                           "auto (an Intel GPU where one is present), or --backend ort / trt on an NVIDIA GPU")
+        raise ProtoADError(
+            "--device cuda: OpenVINO runs on Intel CPUs and GPUs, not on NVIDIA's: use --device cpu or "
+            "auto (an Intel GPU where one is present), or --backend ort / trt on an NVIDIA GPU"
+        )
     if device == "cpu":
         return "CPU"
     if device == "auto":
@@ -58,9 +73,8 @@ class OpenVinoBackend(Backend):
         options = options or BackendOptions()
         path = Path(path)
         self.path = path
-        if options.precision is not None and options.precision not in PRECISIONS:
-            raise ProtoADError(f"openvino: unknown precision {options.precision!r}: choose one of {', '.join(PRECISIONS)}")
         self.asked = options.precision or "fp32"
+        hint, low = mode(self.asked)
         core = ov.Core()
         self.version = ov.get_version()
         self.device = resolve_device(list(core.available_devices), options.device)
@@ -75,7 +89,18 @@ class OpenVinoBackend(Backend):
         self._check_signature(model)
         if kind_of(path) is not None:
             self.info = Bundle.of(path).in_force(self.info, path)
-        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": PRECISIONS[self.asked], "PERFORMANCE_HINT": "LATENCY"}
+        if self.asked != "fp32":
+            check_capability(
+                self.asked,
+                self.device,
+                self.device_name,
+                list(core.get_property(self.device, "OPTIMIZATION_CAPABILITIES")),
+            )
+        scope = scope_names(model) if self.asked != "fp32" else set()
+        if low:
+            check_not_quantized(model, self.asked, str(path))
+            lower_outside(model, low, scope)
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
         if self.device == "CPU":
             config["INFERENCE_NUM_THREADS"] = options.threads or os.cpu_count() or 1
         self.cache = path.parent / CACHE_DIR
@@ -87,19 +112,30 @@ class OpenVinoBackend(Backend):
         try:
             self.compiled = core.compile_model(model, self.device, config)
         except Exception as exc:
-            raise ProtoADError(f"OpenVINO cannot compile {path} for {self.device}: {str(exc).splitlines()[0]}") from None
+            raise ProtoADError(
+                f"OpenVINO cannot compile {path} for {self.device}: {str(exc).splitlines()[0]}"
+            ) from None
         self.request = self.compiled.create_infer_request()
-        hint = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
-        self.precision = NAMES.get(hint, hint)
-        self.layer_precisions = Counter(
-            str(op.get_rt_info()["runtimePrecision"].astype(str)) for op in self.compiled.get_runtime_model().get_ops()
-            if op.get_rt_info()["layerType"].astype(str) in COMPUTE_LAYERS)
+        compiled_hint = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+        self.hint = HINT_NAMES.get(compiled_hint, compiled_hint)
+        self.read = read_back(self.compiled, scope)
+        if low and self.read.scope_not_fp32:
+            raise ProtoADError(
+                f"openvino:{self.asked}: OpenVINO {self.version} on {self.device} runs "
+                f"{len(self.read.scope_not_fp32)} node(s) of the FP32 scope in a reduced precision "
+                f"({', '.join(self.read.scope_not_fp32[:3])}): run --backend openvino (FP32)"
+            )
+        self.precision = self.asked if low and low in self.read.lowered else self.hint
         if self.asked != self.precision:
             print(f"openvino: {self.note}", file=sys.stderr, flush=True)
 
     @property
     def note(self) -> str:
-        return f"{self.asked} asked, {self.device} runs {self.precision}" if self.asked != self.precision else ""
+        return (
+            f"{self.asked} asked, {self.device} runs {RUNS.get(self.precision, self.precision)}"
+            if self.asked != self.precision
+            else ""
+        )
 
     def _check_signature(self, model: Any) -> None:
         """The graph's outputs and input are the ones its metadata promises."""
@@ -110,26 +146,29 @@ class OpenVinoBackend(Backend):
         expected = [3, self.info.crop, self.info.crop]
         shape = inputs.get(self.info.input_name)
         if shape is None or shape.rank.get_length() != 4 or [d.get_length() for d in list(shape)[1:]] != expected:
-            raise ProtoADError(f"{self.path}: input {inputs} does not match its metadata "
-                               f"({self.info.input_name} [N,{','.join(map(str, expected))}])")
+            raise ProtoADError(
+                f"{self.path}: input {inputs} does not match its metadata "
+                f"({self.info.input_name} [N,{','.join(map(str, expected))}])"
+            )
 
     @property
     def int8_layers(self) -> int:
         """How many convolutions and matrix products the compiled model runs in INT8 (a Q/DQ graph)."""
-        return sum(n for p, n in self.layer_precisions.items() if p in INT8_TYPES)
+        return sum(n for p, n in self.read.compute.items() if p in INT8_TYPES)
 
     def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         out = self.request.infer({self.info.input_name: check_batch(batch, self.info)})
         return out[MAP_NAME][:, 0], out[SCORE_NAME]
 
     def describe(self) -> BackendFacts:
-        precision = self.precision if not self.int8_layers else f"int8 + {self.precision}"
+        runs = RUNS.get(self.precision, self.precision)
+        precision = runs if not self.int8_layers else f"int8 + {runs}"
         details: dict[str, Any] = {
             "device_name": self.device_name,
             "openvino": self.version,
             "precision_asked": self.asked,
-            "inference_precision": self.precision,
-            "compute_layers_by_precision": dict(self.layer_precisions),
+            "inference_precision": self.hint,  # the compiled model's hint, read back
+            **self.read.to_dict(),
             "cache_dir": str(self.cache) if self.cache else "none (model folder not writable)",
         }
         if self.device == "CPU":

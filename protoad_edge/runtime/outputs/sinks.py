@@ -175,7 +175,7 @@ class WindowSink(Sink):
         cv2.namedWindow(title, cv2.WINDOW_AUTOSIZE)
 
     @classmethod
-    def open(cls, title: str, log: Callable[[str], None]) -> "WindowSink | None":
+    def open(cls, title: str, log: Callable[[str], None]) -> WindowSink | None:
         """The window, or None after telling the user why there is none (the run carries on)."""
         problem = display_problem()
         if problem is None:

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import ProtoADError
-from ..preprocess import Geometry, Preprocess
-from .sources.source import open_source, parse_source
+from ...errors import ProtoADError
+from ...preprocess import Geometry, Preprocess
+from .source import open_source, parse_source
 
 
 @dataclass

@@ -1,0 +1,45 @@
+"""benchmarks/bench_peers.py: the peers are fitted on exactly the bundle's training images (its held-out ones left
+out, as the build split them), and the table's gate column judges each row against its own model's FP32 row."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import bench_peers
+import numpy as np
+import pytest
+
+from protoad_edge.builder.pipeline import split_train
+
+
+@pytest.mark.parametrize(("images", "val_split", "seed"), [(209, 0.1, 0), (20, 0.1, 3), (7, 0.3, 1)])
+def test_the_peers_train_on_the_bundles_training_images(images: int, val_split: float, seed: int) -> None:
+    train = [f"{i:03d}.png" for i in range(images)]
+    fit, held = split_train(train, val_split, seed)
+    info = SimpleNamespace(seed=seed, build={"images": {"held_out": len(held)}})
+    assert bench_peers.training_images(train, info) == fit
+
+
+def test_the_gate_column_judges_each_row_against_its_own_fp32() -> None:
+    test = SimpleNamespace(labels=np.array([0, 0, 1, 1], bool))
+    scores = np.array([0.1, 0.2, 0.3, 0.4])
+
+    def run(model: str, label: str, image: float, pixel: float, ranks: np.ndarray) -> bench_peers.Run:
+        done = bench_peers.Run(model, label, label, lambda x: (x, x), image, pixel, ranks)
+        done.ms = {1: [100.0, 120.0, 110.0], 8: [50.0]}
+        return done
+
+    text = bench_peers.table(
+        [
+            run("ours", "onnxruntime FP32", 0.9, 0.8, scores),
+            run("ours", "OpenVINO BF16", 0.9, 0.799, scores / 2),
+            run("peer", "onnxruntime FP32", 0.7, 0.6, scores),
+            run("peer", "OpenVINO default (BF16)", 0.6, 0.6, scores[::-1].copy()),
+        ],
+        test,
+    )
+    rows = text.splitlines()[2:]
+    assert rows[0] == "| ours | onnxruntime FP32 | 90.0 / 80.0 | reference | 110 | 50 | 1.00x |"
+    assert "| passes: -0.00 / -0.10 pt, Spearman 1.0000 |" in rows[1]
+    assert "| reference |" in rows[2]  # the peer's own FP32, not ours
+    assert "| fails: -10.00 / -0.00 pt, Spearman -1.0000 |" in rows[3]
