@@ -240,6 +240,51 @@ def latency(model: Path, seconds: float, camera_fps: float, folder: Path) -> dic
     return {"legs": legs, "summary": out}
 
 
+def judging_thread_cost(rounds: int = 200) -> dict[str, float]:
+    """Microseconds per frame the station's sinks take in the judging thread (median of ``rounds``), on a
+    1280x720 frame: the database's (a record queued; its writer thread is the disk's), the page's (counters, the
+    live view's reference) and the health's (image statistics of the model input, the window's rules)."""
+    from protoad_edge.preprocess import Preprocess
+    from protoad_edge.runtime.health import HealthMonitor
+    from protoad_edge.runtime.latency import Latencies
+    from protoad_edge.runtime.result import FrameResult, RunContext
+    from protoad_edge.runtime.station.lane import StationLane
+    from protoad_edge.runtime.station.recorder import Recorder
+
+    pre = Preprocess()
+    frame = line_frame(1)
+    result = FrameResult(
+        0,
+        time.time(),
+        "cam",
+        0.1,
+        False,
+        1.0,
+        frame,
+        pre(frame),
+        np.zeros((224, 224), np.float32),
+        pre.geometry(*SIZE),
+        RunContext("m", "c", 0.2, "manual", pixel_threshold=0.2),
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        recorder = Recorder(Path(tmp) / "cost.db", "m", "c", ["cam"], log=lambda m: None)
+        sinks = {
+            "database": recorder.sink(0),
+            "page": StationLane(0, "cam", Latencies()),
+            "health": HealthMonitor("cam", None),
+        }
+        costs = {}
+        for name, sink in sinks.items():
+            times = []
+            for _ in range(rounds):
+                started = time.perf_counter()
+                sink.write(result, None)
+                times.append(time.perf_counter() - started)
+            costs[name] = 1e6 * statistics.median(times)
+        recorder.close()
+    return costs
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -267,6 +312,15 @@ def main(argv: list[str]) -> None:
         slow = latency(model, args.seconds, camera_fps, folder)
     plain, station = fast["medians"]["plain"], fast["medians"]["station"]
     cost = 100.0 * (1 - station / plain)
+    spread = 100.0 * (max(fast["fps"]["plain"]) - min(fast["fps"]["plain"])) / plain
+    if spread > 5.0:
+        verdict = (
+            f"inconclusive here: the plain runs alone differ by {spread:.0f} % from round to round on this "
+            "machine, more than the 5 % to be measured (run it on a quiet one)."
+        )
+    else:
+        verdict = "pass." if cost <= 5.0 else "FAIL."
+    sinks = judging_thread_cost()
     lines = [
         "## The line station: its cost, and the line's end-to-end latency (issue 28)",
         "",
@@ -286,7 +340,13 @@ def main(argv: list[str]) -> None:
         f"| station + page | {', '.join(f'{v:.3f}' for v in fast['fps']['station'])} | {station:.3f} | "
         f"{station / plain:.3f}x |",
         "",
-        f"The station costs {cost:.1f} % of the frames/s (goal: at most 5 %): " + ("pass." if cost <= 5.0 else "FAIL."),
+        f"The station costs {cost:.1f} % of the frames/s (goal: at most 5 %): {verdict}",
+        "",
+        "What the station adds to the judging thread per frame (in-process, 1280x720, medians of 200): "
+        + ", ".join(f"{name} {us:.0f} us" for name, us in sinks.items())
+        + f"; {sum(sinks.values()) / 1e3:.2f} ms in all, against {1e3 / plain:.0f} ms a frame takes to judge here. "
+        "The rest of its cost is other threads' CPU: the database's writer (pictures of anomalous frames) and the "
+        "live view, whose drawing is held within 4 % of one core.",
         "",
         f"The page asked for {args.live_rate:g} live pictures/s and got {fast['pictures']:.2f} new ones/s (median): "
         "the live view draws within its CPU budget (runtime/station/live.py), so a slow machine lowers the page's "
