@@ -133,6 +133,7 @@ def teach(bundle: Bundle, frames: Frames, *, graph: BundleGraph | None = None, c
     clock["prototypes"] = time.perf_counter() - start - sum(clock.values())
     result.frames = _reports(frames, seen, after, uncovered)
     result.k_after = info.num_prototypes + len(covered.rows)
+
     def maps(crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return _maps(graph, cells, crops)
 
