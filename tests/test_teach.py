@@ -87,6 +87,7 @@ def frames_of(images: np.ndarray) -> Frames:
 # --- features without torch ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # the fixture it names is built inside it
 @pytest.mark.parametrize("which", ["pristine", "projected"])
 def test_the_graphs_features_are_pytorchs(which: str, request: pytest.FixtureRequest) -> None:
     """The cut of NAME.onnx gives the network's own normalised patch vectors (and, projected, what the prototype
@@ -162,6 +163,7 @@ def fresh_export(bundle: Bundle, prototypes: np.ndarray, out: Path) -> Path:
     return export_onnx(fresh, dataclasses.replace(info, num_prototypes=len(prototypes)), out)
 
 
+@pytest.mark.slow  # the fixture it names is built inside it
 @pytest.mark.parametrize("which, added", [("pristine", 300), ("pristine", 700), ("projected", 300)])
 def test_extended_graphs_are_a_fresh_export(
     which: str, added: int, request: pytest.FixtureRequest, tmp_path: Path
