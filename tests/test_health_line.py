@@ -172,7 +172,8 @@ def test_one_mqtt_status_message_per_change(belt_model: Path, broker: Broker, tm
     client = subscriber(messages)
     wait_until(lambda: client.is_connected(), 10, "the subscriber")
     frames = [belt_part(400 + i, light=1.5 if SEGMENT <= i < 2 * SEGMENT else 1.0) for i in range(3 * SEGMENT)]
-    records, _ = judge(lossless_video(tmp_path / "lamp.avi", frames), belt_model, tmp_path, "--mqtt", broker.url())
+    records, output = judge(lossless_video(tmp_path / "lamp.avi", frames), belt_model, tmp_path, "--mqtt", broker.url())
+    assert "latency     capture -> mqtt publish: p50 " in output and f"({len(frames)} frames)" in output
     states = [[]]  # the start: nothing in force
     for record in records:
         if record["health"]["problems"] != states[-1]:

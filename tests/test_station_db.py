@@ -125,6 +125,7 @@ def test_the_database_holds_exactly_the_frames_judged(
             mask = cv2.imread(str(folder / row["images"] / FILES["mask"]), cv2.IMREAD_GRAYSCALE)
             assert mask.shape == (120, 160) and (mask.max() == 255) == (row["verdict"] == "anomaly")
     assert f"database    {db}: {FRAMES} judgements recorded, {sum(expected)} frames' pictures kept" in result.output
+    assert "latency     capture -> database: p50 " in result.output and f"({FRAMES} frames)" in result.output
     run_row = rows(db, "SELECT * FROM runs")[0]
     assert run_row["ended"] >= run_row["started"] and json_of(run_row["sources"]) == [str(video)]
 

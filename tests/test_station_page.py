@@ -383,3 +383,21 @@ def test_teaching_the_false_alarms_makes_them_pass(station: dict, scores: dict[s
     )
     assert max(r["score"] for r in judged) < min(r["score"] for r in good)  # the same good parts, known now
     assert [a["operator"] for a in rows(station["db"], "SELECT * FROM actions WHERE action = 'teach'")] == ["Dee"]
+
+
+def test_apply_is_refused_where_the_bundle_does_not_decide(tiny_model: Path, tmp_path: Path) -> None:
+    """A run judging with --threshold ignores the bundle's threshold: applying one would change nothing it flags."""
+    source = write_video(tmp_path / "v.avi", 400, set())
+    process = RunProcess(
+        [str(source), "--model", str(tiny_model), "--threshold", "0.5", "--db", "o.db", "--station", "127.0.0.1:0"],
+        tmp_path,
+    )
+    try:
+        url = process.url()
+        status, answer = post(url + "api/apply", {"threshold": 0.1, "operator": "Eve"})
+        assert status == 400 and b"this run judges with --threshold 0.5, whatever the bundle says" in answer
+        status, answer = post(url + "api/apply", {"threshold": "low", "operator": "Eve"})
+        assert status == 400 and b"give the threshold as a number" in answer
+    finally:
+        process.kill()
+    assert ModelInfo.load_json(tiny_model.with_suffix(".json")).version == 1  # untouched

@@ -46,7 +46,7 @@ class BundleChanges:
         """Teaches the frames in ``normal`` (marked false alarms) as a new version, refused when it costs the
         marked frames (``normal`` and ``defect``, when there are defects) more accuracy than the gate allows."""
         from ..evaluation.line_split import load_line_split
-        from ..runtime.frames import read_frames
+        from ..runtime.sources.frames import read_frames
         from ..teach.check import Check
         from ..teach.teach import teach
 

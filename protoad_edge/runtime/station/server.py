@@ -18,6 +18,7 @@ import json
 import re
 import socket
 import threading
+import traceback
 from http import HTTPStatus
 from http.cookies import SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -206,6 +207,10 @@ class Handler(BaseHTTPRequestHandler):
             self._send_text(HTTPStatus.BAD_REQUEST, "the request is not valid JSON")
         except ProtoADError as exc:
             self._send_json({"error": str(exc)}, HTTPStatus.BAD_REQUEST)
+        except Exception as exc:  # a bug in an action: the page gets an answer, the run goes on, stderr the trace
+            traceback.print_exc()
+            error = f"internal error ({type(exc).__name__}: {exc})"
+            self._send_json({"error": error}, HTTPStatus.INTERNAL_SERVER_ERROR)
 
     def page(self, match: re.Match[str], query: dict[str, str]) -> None:
         name, content_type = STATIC[match[0]]
