@@ -411,9 +411,12 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=8, help="time: interleaved rounds (batch 1 and 8 each)")
     parser.add_argument("--anomalib", default="2.7.0", help="time: the anomalib version the build step used")
-    parser.add_argument("--timing-only-fp32", action="store_true",
-                        help="time: time the OpenVINO FP32 rows but do not rescore them (the same FP32 graph as "
-                             "onnxruntime's; saves a pass over the test split each on a slow machine)")
+    parser.add_argument(
+        "--timing-only-fp32",
+        action="store_true",
+        help="time: time the OpenVINO FP32 rows but do not rescore them (the same FP32 graph as "
+        "onnxruntime's; saves a pass over the test split each on a slow machine)",
+    )
     parser.add_argument("--note", type=Path, help="time: a file whose text goes after the table")
     parser.add_argument("--no-write", action="store_true", help="print the section, leave RESULTS.md alone")
     args = parser.parse_args(argv[1:])
