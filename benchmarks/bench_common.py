@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from protoad_edge.atomic import write_text_atomic
-from protoad_edge.evaluation.bench import machine, software_versions
 from protoad_edge.builder.demo import demo_image
+from protoad_edge.evaluation.bench import machine, software_versions
 from protoad_edge.preprocess import IMAGE_SUFFIXES, Preprocess, load_rgb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,8 +73,18 @@ def export_model(net: object, k: int, out: Path, name: str = "bench", crop: int 
     from protoad_edge.export.onnx import export_onnx
     from protoad_edge.metadata import ModelInfo
 
-    info = ModelInfo(category=name, resize=resize, crop=crop, backbone=BACKBONE, weights="none",
-                     feature_upsample="bilinear", num_prototypes=k, image_threshold=0.0, pixel_threshold=0.0, seed=0)
+    info = ModelInfo(
+        category=name,
+        resize=resize,
+        crop=crop,
+        backbone=BACKBONE,
+        weights="none",
+        feature_upsample="bilinear",
+        num_prototypes=k,
+        image_threshold=0.0,
+        pixel_threshold=0.0,
+        seed=0,
+    )
     return export_onnx(net, info, out / f"{name}.onnx")
 
 
@@ -90,7 +100,7 @@ def interleaved(runs: dict[str, Callable[[], object]], rounds: int, warmup: int 
             runs[name]()
     out: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             t = time.perf_counter()
             runs[name]()
             out[name].append(time.perf_counter() - t)

@@ -52,15 +52,19 @@ from bench_common import (
 from scipy.ndimage import gaussian_filter
 from torch import nn
 
-from protoad_edge.constants import FEATURE_CHANNELS
 from protoad_edge.builder.features import PatchFeatures, build_backbone
-from protoad_edge.metadata import INPUT_NAME, MAP_NAME, SCORE_NAME
 from protoad_edge.builder.network import NearestPrototype, ProtoADNet
+from protoad_edge.constants import FEATURE_CHANNELS
+from protoad_edge.metadata import INPUT_NAME, MAP_NAME, SCORE_NAME
 from protoad_edge.preprocess import Preprocess, to_batch
 
 SECTION = "bench_cost_split"
-STAGES = (("features", "backbone (layer1-3) + feature upsample/concat"), ("l2norm", "L2 norm"),
-          ("prototypes", "prototypes: similarity + channel max"), ("post", "post: 1 - x, upsample, blur, score"))
+STAGES = (
+    ("features", "backbone (layer1-3) + feature upsample/concat"),
+    ("l2norm", "L2 norm"),
+    ("prototypes", "prototypes: similarity + channel max"),
+    ("post", "post: 1 - x, upsample, blur, score"),
+)
 AGREE = 1e-4
 
 
@@ -76,12 +80,15 @@ class ConvMax(nn.Module):
 
 
 class TransposedBlocks(nn.Module):
-    """The blocked product the other way round: activations [N,H*W,D] x prototypes^T [D,block], max over the last axis."""
+    """The blocked product the other way round: activations [N,H*W,D] x prototypes^T [D,block], max over the last
+    axis."""
 
     def __init__(self, prototypes: np.ndarray, chunk: int) -> None:
         super().__init__()
         weight = torch.from_numpy(prototypes)
-        self.blocks = nn.ParameterList(nn.Parameter(b.t().contiguous(), requires_grad=False) for b in weight.split(chunk))
+        self.blocks = nn.ParameterList(
+            nn.Parameter(b.t().contiguous(), requires_grad=False) for b in weight.split(chunk)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
@@ -139,13 +146,22 @@ def split_graph(onnx_path: Path, workdir: Path) -> dict[str, tuple[Path, str]]:
 def export_module(module: nn.Module, example: torch.Tensor, path: Path) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module.eval(), (example,), str(path), input_names=["x"], output_names=["y"],
-                          dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17, dynamo=False)
+        torch.onnx.export(
+            module.eval(),
+            (example,),
+            str(path),
+            input_names=["x"],
+            output_names=["y"],
+            dynamic_axes={"x": {0: "n"}, "y": {0: "n"}},
+            opset_version=17,
+            dynamo=False,
+        )
     return path
 
 
-def cost_split(net: ProtoADNet, onnx_path: Path, frame: np.ndarray, threads: int, rounds: int,
-               workdir: Path) -> tuple[list[tuple[str, float, float | None]], float, dict[str, float]]:
+def cost_split(
+    net: ProtoADNet, onnx_path: Path, frame: np.ndarray, threads: int, rounds: int, workdir: Path
+) -> tuple[list[tuple[str, float, float | None]], float, dict[str, float]]:
     """Rows (stage, onnxruntime ms, torch ms), the whole graph's ms, and host rows {name: ms}."""
     pre = Preprocess()
     crop = pre(frame)
@@ -165,13 +181,16 @@ def cost_split(net: ProtoADNet, onnx_path: Path, frame: np.ndarray, threads: int
     patch = (1.0 - t_proto)[0, 0].numpy()
     size = crop.shape[0]
 
-    runs: dict[str, Callable[[], object]] = {f"ort {s}": (lambda s=s: sessions[s].run(None, feeds[s])) for s in sessions}
+    runs: dict[str, Callable[[], object]] = {
+        f"ort {s}": (lambda s=s: sessions[s].run(None, feeds[s])) for s in sessions
+    }
     runs["ort whole graph"] = lambda: whole.run(None, {INPUT_NAME: x})
 
     def in_torch(f: Callable[[], object]) -> Callable[[], object]:
         def call() -> object:
             with torch.inference_mode():
                 return f()
+
         return call
 
     runs["torch features"] = in_torch(lambda: net.features(tx))
@@ -184,12 +203,17 @@ def cost_split(net: ProtoADNet, onnx_path: Path, frame: np.ndarray, threads: int
     t = interleaved(runs, rounds)
     ms = {name: median_ms(v) for name, v in t.items()}
     rows = [(label, ms[f"ort {s}"], ms.get(f"torch {s}")) for s, label in STAGES]
-    host = {"preprocess": ms["host preprocess"], "to_batch": ms["host to_batch"], "authors_post": ms["host authors' post"]}
+    host = {
+        "preprocess": ms["host preprocess"],
+        "to_batch": ms["host to_batch"],
+        "authors_post": ms["host authors' post"],
+    }
     return rows, ms["ort whole graph"], host
 
 
-def prototype_variants(prototypes: np.ndarray, normed: np.ndarray, threads: int, rounds: int,
-                       workdir: Path) -> list[tuple[str, float, float]]:
+def prototype_variants(
+    prototypes: np.ndarray, normed: np.ndarray, threads: int, rounds: int, workdir: Path
+) -> list[tuple[str, float, float]]:
     """(variant, ms, max abs diff to the exported form) of the prototype stage alone, in onnxruntime."""
     k = len(prototypes)
     example = torch.from_numpy(normed)
@@ -202,8 +226,9 @@ def prototype_variants(prototypes: np.ndarray, normed: np.ndarray, threads: int,
             forms[exported] = blocked(prototypes, chunk)
         elif chunk < k:
             forms[f"MatMul blocks of {chunk} + running Max"] = blocked(prototypes, chunk)
-    forms[f"transposed: [3136,1792]x[1792,{NearestPrototype.CHUNK}] blocks + running Max"] = \
-        TransposedBlocks(prototypes, NearestPrototype.CHUNK)
+    forms[f"transposed: [3136,1792]x[1792,{NearestPrototype.CHUNK}] blocks + running Max"] = TransposedBlocks(
+        prototypes, NearestPrototype.CHUNK
+    )
     sessions = {}
     for i, (name, module) in enumerate(forms.items()):
         path = export_module(module, example, workdir / f"variant{i}.onnx")
@@ -215,8 +240,9 @@ def prototype_variants(prototypes: np.ndarray, normed: np.ndarray, threads: int,
     return [(name, median_ms(t[name]), diff[name]) for name in sessions]
 
 
-def graph_variants(net: ProtoADNet, onnx_path: Path, prototypes: np.ndarray, x: np.ndarray, threads: int,
-                   rounds: int, workdir: Path) -> list[tuple[str, float, float]]:
+def graph_variants(
+    net: ProtoADNet, onnx_path: Path, prototypes: np.ndarray, x: np.ndarray, threads: int, rounds: int, workdir: Path
+) -> list[tuple[str, float, float]]:
     """(variant, ms, max abs map diff) of whole graphs: exported vs the paper's Conv form, per ORT setting."""
     conv_net = ProtoADNet(net.features, torch.zeros(1, FEATURE_CHANNELS), net.crop).eval()
     conv_net.prototypes = ConvMax(prototypes)
@@ -242,11 +268,19 @@ def decisions(pv: list[tuple[str, float, float]], gv: list[tuple[str, float, flo
     base, extended, nospin, one, conv_all, conv_ext = (ms[n] for n in ms)
     sub = {name: t for name, t, _ in pv if name.endswith(", ALL")}
     ref = next(t for name, t in sub.items() if "(exported)" in name)
-    others = "; ".join(f"{name.removesuffix(', ALL')} {t / ref:.2f}x" for name, t in sub.items()
-                       if "(exported)" not in name and not name.startswith("paper"))
-    one_note = "." if one >= base else (
-        ": faster here only because the second core of this shared VM is often busy with other jobs, "
-        "so a second thread waits; a dedicated device does not see that, so the default stays.")
+    others = "; ".join(
+        f"{name.removesuffix(', ALL')} {t / ref:.2f}x"
+        for name, t in sub.items()
+        if "(exported)" not in name and not name.startswith("paper")
+    )
+    one_note = (
+        "."
+        if one >= base
+        else (
+            ": faster here only because the second core of this shared VM is often busy with other jobs, "
+            "so a second thread waits; a dedicated device does not see that, so the default stays."
+        )
+    )
     return f"""What was kept, and why (whole-graph figures of this run):
 
 - Kept: the prototype stage exported as MatMuls over blocks of {NearestPrototype.CHUNK} prototypes with a
@@ -266,7 +300,8 @@ def decisions(pv: list[tuple[str, float, float]], gv: list[tuple[str, float, flo
   (the optimised graph holds 45 `com.microsoft.nchwc` Conv nodes, no NHWC ones).
 - Kept: onnxruntime's default threads (one intra-op thread per physical core) with spin-waiting.
   Turning spin-waiting off measured {nospin / base:.2f}x: spin-waiting can only cost time when other
-  jobs compete for the cores, as on this shared VM, so a dedicated device keeps the default. One thread measured {one / base:.2f}x{one_note}
+  jobs compete for the cores, as on this shared VM, so a dedicated device keeps the default. One thread
+  measured {one / base:.2f}x{one_note}
 - Not changed: the L2 norm ({100 * l2_share:.0f} % of the stages in the split above), which is written to stay
   finite in FP16 and is kept in FP32 by the TensorRT FP16 path (`/l2norm/`).
 """
@@ -291,8 +326,10 @@ def main() -> None:
     net = ProtoADNet(features, torch.from_numpy(prototypes), 224).eval()
     frame = test_frames[0]
     print(f"machine: {machine_text()}")
-    print(f"K {args.k}; frame {frame.shape[1]}x{frame.shape[0]} from {test_src}; {args.threads} threads; "
-          f"{args.rounds} interleaved runs per candidate, medians\n")
+    print(
+        f"K {args.k}; frame {frame.shape[1]}x{frame.shape[0]} from {test_src}; {args.threads} threads; "
+        f"{args.rounds} interleaved runs per candidate, medians\n"
+    )
 
     with tempfile.TemporaryDirectory(prefix="bench_cost_split.") as tmp:
         work = Path(tmp)
@@ -300,42 +337,63 @@ def main() -> None:
         rows, whole_ms, host = cost_split(net, onnx_path, frame, args.threads, args.rounds, work)
         total_ort = sum(r[1] for r in rows)
         total_torch = sum(r[2] for r in rows if r[2] is not None)
-        split_table = ["| stage | onnxruntime sub-graph, ms | share | eager PyTorch module, ms | share |",
-                       "| --- | ---: | ---: | ---: | ---: |"]
+        split_table = [
+            "| stage | onnxruntime sub-graph, ms | share | eager PyTorch module, ms | share |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
         for label, o, t in rows:
-            split_table.append(f"| {label} | {o:.1f} | {100 * o / total_ort:.0f} % | {t:.1f} | {100 * t / total_torch:.0f} % |")
+            split_table.append(
+                f"| {label} | {o:.1f} | {100 * o / total_ort:.0f} % | {t:.1f} | {100 * t / total_torch:.0f} % |"
+            )
         split_table.append(f"| sum of stages | {total_ort:.1f} | | {total_torch:.1f} | |")
         split_table.append(f"| whole exported graph, one session | {whole_ms:.1f} | | | |")
-        host_table = ["| host step | ms |", "| --- | ---: |",
-                      f"| preprocess: {frame.shape[1]}x{frame.shape[0]} decoded frame -> resize 256 -> crop 224 (PIL) | {host['preprocess']:.2f} |",
-                      f"| crop -> float32 NCHW batch (`to_batch`) | {host['to_batch']:.2f} |",
-                      f"| authors' host post-processing per image (`cv2.resize` + `gaussian_filter`), not used by us | {host['authors_post']:.2f} |"]
+        host_table = [
+            "| host step | ms |",
+            "| --- | ---: |",
+            f"| preprocess: {frame.shape[1]}x{frame.shape[0]} decoded frame -> resize 256 -> crop 224 (PIL) | "
+            f"{host['preprocess']:.2f} |",
+            f"| crop -> float32 NCHW batch (`to_batch`) | {host['to_batch']:.2f} |",
+            "| authors' host post-processing per image (`cv2.resize` + `gaussian_filter`), not used by us | "
+            f"{host['authors_post']:.2f} |",
+        ]
         print("\n".join(split_table) + "\n\n" + "\n".join(host_table) + "\n")
         variants_text = ""
         if not args.skip_variants:
             with torch.inference_mode():
                 normed = net.l2norm(net.features(torch.from_numpy(to_batch(Preprocess()(frame))))).numpy()
             pv = prototype_variants(prototypes, normed, args.threads, args.rounds, work)
-            gv = graph_variants(net, onnx_path, prototypes, to_batch(Preprocess()(frame)), args.threads, args.rounds, work)
+            gv = graph_variants(
+                net, onnx_path, prototypes, to_batch(Preprocess()(frame)), args.threads, args.rounds, work
+            )
             base_p = next(ms for name, ms, _ in pv if "(exported)" in name and name.endswith("ALL"))
             base_g = gv[0][1]
-            pv_table = ["| prototype stage alone (onnxruntime sub-graph) | ms | vs exported | max abs diff |",
-                        "| --- | ---: | ---: | ---: |"]
+            pv_table = [
+                "| prototype stage alone (onnxruntime sub-graph) | ms | vs exported | max abs diff |",
+                "| --- | ---: | ---: | ---: |",
+            ]
             pv_table += [f"| {n} | {ms:.1f} | {ms / base_p:.2f} | {d:.1e} |" for n, ms, d in pv]
-            gv_table = ["| whole graph (onnxruntime) | ms | vs exported, ALL | max abs map diff |",
-                        "| --- | ---: | ---: | ---: |"]
+            gv_table = [
+                "| whole graph (onnxruntime) | ms | vs exported, ALL | max abs map diff |",
+                "| --- | ---: | ---: | ---: |",
+            ]
             gv_table += [f"| {n} | {ms:.1f} | {ms / base_g:.2f} | {d:.1e} |" for n, ms, d in gv]
             print("\n".join(pv_table) + "\n\n" + "\n".join(gv_table))
-            variants_text = "\n\n### Candidates for a faster graph (same results)\n\n" + "\n".join(pv_table) + \
-                            "\n\n" + "\n".join(gv_table) + "\n\n" + decisions(pv, gv, rows[1][1] / total_ort)
+            variants_text = (
+                "\n\n### Candidates for a faster graph (same results)\n\n"
+                + "\n".join(pv_table)
+                + "\n\n"
+                + "\n".join(gv_table)
+                + "\n\n"
+                + decisions(pv, gv, rows[1][1] / total_ort)
+            )
 
     body = f"""## Cost split of one image (CPU, batch 1, K = {args.k:,})
 
 Measured {datetime.date.today().isoformat()} on a **2-core shared VM** ({machine_text()}), while other jobs
 shared the CPU: candidates ran in turns (rotating order) and figures are medians of {args.rounds} runs, so
 compare ratios within one table rather than absolute times (the load changed between tables). Eager
-PyTorch with 2 threads is hit hardest by the other jobs (see the pipeline section). Backbone weights: {weights}; prototypes: real normalised
-patch vectors of {train_src}; frame: {test_src}.
+PyTorch with 2 threads is hit hardest by the other jobs (see the pipeline section). Backbone weights: {weights};
+prototypes: real normalised patch vectors of {train_src}; frame: {test_src}.
 
 Command: `{command_line(sys.argv)}`
 

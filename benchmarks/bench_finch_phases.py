@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-
 from bench_common import ROOT, command_line, machine_text
 from bench_finch_scale import budget_for
 
@@ -55,8 +54,13 @@ def timed(module: Any, name: str, record: list[dict]) -> None:
         before, start = counters(), time.perf_counter()
         out = inner(*args, **kwargs)
         after = counters()
-        record.append({"phase": name.lstrip("_"), "seconds": time.perf_counter() - start,
-                       **{k: after[k] - before[k] for k in after}})
+        record.append(
+            {
+                "phase": name.lstrip("_"),
+                "seconds": time.perf_counter() - start,
+                **{k: after[k] - before[k] for k in after},
+            }
+        )
         return out
 
     setattr(module, name, wrapper)
@@ -82,14 +86,20 @@ def work(features: Path, method: str, max_prototypes: int) -> dict:
             levels.append(len(record))
 
     start = time.perf_counter()
-    result = finch_module.finch(x, max_prototypes, search=neighbours.make_search(**given, log=lambda _: None),
-                                **given, log=log)
+    result = finch_module.finch(
+        x, max_prototypes, search=neighbours.make_search(**given, log=lambda _: None), **given, log=log
+    )
     seconds = time.perf_counter() - start
     for i, phase in enumerate(record):
         phase["level"] = next((level for level, end in enumerate(levels) if i < end), len(levels))
-    return {"seconds": seconds, "level_seconds": result.level_seconds, "counts": result.counts, "phases": record,
-            "labels": hashlib.sha1(result.labels.tobytes()).hexdigest(),
-            "code": str(Path(finch_module.__file__).parent)}
+    return {
+        "seconds": seconds,
+        "level_seconds": result.level_seconds,
+        "counts": result.counts,
+        "phases": record,
+        "labels": hashlib.sha1(result.labels.tobytes()).hexdigest(),
+        "code": str(Path(finch_module.__file__).parent),
+    }
 
 
 def warm(path: Path, chunk: int = 64 * 2**20) -> float:
@@ -108,16 +118,23 @@ def warm(path: Path, chunk: int = 64 * 2**20) -> float:
 def median_run(runs: list[dict]) -> dict:
     """One method's repeated runs as one: FINCH's and every phase's median seconds and bytes (phases matched by
     level, name and order, which the same input keeps), the first run's partition."""
-    phases = [{**first, **{k: statistics.median(r["phases"][i][k] for r in runs) for k in ("seconds", "read", "write")}}
-              for i, first in enumerate(runs[0]["phases"])]
-    return {**runs[0], "seconds": statistics.median(r["seconds"] for r in runs), "phases": phases,
-            "labels_all": {r["labels"] for r in runs}}
+    phases = [
+        {**first, **{k: statistics.median(r["phases"][i][k] for r in runs) for k in ("seconds", "read", "write")}}
+        for i, first in enumerate(runs[0]["phases"])
+    ]
+    return {
+        **runs[0],
+        "seconds": statistics.median(r["seconds"] for r in runs),
+        "phases": phases,
+        "labels_all": {r["labels"] for r in runs},
+    }
 
 
 def extract(revision: str, into: Path) -> Path:
     """The ``protoad_edge`` package of git ``revision``, written under ``into``: the folder to import it from."""
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision, "protoad_edge"], capture_output=True,
-                             check=True).stdout
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", revision, "protoad_edge"], capture_output=True, check=True
+    ).stdout
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
     return into
 
@@ -133,10 +150,19 @@ def table(results: dict[str, dict]) -> list[str]:
         seconds = [sum(p["seconds"] for p in mine[m]) for m in methods]
         if max(seconds) < 0.05:  # the small levels' phases
             continue
-        io = [f"{sum(p['read'] for p in mine[m]) / GB:.2f} / {sum(p['write'] for p in mine[m]) / GB:.2f}" for m in methods]
-        lines.append(f"| {level} | {phase} | " + " | ".join(f"{s:.1f}" for s in seconds) + " | " + " | ".join(io) + " |")
-    lines.append("| all | FINCH | " + " | ".join(f"{results[m]['seconds']:.1f}" for m in methods) + " | "
-                 + " | ".join("" for _ in methods) + " |")
+        io = [
+            f"{sum(p['read'] for p in mine[m]) / GB:.2f} / {sum(p['write'] for p in mine[m]) / GB:.2f}" for m in methods
+        ]
+        lines.append(
+            f"| {level} | {phase} | " + " | ".join(f"{s:.1f}" for s in seconds) + " | " + " | ".join(io) + " |"
+        )
+    lines.append(
+        "| all | FINCH | "
+        + " | ".join(f"{results[m]['seconds']:.1f}" for m in methods)
+        + " | "
+        + " | ".join("" for _ in methods)
+        + " |"
+    )
     return lines
 
 
@@ -145,8 +171,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--features", type=Path, required=True, help="FP16 .npy of patch vectors")
     parser.add_argument("--methods", default="ours,unbounded")
     parser.add_argument("--max-prototypes", type=int, default=10_000)
-    parser.add_argument("--baseline",
-                        help="a git revision whose FINCH also runs (no budget), e.g. the commit before issue 15")
+    parser.add_argument(
+        "--baseline", help="a git revision whose FINCH also runs (no budget), e.g. the commit before issue 15"
+    )
     parser.add_argument("--repeat", type=int, default=1, help="runs of each method, interleaved; medians reported")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -161,25 +188,45 @@ def main(argv: list[str]) -> None:
         for repeat in range(args.repeat):
             for method, code in methods.items():
                 warmed = warm(args.features)
-                env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(code or ROOT),
-                                                                                 os.environ.get("PYTHONPATH")]))}
-                out = subprocess.run([sys.executable, __file__, "--features", str(args.features), "--max-prototypes",
-                                      str(args.max_prototypes), "--worker", BASELINE if code else method],
-                                     capture_output=True, text=True, check=True, env=env)
+                env = {
+                    **os.environ,
+                    "PYTHONPATH": os.pathsep.join(filter(None, [str(code or ROOT), os.environ.get("PYTHONPATH")])),
+                }
+                out = subprocess.run(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--features",
+                        str(args.features),
+                        "--max-prototypes",
+                        str(args.max_prototypes),
+                        "--worker",
+                        BASELINE if code else method,
+                    ],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                    env=env,
+                )
                 run = json.loads(out.stdout.strip().splitlines()[-1])
                 runs[method].append(run)
-                print(f"run {repeat + 1} {method}: FINCH {run['seconds']:.1f} s, clusters {run['counts']}, "
-                      f"code from {run['code']} (features read into the page cache before it: {warmed:.0f} s)",
-                      flush=True)
+                print(
+                    f"run {repeat + 1} {method}: FINCH {run['seconds']:.1f} s, clusters {run['counts']}, "
+                    f"code from {run['code']} (features read into the page cache before it: {warmed:.0f} s)",
+                    flush=True,
+                )
     results = {m: median_run(r) for m, r in runs.items()}
     first = next(iter(results))
     for method, r in results.items():
         ratios = [b["seconds"] / a["seconds"] for a, b in zip(runs[first], runs[method])]
-        print(f"{method}: FINCH median {r['seconds']:.1f} s; per run / {first}: "
-              + ", ".join(f"{x:.3f}" for x in ratios))
+        print(
+            f"{method}: FINCH median {r['seconds']:.1f} s; per run / {first}: " + ", ".join(f"{x:.3f}" for x in ratios)
+        )
     same = len(set().union(*(r["labels_all"] for r in results.values()))) == 1
-    print(f"{machine_text()}\n`{command_line(sys.argv)}`\n"
-          f"same partition at the chosen level in every method and run: {same}\n")
+    print(
+        f"{machine_text()}\n`{command_line(sys.argv)}`\n"
+        f"same partition at the chosen level in every method and run: {same}\n"
+    )
     print("\n".join(table(results)))
 
 

@@ -45,7 +45,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from bench_common import DEFAULT_DATA, command_line, machine_text, update_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +68,7 @@ def make_synthetic(path: Path, n: int, clusters: int, seed: int = 0) -> None:
     for start in range(0, n, 50_000):
         m = min(50_000, n - start)
         x = centres[rng.integers(0, clusters, m)] + 0.5 * rng.standard_normal((m, DIM), dtype=np.float32) * scale
-        out[start:start + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+        out[start : start + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
     out.flush()
 
 
@@ -77,9 +76,9 @@ def make_real(path: Path, n: int, data_root: Path, category: str) -> None:
     """The first ``n`` patch vectors of the category's training images (random weights), as FP16 at ``path``."""
     import torch
 
-    from protoad_edge.builder.pipeline import extract_vectors
     from protoad_edge.builder.datasets import load_crops, open_dataset
     from protoad_edge.builder.features import PatchFeatures, build_backbone
+    from protoad_edge.builder.pipeline import extract_vectors
     from protoad_edge.preprocess import Preprocess
 
     images = math.ceil(n / PATCHES)
@@ -88,8 +87,9 @@ def make_real(path: Path, n: int, data_root: Path, category: str) -> None:
         raise SystemExit(f"{category} has {len(train)} training images; {n:,} vectors need {images}")
     backbone, _ = build_backbone("none")
     out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(images * PATCHES, DIM))
-    extract_vectors(PatchFeatures(backbone, 224), load_crops(train[:images], Preprocess()), torch.device("cpu"),
-                    8, False, out)
+    extract_vectors(
+        PatchFeatures(backbone, 224), load_crops(train[:images], Preprocess()), torch.device("cpu"), 8, False, out
+    )
     out.flush()
 
 
@@ -116,9 +116,9 @@ def read_rows(path: Path, n: int, dtype: type) -> np.ndarray:
     with open(path, "rb") as f:
         f.seek(header.offset)
         for start in range(0, n, len(buffer)):
-            part = buffer[:min(len(buffer), n - start)]
+            part = buffer[: min(len(buffer), n - start)]
             f.readinto(memoryview(part).cast("B"))
-            out[start:start + len(part)] = part
+            out[start : start + len(part)] = part
     return out
 
 
@@ -194,8 +194,7 @@ def chosen(partitions: list[np.ndarray], counts: list[int], max_prototypes: int)
 
 def budget_for(method: str, memory_limit: str, spill_dir: Path):
     """The memory budget ``method`` runs within: the build's (``--memory-limit``, or its default), or none."""
-    from protoad_edge.builder.memory import (MemoryBudget, arrays_within, available_bytes, default_limit,
-                                           parse_size)
+    from protoad_edge.builder.memory import MemoryBudget, arrays_within, available_bytes, default_limit, parse_size
 
     if method == "unbounded":
         return MemoryBudget()
@@ -224,8 +223,16 @@ def work_ours(path: Path, n: int, rows: np.ndarray, max_prototypes: int, method:
     result = finch(x, max_prototypes=1, search=capture, budget=budget, log=lambda _: None)
     seconds = time.perf_counter() - start
     labels, level = chosen(result.partitions, result.counts, max_prototypes)
-    return dict(seconds=seconds, counts=result.counts, level=level, labels=labels, level_seconds=result.level_seconds,
-                nn=first[0].index[rows], sim=first[0].similarity[rows], spilled_gb=budget.spilled / 2**30)
+    return dict(
+        seconds=seconds,
+        counts=result.counts,
+        level=level,
+        labels=labels,
+        level_seconds=result.level_seconds,
+        nn=first[0].index[rows],
+        sim=first[0].similarity[rows],
+        spilled_gb=budget.spilled / 2**30,
+    )
 
 
 def work_reference(path: Path, n: int, rows: np.ndarray, max_prototypes: int, recall: bool) -> dict:
@@ -264,8 +271,24 @@ def worker(args: argparse.Namespace) -> None:
 def run_worker(method: str, path: Path, n: int, rows_file: Path, args: argparse.Namespace) -> dict:
     """Run one method in a child process; its results (with its wall time and peak RSS)."""
     result = Path(args.workdir) / f"result-{method}.npz"
-    cmd = [sys.executable, __file__, "--worker", method, "--path", str(path), "--n", str(n), "--rows", str(rows_file),
-           "--result", str(result), "--max-prototypes", str(args.max_prototypes), "--memory-limit", args.memory_limit]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        method,
+        "--path",
+        str(path),
+        "--n",
+        str(n),
+        "--rows",
+        str(rows_file),
+        "--result",
+        str(result),
+        "--max-prototypes",
+        str(args.max_prototypes),
+        "--memory-limit",
+        args.memory_limit,
+    ]
     if n <= args.reference_recall_up_to:
         cmd.append("--reference-recall")
     start = time.perf_counter()
@@ -291,8 +314,10 @@ def compare(kind: str, n: int, args: argparse.Namespace) -> list[str]:
     np.save(rows_file, rows)
     start = time.perf_counter()
     truth, truth_sim = exact_rows(path, n, rows)
-    print(f"  {kind} N={n:,}: exact neighbours of {len(rows):,} sampled rows in {time.perf_counter() - start:.0f} s",
-          flush=True)
+    print(
+        f"  {kind} N={n:,}: exact neighbours of {len(rows):,} sampled rows in {time.perf_counter() - start:.0f} s",
+        flush=True,
+    )
     results = {}
     for method in args.methods:
         if method == "exact" and n > args.exact_up_to:
@@ -301,14 +326,22 @@ def compare(kind: str, n: int, args: argparse.Namespace) -> list[str]:
         if "failed" in r:
             print(f"  {kind} N={n:,} {method}: FAILED ({r['failed']})", flush=True)
             continue
-        r["recall"] = (float(np.mean((r["nn"] == truth) | (np.abs(r["sim"] - truth_sim) <= RECALL_TOLERANCE)))
-                       if "nn" in r else None)
-        same = "-" if method == "ours" or "failed" in results.get("ours", {"failed": ""}) else (
-            np.array_equal(results["ours"]["labels"], r["labels"]))
-        print(f"  {kind} N={n:,} {method}: {float(r['seconds']):.1f} s, peak {r['peak_gb']:.2f} GB (RssAnon "
-              f"{r['peak_rssanon_gb']:.2f} GB, RssFile {r['peak_rssfile_gb']:.2f} GB), counts "
-              f"{[int(c) for c in r['counts']]}, recall {r['recall']}, chosen partition identical to ours: {same}",
-              flush=True)
+        r["recall"] = (
+            float(np.mean((r["nn"] == truth) | (np.abs(r["sim"] - truth_sim) <= RECALL_TOLERANCE)))
+            if "nn" in r
+            else None
+        )
+        same = (
+            "-"
+            if method == "ours" or "failed" in results.get("ours", {"failed": ""})
+            else (np.array_equal(results["ours"]["labels"], r["labels"]))
+        )
+        print(
+            f"  {kind} N={n:,} {method}: {float(r['seconds']):.1f} s, peak {r['peak_gb']:.2f} GB (RssAnon "
+            f"{r['peak_rssanon_gb']:.2f} GB, RssFile {r['peak_rssfile_gb']:.2f} GB), counts "
+            f"{[int(c) for c in r['counts']]}, recall {r['recall']}, chosen partition identical to ours: {same}",
+            flush=True,
+        )
 
     def versus(method: str, r: dict) -> str:
         other = results.get(method, {"failed": ""})
@@ -323,10 +356,12 @@ def compare(kind: str, n: int, args: argparse.Namespace) -> list[str]:
         recall = "-" if r["recall"] is None else f"{r['recall']:.4f}"
         ours = results.get("ours", {"failed": ""})
         ratio = "-" if "failed" in ours else f"{float(r['seconds']) / float(ours['seconds']):.2f}"
-        lines.append(f"| {kind} | {n:,} | {method} | {float(r['seconds']):.1f} s | {r['peak_gb']:.2f} GB | "
-                     f"{', '.join(f'{int(c):,}' for c in r['counts'])} | {int(r['counts'][level]):,} | {recall} | "
-                     f"{ratio} | {versus('ours', r)} | {versus('exact', r)} | {r['peak_rssanon_gb']:.2f} GB | "
-                     f"{r['peak_rssfile_gb']:.2f} GB | {spilled(r)} | {per_level(r)} |")
+        lines.append(
+            f"| {kind} | {n:,} | {method} | {float(r['seconds']):.1f} s | {r['peak_gb']:.2f} GB | "
+            f"{', '.join(f'{int(c):,}' for c in r['counts'])} | {int(r['counts'][level]):,} | {recall} | "
+            f"{ratio} | {versus('ours', r)} | {versus('exact', r)} | {r['peak_rssanon_gb']:.2f} GB | "
+            f"{r['peak_rssfile_gb']:.2f} GB | {spilled(r)} | {per_level(r)} |"
+        )
     return lines
 
 
@@ -346,16 +381,24 @@ def main() -> None:
     parser.add_argument("--data-root", default=str(DEFAULT_DATA))
     parser.add_argument("--category", default="bottle")
     parser.add_argument("--clusters", type=int, default=20_000, help="synthetic centres")
-    parser.add_argument("--methods", default="ours,finch-clust",
-                        help="comma-separated, of: ours (as the build runs), unbounded (ours, no memory budget), "
-                             "finch-clust, exact (ours, exact search)")
-    parser.add_argument("--memory-limit", default="auto",
-                        help="ours: the build's --memory-limit (e.g. 8G); auto: the build's default")
+    parser.add_argument(
+        "--methods",
+        default="ours,finch-clust",
+        help="comma-separated, of: ours (as the build runs), unbounded (ours, no memory budget), "
+        "finch-clust, exact (ours, exact search)",
+    )
+    parser.add_argument(
+        "--memory-limit", default="auto", help="ours: the build's --memory-limit (e.g. 8G); auto: the build's default"
+    )
     parser.add_argument("--exact-up-to", type=int, default=100_000, help="run the exact method up to this size")
     parser.add_argument("--max-prototypes", type=int, default=10_000)
     parser.add_argument("--recall-rows", type=int, default=2000)
-    parser.add_argument("--reference-recall-up-to", type=int, default=100_000,
-                        help="measure finch-clust's recall up to this size (it costs its level-0 search again)")
+    parser.add_argument(
+        "--reference-recall-up-to",
+        type=int,
+        default=100_000,
+        help="measure finch-clust's recall up to this size (it costs its level-0 search again)",
+    )
     parser.add_argument("--workdir", default=None, help="where the vectors go (default: a temporary directory)")
     parser.add_argument("--write", action="store_true", help="update benchmarks/RESULTS.md")
     parser.add_argument("--section", default="finch-scale", help="the RESULTS.md section --write replaces")
@@ -382,14 +425,17 @@ def main() -> None:
         for kind in kinds:
             for n in args.sizes:
                 lines += compare(kind, n, args)
-    table = "\n".join([
-        "| data | N | method | FINCH time | peak RSS | clusters per level | chosen | 1-NN recall | time / ours | "
-        "ARI vs ours | ARI vs exact | peak RssAnon | peak RssFile | spilled | s per level |",
-        "| --- | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |", *lines])
+    table = "\n".join(
+        [
+            "| data | N | method | FINCH time | peak RSS | clusters per level | chosen | 1-NN recall | time / ours | "
+            "ARI vs ours | ARI vs exact | peak RssAnon | peak RssFile | spilled | s per level |",
+            "| --- | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+            *lines,
+        ]
+    )
     print(table)
     if args.write:
-        body = (f"## {args.title}\n\nMachine: {machine_text()}.\n\n"
-                f"Command: `{command_line(sys.argv)}`\n\n{table}\n")
+        body = f"## {args.title}\n\nMachine: {machine_text()}.\n\nCommand: `{command_line(sys.argv)}`\n\n{table}\n"
         print(f"updated {update_results(args.section, body)}")
 
 

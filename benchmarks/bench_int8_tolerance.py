@@ -20,11 +20,9 @@ import time
 from pathlib import Path
 
 import cv2
-import numpy as np
 import onnx
-
 from bench_common import command_line, machine_text, update_results
-from protoad_edge.runtime.backends.registry import REGISTRY
+
 from protoad_edge.builder.datasets import load_crops, open_dataset
 from protoad_edge.builder.demo import SPLITS, demo_image
 from protoad_edge.bundle import Bundle
@@ -36,6 +34,7 @@ from protoad_edge.export import int8
 from protoad_edge.export.fp16 import scope_boundary
 from protoad_edge.metrics import spearman
 from protoad_edge.runtime.backends.base import BackendOptions, run_maps
+from protoad_edge.runtime.backends.registry import REGISTRY
 
 
 def write_demo(root: Path, scale: int) -> Path:
@@ -72,8 +71,9 @@ def main(argv: list[str]) -> None:
         samples, _ = calibration_samples(data.train, int(info.build["images"]["held_out"]), info.seed)
         calibration = load_crops(samples, info.preprocess)[: int8.MAX_CALIBRATION_IMAGES]
         test = load_test_set("demo", root, "mvtec", info.preprocess)
-        int8._quantize(args.model, Path(tmp) / "all.onnx", convs,
-                       int8._Reader(float_model.graph.input[0].name, calibration))
+        int8._quantize(
+            args.model, Path(tmp) / "all.onnx", convs, int8._Reader(float_model.graph.input[0].name, calibration)
+        )
         qdq = onnx.load(str(Path(tmp) / "all.onnx"))
         _, exits = scope_boundary(float_model.graph, FP32_SCOPE)
         scorer = int8._Scorer(float_model, exits[0], calibration[: int8.SEARCH_IMAGES], args.threads)
@@ -100,26 +100,37 @@ def main(argv: list[str]) -> None:
             verdict = judge(gate_figures(f"{n} convs", test, ref, m, rank))
             share = sum(macs[c] for c in order[:n]) / sum(macs.values())
             rows.append((n, share, error, m, rank, verdict))
-            print(f"{n} convs ({100 * share:.0f} % MACs): error {error:.3f}, {verdict.figures.line()}, "
-                  f"{'pass' if verdict.passed else 'FAIL'}", file=sys.stderr, flush=True)
+            print(
+                f"{n} convs ({100 * share:.0f} % MACs): error {error:.3f}, {verdict.figures.line()}, "
+                f"{'pass' if verdict.passed else 'FAIL'}",
+                file=sys.stderr,
+                flush=True,
+            )
     print_or_write(args, info, test, ref, rows, (time.perf_counter() - began) / 60)
 
 
-def print_or_write(args: argparse.Namespace, info: object, test: object, ref: object, rows: list, minutes: float
-                   ) -> None:
+def print_or_write(
+    args: argparse.Namespace, info: object, test: object, ref: object, rows: list, minutes: float
+) -> None:
     passed = [r[2] for r in rows if r[5].passed]
     failed = [r[2] for r in rows if not r[5].passed]
     below = max((e for e in passed if not failed or e < min(failed)), default=None)
     limit = MAX_AUROC_DROP_PT / 100
-    steady = [r[2] for r in rows if abs(r[3].image_auroc - ref.image_auroc) < limit
-              and abs(r[3].pixel_auroc - ref.pixel_auroc) < limit and r[5].passed]
+    steady = [
+        r[2]
+        for r in rows
+        if abs(r[3].image_auroc - ref.image_auroc) < limit
+        and abs(r[3].pixel_auroc - ref.pixel_auroc) < limit
+        and r[5].passed
+    ]
     moved = [r[2] for r in rows if r[2] not in steady]
     within = max((e for e in steady if not moved or e < min(moved)), default=None)
     lines = [
         "## INT8 search tolerance, chosen on the demo category (issue 17)",
         "",
         f"`{command_line(sys.argv)}` on {machine_text()} ({minutes:.0f} min).",
-        f"Demo bundle {args.model} (K = {info.num_prototypes:,}, random weights); {len(test.labels)} labelled demo test "
+        f"Demo bundle {args.model} (K = {info.num_prototypes:,}, random weights); {len(test.labels)} labelled demo "
+        "test "
         f"images ({args.scale}x the demo's own); FP32 image AUROC {100 * ref.image_auroc:.2f}, pixel "
         f"{100 * ref.pixel_auroc:.2f}. Convs added in the search's order (least noise per multiply-add); error: the "
         "search's label-free patch score change on 4 calibration images, as a share of the FP32 spread; gate: through "
@@ -129,13 +140,19 @@ def print_or_write(args: argparse.Namespace, info: object, test: object, ref: ob
         "| ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for n, share, error, m, rank, verdict in rows:
-        lines.append(f"| {n} | {100 * share:.0f} % | {error:.3f} | {100 * m.image_auroc:.2f} | "
-                     f"{100 * m.pixel_auroc:.2f} | {rank:.4f} | "
-                     + ("pass" if verdict.passed else "FAIL: " + "; ".join(verdict.failures)) + " |")
-    lines += ["", f"Largest error that passed the gate below every failure: {_fmt(below)} (smallest that failed: "
-              f"{_fmt(min(failed, default=None))}); largest at which image and pixel AUROC moved less than "
-              f"{MAX_AUROC_DROP_PT} pt either way, below every larger move: {_fmt(within)}. "
-              f"SEARCH_TOLERANCE = {int8.SEARCH_TOLERANCE} (the second: a rise is as much noise as a drop)."]
+        lines.append(
+            f"| {n} | {100 * share:.0f} % | {error:.3f} | {100 * m.image_auroc:.2f} | "
+            f"{100 * m.pixel_auroc:.2f} | {rank:.4f} | "
+            + ("pass" if verdict.passed else "FAIL: " + "; ".join(verdict.failures))
+            + " |"
+        )
+    lines += [
+        "",
+        f"Largest error that passed the gate below every failure: {_fmt(below)} (smallest that failed: "
+        f"{_fmt(min(failed, default=None))}); largest at which image and pixel AUROC moved less than "
+        f"{MAX_AUROC_DROP_PT} pt either way, below every larger move: {_fmt(within)}. "
+        f"SEARCH_TOLERANCE = {int8.SEARCH_TOLERANCE} (the second: a rise is as much noise as a drop).",
+    ]
     if args.note:
         lines += ["", args.note.read_text(encoding="utf-8").strip()]
     text = "\n".join(lines)

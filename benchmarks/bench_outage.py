@@ -52,9 +52,22 @@ def start_server(port: int) -> subprocess.Popen:
 
 
 def protoad_run(port: int, model: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", "from protoad_edge.cli.run import main; main()",
-                             f"http://127.0.0.1:{port}/stream.mjpg", "--model", str(model), "--status-every", "2", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from protoad_edge.cli.run import main; main()",
+            f"http://127.0.0.1:{port}/stream.mjpg",
+            "--model",
+            str(model),
+            "--status-every",
+            "2",
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def survive(model: Path, before: int, total: int, gap: float) -> dict:
@@ -81,11 +94,16 @@ def survive(model: Path, before: int, total: int, gap: float) -> dict:
         server.kill()
     records = [json.loads(line) for line in lines]
     after = [r["timestamp"] for r in records if r["timestamp"] >= restarted]
-    summary = stderr[stderr.index("source      "):].splitlines()
-    return {"returncode": run.returncode, "records": len(records), "in_order": [r["frame"] for r in records] ==
-            sorted(r["frame"] for r in records), "server_down_s": restarted - killed,
-            "frames_again_after_restart_s": (min(after) - restarted) if after else float("nan"), "summary": summary,
-            "events": [line for line in stderr.splitlines() if "reconnect attempt" in line or "frames again" in line]}
+    summary = stderr[stderr.index("source      ") :].splitlines()
+    return {
+        "returncode": run.returncode,
+        "records": len(records),
+        "in_order": [r["frame"] for r in records] == sorted(r["frame"] for r in records),
+        "server_down_s": restarted - killed,
+        "frames_again_after_restart_s": (min(after) - restarted) if after else float("nan"),
+        "summary": summary,
+        "events": [line for line in stderr.splitlines() if "reconnect attempt" in line or "frames again" in line],
+    }
 
 
 def never_back(model: Path, timeout: float) -> dict:
@@ -104,8 +122,12 @@ def never_back(model: Path, timeout: float) -> dict:
             run.kill()
             server.kill()
         kept = len(log.read_text().splitlines()) if log.exists() else 0
-    return {"returncode": run.returncode, "ended_after_s": ended, "records_kept": kept,
-            "error": next((line for line in stderr.splitlines() if line.startswith("error:")), "")}
+    return {
+        "returncode": run.returncode,
+        "ended_after_s": ended,
+        "records_kept": kept,
+        "error": next((line for line in stderr.splitlines() if line.startswith("error:")), ""),
+    }
 
 
 def main(argv: list[str]) -> int:
@@ -113,11 +135,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--gap", type=float, default=10.0, help="seconds the server stays down")
     parser.add_argument("--before", type=int, default=100, help="frames judged before the server is killed")
     parser.add_argument("--frames", type=int, default=300, help="--max-frames of the run")
-    parser.add_argument("--timeout", type=float, default=15.0, help="--reconnect-timeout of the run left without a server")
+    parser.add_argument(
+        "--timeout", type=float, default=15.0, help="--reconnect-timeout of the run left without a server"
+    )
     parser.add_argument("--write", action="store_true", help="put the figures into benchmarks/RESULTS.md")
     args = parser.parse_args(argv[1:])
     import torch
-
     from conftest import make_bundle
 
     torch.set_num_threads(2)
@@ -125,26 +148,36 @@ def main(argv: list[str]) -> int:
         model = make_bundle(Path(tmp))
         survived = survive(model, args.before, args.frames, args.gap)
         ended = never_back(model, args.timeout)
-    ok = (survived["returncode"] == 0 and survived["records"] == args.frames and survived["in_order"]
-          and ended["returncode"] == 2 and ended["records_kept"] > 0)
-    body = "\n".join([
-        "## Stream outage: an MJPEG stream killed mid-run and restarted (CPU)",
-        "",
-        f"Measured {time.strftime('%Y-%m-%d')} on {machine_text()}; command: `{command_line(argv)}`.",
-        f"protoad-run on http://127.0.0.1 (benchmarks/mjpeg_server.py, 25 frames/s), --max-frames {args.frames}; the server "
-        f"was killed after {args.before} frames and restarted {args.gap:g} s later on the same port.",
-        "",
-        f"- Exit status {survived['returncode']}; {survived['records']} of {args.frames} records, frame indices in order: "
-        f"{survived['in_order']}; the server was down {survived['server_down_s']:.1f} s; the first frame after the "
-        f"restart was captured {survived['frames_again_after_restart_s']:.1f} s after it (the reconnect pause in progress).",
-        "- What the run logged: " + "; ".join(f"`{e}`" for e in survived["events"]),
-        "- Its summary: " + " / ".join(f"`{line.strip()}`" for line in survived["summary"]),
-        f"- Left without a server (--reconnect-timeout {args.timeout:g}): exit status {ended['returncode']} "
-        f"{ended['ended_after_s']:.1f} s after the kill, {ended['records_kept']} records kept in the finalised "
-        f"log, one line: `{ended['error']}`",
-        "",
-        f"Verdict: {'pass' if ok else 'FAIL'}.",
-    ])
+    ok = (
+        survived["returncode"] == 0
+        and survived["records"] == args.frames
+        and survived["in_order"]
+        and ended["returncode"] == 2
+        and ended["records_kept"] > 0
+    )
+    body = "\n".join(
+        [
+            "## Stream outage: an MJPEG stream killed mid-run and restarted (CPU)",
+            "",
+            f"Measured {time.strftime('%Y-%m-%d')} on {machine_text()}; command: `{command_line(argv)}`.",
+            f"protoad-run on http://127.0.0.1 (benchmarks/mjpeg_server.py, 25 frames/s), --max-frames {args.frames}; "
+            "the server "
+            f"was killed after {args.before} frames and restarted {args.gap:g} s later on the same port.",
+            "",
+            f"- Exit status {survived['returncode']}; {survived['records']} of {args.frames} records, frame indices "
+            "in order: "
+            f"{survived['in_order']}; the server was down {survived['server_down_s']:.1f} s; the first frame after the "
+            f"restart was captured {survived['frames_again_after_restart_s']:.1f} s after it (the reconnect pause in "
+            "progress).",
+            "- What the run logged: " + "; ".join(f"`{e}`" for e in survived["events"]),
+            "- Its summary: " + " / ".join(f"`{line.strip()}`" for line in survived["summary"]),
+            f"- Left without a server (--reconnect-timeout {args.timeout:g}): exit status {ended['returncode']} "
+            f"{ended['ended_after_s']:.1f} s after the kill, {ended['records_kept']} records kept in the finalised "
+            f"log, one line: `{ended['error']}`",
+            "",
+            f"Verdict: {'pass' if ok else 'FAIL'}.",
+        ]
+    )
     print(body)
     if args.write:
         print(f"\nwrote {update_results('outage', body)}")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -34,7 +35,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-
 from bench_common import DEFAULT_DATA, command_line, machine_text, update_results
 
 # (name, anomalib class, its arguments); the input is the bundle's crop, normalised inside the exported graph.
@@ -44,12 +44,20 @@ PEERS = (
     ("PatchCore 1 %", "Patchcore", {"layers": ["layer2", "layer3"], "coreset_sampling_ratio": 0.01}),
 )
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+TIMED_BATCHES = (1, 8)
 # Our runs: (label, --backend spec); the first is the reference the gate judges the others against.
-OURS = (("onnxruntime FP32", "ort"), ("OpenVINO FP32", "openvino"),
-        ("OpenVINO BF16 backbone, FP32 scope", "openvino:bf16"), ("OpenVINO BF16 whole network", "openvino:bf16-all"))
+OURS = (
+    ("onnxruntime FP32", "ort"),
+    ("OpenVINO FP32", "openvino"),
+    ("OpenVINO BF16 backbone, FP32 scope", "openvino:bf16"),
+    ("OpenVINO BF16 whole network", "openvino:bf16-all"),
+)
 # A peer's runs: (label, runtime, OpenVINO hint or None: OpenVINO's default, BF16 on CPUs that have it).
-PEER_RUNS = (("onnxruntime FP32", "ort", None), ("OpenVINO FP32", "openvino", "f32"),
-             ("OpenVINO default (BF16)", "openvino", None))
+PEER_RUNS = (
+    ("onnxruntime FP32", "ort", None),
+    ("OpenVINO FP32", "openvino", "f32"),
+    ("OpenVINO default (BF16)", "openvino", None),
+)
 
 
 # --- step 1: anomalib's models (anomalib's environment) --------------------------------------------------------
@@ -74,16 +82,27 @@ def build(args: argparse.Namespace) -> None:
     state = backbone.state_dict()
     args.out.mkdir(parents=True, exist_ok=True)
     done = args.out / "peers.json"
-    record: dict[str, Any] = {"bundle": str(args.bundle), "train_images": len(crops), "weights": weights,
-                              "crop": info.crop, "models": json.loads(done.read_text())["models"] if done.exists() else {}}
+    record: dict[str, Any] = {
+        "bundle": str(args.bundle),
+        "train_images": len(crops),
+        "weights": weights,
+        "crop": info.crop,
+        "models": json.loads(done.read_text())["models"] if done.exists() else {},
+    }
     for name, cls, kwargs in PEERS:
         if args.peer and name not in args.peer:
             continue
         start = time.perf_counter()
         pre = PreProcessor(transform=v2.Compose([v2.Normalize(*IMAGENET)]))
         model = {"Padim": Padim, "Patchcore": Patchcore}[cls](
-            backbone="wide_resnet50_2", pre_trained=False, pre_processor=pre, post_processor=False,
-            evaluator=False, visualizer=False, **kwargs)
+            backbone="wide_resnet50_2",
+            pre_trained=False,
+            pre_processor=pre,
+            post_processor=False,
+            evaluator=False,
+            visualizer=False,
+            **kwargs,
+        )
         extractor = model.model.feature_extractor.feature_extractor
         missing, _ = extractor.load_state_dict(state, strict=False)
         if missing:
@@ -99,11 +118,43 @@ def build(args: argparse.Namespace) -> None:
                 torch.linalg.inv = inverse
         model.eval()
         path = model.to_onnx(args.out / slug(name), input_size=(info.crop, info.crop))
+        onnx_files: str | dict[str, str] = str(path)
+        if not batch_is_dynamic(path):  # torch.export fixed PatchCore's batch (at 2): one static graph per batch
+            onnx_files = {
+                str(b): str(static_export(model, path.with_name(f"model_b{b}.onnx"), b, info.crop))
+                for b in TIMED_BATCHES
+            }
         bank = getattr(model.model, "memory_bank", None)  # PatchCore's coreset; PaDiM keeps a Gaussian per patch
-        record["models"][name] = {"onnx": str(path), "fit_s": round(time.perf_counter() - start, 1), **kwargs,
-                                  "memory_bank": list(bank.shape) if isinstance(bank, torch.Tensor) else None}
+        record["models"][name] = {
+            "onnx": onnx_files,
+            "fit_s": round(time.perf_counter() - start, 1),
+            **kwargs,
+            "memory_bank": list(bank.shape) if isinstance(bank, torch.Tensor) else None,
+        }
         print(f"{name}: {record['models'][name]}", file=sys.stderr, flush=True)
         write_text_atomic(done, json.dumps(record, indent=2) + "\n")  # each model as it is done
+
+
+def batch_is_dynamic(path: Path) -> bool:
+    import onnx
+
+    return bool(onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[0].dim_param)
+
+
+def static_export(model: Any, path: Path, batch: int, crop: int) -> Path:
+    """anomalib's module through the exporter anomalib uses (dynamo), at one fixed batch size."""
+    import torch
+
+    torch.onnx.export(
+        model,
+        (torch.zeros(batch, 3, crop, crop),),
+        str(path),
+        dynamo=True,
+        opset_version=18,
+        input_names=["input"],
+        output_names=["pred_score", "anomaly_map"],
+    )
+    return path
 
 
 def numpy_inverse(matrix: Any) -> Any:
@@ -145,9 +196,9 @@ class Run:
 
 
 def ours(bundle: Path, threads: int) -> list[Run]:
-    from protoad_edge.runtime.backends.registry import open_backend
     from protoad_edge.bundle import Bundle
     from protoad_edge.runtime.backends.base import BackendOptions
+    from protoad_edge.runtime.backends.registry import open_backend
 
     info = Bundle.of(bundle).info()
     name = f"protoad-edge K {info.num_prototypes:,}" + (f", D {info.projection['dims']}" if info.projection else "")
@@ -158,36 +209,46 @@ def ours(bundle: Path, threads: int) -> list[Run]:
     return runs
 
 
-def peer(name: str, onnx_path: Path, threads: int) -> list[Run]:
-    """anomalib's exported graph: input the crop in [0, 1], outputs anomaly_map and pred_score."""
-    import onnxruntime as ort
-    import openvino as ov
-
+def peer(name: str, onnx_files: str | dict[str, str], threads: int) -> list[Run]:
+    """anomalib's exported graph (one, or one per batch size where the export fixed it): input the crop in [0, 1],
+    outputs anomaly_map and pred_score."""
+    files = {0: onnx_files} if isinstance(onnx_files, str) else {int(b): f for b, f in onnx_files.items()}
     runs = []
     for label, runtime, hint in PEER_RUNS:
-        if runtime == "ort":
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = threads
-            session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-            names = [o.name for o in session.get_outputs()]
-            call = (lambda s, n: lambda x: dict(zip(n, s.run(None, {s.get_inputs()[0].name: x}))))(session, names)
-            ran = "onnxruntime CPU fp32"
-        else:
-            config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
-            if hint:
-                config["INFERENCE_PRECISION_HINT"] = hint
-            compiled = ov.Core().compile_model(str(onnx_path), "CPU", config)
-            request = compiled.create_infer_request()
-            call = (lambda r, c: lambda x: {o.get_any_name(): v for o, v in zip(c.outputs, r.infer([x]).values())})(
-                request, compiled)
-            ran = f"openvino CPU {compiled.get_property('INFERENCE_PRECISION_HINT')}"
+        calls = {b: session(f, runtime, hint, threads) for b, f in files.items()}
 
-        def infer(batch: np.ndarray, call: Callable = call) -> tuple[np.ndarray, np.ndarray]:
-            out = call(np.ascontiguousarray(batch / 255.0, dtype=np.float32))
-            return np.asarray(out["anomaly_map"]).reshape(len(batch), *batch.shape[2:]), np.asarray(out["pred_score"])
+        def infer(batch: np.ndarray, calls: dict = calls) -> tuple[np.ndarray, np.ndarray]:
+            n = len(batch)
+            size = 0 if 0 in calls else min((b for b in calls if b >= n), default=max(calls))
+            x = np.ascontiguousarray(batch / 255.0, dtype=np.float32)
+            if size and size != n:  # a fixed batch: padded with copies of the last image, which are dropped
+                x = np.concatenate([x, np.repeat(x[-1:], size - n, axis=0)])
+            out = calls[size](x)
+            maps = np.asarray(out["anomaly_map"]).reshape(len(x), *batch.shape[2:])
+            return maps[:n], np.ravel(out["pred_score"])[:n]
 
-        runs.append(Run(name, label, ran, infer))
+        runs.append(Run(name, label, f"{runtime} {hint or 'default'}", infer))
     return runs
+
+
+def session(path: str, runtime: str, hint: str | None, threads: int) -> Callable[[np.ndarray], dict[str, Any]]:
+    """One graph opened by onnxruntime (CPU, FP32) or OpenVINO (``hint``, or OpenVINO's default where None)."""
+    if runtime == "ort":
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        sess = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        names = [o.name for o in sess.get_outputs()]
+        return lambda x: dict(zip(names, sess.run(None, {sess.get_inputs()[0].name: x})))
+    import openvino as ov
+
+    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
+    if hint:
+        config["INFERENCE_PRECISION_HINT"] = hint
+    compiled = ov.Core().compile_model(path, "CPU", config)
+    request = compiled.create_infer_request()
+    return lambda x: {o.get_any_name(): v for o, v in zip(compiled.outputs, request.infer([x]).values())}
 
 
 def accuracy(run: Run, test: Any, batch: int) -> None:
@@ -203,8 +264,11 @@ def accuracy(run: Run, test: Any, batch: int) -> None:
     run.image_auroc = curve_area(*roc_curve(test.labels, run.scores)[:2])
     usable = test.pixel_usable
     run.pixel_auroc = curve_area(*roc_curve(test.masks[usable], maps_all[usable])[:2])
-    print(f"{run.model} / {run.label}: image {100 * run.image_auroc:.1f}, pixel {100 * run.pixel_auroc:.1f}",
-          file=sys.stderr, flush=True)
+    print(
+        f"{run.model} / {run.label}: image {100 * run.image_auroc:.1f}, pixel {100 * run.pixel_auroc:.1f}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def timing(runs: list[Run], test: Any, rounds: int) -> None:
@@ -231,55 +295,88 @@ def table(runs: list[Run], test: Any) -> str:
     from protoad_edge.evaluation.accuracy_gate import GateFigures, judge
     from protoad_edge.metrics import spearman
 
-    rows = ["| model | runtime, precision | image / pixel AUROC | gate against its FP32 | ms/image b1 | b8 |"
-            " vs its onnxruntime FP32 b1 |", "| --- | --- | ---: | --- | ---: | ---: | ---: |"]
+    rows = [
+        "| model | runtime, precision | image / pixel AUROC | gate against its FP32 | ms/image b1 | b8 |"
+        " vs its onnxruntime FP32 b1 |",
+        "| --- | --- | ---: | --- | ---: | ---: | ---: |",
+    ]
     first: dict[str, Run] = {}
     for run in runs:
         ref = first.setdefault(run.model, run)
         b1, b8 = statistics.median(run.ms[1]), statistics.median(run.ms[8])
         gate = "reference"
-        if run is not ref:
-            verdict = judge(GateFigures(run.label, len(test.labels), ref.image_auroc, run.image_auroc,
-                                        spearman(ref.scores, run.scores), ref.pixel_auroc, run.pixel_auroc))
+        if math.isnan(run.image_auroc):
+            gate = "FP32, not rescored (--timing-only-fp32)"
+        elif run is not ref:
+            verdict = judge(
+                GateFigures(
+                    run.label,
+                    len(test.labels),
+                    ref.image_auroc,
+                    run.image_auroc,
+                    spearman(ref.scores, run.scores),
+                    ref.pixel_auroc,
+                    run.pixel_auroc,
+                )
+            )
             f = verdict.figures
-            gate = (f"{'passes' if verdict.passed else 'fails'}: {-f.image_drop_pt:+.2f} / {-f.pixel_drop_pt:+.2f} pt, "
-                    f"Spearman {f.spearman:.4f}")
-        rows.append(f"| {run.model} | {run.label} | {100 * run.image_auroc:.1f} / {100 * run.pixel_auroc:.1f} | "
-                    f"{gate} | {b1:.0f} | {b8:.0f} | {statistics.median(ref.ms[1]) / b1:.2f}x |")
+            gate = (
+                f"{'passes' if verdict.passed else 'fails'}: {-f.image_drop_pt:+.2f} / {-f.pixel_drop_pt:+.2f} pt, "
+                f"Spearman {f.spearman:.4f}"
+            )
+        rows.append(
+            f"| {run.model} | {run.label} | {accuracy_cell(run)} | "
+            f"{gate} | {b1:.0f} | {b8:.0f} | {statistics.median(ref.ms[1]) / b1:.2f}x |"
+        )
     return "\n".join(rows)
 
 
+def accuracy_cell(run: Run) -> str:
+    return "-" if math.isnan(run.image_auroc) else f"{100 * run.image_auroc:.1f} / {100 * run.pixel_auroc:.1f}"
+
+
 def measure(args: argparse.Namespace, argv: list[str]) -> None:
+    import openvino as ov
+
     from protoad_edge.bundle import Bundle
     from protoad_edge.evaluation.evaluate import load_test_set
-
-    import openvino as ov
 
     load = os.getloadavg()[0]
     units = ", ".join(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
     test = load_test_set(args.category, args.data_root, "mvtec", Bundle.of(args.bundle[0]).info().preprocess)
     record = json.loads((args.peers / "peers.json").read_text()) if args.peers else {"models": {}}
     runs = [run for bundle in args.bundle for run in ours(bundle, args.threads)]
-    runs += [run for name, m in record["models"].items() for run in peer(name, Path(m["onnx"]), args.threads)]
+    runs += [run for name, m in record["models"].items() for run in peer(name, m["onnx"], args.threads)]
     for run in runs:
-        accuracy(run, test, 8)
+        if not (args.timing_only_fp32 and run.label == "OpenVINO FP32"):
+            accuracy(run, test, 8)
     timing(runs, test, args.rounds)
-    text = "\n".join([
-        f"## Ahead of the peers on the CPU: protoad-edge against anomalib {args.anomalib} (issue 29)", "",
-        f"Measured {time.strftime('%Y-%m-%d')} on {machine_text()}; load average {load:.1f} when it started (other "
-        f"jobs share the cores: compare ratios within the table); OpenVINO {ov.get_version()}, CPU capabilities "
-        f"{units}. {args.threads} threads for every runtime.", "",
-        f"Command: `{command_line(argv)}` after the `build` step in anomalib's environment (see the script).", "",
-        f"Same data for all: MVTec AD {args.category}, {len(test.labels)} test images at the bundle's "
-        f"{test.crops.shape[1]} px crop; anomalib's models fitted on the bundle's "
-        f"{record.get('train_images', '-')} training images with the same backbone weights "
-        f"({record.get('weights', '-')}), exported by anomalib (normalisation inside the graph, no post-processing).",
-        "Timings: every row in turn, rotating order, " f"{args.rounds} rounds, medians; b8 is ms per image in a batch"
-        " of 8. The gate column judges each reduced precision against the same model's onnxruntime FP32 row (image "
-        "and pixel AUROC within 0.5 pt, Spearman of the image scores >= 0.99).", "",
-        table(runs, test), "",
-        *[f"- {name}: {json.dumps(m)}" for name, m in record["models"].items()],
-    ])
+    text = "\n".join(
+        [
+            f"## Ahead of the peers on the CPU: protoad-edge against anomalib {args.anomalib} (issue 29)",
+            "",
+            f"Measured {time.strftime('%Y-%m-%d')} on {machine_text()}; load average {load:.1f} when it started (other "
+            f"jobs share the cores: compare ratios within the table); OpenVINO {ov.get_version()}, CPU capabilities "
+            f"{units}. {args.threads} threads for every runtime.",
+            "",
+            f"Command: `{command_line(argv)}` after the `build` step in anomalib's environment (see the script).",
+            "",
+            f"Same data for all: MVTec AD {args.category}, {len(test.labels)} test images at the bundle's "
+            f"{test.crops.shape[1]} px crop; anomalib's models fitted on the bundle's "
+            f"{record.get('train_images', '-')} training images with the same backbone weights "
+            f"({record.get('weights', '-')}), exported by anomalib (normalisation inside the graph, no "
+            "post-processing).",
+            "Timings: every row in turn, rotating order, "
+            f"{args.rounds} rounds, medians; b8 is ms per image in a batch"
+            " of 8. The gate column judges each reduced precision against the same model's onnxruntime FP32 row (image "
+            "and pixel AUROC within 0.5 pt, Spearman of the image scores >= 0.99).",
+            "",
+            table(runs, test),
+            "",
+            *[f"- {name}: {json.dumps(m)}" for name, m in record["models"].items()],
+            *([f"\n{args.note.read_text(encoding='utf-8').strip()}"] if args.note else []),
+        ]
+    )
     if args.no_write:
         print(text)
     else:
@@ -289,19 +386,38 @@ def measure(args: argparse.Namespace, argv: list[str]) -> None:
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("step", choices=("build", "time"))
-    parser.add_argument("--bundle", type=Path, action="append", required=True,
-                        help="a bundle's NAME.onnx (repeatable for time: e.g. the paper network and --project-dims 256;"
-                             " build fits the peers on the first one's training images)")
+    parser.add_argument(
+        "--bundle",
+        type=Path,
+        action="append",
+        required=True,
+        help="a bundle's NAME.onnx (repeatable for time: e.g. the paper network and --project-dims 256;"
+        " build fits the peers on the first one's training images)",
+    )
     parser.add_argument("--category", default="bottle")
     parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--out", type=Path, help="build: where the peers' ONNX files and peers.json go (the models "
-                        "already there are kept)")
-    parser.add_argument("--peer", action="append", choices=[name for name, _, _ in PEERS],
-                        help="build: only this peer (repeatable; default: all)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="build: where the peers' ONNX files and peers.json go (the models already there are kept)",
+    )
+    parser.add_argument(
+        "--peer",
+        action="append",
+        choices=[name for name, _, _ in PEERS],
+        help="build: only this peer (repeatable; default: all)",
+    )
     parser.add_argument("--peers", type=Path, help="time: the build step's --out")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=8, help="time: interleaved rounds (batch 1 and 8 each)")
     parser.add_argument("--anomalib", default="2.7.0", help="time: the anomalib version the build step used")
+    parser.add_argument(
+        "--timing-only-fp32",
+        action="store_true",
+        help="time: time the OpenVINO FP32 rows but do not rescore them (the same FP32 graph as "
+        "onnxruntime's; saves a pass over the test split each on a slow machine)",
+    )
+    parser.add_argument("--note", type=Path, help="time: a file whose text goes after the table")
     parser.add_argument("--no-write", action="store_true", help="print the section, leave RESULTS.md alone")
     args = parser.parse_args(argv[1:])
     if args.step == "build":

@@ -42,12 +42,12 @@ from bench_common import (
     sample_prototypes,
     update_results,
 )
+from reference import ReferencePipeline
 from scipy.ndimage import gaussian_filter
 
 from protoad_edge.builder.features import PatchFeatures, build_backbone
 from protoad_edge.builder.network import ProtoADNet
 from protoad_edge.preprocess import to_batch
-from reference import ReferencePipeline
 from protoad_edge.runtime.backends.base import BackendOptions
 from protoad_edge.runtime.backends.ort import OrtBackend
 
@@ -83,24 +83,37 @@ def compare(ours: OrtBackend, authors: AuthorsPipeline, test: np.ndarray, rounds
         b_maps, b_scores = authors(crop)
         worst_map = max(worst_map, float(np.abs(a_maps - b_maps).max()))
         worst_score = max(worst_score, float(np.abs(a_scores - b_scores).max()))
-        t = interleaved({"ours": lambda crop=crop: ours.infer(to_batch(crop)), "authors": lambda crop=crop: authors(crop)},
-                        rounds=rounds, warmup=1 if i == 0 else 0)
+        t = interleaved(
+            {"ours": lambda crop=crop: ours.infer(to_batch(crop)), "authors": lambda crop=crop: authors(crop)},
+            rounds=rounds,
+            warmup=1 if i == 0 else 0,
+        )
         for name in times:
             times[name] += t[name]
     a, b = median_ms(times["ours"]), median_ms(times["authors"])
     pairs = [tb / ta for ta, tb in zip(times["ours"], times["authors"])]
-    return {"ours_ms": a, "authors_ms": b, "speedup": b / a, "speedup_pairs": statistics.median(pairs),
-            "max_map_diff": worst_map, "max_score_diff": worst_score, "runs": len(times["ours"]),
-            "provider": ours.providers[0]}
+    return {
+        "ours_ms": a,
+        "authors_ms": b,
+        "speedup": b / a,
+        "speedup_pairs": statistics.median(pairs),
+        "max_map_diff": worst_map,
+        "max_score_diff": worst_score,
+        "runs": len(times["ours"]),
+        "provider": ours.providers[0],
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--k", type=int, action="append", help="number of prototypes (repeatable; default 3680 and 1000)")
+    parser.add_argument(
+        "--k", type=int, action="append", help="number of prototypes (repeatable; default 3680 and 1000)"
+    )
     parser.add_argument("--images", type=int, default=4, help="test images (each timed --rounds times per pipeline)")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, action="append",
-                        help="CPU threads for both pipelines (repeatable; default 2, then 1)")
+    parser.add_argument(
+        "--threads", type=int, action="append", help="CPU threads for both pipelines (repeatable; default 2, then 1)"
+    )
     parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--no-results", action="store_true", help=f"do not update {RESULTS.name}")
     args = parser.parse_args()
@@ -129,18 +142,28 @@ def main() -> None:
                 r = {"k": k, "threads": threads, **compare(ours, authors, test, args.rounds)}
                 rows.append(r)
                 verdict = "ok" if r["max_map_diff"] <= TOLERANCE else "DISAGREE"
-                print(f"K={k:>5}, {threads} thread(s): (a) ONNX/onnxruntime {r['ours_ms']:7.1f} ms   "
-                      f"(b) authors' pipeline {r['authors_ms']:7.1f} ms   (a) is {r['speedup']:.2f}x faster "
-                      f"(median of per-run pairs {r['speedup_pairs']:.2f}x; target {TARGET}x)   "
-                      f"max |map diff| {r['max_map_diff']:.1e}, |score diff| {r['max_score_diff']:.1e} ({verdict})")
+                print(
+                    f"K={k:>5}, {threads} thread(s): (a) ONNX/onnxruntime {r['ours_ms']:7.1f} ms   "
+                    f"(b) authors' pipeline {r['authors_ms']:7.1f} ms   (a) is {r['speedup']:.2f}x faster "
+                    f"(median of per-run pairs {r['speedup_pairs']:.2f}x; target {TARGET}x)   "
+                    f"max |map diff| {r['max_map_diff']:.1e}, |score diff| {r['max_score_diff']:.1e} ({verdict})"
+                )
 
-    table = ["| K | threads (each) | (a) ONNX via onnxruntime, ms | (b) authors' pipeline, ms | speed-up (a) vs (b) | max abs map diff | runs each |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    table = [
+        "| K | threads (each) | (a) ONNX via onnxruntime, ms | (b) authors' pipeline, ms | speed-up (a) vs (b) | max "
+        "abs map diff | runs each |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in rows:
-        table.append(f"| {r['k']:,} | {r['threads']} | {r['ours_ms']:.0f} | {r['authors_ms']:.0f} | {r['speedup']:.2f}x "
-                     f"(pairs {r['speedup_pairs']:.2f}x) | {r['max_map_diff']:.1e} | {r['runs']} |")
-    verdicts = [f"- K = {r['k']:,}, {r['threads']} thread(s): {r['speedup']:.2f}x, target "
-                f"{'met' if r['speedup'] >= TARGET else 'NOT met'}; maps agree to {r['max_map_diff']:.1e}" for r in rows]
+        table.append(
+            f"| {r['k']:,} | {r['threads']} | {r['ours_ms']:.0f} | {r['authors_ms']:.0f} | {r['speedup']:.2f}x "
+            f"(pairs {r['speedup_pairs']:.2f}x) | {r['max_map_diff']:.1e} | {r['runs']} |"
+        )
+    verdicts = [
+        f"- K = {r['k']:,}, {r['threads']} thread(s): {r['speedup']:.2f}x, target "
+        f"{'met' if r['speedup'] >= TARGET else 'NOT met'}; maps agree to {r['max_map_diff']:.1e}"
+        for r in rows
+    ]
     body = f"""## Pipeline: exported graph vs the authors' pipeline (CPU, batch 1)
 
 Measured {datetime.date.today().isoformat()} on a **2-core shared VM** ({machine_text()}), while other jobs
@@ -150,7 +173,7 @@ the same images, and the figures are medians, so the ratio is the meaningful fig
 Command: `{command_line(sys.argv)}`
 
 - (a) the exported ONNX graph (everything from the raw crop to map and score) through onnxruntime
-  ({rows[0]['provider']}, graph optimisation ALL, intra-op threads as in the table).
+  ({rows[0]["provider"]}, graph optimisation ALL, intra-op threads as in the table).
 - (b) the authors' style: eager PyTorch wide_resnet50_2 (full model, features by forward hooks) under
   `inference_mode` with `torch.set_num_threads` as in the table, cosine similarity as a torch 1x1 conv +
   channel max, then per image `cv2.resize` + `scipy.ndimage.gaussian_filter(sigma=4)` on the host.

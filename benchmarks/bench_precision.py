@@ -21,9 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from bench_common import DEFAULT_DATA, command_line, machine_text, update_results
-from protoad_edge.runtime.backends.registry import REGISTRY
+
 from protoad_edge.bundle import Bundle
 from protoad_edge.decision import image_scores
 from protoad_edge.evaluation.accuracy_gate import judge
@@ -31,6 +30,7 @@ from protoad_edge.evaluation.evaluate import LabelledSplit, Metrics, compute_met
 from protoad_edge.metrics import spearman
 from protoad_edge.preprocess import to_batch
 from protoad_edge.runtime.backends.base import Backend, BackendOptions
+from protoad_edge.runtime.backends.registry import REGISTRY
 
 # (label, backend, bundle file, precision); the first is the reference.
 CONFIGS = (
@@ -90,15 +90,22 @@ def measure(model: Path, args: argparse.Namespace) -> tuple[list[Row], list[str]
             skipped.append(f"{label} (this CPU runs {ran.precision})")
             continue
         rows.append(Row(label, ran.line(), compute_metrics(test, maps), maps, ms))
-        print(f"{model.name} {label}: {ran.line()}, image AUROC {100 * rows[-1].metrics.image_auroc:.2f}, {ms}",
-              file=sys.stderr)
+        print(
+            f"{model.name} {label}: {ran.line()}, image AUROC {100 * rows[-1].metrics.image_auroc:.2f}, {ms}",
+            file=sys.stderr,
+        )
     return rows, skipped, test
 
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, action="append", required=True,
-                        help="a bundle's NAME.onnx (NAME.int8.onnx beside it); repeatable, one table each")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        action="append",
+        required=True,
+        help="a bundle's NAME.onnx (NAME.int8.onnx beside it); repeatable, one table each",
+    )
     parser.add_argument("--category", default="bottle")
     parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--threads", type=int, default=2, help="threads of the AUROC pass (batch 1)")
@@ -117,15 +124,19 @@ def main(argv: list[str]) -> None:
 
 
 def header(args: argparse.Namespace, load: float) -> str:
-    return "\n".join([
-        "## Reduced precision on bottle: speed and accuracy per backend x precision (issue 17)",
-        "",
-        f"`{command_line(sys.argv)}` on {machine_text()}; load average {load:.1f} when it started, "
-        f"{os.getloadavg()[0]:.1f} when it ended (a shared machine: read speeds as ratios within one table).",
-        f"All test images of {args.category}; AUROC at batch 1 with {args.threads} threads; batch 8 and 1 thread "
-        f"timed on {max(8, args.speed_images)} test images. Each cell: median ms/image (speed-up against onnxruntime "
-        "FP32 in the same column). Gate: image/pixel AUROC within 0.5 pt of onnxruntime FP32 and Spearman >= 0.99 "
-        "(reduced precisions only)."])
+    return "\n".join(
+        [
+            "## Reduced precision on bottle: speed and accuracy per backend x precision (issue 17)",
+            "",
+            f"`{command_line(sys.argv)}` on {machine_text()}; load average {load:.1f} when it started, "
+            f"{os.getloadavg()[0]:.1f} when it ended (a shared machine: read speeds as ratios within one table).",
+            f"All test images of {args.category}; AUROC at batch 1 with {args.threads} threads; batch 8 and 1 thread "
+            f"timed on {max(8, args.speed_images)} test images. Each cell: median ms/image (speed-up against "
+            "onnxruntime "
+            "FP32 in the same column). Gate: image/pixel AUROC within 0.5 pt of onnxruntime FP32 and Spearman >= 0.99 "
+            "(reduced precisions only).",
+        ]
+    )
 
 
 def table(model: Path, args: argparse.Namespace, rows: list[Row], skipped: list[str], test: LabelledSplit) -> str:
@@ -136,7 +147,8 @@ def table(model: Path, args: argparse.Namespace, rows: list[Row], skipped: list[
     lines = [
         f"### {model}: K = {info.num_prototypes:,} prototypes; {_int8_text(info.build.get('int8'))}",
         "",
-        "| backend x precision | what ran | " + " | ".join(f"ms/image {k}" for k in keys)
+        "| backend x precision | what ran | "
+        + " | ".join(f"ms/image {k}" for k in keys)
         + " | image AUROC | pixel AUROC | PRO | max abs map diff | Spearman | gate |",
         "| --- | --- | " + " | ".join("---:" for _ in keys) + " | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
@@ -146,10 +158,13 @@ def table(model: Path, args: argparse.Namespace, rows: list[Row], skipped: list[
         verdict = judge(gate_figures(row.label, test, ref.metrics, row.metrics, rank)) if reduced else None
         m = row.metrics
         lines.append(
-            f"| {row.label} | {row.ran} | " + " | ".join(f"{row.ms[k]:.0f} ({ref.ms[k] / row.ms[k]:.2f}x)" for k in keys)
+            f"| {row.label} | {row.ran} | "
+            + " | ".join(f"{row.ms[k]:.0f} ({ref.ms[k] / row.ms[k]:.2f}x)" for k in keys)
             + f" | {100 * m.image_auroc:.2f} | {_pct(m.pixel_auroc)} | {_pct(m.pro)} | "
             f"{np.abs(row.maps.astype(np.float64) - ref.maps).max():.1e} | {rank:.4f} | "
-            + ("-" if verdict is None else "pass" if verdict.passed else "FAIL: " + "; ".join(verdict.failures)) + " |")
+            + ("-" if verdict is None else "pass" if verdict.passed else "FAIL: " + "; ".join(verdict.failures))
+            + " |"
+        )
     if skipped:
         lines += ["", "Not measured: " + ", ".join(skipped) + "."]
     return "\n".join(lines)
@@ -161,10 +176,12 @@ def _int8_text(record: dict | None) -> str:
         return "no INT8 model"
     total = record["quantized"] + len(record["kept_fp32"])
     share = record.get("int8_share_of_backbone_macs")
-    return (f"INT8 model: {record['quantized']} of {total} backbone convs"
-            + ("" if share is None else f" ({100 * share:.0f} % of the backbone's multiply-adds)")
-            + f", search error {record['search']['score_error']:.3f} of the FP32 spread "
-            f"(tolerance {record['search']['tolerance']})")
+    return (
+        f"INT8 model: {record['quantized']} of {total} backbone convs"
+        + ("" if share is None else f" ({100 * share:.0f} % of the backbone's multiply-adds)")
+        + f", search error {record['search']['score_error']:.3f} of the FP32 spread "
+        f"(tolerance {record['search']['tolerance']})"
+    )
 
 
 def _pct(value: float | None) -> str:

@@ -18,8 +18,18 @@ import tempfile
 from pathlib import Path
 
 import torch
+from bench_common import (
+    command_line,
+    crops,
+    export_model,
+    frames,
+    interleaved,
+    machine_text,
+    median_ms,
+    sample_prototypes,
+    update_results,
+)
 
-from bench_common import command_line, crops, export_model, frames, interleaved, machine_text, median_ms, sample_prototypes, update_results
 from protoad_edge.builder.features import PatchFeatures, build_backbone
 from protoad_edge.builder.network import ProtoADNet
 from protoad_edge.builder.projection import FittedProjection, fit_projection, stage_flops
@@ -48,8 +58,11 @@ def main(argv: list[str]) -> int:
     backends = {}
     with tempfile.TemporaryDirectory() as tmp:
         for d in [None, *dims]:
-            projection = None if d is None else FittedProjection(fit.mean, fit.matrix[:d], True, fit.fitted_on,
-                                                                 fit.rows, 0.0).module()
+            projection = (
+                None
+                if d is None
+                else FittedProjection(fit.mean, fit.matrix[:d], True, fit.fitted_on, fit.rows, 0.0).module()
+            )
             net = ProtoADNet(features, torch.from_numpy(prototypes), 224, projection=projection).eval()
             path = export_model(net, args.k, Path(tmp), name=f"d{d or 0}")
             backends[d] = OrtBackend(path, BackendOptions(threads=args.threads), providers=["CPUExecutionProvider"])
@@ -67,10 +80,12 @@ def main(argv: list[str]) -> int:
         ms = median_ms(seconds[d]) / len(batch)
         name = "paper (1792 channels)" if d is None else f"PCA {d}, centred"
         lines.append(f"| {name} | {ms:.0f} | {paper / ms:.2f}x | {stage_flops(positions, args.k, d) / 1e9:.1f} |")
-    body = (f"## Projection speed at K = {args.k:,} (issue 18's check)\n\n"
-            f"Command: `{command_line(argv)}`\n\nMachine: {machine_text()}\n\n"
-            f"Prototypes: {args.k:,} normalised patch vectors of {source}; {len(batch)} test images, batch 1, "
-            f"{args.threads} threads, {args.rounds} rounds in turns, medians.\n\n" + "\n".join(lines) + "\n")
+    body = (
+        f"## Projection speed at K = {args.k:,} (issue 18's check)\n\n"
+        f"Command: `{command_line(argv)}`\n\nMachine: {machine_text()}\n\n"
+        f"Prototypes: {args.k:,} normalised patch vectors of {source}; {len(batch)} test images, batch 1, "
+        f"{args.threads} threads, {args.rounds} rounds in turns, medians.\n\n" + "\n".join(lines) + "\n"
+    )
     print(body)
     if args.write:
         print(f"wrote {update_results('projection_speed', body)}")

@@ -44,10 +44,10 @@ from protoad_edge.bundle import Bundle  # noqa: E402
 from protoad_edge.errors import ProtoADError  # noqa: E402
 from protoad_edge.preprocess import to_batch  # noqa: E402
 from protoad_edge.runtime.backends.base import BackendOptions  # noqa: E402
-from protoad_edge.runtime.sources.capture import Reconnect  # noqa: E402
-from protoad_edge.runtime.loop import RunOptions, run_many  # noqa: E402
 from protoad_edge.runtime.backends.ort import OrtBackend  # noqa: E402
+from protoad_edge.runtime.loop import RunOptions, run_many  # noqa: E402
 from protoad_edge.runtime.serving.triton import TritonBackend  # noqa: E402
+from protoad_edge.runtime.sources.capture import Reconnect  # noqa: E402
 
 TOLERANCE = 1e-5
 DISTINCT_FRAMES = 16
@@ -87,8 +87,14 @@ def reference(model: Path) -> tuple[np.ndarray, np.ndarray]:
         return frames, local.infer(frames)[1]
 
 
-def load(server: Server, frames: np.ndarray, scores: np.ndarray, clients: int, seconds: float,
-         restart_at: float | None = None) -> Load:
+def load(
+    server: Server,
+    frames: np.ndarray,
+    scores: np.ndarray,
+    clients: int,
+    seconds: float,
+    restart_at: float | None = None,
+) -> Load:
     """``clients`` threads sending single frames for ``seconds``; with ``restart_at``, the server restarted then."""
     result = Load(clients, seconds)
     lock = threading.Lock()
@@ -148,8 +154,9 @@ def multi_source(model: Path, counts: list[int], frames: int) -> dict[int, float
         backend.infer(to_batch([backend.info.preprocess(GeneratedLine(1).read()[0])]))  # warm up
         for n in counts:
             started = time.perf_counter()
-            summaries = run_many([GeneratedLine(frames) for _ in range(n)], backend,
-                                 RunOptions(status_every=0, log=lambda message: None))
+            summaries = run_many(
+                [GeneratedLine(frames) for _ in range(n)], backend, RunOptions(status_every=0, log=lambda message: None)
+            )
             seconds = time.perf_counter() - started
             assert all(s.frames == frames and not s.error for s in summaries), [s.lines() for s in summaries]
             fps[n] = n * frames / seconds
@@ -157,14 +164,19 @@ def multi_source(model: Path, counts: list[int], frames: int) -> dict[int, float
 
 
 def load_table(rows: list[Load], restart: Load | None) -> str:
-    lines = ["| clients | seconds | requests | frames/s | p50 ms | p99 ms | max ms | lost | mismatched | out of order | retries |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| clients | seconds | requests | frames/s | p50 ms | p99 ms | max ms | lost | mismatched | out of order | "
+        "retries |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows + ([restart] if restart else []):
         p50, p99 = np.percentile(r.latencies_ms, [50, 99]) if r.latencies_ms else (float("nan"),) * 2
         name = f"{r.clients}, server restarted ({r.outage_s:.1f} s down)" if r is restart else str(r.clients)
-        lines.append(f"| {name} | {r.seconds:.0f} | {r.requests:,} | {r.fps:.2f} | {p50:.0f} | {p99:.0f} | "
-                     f"{max(r.latencies_ms, default=float('nan')):.0f} | {r.lost} | {r.mismatched} | {r.out_of_order} | "
-                     f"{r.retries} |")
+        lines.append(
+            f"| {name} | {r.seconds:.0f} | {r.requests:,} | {r.fps:.2f} | {p50:.0f} | {p99:.0f} | "
+            f"{max(r.latencies_ms, default=float('nan')):.0f} | {r.lost} | {r.mismatched} | {r.out_of_order} | "
+            f"{r.retries} |"
+        )
     return "\n".join(lines)
 
 
@@ -196,18 +208,25 @@ def main(argv: list[str]) -> int:
         frames, scores = reference(model)
         with Server(model, Path(tmp) / "serve.log", max_batch=args.max_batch) as server:
             rows = [load(server, frames, scores, int(c), args.seconds) for c in args.clients.split(",")]
-            restart = (load(server, frames, scores, args.restart_clients, args.seconds, restart_at=args.seconds / 3)
-                       if args.restart_clients else None)
+            restart = (
+                load(server, frames, scores, args.restart_clients, args.seconds, restart_at=args.seconds / 3)
+                if args.restart_clients
+                else None
+            )
         fps = multi_source(model, [int(n) for n in args.sources.split(",")], args.frames)
     info = Bundle.of(args.model).info() if args.model else None
-    shape = f"crop 224, K {args.k}" if info is None else f"{args.model.name}: crop {info.crop}, K {info.num_prototypes:,}"
-    body = (f"## Serving many lines: protoad-serve under load, and multi-source runs (issue 16)\n\n"
-            f"Command: `{command_line(argv)}`\n\nMachine: {machine_text()}\n\n"
-            f"Model: {shape}, random weights; server: protoad-serve (PyTriton, onnxruntime CPU, dynamic "
-            f"batching up to {args.max_batch}) on 127.0.0.1; each client sends one frame per request, back to back.\n\n"
-            f"{load_table(rows, restart)}\n\n"
-            f"One run over several generated file sources (local onnxruntime, {args.frames} frames each, their waiting "
-            f"frames judged in one batch):\n\n{source_table(fps)}\n")
+    shape = (
+        f"crop 224, K {args.k}" if info is None else f"{args.model.name}: crop {info.crop}, K {info.num_prototypes:,}"
+    )
+    body = (
+        f"## Serving many lines: protoad-serve under load, and multi-source runs (issue 16)\n\n"
+        f"Command: `{command_line(argv)}`\n\nMachine: {machine_text()}\n\n"
+        f"Model: {shape}, random weights; server: protoad-serve (PyTriton, onnxruntime CPU, dynamic "
+        f"batching up to {args.max_batch}) on 127.0.0.1; each client sends one frame per request, back to back.\n\n"
+        f"{load_table(rows, restart)}\n\n"
+        f"One run over several generated file sources (local onnxruntime, {args.frames} frames each, their waiting "
+        f"frames judged in one batch):\n\n{source_table(fps)}\n"
+    )
     print(body)
     passed = all(r.ok() for r in rows + ([restart] if restart else []))
     print("PASS: no request lost, repeated or mismatched" if passed else "FAIL: see the table")

@@ -30,8 +30,8 @@ from bench_common import command_line, machine_text, update_results  # noqa: E40
 
 from protoad_edge.preprocess import to_batch  # noqa: E402
 from protoad_edge.runtime.backends.base import BackendOptions  # noqa: E402
-from protoad_edge.runtime.loop import RunOptions, run  # noqa: E402
 from protoad_edge.runtime.backends.ort import OrtBackend  # noqa: E402
+from protoad_edge.runtime.loop import RunOptions, run  # noqa: E402
 from protoad_edge.runtime.sources.source import Source  # noqa: E402
 
 GROWTH_LIMIT = 0.05  # resident memory after the first sample
@@ -98,26 +98,45 @@ def soak(model: Path, frames: int, every: int, out: Path) -> list[Sample]:
     started = time.perf_counter()
 
     def sample(result: object) -> None:
-        index = getattr(result, "index") + 1
+        index = result.index + 1
         if index % every == 0:
             status = proc_status()
-            samples.append(Sample(index, time.perf_counter() - started, status["VmRSS"] / 1024,
-                                  status["RssAnon"] / 1024, status["Threads"], len(os.listdir("/proc/self/fd"))))
+            samples.append(
+                Sample(
+                    index,
+                    time.perf_counter() - started,
+                    status["VmRSS"] / 1024,
+                    status["RssAnon"] / 1024,
+                    status["Threads"],
+                    len(os.listdir("/proc/self/fd")),
+                )
+            )
 
     with OrtBackend(model, BackendOptions(threads=2), providers=["CPUExecutionProvider"]) as backend:
         probe = GeneratedLine(20)
         first = [frame for frame, _ in iter(probe.read, None)]
         scores = backend.infer(to_batch([backend.info.preprocess(f) for f in first]))[1]
-        summary = run(GeneratedLine(frames), backend, RunOptions(
-            threshold=float(np.quantile(scores, 0.8)), jsonl=out / "soak.jsonl", save=out / "soak.mp4",
-            save_masks=out / "masks", status_every=0, on_frame=sample, log=lambda message: None))
+        summary = run(
+            GeneratedLine(frames),
+            backend,
+            RunOptions(
+                threshold=float(np.quantile(scores, 0.8)),
+                jsonl=out / "soak.jsonl",
+                save=out / "soak.mp4",
+                save_masks=out / "masks",
+                status_every=0,
+                on_frame=sample,
+                log=lambda message: None,
+            ),
+        )
     assert summary.frames == frames, summary.lines()
     return samples
 
 
 def verdict(samples: list[Sample]) -> tuple[bool, dict[str, float]]:
-    """Growth of resident memory after the first sample, of threads and open files; FPS of the last block vs the first."""
-    first, last = samples[0], samples[-1]
+    """Growth of resident memory after the first sample, of threads and open files; FPS of the last block vs the
+    first."""
+    first = samples[0]
     fps = [(b.frames - a.frames) / (b.seconds - a.seconds) for a, b in zip(samples, samples[1:])]
     figures = {
         "rss_growth": (max(s.rss_mb for s in samples[1:]) - first.rss_mb) / first.rss_mb,
@@ -127,19 +146,27 @@ def verdict(samples: list[Sample]) -> tuple[bool, dict[str, float]]:
         "fps_first": fps[0],
         "fps_last": fps[-1],
     }
-    ok = (figures["rss_growth"] < GROWTH_LIMIT and figures["threads_growth"] <= 0 and figures["files_growth"] <= 0
-          and abs(fps[-1] - fps[0]) <= FPS_SPREAD * fps[0])
+    ok = (
+        figures["rss_growth"] < GROWTH_LIMIT
+        and figures["threads_growth"] <= 0
+        and figures["files_growth"] <= 0
+        and abs(fps[-1] - fps[0]) <= FPS_SPREAD * fps[0]
+    )
     return ok, figures
 
 
 def table(samples: list[Sample]) -> str:
-    rows = ["| frames | seconds | FPS (block) | RSS MB | anonymous MB | threads | open files |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    rows = [
+        "| frames | seconds | FPS (block) | RSS MB | anonymous MB | threads | open files |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     previous = None
     for s in samples:
         fps = "-" if previous is None else f"{(s.frames - previous.frames) / (s.seconds - previous.seconds):.1f}"
-        rows.append(f"| {s.frames:,} | {s.seconds:,.1f} | {fps} | {s.rss_mb:.1f} | {s.anon_mb:.1f} | {s.threads} | "
-                    f"{s.open_files} |")
+        rows.append(
+            f"| {s.frames:,} | {s.seconds:,.1f} | {fps} | {s.rss_mb:.1f} | {s.anon_mb:.1f} | {s.threads} | "
+            f"{s.open_files} |"
+        )
         previous = s
     return "\n".join(rows)
 
@@ -151,7 +178,6 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--write", action="store_true", help="put the figures into benchmarks/RESULTS.md")
     args = parser.parse_args(argv[1:])
     import torch
-
     from conftest import make_bundle
 
     torch.set_num_threads(2)
@@ -161,20 +187,25 @@ def main(argv: list[str]) -> int:
         samples = soak(model, args.frames, args.every, work / "out")
         written = sum(f.stat().st_size for f in (work / "out").rglob("*") if f.is_file())
     ok, figures = verdict(samples)
-    body = "\n".join([
-        "## Soak: protoad-run over many frames (CPU)",
-        "",
-        f"Measured {time.strftime('%Y-%m-%d')} on {machine_text()}; command: `{command_line(argv)}`.",
-        f"{args.frames:,} frames of a generated 320x240 source through a crop-64, K-48 bundle with a JSONL log, an overlay",
-        f"video and masks ({written / 2**20:,.1f} MB written), sampled every {args.every:,} frames. Timings vary with load.",
-        "",
-        table(samples),
-        "",
-        f"Resident memory after the first sample: {100 * figures['rss_growth']:+.2f}% at most (anonymous "
-        f"{100 * figures['anon_growth']:+.2f}%; limit {100 * GROWTH_LIMIT:.0f}%); threads "
-        f"{figures['threads_growth']:+d}, open files {figures['files_growth']:+d}; FPS {figures['fps_first']:.1f} in the "
-        f"first block, {figures['fps_last']:.1f} in the last. Verdict: {'pass' if ok else 'FAIL'}.",
-    ])
+    body = "\n".join(
+        [
+            "## Soak: protoad-run over many frames (CPU)",
+            "",
+            f"Measured {time.strftime('%Y-%m-%d')} on {machine_text()}; command: `{command_line(argv)}`.",
+            f"{args.frames:,} frames of a generated 320x240 source through a crop-64, K-48 bundle with a JSONL log, "
+            "an overlay",
+            f"video and masks ({written / 2**20:,.1f} MB written), sampled every {args.every:,} frames. Timings vary "
+            "with load.",
+            "",
+            table(samples),
+            "",
+            f"Resident memory after the first sample: {100 * figures['rss_growth']:+.2f}% at most (anonymous "
+            f"{100 * figures['anon_growth']:+.2f}%; limit {100 * GROWTH_LIMIT:.0f}%); threads "
+            f"{figures['threads_growth']:+d}, open files {figures['files_growth']:+d}; FPS {figures['fps_first']:.1f} "
+            "in the "
+            f"first block, {figures['fps_last']:.1f} in the last. Verdict: {'pass' if ok else 'FAIL'}.",
+        ]
+    )
     print(body)
     if args.write:
         print(f"\nwrote {update_results('soak', body)}")

@@ -38,8 +38,9 @@ GAMMA, GAIN, WHITE = 0.75, 1.08, (1.06, 1.0, 0.92)
 HELD_OUT_DEMO = 40  # held-out variant frames of the demo (its test split has 8 normal images)
 
 
-def lighting_change(rgb: np.ndarray, gamma: float = GAMMA, gain: float = GAIN,
-                    white: tuple[float, float, float] = WHITE) -> np.ndarray:
+def lighting_change(
+    rgb: np.ndarray, gamma: float = GAMMA, gain: float = GAIN, white: tuple[float, float, float] = WHITE
+) -> np.ndarray:
     """``rgb`` (uint8, ..., 3) under the changed lamp: gamma, then gain and white balance, clipped, rounded."""
     x = (rgb.astype(np.float32) / 255.0) ** gamma * gain * np.asarray(white, np.float32)
     return (np.clip(x, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
@@ -74,8 +75,12 @@ def scenario(model: Path, category: str, data_root: Path, largest: int) -> dict[
         normal += generated("test/good", 1000, max(0, HELD_OUT_DEMO - len(normal)))
     if len(teach) < largest:
         raise SystemExit(f"{category}: {len(teach)} held-out training images, fewer than the {largest} to teach")
-    return {"teach": [lighting_change(f) for f in teach[:largest]], "held": [lighting_change(f) for f in normal],
-            "test": data.test, "info": info}
+    return {
+        "teach": [lighting_change(f) for f in teach[:largest]],
+        "held": [lighting_change(f) for f in normal],
+        "test": data.test,
+        "info": info,
+    }
 
 
 def metrics(model: Path, frames: dict[str, object], threads: int) -> dict[str, float]:
@@ -98,7 +103,9 @@ def metrics(model: Path, frames: dict[str, object], threads: int) -> dict[str, f
     out = {"k": info.num_prototypes, "false_alarms": int(alarms.sum()), "held_out": len(held)}
     for name, change in (("original", lambda f: f), ("variant", lighting_change)):
         crops = np.stack([pre(change(f)) for f in images([s.path for s in samples])])
-        split = LabelledSplit(info.category, "mvtec", Path("."), samples, crops, masks, labels, np.ones(len(labels), bool))
+        split = LabelledSplit(
+            info.category, "mvtec", Path("."), samples, crops, masks, labels, np.ones(len(labels), bool)
+        )
         found = compute_metrics(split, run_maps(backend, crops, 8))
         out[f"{name}_image_auroc"], out[f"{name}_pixel_auroc"] = found.image_auroc, found.pixel_auroc
     return out
@@ -114,8 +121,18 @@ def teach_copy(model: Path, frames: list[np.ndarray], work: Path, threads: int) 
         Image.fromarray(frame).save(folder / f"{i:03d}.png")
     copy = bundle_dir / model.name
     report = work / "teach.json"
-    command = [sys.executable, "-c", "from protoad_edge.cli.teach import main; main()", "--model", str(copy),
-               str(folder), "--threads", str(threads), "--json", str(report)]
+    command = [
+        sys.executable,
+        "-c",
+        "from protoad_edge.cli.teach import main; main()",
+        "--model",
+        str(copy),
+        str(folder),
+        "--threads",
+        str(threads),
+        "--json",
+        str(report),
+    ]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - start
@@ -125,16 +142,20 @@ def teach_copy(model: Path, frames: list[np.ndarray], work: Path, threads: int) 
 
 
 def table(category: str, rows: list[dict]) -> str:
-    head = ("| frames taught | K | false alarms on held-out variant frames | original image / pixel AUROC | "
-            "variant image / pixel AUROC | seconds to teach | of which features |")
+    head = (
+        "| frames taught | K | false alarms on held-out variant frames | original image / pixel AUROC | "
+        "variant image / pixel AUROC | seconds to teach | of which features |"
+    )
     lines = [head, "| ---: | ---: | ---: | --- | --- | ---: | ---: |"]
     for r in rows:
         seconds = "-" if r["taught"] == 0 else f"{r['seconds']:.1f}"
         features = "-" if r["taught"] == 0 else f"{r['phases'].get('features', 0):.1f}"
-        lines.append(f"| {r['taught']} | {r['k']:,} | {r['false_alarms']}/{r['held_out']} "
-                     f"({100 * r['false_alarms'] / r['held_out']:.0f} %) | {100 * r['original_image_auroc']:.1f} / "
-                     f"{100 * r['original_pixel_auroc']:.1f} | {100 * r['variant_image_auroc']:.1f} / "
-                     f"{100 * r['variant_pixel_auroc']:.1f} | {seconds} | {features} |")
+        lines.append(
+            f"| {r['taught']} | {r['k']:,} | {r['false_alarms']}/{r['held_out']} "
+            f"({100 * r['false_alarms'] / r['held_out']:.0f} %) | {100 * r['original_image_auroc']:.1f} / "
+            f"{100 * r['original_pixel_auroc']:.1f} | {100 * r['variant_image_auroc']:.1f} / "
+            f"{100 * r['variant_pixel_auroc']:.1f} | {seconds} | {features} |"
+        )
     return "\n".join(lines)
 
 
@@ -147,8 +168,14 @@ def measure(args: argparse.Namespace) -> list[dict]:
     for count in counts:
         with tempfile.TemporaryDirectory(prefix="bench_teach.") as tmp:
             copy, seconds, report = teach_copy(args.model, frames["teach"][:count], Path(tmp), args.threads)
-            rows.append({"taught": count, "seconds": seconds, "phases": report["seconds"],
-                         **metrics(copy, frames, args.threads)})
+            rows.append(
+                {
+                    "taught": count,
+                    "seconds": seconds,
+                    "phases": report["seconds"],
+                    **metrics(copy, frames, args.threads),
+                }
+            )
         print(table(args.category, rows[-1:]).splitlines()[-1], flush=True)
     return rows
 
@@ -170,9 +197,11 @@ def main() -> None:
         from bench_common import command_line, machine_text, update_results
 
         load = os.getloadavg()
-        body = (f"### {args.category}\n\n`{command_line(sys.argv)}` on {machine_text()}; load average at the end "
-                f"{load[0]:.1f} (other jobs shared the cores: the seconds are upper bounds).\n\n"
-                f"{table(args.category, rows)}\n")
+        body = (
+            f"### {args.category}\n\n`{command_line(sys.argv)}` on {machine_text()}; load average at the end "
+            f"{load[0]:.1f} (other jobs shared the cores: the seconds are upper bounds).\n\n"
+            f"{table(args.category, rows)}\n"
+        )
         update_results(f"bench_teach_{args.category}", body)
 
 

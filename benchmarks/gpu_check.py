@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 from protoad_edge.errors import ProtoADError  # noqa: E402
-from protoad_edge.preprocess import to_batch  # noqa: E402
 from protoad_edge.gpu import cuda as cm  # noqa: E402
+from protoad_edge.preprocess import to_batch  # noqa: E402
 
 
 class Skipped(Exception):
@@ -80,14 +80,17 @@ def check_cuda_memory() -> str:
         stream.close()
         for e in events:
             e.close()
-    return f"{gpu}: 64 MiB pinned round trip exact; H2D {buf.nbytes / h2d / 1e6:.1f} GB/s, D2H {buf.nbytes / d2h / 1e6:.1f} GB/s"
+    return (
+        f"{gpu}: 64 MiB pinned round trip exact; H2D {buf.nbytes / h2d / 1e6:.1f} GB/s, "
+        f"D2H {buf.nbytes / d2h / 1e6:.1f} GB/s"
+    )
 
 
 def torch_network(crop: int, k: int, seed: int = 0):  # -> ProtoADNet
     """Random-weight backbone, K prototypes drawn from its normalised features of two synthetic images."""
     import torch
-
     from conftest import normal_crops
+
     from protoad_edge.builder.features import PatchFeatures, build_backbone
     from protoad_edge.builder.network import L2Norm, ProtoADNet
 
@@ -106,6 +109,7 @@ def check_torch_cuda() -> str:
     if not torch.cuda.is_available():
         raise Skipped("torch: no CUDA device")
     from conftest import normal_crops
+
     from protoad_edge.export.onnx import PARITY_TOLERANCE
 
     torch.backends.cudnn.allow_tf32 = False  # TF32 keeps 10 mantissa bits: compare real FP32
@@ -132,9 +136,11 @@ def check_torch_cuda() -> str:
 
     fp32_ms, fp16_ms = per_image_ms(forward(False), 8), per_image_ms(forward(True), 8)
     half_diff = float((forward(True)()[0].float() - forward(False)()[0]).abs().max())
-    return (f"tiny CPU vs CUDA max |map diff| {diff:.1e} (tolerance {PARITY_TOLERANCE:g}); crop 224, K 10,000, batch 8: "
-            f"FP32 {fp32_ms:.2f} ms/image, FP16 autocast {fp16_ms:.2f} ms/image ({fp32_ms / fp16_ms:.1f}x), "
-            f"FP16 vs FP32 max |map diff| {half_diff:.1e}")
+    return (
+        f"tiny CPU vs CUDA max |map diff| {diff:.1e} (tolerance {PARITY_TOLERANCE:g}); crop 224, K 10,000, batch 8: "
+        f"FP32 {fp32_ms:.2f} ms/image, FP16 autocast {fp16_ms:.2f} ms/image ({fp32_ms / fp16_ms:.1f}x), "
+        f"FP16 vs FP32 max |map diff| {half_diff:.1e}"
+    )
 
 
 def check_tensorrt() -> str:
@@ -147,6 +153,7 @@ def check_tensorrt() -> str:
         raise Skipped(f"TensorRT: {exc}") from None
     require_gpu()
     from conftest import make_bundle, normal_crops
+
     from protoad_edge.export.tensorrt import build_engine
     from protoad_edge.metadata import ModelInfo
     from protoad_edge.runtime.backends.base import BackendOptions
@@ -156,7 +163,10 @@ def check_tensorrt() -> str:
     work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     lines = [f"TensorRT {tensorrt.__version__}"]
     try:
-        for name, crop, resize, k, precisions in (("tiny", 64, 72, 48, ("fp32", "fp16")), ("c224", 224, 256, 1000, ("fp16",))):
+        for name, crop, resize, k, precisions in (
+            ("tiny", 64, 72, 48, ("fp32", "fp16")),
+            ("c224", 224, 256, 1000, ("fp16",)),
+        ):
             onnx = make_bundle(work / name, name=name, crop=crop, resize=resize, k=k)
             batch = to_batch(normal_crops(8, crop, seed=3))
             ref_maps, _ = OrtBackend(onnx, providers=["CPUExecutionProvider"]).infer(batch)
@@ -164,18 +174,20 @@ def check_tensorrt() -> str:
                 build = build_engine(onnx, precision=precision, max_batch=8, log=lambda line: None)
                 with TrtBackend(build.plan, BackendOptions(timing=True)) as backend:
                     maps, _ = backend.infer(batch)
-                    ms8 = per_image_ms(lambda: backend.infer(batch), 8)
+                    ms8 = per_image_ms(lambda b=batch: backend.infer(b), 8)
                     stages = backend.last_times
-                    ms1 = per_image_ms(lambda: backend.infer(batch[:1]), 1)
+                    ms1 = per_image_ms(lambda b=batch: backend.infer(b[:1]), 1)
                 diff = float(np.abs(maps - ref_maps).max())
                 facts = ModelInfo.load_json(build.sidecar).build["tensorrt"]
                 how = "strongly typed" if facts["strongly_typed"] else "weakly typed"
                 if "fp32_layers" in facts:
                     how = f"FP16 flag, {facts['fp32_layers']} layers pinned to FP32"
-                lines.append(f"{name} (crop {crop}, K {k}) {precision} ({how}, from {facts['onnx']}): "
-                             f"built in {build.seconds:.1f} s; batch 1 "
-                             f"{ms1:.2f} ms/image, batch 8 {ms8:.2f} ms/image (H2D {stages.h2d_ms:.2f}, compute "
-                             f"{stages.compute_ms:.2f}, D2H {stages.d2h_ms:.2f} ms per batch); max |map - ORT FP32| {diff:.1e}")
+                lines.append(
+                    f"{name} (crop {crop}, K {k}) {precision} ({how}, from {facts['onnx']}): "
+                    f"built in {build.seconds:.1f} s; batch 1 "
+                    f"{ms1:.2f} ms/image, batch 8 {ms8:.2f} ms/image (H2D {stages.h2d_ms:.2f}, compute "
+                    f"{stages.compute_ms:.2f}, D2H {stages.d2h_ms:.2f} ms per batch); max |map - ORT FP32| {diff:.1e}"
+                )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return "\n    ".join(lines)
@@ -190,6 +202,7 @@ def check_finch_gpu(n: int = 627_200, sample: int = 2000) -> str:
     if not torch.cuda.is_available():
         raise Skipped("torch: no CUDA device")
     from bench_finch_scale import exact_rows, make_synthetic
+
     from protoad_edge.builder.finch import finch
     from protoad_edge.builder.gpu_neighbours import gpu_first_neighbours
     from protoad_edge.builder.neighbours import make_search
@@ -217,17 +230,21 @@ def check_finch_gpu(n: int = 627_200, sample: int = 2000) -> str:
         truth, truth_sim = exact_rows(path, n, rows)
         hit = (fp16.index[rows] == truth) | (np.abs(fp16.similarity[rows] - truth_sim) <= 1e-6)
         if not hit.all():
-            raise Failed(f"FP16-checked search differs from the CPU's exact FP32 one on {int((~hit).sum())} of "
-                         f"{sample} sampled rows")
+            raise Failed(
+                f"FP16-checked search differs from the CPU's exact FP32 one on {int((~hit).sum())} of "
+                f"{sample} sampled rows"
+            )
         diff = float(np.abs(fp16.similarity[rows] - truth_sim).max())
     finally:
         shutil.rmtree(work, ignore_errors=True)
     retried = next((line for line in notes if "searched again" in line), "")
-    return (f"{n:,} x 1792 synthetic vectors (made in {made:.0f} s): level-0 search "
-            f"FP16+check {timings['fp16']:.1f} s, "
-            f"FP32 {timings['fp32']:.1f} s ({timings['fp32'] / timings['fp16']:.1f}x); {retried.split('; ')[-1]}; "
-            f"all FINCH levels {total:.1f} s -> {result.counts} (target: about 60 s on an RTX-class GPU); "
-            f"{sample} sampled rows equal the CPU's exact search (max |similarity diff| {diff:.1e})")
+    return (
+        f"{n:,} x 1792 synthetic vectors (made in {made:.0f} s): level-0 search "
+        f"FP16+check {timings['fp16']:.1f} s, "
+        f"FP32 {timings['fp32']:.1f} s ({timings['fp32'] / timings['fp16']:.1f}x); {retried.split('; ')[-1]}; "
+        f"all FINCH levels {total:.1f} s -> {result.counts} (target: about 60 s on an RTX-class GPU); "
+        f"{sample} sampled rows equal the CPU's exact search (max |similarity diff| {diff:.1e})"
+    )
 
 
 # One entry per GPU check.

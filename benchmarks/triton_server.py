@@ -30,16 +30,33 @@ def serve_python() -> Path | None:
 class Server:
     """``protoad-serve --model MODEL`` on free ports; ``restart`` stops it and starts it again on the same ports."""
 
-    def __init__(self, model: Path, log: Path, *, name: str | None = None, max_batch: int = 8, threads: int = 0) -> None:
+    def __init__(
+        self, model: Path, log: Path, *, name: str | None = None, max_batch: int = 8, threads: int = 0
+    ) -> None:
         python = serve_python()
         if python is None:
-            raise RuntimeError("no serving environment: python -m venv .venv-serve && .venv-serve/bin/pip install -e '.[serve]' "
-                               "(or set PROTOAD_SERVE_PYTHON)")
+            raise RuntimeError(
+                "no serving environment: python -m venv .venv-serve && .venv-serve/bin/pip install -e '.[serve]' "
+                "(or set PROTOAD_SERVE_PYTHON)"
+            )
         self.ports = {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
         self.name = name or model.name.split(".")[0]
-        self.args = [str(python), "-c", "from protoad_edge.cli.serve import main; main()", "--model", str(model), "--name", self.name,
-                     "--address", "127.0.0.1", "--max-batch", str(max_batch), "--threads", str(threads),
-                     *(f"--{kind}-port={port}" for kind, port in self.ports.items())]
+        self.args = [
+            str(python),
+            "-c",
+            "from protoad_edge.cli.serve import main; main()",
+            "--model",
+            str(model),
+            "--name",
+            self.name,
+            "--address",
+            "127.0.0.1",
+            "--max-batch",
+            str(max_batch),
+            "--threads",
+            str(threads),
+            *(f"--{kind}-port={port}" for kind, port in self.ports.items()),
+        ]
         self.log = log
         self.process: subprocess.Popen | None = None
         self.starts = 0
@@ -59,18 +76,19 @@ class Server:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.ports['metrics']}/metrics", timeout=5) as r:
             return r.read().decode()
 
-    def start(self) -> "Server":
+    def start(self) -> Server:
         return self.launch().wait_ready()
 
-    def launch(self, env: dict[str, str] | None = None) -> "Server":
+    def launch(self, env: dict[str, str] | None = None) -> Server:
         """Start the process and return at once (``wait_ready`` waits for the model); ``env`` adds variables."""
         with open(self.log, "a") as log:
-            self.process = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                            env={**os.environ, **(env or {})})
+            self.process = subprocess.Popen(
+                self.args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})}
+            )
         self.starts += 1
         return self
 
-    def wait_ready(self) -> "Server":
+    def wait_ready(self) -> Server:
         """Wait until the model is ready (Triton's /v2/models/NAME/ready), or fail with the server's log."""
         assert self.process is not None
         end = time.monotonic() + READY_TIMEOUT_S
@@ -96,7 +114,7 @@ class Server:
         self.stop()
         self.start()
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -6,8 +6,9 @@ import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Callable, Iterator
+from typing import IO, Callable
 
 from .errors import ProtoADError
 

@@ -46,8 +46,22 @@ DEFAULT_FOLDER = Path("models")
 # thresholds, TensorRT build facts and the free-form ``build`` dict change in the sidecar after the build
 # (``protoad-eval --set-threshold``, the engine step), so the sidecar is what is in force.
 IDENTITY_FIELDS = (
-    "format", "category", "resize", "crop", "roi", "fit", "backbone", "weights", "feature_upsample",
-    "num_prototypes", "blur_sigma", "input_name", "outputs", "opset", "seed", "projection",
+    "format",
+    "category",
+    "resize",
+    "crop",
+    "roi",
+    "fit",
+    "backbone",
+    "weights",
+    "feature_upsample",
+    "num_prototypes",
+    "blur_sigma",
+    "input_name",
+    "outputs",
+    "opset",
+    "seed",
+    "projection",
 )
 
 
@@ -89,7 +103,7 @@ class Bundle:
         return self.file("timing_cache")
 
     @classmethod
-    def of(cls, path: str | os.PathLike) -> "Bundle":
+    def of(cls, path: str | os.PathLike) -> Bundle:
         """The bundle a file belongs to (the file need not exist)."""
         path = Path(path)
         kind = kind_of(path)
@@ -118,11 +132,16 @@ class Bundle:
         if not self.sidecar.exists():
             return embedded
         side = ModelInfo.load_json(self.sidecar)
-        differ = [f"{name} {getattr(side, name)!r} vs {getattr(embedded, name)!r}"
-                  for name in IDENTITY_FIELDS if not _same(getattr(side, name), getattr(embedded, name))]
+        differ = [
+            f"{name} {getattr(side, name)!r} vs {getattr(embedded, name)!r}"
+            for name in IDENTITY_FIELDS
+            if not _same(getattr(side, name), getattr(embedded, name))
+        ]
         if differ:
-            raise ProtoADError(f"model sidecar {self.sidecar} does not match {model} ({'; '.join(differ)}): "
-                               "restore the pair the build wrote, or delete the stale sidecar")
+            raise ProtoADError(
+                f"model sidecar {self.sidecar} does not match {model} ({'; '.join(differ)}): "
+                "restore the pair the build wrote, or delete the stale sidecar"
+            )
         return side
 
     def seal(self, info: ModelInfo, kinds: tuple[str, ...] = SEALED) -> ModelInfo:
@@ -152,9 +171,12 @@ class Bundle:
         if info.digests is None:
             if self.sidecar not in _WARNED:
                 _WARNED.add(self.sidecar)
-                print(f"warning: {self.sidecar} records no file digests (written before protoad-edge checked them), "
-                      f"so nothing shows that {path} belongs to it; record them with {self.reseal_command}",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"warning: {self.sidecar} records no file digests (written before protoad-edge checked them), "
+                    f"so nothing shows that {path} belongs to it; record them with {self.reseal_command}",
+                    file=sys.stderr,
+                    flush=True,
+                )
             return
         for kind in kinds:
             file = self.file(kind)
@@ -168,10 +190,15 @@ class Bundle:
                 if found == recorded:
                     continue
                 why = f"records sha256 {recorded[:12]}..., the file has {found[:12]}...: it was replaced since"
-            restore = (f"rebuild the plan with protoad-export --from-onnx {self.onnx}" if kind == "plan" else
-                       "put back the file written with the bundle, or rebuild the bundle")
-            raise ProtoADError(f"{file} does not match {self.sidecar}, which {why}. To run it, {restore}; if it was "
-                               f"changed on purpose, run {self.reseal_command}")
+            restore = (
+                f"rebuild the plan with protoad-export --from-onnx {self.onnx}"
+                if kind == "plan"
+                else "put back the file written with the bundle, or rebuild the bundle"
+            )
+            raise ProtoADError(
+                f"{file} does not match {self.sidecar}, which {why}. To run it, {restore}; if it was "
+                f"changed on purpose, run {self.reseal_command}"
+            )
 
     @property
     def reseal_command(self) -> str:
@@ -182,8 +209,10 @@ class Bundle:
         purpose: ``RESEAL``); one line per file saying what changed. Whether the files fit together is still
         checked when they run (``in_force``: the ONNX metadata against the sidecar; the plan by TensorRT)."""
         if not self.sidecar.is_file():
-            raise ProtoADError(f"{self.sidecar} not found: only a sidecar records digests (without one, "
-                               f"{self.onnx} runs from its own metadata)")
+            raise ProtoADError(
+                f"{self.sidecar} not found: only a sidecar records digests (without one, "
+                f"{self.onnx} runs from its own metadata)"
+            )
         old = ModelInfo.load_json(self.sidecar)
         new = self.seal(old)
         before, after = old.digests or {}, new.digests or {}
@@ -192,8 +221,15 @@ class Bundle:
             was, now = before.get(kind), after.get(kind)
             if was is None and now is None:
                 continue
-            what = ("unchanged" if was == now else "dropped: no such file" if now is None
-                    else "new" if was is None else f"was {was[:12]}...")
+            what = (
+                "unchanged"
+                if was == now
+                else "dropped: no such file"
+                if now is None
+                else "new"
+                if was is None
+                else f"was {was[:12]}..."
+            )
             lines.append(f"{self.file(kind)}" + (f" sha256 {now[:12]}..." if now else "") + f" ({what})")
         new.save_json(self.sidecar)
         return lines
@@ -229,8 +265,9 @@ def _same(a: object, b: object) -> bool:
     return a == b
 
 
-def locate(model: str | os.PathLike | None, category: str | None = None,
-           folder: str | os.PathLike = DEFAULT_FOLDER) -> tuple[Bundle, Path | None]:
+def locate(
+    model: str | os.PathLike | None, category: str | None = None, folder: str | os.PathLike = DEFAULT_FOLDER
+) -> tuple[Bundle, Path | None]:
     """(bundle, the file the user named or None) for ``--model``.
 
     ``model`` is any file of a bundle, a folder holding ``CATEGORY.*`` (with ``category``), or None:
@@ -252,11 +289,20 @@ def locate(model: str | os.PathLike | None, category: str | None = None,
     folder = Path(folder)
     if not folder.is_dir():
         raise ProtoADError(f"no --model given and no {folder}/ folder here: pass --model PATH")
-    stems = sorted({Bundle.of(p).stem for p in folder.iterdir()
-                    if p.is_file() and not p.name.startswith(".") and kind_of(p) in ("onnx", "plan", "sidecar")})
+    stems = sorted(
+        {
+            Bundle.of(p).stem
+            for p in folder.iterdir()
+            if p.is_file() and not p.name.startswith(".") and kind_of(p) in ("onnx", "plan", "sidecar")
+        }
+    )
     if not stems:
-        raise ProtoADError(f"no --model given and no model bundle (NAME.onnx, .plan or .json) in {folder}/: pass --model PATH")
+        raise ProtoADError(
+            f"no --model given and no model bundle (NAME.onnx, .plan or .json) in {folder}/: pass --model PATH"
+        )
     if len(stems) > 1:
-        names = [next(Bundle(s).file(k) for k in ("onnx", "plan", "sidecar") if Bundle(s).file(k).is_file()) for s in stems]
+        names = [
+            next(Bundle(s).file(k) for k in ("onnx", "plan", "sidecar") if Bundle(s).file(k).is_file()) for s in stems
+        ]
         raise ProtoADError(f"several models in {folder}/, choose one with --model: {', '.join(map(str, names))}")
     return Bundle(stems[0]), None

@@ -39,16 +39,26 @@ def defect_mask(anomaly_map: np.ndarray, pixel_threshold: float) -> np.ndarray:
     return np.where(np.greater(anomaly_map, pixel_threshold), 255, 0).astype(np.uint8)
 
 
-def defect_regions(anomaly_map: np.ndarray, pixel_threshold: float, limit: int) -> list[tuple[tuple[int, int, int, int], int, float]]:
+def defect_regions(
+    anomaly_map: np.ndarray, pixel_threshold: float, limit: int
+) -> list[tuple[tuple[int, int, int, int], int, float]]:
     """The connected defect regions of a map (8-connected pixels above the pixel threshold), largest first,
     at most ``limit``: ((x, y, w, h), pixel count, peak score), in the map's own pixels."""
     import cv2
 
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(defect_mask(anomaly_map, pixel_threshold), connectivity=8)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(
+        defect_mask(anomaly_map, pixel_threshold), connectivity=8
+    )
     if count <= 1:
         return []
     peaks = np.full(count, -np.inf)
     np.maximum.at(peaks, labels.ravel(), anomaly_map.ravel())
     order = sorted(range(1, count), key=lambda i: (-stats[i, cv2.CC_STAT_AREA], i))[:limit]
-    return [((int(stats[i, 0]), int(stats[i, 1]), int(stats[i, 2]), int(stats[i, 3])), int(stats[i, cv2.CC_STAT_AREA]),
-             float(peaks[i])) for i in order]
+    return [
+        (
+            (int(stats[i, 0]), int(stats[i, 1]), int(stats[i, 2]), int(stats[i, 3])),
+            int(stats[i, cv2.CC_STAT_AREA]),
+            float(peaks[i]),
+        )
+        for i in order
+    ]

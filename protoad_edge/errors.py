@@ -3,4 +3,3 @@
 
 class ProtoADError(Exception):
     """A problem the user can fix (bad file, flag, device); the message names the culprit."""
-

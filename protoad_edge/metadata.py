@@ -24,7 +24,7 @@ from .errors import ProtoADError
 from .preprocess import Preprocess
 
 FORMAT = "protoad-edge"
-SCHEMA = 3
+SCHEMA = 4
 # Schema 1 named the format and its version in one string.
 FORMAT_V1 = "protoad-edge/1"
 INPUT_NAME = "image"
@@ -43,8 +43,10 @@ MANUAL = "manual"  # protoad-eval --set-threshold NUMBER
 OVERRIDE = "--threshold"  # protoad-run --threshold NUMBER (records only: the sidecar is not changed)
 UNRECORDED = "unrecorded"  # records, where the metadata names no rule
 CUSTOM = "custom"  # a rule protoad-edge does not write (edited by hand): records carry this, not the text
-RULE_NAMES = re.compile(rf"({HELD_OUT}|{TRAINING}|{MANUAL}|{OVERRIDE}|{UNRECORDED}|{CUSTOM}"
-                        rf"|(f1|normal-max|fpr=[0-9.e+-]+)({ON_TEST_SPLIT}|{ON_LINE_FRAMES}))")
+RULE_NAMES = re.compile(
+    rf"({HELD_OUT}|{TRAINING}|{MANUAL}|{OVERRIDE}|{UNRECORDED}|{CUSTOM}"
+    rf"|(f1|normal-max|fpr=[0-9.e+-]+)({ON_TEST_SPLIT}|{ON_LINE_FRAMES}))"
+)
 # Schema 2 kept a sentence in ``threshold_rule``: the build's began so, --set-threshold's named its rule so.
 V2_BUILD_RULE = "image: max(max, mean + 3 std)"
 V2_SET_RULE = re.compile(r"image: (\S+) \(--set-threshold\)")
@@ -77,6 +79,11 @@ class ModelInfo:
     roi: list[int] | None = None
     fit: str = "crop"
     blur_sigma: float = 4.0
+    # What the build's normal images were like, for the run's health checks (``runtime.health``): "images" (how
+    # many), "region" ({"min", "max"}: [w, h] of the judged region in their pixels), "brightness", "contrast",
+    # "sharpness" ([min, max], ``imagestats``), "scores" ({"images", "count", "p05", "p50", "p95"} of the held-out
+    # normal images). None: a bundle built before protoad-edge recorded it (those checks say "unknown").
+    built_on: dict[str, Any] | None = None
     # The projection before the prototype stage (``protoad-export --project-dims``), or None (the paper's
     # network): {"dims", "centred", "fitted_on", "variance_kept"}; its arrays are NAME.projection.npz.
     projection: dict[str, Any] | None = None
@@ -113,7 +120,7 @@ class ModelInfo:
         return {k: json.dumps(v) for k, v in self.to_dict().items() if k not in SIDECAR_ONLY}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "metadata") -> "ModelInfo":
+    def from_dict(cls, data: dict[str, Any], source: str = "metadata") -> ModelInfo:
         data = migrate(data, source)
         known = {f.name for f in fields(cls)}
         try:
@@ -122,7 +129,7 @@ class ModelInfo:
             raise ProtoADError(f"{source}: incomplete metadata ({exc})") from None
 
     @classmethod
-    def from_props(cls, props: dict[str, str], source: str = "ONNX metadata") -> "ModelInfo":
+    def from_props(cls, props: dict[str, str], source: str = "ONNX metadata") -> ModelInfo:
         try:
             data = {k: json.loads(v) for k, v in props.items()}
         except json.JSONDecodeError as exc:
@@ -133,7 +140,7 @@ class ModelInfo:
         return write_text_atomic(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
-    def load_json(cls, path: str | os.PathLike) -> "ModelInfo":
+    def load_json(cls, path: str | os.PathLike) -> ModelInfo:
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -165,13 +172,17 @@ def migrate(data: dict[str, Any], source: str = "metadata") -> dict[str, Any]:
     Schema 2 -> 3: ``threshold_rule`` (a sentence, with the test split's absolute path after --set-threshold)
     became a short name (``rule_name``) and ``threshold_detail`` the sentence, in the history's entries too; the
     sidecar records ``digests`` from then on (none here: nothing has checked the files yet).
+    Schema 3 -> 4: the build records its normal images in ``built_on`` (none here: the run's health checks that
+    need it say "unknown").
     """
     schema = schema_of(data, source)
     if schema > SCHEMA:
         rebuild = f"protoad-export --category {data.get('category', 'CATEGORY')}"
-        raise ProtoADError(f"{source}: metadata schema {schema} was written by a newer protoad-edge "
-                           f"({data.get('toolkit_version', '?')}); this one ({__version__}) reads schemas 1 to {SCHEMA}: "
-                           f"upgrade protoad-edge, or rebuild the bundle with {rebuild}")
+        raise ProtoADError(
+            f"{source}: metadata schema {schema} was written by a newer protoad-edge "
+            f"({data.get('toolkit_version', '?')}); this one ({__version__}) reads schemas 1 to {SCHEMA}: "
+            f"upgrade protoad-edge, or rebuild the bundle with {rebuild}"
+        )
     data = dict(data)
     if schema == 1:
         data["tensorrt_precision"] = data.pop("precision", "")
@@ -179,6 +190,8 @@ def migrate(data: dict[str, Any], source: str = "metadata") -> dict[str, Any]:
     if schema <= 2:
         data.update(_v2_rule(data), schema=3, digests=None)
         data["threshold_history"] = [{**entry, **_v2_rule(entry)} for entry in data.get("threshold_history", [])]
+    if schema <= 3:
+        data.update(schema=4, built_on=None)
     return data
 
 

@@ -23,9 +23,11 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 FITS = ("crop", "resize", "pad")
-FIT_HELP = ("how the region becomes the square input: crop = the paper's (shorter side to --resize, centre "
-            "crop; the region's edges are not judged when it is not square), resize = the whole region "
-            "squashed to the input, pad = the whole region scaled to fit, the rest black")
+FIT_HELP = (
+    "how the region becomes the square input: crop = the paper's (shorter side to --resize, centre "
+    "crop; the region's edges are not judged when it is not square), resize = the whole region "
+    "squashed to the input, pad = the whole region scaled to fit, the rest black"
+)
 
 
 @dataclass(frozen=True)
@@ -74,8 +76,11 @@ class Geometry:
         out = np.full((self.frame[1], self.frame[0]), fill, dtype=np.uint8 if nearest else np.float32)
         if nearest:
             part = part.astype(np.uint8)
-        scaled = cv2.resize(part if nearest else part.astype(np.float32), (w, h),
-                            interpolation=cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR)
+        scaled = cv2.resize(
+            part if nearest else part.astype(np.float32),
+            (w, h),
+            interpolation=cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR,
+        )
         x1, y1 = min(x + w, self.frame[0]), min(y + h, self.frame[1])
         out[y:y1, x:x1] = scaled[: y1 - y, : x1 - x]
         return out
@@ -107,8 +112,10 @@ class Preprocess:
             return 0, 0, width, height
         x, y, w, h = self.roi
         if x + w > width or y + h > height:
-            raise ProtoADError(f"--roi {x},{y},{w},{h} reaches past the {width}x{height} image: the region ends at "
-                               f"x {x + w}, y {y + h}")
+            raise ProtoADError(
+                f"--roi {x},{y},{w},{h} reaches past the {width}x{height} image: the region ends at "
+                f"x {x + w}, y {y + h}"
+            )
         return x, y, w, h
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
@@ -133,8 +140,12 @@ class Preprocess:
             return Geometry((width, height), (x, y, w, h), (px, py, px + nw, py + nh), (x, y, w, h))
         (nw, nh), (left, top) = self._resized_size(w, h), self._crop_origin(*self._resized_size(w, h))
         sx, sy = w / nw, h / nh
-        return Geometry((width, height), (x, y, w, h), (0, 0, self.crop, self.crop),
-                        (x + left * sx, y + top * sy, self.crop * sx, self.crop * sy))
+        return Geometry(
+            (width, height),
+            (x, y, w, h),
+            (0, 0, self.crop, self.crop),
+            (x + left * sx, y + top * sy, self.crop * sx, self.crop * sy),
+        )
 
     def _cut(self, image: Image.Image) -> Image.Image:
         if self.roi is None:
@@ -176,7 +187,9 @@ def parse_roi(text: str, flag: str = "--roi") -> tuple[int, int, int, int]:
     """``"x,y,w,h"`` (pixels of the source image) -> (x, y, w, h)."""
     parts = [p.strip() for p in str(text).split(",")]
     if len(parts) != 4 or not all(p.isdigit() for p in parts) or int(parts[2]) < 1 or int(parts[3]) < 1:
-        raise ProtoADError(f"bad {flag} {text!r}: expected x,y,w,h in pixels (e.g. 640,200,800,800), w and h at least 1")
+        raise ProtoADError(
+            f"bad {flag} {text!r}: expected x,y,w,h in pixels (e.g. 640,200,800,800), w and h at least 1"
+        )
     x, y, w, h = (int(p) for p in parts)
     return x, y, w, h
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Iterator, Sequence, TypeVar
+from collections.abc import Iterator, Sequence
+from typing import TypeVar
 
 import click
 
@@ -17,8 +18,9 @@ T = TypeVar("T")
 EVERY_S = 10.0
 
 
-def progress_bar(items: Sequence[T], label: str, enabled: bool = True, *, unit: str = "items",
-                 sizes: Sequence[int] | None = None) -> Iterator[T]:
+def progress_bar(
+    items: Sequence[T], label: str, enabled: bool = True, *, unit: str = "items", sizes: Sequence[int] | None = None
+) -> Iterator[T]:
     """Yield ``items``, reporting progress in ``unit`` (``sizes``: units per item, default one each)."""
     if not enabled:
         yield from items
@@ -39,7 +41,11 @@ def progress_bar(items: Sequence[T], label: str, enabled: bool = True, *, unit: 
         now = time.monotonic()
         if now - last >= EVERY_S and done < total:
             left = (now - start) / done * (total - done)
-            print(f"{label}: {done:,}/{total:,} {unit} ({100 * done / total:.0f}%), {now - start:,.0f} s, "
-                  f"about {left:,.0f} s left", file=sys.stderr, flush=True)
+            print(
+                f"{label}: {done:,}/{total:,} {unit} ({100 * done / total:.0f}%), {now - start:,.0f} s, "
+                f"about {left:,.0f} s left",
+                file=sys.stderr,
+                flush=True,
+            )
             last = now
     print(f"{label}: {done:,} {unit} in {time.monotonic() - start:,.1f} s", file=sys.stderr, flush=True)

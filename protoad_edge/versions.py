@@ -22,10 +22,11 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .atomic import PendingFile
 from .bundle import FILES, Bundle, kind_of, sha256
@@ -71,8 +72,10 @@ def locked(bundle: Bundle) -> Iterator[None]:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ProtoADError(f"another teach, rollback or threshold change of {bundle.stem} is in progress "
-                               f"(it holds {root / '.lock'}): wait for it to finish") from None
+            raise ProtoADError(
+                f"another teach, rollback or threshold change of {bundle.stem} is in progress "
+                f"(it holds {root / '.lock'}): wait for it to finish"
+            ) from None
         try:
             yield
         finally:
@@ -109,8 +112,9 @@ def _same(saved: Path, files: dict[str, Path]) -> bool:
     names = {p.name for p in saved.iterdir()}
     if names != {p.name for p in files.values()}:
         return False
-    return all(os.path.samefile(saved / p.name, p) or filecmp.cmp(saved / p.name, p, shallow=False)
-               for p in files.values())
+    return all(
+        os.path.samefile(saved / p.name, p) or filecmp.cmp(saved / p.name, p, shallow=False) for p in files.values()
+    )
 
 
 def archive(bundle: Bundle, version: int) -> Path:
@@ -219,8 +223,10 @@ def rollback(bundle: Bundle, to: int | None = None) -> Rollback:
         listed = ", ".join(str(v) for v in sorted(versions) if v != info.version) or "none"
         if to is None:
             if not info.changes:
-                raise ProtoADError(f"{bundle.stem} is version {info.version} as built, not made from another: "
-                                   f"nothing to roll back to (kept versions: {listed}; name one with --to)")
+                raise ProtoADError(
+                    f"{bundle.stem} is version {info.version} as built, not made from another: "
+                    f"nothing to roll back to (kept versions: {listed}; name one with --to)"
+                )
             to = int(info.changes[-1]["from"])
         if to == info.version:
             raise ProtoADError(f"{bundle.stem} is version {to} already")
@@ -251,9 +257,11 @@ def _verify(files: dict[str, Path], version: int) -> None:
     digests = ModelInfo.load_json(files["sidecar"]).digests or {}
     for kind, path in files.items():
         if kind in digests and sha256(path) != digests[kind]:
-            raise ProtoADError(f"version {version}'s {path.name} in {path.parent} no longer has the sha256 its sidecar "
-                               "recorded (the bundle's file was overwritten in place, by cp, while this version shared "
-                               "it): not restored")
+            raise ProtoADError(
+                f"version {version}'s {path.name} in {path.parent} no longer has the sha256 its sidecar "
+                "recorded (the bundle's file was overwritten in place, by cp, while this version shared "
+                "it): not restored"
+            )
 
 
 def stamp(*paths: Path) -> tuple[tuple[int, int, int] | None, ...]:

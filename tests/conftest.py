@@ -19,8 +19,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 # these modules start one in every test; these fixtures start a server, or run a whole build, for the tests that
 # use them.
 SLOW_MODULES = {"test_serve.py", "test_outage.py", "test_soak.py"}
-SLOW_FIXTURES = {"broker", "secure", "late_broker", "serve", "demo_export", "projected_build",
-                 "pristine", "projected", "bundle_dir"}  # test_teach, test_reload: a bundle built, then taught
+SLOW_FIXTURES = {
+    "broker",
+    "secure",
+    "late_broker",
+    "serve",
+    "demo_export",
+    "projected_build",
+    "pristine",
+    "projected",
+    "bundle_dir",
+}  # test_teach, test_reload: a bundle built, then taught
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -41,8 +50,15 @@ def torch_threads() -> None:
     torch.set_num_threads(2)
 
 
-def make_bundle(out: Path, name: str = "tiny", crop: int = TINY_CROP, resize: int = TINY_RESIZE,
-                k: int = 48, upsample: str = "bilinear", seed: int = 0) -> Path:
+def make_bundle(
+    out: Path,
+    name: str = "tiny",
+    crop: int = TINY_CROP,
+    resize: int = TINY_RESIZE,
+    k: int = 48,
+    upsample: str = "bilinear",
+    seed: int = 0,
+) -> Path:
     """Export NAME.onnx/.json/.prototypes.npy from random-weight features of synthetic images, in seconds.
 
     The prototypes are ``k`` real normalised patch features of ``normal_crops(6, crop, seed)``, so
@@ -52,14 +68,14 @@ def make_bundle(out: Path, name: str = "tiny", crop: int = TINY_CROP, resize: in
     """
     import torch
 
-    from protoad_edge.export.onnx import export_onnx
     from protoad_edge.builder.features import PatchFeatures, build_backbone
-    from protoad_edge.constants import BACKBONE
-    from protoad_edge.metadata import ModelInfo
     from protoad_edge.builder.network import L2Norm, ProtoADNet
+    from protoad_edge.builder.thresholds import from_normal_maps
+    from protoad_edge.constants import BACKBONE
+    from protoad_edge.export.onnx import export_onnx
+    from protoad_edge.metadata import ModelInfo
     from protoad_edge.preprocess import to_batch
     from protoad_edge.runtime.backends.ort import OrtBackend
-    from protoad_edge.builder.thresholds import from_normal_maps
 
     rng = np.random.default_rng(seed)
     backbone, _ = build_backbone("none", seed)
@@ -69,8 +85,18 @@ def make_bundle(out: Path, name: str = "tiny", crop: int = TINY_CROP, resize: in
         f = L2Norm()(features(torch.from_numpy(to_batch(normal)))).permute(0, 2, 3, 1).reshape(-1, 1792).numpy()
     prototypes = f[rng.choice(len(f), size=k, replace=False)]
     net = ProtoADNet(features, torch.from_numpy(prototypes), crop).eval()
-    info = ModelInfo(category=name, resize=resize, crop=crop, backbone=BACKBONE, weights="none",
-                     feature_upsample=upsample, num_prototypes=k, image_threshold=0.0, pixel_threshold=0.0, seed=seed)
+    info = ModelInfo(
+        category=name,
+        resize=resize,
+        crop=crop,
+        backbone=BACKBONE,
+        weights="none",
+        feature_upsample=upsample,
+        num_prototypes=k,
+        image_threshold=0.0,
+        pixel_threshold=0.0,
+        seed=seed,
+    )
     out.mkdir(parents=True, exist_ok=True)
     onnx_path = export_onnx(net, info, out / f"{name}.onnx")
     maps = OrtBackend(onnx_path, providers=["CPUExecutionProvider"]).infer(to_batch(normal))[0]

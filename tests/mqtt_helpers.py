@@ -15,19 +15,21 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+from conftest import normal_crops
 from paho.mqtt.client import CallbackAPIVersion, Client
 
-from conftest import normal_crops
+from protoad_edge.runtime.backends.ort import OrtBackend
 from protoad_edge.runtime.loop import RunOptions, RunSummary, run
 from protoad_edge.runtime.outputs.mqtt import MqttSink
-from protoad_edge.runtime.backends.ort import OrtBackend
 
 TOPIC = "plant/line3/verdicts"
 # Debian installs the broker in /usr/sbin, which a user's PATH may lack; .ci/run looks there too.
 MOSQUITTO = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/local/sbin:/usr/sbin")
 # CI installs the broker and openssl: there a missing one is a broken set-up, not a reason to skip.
 if os.environ.get("PROTOAD_REQUIRE_BROKER") == "1" and (MOSQUITTO is None or shutil.which("openssl") is None):
-    raise RuntimeError("PROTOAD_REQUIRE_BROKER=1 but mosquitto or openssl is missing (apt-get install mosquitto openssl)")
+    raise RuntimeError(
+        "PROTOAD_REQUIRE_BROKER=1 but mosquitto or openssl is missing (apt-get install mosquitto openssl)"
+    )
 needs_broker = pytest.mark.skipif(MOSQUITTO is None, reason="no mosquitto binary (apt-get install mosquitto)")
 
 
@@ -49,8 +51,9 @@ class Broker:
     (saved when it is stopped with SIGTERM), which a subscriber needs to miss nothing while it reconnects.
     ``extra`` are more configuration lines (a password file, a TLS listener)."""
 
-    def __init__(self, folder: Path, persistent: bool = False, extra: tuple[str, ...] = (),
-                 port: int | None = None) -> None:
+    def __init__(
+        self, folder: Path, persistent: bool = False, extra: tuple[str, ...] = (), port: int | None = None
+    ) -> None:
         self.port = port or free_port()
         self.folder = folder
         self.config = folder / "mosquitto.conf"
@@ -108,8 +111,9 @@ class Subscriber:
 
     With ``client_id`` its session is persistent, so a persistent broker queues what arrives while it is away."""
 
-    def __init__(self, broker: Broker, client_id: str | None = None, user: str | None = None,
-                 password: str | None = None) -> None:
+    def __init__(
+        self, broker: Broker, client_id: str | None = None, user: str | None = None, password: str | None = None
+    ) -> None:
         self.payloads: list[bytes] = []
         self.qos: list[int] = []
         self.subscribed = threading.Event()
@@ -231,8 +235,9 @@ def quiet(message: str) -> None:
     pass
 
 
-def run_with(sink: MqttSink, source: Path, backend: OrtBackend, tmp_path: Path,
-             **options) -> tuple[RunSummary, list[dict]]:
+def run_with(
+    sink: MqttSink, source: Path, backend: OrtBackend, tmp_path: Path, **options
+) -> tuple[RunSummary, list[dict]]:
     """Runs ``source`` into ``sink`` and a JSON-lines log; returns the summary and the log's records."""
     log = tmp_path / "run.jsonl"
     summary = run(str(source), backend, RunOptions(jsonl=log, sinks=[sink], log=quiet, **options))

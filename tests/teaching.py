@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
 from bench_teach import lighting_change
+from PIL import Image
 
 CROP, RESIZE = 64, 72
 TRAIN, HELD = range(8), range(8, 16)  # demo training images of the bundle's prototypes, and of its thresholds
@@ -69,11 +68,21 @@ def teach_bundle(out: Path, name: str = "part", k: int = 256, project_dims: int 
     vectors = f.reshape(-1, 1792).numpy()
     prototypes = vectors[np.random.default_rng(0).choice(len(vectors), k, replace=False)]
     fitted = fit_projection(vectors, project_dims) if project_dims else None
-    net = ProtoADNet(features, torch.from_numpy(prototypes), CROP,
-                     projection=fitted.module() if fitted else None).eval()
-    info = ModelInfo(category=name, resize=RESIZE, crop=CROP, backbone=BACKBONE, weights="none",
-                     feature_upsample="bilinear", num_prototypes=k, image_threshold=0.0, pixel_threshold=0.0,
-                     projection=fitted.record if fitted else None)
+    net = ProtoADNet(
+        features, torch.from_numpy(prototypes), CROP, projection=fitted.module() if fitted else None
+    ).eval()
+    info = ModelInfo(
+        category=name,
+        resize=RESIZE,
+        crop=CROP,
+        backbone=BACKBONE,
+        weights="none",
+        feature_upsample="bilinear",
+        num_prototypes=k,
+        image_threshold=0.0,
+        pixel_threshold=0.0,
+        projection=fitted.record if fitted else None,
+    )
     out.mkdir(parents=True, exist_ok=True)
     onnx_path = export_onnx(net, info, out / f"{name}.onnx")
     maps = OrtBackend(onnx_path, providers=["CPUExecutionProvider"]).infer(to_batch(crops(demo_frames(HELD))))[0]

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from protoad_edge.runtime.backends.registry import parse_spec
 from protoad_edge.cli.eval import _parse_compare
 from protoad_edge.errors import ProtoADError
 from protoad_edge.evaluation import accuracy_gate as gate
 from protoad_edge.evaluation.accuracy_gate import GateFigures, enforce, judge
 from protoad_edge.evaluation.evaluate import BackendRun, Comparison, LabelledSplit, compare_backends, compute_metrics
+from protoad_edge.runtime.backends.registry import parse_spec
 
 
 def figures(image: float = 0.9, pixel: float | None = 0.8, spearman: float = 1.0) -> GateFigures:
@@ -26,19 +26,22 @@ def test_the_limits_are_half_a_point_and_a_rank_correlation_of_0_99() -> None:
     assert gate.MIN_SPEARMAN == 0.99
 
 
-@pytest.mark.parametrize("case, passed", [
-    (dict(), True),
-    (dict(image=0.895), True),  # exactly 0.5 pt (0.9 - 0.895 is 0.5000000000000004 pt in floats): allowed
-    (dict(image=0.89499), False),  # 0.501 pt
-    (dict(image=0.95), True),  # a gain
-    (dict(pixel=0.795), True),
-    (dict(pixel=0.79499), False),
-    (dict(pixel=None, image=0.895), True),  # no masks: the image and rank checks alone
-    (dict(spearman=0.99), True),  # exactly the minimum
-    (dict(spearman=0.989999), False),
-    (dict(spearman=float("nan")), False),  # constant scores rank nothing
-    (dict(image=float("nan")), False),
-])
+@pytest.mark.parametrize(
+    "case, passed",
+    [
+        (dict(), True),
+        (dict(image=0.895), True),  # exactly 0.5 pt (0.9 - 0.895 is 0.5000000000000004 pt in floats): allowed
+        (dict(image=0.89499), False),  # 0.501 pt
+        (dict(image=0.95), True),  # a gain
+        (dict(pixel=0.795), True),
+        (dict(pixel=0.79499), False),
+        (dict(pixel=None, image=0.895), True),  # no masks: the image and rank checks alone
+        (dict(spearman=0.99), True),  # exactly the minimum
+        (dict(spearman=0.989999), False),
+        (dict(spearman=float("nan")), False),  # constant scores rank nothing
+        (dict(image=float("nan")), False),
+    ],
+)
 def test_the_rule_at_and_past_each_limit(case: dict, passed: bool) -> None:
     verdict = judge(figures(**case))
     assert verdict.passed is passed, (case, verdict.failures)
@@ -57,8 +60,14 @@ def test_a_failure_is_refused_with_the_figures_unless_accepted() -> None:
     with pytest.raises(ProtoADError) as caught:
         enforce(verdict, "bottle.int8.onnx was not written", accept=False)
     message = str(caught.value)
-    for text in ("bottle.int8.onnx fails the accuracy gate on 83 labelled images", "image AUROC 86.67 -> 69.17 (-17.50 pt)",
-                 "pixel AUROC 84.32 -> 83.49 (-0.83 pt)", "Spearman 0.8700", "was not written", gate.ACCEPT_FLAG):
+    for text in (
+        "bottle.int8.onnx fails the accuracy gate on 83 labelled images",
+        "image AUROC 86.67 -> 69.17 (-17.50 pt)",
+        "pixel AUROC 84.32 -> 83.49 (-0.83 pt)",
+        "Spearman 0.8700",
+        "was not written",
+        gate.ACCEPT_FLAG,
+    ):
         assert text in message
     enforce(verdict, "not written", accept=True)  # knowingly accepted: no error
     enforce(judge(figures()), "not written", accept=False)  # a pass needs no flag
@@ -70,20 +79,31 @@ def split(n: int = 8, size: int = 8) -> tuple[LabelledSplit, np.ndarray]:
     masks = np.zeros((n, size, size), bool)
     masks[labels, 2:5, 2:5] = True
     maps = np.random.default_rng(0).uniform(0, 0.1, (n, size, size)).astype(np.float32) + masks
-    test = LabelledSplit("c", "mvtec", Path("."), [], np.zeros((n, size, size, 3), np.uint8), masks, labels,
-                         np.ones(n, bool))
+    test = LabelledSplit(
+        "c", "mvtec", Path("."), [], np.zeros((n, size, size, 3), np.uint8), masks, labels, np.ones(n, bool)
+    )
     return test, maps
 
 
 def test_compare_judges_reduced_precisions_only() -> None:
     test, maps = split()
     noisy = maps + np.random.default_rng(1).uniform(0, 1.5, maps.shape).astype(np.float32)
-    runs = [BackendRun("ort", "ort", Path("m.onnx"), maps, compute_metrics(test, maps), 1.0),
-            BackendRun("openvino", "openvino", Path("m.onnx"), maps, compute_metrics(test, maps), 1.0),
-            BackendRun("openvino:bf16", "openvino bf16", Path("m.onnx"), maps + 1e-4, compute_metrics(test, maps), 1.0,
-                       reduced=True),
-            BackendRun("openvino:fp16", "openvino fp16", Path("m.onnx"), noisy, compute_metrics(test, noisy), 1.0,
-                       reduced=True)]
+    runs = [
+        BackendRun("ort", "ort", Path("m.onnx"), maps, compute_metrics(test, maps), 1.0),
+        BackendRun("openvino", "openvino", Path("m.onnx"), maps, compute_metrics(test, maps), 1.0),
+        BackendRun(
+            "openvino:bf16",
+            "openvino bf16",
+            Path("m.onnx"),
+            maps + 1e-4,
+            compute_metrics(test, maps),
+            1.0,
+            reduced=True,
+        ),
+        BackendRun(
+            "openvino:fp16", "openvino fp16", Path("m.onnx"), noisy, compute_metrics(test, noisy), 1.0, reduced=True
+        ),
+    ]
     comparison = Comparison("c", test, runs)
     assert comparison.gate(runs[0]) is None and comparison.gate(runs[1]) is None  # full precision: not judged
     assert comparison.gate(runs[2]).passed
@@ -99,7 +119,9 @@ def test_name_precision_specs() -> None:
     assert _parse_compare("ort, openvino:bf16") == ["ort", "openvino:bf16"]
     with pytest.raises(ProtoADError, match="backend ort cannot run 'ort:bf16'"):
         _parse_compare("openvino,ort:bf16")
-    with pytest.raises(ProtoADError, match="openvino cannot run 'openvino:int4': the precisions it takes are one of fp32"):
+    with pytest.raises(
+        ProtoADError, match="openvino cannot run 'openvino:int4': the precisions it takes are one of fp32"
+    ):
         parse_spec("openvino:int4")
     with pytest.raises(ProtoADError, match="the first backend is the FP32 reference"):
         compare_backends("no-such.onnx", "c", ["openvino:bf16", "ort"])  # refused before any file is read

@@ -11,23 +11,33 @@ import click
 import pytest
 from click.testing import CliRunner
 
-
-from protoad_edge.runtime.backends.registry import AUTO, CHOICES, NAMES, REGISTRY, choose, open_backend
 from protoad_edge.bundle import FILES, Bundle, kind_of, locate
 from protoad_edge.cli.bench import main as bench_main
 from protoad_edge.cli.eval import main as eval_main
 from protoad_edge.cli.run import main as run_main
 from protoad_edge.errors import ProtoADError
 from protoad_edge.runtime.backends.base import Backend, BackendOptions
+from protoad_edge.runtime.backends.registry import AUTO, CHOICES, NAMES, REGISTRY, SPECS, choose, open_backend
 
 
 def test_every_file_of_a_bundle_comes_from_its_stem(tmp_path: Path) -> None:
     bundle = Bundle(tmp_path / "cable")
     names = {kind: bundle.file(kind).name for kind in FILES}
-    assert names == {"onnx": "cable.onnx", "fp16_onnx": "cable.fp16.onnx", "int8_onnx": "cable.int8.onnx",
-                     "plan": "cable.plan", "sidecar": "cable.json", "prototypes": "cable.prototypes.npy",
-                     "timing_cache": "cable.timing.cache", "projection": "cable.projection.npz"}
-    assert (bundle.onnx, bundle.plan, bundle.sidecar) == (bundle.file("onnx"), bundle.file("plan"), bundle.file("sidecar"))
+    assert names == {
+        "onnx": "cable.onnx",
+        "fp16_onnx": "cable.fp16.onnx",
+        "int8_onnx": "cable.int8.onnx",
+        "plan": "cable.plan",
+        "sidecar": "cable.json",
+        "prototypes": "cable.prototypes.npy",
+        "timing_cache": "cable.timing.cache",
+        "projection": "cable.projection.npz",
+    }
+    assert (bundle.onnx, bundle.plan, bundle.sidecar) == (
+        bundle.file("onnx"),
+        bundle.file("plan"),
+        bundle.file("sidecar"),
+    )
     for kind in FILES:  # any file names the whole bundle, the longest suffix first (x.fp16.onnx is not x.fp16)
         assert kind_of(bundle.file(kind)) == kind
         assert Bundle.of(bundle.file(kind)) == bundle
@@ -46,8 +56,11 @@ def make_files(folder: Path, name: str, kinds: tuple[str, ...]) -> Bundle:
 
 def no_tensorrt(monkeypatch: pytest.MonkeyPatch, installed: bool = False) -> None:
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: (object() if installed else None) if name == "tensorrt" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: (object() if installed else None) if name == "tensorrt" else real(name, *a),
+    )
 
 
 def test_which_file_each_backend_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -78,7 +91,9 @@ def test_which_file_each_backend_runs(tmp_path: Path, monkeypatch: pytest.Monkey
 def test_missing_files_and_unknown_backends_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     no_tensorrt(monkeypatch, installed=True)
     b = make_files(tmp_path, "solo", ("fp16_onnx",))
-    with pytest.raises(ProtoADError, match=r"backend trt runs .*solo.plan beside .*solo.fp16.onnx, and it does not exist"):
+    with pytest.raises(
+        ProtoADError, match=r"backend trt runs .*solo.plan beside .*solo.fp16.onnx, and it does not exist"
+    ):
         choose(b, b.fp16_onnx, "trt")
     with pytest.raises(ProtoADError, match="backend torch runs .*solo.json"):
         choose(b, b.fp16_onnx, "torch")
@@ -87,7 +102,9 @@ def test_missing_files_and_unknown_backends_are_named(tmp_path: Path, monkeypatc
     lonely = make_files(tmp_path, "lonely", ("prototypes",))
     with pytest.raises(ProtoADError, match="lonely: no file that an installed backend can run"):
         choose(lonely, lonely.prototypes, AUTO)
-    assert choose(make_files(tmp_path, "rebuilt", ("sidecar",)), None, AUTO)[0].name == "torch"  # torch is the last resort
+    assert (
+        choose(make_files(tmp_path, "rebuilt", ("sidecar",)), None, AUTO)[0].name == "torch"
+    )  # torch is the last resort
 
 
 def test_locate_a_bundle(tmp_path: Path) -> None:
@@ -106,7 +123,9 @@ def test_locate_a_bundle(tmp_path: Path) -> None:
     with pytest.raises(ProtoADError, match="model not found: .*nope.onnx"):
         locate(models / "nope.onnx")
     make_files(models, "screw", ("plan", "sidecar"))
-    with pytest.raises(ProtoADError, match="several models in .*models/, choose one with --model: .*cable.onnx, .*screw.plan"):
+    with pytest.raises(
+        ProtoADError, match="several models in .*models/, choose one with --model: .*cable.onnx, .*screw.plan"
+    ):
         locate(None, folder=models)
 
 
@@ -127,7 +146,9 @@ def test_the_three_clis_take_the_same_backend_names() -> None:
         assert isinstance(option.type, click.Choice)
         return tuple(option.type.choices)
 
-    assert choices(run_main) == choices(eval_main) == choices(bench_main) == CHOICES
+    # every backend, and each lower precision it can run (openvino:bf16), on every command that runs a model
+    assert choices(run_main) == choices(eval_main) == choices(bench_main) == SPECS
+    assert set(CHOICES) < set(SPECS) and "openvino:bf16" in SPECS and "ort:bf16" not in SPECS
     for command in (run_main, eval_main, bench_main):
         model = next(p for p in command.params if p.name == "model")
         assert "NAME.onnx" in (model.help or "") or "bundle" in (model.help or "")
@@ -136,9 +157,8 @@ def test_the_three_clis_take_the_same_backend_names() -> None:
 @pytest.mark.slow
 def test_run_eval_and_bench_accept_any_file_of_a_bundle(tiny_model: Path, tmp_path: Path) -> None:
     """``protoad-run --model x.json`` once failed with a protobuf parse error: every file names the bundle."""
-    from PIL import Image
-
     from conftest import normal_crops
+    from PIL import Image
 
     image = tmp_path / "part.png"
     Image.fromarray(normal_crops(1, 80)[0]).save(image)
@@ -148,8 +168,9 @@ def test_run_eval_and_bench_accept_any_file_of_a_bundle(tiny_model: Path, tmp_pa
         assert result.exit_code == 0, result.output
         assert "backend ort (CPUExecutionProvider, fp32)" in result.stderr
         scores.add(json.loads(result.stdout.splitlines()[0])["score"])
-        bench = CliRunner().invoke(bench_main, ["--model", str(model), "--warmup", "0", "--iterations", "1",
-                                                "--frame-size", "80x80"])
+        bench = CliRunner().invoke(
+            bench_main, ["--model", str(model), "--warmup", "0", "--iterations", "1", "--frame-size", "80x80"]
+        )
         assert bench.exit_code == 0, bench.output
     assert len(scores) == 1
 

@@ -17,6 +17,7 @@ import onnxruntime
 import pytest
 from click.testing import CliRunner
 
+from protoad_edge.cli.bench import main, parse_batches
 from protoad_edge.evaluation.bench import (
     PAPER_FPS,
     STAGES,
@@ -26,10 +27,9 @@ from protoad_edge.evaluation.bench import (
     make_frame,
     run_batch,
 )
-from protoad_edge.runtime.backends.registry import open_backend
-from protoad_edge.cli.bench import main, parse_batches
 from protoad_edge.metadata import ModelInfo
 from protoad_edge.runtime.backends.base import Backend, BackendFacts, BackendOptions
+from protoad_edge.runtime.backends.registry import open_backend
 
 ORDERED = ("min", "median", "p90", "p95", "p99", "max")
 
@@ -96,7 +96,15 @@ def test_json_is_written_and_valid(report: BenchReport, tmp_path: Path) -> None:
     assert data["header"]["model"]["num_prototypes"] == 48
     assert data["paper"]["fps"] == PAPER_FPS
     first = data["results"][0]
-    assert first["batch"] == 1 and set(first["latency_ms"]["end_to_end"]) == {"min", "mean", "median", "p90", "p95", "p99", "max"}
+    assert first["batch"] == 1 and set(first["latency_ms"]["end_to_end"]) == {
+        "min",
+        "mean",
+        "median",
+        "p90",
+        "p95",
+        "p99",
+        "max",
+    }
     assert first["paper_ratio"]["ProtoAD"] == pytest.approx(first["model_throughput_images_per_s"] / 72.45)
     assert not list(path.parent.glob(".*.tmp"))  # atomic: no temporary left behind
 
@@ -113,9 +121,18 @@ class _FakeGpuBackend(Backend):
     name = "trt"
 
     def __init__(self) -> None:
-        self.info = ModelInfo(category="fake", resize=40, crop=32, backbone="wide_resnet50_2", weights="none",
-                              feature_upsample="bilinear", num_prototypes=5, image_threshold=0.1, pixel_threshold=0.1,
-                              tensorrt_precision="fp16")
+        self.info = ModelInfo(
+            category="fake",
+            resize=40,
+            crop=32,
+            backbone="wide_resnet50_2",
+            weights="none",
+            feature_upsample="bilinear",
+            num_prototypes=5,
+            image_threshold=0.1,
+            pixel_threshold=0.1,
+            tensorrt_precision="fp16",
+        )
         self.last_times = None
         self.calls = 0
 
@@ -137,8 +154,9 @@ def test_duration_and_stage_split_with_a_deterministic_clock() -> None:
     ticks = iter(range(10_000))
     backend = _FakeGpuBackend()
     # every clock call advances one second: preprocess 1 s, inference 1 s per iteration
-    r = run_batch(backend, make_frame((50, 40)), batch=2, warmup=3, iterations=1, duration=5.0,
-                  clock=lambda: float(next(ticks)))
+    r = run_batch(
+        backend, make_frame((50, 40)), batch=2, warmup=3, iterations=1, duration=5.0, clock=lambda: float(next(ticks))
+    )
     assert r.iterations == 2 and backend.calls == 3 + 2  # 2 s, then 5 s since the first timed start
     assert r.stages["preprocess"].median == r.stages["infer"].median == 1000.0
     assert r.stages["end_to_end"].mean == 2000.0 and r.throughput == pytest.approx(1.0)
@@ -154,8 +172,25 @@ def test_parse_batches() -> None:
 
 def test_cli_writes_report_and_json(tiny_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "r.json"
-    result = CliRunner().invoke(main, ["--onnx", str(tiny_model), "--batch", "1,2", "--warmup", "0", "--iterations", "2",
-                                       "--frame-size", "200x100", "--threads", "1", "--json", str(out)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "--onnx",
+            str(tiny_model),
+            "--batch",
+            "1,2",
+            "--warmup",
+            "0",
+            "--iterations",
+            "2",
+            "--frame-size",
+            "200x100",
+            "--threads",
+            "1",
+            "--json",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "=== batch 2 (2 iterations) ===" in result.stdout and "Throughput:" in result.stdout
     data = json.loads(out.read_text())
@@ -164,24 +199,40 @@ def test_cli_writes_report_and_json(tiny_model: Path, tmp_path: Path) -> None:
 
 
 def test_cli_torch_mode(tiny_model: Path, torch_threads: None) -> None:
-    result = CliRunner().invoke(main, ["--torch", str(tiny_model.with_suffix(".json")), "--device", "cpu",
-                                       "--warmup", "0", "--iterations", "1", "--frame-size", "80x80"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "--torch",
+            str(tiny_model.with_suffix(".json")),
+            "--device",
+            "cpu",
+            "--warmup",
+            "0",
+            "--iterations",
+            "1",
+            "--frame-size",
+            "80x80",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "backend     torch on cpu, precision fp32" in result.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--onnx", "{onnx}", "--torch", "{json}"], "give one model"),
-    (["--model", "{onnx}", "--engine", "{onnx}"], "give one model"),
-    (["--onnx", "{onnx}", "--backend", "trt"], "--onnx runs backend ort, not --backend trt"),
-    (["--onnx", "{dir}/missing.onnx"], "model not found"),
-    (["--model", "{dir}/notes.txt"], "not a file of a model bundle"),
-    (["--engine", "{onnx}"], "backend trt runs {dir}/tiny.plan beside {onnx}, and it does not exist"),
-    (["--onnx", "{onnx}", "--batch", "0"], "bad --batch"),
-    (["--onnx", "{onnx}", "--batch", "1,x"], "bad --batch"),
-    (["--onnx", "{onnx}", "--frame-size", "big"], "bad --frame-size"),
-    (["--onnx", "{onnx}", "--image", "{dir}/nope.png"], "image not found"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--onnx", "{onnx}", "--torch", "{json}"], "give one model"),
+        (["--model", "{onnx}", "--engine", "{onnx}"], "give one model"),
+        (["--onnx", "{onnx}", "--backend", "trt"], "--onnx runs backend ort, not --backend trt"),
+        (["--onnx", "{dir}/missing.onnx"], "model not found"),
+        (["--model", "{dir}/notes.txt"], "not a file of a model bundle"),
+        (["--engine", "{onnx}"], "backend trt runs {dir}/tiny.plan beside {onnx}, and it does not exist"),
+        (["--onnx", "{onnx}", "--batch", "0"], "bad --batch"),
+        (["--onnx", "{onnx}", "--batch", "1,x"], "bad --batch"),
+        (["--onnx", "{onnx}", "--frame-size", "big"], "bad --frame-size"),
+        (["--onnx", "{onnx}", "--image", "{dir}/nope.png"], "image not found"),
+    ],
+)
 def test_cli_bad_input_is_one_line(tiny_model: Path, args: list[str], message: str) -> None:
     names = {"onnx": str(tiny_model), "json": str(tiny_model.with_suffix(".json")), "dir": str(tiny_model.parent)}
     (tiny_model.parent / "notes.txt").write_text("not a model")
@@ -212,7 +263,22 @@ def test_onnx_bench_does_not_import_torch(tiny_model: Path) -> None:
 def test_cli_threads_0_means_every_core(tiny_model: Path, tmp_path: Path) -> None:
     """0 was onnxruntime's default (one thread per physical core); it means all cores, as in every CLI."""
     out = tmp_path / "r.json"
-    result = CliRunner().invoke(main, ["--onnx", str(tiny_model), "--warmup", "0", "--iterations", "1",
-                                       "--frame-size", "80x80", "--threads", "0", "--json", str(out)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "--onnx",
+            str(tiny_model),
+            "--warmup",
+            "0",
+            "--iterations",
+            "1",
+            "--frame-size",
+            "80x80",
+            "--threads",
+            "0",
+            "--json",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(out.read_text())["header"]["backend"]["details"]["intra_op_threads"] == os.cpu_count()

@@ -62,12 +62,37 @@ def test_rss_sampler_keeps_the_peaks_of_anonymous_and_file_backed_memory() -> No
 
 @pytest.mark.slow
 def test_tiny_run_end_to_end(tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, str(BENCH / "bench_finch_scale.py"), "--sizes", "1200", "--data", "synthetic",
-                          "--clusters", "40", "--recall-rows", "300", "--methods", "ours,unbounded,finch-clust,exact",
-                          "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=600, check=False)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "bench_finch_scale.py"),
+            "--sizes",
+            "1200",
+            "--data",
+            "synthetic",
+            "--clusters",
+            "40",
+            "--recall-rows",
+            "300",
+            "--methods",
+            "ours,unbounded,finch-clust,exact",
+            "--workdir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr
-    rows = {cells[2]: cells for cells in ([c.strip() for c in line.strip("|").split("|")]
-                                           for line in out.stdout.splitlines() if line.startswith("| synthetic | 1,200 |"))}
+    rows = {
+        cells[2]: cells
+        for cells in (
+            [c.strip() for c in line.strip("|").split("|")]
+            for line in out.stdout.splitlines()
+            if line.startswith("| synthetic | 1,200 |")
+        )
+    }
     assert sorted(rows) == ["exact", "finch-clust", "ours", "unbounded"]
     # All exact at this size: the same partitions, and every sampled neighbour right.
     for method, cells in rows.items():
@@ -85,22 +110,51 @@ def test_phases_are_timed_per_level_for_both_methods(tmp_path: Path) -> None:
     features = tmp_path / "x.npy"
     make_synthetic(features, 24_000, clusters=300)
     script = str(BENCH / "bench_finch_phases.py")
-    worker = subprocess.run([sys.executable, script, "--features", str(features), "--max-prototypes", "500",
-                             "--worker", "ours"], capture_output=True, text=True, timeout=600, check=True)
+    worker = subprocess.run(
+        [sys.executable, script, "--features", str(features), "--max-prototypes", "500", "--worker", "ours"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
     record = json.loads(worker.stdout.strip().splitlines()[-1])
     phases = {(p["level"], p["phase"]) for p in record["phases"]}
     assert {(0, "project"), (0, "candidates"), (0, "rerank"), (0, "components"), (0, "group_sums")} <= phases
     assert len(record["level_seconds"]) == len(record["counts"]) and all(p["read"] >= 0 for p in record["phases"])
-    out = subprocess.run([sys.executable, script, "--features", str(features), "--max-prototypes", "500",
-                          "--baseline", "HEAD", "--repeat", "2"], capture_output=True, text=True, timeout=600,
-                         check=True).stdout
+    out = subprocess.run(
+        [
+            sys.executable,
+            script,
+            "--features",
+            str(features),
+            "--max-prototypes",
+            "500",
+            "--baseline",
+            "HEAD",
+            "--repeat",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    ).stdout
     assert "same partition at the chosen level in every method and run: True" in out
-    runs = re.findall(r"^run (\d) (\S+): FINCH [\d.]+ s, clusters \[.*\], code from (\S+) \(features read into "
-                      r"the page cache before it: \d+ s\)$", out, re.MULTILINE)
+    runs = re.findall(
+        r"^run (\d) (\S+): FINCH [\d.]+ s, clusters \[.*\], code from (\S+) \(features read into "
+        r"the page cache before it: \d+ s\)$",
+        out,
+        re.MULTILINE,
+    )
     assert [(r, m) for r, m, _ in runs] == [(r, m) for r in "12" for m in ("ours", "unbounded", "HEAD")]  # interleaved
-    assert {m: Path(c).parents[1] == BENCH.parent for _, m, c in runs} == {"ours": True, "unbounded": True,
-                                                                             "HEAD": False}  # HEAD: extracted
+    assert {m: Path(c).parents[1] == BENCH.parent for _, m, c in runs} == {
+        "ours": True,
+        "unbounded": True,
+        "HEAD": False,
+    }  # HEAD: extracted
     assert re.search(r"^HEAD: FINCH median [\d.]+ s; per run / ours: [\d.]+, [\d.]+$", out, re.MULTILINE)
-    assert ("| level | phase | ours s | unbounded s | HEAD s | ours GB read / written | unbounded GB read / written "
-            "| HEAD GB read / written |") in out
+    assert (
+        "| level | phase | ours s | unbounded s | HEAD s | ours GB read / written | unbounded GB read / written "
+        "| HEAD GB read / written |"
+    ) in out
     assert any(line.startswith("| 0 | candidates | ") for line in out.splitlines())

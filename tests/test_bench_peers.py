@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import bench_peers
 import numpy as np
 import pytest
 
-import bench_peers
 from protoad_edge.builder.pipeline import split_train
 
 
@@ -29,10 +29,15 @@ def test_the_gate_column_judges_each_row_against_its_own_fp32() -> None:
         done.ms = {1: [100.0, 120.0, 110.0], 8: [50.0]}
         return done
 
-    text = bench_peers.table([run("ours", "onnxruntime FP32", 0.9, 0.8, scores),
-                              run("ours", "OpenVINO BF16", 0.9, 0.799, scores / 2),
-                              run("peer", "onnxruntime FP32", 0.7, 0.6, scores),
-                              run("peer", "OpenVINO default (BF16)", 0.6, 0.6, scores[::-1].copy())], test)
+    text = bench_peers.table(
+        [
+            run("ours", "onnxruntime FP32", 0.9, 0.8, scores),
+            run("ours", "OpenVINO BF16", 0.9, 0.799, scores / 2),
+            run("peer", "onnxruntime FP32", 0.7, 0.6, scores),
+            run("peer", "OpenVINO default (BF16)", 0.6, 0.6, scores[::-1].copy()),
+        ],
+        test,
+    )
     rows = text.splitlines()[2:]
     assert rows[0] == "| ours | onnxruntime FP32 | 90.0 / 80.0 | reference | 110 | 50 | 1.00x |"
     assert "| passes: -0.00 / -0.10 pt, Spearman 1.0000 |" in rows[1]

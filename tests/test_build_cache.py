@@ -24,16 +24,32 @@ def images(tmp_path: Path) -> list[Path]:
 
 
 def key_parts(images: list[Path]) -> dict:
-    return dict(dataset="mvtec", category="bottle", images=images, weights="none (seeded random initialisation, seed 0)",
-                resize=72, crop=64, feature_upsample="bilinear", version="0.1.0")
+    return dict(
+        dataset="mvtec",
+        category="bottle",
+        images=images,
+        weights="none (seeded random initialisation, seed 0)",
+        resize=72,
+        crop=64,
+        feature_upsample="bilinear",
+        version="0.1.0",
+    )
 
 
 def test_key_changes_with_each_part(images: list[Path], tmp_path: Path) -> None:
     base = key_parts(images)
     key = features_key(**base)
     assert features_key(**base) == key  # deterministic
-    changed = {"dataset": "btad", "category": "cable", "images": images[:2], "weights": "imagenet (torchvision IMAGENET1K_V1)",
-               "resize": 256, "crop": 224, "feature_upsample": "nearest", "version": "0.2.0"}
+    changed = {
+        "dataset": "btad",
+        "category": "cable",
+        "images": images[:2],
+        "weights": "imagenet (torchvision IMAGENET1K_V1)",
+        "resize": 256,
+        "crop": 224,
+        "feature_upsample": "nearest",
+        "version": "0.2.0",
+    }
     keys = {features_key(**{**base, name: value}) for name, value in changed.items()}
     keys.add(features_key(**{**base, "images": images[::-1]}))  # row order is part of the content
     moved = tmp_path / "elsewhere.png"
@@ -120,9 +136,12 @@ def test_entry_of_another_shape_is_rebuilt(tmp_path: Path) -> None:
 
 
 def test_no_cache_keeps_nothing(tmp_path: Path) -> None:
-    got, hit = cached_features(tmp_path / "scratch", "k4", (6, 4), lambda out: out.fill(3), keep=False, log=lambda _: None)
+    got, hit = cached_features(
+        tmp_path / "scratch", "k4", (6, 4), lambda out: out.fill(3), keep=False, log=lambda _: None
+    )
     assert not hit and got.shape == (6, 4) and (got == 3).all()
     assert list((tmp_path / "scratch").iterdir()) == []  # unlinked; the mapping keeps the data alive
-    got_again, _ = cached_features(tmp_path / "scratch", "k4", (6, 4), lambda out: out.fill(4), keep=False,
-                                log=lambda _: None)
+    got_again, _ = cached_features(
+        tmp_path / "scratch", "k4", (6, 4), lambda out: out.fill(4), keep=False, log=lambda _: None
+    )
     assert (got_again == 4).all()

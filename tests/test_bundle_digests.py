@@ -15,10 +15,9 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from conftest import normal_crops
 from onnx import numpy_helper
 
-from conftest import normal_crops
-from protoad_edge.runtime.backends.registry import open_backend
 from protoad_edge.bundle import SEALED, Bundle, sha256
 from protoad_edge.cli.bench import main as bench_main
 from protoad_edge.cli.eval import main as eval_main
@@ -29,6 +28,7 @@ from protoad_edge.errors import ProtoADError
 from protoad_edge.metadata import ModelInfo
 from protoad_edge.preprocess import to_batch
 from protoad_edge.runtime.backends.base import BackendOptions
+from protoad_edge.runtime.backends.registry import open_backend
 
 CPU = BackendOptions(device="cpu", threads=1)
 
@@ -95,8 +95,10 @@ def test_every_command_refuses_the_file(tiny_model: Path, tmp_path: Path) -> Non
     Image.fromarray(normal_crops(1, 64)[0]).save(image)
     commands = {
         "protoad-run": (run_main, [str(image), "--model", str(bundle.onnx)]),
-        "protoad-eval": (eval_main, ["--model", str(bundle.onnx), "--category", "tiny", "--data-root",
-                                     str(tmp_path / "no-data")]),
+        "protoad-eval": (
+            eval_main,
+            ["--model", str(bundle.onnx), "--category", "tiny", "--data-root", str(tmp_path / "no-data")],
+        ),
         "protoad-bench": (bench_main, ["--model", str(bundle.onnx), "--iterations", "1", "--warmup", "0"]),
         "protoad-serve": (serve_main, ["--model", str(bundle.onnx)]),
     }
@@ -105,7 +107,7 @@ def test_every_command_refuses_the_file(tiny_model: Path, tmp_path: Path) -> Non
         assert result.exit_code == 2, (name, result.output)
         lines = result.output.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), (name, result.output)
-        one_line_refusal(lines[0][len("error: "):], bundle.onnx, bundle)
+        one_line_refusal(lines[0][len("error: ") :], bundle.onnx, bundle)
 
 
 def test_reseal_records_a_file_changed_on_purpose(tiny_model: Path, tmp_path: Path) -> None:
@@ -119,18 +121,23 @@ def test_reseal_records_a_file_changed_on_purpose(tiny_model: Path, tmp_path: Pa
         f"  sealed        {bundle.prototypes} sha256 {before.digests['prototypes'][:12]}... (unchanged)",
     ]
     after = ModelInfo.load_json(bundle.sidecar)
-    assert after.digests == {"onnx": hashlib.sha256(bundle.onnx.read_bytes()).hexdigest(),
-                             "prototypes": before.digests["prototypes"]}
-    assert {k: v for k, v in after.to_dict().items() if k != "digests"} == \
-        {k: v for k, v in before.to_dict().items() if k != "digests"}  # nothing else changes
+    assert after.digests == {
+        "onnx": hashlib.sha256(bundle.onnx.read_bytes()).hexdigest(),
+        "prototypes": before.digests["prototypes"],
+    }
+    assert {k: v for k, v in after.to_dict().items() if k != "digests"} == {
+        k: v for k, v in before.to_dict().items() if k != "digests"
+    }  # nothing else changes
     with open_backend(bundle.onnx, options=CPU) as opened:
         opened.infer(to_batch(normal_crops(1, 64)))
     bundle.prototypes.unlink()  # a file gone is dropped from the record
     result = CliRunner().invoke(export_main, ["--from-onnx", str(bundle.onnx), "--reseal"])
     assert f"{bundle.prototypes} (dropped: no such file)" in result.output
     assert set(ModelInfo.load_json(bundle.sidecar).digests) == {"onnx"}
-    for args, needle in ((["--reseal"], "give --from-onnx NAME.onnx"),
-                         (["--reseal", "--from-onnx", str(tmp_path / "none.onnx")], "none.onnx: no such file")):
+    for args, needle in (
+        (["--reseal"], "give --from-onnx NAME.onnx"),
+        (["--reseal", "--from-onnx", str(tmp_path / "none.onnx")], "none.onnx: no such file"),
+    ):
         result = CliRunner().invoke(export_main, args)
         assert result.exit_code == 2 and needle in result.output and len(result.output.splitlines()) == 1
     bundle.sidecar.unlink()
@@ -167,26 +174,33 @@ def test_the_export_steps_refuse_to_build_on_a_stranger(tiny_model: Path, tmp_pa
 
     bundle = copy_bundle(tiny_model, tmp_path / "line3")
     shutil.copy(other_build(tiny_model, tmp_path / "other.onnx"), bundle.onnx)
-    for step in (lambda: build_engine(bundle.onnx, precision="fp32", log=lambda _: None),
-                 lambda: export_int8(bundle.onnx, "tiny", tmp_path / "no-data", log=lambda _: None),
-                 lambda: write_repository(bundle.onnx, tmp_path / "repo")):
+    for step in (
+        lambda: build_engine(bundle.onnx, precision="fp32", log=lambda _: None),
+        lambda: export_int8(bundle.onnx, "tiny", tmp_path / "no-data", log=lambda _: None),
+        lambda: write_repository(bundle.onnx, tmp_path / "repo"),
+    ):
         with pytest.raises(ProtoADError) as refused:
             step()
         one_line_refusal(str(refused.value), bundle.onnx, bundle)
     assert not (tmp_path / "repo").exists() and not bundle.plan.exists()
 
 
-def test_a_sidecar_without_digests_runs_with_one_warning(tiny_model: Path, tmp_path: Path,
-                                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_sidecar_without_digests_runs_with_one_warning(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bundle = copy_bundle(tiny_model, tmp_path / "old", seal=False)
     assert ModelInfo.load_json(bundle.sidecar).digests is None
     for _ in range(2):
         with open_backend(bundle.onnx, options=CPU) as opened:
             opened.infer(to_batch(normal_crops(1, 64)))
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
-    assert warnings == [(f"warning: {bundle.sidecar} records no file digests (written before protoad-edge checked "
-                         f"them), so nothing shows that {bundle.onnx} belongs to it; record them with "
-                         f"protoad-export --from-onnx {bundle.onnx} --reseal")]
+    assert warnings == [
+        (
+            f"warning: {bundle.sidecar} records no file digests (written before protoad-edge checked "
+            f"them), so nothing shows that {bundle.onnx} belongs to it; record them with "
+            f"protoad-export --from-onnx {bundle.onnx} --reseal"
+        )
+    ]
     bundle.check(bundle.onnx)  # the same sidecar again: said once is enough
     assert capsys.readouterr().err == ""
 
@@ -195,10 +209,22 @@ def test_seal_starts_afresh_and_a_writer_adds_only_its_files(tmp_path: Path) -> 
     bundle = Bundle(tmp_path / "cable")
     for kind, data in (("onnx", b"graph"), ("prototypes", b"rows"), ("plan", b"engine"), ("timing_cache", b"t")):
         bundle.file(kind).write_bytes(data)
-    info = ModelInfo(category="cable", resize=256, crop=224, backbone="b", weights="none", feature_upsample="bilinear",
-                     num_prototypes=10, image_threshold=0.3, pixel_threshold=0.2)
-    digest = {kind: hashlib.sha256(bundle.file(kind).read_bytes()).hexdigest() for kind in SEALED
-              if bundle.file(kind).is_file()}
+    info = ModelInfo(
+        category="cable",
+        resize=256,
+        crop=224,
+        backbone="b",
+        weights="none",
+        feature_upsample="bilinear",
+        num_prototypes=10,
+        image_threshold=0.3,
+        pixel_threshold=0.2,
+    )
+    digest = {
+        kind: hashlib.sha256(bundle.file(kind).read_bytes()).hexdigest()
+        for kind in SEALED
+        if bundle.file(kind).is_file()
+    }
     assert set(digest) == {"onnx", "prototypes", "plan"}  # the timing cache decides nothing: not sealed
     assert bundle.seal(info, ("plan",)).digests is None  # an unsealed sidecar is not half sealed by a writer
     sealed = bundle.seal(info)

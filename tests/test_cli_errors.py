@@ -19,8 +19,12 @@ from protoad_edge.cli.export import main as export_main
 from protoad_edge.cli.run import main as run_main
 
 REPO = Path(__file__).resolve().parents[1]
-COMMANDS = {"protoad-export": export_main, "protoad-run": run_main, "protoad-eval": eval_main,
-            "protoad-bench": bench_main}
+COMMANDS = {
+    "protoad-export": export_main,
+    "protoad-run": run_main,
+    "protoad-eval": eval_main,
+    "protoad-bench": bench_main,
+}
 # Modules of the [build] extra missing as in a runtime-only install (``pip install -e .``): a real
 # "No module named" error, the one an absent package raises.
 NO_BUILD_EXTRA = """
@@ -35,10 +39,17 @@ sys.meta_path.insert(0, Absent())
 
 def cli(module: str, *args: str, prelude: str = "", cwd: Path) -> subprocess.CompletedProcess[str]:
     """``protoad-XXX ARGS`` as a user runs it: a fresh interpreter, the entry point's ``main``."""
-    code = prelude + (f"import sys\nsys.argv = ['cli', *{list(args)!r}]\n"
-                      f"from protoad_edge.cli.{module} import main\nmain()\n")
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=cwd,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    code = prelude + (
+        f"import sys\nsys.argv = ['cli', *{list(args)!r}]\nfrom protoad_edge.cli.{module} import main\nmain()\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
 
 
 def one_error_line(done: subprocess.CompletedProcess[str]) -> str:
@@ -50,8 +61,9 @@ def one_error_line(done: subprocess.CompletedProcess[str]) -> str:
 
 
 def test_export_without_torch_says_what_to_install(tmp_path: Path) -> None:
-    done = cli("export", "--category", "demo", "--data-root", str(tmp_path / "data"), prelude=NO_BUILD_EXTRA,
-               cwd=tmp_path)
+    done = cli(
+        "export", "--category", "demo", "--data-root", str(tmp_path / "data"), prelude=NO_BUILD_EXTRA, cwd=tmp_path
+    )
     line = one_error_line(done)
     assert "needs torch, which is not installed: pip install 'protoad-edge[build]'" in line
     assert "--from-onnx" in line and "without torch" in line
@@ -61,15 +73,16 @@ def test_export_without_torch_says_what_to_install(tmp_path: Path) -> None:
 def test_an_absent_camera_is_one_line(tmp_path: Path) -> None:
     """OpenCV (V4L2, FFmpeg, obsensor) logged a dozen WARN/ERROR lines before the error; now only the error."""
     done = cli("run", "camera7", "--preview", str(tmp_path / "first.png"), cwd=tmp_path)
-    assert one_error_line(done) == ("error: cannot open camera7 (OpenCV camera index 7): not connected, "
-                                    "or in use by another program?")
+    assert one_error_line(done) == (
+        "error: cannot open camera7 (OpenCV camera index 7): not connected, or in use by another program?"
+    )
 
 
 def option_help(command: click.Command) -> dict[str, str]:
     """Each option of ``command --help`` -> its entry (names, metavar, help, default), whitespace collapsed."""
     result = CliRunner().invoke(command, ["--help"], terminal_width=100)
     assert result.exit_code == 0, result.output
-    options = result.output[result.output.index("Options:"):].splitlines()[1:]
+    options = result.output[result.output.index("Options:") :].splitlines()[1:]
     entries: list[str] = []
     for line in options:
         if re.match(r"\s{2}-", line):

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import every_anomaly_has_a_mask
 from PIL import Image
 
-from conftest import every_anomaly_has_a_mask
 from protoad_edge.builder.datasets import Sample, list_categories, open_dataset, resolve_data_root
 from protoad_edge.errors import ProtoADError
 
@@ -268,8 +268,10 @@ def test_a_category_folder_given_as_the_data_root_names_its_parent(mvtec, btad, 
     for category, root, kind, sign in (("widget", mvtec, "mvtec", "train/good/"), ("01", btad, "btad", "train/ok/")):
         for asked in (category, "other"):
             message = _error(asked, root / category, kind)
-            assert message.startswith(f"--data-root {root / category} is itself a category folder ('{category}' in "
-                                      f"{kind} layout: it has {sign})")
+            assert message.startswith(
+                f"--data-root {root / category} is itself a category folder ('{category}' in "
+                f"{kind} layout: it has {sign})"
+            )
             assert message.endswith(f"pass the folder above it, --data-root {root}")
     folder = tmp_path_factory.mktemp("own")
     _image(folder / "parts" / "a.png")

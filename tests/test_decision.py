@@ -10,9 +10,9 @@ import pytest
 
 from protoad_edge.builder.thresholds import from_normal_maps
 from protoad_edge.decision import capped_pixel_threshold, defect_mask, defect_regions, image_scores, is_anomalous
+from protoad_edge.metadata import ModelInfo
 from protoad_edge.metrics import f1_optimal_threshold
 from protoad_edge.runtime.loop import thresholds_in_force
-from protoad_edge.metadata import ModelInfo
 
 
 def maps_with_peaks(peaks: list[float], size: int = 8, floor: float = 0.0) -> np.ndarray:
@@ -45,7 +45,9 @@ def test_pixel_threshold_is_the_999th_permille_of_normal_pixels() -> None:
     maps = values.reshape(2, 50, 50)
     sorted_values = np.sort(values)
     position = 0.999 * (values.size - 1)
-    expected = sorted_values[int(position)] + (position - int(position)) * (sorted_values[int(position) + 1] - sorted_values[int(position)])
+    expected = sorted_values[int(position)] + (position - int(position)) * (
+        sorted_values[int(position) + 1] - sorted_values[int(position)]
+    )
     t = from_normal_maps(maps)
     assert t.pixel == pytest.approx(expected) == pytest.approx(4994.001)
     assert t.pixel < t.image  # no cap at work here: the image threshold is above every pixel
@@ -79,8 +81,17 @@ def test_image_score_is_the_map_maximum() -> None:
 
 
 def test_runtime_caps_the_pixel_threshold_at_the_threshold_in_force() -> None:
-    info = ModelInfo(category="x", resize=72, crop=64, backbone="b", weights="none", feature_upsample="bilinear",
-                     num_prototypes=4, image_threshold=0.5, pixel_threshold=0.4)
+    info = ModelInfo(
+        category="x",
+        resize=72,
+        crop=64,
+        backbone="b",
+        weights="none",
+        feature_upsample="bilinear",
+        num_prototypes=4,
+        image_threshold=0.5,
+        pixel_threshold=0.4,
+    )
     assert thresholds_in_force(info, None) == (0.5, 0.4)
     assert thresholds_in_force(info, 0.3) == (0.3, 0.3)  # --threshold below the model's pixel threshold
     assert thresholds_in_force(info, 0.9) == (0.9, 0.4)

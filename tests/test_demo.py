@@ -8,8 +8,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
 from conftest import every_anomaly_has_a_mask
+
 from protoad_edge.builder import demo
 from protoad_edge.builder.datasets import open_dataset
 from protoad_edge.builder.demo import SIZE, SPLITS, demo_image, generate_demo
@@ -125,4 +125,3 @@ def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
 def test_unknown_split_is_an_error():
     with pytest.raises(ProtoADError, match="test/dent"):
         demo_image("test/dent", 0)
-

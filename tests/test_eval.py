@@ -11,16 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner, Result
+from conftest import write_demo_category
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from conftest import write_demo_category
 from protoad_edge.bundle import Bundle
 from protoad_edge.cli.eval import main
 from protoad_edge.errors import ProtoADError
+from protoad_edge.evaluation.paper import METRICS, comparison_rows, paper_dataset
 from protoad_edge.metadata import ModelInfo
 from protoad_edge.metrics import pro_area, pro_curve
-from protoad_edge.evaluation.paper import METRICS, comparison_rows, paper_dataset
 from protoad_edge.preprocess import to_batch
 from protoad_edge.runtime.backends.base import BackendOptions
 
@@ -35,7 +35,11 @@ def test_mvtec_tables_hold_fifteen_categories_and_their_printed_means() -> None:
     mvtec = paper_dataset("mvtec")
     assert mvtec is not None
     assert set(mvtec.groups["texture"]) == TEXTURES and set(mvtec.groups["object"]) == OBJECTS
-    assert {m: mvtec.metrics[m].table for m in METRICS} == {"pixel_auroc": "Table 1", "pro": "Table 2", "image_auroc": "Table 3"}
+    assert {m: mvtec.metrics[m].table for m in METRICS} == {
+        "pixel_auroc": "Table 1",
+        "pro": "Table 2",
+        "image_auroc": "Table 3",
+    }
     for metric in METRICS:
         table = mvtec.metrics[metric]
         assert set(table.categories) == TEXTURES | OBJECTS
@@ -44,7 +48,9 @@ def test_mvtec_tables_hold_fifteen_categories_and_their_printed_means() -> None:
             mean = np.mean([table.categories[c] for c in members])
             assert abs(mean - table.means[group]) <= 0.001 + 1e-9, (metric, group)  # 0.1 percentage point
     # The headline figures (Table 4, FACTS): image AUROC, pixel AUROC, PRO.
-    assert [mvtec.metrics[m].means["all"] for m in ("image_auroc", "pixel_auroc", "pro")] == pytest.approx([0.977, 0.972, 0.936])
+    assert [mvtec.metrics[m].means["all"] for m in ("image_auroc", "pixel_auroc", "pro")] == pytest.approx(
+        [0.977, 0.972, 0.936]
+    )
 
 
 def test_btad_table_8() -> None:
@@ -70,9 +76,14 @@ def test_comparison_rows_group_like_the_paper() -> None:
         for m in METRICS:
             assert row.paper[m] == mvtec.metrics[m].means[group]  # printed mean
             assert abs(row.ours[m] - row.paper[m]) <= 0.001 + 1e-9
-    partial = comparison_rows("mvtec", {"bottle": {"image_auroc": 0.5, "pixel_auroc": 0.6, "pro": None},
-                                        "screw": {"image_auroc": 0.7, "pixel_auroc": 0.8, "pro": None},
-                                        "demo": {"image_auroc": 0.1, "pixel_auroc": 0.2, "pro": 0.3}})
+    partial = comparison_rows(
+        "mvtec",
+        {
+            "bottle": {"image_auroc": 0.5, "pixel_auroc": 0.6, "pro": None},
+            "screw": {"image_auroc": 0.7, "pixel_auroc": 0.8, "pro": None},
+            "demo": {"image_auroc": 0.1, "pixel_auroc": 0.2, "pro": 0.3},
+        },
+    )
     labels = [r.label for r in partial]
     assert labels == ["bottle", "screw", "demo", "object, 2 of 10", "all, 2 of 15"]
     obj = partial[3]
@@ -125,15 +136,28 @@ def independent_maps(model: Path, root: Path) -> tuple[np.ndarray, np.ndarray, n
         labels.append(defect != "good")
         crops.append(pre(np.asarray(Image.open(image).convert("RGB"))))
         mask_file = root / CATEGORY / "ground_truth" / defect / f"{image.stem}_mask.png"
-        masks.append(pre.mask(np.asarray(Image.open(mask_file))) if defect != "good" else np.zeros((pre.crop,) * 2, bool))
+        masks.append(
+            pre.mask(np.asarray(Image.open(mask_file))) if defect != "good" else np.zeros((pre.crop,) * 2, bool)
+        )
     maps = backend.infer(to_batch(np.stack(crops)))[0]
     return np.array(labels), np.stack(masks), maps
 
 
 def test_eval_metrics_json_and_pictures(tiny_model: Path, data_root: Path, tmp_path: Path) -> None:
     out, report = tmp_path / "pictures", tmp_path / "eval.json"
-    result = run("--model", tiny_model, "--category", CATEGORY, "--any-category", "--data-root", data_root,
-                 "--json", report, "--out", out)
+    result = run(
+        "--model",
+        tiny_model,
+        "--category",
+        CATEGORY,
+        "--any-category",
+        "--data-root",
+        data_root,
+        "--json",
+        report,
+        "--out",
+        out,
+    )
     assert result.exit_code == 0, result.output
     assert "was built for category 'tiny'" in result.stderr  # the tiny bundle is not a demo model
 
@@ -149,8 +173,15 @@ def test_eval_metrics_json_and_pictures(tiny_model: Path, data_root: Path, tmp_p
     for metric, value in expected.items():
         assert got[metric] == pytest.approx(value, abs=1e-6), metric
     row = next(line.split() for line in result.stdout.splitlines() if line.startswith(CATEGORY + " "))
-    assert row == [CATEGORY, f"{100 * expected['image_auroc']:.1f}", "-", f"{100 * expected['pixel_auroc']:.1f}", "-",
-                   f"{100 * expected['pro']:.1f}", "-"]
+    assert row == [
+        CATEGORY,
+        f"{100 * expected['image_auroc']:.1f}",
+        "-",
+        f"{100 * expected['pixel_auroc']:.1f}",
+        "-",
+        f"{100 * expected['pro']:.1f}",
+        "-",
+    ]
     t = got["thresholds"]
     assert t["anomalous_caught"] == int((maps[labels].reshape(6, -1).max(axis=1) > t["image_threshold"]).sum())
     assert t["false_alarms"] == int((maps[~labels].reshape(4, -1).max(axis=1) > t["image_threshold"]).sum())
@@ -169,11 +200,24 @@ def test_eval_metrics_json_and_pictures(tiny_model: Path, data_root: Path, tmp_p
 @pytest.mark.slow
 def test_compare_torch_and_ort(tiny_model: Path, data_root: Path, tmp_path: Path) -> None:
     report = tmp_path / "compare.json"
-    result = run("--model", tiny_model, "--category", CATEGORY, "--any-category", "--data-root", data_root,
-                 "--compare", "torch,ort", "--json", report)
+    result = run(
+        "--model",
+        tiny_model,
+        "--category",
+        CATEGORY,
+        "--any-category",
+        "--data-root",
+        data_root,
+        "--compare",
+        "torch,ort",
+        "--json",
+        report,
+    )
     assert result.exit_code == 0, result.output
     runs = json.loads(report.read_text())["comparisons"][CATEGORY]["backends"]
-    assert runs["torch"]["backend"] == "torch (cpu, fp32)" and runs["ort"]["backend"] == "ort (CPUExecutionProvider, fp32)"
+    assert (
+        runs["torch"]["backend"] == "torch (cpu, fp32)" and runs["ort"]["backend"] == "ort (CPUExecutionProvider, fp32)"
+    )
     assert runs["ort"]["max_abs_map_difference"] <= 1e-4
     assert runs["ort"]["max_abs_score_difference"] <= 1e-4
     assert runs["ort"]["spearman_image_scores"] > 0.99
@@ -192,15 +236,24 @@ def test_compare_reference_is_the_bundles_pytorch_network(tiny_model: Path, data
     from protoad_edge.evaluation.evaluate import compare_backends
     from protoad_edge.metadata import ModelInfo
 
-    comparison = compare_backends(tiny_model, CATEGORY, ["torch", "ort"], data_root=data_root,
-                                  options=BackendOptions(device="cpu"), any_category=True)
+    comparison = compare_backends(
+        tiny_model,
+        CATEGORY,
+        ["torch", "ort"],
+        data_root=data_root,
+        options=BackendOptions(device="cpu"),
+        any_category=True,
+    )
     info = ModelInfo.load_json(tiny_model.with_suffix(".json"))
     prototypes = torch.from_numpy(np.load(tiny_model.with_name("tiny.prototypes.npy")))
-    net = ProtoADNet(PatchFeatures(build_backbone("none", info.seed)[0], info.crop, info.feature_upsample),
-                     prototypes, info.crop).eval()
+    net = ProtoADNet(
+        PatchFeatures(build_backbone("none", info.seed)[0], info.crop, info.feature_upsample), prototypes, info.crop
+    ).eval()
     labels, _, ort_maps = independent_maps(tiny_model, data_root)
     pre = info.preprocess
-    crops = [pre(np.asarray(Image.open(p).convert("RGB"))) for p in sorted((data_root / CATEGORY / "test").glob("*/*.png"))]
+    crops = [
+        pre(np.asarray(Image.open(p).convert("RGB"))) for p in sorted((data_root / CATEGORY / "test").glob("*/*.png"))
+    ]
     with torch.no_grad():
         expected = net(torch.from_numpy(to_batch(np.stack(crops))))[0][:, 0].numpy()
     torch_run, ort_run = comparison.runs
@@ -215,12 +268,24 @@ def test_compare_two_bundles_side_by_side(tiny_model: Path, data_root: Path, tmp
     """ort@FILE: another network (here other prototypes; in use the projected one) on the same images, each
     bundle's figures its own evaluation's."""
     from conftest import make_bundle
+
     from protoad_edge.evaluation.evaluate import evaluate_category
 
     other = make_bundle(tmp_path / "other", name="tiny", k=24, seed=1)
     report = tmp_path / "two.json"
-    result = run("--model", tiny_model, "--category", CATEGORY, "--any-category", "--data-root", data_root,
-                 "--compare", f"ort,ort@{other}", "--json", report)
+    result = run(
+        "--model",
+        tiny_model,
+        "--category",
+        CATEGORY,
+        "--any-category",
+        "--data-root",
+        data_root,
+        "--compare",
+        f"ort,ort@{other}",
+        "--json",
+        report,
+    )
     assert result.exit_code == 0, result.output
     runs = json.loads(report.read_text())["comparisons"][CATEGORY]["backends"]
     assert list(runs) == ["ort", f"ort@{other}"]
@@ -230,10 +295,34 @@ def test_compare_two_bundles_side_by_side(tiny_model: Path, data_root: Path, tmp
     assert runs[f"ort@{other}"]["max_abs_map_difference"] > 1e-3  # a different network, not the same one twice
     assert runs[f"ort@{other}"]["accuracy_gate"] is None  # full precision: not the gate's to judge
     wider = make_bundle(tmp_path / "wider", name="tiny", crop=80, resize=96)
-    assert_user_error(run("--model", tiny_model, "--category", CATEGORY, "--any-category", "--data-root", data_root,
-                          "--compare", f"ort,ort@{wider}"), "preprocessing")
-    assert_user_error(run("--model", tiny_model, "--category", CATEGORY, "--any-category", "--data-root", data_root,
-                          "--compare", f"ort,ort@{tmp_path / 'gone.onnx'}"), "gone.onnx after @ is not a bundle file")
+    assert_user_error(
+        run(
+            "--model",
+            tiny_model,
+            "--category",
+            CATEGORY,
+            "--any-category",
+            "--data-root",
+            data_root,
+            "--compare",
+            f"ort,ort@{wider}",
+        ),
+        "preprocessing",
+    )
+    assert_user_error(
+        run(
+            "--model",
+            tiny_model,
+            "--category",
+            CATEGORY,
+            "--any-category",
+            "--data-root",
+            data_root,
+            "--compare",
+            f"ort,ort@{tmp_path / 'gone.onnx'}",
+        ),
+        "gone.onnx after @ is not a bundle file",
+    )
 
 
 def test_all_categories_table(tiny_model: Path, data_root: Path, tmp_path: Path) -> None:
@@ -249,7 +338,7 @@ def test_all_categories_table(tiny_model: Path, data_root: Path, tmp_path: Path)
     assert "no labelled test split" in data["skipped"]["nolabels"]
     assert [r["label"] for r in data["table"]] == [CATEGORY, "all"]
     assert "skipped nolabels" in result.stderr
-    table = result.stdout[result.stdout.index("category"):].splitlines()
+    table = result.stdout[result.stdout.index("category") :].splitlines()
     assert table[0].split() == ["category", "image", "AUROC", "paper", "pixel", "AUROC", "paper", "PRO", "paper"]
     assert [line.split()[0] for line in table[1:] if line and not line.startswith(("-", "wrote"))] == [CATEGORY, "all"]
 
@@ -257,10 +346,13 @@ def test_all_categories_table(tiny_model: Path, data_root: Path, tmp_path: Path)
 def test_bad_inputs_are_one_line(tiny_model: Path, data_root: Path, tmp_path: Path) -> None:
     base = ["--category", CATEGORY, "--data-root", data_root, "--any-category"]
     assert_user_error(run("--model", tmp_path / "nope.onnx", *base), "nope.onnx")
-    assert_user_error(run("--model", tiny_model, "--category", "nolabels", "--data-root", data_root, "--any-category"),
-                      "no labelled test split")
-    assert_user_error(run("--model", tiny_model, "--category", "pumpkin", "--data-root", data_root, "--any-category"),
-                      "pumpkin")
+    assert_user_error(
+        run("--model", tiny_model, "--category", "nolabels", "--data-root", data_root, "--any-category"),
+        "no labelled test split",
+    )
+    assert_user_error(
+        run("--model", tiny_model, "--category", "pumpkin", "--data-root", data_root, "--any-category"), "pumpkin"
+    )
     assert_user_error(run("--model", tiny_model, *base, "--compare", "torch"), "--compare")
     assert_user_error(run("--model", tiny_model, *base, "--compare", "ort,onnx"), "--compare")
     assert_user_error(run("--model", tiny_model, *base, "--backend", "trt"), "tiny.plan")
@@ -281,7 +373,9 @@ def test_torch_backend_fp16_on_gpu(tiny_model: Path, data_root: Path) -> None:
     gpu = TorchBackend(tiny_model.with_suffix(".json"), BackendOptions(device="cuda"))
     assert gpu.describe().precision == "fp16"
     pre = gpu.info.preprocess
-    crops = [pre(np.asarray(Image.open(p).convert("RGB"))) for p in sorted((data_root / CATEGORY / "test").glob("*/*.png"))]
+    crops = [
+        pre(np.asarray(Image.open(p).convert("RGB"))) for p in sorted((data_root / CATEGORY / "test").glob("*/*.png"))
+    ]
     maps, scores = gpu.infer(to_batch(np.stack(crops)))
     assert np.isfinite(maps).all()
     assert np.abs(maps - ort_maps).max() < 5e-3
@@ -299,8 +393,13 @@ def test_a_bundle_of_another_category_is_refused(tiny_model: Path, data_root: Pa
     model, sidecar = tmp_path / "tiny.onnx", (tmp_path / "tiny.json").read_text()
     for extra in ([], ["--compare", "torch,ort"], ["--set-threshold", "f1"]):
         result = run("--model", model, "--category", CATEGORY, "--data-root", data_root, *extra)
-        assert_user_error(result, f"{tmp_path}/tiny.", "was built for category 'tiny', not 'parts'",
-                          "--category tiny", "--any-category")
+        assert_user_error(
+            result,
+            f"{tmp_path}/tiny.",
+            "was built for category 'tiny', not 'parts'",
+            "--category tiny",
+            "--any-category",
+        )
     assert (tmp_path / "tiny.json").read_text() == sidecar
     with pytest.raises(ProtoADError, match="built for category 'tiny', not 'parts'"):
         evaluate_category(model, CATEGORY, data_root=data_root)
@@ -314,8 +413,11 @@ def test_a_category_folder_as_the_data_root_names_its_parent(tiny_model: Path, d
     shutil.copy(tiny_model, models / f"{CATEGORY}.onnx")
     for category, model in ((CATEGORY, models), ("all", models)):
         result = run("--model", model, "--category", category, "--data-root", data_root / CATEGORY)
-        assert_user_error(result, f"--data-root {data_root / CATEGORY} is itself a category folder",
-                          f"pass the folder above it, --data-root {data_root}")
+        assert_user_error(
+            result,
+            f"--data-root {data_root / CATEGORY} is itself a category folder",
+            f"pass the folder above it, --data-root {data_root}",
+        )
 
 
 def test_threads_0_means_every_core(tiny_model: Path, data_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import re
 import shutil
 from pathlib import Path
@@ -13,10 +12,10 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-
 from conftest import normal_crops
-from protoad_edge.cli.export import main as export_main
+
 from protoad_edge.builder.demo import generate_demo
+from protoad_edge.cli.export import main as export_main
 from protoad_edge.metadata import ModelInfo
 from protoad_edge.preprocess import to_batch
 from protoad_edge.runtime.backends.ort import OrtBackend
@@ -34,7 +33,9 @@ def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def demo_export(demo_root: Path, tmp_path_factory: pytest.TempPathFactory, torch_threads: None) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("models")
-    result = CliRunner().invoke(export_main, ["--category", "demo", "--data-root", str(demo_root), "--out", str(out), *SMALL])
+    result = CliRunner().invoke(
+        export_main, ["--category", "demo", "--data-root", str(demo_root), "--out", str(out), *SMALL]
+    )
     assert result.exit_code == 0, result.output
     return out, result.output
 
@@ -47,8 +48,20 @@ def test_writes_the_three_files_and_nothing_else(demo_export: tuple[Path, str]) 
 
 def test_summary_reports_every_stage(demo_export: tuple[Path, str]) -> None:
     _, output = demo_export
-    for needle in ("images", "train 18, held out 2, test 24", "patch vectors 14,112", "FINCH levels", "K = ",
-                   "time ", "features", "finch", "ONNX parity", "image AUROC", "pixel AUROC", "demo.onnx"):
+    for needle in (
+        "images",
+        "train 18, held out 2, test 24",
+        "patch vectors 14,112",
+        "FINCH levels",
+        "K = ",
+        "time ",
+        "features",
+        "finch",
+        "ONNX parity",
+        "image AUROC",
+        "pixel AUROC",
+        "demo.onnx",
+    ):
         assert needle in output, needle
     assert "Traceback" not in output
 
@@ -63,7 +76,13 @@ def test_onnx_is_valid_with_metadata_and_dynamic_batch(demo_export: tuple[Path, 
     info = ModelInfo.from_props(props)
     side = ModelInfo.load_json(out / "demo.json")
     assert info == dataclasses.replace(side, digests=None)  # all but the digests of the files, itself among them
-    assert (info.category, info.crop, info.resize, info.weights, info.feature_upsample) == ("demo", 112, 128, "none", "bilinear")
+    assert (info.category, info.crop, info.resize, info.weights, info.feature_upsample) == (
+        "demo",
+        112,
+        128,
+        "none",
+        "bilinear",
+    )
     assert np.isfinite(info.image_threshold) and 0 < info.pixel_threshold <= info.image_threshold
     assert info.build["onnx_parity_max_abs"] <= 1e-4
     assert info.build["test"]["image_auroc"] > 0.65  # 0.82 measured at this small size with random weights
@@ -99,8 +118,15 @@ def test_any_batch_size_runs(demo_export: tuple[Path, str]) -> None:
 def _tiny_mvtec(root: Path, demo_root: Path) -> Path:
     """A 4-train, 2-test MVTec-layout copy of a few demo images."""
     src, cat = demo_root / "demo", root / "part"
-    for rel in ("train/good/000.png", "train/good/001.png", "train/good/002.png", "train/good/003.png",
-                "test/good/000.png", "test/crack/000.png", "ground_truth/crack/000_mask.png"):
+    for rel in (
+        "train/good/000.png",
+        "train/good/001.png",
+        "train/good/002.png",
+        "train/good/003.png",
+        "test/good/000.png",
+        "test/crack/000.png",
+        "ground_truth/crack/000_mask.png",
+    ):
         (cat / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(src / rel, cat / rel)
     return cat
@@ -132,7 +158,20 @@ def test_bad_input_gives_one_clear_line(case: str, expected: str, tmp_path: Path
     pytest.importorskip("torch").cuda.is_available() and case == "cuda without gpu" and pytest.skip("has a GPU")
     data, out = tmp_path / "data", tmp_path / "out"
     _tiny_mvtec(data, demo_root)
-    args = ["--data-root", str(data), "--category", "part", "--out", str(out), "--weights", "none", "--crop", "64", "--resize", "72"]
+    args = [
+        "--data-root",
+        str(data),
+        "--category",
+        "part",
+        "--out",
+        str(out),
+        "--weights",
+        "none",
+        "--crop",
+        "64",
+        "--resize",
+        "72",
+    ]
     if case == "missing root":
         args[1] = str(tmp_path / "nowhere")
     elif case == "missing category":
@@ -168,37 +207,66 @@ def test_bad_input_gives_one_clear_line(case: str, expected: str, tmp_path: Path
 
 
 @pytest.mark.slow
-def test_late_failure_writes_nothing(tmp_path: Path, demo_root: Path, monkeypatch: pytest.MonkeyPatch,
-                                     torch_threads: None) -> None:
+def test_late_failure_writes_nothing(
+    tmp_path: Path, demo_root: Path, monkeypatch: pytest.MonkeyPatch, torch_threads: None
+) -> None:
     """A build that fails at its last check (ONNX parity) leaves no model file, not even a temporary one."""
     import protoad_edge.builder.pipeline as build_module
 
     data, out = tmp_path / "data", tmp_path / "out"
     _tiny_mvtec(data, demo_root)
     monkeypatch.setattr(build_module, "PARITY_TOLERANCE", -1.0)
-    code, output = _run(["--data-root", str(data), "--category", "part", "--out", str(out), "--weights", "none",
-                         "--crop", "64", "--resize", "72", "--max-prototypes", "50"])
+    code, output = _run(
+        [
+            "--data-root",
+            str(data),
+            "--category",
+            "part",
+            "--out",
+            str(out),
+            "--weights",
+            "none",
+            "--crop",
+            "64",
+            "--resize",
+            "72",
+            "--max-prototypes",
+            "50",
+        ]
+    )
     assert code != 0 and "ONNX parity check failed" in output and "Traceback" not in output
     assert list(out.iterdir()) == []
 
 
 @pytest.mark.slow
 def test_a_build_over_its_memory_budget_spills_says_so_and_writes_the_same_model(
-        demo_export: tuple[Path, str], demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        torch_threads: None) -> None:
+    demo_export: tuple[Path, str], demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, torch_threads: None
+) -> None:
     """With room for almost no array, FINCH's cluster sums go to disk; the build log says what, how big and where,
     and the prototypes are the in-memory build's, bit for bit."""
     import protoad_edge.builder.pipeline as build_module
 
     monkeypatch.setattr(build_module, "arrays_within", lambda limit: 100_000)
-    code, output = _run(["--category", "demo", "--data-root", str(demo_root), "--out", str(tmp_path / "out"), *SMALL,
-                         "--memory-limit", "3G"])
+    code, output = _run(
+        [
+            "--category",
+            "demo",
+            "--data-root",
+            str(demo_root),
+            "--out",
+            str(tmp_path / "out"),
+            *SMALL,
+            "--memory-limit",
+            "3G",
+        ]
+    )
     assert code == 0, output
     assert "memory: limit 3.0 GB (--memory-limit)" in output
     assert re.search(r"memory: spilled FINCH level 0 cluster sums \([\d.]+ MB\) to a file in \S+", output), output
     out, _ = demo_export
-    np.testing.assert_array_equal(np.load(tmp_path / "out" / "demo.prototypes.npy"),
-                                  np.load(out / "demo.prototypes.npy"))
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "out" / "demo.prototypes.npy"), np.load(out / "demo.prototypes.npy")
+    )
 
 
 # --- the build's decisions, checked from outside -----------------------------------------------
@@ -229,15 +297,18 @@ def test_thresholds_come_from_the_held_out_images(demo_export: tuple[Path, str],
 def test_the_sidecar_records_each_files_digest_and_names_the_rule(demo_export: tuple[Path, str]) -> None:
     out, _ = demo_export
     info = ModelInfo.load_json(out / "demo.json")
-    assert info.digests == {kind: hashlib.sha256((out / name).read_bytes()).hexdigest()
-                            for kind, name in (("onnx", "demo.onnx"), ("prototypes", "demo.prototypes.npy"))}
+    assert info.digests == {
+        kind: hashlib.sha256((out / name).read_bytes()).hexdigest()
+        for kind, name in (("onnx", "demo.onnx"), ("prototypes", "demo.prototypes.npy"))
+    }
     assert info.threshold_rule == "held-out" and info.threshold_detail.startswith("image: max(max, mean + 3 std)")
     assert "digests" not in {p.key for p in onnx.load(str(out / "demo.onnx")).metadata_props}
 
 
 @pytest.mark.slow
-def test_a_rebuild_without_held_out_images_disowns_an_old_plan(tmp_path: Path, demo_root: Path,
-                                                               torch_threads: None) -> None:
+def test_a_rebuild_without_held_out_images_disowns_an_old_plan(
+    tmp_path: Path, demo_root: Path, torch_threads: None
+) -> None:
     """A plan left by an earlier build of the name is not recorded by the new sidecar: refused, not run with the
     new thresholds. With no image held out the rule says so."""
     from protoad_edge.bundle import Bundle
@@ -248,9 +319,28 @@ def test_a_rebuild_without_held_out_images_disowns_an_old_plan(tmp_path: Path, d
     bundle = Bundle(tmp_path / "models" / "part")
     bundle.plan.parent.mkdir()
     bundle.plan.write_bytes(b"an engine of the earlier build")
-    code, output = _run(["--data-root", str(data), "--category", "part", "--weights", "none", "--crop", "64",
-                         "--resize", "72", "--max-prototypes", "50", "--val-split", "0", "--tensorrt", "no",
-                         "--out", str(bundle.stem.parent)])
+    code, output = _run(
+        [
+            "--data-root",
+            str(data),
+            "--category",
+            "part",
+            "--weights",
+            "none",
+            "--crop",
+            "64",
+            "--resize",
+            "72",
+            "--max-prototypes",
+            "50",
+            "--val-split",
+            "0",
+            "--tensorrt",
+            "no",
+            "--out",
+            str(bundle.stem.parent),
+        ]
+    )
     assert code == 0, output
     info = ModelInfo.load_json(bundle.sidecar)
     assert info.threshold_rule == "training-images"
@@ -265,8 +355,22 @@ def test_a_rebuild_without_held_out_images_disowns_an_old_plan(tmp_path: Path, d
 def test_a_second_export_reuses_the_feature_cache(tmp_path: Path, demo_root: Path, torch_threads: None) -> None:
     data = tmp_path / "data"
     _tiny_mvtec(data, demo_root)
-    args = ["--data-root", str(data), "--category", "part", "--weights", "none", "--crop", "64", "--resize", "72",
-            "--max-prototypes", "50", "--cache-dir", str(tmp_path / "cache")]
+    args = [
+        "--data-root",
+        str(data),
+        "--category",
+        "part",
+        "--weights",
+        "none",
+        "--crop",
+        "64",
+        "--resize",
+        "72",
+        "--max-prototypes",
+        "50",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     code, first = _run([*args, "--out", str(tmp_path / "a")])
     assert code == 0, first
     assert "features: cached at" in first and "from the feature cache" not in first
@@ -280,16 +384,34 @@ def test_a_second_export_reuses_the_feature_cache(tmp_path: Path, demo_root: Pat
 
 @pytest.mark.slow
 def test_a_build_can_write_its_triton_repository(tmp_path: Path, demo_root: Path, torch_threads: None) -> None:
-    from protoad_edge.metadata import ModelInfo
-    from protoad_edge.runtime.serving.triton import info_from_config
     from google.protobuf import json_format, text_format
     from tritonclient.grpc import model_config_pb2
 
+    from protoad_edge.metadata import ModelInfo
+    from protoad_edge.runtime.serving.triton import info_from_config
+
     data = tmp_path / "data"
     _tiny_mvtec(data, demo_root)
-    code, output = _run(["--data-root", str(data), "--category", "part", "--weights", "none", "--crop", "64",
-                         "--resize", "72", "--max-prototypes", "50", "--out", str(tmp_path / "models"),
-                         "--triton-repo", str(tmp_path / "repo")])
+    code, output = _run(
+        [
+            "--data-root",
+            str(data),
+            "--category",
+            "part",
+            "--weights",
+            "none",
+            "--crop",
+            "64",
+            "--resize",
+            "72",
+            "--max-prototypes",
+            "50",
+            "--out",
+            str(tmp_path / "models"),
+            "--triton-repo",
+            str(tmp_path / "repo"),
+        ]
+    )
     assert code == 0, output
     assert "triton        part (onnxruntime_onnx)" in output
     config = text_format.Parse((tmp_path / "repo/part/config.pbtxt").read_text(), model_config_pb2.ModelConfig())
@@ -300,17 +422,35 @@ def test_a_build_can_write_its_triton_repository(tmp_path: Path, demo_root: Path
 
 @pytest.mark.slow
 @pytest.mark.parametrize("exact", [False, True])
-def test_exact_neighbours_flag_reaches_the_search(exact: bool, tmp_path: Path, demo_root: Path,
-                                                  monkeypatch: pytest.MonkeyPatch, torch_threads: None) -> None:
+def test_exact_neighbours_flag_reaches_the_search(
+    exact: bool, tmp_path: Path, demo_root: Path, monkeypatch: pytest.MonkeyPatch, torch_threads: None
+) -> None:
     """768 training vectors take the approximate search once it starts at 100 rows, unless --exact-neighbours."""
     from protoad_edge.builder import neighbours
 
     monkeypatch.setattr(neighbours, "EXACT_UP_TO", 100)
     data = tmp_path / "data"
     _tiny_mvtec(data, demo_root)
-    code, output = _run(["--data-root", str(data), "--category", "part", "--out", str(tmp_path / "out"),
-                         "--weights", "none", "--crop", "64", "--resize", "72", "--max-prototypes", "50", "--no-cache",
-                         *(["--exact-neighbours"] if exact else [])])
+    code, output = _run(
+        [
+            "--data-root",
+            str(data),
+            "--category",
+            "part",
+            "--out",
+            str(tmp_path / "out"),
+            "--weights",
+            "none",
+            "--crop",
+            "64",
+            "--resize",
+            "72",
+            "--max-prototypes",
+            "50",
+            "--no-cache",
+            *(["--exact-neighbours"] if exact else []),
+        ]
+    )
     assert code == 0, output
     assert "patch vectors 768 x 1792" in output
     assert ("first neighbours: approximate" in output) is not exact
@@ -337,11 +477,13 @@ def test_parity_gate_refuses_a_graph_that_differs(tiny_model: Path, torch_thread
 
 def test_numbers_in_the_log_and_summary_carry_units_and_separators(demo_export: tuple[Path, str]) -> None:
     _, output = demo_export
-    for pattern in (r"^data: mvtec demo at .*: 18 training, 2 held-out, 24 test images$",
-                    r"^features: 14,112 patch vectors x 1792 channels \(",
-                    r"^FINCH level 0: \d{1,3}(,\d{3})* clusters of 14,112 vectors \(\d+\.\d s\)$",
-                    r"^FINCH chose level \d+: \d{1,3}(,\d{3})* prototypes$",
-                    r"^  FINCH levels  [\d,]+( -> [\d,]+)* clusters  \(K = [\d,]+ prototypes\)$",
-                    r"^  time          load \d+\.\d s, features \d+\.\d s, finch \d+\.\d s",
-                    r"^  test          image AUROC \d+\.\d %, pixel AUROC \d+\.\d %; "):
+    for pattern in (
+        r"^data: mvtec demo at .*: 18 training, 2 held-out, 24 test images$",
+        r"^features: 14,112 patch vectors x 1792 channels \(",
+        r"^FINCH level 0: \d{1,3}(,\d{3})* clusters of 14,112 vectors \(\d+\.\d s\)$",
+        r"^FINCH chose level \d+: \d{1,3}(,\d{3})* prototypes$",
+        r"^  FINCH levels  [\d,]+( -> [\d,]+)* clusters  \(K = [\d,]+ prototypes\)$",
+        r"^  time          load \d+\.\d s, features \d+\.\d s, finch \d+\.\d s",
+        r"^  test          image AUROC \d+\.\d %, pixel AUROC \d+\.\d %; ",
+    ):
         assert re.search(pattern, output, re.MULTILINE), pattern

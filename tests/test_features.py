@@ -10,9 +10,9 @@ import pytest
 import torch
 import torchvision
 
-from protoad_edge.errors import ProtoADError
-from protoad_edge.constants import FEATURE_CHANNELS, FEATURE_INFO
 from protoad_edge.builder.features import PatchFeatures, build_backbone
+from protoad_edge.constants import FEATURE_CHANNELS, FEATURE_INFO
+from protoad_edge.errors import ProtoADError
 
 
 def test_backbone_has_no_layer4_or_fc() -> None:

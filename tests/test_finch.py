@@ -13,12 +13,13 @@ import pytest
 torch = pytest.importorskip("torch")
 finch_clust = pytest.importorskip("finch")
 
-from protoad_edge.errors import ProtoADError  # noqa: E402
-from protoad_edge.builder.finch import Neighbours, finch, first_neighbours  # noqa: E402
-from protoad_edge.builder import neighbours  # noqa: E402
 import protoad_edge.builder.finch as finch_module  # noqa: E402
+from protoad_edge.builder import neighbours  # noqa: E402
+from protoad_edge.builder.finch import Neighbours, finch, first_neighbours  # noqa: E402
 from protoad_edge.builder.memory import MemoryBudget  # noqa: E402
 from protoad_edge.builder.neighbours import approximate_first_neighbours, make_search  # noqa: E402
+from protoad_edge.errors import ProtoADError  # noqa: E402
+
 
 def blobs(seed: int, n: int, dim: int, groups: int, per_group: int, spread: float) -> np.ndarray:
     """Unit vectors in blobs around centres that are themselves grouped: several FINCH levels."""
@@ -38,8 +39,9 @@ def canonical(labels: np.ndarray) -> np.ndarray:
 
 def reference_levels(x: np.ndarray) -> tuple[list[np.ndarray], list[int]]:
     """finch-clust's partitions on its exact path (ann_threshold above N), with its default early exit."""
-    c, counts, _ = finch_clust.FINCH(x, distance="cosine", ann_threshold=len(x) + 1, ensure_early_exit=True,
-                                     verbose=False)
+    c, counts, _ = finch_clust.FINCH(
+        x, distance="cosine", ann_threshold=len(x) + 1, ensure_early_exit=True, verbose=False
+    )
     return [c[:, i] for i in range(c.shape[1])], list(counts)
 
 
@@ -188,7 +190,7 @@ def test_stops_at_first_partition_below_max_prototypes(case) -> None:
         below = [i for i, count in enumerate(ref_counts) if count < limit]
         chosen = below[0] if below else len(ref_counts) - 1
         result = finch(x, max_prototypes=limit, log=lambda _: None)
-        assert result.chosen == chosen and result.counts == ref_counts[:chosen + 1]
+        assert result.chosen == chosen and result.counts == ref_counts[: chosen + 1]
         np.testing.assert_array_equal(canonical(result.labels), canonical(ref_partitions[chosen]))
         assert len(result.prototypes) == ref_counts[chosen]
 
@@ -346,7 +348,7 @@ def test_approximate_neighbours_compare_far_fewer_than_all_pairs(monkeypatch: py
         entries[n] = counted[0] + n * 8
         assert (nn.index != np.arange(n)).all()
     assert entries[5000] >= 5000 * 8 * 2  # the counter sees the search: at least each row's probes
-    assert entries[20000] < 0.2 * 20000 ** 2 / 2
+    assert entries[20000] < 0.2 * 20000**2 / 2
     assert entries[20000] < 10 * entries[5000]
 
 
@@ -438,8 +440,11 @@ def test_components_are_numbered_by_their_first_row(monkeypatch: pytest.MonkeyPa
     labels, count = finch_module._components(nn)
     assert (labels <= np.arange(len(nn))).all()
     original = finch_module.connected_components
-    monkeypatch.setattr(finch_module, "connected_components",  # numbered the other way round
-                        lambda *a, **k: (lambda c, l: (c, c - 1 - l))(*original(*a, **k)))
+    monkeypatch.setattr(
+        finch_module,
+        "connected_components",  # numbered the other way round
+        lambda *a, **k: (lambda c, labels: (c, c - 1 - labels))(*original(*a, **k)),
+    )
     renumbered, again = finch_module._components(nn)
     assert again == count and np.array_equal(renumbered, labels)
 
@@ -449,8 +454,9 @@ def test_merged_projection_sums_each_group_in_row_order() -> None:
     x = low_rank_blobs(23, 5000, 96, 24, 20)
     labels = by_first_row(np.random.default_rng(23).integers(0, 900, len(x)))
     first = neighbours.project(x, 32, 1000, 0)
-    in_row_order = torch.zeros(labels.max() + 1, 32).index_add_(0, torch.from_numpy(labels),
-                                                                first.y / first.inverse[:, None])
+    in_row_order = torch.zeros(labels.max() + 1, 32).index_add_(
+        0, torch.from_numpy(labels), first.y / first.inverse[:, None]
+    )
     assert torch.equal(neighbours.merge_projection(first, labels, labels.max() + 1), in_row_order)
 
 

@@ -10,16 +10,20 @@ import pytest
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
+from conftest import TINY_CROP, normal_crops  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from protoad_edge.errors import ProtoADError  # noqa: E402
 from protoad_edge.bundle import Bundle  # noqa: E402
-from protoad_edge.export.fp16 import (FP16_MAX, convert_to_mixed_fp16, read_scope_boundary,  # noqa: E402
-                                      scope_boundary, write_fp16_onnx)
+from protoad_edge.errors import ProtoADError  # noqa: E402
+from protoad_edge.export.fp16 import (  # noqa: E402
+    FP16_MAX,
+    convert_to_mixed_fp16,
+    read_scope_boundary,
+    scope_boundary,
+    write_fp16_onnx,
+)
 from protoad_edge.metadata import ModelInfo  # noqa: E402
 from protoad_edge.preprocess import to_batch  # noqa: E402
-
-from conftest import TINY_CROP, normal_crops  # noqa: E402
 
 # The map is 1 - cosine similarity; FP16 stores a similarity near 1 to a step of 2^-11 (4.9e-4).
 # After the blur (an average) the map may not move by more than one such step.

@@ -11,10 +11,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from protoad_edge.errors import ProtoADError  # noqa: E402
 from protoad_edge.builder.finch import finch, first_neighbours  # noqa: E402
 from protoad_edge.builder.gpu_neighbours import PRECISIONS, error_bound, gpu_first_neighbours  # noqa: E402
 from protoad_edge.builder.neighbours import make_search  # noqa: E402
+from protoad_edge.errors import ProtoADError  # noqa: E402
 
 
 def clustered(seed: int, n: int, dim: int, groups: int, spread: float) -> np.ndarray:
@@ -54,8 +54,9 @@ def one_thread():
 def test_equals_the_exact_cpu_search(precision: str, memory_bytes: int | None) -> None:
     x = clustered(0, 2000, 192, 40, 0.4)
     lines: list[str] = []
-    found = gpu_first_neighbours(x, device="cpu", precision=precision, block=300, memory_bytes=memory_bytes,
-                                 log=lines.append)  # 300 does not divide 2000: a short last block
+    found = gpu_first_neighbours(
+        x, device="cpu", precision=precision, block=300, memory_bytes=memory_bytes, log=lines.append
+    )  # 300 does not divide 2000: a short last block
     assert_same(found, first_neighbours(x))
     assert bool(lines) == (precision != "fp32")
 

@@ -17,8 +17,25 @@ PACKAGE = Path(__file__).resolve().parents[1] / "protoad_edge"
 # reads datasets with the build's readers and runs any backend); teaching a deployed bundle (which checks a teach
 # with the evaluation's accuracy gate); the CLIs.
 LAYERS = (
-    ("shared", ("protoad_edge", "errors", "atomic", "progress", "constants", "preprocess", "metadata", "bundle",
-                "decision", "metrics", "gpu", "redact", "versions")),
+    (
+        "shared",
+        (
+            "protoad_edge",
+            "errors",
+            "atomic",
+            "progress",
+            "constants",
+            "preprocess",
+            "metadata",
+            "bundle",
+            "decision",
+            "metrics",
+            "gpu",
+            "redact",
+            "imagestats",
+            "versions",
+        ),
+    ),
     ("runtime", ("runtime",)),
     ("export", ("export",)),
     ("build", ("builder",)),
@@ -39,9 +56,13 @@ def modules() -> dict[str, Path]:
 def imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
     """Modules of the package that ``name`` imports anywhere (functions included, TYPE_CHECKING blocks not)."""
     tree = ast.parse(path.read_text())
-    skip = {id(n) for node in ast.walk(tree)
-            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
-            for stmt in node.body for n in ast.walk(stmt)}
+    skip = {
+        id(n)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for stmt in node.body
+        for n in ast.walk(stmt)
+    }
     package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
     out: set[str] = set()
     for node in ast.walk(tree):
@@ -88,7 +109,7 @@ def test_no_import_cycles(graph: dict[str, set[str]]) -> None:
         stack.append(module)
         for target in sorted(graph[module]):
             if state.get(target) == 1:
-                cycle = stack[stack.index(target):] + [target]
+                cycle = stack[stack.index(target) :] + [target]
                 raise AssertionError("import cycle: " + " -> ".join(cycle))
             if target not in state:
                 visit(target)
@@ -101,26 +122,48 @@ def test_no_import_cycles(graph: dict[str, set[str]]) -> None:
 
 
 def test_each_layer_imports_only_layers_below_it(graph: dict[str, set[str]]) -> None:
-    upward = sorted(f"{m} ({LAYERS[layer_of(m)][0]}) imports {t} ({LAYERS[layer_of(t)][0]})"
-                    for m, targets in graph.items() for t in targets if layer_of(t) > layer_of(m))
+    upward = sorted(
+        f"{m} ({LAYERS[layer_of(m)][0]}) imports {t} ({LAYERS[layer_of(t)][0]})"
+        for m, targets in graph.items()
+        for t in targets
+        if layer_of(t) > layer_of(m)
+    )
     assert upward == []
 
 
 def test_the_walker_sees_function_level_and_relative_imports(graph: dict[str, set[str]]) -> None:
     assert "protoad_edge.builder.pipeline" in graph["protoad_edge.cli.export"]  # imported inside main()
-    assert "protoad_edge.runtime.backends.base" in graph["protoad_edge.runtime.backends.registry"]  # ``from .runtime.backend import``
+    assert (
+        "protoad_edge.runtime.backends.base" in graph["protoad_edge.runtime.backends.registry"]
+    )  # ``from .runtime.backend import``
     assert "protoad_edge.builder.network" not in graph["protoad_edge.export.onnx"]  # only under TYPE_CHECKING
 
 
-TORCH_FREE = ("protoad_edge.runtime", "protoad_edge.runtime.loop", "protoad_edge.runtime.backends.ort",
-              "protoad_edge.runtime.backends.trt", "protoad_edge.runtime.backends.registry", "protoad_edge.export.engine",
-              "protoad_edge.export.tensorrt", "protoad_edge.evaluation.bench", "protoad_edge.evaluation.evaluate",
-              "protoad_edge.builder.config", "protoad_edge.builder.datasets", "protoad_edge.builder.memory",
-              "protoad_edge.cli.run",
-              "protoad_edge.cli.bench", "protoad_edge.cli.eval", "protoad_edge.cli.export",
-              "protoad_edge.versions", "protoad_edge.runtime.reload", "protoad_edge.export.prototypes",
-              "protoad_edge.teach.teach", "protoad_edge.teach.check", "protoad_edge.evaluation.line_split",
-              "protoad_edge.cli.teach")
+TORCH_FREE = (
+    "protoad_edge.runtime",
+    "protoad_edge.runtime.loop",
+    "protoad_edge.runtime.backends.ort",
+    "protoad_edge.runtime.backends.trt",
+    "protoad_edge.runtime.backends.registry",
+    "protoad_edge.export.engine",
+    "protoad_edge.export.tensorrt",
+    "protoad_edge.evaluation.bench",
+    "protoad_edge.evaluation.evaluate",
+    "protoad_edge.builder.config",
+    "protoad_edge.builder.datasets",
+    "protoad_edge.builder.memory",
+    "protoad_edge.cli.run",
+    "protoad_edge.cli.bench",
+    "protoad_edge.cli.eval",
+    "protoad_edge.cli.export",
+    "protoad_edge.versions",
+    "protoad_edge.runtime.reload",
+    "protoad_edge.export.prototypes",
+    "protoad_edge.teach.teach",
+    "protoad_edge.teach.check",
+    "protoad_edge.evaluation.line_split",
+    "protoad_edge.cli.teach",
+)
 
 
 def test_runtime_side_imports_without_torch() -> None:
@@ -135,6 +178,7 @@ def test_runtime_side_imports_without_torch() -> None:
         "    importlib.import_module(name)\n"
         "print('ok')\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                            cwd=PACKAGE.parent)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=PACKAGE.parent
+    )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import normal_crops
 from PIL import Image
 
-from conftest import normal_crops
 from protoad_edge.bundle import Bundle, sha256
 from protoad_edge.constants import FP32_SCOPE, QDQ_SCHEME
 from protoad_edge.errors import ProtoADError
@@ -18,18 +18,18 @@ from protoad_edge.evaluation import int8_export
 from protoad_edge.evaluation.accuracy_gate import Verdict
 from protoad_edge.export import int8
 from protoad_edge.metadata import ModelInfo
-from protoad_edge.runtime.backends.ort import OrtBackend
 from protoad_edge.preprocess import to_batch
+from protoad_edge.runtime.backends.ort import OrtBackend
 
 onnx = pytest.importorskip("onnx")
 
 
 @pytest.fixture(scope="module")
-def float_model(tiny_model: Path) -> "onnx.ModelProto":
+def float_model(tiny_model: Path) -> onnx.ModelProto:
     return onnx.load(str(tiny_model))
 
 
-def test_only_backbone_convs_are_candidates(float_model: "onnx.ModelProto") -> None:
+def test_only_backbone_convs_are_candidates(float_model: onnx.ModelProto) -> None:
     convs = int8.backbone_convs(float_model)
     assert len(convs) == 43  # wide_resnet50_2 up to layer3
     assert all(c.startswith("/features/") and FP32_SCOPE not in c for c in convs)
@@ -37,8 +37,9 @@ def test_only_backbone_convs_are_candidates(float_model: "onnx.ModelProto") -> N
 
 
 @pytest.mark.slow
-def test_trial_models_quantize_exactly_the_layers_kept(tiny_model: Path, float_model: "onnx.ModelProto",
-                                                       tmp_path: Path) -> None:
+def test_trial_models_quantize_exactly_the_layers_kept(
+    tiny_model: Path, float_model: onnx.ModelProto, tmp_path: Path
+) -> None:
     convs = int8.backbone_convs(float_model)
     crops = normal_crops(4, 64, seed=3)
     int8._quantize(tiny_model, tmp_path / "all.onnx", convs, int8._Reader(float_model.graph.input[0].name, crops))
@@ -56,7 +57,7 @@ def test_trial_models_quantize_exactly_the_layers_kept(tiny_model: Path, float_m
     x = to_batch(crops)
     fp32 = OrtBackend(tiny_model, providers=["CPUExecutionProvider"]).infer(x)[0]
 
-    def maps(model: "onnx.ModelProto") -> np.ndarray:
+    def maps(model: onnx.ModelProto) -> np.ndarray:
         path = tmp_path / "trial.int8.onnx"
         model = onnx.ModelProto.FromString(model.SerializeToString())
         del model.metadata_props[:]  # the quantizer adds its own key; the bundle's are what the backend reads
@@ -65,10 +66,14 @@ def test_trial_models_quantize_exactly_the_layers_kept(tiny_model: Path, float_m
         return OrtBackend(path, providers=["CPUExecutionProvider"]).infer(x)[0]
 
     assert np.abs(maps(none) - fp32).max() < 1e-6  # nothing kept: FP32 again
-    assert not [n for n in qdq.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in
-                {o for c in qdq.graph.node if c.op_type == "Conv" for o in c.output}]  # no conv output rounded
+    assert not [
+        n
+        for n in qdq.graph.node
+        if n.op_type == "QuantizeLinear"
+        and n.input[0] in {o for c in qdq.graph.node if c.op_type == "Conv" for o in c.output}
+    ]  # no conv output rounded
 
-    def rounded_readers(model: "onnx.ModelProto") -> set[str]:
+    def rounded_readers(model: onnx.ModelProto) -> set[str]:
         return {n.name for n in model.graph.node for i in n.input if i.endswith("DequantizeLinear_Output")}
 
     full = int8.only(qdq, float_model, set(convs))
@@ -78,7 +83,7 @@ def test_trial_models_quantize_exactly_the_layers_kept(tiny_model: Path, float_m
     assert rounded_readers(int8.only(qdq, float_model, {convs[5]})) == {convs[5]}
 
 
-def qdq_model(zero_point: np.ndarray | None, bias: np.ndarray | None = None) -> "onnx.ModelProto":
+def qdq_model(zero_point: np.ndarray | None, bias: np.ndarray | None = None) -> onnx.ModelProto:
     """x -> QuantizeLinear -> DequantizeLinear -> y with ``zero_point`` (or none: the default 0), and optionally
     a quantized bias dequantized on its own (what the quantizer writes for a conv's bias)."""
     from onnx import TensorProto, helper, numpy_helper
@@ -88,15 +93,18 @@ def qdq_model(zero_point: np.ndarray | None, bias: np.ndarray | None = None) -> 
     if zero_point is not None:
         inits.append(numpy_helper.from_array(zero_point, "zero"))
         qdq_inputs.append("zero")
-    nodes = [helper.make_node("QuantizeLinear", ["x", *qdq_inputs], ["q"], name="q"),
-             helper.make_node("DequantizeLinear", ["q", *qdq_inputs], ["y"], name="dq")]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", *qdq_inputs], ["q"], name="q"),
+        helper.make_node("DequantizeLinear", ["q", *qdq_inputs], ["y"], name="dq"),
+    ]
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])]
     if bias is not None:
         inits.append(numpy_helper.from_array(bias, "bias_q"))
         nodes.append(helper.make_node("DequantizeLinear", ["bias_q", "scale"], ["bias"], name="dq_bias"))
         outputs.append(helper.make_tensor_value_info("bias", TensorProto.FLOAT, [3]))
-    graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])], outputs,
-                              initializer=inits)
+    graph = helper.make_graph(
+        nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])], outputs, initializer=inits
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -107,15 +115,20 @@ def test_tensorrt_takes_int8_zero_points_of_zero_only() -> None:
     assert int8.tensorrt_problems(qdq_model(np.zeros(3, np.int8))) == []  # per channel
     assert int8.tensorrt_problems(qdq_model(None)) == []  # omitted: 0
     assert int8.tensorrt_problems(qdq_model(np.array(3, np.int8))) == [
-        "q: zero point INT8 [3] (needs INT8 zeros)", "dq: zero point INT8 [3] (needs INT8 zeros)"]
+        "q: zero point INT8 [3] (needs INT8 zeros)",
+        "dq: zero point INT8 [3] (needs INT8 zeros)",
+    ]
     assert int8.tensorrt_problems(qdq_model(np.array([0, 0, -1], np.int8))) == [
-        "q: zero point INT8 [0, 0, -1] (needs INT8 zeros)", "dq: zero point INT8 [0, 0, -1] (needs INT8 zeros)"]
+        "q: zero point INT8 [0, 0, -1] (needs INT8 zeros)",
+        "dq: zero point INT8 [0, 0, -1] (needs INT8 zeros)",
+    ]
     assert int8.tensorrt_problems(qdq_model(np.array(0, np.uint8)))[0] == "q: zero point UINT8 [0] (needs INT8 zeros)"
     assert int8.tensorrt_problems(qdq_model(np.array(0, np.int8), bias=np.array([1, 2, 3], np.int32))) == [
-        "dq_bias: dequantizes INT32 bias_q (needs INT8)"]
+        "dq_bias: dequantizes INT32 bias_q (needs INT8)"
+    ]
 
 
-def test_conv_macs_from_shapes(float_model: "onnx.ModelProto") -> None:
+def test_conv_macs_from_shapes(float_model: onnx.ModelProto) -> None:
     macs = int8.conv_macs(float_model, int8.backbone_convs(float_model))
     assert macs["/features/backbone/conv1/Conv"] == 64 * 3 * 7 * 7 * 32 * 32  # crop 64, stride 2
     assert macs["/features/backbone/layer1/layer1.0/conv2/Conv"] == 128 * 128 * 3 * 3 * 16 * 16  # wide: 2x width
@@ -196,18 +209,25 @@ def test_export_writes_the_int8_model_and_records_the_loss(bundle_and_data: tupl
     gate = record["gate"]
     assert gate["images"] == 8 and gate["passed"] is done.verdict.passed
     assert gate["accepted_knowingly"] is (not done.verdict.passed)
-    assert gate["attempts"][-1]["quantized"] == record["quantized"] and gate["attempts"][-1]["passed"] is done.verdict.passed
+    assert (
+        gate["attempts"][-1]["quantized"] == record["quantized"]
+        and gate["attempts"][-1]["passed"] is done.verdict.passed
+    )
     assert gate["attempts"][0]["tolerance"] == int8.SEARCH_TOLERANCE
     assert record["scheme"] == QDQ_SCHEME  # what the TensorRT INT8 build checks
     assert {"image_auroc", "reference_image_auroc", "pixel_auroc", "spearman", "image_drop_pt"} <= set(gate)
     quantized = onnx.load(str(done.path))
     assert {p.key: p.value for p in quantized.metadata_props} == {
-        p.key: p.value for p in onnx.load(str(model), load_external_data=False).metadata_props}
+        p.key: p.value for p in onnx.load(str(model), load_external_data=False).metadata_props
+    }
     backend = OrtBackend(done.path, providers=["CPUExecutionProvider"])  # the sidecar still matches it
     assert np.isfinite(backend.infer(to_batch(normal_crops(2, 64)))[0]).all()
     digests = ModelInfo.load_json(Bundle.of(model).sidecar).digests
-    assert digests == {"onnx": sha256(model), "prototypes": sha256(Bundle.of(model).prototypes),
-                       "int8_onnx": sha256(done.path)}  # recorded beside the build's own
+    assert digests == {
+        "onnx": sha256(model),
+        "prototypes": sha256(Bundle.of(model).prototypes),
+        "int8_onnx": sha256(done.path),
+    }  # recorded beside the build's own
     Bundle.of(model).check(done.path)  # what protoad-run --model NAME.int8.onnx checks first
     qdq_nodes = [n for n in quantized.graph.node if n.op_type == "DequantizeLinear"]
     assert qdq_nodes and not [n for n in quantized.graph.node if FP32_SCOPE in n.name and "Quantize" in n.op_type]
@@ -228,13 +248,20 @@ def test_a_failing_gate_writes_nothing(bundle_and_data: tuple[Path, Path], monke
             tolerances.append(tolerance)
             path = self.work / f"draft{len(tolerances)}.int8.onnx"
             shutil.copy(self.src, path)
-            return int8.Int8Draft(path, ["c"], [], 0.1 / len(tolerances), {"quantized": 1, "search": {"tolerance": tolerance}})
+            return int8.Int8Draft(
+                path, ["c"], [], 0.1 / len(tolerances), {"quantized": 1, "search": {"tolerance": tolerance}}
+            )
 
     monkeypatch.setattr(int8_export, "Int8Search", CopyDraft)
-    monkeypatch.setattr(int8_export, "judge", lambda figures: Verdict(figures, ("image AUROC drops 9.00 pt (limit 0.5)",)))
-    with pytest.raises(ProtoADError, match=r"tiny.int8.onnx fails the accuracy gate on 8 labelled images against FP32: "
-                                           r"image AUROC .* was not written \(the most accurate of 3 searched, with 1 "
-                                           r"convs in INT8\); pass --accept-accuracy-loss"):
+    monkeypatch.setattr(
+        int8_export, "judge", lambda figures: Verdict(figures, ("image AUROC drops 9.00 pt (limit 0.5)",))
+    )
+    with pytest.raises(
+        ProtoADError,
+        match=r"tiny.int8.onnx fails the accuracy gate on 8 labelled images against FP32: "
+        r"image AUROC .* was not written \(the most accurate of 3 searched, with 1 "
+        r"convs in INT8\); pass --accept-accuracy-loss",
+    ):
         int8_export.export_int8(model, "tiny", data, threads=2, log=lambda _: None)
     assert tolerances == [int8.SEARCH_TOLERANCE, 0.05, 0.025]  # each retry within half the failed draft's error
     assert not target.exists()
@@ -254,9 +281,13 @@ class Gate:
 
 def drafts_at(errors: dict[float, float | None]):
     """Drafts whose score error at each tolerance is ``errors[tolerance]`` (None: no conv fits)."""
+
     def draft(tolerance: float) -> int8.Int8Draft | None:
         error = errors[round(tolerance, 6)]
-        return None if error is None else int8.Int8Draft(Path(f"d{tolerance}"), ["c"] * round(100 * error), [], error, {})
+        return (
+            None if error is None else int8.Int8Draft(Path(f"d{tolerance}"), ["c"] * round(100 * error), [], error, {})
+        )
+
     return draft
 
 
@@ -264,10 +295,14 @@ def test_a_failed_gate_searches_again_with_less_noise() -> None:
     t = int8.SEARCH_TOLERANCE
     lines = []
     gate = Gate(0.04)
-    draft, verdict, tried = int8.search_within_gate(drafts_at({t: 0.14, 0.07: 0.06, 0.03: 0.03}), gate, bool, lines.append)
+    draft, verdict, tried = int8.search_within_gate(
+        drafts_at({t: 0.14, 0.07: 0.06, 0.03: 0.03}), gate, bool, lines.append
+    )
     assert (draft.search_error, verdict) == (0.03, True) and [d.search_error for d, _ in tried] == [0.14, 0.06, 0.03]
-    assert lines == ["int8: 14 convs in INT8 fail the accuracy gate; searching again within 0.07 of the FP32 spread",
-                     "int8: 6 convs in INT8 fail the accuracy gate; searching again within 0.03 of the FP32 spread"]
+    assert lines == [
+        "int8: 14 convs in INT8 fail the accuracy gate; searching again within 0.07 of the FP32 spread",
+        "int8: 6 convs in INT8 fail the accuracy gate; searching again within 0.03 of the FP32 spread",
+    ]
     draft, verdict, tried = int8.search_within_gate(drafts_at({t: 0.12}), Gate(0.2), bool, lines.append)
     assert (draft.search_error, verdict, len(tried)) == (0.12, True, 1)  # passed at once: no retry
 
@@ -275,8 +310,9 @@ def test_a_failed_gate_searches_again_with_less_noise() -> None:
 def test_retries_are_bounded_and_keep_the_most_accurate() -> None:
     t = int8.SEARCH_TOLERANCE
     gate = Gate(0.0)
-    draft, verdict, tried = int8.search_within_gate(drafts_at({t: 0.14, 0.07: 0.06, 0.03: 0.02}), gate, bool,
-                                                    lambda _: None)
+    draft, verdict, tried = int8.search_within_gate(
+        drafts_at({t: 0.14, 0.07: 0.06, 0.03: 0.02}), gate, bool, lambda _: None
+    )
     assert int8.GATE_RETRIES == 2 and len(gate.seen) == 3  # the first search and two retries, then the refusal
     assert (draft.search_error, verdict) == (0.02, False)
     draft, verdict, tried = int8.search_within_gate(drafts_at({t: 0.14, 0.07: None}), gate, bool, lambda _: None)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import normal_crops
 from mqtt_helpers import Broker, Subscriber, broker, needs_broker, read_jsonl  # noqa: F401
+
 from protoad_edge.bundle import Bundle
 from protoad_edge.cli.run import main as run_main
 from protoad_edge.evaluation.threshold_rules import Outcome, write_threshold
@@ -70,14 +70,18 @@ def test_a_threshold_set_on_a_test_split_is_recorded_by_name(onnx_path: Path, pa
     assert SPLIT in history[1]["threshold_detail"]
 
 
-@pytest.mark.parametrize("written, recorded", [
-    # schema 2 wrote a sentence with the split's absolute path: it is read as its name
-    ("image: f1 (--set-threshold) on " + SPLIT + ": flags 5/6 anomalous and 1/4 normal images", "f1@test-split"),
-    ("image: max(max, mean + 3 std) of held-out normal image scores; pixel: 99.9th percentile", "held-out"),
-    (None, "custom"),  # a rule edited by hand in a schema 3 sidecar: never copied into records
-])
-def test_older_and_hand_edited_rules_are_recorded_by_name(onnx_path: Path, parts: Path, tmp_path: Path,
-                                                          written: str | None, recorded: str) -> None:
+@pytest.mark.parametrize(
+    "written, recorded",
+    [
+        # schema 2 wrote a sentence with the split's absolute path: it is read as its name
+        ("image: f1 (--set-threshold) on " + SPLIT + ": flags 5/6 anomalous and 1/4 normal images", "f1@test-split"),
+        ("image: max(max, mean + 3 std) of held-out normal image scores; pixel: 99.9th percentile", "held-out"),
+        (None, "custom"),  # a rule edited by hand in a schema 3 sidecar: never copied into records
+    ],
+)
+def test_older_and_hand_edited_rules_are_recorded_by_name(
+    onnx_path: Path, parts: Path, tmp_path: Path, written: str | None, recorded: str
+) -> None:
     sidecar = onnx_path.with_suffix(".json")
     data = json.loads(sidecar.read_text())
     if written is None:
@@ -93,13 +97,18 @@ def test_older_and_hand_edited_rules_are_recorded_by_name(onnx_path: Path, parts
 
 @pytest.mark.slow
 @needs_broker
-def test_mqtt_records_carry_the_short_name(broker: Broker, onnx_path: Path, parts: Path,  # noqa: F811
-                                           tmp_path: Path) -> None:
+def test_mqtt_records_carry_the_short_name(
+    broker: Broker,
+    onnx_path: Path,
+    parts: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
     write_threshold(onnx_path, Outcome("f1", 0.5, 3, 6, 1, 4), SPLIT)
     subscriber = Subscriber(broker)
     try:
-        got = records(onnx_path, parts, tmp_path / "r.jsonl", "--mqtt", broker.url(),
-                      "--mqtt-spool", str(tmp_path / "spool"))
+        got = records(
+            onnx_path, parts, tmp_path / "r.jsonl", "--mqtt", broker.url(), "--mqtt-spool", str(tmp_path / "spool")
+        )
         assert subscriber.wait_for({r["frame"] for r in got}) == got
     finally:
         subscriber.close()

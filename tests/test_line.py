@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from protoad_edge.builder.demo import SPLITS, demo_image
+from protoad_edge.builder.demo import demo_image
 from protoad_edge.cli.eval import main as eval_main
 from protoad_edge.cli.export import main as export_main
 from protoad_edge.cli.run import main as run_main
@@ -36,7 +36,7 @@ def belt(seed: int) -> np.ndarray:
 
 def on_belt(part: np.ndarray, seed: int, at: tuple[int, int] = PART_AT) -> np.ndarray:
     frame = belt(seed)
-    frame[at[1]:at[1] + part.shape[0], at[0]:at[0] + part.shape[1]] = part
+    frame[at[1] : at[1] + part.shape[0], at[0] : at[0] + part.shape[1]] = part
     return frame
 
 
@@ -55,15 +55,36 @@ def line(tmp_path_factory: pytest.TempPathFactory, torch_threads: None) -> dict:
                 truth_dir = root / "line" / "ground_truth" / split.split("/")[1]
                 truth_dir.mkdir(parents=True, exist_ok=True)
                 full = np.zeros((FRAME[1], FRAME[0]), np.uint8)
-                full[PART_AT[1]:PART_AT[1] + 256, PART_AT[0]:PART_AT[0] + 256] = mask
+                full[PART_AT[1] : PART_AT[1] + 256, PART_AT[0] : PART_AT[0] + 256] = mask
                 Image.fromarray(full).save(truth_dir / f"{index:03d}_mask.png")
                 ys, xs = np.nonzero(mask)
-                truth[f"{split}/{index:03d}"] = (PART_AT[0] + xs.min(), PART_AT[1] + ys.min(),
-                                                 int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1))
+                truth[f"{split}/{index:03d}"] = (
+                    PART_AT[0] + xs.min(),
+                    PART_AT[1] + ys.min(),
+                    int(xs.max() - xs.min() + 1),
+                    int(ys.max() - ys.min() + 1),
+                )
     out = tmp_path_factory.mktemp("line_models")
-    result = CliRunner().invoke(export_main, [
-        "--category", "line", "--data-root", str(root), "--out", str(out), "--weights", "none", "--resize", "256",
-        "--crop", "224", "--roi", ",".join(map(str, ROI)), "--no-cache"])
+    result = CliRunner().invoke(
+        export_main,
+        [
+            "--category",
+            "line",
+            "--data-root",
+            str(root),
+            "--out",
+            str(out),
+            "--weights",
+            "none",
+            "--resize",
+            "256",
+            "--crop",
+            "224",
+            "--roi",
+            ",".join(map(str, ROI)),
+            "--no-cache",
+        ],
+    )
     assert result.exit_code == 0, result.output
     return {"root": root, "model": out / "line.onnx", "truth": truth, "export": result.output}
 
@@ -75,7 +96,9 @@ def test_the_bundle_judges_the_region_of_every_image(line: dict) -> None:
     assert info.build["test"]["image_auroc"] > 0.6  # the part, not the belt: 0.5 would mean it saw nothing
     # Maps inside the region equal those of the region cut out by hand through the whole-image path (1e-5).
     backend = OrtBackend(line["model"], providers=["CPUExecutionProvider"])
-    frames = [np.asarray(Image.open(p).convert("RGB")) for p in sorted((line["root"] / "line/test/crack").glob("*.png"))]
+    frames = [
+        np.asarray(Image.open(p).convert("RGB")) for p in sorted((line["root"] / "line/test/crack").glob("*.png"))
+    ]
     by_region = backend.infer(to_batch([backend.info.preprocess(f) for f in frames]))[0]
     old_path = Preprocess(256, 224)
     by_hand = backend.infer(to_batch([old_path(f[500:756, 1100:1356]) for f in frames]))[0]
@@ -84,8 +107,19 @@ def test_the_bundle_judges_the_region_of_every_image(line: dict) -> None:
 
 @pytest.mark.slow
 def test_eval_uses_the_bundles_region(line: dict) -> None:
-    result = CliRunner().invoke(eval_main, ["--model", str(line["model"]), "--category", "line", "--data-root",
-                                            str(line["root"]), "--json", str(line["root"] / "eval.json")])
+    result = CliRunner().invoke(
+        eval_main,
+        [
+            "--model",
+            str(line["model"]),
+            "--category",
+            "line",
+            "--data-root",
+            str(line["root"]),
+            "--json",
+            str(line["root"] / "eval.json"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     got = json.loads((line["root"] / "eval.json").read_text())["categories"]["line"]
     info = ModelInfo.load_json(line["model"].with_suffix(".json"))
@@ -107,13 +141,26 @@ def line_video(line: dict, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pa
 
 
 @pytest.mark.slow
-def test_run_reports_defects_in_frame_pixels_inside_the_region(line: dict, line_video: tuple[Path, list[str]],
-                                                               tmp_path: Path) -> None:
+def test_run_reports_defects_in_frame_pixels_inside_the_region(
+    line: dict, line_video: tuple[Path, list[str]], tmp_path: Path
+) -> None:
     video, names = line_video
     info = ModelInfo.load_json(line["model"].with_suffix(".json"))
     judged = info.preprocess.geometry(*FRAME).judged
-    result = CliRunner().invoke(run_main, [str(video), "--model", str(line["model"]), "--jsonl", str(tmp_path / "r.jsonl"),
-                                           "--save", str(tmp_path / "overlay.avi"), "--save-masks", str(tmp_path / "masks")])
+    result = CliRunner().invoke(
+        run_main,
+        [
+            str(video),
+            "--model",
+            str(line["model"]),
+            "--jsonl",
+            str(tmp_path / "r.jsonl"),
+            "--save",
+            str(tmp_path / "overlay.avi"),
+            "--save-masks",
+            str(tmp_path / "masks"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
     assert len(records) == len(names) and all(r["roi"] == list(judged) for r in records)
@@ -121,20 +168,26 @@ def test_run_reports_defects_in_frame_pixels_inside_the_region(line: dict, line_
     for record, name in zip(records, names):
         for region in record["regions"]:
             x, y, w, h = region["bbox"]
-            assert judged[0] <= x and judged[1] <= y and x + w <= judged[0] + judged[2] and y + h <= judged[1] + judged[3]
+            assert (
+                judged[0] <= x and judged[1] <= y and x + w <= judged[0] + judged[2] and y + h <= judged[1] + judged[3]
+            )
         if record["verdict"] == "anomaly" and name in line["truth"]:
             tx, ty, tw, th = line["truth"][name]
             x, y, w, h = record["regions"][0]["bbox"]  # the largest region
-            assert x < tx + tw and tx < x + w and y < ty + th and ty < y + h, (name, record["regions"], line["truth"][name])
+            assert x < tx + tw and tx < x + w and y < ty + th and ty < y + h, (
+                name,
+                record["regions"],
+                line["truth"][name],
+            )
             mask = np.asarray(Image.open(tmp_path / "masks" / record["mask"]))
-            assert mask.shape == (FRAME[1], FRAME[0]) and mask[ty:ty + th, tx:tx + tw].any()
+            assert mask.shape == (FRAME[1], FRAME[0]) and mask[ty : ty + th, tx : tx + tw].any()
             caught += 1
     assert caught >= 2  # random-weight features: most defects, not all, pass the held-out threshold
     overlay = cv2.VideoCapture(str(tmp_path / "overlay.avi"))
     ok, view = overlay.read()
     assert ok and view.shape[:2] == (FRAME[1], FRAME[0])  # the frame at its own size, the header drawn inside it
     top = judged[1]
-    edge = view[top, judged[0] + 10:judged[0] + judged[2] - 10].astype(int)
+    edge = view[top, judged[0] + 10 : judged[0] + judged[2] - 10].astype(int)
     assert np.abs(edge.mean(axis=0) - JUDGED_BGR).max() < 40  # the judged area's outline (through MJPEG)
 
 
@@ -153,7 +206,11 @@ def test_run_roi_follows_a_camera_mounted_differently(line: dict, tmp_path: Path
         scores.append(json.loads(result.stdout.splitlines()[0])["score"])
     assert scores[0] == pytest.approx(scores[1], abs=1e-6)
     outside = CliRunner().invoke(run_main, [str(there), "--model", str(line["model"]), "--roi", "1800,1000,256,256"])
-    assert outside.exit_code == 2 and "reaches past the 1920x1080 image" in outside.stderr and "there.png" in outside.stderr
+    assert (
+        outside.exit_code == 2
+        and "reaches past the 1920x1080 image" in outside.stderr
+        and "there.png" in outside.stderr
+    )
 
 
 def test_preview_draws_the_region_on_a_frame(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

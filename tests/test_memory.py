@@ -25,10 +25,22 @@ from protoad_edge.builder.memory import (
 from protoad_edge.errors import ProtoADError
 
 
-@pytest.mark.parametrize("text, size", [
-    ("8G", 8 * GiB), ("8g", 8 * GiB), ("8GB", 8 * GiB), ("8GiB", 8 * GiB), (" 8 G ", 8 * GiB), ("1.5G", 3 * GiB // 2),
-    ("512M", 512 * 2**20), ("64k", 64 * 1024), ("1T", 2**40), ("8000000000", 8_000_000_000), (".5G", GiB // 2),
-])
+@pytest.mark.parametrize(
+    "text, size",
+    [
+        ("8G", 8 * GiB),
+        ("8g", 8 * GiB),
+        ("8GB", 8 * GiB),
+        ("8GiB", 8 * GiB),
+        (" 8 G ", 8 * GiB),
+        ("1.5G", 3 * GiB // 2),
+        ("512M", 512 * 2**20),
+        ("64k", 64 * 1024),
+        ("1T", 2**40),
+        ("8000000000", 8_000_000_000),
+        (".5G", GiB // 2),
+    ],
+)
 def test_sizes_parse_in_powers_of_1024(text: str, size: int) -> None:
     assert parse_size(text) == size
 
@@ -94,8 +106,10 @@ def test_an_array_that_does_not_fit_spills_to_an_unlinked_file_and_says_so(tmp_p
     assert isinstance(zeros, np.memmap) and not zeros.any()
     assert budget.held == 800 and budget.spilled == 1200 + 2400
     assert list((tmp_path / "spill").iterdir()) == []  # the mappings hold the files, nothing is left behind
-    assert lines[0] == (f"memory: spilled the candidates (1.2 KB) to a file in {tmp_path / 'spill'}: "
-                        "800 B of the arrays' 1000 B already in memory")
+    assert lines[0] == (
+        f"memory: spilled the candidates (1.2 KB) to a file in {tmp_path / 'spill'}: "
+        "800 B of the arrays' 1000 B already in memory"
+    )
     assert len(lines) == 2 and "the sums (2.3 KB)" in lines[1]
     zeros[:] = 7  # writable
     assert int(zeros.sum()) == 2100
@@ -111,11 +125,13 @@ def test_an_array_larger_than_the_room_keeps_its_first_pages_in_memory_and_the_r
     x = budget.zeros((1000, 40_000), np.float32, "the projection")  # 160 MB, a row (160,000 bytes) across the edge
     assert type(x) is np.ndarray and x.flags.writeable and x.shape == (1000, 40_000) and not x[::50].any()
     assert budget.held == 64 * 2**20 and budget.spilled == x.nbytes - 64 * 2**20
-    assert lines == [f"memory: spilled the projection (152.6 MB) to a file in {tmp_path}: 0 B of the arrays' 64.0 MB "
-                     "already in memory; its first 64.0 MB fill the rest, 88.6 MB spilled"]
+    assert lines == [
+        f"memory: spilled the projection (152.6 MB) to a file in {tmp_path}: 0 B of the arrays' 64.0 MB "
+        "already in memory; its first 64.0 MB fill the rest, 88.6 MB spilled"
+    ]
     x[:] = np.arange(40_000, dtype=np.float32)
     edge = 64 * 2**20 // x.strides[0]
-    assert (x[edge - 1:edge + 2] == np.arange(40_000, dtype=np.float32)).all()
+    assert (x[edge - 1 : edge + 2] == np.arange(40_000, dtype=np.float32)).all()
     assert abs((rss_anon() - anon) - 64 * 2**20) < 16 * 2**20  # the head in memory...
     assert abs((rss_file() - file) - 88.6 * 2**20) < 16 * 2**20  # ...the rest in the page cache
     assert float(x[:, 7].sum()) == 7 * 1000
@@ -221,18 +237,20 @@ def test_unbounded_spills_nothing(tmp_path: Path) -> None:
     assert type(budget.empty((1000, 1000), np.float32, "x")) is np.ndarray and budget.spilled == 0
 
 
-@pytest.mark.parametrize(("limit", "split", "whole", "in_memory"), [
-    # 64 MB: room is kept for the candidate lists (written at random), so the projection (written once, in order)
-    # spills its end instead; summed into the next level's in its first rows, it gives the rest back to the sums
-    (64_000_000, ("the search's projection",), (), ("the search's candidate", "FINCH level 0 cluster sums")),
-    # 3 MB: the lists alone (6 MB) are more than the budget: the projection spills whole, the lists split
-    (3_000_000, ("the search's candidate indices", "FINCH level 0 cluster sums"), ("the search's projection",), ()),
-])
+@pytest.mark.parametrize(
+    ("limit", "split", "whole", "in_memory"),
+    [
+        # 64 MB: room is kept for the candidate lists (written at random), so the projection (written once, in order)
+        # spills its end instead; summed into the next level's in its first rows, it gives the rest back to the sums
+        (64_000_000, ("the search's projection",), (), ("the search's candidate", "FINCH level 0 cluster sums")),
+        # 3 MB: the lists alone (6 MB) are more than the budget: the projection spills whole, the lists split
+        (3_000_000, ("the search's candidate indices", "FINCH level 0 cluster sums"), ("the search's projection",), ()),
+    ],
+)
 @pytest.mark.slow
-def test_finch_within_a_small_budget_spills_and_gives_the_same_partitions(tmp_path: Path, limit: int,
-                                                                          split: tuple[str, ...],
-                                                                          whole: tuple[str, ...],
-                                                                          in_memory: tuple[str, ...]) -> None:
+def test_finch_within_a_small_budget_spills_and_gives_the_same_partitions(
+    tmp_path: Path, limit: int, split: tuple[str, ...], whole: tuple[str, ...], in_memory: tuple[str, ...]
+) -> None:
     """Spilled arrays keep their dtype: every level's partition and the prototypes are bit for bit the same, whichever
     arrays the budget splits."""
     torch = pytest.importorskip("torch")
@@ -242,11 +260,18 @@ def test_finch_within_a_small_budget_spills_and_gives_the_same_partitions(tmp_pa
     torch.set_num_threads(2)
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((300, 600)).astype(np.float32)
-    x = (centres[rng.integers(0, 300, 30_000)] + 0.7 * rng.standard_normal((30_000, 600), np.float32)).astype(np.float16)
+    x = (centres[rng.integers(0, 300, 30_000)] + 0.7 * rng.standard_normal((30_000, 600), np.float32)).astype(
+        np.float16
+    )
 
     def run(budget: MemoryBudget):
-        return finch(x, max_prototypes=20, search=make_search(exact_up_to=2000, budget=budget, log=lambda _: None),
-                     budget=budget, log=lambda _: None)
+        return finch(
+            x,
+            max_prototypes=20,
+            search=make_search(exact_up_to=2000, budget=budget, log=lambda _: None),
+            budget=budget,
+            log=lambda _: None,
+        )
 
     lines: list[str] = []
     small = MemoryBudget(limit, tmp_path, lines.append)
@@ -266,13 +291,19 @@ def test_finch_within_a_small_budget_spills_and_gives_the_same_partitions(tmp_pa
 
 
 def rss_file() -> int:
-    return next(int(line.split()[1]) * 1024 for line in Path("/proc/self/status").read_text().splitlines()
-                if line.startswith("RssFile:"))
+    return next(
+        int(line.split()[1]) * 1024
+        for line in Path("/proc/self/status").read_text().splitlines()
+        if line.startswith("RssFile:")
+    )
 
 
 def rss_anon() -> int:
-    return next(int(line.split()[1]) * 1024 for line in Path("/proc/self/status").read_text().splitlines()
-                if line.startswith("RssAnon:"))
+    return next(
+        int(line.split()[1]) * 1024
+        for line in Path("/proc/self/status").read_text().splitlines()
+        if line.startswith("RssAnon:")
+    )
 
 
 def test_free_heap_memory_goes_back_to_the_system() -> None:

@@ -26,13 +26,24 @@ def v1(data: dict) -> dict:
 
 
 def test_schema_1_is_migrated() -> None:
-    info = ModelInfo(category="cable", resize=256, crop=224, backbone="wide_resnet50_2", weights="none",
-                     feature_upsample="bilinear", num_prototypes=10, image_threshold=0.3, pixel_threshold=0.2,
-                     tensorrt_version="10.3.0", gpu_name="Orin", tensorrt_precision="fp16")
+    info = ModelInfo(
+        category="cable",
+        resize=256,
+        crop=224,
+        backbone="wide_resnet50_2",
+        weights="none",
+        feature_upsample="bilinear",
+        num_prototypes=10,
+        image_threshold=0.3,
+        pixel_threshold=0.2,
+        tensorrt_version="10.3.0",
+        gpu_name="Orin",
+        tensorrt_precision="fp16",
+    )
     old = v1(info.to_dict())
     assert "schema" not in old and old["precision"] == "fp16"
     new = migrate(old)
-    assert new["format"] == FORMAT and new["schema"] == SCHEMA == 3 and new["tensorrt_precision"] == "fp16"
+    assert new["format"] == FORMAT and new["schema"] == SCHEMA == 4 and new["tensorrt_precision"] == "fp16"
     assert "precision" not in new and old["format"] == "protoad-edge/1"  # the input is left as it was
     assert ModelInfo.from_dict(old) == info
     assert migrate(info.to_dict()) == info.to_dict()  # the current schema passes unchanged
@@ -63,38 +74,80 @@ V2_RULES = {
 
 @pytest.mark.parametrize("sentence", list(V2_RULES))
 def test_schema_2_rule_sentences_become_short_names(sentence: str) -> None:
-    info = ModelInfo(category="cable", resize=256, crop=224, backbone="b", weights="none", feature_upsample="bilinear",
-                     num_prototypes=10, image_threshold=0.3, pixel_threshold=0.2, threshold_rule=sentence,
-                     threshold_history=[{"image_threshold": 0.2, "threshold_rule": sentence, "replaced": "x"}],
-                     digests={"onnx": "0" * 64})
+    info = ModelInfo(
+        category="cable",
+        resize=256,
+        crop=224,
+        backbone="b",
+        weights="none",
+        feature_upsample="bilinear",
+        num_prototypes=10,
+        image_threshold=0.3,
+        pixel_threshold=0.2,
+        threshold_rule=sentence,
+        threshold_history=[{"image_threshold": 0.2, "threshold_rule": sentence, "replaced": "x"}],
+        digests={"onnx": "0" * 64},
+    )
     new = ModelInfo.from_dict(v2(info.to_dict()))
     name = V2_RULES[sentence]
-    assert (new.schema, new.threshold_rule, new.threshold_detail, new.digests) == (3, name, sentence, None)
-    assert new.threshold_history == [{"image_threshold": 0.2, "threshold_rule": name, "threshold_detail": sentence,
-                                      "replaced": "x"}]
+    assert (new.schema, new.threshold_rule, new.threshold_detail, new.digests) == (SCHEMA, name, sentence, None)
+    assert new.threshold_history == [
+        {"image_threshold": 0.2, "threshold_rule": name, "threshold_detail": sentence, "replaced": "x"}
+    ]
     assert "/" not in new.threshold_rule and (not name or RULE_NAMES.fullmatch(name))
 
 
 def test_records_name_only_rules_protoad_edge_writes() -> None:
     """A record goes to every line's log and broker: a hand-edited rule (a path, a sentence) is never copied."""
-    for name in ("held-out", "training-images", "manual", "f1@test-split", "fpr=0.05@test-split",
-                 "fpr=1e-05@test-split", "normal-max@test-split"):
+    for name in (
+        "held-out",
+        "training-images",
+        "manual",
+        "f1@test-split",
+        "fpr=0.05@test-split",
+        "fpr=1e-05@test-split",
+        "normal-max@test-split",
+    ):
         assert rule_name(name) == name
-    for text, name in (("", "unrecorded"), ("/home/qa/rule.txt", "custom"), ("f1@/data/test", "custom"),
-                       ("0.5@test-split", "custom"), ("held-out ", "custom")):
+    for text, name in (
+        ("", "unrecorded"),
+        ("/home/qa/rule.txt", "custom"),
+        ("f1@/data/test", "custom"),
+        ("0.5@test-split", "custom"),
+        ("held-out ", "custom"),
+    ):
         assert rule_name(text) == name
 
 
 def test_the_onnx_metadata_leaves_the_digests_to_the_sidecar() -> None:
-    info = ModelInfo(category="cable", resize=256, crop=224, backbone="b", weights="none", feature_upsample="bilinear",
-                     num_prototypes=10, image_threshold=0.3, pixel_threshold=0.2, digests={"onnx": "0" * 64})
+    info = ModelInfo(
+        category="cable",
+        resize=256,
+        crop=224,
+        backbone="b",
+        weights="none",
+        feature_upsample="bilinear",
+        num_prototypes=10,
+        image_threshold=0.3,
+        pixel_threshold=0.2,
+        digests={"onnx": "0" * 64},
+    )
     assert "digests" not in info.to_props() and info.to_dict()["digests"] == {"onnx": "0" * 64}
     assert ModelInfo.from_props(info.to_props()).digests is None
 
 
 def test_a_newer_schema_is_refused_with_both_versions_and_the_rebuild_command() -> None:
-    data = ModelInfo(category="cable", resize=256, crop=224, backbone="b", weights="none", feature_upsample="bilinear",
-                     num_prototypes=10, image_threshold=0.3, pixel_threshold=0.2).to_dict()
+    data = ModelInfo(
+        category="cable",
+        resize=256,
+        crop=224,
+        backbone="b",
+        weights="none",
+        feature_upsample="bilinear",
+        num_prototypes=10,
+        image_threshold=0.3,
+        pixel_threshold=0.2,
+    ).to_dict()
     data.update(schema=SCHEMA + 1, toolkit_version="9.0.0")
     with pytest.raises(ProtoADError) as caught:
         ModelInfo.from_dict(data, "models/cable.json")

@@ -13,13 +13,28 @@ import time
 from pathlib import Path
 
 import pytest
+from mqtt_helpers import (  # noqa: F401
+    TOPIC,
+    Broker,
+    Relay,
+    Subscriber,
+    accounted,
+    backend,
+    broker,
+    free_port,
+    needs_broker,
+    parts,
+    quiet,
+    read_jsonl,
+    run_with,
+    some_parts,
+    wait_until,
+)
 
-from mqtt_helpers import (TOPIC, Broker, Relay, Subscriber, accounted, backend, broker, free_port,  # noqa: F401
-                          needs_broker, parts, quiet, read_jsonl, run_with, some_parts, wait_until)
 from protoad_edge.errors import ProtoADError
+from protoad_edge.runtime.backends.ort import OrtBackend
 from protoad_edge.runtime.loop import RunOptions, run
 from protoad_edge.runtime.outputs.mqtt import INFLIGHT, BrokerUrl, MqttSink, parse_mqtt_url
-from protoad_edge.runtime.backends.ort import OrtBackend
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,25 +45,32 @@ REPO = Path(__file__).resolve().parents[1]
 def test_parse_mqtt_url() -> None:
     assert parse_mqtt_url("mqtt://10.0.0.5/line3") == BrokerUrl("10.0.0.5", 1883, "line3", tls=False)
     assert parse_mqtt_url("mqtt://broker.plant.local:8883/factory/line3/verdicts") == (
-        "broker.plant.local", 8883, "factory/line3/verdicts", False)
+        "broker.plant.local",
+        8883,
+        "factory/line3/verdicts",
+        False,
+    )
     assert parse_mqtt_url("mqtt://[::1]:1884/a") == ("::1", 1884, "a", False)
     assert parse_mqtt_url("mqtts://10.0.0.5/line3") == ("10.0.0.5", 8883, "line3", True)
     assert parse_mqtt_url("mqtts://10.0.0.5:1883/line3") == ("10.0.0.5", 1883, "line3", True)
 
 
-@pytest.mark.parametrize("url, why", [
-    ("http://10.0.0.5/line3", "must start with mqtt://"),
-    ("10.0.0.5:1883/line3", "must start with mqtt://"),
-    ("mqtt:///line3", "no host"),
-    ("mqtt://10.0.0.5", "no topic"),
-    ("mqtt://10.0.0.5:1883/", "no topic"),
-    ("mqtt://10.0.0.5:99999/line3", "port"),
-    ("mqtt://10.0.0.5:0/line3", "port"),
-    ("mqtt://10.0.0.5:abc/line3", "port"),
-    ("mqtt://10.0.0.5:/line3", "port"),
-    ("mqtt://10.0.0.5/line3/#", "cannot contain"),
-    ("mqtt://10.0.0.5/+/verdicts", "cannot contain"),
-])
+@pytest.mark.parametrize(
+    "url, why",
+    [
+        ("http://10.0.0.5/line3", "must start with mqtt://"),
+        ("10.0.0.5:1883/line3", "must start with mqtt://"),
+        ("mqtt:///line3", "no host"),
+        ("mqtt://10.0.0.5", "no topic"),
+        ("mqtt://10.0.0.5:1883/", "no topic"),
+        ("mqtt://10.0.0.5:99999/line3", "port"),
+        ("mqtt://10.0.0.5:0/line3", "port"),
+        ("mqtt://10.0.0.5:abc/line3", "port"),
+        ("mqtt://10.0.0.5:/line3", "port"),
+        ("mqtt://10.0.0.5/line3/#", "cannot contain"),
+        ("mqtt://10.0.0.5/+/verdicts", "cannot contain"),
+    ],
+)
 def test_bad_urls_name_the_url(url: str, why: str) -> None:
     for attempt in (parse_mqtt_url, MqttSink):
         with pytest.raises(ProtoADError) as error:
@@ -56,10 +78,13 @@ def test_bad_urls_name_the_url(url: str, why: str) -> None:
         assert repr(url) in str(error.value) and why in str(error.value)
 
 
-@pytest.mark.parametrize("url, shown", [
-    ("mqtts://operator:s3cr3t-pw@10.0.0.5/line3", "'mqtts://operator:***@10.0.0.5/line3'"),
-    ("mqtt://s3cr3t-pw@10.0.0.5/line3", "'mqtt://***@10.0.0.5/line3'"),  # a user information alone may be a token
-])
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        ("mqtts://operator:s3cr3t-pw@10.0.0.5/line3", "'mqtts://operator:***@10.0.0.5/line3'"),
+        ("mqtt://s3cr3t-pw@10.0.0.5/line3", "'mqtt://***@10.0.0.5/line3'"),  # a user information alone may be a token
+    ],
+)
 def test_credentials_in_the_url_are_refused_without_echoing_them(url: str, shown: str) -> None:
     """The line says where the password goes instead, and shows the URL with the secret masked."""
     for attempt in (parse_mqtt_url, MqttSink):
@@ -193,8 +218,7 @@ def test_a_late_broker_gets_the_newest_messages_in_order(backend: OrtBackend, pa
     try:
         logs: list[str] = []
         sink = MqttSink(broker.url(), buffer=3, log=logs.append, drain_timeout=10, max_backoff=1)
-        summary, records = run_with(sink, some_parts(parts, 12, tmp_path), backend, tmp_path,
-                                    on_frame=start_at_the_end)
+        summary, records = run_with(sink, some_parts(parts, 12, tmp_path), backend, tmp_path, on_frame=start_at_the_end)
         received = subscriber.wait_for({9, 10, 11})
     finally:
         subscriber.close()
@@ -205,8 +229,9 @@ def test_a_late_broker_gets_the_newest_messages_in_order(backend: OrtBackend, pa
 
 
 @needs_broker
-def test_protoad_run_publishes_through_the_cli(broker: Broker, tiny_model: Path, backend: OrtBackend, parts: Path,
-                                               tmp_path: Path) -> None:
+def test_protoad_run_publishes_through_the_cli(
+    broker: Broker, tiny_model: Path, backend: OrtBackend, parts: Path, tmp_path: Path
+) -> None:
     """``protoad-run SOURCE --mqtt URL --mqtt-anomalies-only``: the wiring a line engineer types."""
     from click.testing import CliRunner
 
@@ -218,9 +243,23 @@ def test_protoad_run_publishes_through_the_cli(broker: Broker, tiny_model: Path,
     threshold = sorted(scores)[4]  # the five highest scores are anomalous
     subscriber = Subscriber(broker)
     try:
-        result = CliRunner().invoke(main, [str(source), "--model", str(tiny_model), "--threshold", repr(threshold),
-                                           "--jsonl", str(tmp_path / "r.jsonl"), "--mqtt", broker.url(),
-                                           "--mqtt-anomalies-only", "--mqtt-spool", str(tmp_path / "spool")])
+        result = CliRunner().invoke(
+            main,
+            [
+                str(source),
+                "--model",
+                str(tiny_model),
+                "--threshold",
+                repr(threshold),
+                "--jsonl",
+                str(tmp_path / "r.jsonl"),
+                "--mqtt",
+                broker.url(),
+                "--mqtt-anomalies-only",
+                "--mqtt-spool",
+                str(tmp_path / "spool"),
+            ],
+        )
         assert result.exit_code == 0, result.output
         anomalous = [r for r in read_jsonl(tmp_path / "r.jsonl") if r["verdict"] == "anomaly"]
         assert len(anomalous) == 5
@@ -234,8 +273,9 @@ def test_protoad_run_publishes_through_the_cli(broker: Broker, tiny_model: Path,
     assert bad.exit_code == 2 and "bad MQTT URL 'mqtt://127.0.0.1': no topic" in bad.stderr
 
 
-def test_messages_in_flight_at_a_cut_are_resent_in_order(broker: Broker, backend: OrtBackend, parts: Path,
-                                                         tmp_path: Path) -> None:
+def test_messages_in_flight_at_a_cut_are_resent_in_order(
+    broker: Broker, backend: OrtBackend, parts: Path, tmp_path: Path
+) -> None:
     """A full window of messages awaiting their PUBACK when the connection breaks (the relay held them: the
     broker never saw them) goes out again, oldest first, ahead of those not sent yet: the subscriber gets
     every frame once, in order."""
@@ -253,8 +293,9 @@ def test_messages_in_flight_at_a_cut_are_resent_in_order(broker: Broker, backend
             relay.cut()
 
     try:
-        _, records = run_with(sink, some_parts(parts, frames, tmp_path), backend, tmp_path,
-                              on_frame=cut_with_a_full_window)
+        _, records = run_with(
+            sink, some_parts(parts, frames, tmp_path), backend, tmp_path, on_frame=cut_with_a_full_window
+        )
         received = subscriber.wait_for(set(range(frames)))
     finally:
         subscriber.close()
@@ -264,8 +305,9 @@ def test_messages_in_flight_at_a_cut_are_resent_in_order(broker: Broker, backend
     assert (sink.delivered, sink.queued, sink.dropped) == (frames, 0, 0)
 
 
-def test_a_late_puback_of_a_dropped_message_is_not_counted(broker: Broker, backend: OrtBackend, parts: Path,
-                                                           tmp_path: Path) -> None:
+def test_a_late_puback_of_a_dropped_message_is_not_counted(
+    broker: Broker, backend: OrtBackend, parts: Path, tmp_path: Path
+) -> None:
     """Buffer 3: frames 0-2 are in flight, held by the relay, when frames 3 and 4 push the two oldest out of the
     buffer; then the relay lets everything through and the broker acknowledges all five. The two dropped ones
     stay dropped: delivered + queued + spooled + dropped = written."""

@@ -14,13 +14,26 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from mqtt_helpers import (  # noqa: F401
+    MOSQUITTO,
+    TOPIC,
+    Broker,
+    Subscriber,
+    accounted,
+    backend,
+    free_port,
+    parts,
+    quiet,
+    read_jsonl,
+    run_with,
+    some_parts,
+    wait_until,
+)
 
-from mqtt_helpers import (MOSQUITTO, TOPIC, Broker, Subscriber, accounted, backend, free_port, parts,  # noqa: F401
-                          quiet, read_jsonl, run_with, some_parts, wait_until)
 from protoad_edge.cli.run import main
 from protoad_edge.errors import ProtoADError
-from protoad_edge.runtime.outputs.mqtt import EXIT_UNDELIVERED, MqttSink
 from protoad_edge.runtime.backends.ort import OrtBackend
+from protoad_edge.runtime.outputs.mqtt import EXIT_UNDELIVERED, MqttSink
 from protoad_edge.runtime.outputs.spool import Spool, default_folder
 
 HOST, PORT = "10.0.0.5", 1883
@@ -49,8 +62,12 @@ def test_what_is_saved_comes_back_in_order_and_none_left_removes_the_file(tmp_pa
 
 def test_one_spool_per_broker_and_topic(tmp_path: Path) -> None:
     paths = set()
-    for host, port, topic in [(HOST, PORT, TOPIC), (HOST, 1884, TOPIC), ("10.0.0.6", PORT, TOPIC),
-                              (HOST, PORT, "plant/line4/verdicts")]:
+    for host, port, topic in [
+        (HOST, PORT, TOPIC),
+        (HOST, 1884, TOPIC),
+        ("10.0.0.6", PORT, TOPIC),
+        (HOST, PORT, "plant/line4/verdicts"),
+    ]:
         spool = Spool(tmp_path, host, port, topic)
         spool.save(records(1))
         spool.release()
@@ -76,8 +93,10 @@ def test_a_spool_is_owned_by_one_process_at_a_time(tmp_path: Path) -> None:
     first = Spool(tmp_path, HOST, PORT, TOPIC)
     with pytest.raises(ProtoADError) as error:
         Spool(tmp_path, HOST, PORT, TOPIC)
-    assert str(error.value) == (f"the MQTT spool {first.path} is in use by another protoad-run with the same broker "
-                                f"and topic: give this one its own --mqtt-spool DIR")
+    assert str(error.value) == (
+        f"the MQTT spool {first.path} is in use by another protoad-run with the same broker "
+        f"and topic: give this one its own --mqtt-spool DIR"
+    )
     first.release()
     Spool(tmp_path, HOST, PORT, TOPIC).release()
 
@@ -124,9 +143,11 @@ def test_a_run_without_a_broker_spools_all(backend: OrtBackend, parts: Path, tmp
     summary, written = run_with(sink, some_parts(parts, 6, tmp_path), backend, tmp_path)
     assert (sink.delivered, sink.queued, sink.spooled, sink.dropped) == (0, 0, 6, 0) and accounted(sink)
     assert summary.written[-1] == f"{url}: 0 delivered, 0 queued, 6 spooled, 0 dropped (spool {sink.spool.path})"
-    assert sink.shortfall() == (f"mqtt: 6 records not acknowledged by 127.0.0.1:{sink.port}: 6 spooled in "
-                                f"{sink.spool.path} (the next run to this broker and topic, or protoad-run --mqtt "
-                                f"{url} --mqtt-flush, sends them first)")
+    assert sink.shortfall() == (
+        f"mqtt: 6 records not acknowledged by 127.0.0.1:{sink.port}: 6 spooled in "
+        f"{sink.spool.path} (the next run to this broker and topic, or protoad-run --mqtt "
+        f"{url} --mqtt-flush, sends them first)"
+    )
     assert [json.loads(r) for r in Spool(tmp_path / "spool", "127.0.0.1", sink.port, TOPIC).records] == written
 
 
@@ -188,8 +209,9 @@ def cli(*args: str) -> Result:
 
 
 @pytest.mark.slow
-def test_a_broker_down_for_a_whole_run_gets_every_record_from_the_flush(late_broker: Broker, tiny_model: Path,
-                                                                        parts: Path, tmp_path: Path) -> None:
+def test_a_broker_down_for_a_whole_run_gets_every_record_from_the_flush(
+    late_broker: Broker, tiny_model: Path, parts: Path, tmp_path: Path
+) -> None:
     """protoad-run with the broker down: exit 75 and one line with the count and the spool. The broker comes up;
     --mqtt-flush sends the spool (exit 0) and the subscriber gets every record, in order, as the run wrote it."""
     source, spool = some_parts(parts, 12, tmp_path), tmp_path / "spool"
@@ -200,9 +222,13 @@ def test_a_broker_down_for_a_whole_run_gets_every_record_from_the_flush(late_bro
     path = next(spool.glob("*.jsonl"))
     assert f"{late_broker.url()}: 0 delivered, 0 queued, 12 spooled, 0 dropped (spool {path})" in down.stdout
     shortfall = [line for line in down.stderr.splitlines() if "not acknowledged" in line]
-    assert shortfall == [(f"mqtt: 12 records not acknowledged by 127.0.0.1:{late_broker.port}: 12 spooled in {path} "
-                          f"(the next run to this broker and topic, or protoad-run --mqtt {late_broker.url()} "
-                          f"--mqtt-flush, sends them first)")]
+    assert shortfall == [
+        (
+            f"mqtt: 12 records not acknowledged by 127.0.0.1:{late_broker.port}: 12 spooled in {path} "
+            f"(the next run to this broker and topic, or protoad-run --mqtt {late_broker.url()} "
+            f"--mqtt-flush, sends them first)"
+        )
+    ]
     assert sum("cannot connect" in line for line in down.stderr.splitlines()) == 1  # the outage: one line
 
     still_down = cli(*common, "--mqtt-flush")
@@ -217,16 +243,18 @@ def test_a_broker_down_for_a_whole_run_gets_every_record_from_the_flush(late_bro
         assert subscriber.qos == [1] * 12
     finally:
         subscriber.close()
-    assert (f"{late_broker.url()}: 12 from the spool + 0 new: 12 delivered, 0 queued, 0 spooled, 0 dropped "
-            f"(spool {path})") in flushed.stdout
+    assert (
+        f"{late_broker.url()}: 12 from the spool + 0 new: 12 delivered, 0 queued, 0 spooled, 0 dropped (spool {path})"
+    ) in flushed.stdout
     assert not path.exists()
     empty = cli(*common, "--mqtt-flush")
     assert empty.exit_code == 0 and f"{late_broker.url()}: 0 delivered, 0 queued, 0 spooled, 0 dropped" in empty.stdout
 
 
 @pytest.mark.slow
-def test_the_next_run_sends_the_spool_first(late_broker: Broker, backend: OrtBackend, parts: Path,
-                                            tmp_path: Path) -> None:
+def test_the_next_run_sends_the_spool_first(
+    late_broker: Broker, backend: OrtBackend, parts: Path, tmp_path: Path
+) -> None:
     first = MqttSink(late_broker.url(), log=quiet, drain_timeout=0.5, spool=tmp_path / "spool")
     _, spooled = run_with(first, some_parts(parts, 8, tmp_path), backend, tmp_path)
     assert first.spooled == 8
@@ -240,8 +268,10 @@ def test_the_next_run_sends_the_spool_first(late_broker: Broker, backend: OrtBac
     finally:
         subscriber.close()
     assert subscriber.records() == spooled + new  # the spooled first, then this run's, in order
-    assert summary.written[-1] == (f"{late_broker.url()}: 8 from the spool + 4 new: 12 delivered, 0 queued, "
-                                   f"0 spooled, 0 dropped (spool {second.spool.path})")
+    assert summary.written[-1] == (
+        f"{late_broker.url()}: 8 from the spool + 4 new: 12 delivered, 0 queued, "
+        f"0 spooled, 0 dropped (spool {second.spool.path})"
+    )
     assert accounted(second) and not second.spool.path.exists()
 
 

@@ -15,20 +15,32 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from mqtt_helpers import (  # noqa: F401
+    MOSQUITTO,
+    TOPIC,
+    Broker,
+    Subscriber,
+    accounted,
+    backend,
+    free_port,
+    parts,
+    quiet,
+    run_with,
+    some_parts,
+)
 
-from mqtt_helpers import (MOSQUITTO, TOPIC, Broker, Subscriber, accounted, backend, free_port, parts,  # noqa: F401
-                          quiet, run_with, some_parts)
 from protoad_edge.cli.run import main
 from protoad_edge.errors import ProtoADError
-from protoad_edge.runtime.outputs.mqtt import EXIT_UNDELIVERED, PASSWORD_ENV, BrokerAccess, MqttSink
 from protoad_edge.runtime.backends.ort import OrtBackend
+from protoad_edge.runtime.outputs.mqtt import EXIT_UNDELIVERED, PASSWORD_ENV, BrokerAccess, MqttSink
 
 OPENSSL = shutil.which("openssl")
 PASSWORD = "correct horse 7"  # the publisher's; a space in it, as a real one may have
 READER, READER_PASSWORD = "reader", "reader-pw"  # the test's subscriber
 
-pytestmark = pytest.mark.skipif(MOSQUITTO is None or OPENSSL is None,
-                                reason="needs mosquitto and openssl (apt-get install mosquitto openssl)")
+pytestmark = pytest.mark.skipif(
+    MOSQUITTO is None or OPENSSL is None, reason="needs mosquitto and openssl (apt-get install mosquitto openssl)"
+)
 
 
 def openssl(*args: str, cwd: Path) -> None:
@@ -36,20 +48,69 @@ def openssl(*args: str, cwd: Path) -> None:
 
 
 def make_ca(folder: Path, name: str) -> None:
-    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2",
-            "-keyout", f"{name}.key", "-out", f"{name}.pem", "-subj", f"/CN=protoad test {name}",
-            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-            cwd=folder)
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-days",
+        "2",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.pem",
+        "-subj",
+        f"/CN=protoad test {name}",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+        cwd=folder,
+    )
 
 
 def make_cert(folder: Path, name: str, ca: str, usage: str, alt_name: str = "IP:127.0.0.1") -> None:
-    (folder / f"{name}.ext").write_text(f"subjectAltName={alt_name}\nbasicConstraints=CA:FALSE\n"
-                                        f"keyUsage=critical,digitalSignature\nextendedKeyUsage={usage}\n"
-                                        f"authorityKeyIdentifier=keyid\nsubjectKeyIdentifier=hash\n")
-    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", f"{name}.key",
-            "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=folder)
-    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-CAcreateserial",
-            "-days", "2", "-out", f"{name}.pem", "-extfile", f"{name}.ext", cwd=folder)
+    (folder / f"{name}.ext").write_text(
+        f"subjectAltName={alt_name}\nbasicConstraints=CA:FALSE\n"
+        f"keyUsage=critical,digitalSignature\nextendedKeyUsage={usage}\n"
+        f"authorityKeyIdentifier=keyid\nsubjectKeyIdentifier=hash\n"
+    )
+    openssl(
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.csr",
+        "-subj",
+        f"/CN={name}",
+        cwd=folder,
+    )
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        f"{name}.csr",
+        "-CA",
+        f"{ca}.pem",
+        "-CAkey",
+        f"{ca}.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-out",
+        f"{name}.pem",
+        "-extfile",
+        f"{name}.ext",
+        cwd=folder,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -73,15 +134,29 @@ class SecureBroker(Broker):
         passwords = folder / "passwords"
         for user, password in [("line3", PASSWORD), (READER, READER_PASSWORD)]:
             create = ["-c"] if not passwords.exists() else []
-            subprocess.run(["mosquitto_passwd", *create, "-b", str(passwords), user, password], check=True,
-                           capture_output=True, timeout=30)
+            subprocess.run(
+                ["mosquitto_passwd", *create, "-b", str(passwords), user, password],
+                check=True,
+                capture_output=True,
+                timeout=30,
+            )
         self.tls, self.rogue, self.mutual = free_port(), free_port(), free_port()
         server = [f"cafile {pki / 'ca.pem'}", f"certfile {pki / 'server.pem'}", f"keyfile {pki / 'server.key'}"]
-        super().__init__(folder, extra=(
-            "allow_anonymous false", f"password_file {passwords}",
-            f"listener {self.tls} 127.0.0.1", *server,
-            f"listener {self.rogue} 127.0.0.1", f"certfile {pki / 'rogue.pem'}", f"keyfile {pki / 'rogue.key'}",
-            f"listener {self.mutual} 127.0.0.1", *server, "require_certificate true"))
+        super().__init__(
+            folder,
+            extra=(
+                "allow_anonymous false",
+                f"password_file {passwords}",
+                f"listener {self.tls} 127.0.0.1",
+                *server,
+                f"listener {self.rogue} 127.0.0.1",
+                f"certfile {pki / 'rogue.pem'}",
+                f"keyfile {pki / 'rogue.key'}",
+                f"listener {self.mutual} 127.0.0.1",
+                *server,
+                "require_certificate true",
+            ),
+        )
 
     def tls_url(self, port: int, host: str = "127.0.0.1") -> str:
         return f"mqtts://{host}:{port}/{TOPIC}"
@@ -119,12 +194,15 @@ def test_the_password_comes_from_a_file_or_the_environment(tmp_path: Path) -> No
     assert PASSWORD not in repr(BrokerAccess.from_options("line3", secret))
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"password_file": "PW"}, "--mqtt-password-file needs --mqtt-user"),
-    ({"user": "u", "password_file": "missing"}, "cannot read --mqtt-password-file {tmp}/missing: No such file"),
-    ({"user": "u", "password_file": "empty"}, "--mqtt-password-file {tmp}/empty: its first line is empty"),
-    ({"key": "k.pem"}, "--mqtt-key needs --mqtt-cert"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"password_file": "PW"}, "--mqtt-password-file needs --mqtt-user"),
+        ({"user": "u", "password_file": "missing"}, "cannot read --mqtt-password-file {tmp}/missing: No such file"),
+        ({"user": "u", "password_file": "empty"}, "--mqtt-password-file {tmp}/empty: its first line is empty"),
+        ({"key": "k.pem"}, "--mqtt-key needs --mqtt-cert"),
+    ],
+)
 def test_bad_credential_options_are_one_line(tmp_path: Path, options: dict, message: str) -> None:
     (tmp_path / "empty").write_text("\n")
     paths = {k: tmp_path / v if k in ("password_file", "key") else v for k, v in options.items()}
@@ -138,20 +216,23 @@ def test_tls_settings_need_an_mqtts_url_and_usable_files(pki: Path, tmp_path: Pa
         with pytest.raises(ProtoADError, match="are TLS settings: use an mqtts:// URL"):
             MqttSink("mqtt://127.0.0.1/line3", access=access)
     (tmp_path / "not.pem").write_text("not a certificate\n")
-    for access, flag, path in [(BrokerAccess(ca=tmp_path / "missing.pem"), "--mqtt-ca", tmp_path / "missing.pem"),
-                               (BrokerAccess(ca=tmp_path / "not.pem"), "--mqtt-ca", tmp_path / "not.pem"),
-                               (BrokerAccess(cert=pki / "client.pem"), "--mqtt-cert", pki / "client.pem"),
-                               (BrokerAccess(cert=pki / "client.pem", key=pki / "server.key"), "--mqtt-cert/--mqtt-key",
-                                pki / "client.pem")]:
+    for access, flag, path in [
+        (BrokerAccess(ca=tmp_path / "missing.pem"), "--mqtt-ca", tmp_path / "missing.pem"),
+        (BrokerAccess(ca=tmp_path / "not.pem"), "--mqtt-ca", tmp_path / "not.pem"),
+        (BrokerAccess(cert=pki / "client.pem"), "--mqtt-cert", pki / "client.pem"),
+        (BrokerAccess(cert=pki / "client.pem", key=pki / "server.key"), "--mqtt-cert/--mqtt-key", pki / "client.pem"),
+    ]:
         with pytest.raises(ProtoADError, match=f"^cannot use {flag} {path}: "):
             MqttSink("mqtts://127.0.0.1/line3", access=access)
 
 
 def test_warnings_for_an_unverified_broker_and_a_password_in_clear(pki: Path, tmp_path: Path) -> None:
     port = free_port()
-    cases = [(f"mqtt://127.0.0.1:{port}/t", BrokerAccess("line3", PASSWORD), "travels unencrypted: use mqtts://"),
-             (f"mqtts://127.0.0.1:{port}/t", BrokerAccess("line3", PASSWORD, insecure=True), "is not verified"),
-             (f"mqtts://127.0.0.1:{port}/t", BrokerAccess("line3", PASSWORD, ca=pki / "ca.pem"), None)]
+    cases = [
+        (f"mqtt://127.0.0.1:{port}/t", BrokerAccess("line3", PASSWORD), "travels unencrypted: use mqtts://"),
+        (f"mqtts://127.0.0.1:{port}/t", BrokerAccess("line3", PASSWORD, insecure=True), "is not verified"),
+        (f"mqtts://127.0.0.1:{port}/t", BrokerAccess("line3", PASSWORD, ca=pki / "ca.pem"), None),
+    ]
     for url, access, warning in cases:
         logs: list[str] = []
         MqttSink(url, access=access, log=logs.append, drain_timeout=0).close(keep=True)
@@ -163,14 +244,28 @@ def test_warnings_for_an_unverified_broker_and_a_password_in_clear(pki: Path, tm
 # ---------------------------------------------------------------- a real broker
 
 
-def test_right_credentials_and_the_plant_ca_deliver(secure: SecureBroker, tiny_model: Path, pki: Path, parts: Path,
-                                                    tmp_path: Path) -> None:
+def test_right_credentials_and_the_plant_ca_deliver(
+    secure: SecureBroker, tiny_model: Path, pki: Path, parts: Path, tmp_path: Path
+) -> None:
     """protoad-run over mqtts:// with the password in the environment: every record arrives, in order."""
     subscriber = reader(secure)
     try:
-        result = cli([str(some_parts(parts, 6, tmp_path)), "--model", str(tiny_model), "--mqtt", secure.tls_url(
-            secure.tls), "--mqtt-user", "line3", "--mqtt-ca", str(pki / "ca.pem"), "--mqtt-spool", str(tmp_path)],
-            env={PASSWORD_ENV: PASSWORD})
+        result = cli(
+            [
+                str(some_parts(parts, 6, tmp_path)),
+                "--model",
+                str(tiny_model),
+                "--mqtt",
+                secure.tls_url(secure.tls),
+                "--mqtt-user",
+                "line3",
+                "--mqtt-ca",
+                str(pki / "ca.pem"),
+                "--mqtt-spool",
+                str(tmp_path),
+            ],
+            env={PASSWORD_ENV: PASSWORD},
+        )
         assert result.exit_code == 0, result.output
         assert [r["frame"] for r in subscriber.wait_for(set(range(6)))] == list(range(6))
     finally:
@@ -179,44 +274,64 @@ def test_right_credentials_and_the_plant_ca_deliver(secure: SecureBroker, tiny_m
     assert PASSWORD not in result.output and "WARNING" not in result.output
 
 
-def test_a_client_certificate_opens_a_listener_that_requires_one(secure: SecureBroker, backend: OrtBackend,
-                                                                 pki: Path, parts: Path, tmp_path: Path) -> None:
+def test_a_client_certificate_opens_a_listener_that_requires_one(
+    secure: SecureBroker, backend: OrtBackend, pki: Path, parts: Path, tmp_path: Path
+) -> None:
     secret = tmp_path / "password"
     secret.write_text(PASSWORD)
     subscriber = reader(secure)
     try:
-        access = BrokerAccess.from_options("line3", secret, ca=pki / "ca.pem", cert=pki / "client.pem",
-                                           key=pki / "client.key", environ={})
+        access = BrokerAccess.from_options(
+            "line3", secret, ca=pki / "ca.pem", cert=pki / "client.pem", key=pki / "client.key", environ={}
+        )
         sink = MqttSink(secure.tls_url(secure.mutual), access=access, log=quiet, drain_timeout=10)
         run_with(sink, some_parts(parts, 4, tmp_path), backend, tmp_path)
         subscriber.wait_for(set(range(4)))
     finally:
         subscriber.close()
     assert sink.delivered == 4
-    without = MqttSink(secure.tls_url(secure.mutual), access=BrokerAccess("line3", PASSWORD, ca=pki / "ca.pem"),
-                       log=quiet, drain_timeout=1)
+    without = MqttSink(
+        secure.tls_url(secure.mutual),
+        access=BrokerAccess("line3", PASSWORD, ca=pki / "ca.pem"),
+        log=quiet,
+        drain_timeout=1,
+    )
     run_with(without, some_parts(parts, 2, tmp_path), backend, tmp_path)
     assert without.delivered == 0 and without.queued == 2
 
 
 @pytest.mark.slow
-def test_wrong_credentials_are_one_clear_line_and_the_records_are_spooled(secure: SecureBroker, tiny_model: Path,
-                                                                          pki: Path, parts: Path,
-                                                                          tmp_path: Path) -> None:
+def test_wrong_credentials_are_one_clear_line_and_the_records_are_spooled(
+    secure: SecureBroker, tiny_model: Path, pki: Path, parts: Path, tmp_path: Path
+) -> None:
     wrong = tmp_path / "password"
     wrong.write_text("not-the-password\n")
     source = str(some_parts(parts, 3, tmp_path))
-    common = ["--model", str(tiny_model), "--mqtt", secure.tls_url(secure.tls), "--mqtt-ca", str(pki / "ca.pem"),
-              "--mqtt-spool", str(tmp_path / "spool"), "--mqtt-drain-timeout", "1"]
-    result = cli([source, *common, "--mqtt-user", "line3", "--mqtt-password-file", str(wrong)],
-                 env={PASSWORD_ENV: PASSWORD})
+    common = [
+        "--model",
+        str(tiny_model),
+        "--mqtt",
+        secure.tls_url(secure.tls),
+        "--mqtt-ca",
+        str(pki / "ca.pem"),
+        "--mqtt-spool",
+        str(tmp_path / "spool"),
+        "--mqtt-drain-timeout",
+        "1",
+    ]
+    result = cli(
+        [source, *common, "--mqtt-user", "line3", "--mqtt-password-file", str(wrong)], env={PASSWORD_ENV: PASSWORD}
+    )
     assert result.exit_code == EXIT_UNDELIVERED, result.output
     mqtt_lines = [line for line in result.stderr.splitlines() if line.startswith("mqtt:")]
-    assert mqtt_lines[0] == (f"mqtt: broker 127.0.0.1:{secure.tls} refused the connection (Not authorized): check "
-                             f"--mqtt-user and the password ({PASSWORD_ENV} or --mqtt-password-file); queuing up to "
-                             f"10000 messages and reconnecting")
-    assert len(mqtt_lines) == 2 and mqtt_lines[1].startswith(f"mqtt: 3 records not acknowledged by 127.0.0.1:"
-                                                             f"{secure.tls}: 3 spooled in {tmp_path / 'spool'}")
+    assert mqtt_lines[0] == (
+        f"mqtt: broker 127.0.0.1:{secure.tls} refused the connection (Not authorized): check "
+        f"--mqtt-user and the password ({PASSWORD_ENV} or --mqtt-password-file); queuing up to "
+        f"10000 messages and reconnecting"
+    )
+    assert len(mqtt_lines) == 2 and mqtt_lines[1].startswith(
+        f"mqtt: 3 records not acknowledged by 127.0.0.1:{secure.tls}: 3 spooled in {tmp_path / 'spool'}"
+    )
     assert "not-the-password" not in result.output and PASSWORD not in result.output
     anonymous = cli([source, *common])  # no user at all: the broker refuses anonymous clients
     assert anonymous.exit_code == EXIT_UNDELIVERED
@@ -224,19 +339,25 @@ def test_wrong_credentials_are_one_clear_line_and_the_records_are_spooled(secure
     assert "6 spooled" in anonymous.stdout  # the first run's 3 and its own
 
 
-def test_a_server_certificate_from_another_ca_is_refused(secure: SecureBroker, backend: OrtBackend, pki: Path,
-                                                         parts: Path, tmp_path: Path) -> None:
+def test_a_server_certificate_from_another_ca_is_refused(
+    secure: SecureBroker, backend: OrtBackend, pki: Path, parts: Path, tmp_path: Path
+) -> None:
     logs: list[str] = []
     access = BrokerAccess("line3", PASSWORD, ca=pki / "ca.pem")
     sink = MqttSink(secure.tls_url(secure.rogue), access=access, log=logs.append, drain_timeout=1, spool=tmp_path)
     run_with(sink, some_parts(parts, 3, tmp_path), backend, tmp_path)
     assert (sink.delivered, sink.spooled) == (0, 3)
-    assert logs == [(f"mqtt: cannot connect to 127.0.0.1:{secure.rogue} (TLS certificate verify failed: unable to get "
-                     f"local issuer certificate); queuing up to 10000 messages and reconnecting")]
+    assert logs == [
+        (
+            f"mqtt: cannot connect to 127.0.0.1:{secure.rogue} (TLS certificate verify failed: unable to get "
+            f"local issuer certificate); queuing up to 10000 messages and reconnecting"
+        )
+    ]
 
 
-def test_a_certificate_for_another_host_name_is_refused(secure: SecureBroker, backend: OrtBackend, pki: Path,
-                                                        parts: Path, tmp_path: Path) -> None:
+def test_a_certificate_for_another_host_name_is_refused(
+    secure: SecureBroker, backend: OrtBackend, pki: Path, parts: Path, tmp_path: Path
+) -> None:
     """The plant CA's certificate names 127.0.0.1; reached as 'localhost' the broker is not who it claims."""
     logs: list[str] = []
     access = BrokerAccess("line3", PASSWORD, ca=pki / "ca.pem")
@@ -246,17 +367,26 @@ def test_a_certificate_for_another_host_name_is_refused(secure: SecureBroker, ba
     assert "TLS certificate verify failed: Hostname mismatch, certificate is not valid for 'localhost'" in logs[0]
 
 
-def test_insecure_skips_the_check_and_says_so(secure: SecureBroker, backend: OrtBackend, parts: Path,
-                                              tmp_path: Path) -> None:
+def test_insecure_skips_the_check_and_says_so(
+    secure: SecureBroker, backend: OrtBackend, parts: Path, tmp_path: Path
+) -> None:
     logs: list[str] = []
     subscriber = reader(secure)
     try:
-        sink = MqttSink(secure.tls_url(secure.rogue), access=BrokerAccess("line3", PASSWORD, insecure=True),
-                        log=logs.append, drain_timeout=10)
+        sink = MqttSink(
+            secure.tls_url(secure.rogue),
+            access=BrokerAccess("line3", PASSWORD, insecure=True),
+            log=logs.append,
+            drain_timeout=10,
+        )
         run_with(sink, some_parts(parts, 3, tmp_path), backend, tmp_path)
         subscriber.wait_for(set(range(3)))
     finally:
         subscriber.close()
     assert sink.delivered == 3 and accounted(sink)
-    assert logs == [(f"mqtt: WARNING: --mqtt-insecure: the certificate of 127.0.0.1:{secure.rogue} is not verified; "
-                     f"anyone between here and the broker can read and change the verdicts")]
+    assert logs == [
+        (
+            f"mqtt: WARNING: --mqtt-insecure: the certificate of 127.0.0.1:{secure.rogue} is not verified; "
+            f"anyone between here and the broker can read and change the verdicts"
+        )
+    ]

@@ -7,14 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import normal_crops
+from reference import ReferencePipeline
 from scipy.ndimage import gaussian_filter
 
-from conftest import normal_crops
-from protoad_edge.constants import FEATURE_CHANNELS
 from protoad_edge.builder.features import PatchFeatures, build_backbone
 from protoad_edge.builder.network import GaussianBlur, L2Norm, ProtoADNet, gaussian_kernel1d, reflect_index
+from protoad_edge.constants import FEATURE_CHANNELS
 from protoad_edge.preprocess import to_batch
-from reference import ReferencePipeline
 
 TOLERANCE = 1e-4
 
@@ -59,7 +59,9 @@ def _prototypes_from(features: PatchFeatures, crops: np.ndarray, k: int, seed: i
     with torch.no_grad():
         f = L2Norm()(features(torch.from_numpy(to_batch(crops)))).permute(0, 2, 3, 1).reshape(-1, FEATURE_CHANNELS)
     rng = np.random.default_rng(seed)
-    p = f.numpy()[rng.choice(len(f), k, replace=False)] + 0.05 * rng.standard_normal((k, FEATURE_CHANNELS)).astype(np.float32)
+    p = f.numpy()[rng.choice(len(f), k, replace=False)] + 0.05 * rng.standard_normal((k, FEATURE_CHANNELS)).astype(
+        np.float32
+    )
     return p / np.linalg.norm(p, axis=1, keepdims=True)
 
 

@@ -11,18 +11,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import normal_crops
 from PIL import Image
 
-from conftest import normal_crops
-from protoad_edge.runtime.backends.registry import REGISTRY, choose, open_backend
 from protoad_edge.bundle import Bundle
 from protoad_edge.cli.run import main as run_main
 from protoad_edge.errors import ProtoADError
 from protoad_edge.preprocess import to_batch
 from protoad_edge.runtime.backends.base import BackendOptions
+from protoad_edge.runtime.backends.registry import REGISTRY, choose, open_backend
 
-needs_openvino = pytest.mark.skipif(importlib.util.find_spec("openvino") is None,
-                                    reason="openvino is not installed (pip install 'protoad-edge[openvino]')")
+needs_openvino = pytest.mark.skipif(
+    importlib.util.find_spec("openvino") is None,
+    reason="openvino is not installed (pip install 'protoad-edge[openvino]')",
+)
 
 
 def test_registry_row() -> None:
@@ -55,7 +57,10 @@ def batch() -> np.ndarray:
 @needs_openvino
 def test_fp32_maps_equal_onnxruntime(tiny_model: Path, batch: np.ndarray) -> None:
     options = BackendOptions(device="cpu", threads=2)
-    with open_backend(tiny_model, "ort", options=options) as ort, open_backend(tiny_model, "openvino", options=options) as ov:
+    with (
+        open_backend(tiny_model, "ort", options=options) as ort,
+        open_backend(tiny_model, "openvino", options=options) as ov,
+    ):
         assert ov.name == "openvino" and ov.info == ort.info
         ort_maps, ort_scores = ort.infer(batch)
         ov_maps, ov_scores = ov.infer(batch)
@@ -103,8 +108,9 @@ def test_protoad_run_with_backend_openvino(tiny_model: Path, tmp_path: Path) -> 
     for i, rgb in enumerate(normal_crops(2, 72, seed=4)):
         Image.fromarray(rgb).save(folder / f"{i}.png")
     out = tmp_path / "run.jsonl"
-    result = CliRunner().invoke(run_main, [str(folder), "--model", str(tiny_model), "--backend", "openvino",
-                                           "--jsonl", str(out)])
+    result = CliRunner().invoke(
+        run_main, [str(folder), "--model", str(tiny_model), "--backend", "openvino", "--jsonl", str(out)]
+    )
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 2 and all(r["verdict"] in ("ok", "anomaly") for r in records)
@@ -127,9 +133,12 @@ def test_a_device_without_the_units_is_refused_in_one_line() -> None:
     for precision in ("fp32", "bf16", "bf16-all"):
         check_capability(precision, "CPU", "Xeon", ["FP32", "BF16", "INT8"])
     check_capability("fp16", "GPU.0", "Arc A770", ["FP32", "FP16", "INT8"])
-    with pytest.raises(ProtoADError, match=r"^openvino:bf16: CPU \(Core i7\) has no BF16 units \(its optimization "
-                                           r"capabilities: FP32, INT8\); run --backend openvino \(FP32\), or BF16 on "
-                                           r"a CPU with AVX512-BF16 or AMX$"):
+    with pytest.raises(
+        ProtoADError,
+        match=r"^openvino:bf16: CPU \(Core i7\) has no BF16 units \(its optimization "
+        r"capabilities: FP32, INT8\); run --backend openvino \(FP32\), or BF16 on "
+        r"a CPU with AVX512-BF16 or AMX$",
+    ):
         check_capability("bf16", "CPU", "Core i7", ["FP32", "INT8"])
     with pytest.raises(ProtoADError, match=r"^openvino:bf16-all: CPU \(Core i7\) has no BF16 units"):
         check_capability("bf16-all", "CPU", "Core i7", ["FP32", "INT8"])
@@ -145,12 +154,14 @@ def test_protoad_run_refuses_a_precision_this_cpu_lacks_in_one_line(tiny_model: 
     if lacking is None:  # a CPU with both (Sapphire Rapids and later): nothing to refuse here
         return
     Image.fromarray(normal_crops(1, 72)[0]).save(tmp_path / "0.png")
-    result = CliRunner().invoke(run_main, [str(tmp_path / "0.png"), "--model", str(tiny_model),
-                                           "--backend", f"openvino:{lacking}"])
+    result = CliRunner().invoke(
+        run_main, [str(tmp_path / "0.png"), "--model", str(tiny_model), "--backend", f"openvino:{lacking}"]
+    )
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [
         f"error: openvino:{lacking}: CPU ({result.output.split('(')[1].split(')')[0]}) has no {lacking.upper()} units"
-        + result.output.split("units", 1)[1].rstrip()]
+        + result.output.split("units", 1)[1].rstrip()
+    ]
 
 
 def test_every_cli_takes_a_backend_precision() -> None:
@@ -182,9 +193,18 @@ def projected_onnx(out: Path, dims: int = 12) -> Path:
     prototypes = vectors[np.random.default_rng(0).choice(len(vectors), 48, replace=False)]
     fit = fit_projection(prototypes, dims, fitted_on="prototypes")
     net = ProtoADNet(features, torch.from_numpy(prototypes), 64, projection=fit.module()).eval()
-    info = ModelInfo(category="proj", resize=72, crop=64, backbone=BACKBONE, weights="none",
-                     feature_upsample="bilinear", num_prototypes=48, image_threshold=0.0, pixel_threshold=0.0,
-                     projection=fit.record)
+    info = ModelInfo(
+        category="proj",
+        resize=72,
+        crop=64,
+        backbone=BACKBONE,
+        weights="none",
+        feature_upsample="bilinear",
+        num_prototypes=48,
+        image_threshold=0.0,
+        pixel_threshold=0.0,
+        projection=fit.record,
+    )
     out.mkdir(parents=True, exist_ok=True)
     return export_onnx(net, info, out / "proj.onnx")
 
@@ -213,8 +233,9 @@ def tail_of_the_graph(onnx_path: Path) -> set[str]:
 
 @needs_openvino
 @pytest.mark.parametrize("network", ["paper", "projected"])
-def test_the_fp32_scope_is_what_stays_fp32_in_the_compiled_model(network: str, networks: dict[str, Path],
-                                                                  batch: np.ndarray) -> None:
+def test_the_fp32_scope_is_what_stays_fp32_in_the_compiled_model(
+    network: str, networks: dict[str, Path], batch: np.ndarray
+) -> None:
     model = networks[network]
     options = BackendOptions(device="cpu", threads=2, precision="bf16")
     if not has("BF16"):
@@ -223,18 +244,30 @@ def test_the_fp32_scope_is_what_stays_fp32_in_the_compiled_model(network: str, n
         return
     tail = tail_of_the_graph(model)
     assert any("/l2norm/" in n for n in tail) and any("/prototypes/" in n for n in tail) and "score" in tail
-    with open_backend(model, "openvino", options=options) as mixed, \
-            open_backend(model, "ort", options=BackendOptions(device="cpu", threads=2)) as ort:
+    with (
+        open_backend(model, "openvino", options=options) as mixed,
+        open_backend(model, "ort", options=BackendOptions(device="cpu", threads=2)) as ort,
+    ):
         runtime = [op.get_rt_info() for op in mixed.compiled.get_runtime_model().get_ordered_ops()]
         facts = mixed.describe()
         scores, reference = mixed.infer(batch)[1], ort.infer(batch)[1]
-    read = [(rt["layerType"].astype(str), rt["runtimePrecision"].astype(str), rt["outputPrecisions"].astype(str),
-             set(rt["originalLayersNames"].astype(str).split(","))) for rt in runtime]
+    read = [
+        (
+            rt["layerType"].astype(str),
+            rt["runtimePrecision"].astype(str),
+            rt["outputPrecisions"].astype(str),
+            set(rt["originalLayersNames"].astype(str).split(",")),
+        )
+        for rt in runtime
+    ]
     scope = [(kind, runs, writes) for kind, runs, writes, names in read if names & tail and kind != "Const"]
     assert len(scope) >= 10 and {kind for kind, _, _ in scope} >= {"Eltwise", "Reduce", "MatMul", "Convolution"}
     assert all(runs not in ("bf16", "f16") and "bf16" not in writes for _, runs, writes in scope), scope
-    backbone = [runs for kind, runs, _, names in read
-                if kind == "Convolution" and all(n.startswith("/features/backbone/") for n in names)]
+    backbone = [
+        runs
+        for kind, runs, _, names in read
+        if kind == "Convolution" and all(n.startswith("/features/backbone/") for n in names)
+    ]
     assert len(backbone) >= 40 and set(backbone) == {"bf16"}  # WRN50 layer1-3: the lowered part
     assert facts.precision == "bf16 backbone + fp32 scope" and facts.details["precision_asked"] == "bf16"
     assert facts.details["fp32_scope_nodes"] == len(scope) and facts.details["fp32_scope_not_fp32"] == []
@@ -262,14 +295,29 @@ def write_graded(root: Path) -> Path:
 
 @needs_openvino
 def test_the_gate_passes_the_mixed_model_and_refuses_it_with_the_scope_broken(
-        tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from protoad_edge.cli.eval import main as eval_main
     from protoad_edge.runtime.backends import openvino as openvino_backend
 
     data = write_graded(tmp_path / "data")
     report = tmp_path / "gate.json"
-    args = ["--model", str(tiny_model), "--category", "tiny", "--data-root", str(data), "--device", "cpu",
-            "--threads", "2", "--compare", "openvino,openvino:bf16", "--json", str(report)]
+    args = [
+        "--model",
+        str(tiny_model),
+        "--category",
+        "tiny",
+        "--data-root",
+        str(data),
+        "--device",
+        "cpu",
+        "--threads",
+        "2",
+        "--compare",
+        "openvino,openvino:bf16",
+        "--json",
+        str(report),
+    ]
     result = CliRunner().invoke(eval_main, args)
     if not has("BF16"):
         assert result.exit_code == 2 and "has no BF16 units" in result.output
@@ -278,8 +326,13 @@ def test_the_gate_passes_the_mixed_model_and_refuses_it_with_the_scope_broken(
     gate = json.loads(report.read_text())["comparisons"]["tiny"]["backends"]["openvino:bf16"]["accuracy_gate"]
     assert gate["passed"] and gate["images"] == 16 and gate["spearman"] >= 0.99
     # Broken on purpose: the L2 norm alone kept in FP32 (as TensorRT's FP16 build does), the cosine and 1 - x in BF16.
-    monkeypatch.setattr(openvino_backend, "scope_names", lambda model: {
-        op.get_friendly_name() for op in model.get_ordered_ops() if "/l2norm/" in op.get_friendly_name()})
+    monkeypatch.setattr(
+        openvino_backend,
+        "scope_names",
+        lambda model: {
+            op.get_friendly_name() for op in model.get_ordered_ops() if "/l2norm/" in op.get_friendly_name()
+        },
+    )
     result = CliRunner().invoke(eval_main, args)
     assert result.exit_code == 2
     assert "error: openvino:bf16 fails the accuracy gate on 16 labelled images against FP32" in result.output
@@ -294,12 +347,18 @@ def test_protoad_run_and_eval_with_backend_openvino_bf16(tiny_model: Path, tmp_p
     from protoad_edge.evaluation.evaluate import evaluate_category
 
     Image.fromarray(normal_crops(1, 72)[0]).save(tmp_path / "0.png")
-    result = CliRunner().invoke(run_main, [str(tmp_path / "0.png"), "--model", str(tiny_model),
-                                           "--backend", "openvino:bf16", "--threads", "2"])
+    result = CliRunner().invoke(
+        run_main, [str(tmp_path / "0.png"), "--model", str(tiny_model), "--backend", "openvino:bf16", "--threads", "2"]
+    )
     assert result.exit_code == 0, result.output
     assert "backend openvino (cpu, bf16 backbone + fp32 scope)" in result.output
-    evaluated = evaluate_category(tiny_model, "tiny", write_graded(tmp_path / "data"), backend="openvino:bf16",
-                                  options=BackendOptions(device="cpu", threads=2))
+    evaluated = evaluate_category(
+        tiny_model,
+        "tiny",
+        write_graded(tmp_path / "data"),
+        backend="openvino:bf16",
+        options=BackendOptions(device="cpu", threads=2),
+    )
     assert evaluated.backend == "openvino (cpu, bf16 backbone + fp32 scope)" and len(evaluated.maps) == 16
 
 
@@ -315,9 +374,12 @@ def test_an_int8_model_is_refused_in_the_mixed_form_in_one_line() -> None:
     plain = ov.Model([ops.relu(x)], [x])
     quantized = ov.Model([ops.fake_quantize(x, *bounds, levels=256)], [x])
     check_not_quantized(plain, "bf16", "m.onnx")
-    with pytest.raises(ProtoADError, match=r"^openvino:bf16 on m.int8.onnx: an INT8 model's other layers cannot be "
-                                           r"lowered without losing its INT8 layers in OpenVINO; run it with --backend "
-                                           r"openvino \(INT8 \+ FP32\), or the FP32 model with openvino:bf16$"):
+    with pytest.raises(
+        ProtoADError,
+        match=r"^openvino:bf16 on m.int8.onnx: an INT8 model's other layers cannot be "
+        r"lowered without losing its INT8 layers in OpenVINO; run it with --backend "
+        r"openvino \(INT8 \+ FP32\), or the FP32 model with openvino:bf16$",
+    ):
         check_not_quantized(quantized, "bf16", "m.int8.onnx")
 
 
@@ -330,6 +392,9 @@ def test_a_compiled_model_that_lowers_the_scope_is_refused(tiny_model: Path, mon
     from protoad_edge.runtime.backends import openvino as openvino_backend
 
     monkeypatch.setattr(openvino_backend, "mode", lambda precision: ("bf16", "bf16"))
-    with pytest.raises(ProtoADError, match=r"^openvino:bf16: OpenVINO .* on CPU runs \d+ node\(s\) of the FP32 scope "
-                                           r"in a reduced precision \(/l2norm/.*\): run --backend openvino \(FP32\)$"):
+    with pytest.raises(
+        ProtoADError,
+        match=r"^openvino:bf16: OpenVINO .* on CPU runs \d+ node\(s\) of the FP32 scope "
+        r"in a reduced precision \(/l2norm/.*\): run --backend openvino \(FP32\)$",
+    ):
         open_backend(tiny_model, "openvino", options=BackendOptions(device="cpu", precision="bf16"))

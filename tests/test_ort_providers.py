@@ -40,10 +40,14 @@ def write_elf(path: Path, needed: list[str]) -> Path:
     dynamic = b"".join(struct.pack("<qQ", 1, off) for off in offsets) + struct.pack("<qQ", 0, 0)
     str_at, dyn_at = 64, 64 + len(dynstr)
     sh_at = dyn_at + len(dynamic)
-    header = struct.pack("<16sHHIQQQIHHHHHH", b"\x7fELF\x02\x01\x01" + bytes(9), 3, 62, 1, 0, 0, sh_at, 0, 64, 0, 0,
-                         64, 3, 0)
-    sections = (bytes(64) + struct.pack("<IIQQQQIIQQ", 0, 3, 0, 0, str_at, len(dynstr), 0, 0, 1, 0)
-                + struct.pack("<IIQQQQIIQQ", 0, 6, 0, 0, dyn_at, len(dynamic), 1, 0, 8, 16))
+    header = struct.pack(
+        "<16sHHIQQQIHHHHHH", b"\x7fELF\x02\x01\x01" + bytes(9), 3, 62, 1, 0, 0, sh_at, 0, 64, 0, 0, 64, 3, 0
+    )
+    sections = (
+        bytes(64)
+        + struct.pack("<IIQQQQIIQQ", 0, 3, 0, 0, str_at, len(dynstr), 0, 0, 1, 0)
+        + struct.pack("<IIQQQQIIQQ", 0, 6, 0, 0, dyn_at, len(dynamic), 1, 0, 8, 16)
+    )
     path.write_bytes(header + dynstr + dynamic + sections)
     return path
 
@@ -84,7 +88,9 @@ def test_needed_libraries_match_readelf() -> None:
     assert expected and ort_backend.needed_libraries(library) == expected
 
 
-def test_provider_problem_names_the_missing_library(monkeypatch: pytest.MonkeyPatch, trt_provider_library: Path) -> None:
+def test_provider_problem_names_the_missing_library(
+    monkeypatch: pytest.MonkeyPatch, trt_provider_library: Path
+) -> None:
     monkeypatch.setattr(ort_backend, "provider_library", lambda module, p: trt_provider_library if p == TRT else None)
     why = ort_backend.provider_problem(ort, TRT)
     # The first of its needs that does not load: libcublas.so.13 unless something loaded it already (torch does).
@@ -106,9 +112,9 @@ def stand_in_gpu_onnxruntime(monkeypatch: pytest.MonkeyPatch, library: Path | No
     monkeypatch.setattr(ort_backend, "provider_library", lambda module, p: library if p == TRT else None)
 
 
-def test_fallback_is_one_line_on_stderr_and_in_the_bench_header(monkeypatch: pytest.MonkeyPatch, tiny_model: Path,
-                                                                 trt_provider_library: Path,
-                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_fallback_is_one_line_on_stderr_and_in_the_bench_header(
+    monkeypatch: pytest.MonkeyPatch, tiny_model: Path, trt_provider_library: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     asked: list[list[str]] = []
     stand_in_gpu_onnxruntime(monkeypatch, trt_provider_library, asked)
     backend = ort_backend.OrtBackend(tiny_model)
@@ -161,8 +167,9 @@ main(argv)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="C stdio and ELF provider libraries: Linux")
-def test_jsonl_stdout_stays_json_while_onnxruntime_prints(tiny_model: Path, tmp_path: Path,
-                                                          trt_provider_library: Path) -> None:
+def test_jsonl_stdout_stays_json_while_onnxruntime_prints(
+    tiny_model: Path, tmp_path: Path, trt_provider_library: Path
+) -> None:
     """``protoad-run IMAGE --jsonl -``: banners written to fd 1 by Python and C during session creation go to stderr."""
     import cv2
 
@@ -170,9 +177,25 @@ def test_jsonl_stdout_stays_json_while_onnxruntime_prints(tiny_model: Path, tmp_
     cv2.imwrite(str(image), np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8))
     asked = tmp_path / "asked.json"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout to a pipe: Python and C buffer it
-    result = subprocess.run([sys.executable, "-c", RUN, str(trt_provider_library), str(asked), str(image), "--model",
-                             str(tiny_model), "--jsonl", "-"], capture_output=True, text=True, timeout=300,
-                            cwd=Path(__file__).parents[1], env=env)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            RUN,
+            str(trt_provider_library),
+            str(asked),
+            str(image),
+            "--model",
+            str(tiny_model),
+            "--jsonl",
+            "-",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parents[1],
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     records = [json.loads(line) for line in lines]  # every stdout line is JSON

@@ -14,9 +14,22 @@ from bench_outage import free_port, start_server
 
 
 def protoad_run(port: int, model: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", "from protoad_edge.cli.run import main; main()",
-                             f"http://127.0.0.1:{port}/stream.mjpg", "--model", str(model), "--status-every", "1",
-                             *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from protoad_edge.cli.run import main; main()",
+            f"http://127.0.0.1:{port}/stream.mjpg",
+            "--model",
+            str(model),
+            "--status-every",
+            "1",
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_a_stream_restarted_mid_run_is_survived(tiny_model: Path) -> None:
@@ -39,7 +52,7 @@ def test_a_stream_restarted_mid_run_is_survived(tiny_model: Path) -> None:
     frames = [r["frame"] for r in records]
     assert frames == sorted(frames)  # every result kept, in order (indices continue over the outage)
     assert "frames again after" in stderr and "reconnect attempt 1 in 0.5 s" in stderr
-    summary = stderr[stderr.index("source      "):]
+    summary = stderr[stderr.index("source      ") :]
     assert "(max frames)" in summary and "frames      60" in summary
     gap = float(summary.split("longest gap ")[1].split(" s")[0])
     assert "1 reconnects" in summary and 2.5 <= gap <= 20

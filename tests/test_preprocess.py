@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from protoad_edge.atomic import write_text_atomic
-from protoad_edge.errors import ProtoADError
 from protoad_edge.bundle import Bundle
+from protoad_edge.errors import ProtoADError
 from protoad_edge.metadata import ModelInfo
 from protoad_edge.preprocess import Preprocess, load_rgb, to_batch
 
@@ -66,9 +66,18 @@ def test_corrupt_and_missing_images(tmp_path: Path) -> None:
 
 
 def test_metadata_round_trip(tmp_path: Path) -> None:
-    info = ModelInfo(category="cable", resize=256, crop=224, backbone="wide_resnet50_2", weights="none",
-                     feature_upsample="nearest", num_prototypes=3680, image_threshold=0.31, pixel_threshold=0.25,
-                     build={"finch_levels": [1000, 100]})
+    info = ModelInfo(
+        category="cable",
+        resize=256,
+        crop=224,
+        backbone="wide_resnet50_2",
+        weights="none",
+        feature_upsample="nearest",
+        num_prototypes=3680,
+        image_threshold=0.31,
+        pixel_threshold=0.25,
+        build={"finch_levels": [1000, 100]},
+    )
     assert ModelInfo.from_props(info.to_props()) == info
     info.save_json(tmp_path / "cable.json")
     assert ModelInfo.load_json(tmp_path / "cable.json") == info
@@ -109,7 +118,9 @@ def test_roi_crop_is_the_old_path_on_the_region_cut_out_by_hand() -> None:
     np.testing.assert_array_equal(Preprocess(256, 224, roi)(rgb), Preprocess(256, 224)(cut))
     mask = np.zeros(rgb.shape[:2], bool)
     mask[100:150, 300:340] = True
-    np.testing.assert_array_equal(Preprocess(256, 224, roi).mask(mask), Preprocess(256, 224).mask(mask[40:300, 200:500]))
+    np.testing.assert_array_equal(
+        Preprocess(256, 224, roi).mask(mask), Preprocess(256, 224).mask(mask[40:300, 200:500])
+    )
 
 
 @pytest.mark.parametrize("fit", ["resize", "pad"])
@@ -122,7 +133,9 @@ def test_whole_region_fits(fit: str) -> None:
         assert (out == 200).all()  # every input pixel shows the region
     else:
         bright = np.argwhere(out[..., 0] == 200)  # 224 x 112, centred, black above and below
-        assert bright[:, 0].min() == 56 and bright[:, 0].max() == 167 and (out[:56] == 0).all() and (out[168:] == 0).all()
+        assert (
+            bright[:, 0].min() == 56 and bright[:, 0].max() == 167 and (out[:56] == 0).all() and (out[168:] == 0).all()
+        )
 
 
 @pytest.mark.parametrize("fit", ["crop", "resize", "pad"])
@@ -134,7 +147,9 @@ def test_geometry_maps_input_pixels_back_to_the_frame(fit: str) -> None:
     geometry = pre.geometry(1920, 1080)
     bright = (pre(rgb)[..., 0] > 127).astype(np.uint8)
     ys, xs = np.nonzero(bright)
-    x, y, w, h = geometry.box_to_frame(int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1))
+    x, y, w, h = geometry.box_to_frame(
+        int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)
+    )
     assert abs(x - 700) <= 6 and abs(y - 400) <= 6 and abs(x + w - 820) <= 6 and abs(y + h - 480) <= 6
     back = geometry.to_frame(bright)
     assert back.shape == (1080, 1920) and abs(int(back.sum()) - 80 * 120) < 0.15 * 80 * 120
@@ -155,8 +170,11 @@ def test_roi_may_end_at_the_last_pixel_and_not_one_past_it(fit: str) -> None:
         crop = Preprocess(32, 32, roi, fit)(frame)
         assert crop.shape == (32, 32, 3) and (fit == "pad" or crop.min() == 200)
         assert Preprocess(32, 32, roi, fit).geometry(100, 80).roi == roi
-    for roi, end in (((20, 10, 81, 30), "x 101, y 40"), ((20, 10, 30, 71), "x 50, y 81"),
-                     ((0, 0, 101, 81), "x 101, y 81")):
+    for roi, end in (
+        ((20, 10, 81, 30), "x 101, y 40"),
+        ((20, 10, 30, 71), "x 50, y 81"),
+        ((0, 0, 101, 81), "x 101, y 81"),
+    ):
         with pytest.raises(ProtoADError, match=f"reaches past the 100x80 image: the region ends at {end}"):
             Preprocess(32, 32, roi, fit)(frame)
         with pytest.raises(ProtoADError, match="reaches past"):
@@ -164,7 +182,9 @@ def test_roi_may_end_at_the_last_pixel_and_not_one_past_it(fit: str) -> None:
 
 
 def test_roi_outside_the_image_names_the_sizes() -> None:
-    with pytest.raises(ProtoADError, match=r"--roi 1800,900,300,300 reaches past the 1920x1080 image: .*x 2100, y 1200"):
+    with pytest.raises(
+        ProtoADError, match=r"--roi 1800,900,300,300 reaches past the 1920x1080 image: .*x 2100, y 1200"
+    ):
         Preprocess(256, 224, (1800, 900, 300, 300))(np.zeros((1080, 1920, 3), np.uint8))
     with pytest.raises(ProtoADError, match="--fit"):
         Preprocess(fit="stretch")

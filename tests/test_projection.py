@@ -15,12 +15,16 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from click.testing import CliRunner  # noqa: E402
-
 from conftest import TINY_CROP, TINY_RESIZE, normal_crops, write_demo_category  # noqa: E402
+
 from protoad_edge.builder.features import PatchFeatures, build_backbone  # noqa: E402
 from protoad_edge.builder.network import L2Norm, ProtoADNet  # noqa: E402
 from protoad_edge.builder.projection import (  # noqa: E402
-    FittedProjection, check_dims, fit_projection, load_projection, sample_rows,
+    FittedProjection,
+    check_dims,
+    fit_projection,
+    load_projection,
+    sample_rows,
 )
 from protoad_edge.builder.torch_backend import load_torch_network  # noqa: E402
 from protoad_edge.bundle import Bundle  # noqa: E402
@@ -66,8 +70,13 @@ def test_centred_fit_is_the_pca_of_the_rows() -> None:
     shares = ((centred @ fit.matrix.T.astype(np.float64)) ** 2).sum(axis=0)
     np.testing.assert_allclose(shares, s[:5] ** 2, rtol=1e-4)
     assert fit.variance_kept == pytest.approx((s[:5] ** 2).sum() / (s**2).sum(), rel=1e-6)
-    assert fit.record == {"dims": 5, "centred": True, "fitted_on": "patch vectors", "rows": 200,
-                          "variance_kept": round(fit.variance_kept, 6)}
+    assert fit.record == {
+        "dims": 5,
+        "centred": True,
+        "fitted_on": "patch vectors",
+        "rows": 200,
+        "variance_kept": round(fit.variance_kept, 6),
+    }
 
 
 def test_uncentred_fit_keeps_the_offset_direction() -> None:
@@ -89,8 +98,15 @@ def test_fit_is_deterministic_and_the_directions_have_a_fixed_sign() -> None:
     assert (a.matrix[np.arange(5), np.abs(a.matrix).argmax(axis=1)] > 0).all()
 
 
-@pytest.mark.parametrize("dims, expected", [(0, "between 1 and 1791"), (1792, "between 1 and 1791"),
-                                            (2000, "between 1 and 1791"), (49, "more than the 48 patch vectors")])
+@pytest.mark.parametrize(
+    "dims, expected",
+    [
+        (0, "between 1 and 1791"),
+        (1792, "between 1 and 1791"),
+        (2000, "between 1 and 1791"),
+        (49, "more than the 48 patch vectors"),
+    ],
+)
 def test_impossible_dims_name_the_flag(dims: int, expected: str) -> None:
     rows = np.random.default_rng(0).normal(size=(48, 1792)).astype(np.float32)
     with pytest.raises(ProtoADError, match="--project-dims") as err:
@@ -195,9 +211,18 @@ def test_without_projection_the_network_is_unchanged(parts: tuple) -> None:
 
 @pytest.fixture(scope="module")
 def projected_onnx(parts: tuple, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    info = ModelInfo(category="proj", resize=TINY_RESIZE, crop=TINY_CROP, backbone=BACKBONE, weights="none",
-                     feature_upsample="bilinear", num_prototypes=K, image_threshold=0.0, pixel_threshold=0.0,
-                     projection=parts[2].record)
+    info = ModelInfo(
+        category="proj",
+        resize=TINY_RESIZE,
+        crop=TINY_CROP,
+        backbone=BACKBONE,
+        weights="none",
+        feature_upsample="bilinear",
+        num_prototypes=K,
+        image_threshold=0.0,
+        pixel_threshold=0.0,
+        projection=parts[2].record,
+    )
     return export_onnx(projected_net(parts), info, tmp_path_factory.mktemp("proj") / "proj.onnx")
 
 
@@ -261,8 +286,9 @@ def export(args: list[str]) -> tuple[int, str]:
 @pytest.fixture(scope="module")
 def projected_build(data_root: Path, tmp_path_factory: pytest.TempPathFactory, torch_threads: None) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("models")
-    code, output = export(["--category", "part", "--data-root", str(data_root), "--out", str(out), *SMALL,
-                           "--project-dims", "16"])
+    code, output = export(
+        ["--category", "part", "--data-root", str(data_root), "--out", str(out), *SMALL, "--project-dims", "16"]
+    )
     assert code == 0, output
     return out, output
 
@@ -272,8 +298,9 @@ def training_vectors(data_root: Path, info: ModelInfo) -> np.ndarray:
     from protoad_edge.builder.config import BuildConfig
     from protoad_edge.builder.pipeline import extract_vectors, load_split
 
-    split = load_split(BuildConfig(category="part", data_root=data_root, progress=False), info.preprocess,
-                       lambda _: None)
+    split = load_split(
+        BuildConfig(category="part", data_root=data_root, progress=False), info.preprocess, lambda _: None
+    )
     backbone, _ = build_backbone("none", info.seed)
     features = PatchFeatures(backbone, info.crop, info.feature_upsample)
     out = np.empty((len(split.fit_crops) * features.size**2, 1792), np.float16)
@@ -285,13 +312,22 @@ def training_vectors(data_root: Path, info: ModelInfo) -> np.ndarray:
 def test_build_writes_the_projection_and_records_it(projected_build: tuple[Path, str], data_root: Path) -> None:
     out, _ = projected_build
     bundle = Bundle(out / "part")
-    assert sorted(p.name for p in out.iterdir()) == ["part.json", "part.onnx", "part.projection.npz",
-                                                     "part.prototypes.npy"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "part.json",
+        "part.onnx",
+        "part.projection.npz",
+        "part.prototypes.npy",
+    ]
     info = ModelInfo.load_json(bundle.sidecar)
     assert info.projection is not None
     vectors = training_vectors(data_root, info)
-    assert info.projection == {"dims": 16, "centred": True, "fitted_on": "patch vectors", "rows": len(vectors),
-                               "variance_kept": info.projection["variance_kept"]}
+    assert info.projection == {
+        "dims": 16,
+        "centred": True,
+        "fitted_on": "patch vectors",
+        "rows": len(vectors),
+        "variance_kept": info.projection["variance_kept"],
+    }
     assert 0 < info.projection["variance_kept"] < 1
     # The sidecar and the ONNX metadata describe the same network, projection included.
     assert OrtBackend(bundle.onnx, providers=["CPUExecutionProvider"]).info.projection == info.projection
@@ -350,11 +386,16 @@ def test_summary_shows_both_networks_side_by_side(projected_build: tuple[Path, s
     assert [r["network"] for r in rows] == ["paper (1792)", "projected (16, centred)"]
     # The projected row is the bundle's own test figures; the paper's row is another network's.
     test = info.build["test"]
-    assert (rows[1]["image_auroc"], rows[1]["pixel_auroc"], rows[1]["pro"]) == \
-        (test["image_auroc"], test["pixel_auroc"], test["pro"])
+    assert (rows[1]["image_auroc"], rows[1]["pixel_auroc"], rows[1]["pro"]) == (
+        test["image_auroc"],
+        test["pixel_auroc"],
+        test["pro"],
+    )
     for row, cells in ((rows[0], paper[2:]), (rows[1], projected[3:])):
-        assert cells == [f"{100 * row[key]:.1f}" for key in ("image_auroc", "pixel_auroc", "pro")] + \
-            [f"{row['ms_per_image']:.0f}", f"{row['gflop_per_image']:.2f}"]
+        assert cells == [f"{100 * row[key]:.1f}" for key in ("image_auroc", "pixel_auroc", "pro")] + [
+            f"{row['ms_per_image']:.0f}",
+            f"{row['gflop_per_image']:.2f}",
+        ]
         assert row["ms_per_image"] > 0
     hw, k = 28 * 28, info.num_prototypes
     assert rows[0]["gflop_per_image"] == pytest.approx(2 * hw * 1792 * k / 1e9)
@@ -398,15 +439,34 @@ def test_uncentred_build_and_a_rebuild_without_projection(data_root: Path, tmp_p
     assert "side by side" not in output
 
 
-@pytest.mark.parametrize("extra, expected", [
-    (["--project-dims", "1792"], "--project-dims 1792"),
-    (["--project-dims", "5000"], "--project-dims 5000"),
-    (["--projection", "uncentred"], "--projection uncentred needs --project-dims"),
-])
-def test_bad_projection_options_give_one_clear_line(extra: list[str], expected: str, data_root: Path,
-                                                    tmp_path: Path) -> None:
-    code, output = export(["--category", "part", "--data-root", str(data_root), "--out", str(tmp_path / "out"),
-                           "--weights", "none", "--crop", "64", "--resize", "72", *extra])
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--project-dims", "1792"], "--project-dims 1792"),
+        (["--project-dims", "5000"], "--project-dims 5000"),
+        (["--projection", "uncentred"], "--projection uncentred needs --project-dims"),
+    ],
+)
+def test_bad_projection_options_give_one_clear_line(
+    extra: list[str], expected: str, data_root: Path, tmp_path: Path
+) -> None:
+    code, output = export(
+        [
+            "--category",
+            "part",
+            "--data-root",
+            str(data_root),
+            "--out",
+            str(tmp_path / "out"),
+            "--weights",
+            "none",
+            "--crop",
+            "64",
+            "--resize",
+            "72",
+            *extra,
+        ]
+    )
     assert code != 0 and "Traceback" not in output
     errors = [line for line in output.splitlines() if line.lower().startswith("error:")]
     assert len(errors) == 1 and expected in errors[0], output
@@ -414,11 +474,29 @@ def test_bad_projection_options_give_one_clear_line(extra: list[str], expected: 
 
 
 @pytest.mark.slow
-def test_more_dims_than_prototypes_is_refused_after_clustering(data_root: Path, tmp_path: Path,
-                                                               torch_threads: None) -> None:
-    code, output = export(["--category", "part", "--data-root", str(data_root), "--out", str(tmp_path),
-                           "--weights", "none", "--crop", "64", "--resize", "72", "--max-prototypes", "20",
-                           "--project-dims", "1000"])
+def test_more_dims_than_prototypes_is_refused_after_clustering(
+    data_root: Path, tmp_path: Path, torch_threads: None
+) -> None:
+    code, output = export(
+        [
+            "--category",
+            "part",
+            "--data-root",
+            str(data_root),
+            "--out",
+            str(tmp_path),
+            "--weights",
+            "none",
+            "--crop",
+            "64",
+            "--resize",
+            "72",
+            "--max-prototypes",
+            "20",
+            "--project-dims",
+            "1000",
+        ]
+    )
     assert code != 0 and "Traceback" not in output
     assert "--project-dims 1000: more than the" in output and "prototypes" in output
     assert not any(tmp_path.iterdir())

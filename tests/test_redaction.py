@@ -46,13 +46,13 @@ CASES = {
     "http://cam/video.cgi?PASSWORD=s3cret&fps=5": "http://cam/video.cgi?PASSWORD=***&fps=5",
     "http://cam/v?passwd=s3cret;pass=s3cret": "http://cam/v?passwd=***;pass=***",
     "https://cam/v?access_token=s3cret&api_key=s3cret": "https://cam/v?access_token=***&api_key=***",
-    "https://cam/v?Secret=s3cret&auth=s3cret&Authorization=s3cret":
-        "https://cam/v?Secret=***&auth=***&Authorization=***",
+    "https://cam/v?Secret=s3cret&auth=s3cret&Authorization=s3cret": "https://cam/v?Secret=***&auth=***&Authorization=***",
     "https://cam/v?client_secret=s3cret#top": "https://cam/v?client_secret=***#top",
-    "rtspsrc location=rtsp://u:s3cret@cam/x user-id=u user-pw=s3cret ! decodebin ! appsink":
-        "rtspsrc location=rtsp://u:***@cam/x user-id=u user-pw=*** ! decodebin ! appsink",
-    'souphttpsrc location=http://cam/x proxy-pw="s3 cret" ! appsink':
-        "souphttpsrc location=http://cam/x proxy-pw=*** ! appsink",
+    "rtspsrc location=rtsp://u:s3cret@cam/x user-id=u user-pw=s3cret ! decodebin ! appsink": "rtspsrc "
+    "location=rtsp://u:***@cam/x user-id=u user-pw=*** ! decodebin ! appsink",
+    'souphttpsrc location=http://cam/x proxy-pw="s3 cret" ! appsink': (
+        "souphttpsrc location=http://cam/x proxy-pw=*** ! appsink"
+    ),
     "0": "0",
     "camera2": "camera2",
     "csi0": "csi0",
@@ -92,9 +92,13 @@ def test_error_lines_never_quote_the_password() -> None:
         os.write(2, f"[http @ 0x55d0c8a0] Cannot open {target}: HTTP error 401 Unauthorized\n".encode())
         return Closed()
 
-    for typed, shown in (("http://user:s3cret@10.0.0.5/x", "stream http://user:***@10.0.0.5/x"),
-                         ("rtspsrc location=rtsp://u:s3cret@cam/x user-pw=s3cret ! appsink",
-                          "GStreamer pipeline rtspsrc location=rtsp://u:***@cam/x user-pw=*** ! appsink")):
+    for typed, shown in (
+        ("http://user:s3cret@10.0.0.5/x", "stream http://user:***@10.0.0.5/x"),
+        (
+            "rtspsrc location=rtsp://u:s3cret@cam/x user-pw=s3cret ! appsink",
+            "GStreamer pipeline rtspsrc location=rtsp://u:***@cam/x user-pw=*** ! appsink",
+        ),
+    ):
         with pytest.raises(ProtoADError) as caught:
             open_source(typed, open_capture=noisy)
         message = str(caught.value)
@@ -159,8 +163,11 @@ class AuthMjpegServer:
                 try:
                     while not camera._down.is_set():
                         jpg = cv2.imencode(".jpg", frame(camera.frames))[1].tobytes()
-                        self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(jpg)
-                                         + jpg + b"\r\n")
+                        self.wfile.write(
+                            b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(jpg)
+                            + jpg
+                            + b"\r\n"
+                        )
                         camera.frames += 1
                         time.sleep(0.04)
                 except (BrokenPipeError, ConnectionResetError):
@@ -187,8 +194,12 @@ class AuthMjpegServer:
 
 
 def protoad_run(*args: str | Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", "from protoad_edge.cli.run import main; main()", *map(str, args)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", "from protoad_edge.cli.run import main; main()", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> None:
@@ -204,9 +215,25 @@ def test_no_output_of_a_run_holds_the_password(tiny_model: Path, tmp_path: Path)
     url = f"http://user:{PASSWORD}@127.0.0.1:{camera.port}/stream.mjpg"
     shown = f"http://user:***@127.0.0.1:{camera.port}/stream.mjpg"
     out = tmp_path / "out"
-    run = protoad_run(url, "--model", tiny_model, "--threshold", "0", "--max-frames", "40", "--status-every", "0.2",
-                      "--reconnect-timeout", "30", "--jsonl", out / "run.jsonl", "--save", out / "line.mp4",
-                      "--save-masks", out / "masks")
+    run = protoad_run(
+        url,
+        "--model",
+        tiny_model,
+        "--threshold",
+        "0",
+        "--max-frames",
+        "40",
+        "--status-every",
+        "0.2",
+        "--reconnect-timeout",
+        "30",
+        "--jsonl",
+        out / "run.jsonl",
+        "--save",
+        out / "line.mp4",
+        "--save-masks",
+        out / "masks",
+    )
     try:
         wait_for(lambda: camera.frames >= 15)
         camera.stop()  # the camera goes away mid-run: the reconnect lines name the source too
@@ -243,8 +270,13 @@ def test_a_stream_that_cannot_open_is_named_without_its_password(case: str, tiny
     port = free_port() if case == "nothing listens" else camera.port
     password = "wr0ngpass" if case == "wrong password" else PASSWORD
     try:
-        run = protoad_run(f"http://user:{password}@127.0.0.1:{port}/stream.mjpg", "--model", tiny_model,
-                          "--jsonl", tmp_path / "run.jsonl")
+        run = protoad_run(
+            f"http://user:{password}@127.0.0.1:{port}/stream.mjpg",
+            "--model",
+            tiny_model,
+            "--jsonl",
+            tmp_path / "run.jsonl",
+        )
         stdout, stderr = run.communicate(timeout=60)
     finally:
         camera.stop()

@@ -14,15 +14,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
 from teaching import changed_lamp, crops, demo_frames, teach_bundle
+from triton_server import Server, serve_python
 
 from protoad_edge import versions
 from protoad_edge.bundle import Bundle
 from protoad_edge.preprocess import Preprocess
 from protoad_edge.runtime.sources.frames import Frames
 from protoad_edge.teach.teach import teach
-from triton_server import Server, serve_python
 
 FRAMES = 1500
 
@@ -36,8 +35,10 @@ def bundle_dir(tmp_path_factory: pytest.TempPathFactory, torch_threads: None) ->
 def video(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A long video of the part (128 x 128): the run is still judging it while the bundle changes."""
     path = tmp_path_factory.mktemp("video") / "line.avi"
-    images = [cv2.cvtColor(cv2.resize(f, (128, 128), interpolation=cv2.INTER_AREA), cv2.COLOR_RGB2BGR)
-              for f in demo_frames(range(100, 108))]
+    images = [
+        cv2.cvtColor(cv2.resize(f, (128, 128), interpolation=cv2.INTER_AREA), cv2.COLOR_RGB2BGR)
+        for f in demo_frames(range(100, 108))
+    ]
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25.0, (128, 128))
     for i in range(FRAMES):
         writer.write(images[i % len(images)])
@@ -47,8 +48,19 @@ def video(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def start_run(model: Path | str, sources: list[Path], log: Path, server: bool = False) -> subprocess.Popen:
     where = ["--server", str(model)] if server else ["--model", str(model), "--threads", "1"]
-    args = [sys.executable, "-c", "from protoad_edge.cli.run import main; main()", *map(str, sources), *where,
-            "--jsonl", "-", "--reload-every", "0.2", "--status-every", "0"]
+    args = [
+        sys.executable,
+        "-c",
+        "from protoad_edge.cli.run import main; main()",
+        *map(str, sources),
+        *where,
+        "--jsonl",
+        "-",
+        "--reload-every",
+        "0.2",
+        "--status-every",
+        "0",
+    ]
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=open(log, "w"), text=True)
 
 
@@ -66,8 +78,7 @@ def wait_for(log: Path, text: str, process: subprocess.Popen, lines: list[str], 
 
 
 @pytest.mark.slow
-def test_a_run_switches_to_a_taught_version_between_two_frames(bundle_dir: Path, video: Path,
-                                                              tmp_path: Path) -> None:
+def test_a_run_switches_to_a_taught_version_between_two_frames(bundle_dir: Path, video: Path, tmp_path: Path) -> None:
     shutil.copytree(bundle_dir, tmp_path / "m")
     model = tmp_path / "m" / "part.onnx"
     second = shutil.copy(video, tmp_path / "line2.avi")
@@ -132,15 +143,18 @@ def test_a_broken_version_is_refused_and_the_run_goes_on(bundle_dir: Path, video
 def teach_lamp(model: Path) -> None:
     pre = Preprocess(72, 64)
     taught = changed_lamp(demo_frames(range(20, 26)))
-    result = teach(Bundle.of(model), Frames(crops(taught), [f"t{i}" for i in range(len(taught))],
-                                           [pre.geometry(256, 256)] * len(taught)))
+    result = teach(
+        Bundle.of(model),
+        Frames(crops(taught), [f"t{i}" for i in range(len(taught))], [pre.geometry(256, 256)] * len(taught)),
+    )
     assert result.version_after == 2
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(serve_python() is None, reason="no serving environment: .ci/run makes .venv-serve")
-def test_a_line_on_a_server_switches_when_the_server_serves_a_new_version(bundle_dir: Path, video: Path,
-                                                                         tmp_path: Path) -> None:
+def test_a_line_on_a_server_switches_when_the_server_serves_a_new_version(
+    bundle_dir: Path, video: Path, tmp_path: Path
+) -> None:
     """protoad-serve loads its bundle once: restarted after a teach it serves the new version, and a line on
     --server takes the new metadata (version, thresholds) from the served configuration between two frames,
     its requests waiting out the restart - none lost, none judged twice."""

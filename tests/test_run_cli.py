@@ -19,9 +19,9 @@ import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import normal_crops
 from PIL import Image
 
-from conftest import normal_crops
 from protoad_edge.cli.run import main
 from protoad_edge.preprocess import load_rgb, to_batch
 from protoad_edge.runtime.backends.ort import OrtBackend
@@ -90,8 +90,19 @@ def test_video_end_to_end(tiny_model: Path, backend: OrtBackend, demo_video: Pat
     expected = reference_scores(backend, decoded)
     threshold = float(np.median(expected))  # forces about half the frames to be anomalous
     out = tmp_path / "out"
-    result = invoke(demo_video, "--model", tiny_model, "--threshold", repr(threshold), "--jsonl", out / "run.jsonl",
-                    "--save", out / "overlay.mp4", "--save-masks", out / "masks")
+    result = invoke(
+        demo_video,
+        "--model",
+        tiny_model,
+        "--threshold",
+        repr(threshold),
+        "--jsonl",
+        out / "run.jsonl",
+        "--save",
+        out / "overlay.mp4",
+        "--save-masks",
+        out / "masks",
+    )
     assert result.exit_code == 0, result.output
     records = read_jsonl(out / "run.jsonl")
     assert [r["frame"] for r in records] == list(range(FRAMES))
@@ -105,8 +116,11 @@ def test_video_end_to_end(tiny_model: Path, backend: OrtBackend, demo_video: Pat
     mask = np.asarray(Image.open(masks[0]))
     assert mask.shape == (96, 96) and set(np.unique(mask)) <= {0, 255}  # frame pixels
     assert [r.get("mask") for r in records] == [f"{i:06d}.png" if i in anomalous else None for i in range(FRAMES)]
-    assert all((r["model"], r["category"], r["threshold"], r["threshold_rule"]) ==
-               (str(tiny_model), "tiny", threshold, "--threshold") for r in records)
+    assert all(
+        (r["model"], r["category"], r["threshold"], r["threshold_rule"])
+        == (str(tiny_model), "tiny", threshold, "--threshold")
+        for r in records
+    )
     assert [r["pos_ms"] for r in records] == [100.0 * i for i in range(FRAMES)]  # 10 frames/s
     for r in records:
         assert bool(r["regions"]) == (r["verdict"] == "anomaly")
@@ -123,8 +137,9 @@ def test_video_end_to_end(tiny_model: Path, backend: OrtBackend, demo_video: Pat
     assert "p50" in result.stdout and "p90" in result.stdout and "p99" in result.stdout and "FPS" in result.stdout
 
 
-def test_image_folder_matches_the_build_stage(tiny_model: Path, backend: OrtBackend, image_folder: Path,
-                                              tmp_path: Path) -> None:
+def test_image_folder_matches_the_build_stage(
+    tiny_model: Path, backend: OrtBackend, image_folder: Path, tmp_path: Path
+) -> None:
     log = tmp_path / "folder.jsonl"
     result = invoke(image_folder, "--model", tiny_model, "--jsonl", log)
     assert result.exit_code == 0, result.output
@@ -148,8 +163,9 @@ def test_image_file_to_stdout(tiny_model: Path, backend: OrtBackend, image_folde
     assert "frames      1" in result.stderr
 
 
-def test_max_frames_and_no_display(tiny_model: Path, demo_video: Path, tmp_path: Path,
-                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_max_frames_and_no_display(
+    tiny_model: Path, demo_video: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("DISPLAY", raising=False)
     monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
     log = tmp_path / "five.jsonl"
@@ -159,8 +175,9 @@ def test_max_frames_and_no_display(tiny_model: Path, demo_video: Path, tmp_path:
     assert "notice: --show ignored" in result.stderr and "(max frames)" in result.stdout
 
 
-def test_default_model_is_found_in_models(tiny_model: Path, image_folder: Path, tmp_path: Path,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_model_is_found_in_models(
+    tiny_model: Path, image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     result = invoke(image_folder / "part_0.png")
     assert result.exit_code != 0 and "no --model given and no models/ folder" in result.stderr
@@ -174,7 +191,9 @@ def test_default_model_is_found_in_models(tiny_model: Path, image_folder: Path, 
     (models / "screw.onnx").symlink_to(tiny_model)
     result = invoke(image_folder / "part_0.png")
     assert result.exit_code != 0
-    assert "several models in models/" in result.stderr and "tiny.onnx" in result.stderr and "screw.onnx" in result.stderr
+    assert (
+        "several models in models/" in result.stderr and "tiny.onnx" in result.stderr and "screw.onnx" in result.stderr
+    )
 
 
 def foreign_onnx(path: Path) -> Path:
@@ -182,9 +201,12 @@ def foreign_onnx(path: Path) -> Path:
     import onnx
     from onnx import TensorProto, helper
 
-    graph = helper.make_graph([helper.make_node("Identity", ["image"], ["anomaly_map"])], "foreign",
-                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 64, 64])],
-                              [helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, [1, 3, 64, 64])])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["image"], ["anomaly_map"])],
+        "foreign",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 64, 64])],
+        [helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, [1, 3, 64, 64])],
+    )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     return path
 
@@ -224,7 +246,10 @@ BAD_CASES = {
     "truncated model": (["{image}", "--model", "{root}/truncated.onnx"], "truncated.onnx"),
     "foreign onnx": (["{image}", "--model", "{root}/foreign.onnx"], "not a protoad-edge model"),
     "stale sidecar": (["{image}", "--model", "{root}/stale/tiny.onnx"], "tiny.json does not match"),
-    "plan on ort": (["{image}", "--model", "{root}/lonely.plan", "--backend", "ort"], "ort runs {root}/lonely.onnx beside"),
+    "plan on ort": (
+        ["{image}", "--model", "{root}/lonely.plan", "--backend", "ort"],
+        "ort runs {root}/lonely.onnx beside",
+    ),
     "bad video type": (["{image}", "--model", "{model}", "--save", "{root}/out.mov"], "out.mov"),
 }
 
@@ -269,15 +294,34 @@ def long_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("signum, code, ending", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
-def test_a_signal_mid_run_finalises_every_output(signum: int, code: int, ending: str, long_video: Path,
-                                                tiny_model: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "signum, code, ending", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")]
+)
+def test_a_signal_mid_run_finalises_every_output(
+    signum: int, code: int, ending: str, long_video: Path, tiny_model: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "out"
     process = subprocess.Popen(
-        [sys.executable, "-c", "from protoad_edge.cli.run import main; main()", str(long_video), "--model",
-         str(tiny_model), "--jsonl", "-", "--save", str(out / "view.avi"), "--save-masks", str(out / "masks"),
-         "--threshold", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "from protoad_edge.cli.run import main; main()",
+            str(long_video),
+            "--model",
+            str(tiny_model),
+            "--jsonl",
+            "-",
+            "--save",
+            str(out / "view.avi"),
+            "--save-masks",
+            str(out / "masks"),
+            "--threshold",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         first = process.stdout.readline()  # a frame was judged: the run is in its loop
         assert json.loads(first)["frame"] == 0
@@ -311,8 +355,20 @@ def test_two_videos_in_one_run_equal_two_single_runs(tiny_model: Path, demo_vide
         assert result.exit_code == 0, result.output
         singles.append([json.loads(line) for line in result.stdout.splitlines()])
     out = tmp_path / "out"
-    result = invoke(demo_video, other, "--model", tiny_model, "--threshold", "0.03", "--jsonl", out / "both.jsonl",
-                    "--save", out / "view.avi", "--save-masks", out / "masks")
+    result = invoke(
+        demo_video,
+        other,
+        "--model",
+        tiny_model,
+        "--threshold",
+        "0.03",
+        "--jsonl",
+        out / "both.jsonl",
+        "--save",
+        out / "view.avi",
+        "--save-masks",
+        out / "masks",
+    )
     assert result.exit_code == 0, result.output
     records = read_jsonl(out / "both.jsonl")
     assert len(records) == 2 * FRAMES
@@ -330,8 +386,9 @@ def test_two_videos_in_one_run_equal_two_single_runs(tiny_model: Path, demo_vide
     assert result.stdout.count("source      ") == 2
 
 
-def test_a_source_that_cannot_open_is_one_error_before_the_run(tiny_model: Path, demo_video: Path,
-                                                               tmp_path: Path) -> None:
+def test_a_source_that_cannot_open_is_one_error_before_the_run(
+    tiny_model: Path, demo_video: Path, tmp_path: Path
+) -> None:
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"not a video at all")
     result = invoke(demo_video, broken, "--model", tiny_model, "--jsonl", tmp_path / "r.jsonl")

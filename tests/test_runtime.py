@@ -16,17 +16,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from protoad_edge.bundle import Bundle
 from protoad_edge.errors import ProtoADError
 from protoad_edge.preprocess import Preprocess, to_batch
-from protoad_edge.bundle import Bundle
-from protoad_edge.decision import defect_mask
 from protoad_edge.runtime.backends.base import BackendOptions
-from protoad_edge.runtime.sources.capture import Capture, Reconnect
 from protoad_edge.runtime.backends.ort import OrtBackend
-from protoad_edge.runtime.outputs.overlay import DIM, HEADER, HEADER_SHADE, JUDGED_BGR, render
-from protoad_edge.runtime.result import FrameResult, RunContext
-from protoad_edge.runtime.outputs.sinks import PendingFile, VideoSink, display_problem
 from protoad_edge.runtime.loop import RunAborted, RunOptions, StopRequest, run, run_many
+from protoad_edge.runtime.outputs.overlay import DIM, HEADER, HEADER_SHADE, JUDGED_BGR, render
+from protoad_edge.runtime.outputs.sinks import PendingFile, VideoSink, display_problem
+from protoad_edge.runtime.result import FrameResult, RunContext
+from protoad_edge.runtime.sources.capture import Capture, Reconnect
 from protoad_edge.runtime.sources.source import CSI_PIPELINE, OpenCVSource, SourceSpec, open_source, parse_source
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +39,9 @@ def test_parse_source_kinds(tmp_path: Path) -> None:
     assert parse_source("2").target == 2 and parse_source("2").name == "camera2"
     csi = parse_source("csi1")
     assert csi.kind == "csi" and csi.live
-    assert csi.target.startswith("nvarguscamerasrc sensor-id=1 !") and csi.target.endswith("appsink drop=true max-buffers=1")
+    assert csi.target.startswith("nvarguscamerasrc sensor-id=1 !") and csi.target.endswith(
+        "appsink drop=true max-buffers=1"
+    )
     assert CSI_PIPELINE.count("!") == csi.target.count("!")
     assert parse_source("rtsp://10.0.0.5/stream").kind == "stream"
     assert parse_source("https://cam.local/mjpg").kind == "stream"
@@ -171,13 +172,17 @@ def test_live_source_drops_stale_frames_then_gives_up_after_the_reconnect_timeou
     plan = Plan([True] * 10, opens=[True] + [False] * 5)
     clock = FakeClock()
     policy = Reconnect(first=0.5, factor=2.0, longest=2.0, give_up_after=7.5)
-    capture = Capture(fake_source(plan, live=True), queue_size=2, reconnect=policy, sleep=clock.sleep,
-                      clock=clock).start()
+    capture = Capture(
+        fake_source(plan, live=True), queue_size=2, reconnect=policy, sleep=clock.sleep, clock=clock
+    ).start()
     wait_for(lambda: len(clock.pauses) == 5 and plan.open_calls == 6)
     got = [capture.get().index, capture.get().index]
     assert got == [8, 9]  # only the newest frames survive a slow consumer
-    with pytest.raises(ProtoADError, match=r"camera0 stopped delivering frames: nothing for 8 s after 5 reconnect "
-                                           r"attempts \(--reconnect-timeout 7.5 s\)"):
+    with pytest.raises(
+        ProtoADError,
+        match=r"camera0 stopped delivering frames: nothing for 8 s after 5 reconnect "
+        r"attempts \(--reconnect-timeout 7.5 s\)",
+    ):
         capture.get()
     assert clock.pauses == [0.5, 1.0, 2.0, 2.0, 2.0]  # growing, then capped, until 7.5 s without a frame
     assert capture.dropped == 8 and capture.reconnects == 0
@@ -187,8 +192,14 @@ def test_reconnect_resets_the_schedule_after_a_frame_and_keeps_the_gap() -> None
     plan = Plan([True, True, True, False, False, True, True])
     clock = FakeClock()
     messages: list[str] = []
-    capture = Capture(fake_source(plan, live=True), queue_size=16, sleep=clock.sleep, clock=clock,
-                      reconnect=Reconnect(first=0.5, longest=4.0, give_up_after=3.0), log=messages.append).start()
+    capture = Capture(
+        fake_source(plan, live=True),
+        queue_size=16,
+        sleep=clock.sleep,
+        clock=clock,
+        reconnect=Reconnect(first=0.5, longest=4.0, give_up_after=3.0),
+        log=messages.append,
+    ).start()
     frames = []
     with pytest.raises(ProtoADError, match="nothing for 3 s after 3 reconnect attempts"):
         while True:
@@ -232,7 +243,9 @@ def test_sidecar_must_match_the_onnx(tiny_model: Path, tmp_path: Path) -> None:
     side = json.loads(tiny_model.with_suffix(".json").read_text())
     side.update(crop=96, num_prototypes=7, gpu_name="another GPU", build={"note": "informative only"})
     (tmp_path / "tiny.json").write_text(json.dumps(side))
-    with pytest.raises(ProtoADError, match=r"sidecar .*tiny.json does not match .*tiny.onnx \(crop 96 vs 64; num_prototypes 7 vs 48\)"):
+    with pytest.raises(
+        ProtoADError, match=r"sidecar .*tiny.json does not match .*tiny.onnx \(crop 96 vs 64; num_prototypes 7 vs 48\)"
+    ):
         OrtBackend(model, providers=["CPUExecutionProvider"])
     (tmp_path / "tiny.json").write_text("{not json")
     with pytest.raises(ProtoADError, match="cannot read model sidecar .*tiny.json"):
@@ -248,8 +261,16 @@ def test_overlay_shows_the_frame_as_it_is_with_the_judged_area_and_the_heat_wher
     geometry = pre.geometry(640, 360)
     amap = np.full((64, 64), 0.1, np.float32)  # a good part: far below the pixel threshold
     amap[20:30, 20:30] = 1.0
-    ok = render(rgb, np.full((64, 64), 0.1, np.float32), geometry, score=0.1, anomalous=False, threshold=0.5,
-                pixel_threshold=0.4, fps=30.0)
+    ok = render(
+        rgb,
+        np.full((64, 64), 0.1, np.float32),
+        geometry,
+        score=0.1,
+        anomalous=False,
+        threshold=0.5,
+        pixel_threshold=0.4,
+        fps=30.0,
+    )
     bad = render(rgb, amap, geometry, score=1.0, anomalous=True, threshold=0.5, pixel_threshold=0.4)
     assert ok.shape == bad.shape == (360, 640, 3)  # the frame's own size: the header is drawn inside it
     view, defect = ok, bad
@@ -259,7 +280,11 @@ def test_overlay_shows_the_frame_as_it_is_with_the_judged_area_and_the_heat_wher
     band = view[:HEADER, 400:]  # the header's band, right of its text: the frame shows through, darkened
     assert (band == int(round(120 * DIM) * (1 - HEADER_SHADE))).all() and band.max() > 0
     ys, xs = np.nonzero(np.all(defect == 255, axis=2))  # the white outline of the defect, in frame pixels
-    assert 200 + 20 * 200 / 64 - 4 <= xs.min() and xs.max() <= 200 + 30 * 200 / 64 + 4 and 100 + 20 * 200 / 64 - 4 <= ys.min()
+    assert (
+        200 + 20 * 200 / 64 - 4 <= xs.min()
+        and xs.max() <= 200 + 30 * 200 / 64 + 4
+        and 100 + 20 * 200 / 64 - 4 <= ys.min()
+    )
     assert not np.array_equal(defect[170:190, 270:290], view[170:190, 270:290])  # heat on the defect
     assert (defect[250:290, 350:390] == 120).all()  # and none on the rest of the part
     assert not np.array_equal(ok[:HEADER], bad[:HEADER])  # the verdict is written in the header
@@ -291,9 +316,19 @@ def frame_count(path: Path) -> int:
 
 def frame_result(index: int, timestamp: float, anomalous: bool = False) -> FrameResult:
     pre = Preprocess(36, 32)
-    return FrameResult(index, timestamp, "camera0", 0.5, anomalous, 1.0, np.zeros((32, 48, 3), np.uint8),
-                       np.zeros((32, 32, 3), np.uint8), np.zeros((32, 32), np.float32), pre.geometry(48, 32),
-                       RunContext("m.onnx", "m", 0.4, "rule"))
+    return FrameResult(
+        index,
+        timestamp,
+        "camera0",
+        0.5,
+        anomalous,
+        1.0,
+        np.zeros((32, 48, 3), np.uint8),
+        np.zeros((32, 32, 3), np.uint8),
+        np.zeros((32, 32), np.float32),
+        pre.geometry(48, 32),
+        RunContext("m.onnx", "m", 0.4, "rule"),
+    )
 
 
 def test_video_of_a_live_source_is_padded_to_real_time(tmp_path: Path) -> None:
@@ -346,13 +381,17 @@ def colour_source(n: int, live: bool, size: tuple[int, int] = (80, 96)) -> tuple
 def test_run_scores_every_frame_with_the_build_preprocessing(tiny_backend: OrtBackend, tmp_path: Path) -> None:
     source, _ = colour_source(4, live=False)
     seen = []
-    summary = run(source, tiny_backend, RunOptions(threshold=-1.0, on_frame=seen.append,
-                                                   save_masks=tmp_path / "m", log=lambda m: None))
+    summary = run(
+        source,
+        tiny_backend,
+        RunOptions(threshold=-1.0, on_frame=seen.append, save_masks=tmp_path / "m", log=lambda m: None),
+    )
     assert summary.frames == summary.anomalies == 4 and summary.stopped == "end of source"
     pre = tiny_backend.info.preprocess
     for result in seen:
-        rgb = cv2.cvtColor(np.random.default_rng(result.index + 1).integers(0, 255, (80, 96, 3), dtype=np.uint8),
-                           cv2.COLOR_BGR2RGB)
+        rgb = cv2.cvtColor(
+            np.random.default_rng(result.index + 1).integers(0, 255, (80, 96, 3), dtype=np.uint8), cv2.COLOR_BGR2RGB
+        )
         np.testing.assert_array_equal(result.crop, pre(rgb))
         expected = tiny_backend.infer(to_batch(pre(rgb)))[1][0]
         assert result.score == pytest.approx(float(expected), abs=1e-6)
@@ -374,8 +413,9 @@ def test_a_score_equal_to_the_threshold_is_normal(tiny_backend: OrtBackend) -> N
     assert [r.anomalous for r in seen if r.score == middle] == [False]
 
 
-def test_masks_use_the_pixel_threshold_capped_at_the_threshold_in_force(tiny_backend: OrtBackend,
-                                                                         tmp_path: Path) -> None:
+def test_masks_use_the_pixel_threshold_capped_at_the_threshold_in_force(
+    tiny_backend: OrtBackend, tmp_path: Path
+) -> None:
     """With --threshold below the model's pixel threshold, the mask outlines map > --threshold."""
     info = tiny_backend.info
     source, _ = colour_source(2, live=False)
@@ -413,8 +453,11 @@ def test_ctrl_c_finalises_every_output(tiny_backend: OrtBackend, tmp_path: Path)
             raise KeyboardInterrupt
 
     out = tmp_path / "out"
-    summary = run(source, tiny_backend, RunOptions(jsonl=out / "log.jsonl", save=out / "view.mp4",
-                                                   on_frame=interrupt, log=lambda m: None))
+    summary = run(
+        source,
+        tiny_backend,
+        RunOptions(jsonl=out / "log.jsonl", save=out / "view.mp4", on_frame=interrupt, log=lambda m: None),
+    )
     assert summary.stopped == "interrupted" and summary.frames == 3
     assert len((out / "log.jsonl").read_text().splitlines()) == 3
     assert frame_count(out / "view.mp4") == 3
@@ -422,8 +465,9 @@ def test_ctrl_c_finalises_every_output(tiny_backend: OrtBackend, tmp_path: Path)
     assert plan.releases == 1
 
 
-def test_a_stop_request_ends_the_run_between_frames_even_while_it_waits(tiny_backend: OrtBackend,
-                                                                        tmp_path: Path) -> None:
+def test_a_stop_request_ends_the_run_between_frames_even_while_it_waits(
+    tiny_backend: OrtBackend, tmp_path: Path
+) -> None:
     """What protoad-run's SIGINT/SIGTERM handlers do: the run ends after whole frames, also when the
     source has nothing to give (a live camera that went quiet is still being waited for)."""
     source, _ = colour_source(3, live=True)  # three frames, then the camera delivers nothing
@@ -435,9 +479,18 @@ def test_a_stop_request_ends_the_run_between_frames_even_while_it_waits(tiny_bac
             threading.Timer(0.3, stop.request, args=("terminated",)).start()
 
     started = time.monotonic()
-    summary = run(source, tiny_backend, RunOptions(jsonl=log, stop=stop, on_frame=after_last_frame,
-                                                   reconnect=Reconnect(first=30.0, longest=30.0), queue_size=8,
-                                                   log=lambda m: None))
+    summary = run(
+        source,
+        tiny_backend,
+        RunOptions(
+            jsonl=log,
+            stop=stop,
+            on_frame=after_last_frame,
+            reconnect=Reconnect(first=30.0, longest=30.0),
+            queue_size=8,
+            log=lambda m: None,
+        ),
+    )
     assert summary.stopped == "terminated" and summary.frames == 3
     assert time.monotonic() - started < 10  # not the 30 s reconnect pause
     assert [json.loads(line)["frame"] for line in log.read_text().splitlines()] == [0, 1, 2]
@@ -449,8 +502,13 @@ def test_source_dying_mid_run_keeps_the_outputs(tiny_backend: OrtBackend, tmp_pa
     source, plan = colour_source(3, live=True)
     log = tmp_path / "log.jsonl"
     with pytest.raises(RunAborted, match="camera0 stopped delivering frames") as caught:
-        run(source, tiny_backend, RunOptions(jsonl=log, reconnect=Reconnect(first=0.01, give_up_after=0.05),
-                                             queue_size=8, log=lambda m: None))
+        run(
+            source,
+            tiny_backend,
+            RunOptions(
+                jsonl=log, reconnect=Reconnect(first=0.01, give_up_after=0.05), queue_size=8, log=lambda m: None
+            ),
+        )
     assert caught.value.summary.frames == 3 and caught.value.summary.stopped == "failed"
     assert [json.loads(line)["frame"] for line in log.read_text().splitlines()] == [0, 1, 2]
     assert plan.open_calls >= 2  # reopened at least once before giving up
@@ -460,9 +518,17 @@ def test_a_source_failing_mid_run_does_not_stop_the_others(tiny_backend: OrtBack
     dying, _ = colour_source(3, live=True)  # three frames, then a camera that never comes back
     steady, _ = colour_source(12, live=False)
     log = tmp_path / "log.jsonl"
-    first, second = run_many([dying, steady], tiny_backend, RunOptions(
-        jsonl=log, reconnect=Reconnect(first=0.01, give_up_after=0.05), queue_size=8, status_every=0,
-        log=lambda m: None))
+    first, second = run_many(
+        [dying, steady],
+        tiny_backend,
+        RunOptions(
+            jsonl=log,
+            reconnect=Reconnect(first=0.01, give_up_after=0.05),
+            queue_size=8,
+            status_every=0,
+            log=lambda m: None,
+        ),
+    )
     assert (first.frames, first.stopped) == (3, "failed") and "camera0 stopped delivering frames" in first.error
     assert (second.frames, second.stopped, second.error) == (12, "end of source", "")
     records = [json.loads(line) for line in log.read_text().splitlines()]
@@ -487,8 +553,9 @@ def test_frames_of_several_sources_share_one_backend_call(tiny_backend: OrtBacke
     assert max(counting.batches[1:]) > 1 and sum(counting.batches[1:]) == 18  # after the warm-up, batched
     counting.max_batch = 2
     counting.batches.clear()
-    run_many([colour_source(6, live=False)[0] for _ in range(3)], counting,
-             RunOptions(status_every=0, log=lambda m: None))
+    run_many(
+        [colour_source(6, live=False)[0] for _ in range(3)], counting, RunOptions(status_every=0, log=lambda m: None)
+    )
     assert max(counting.batches[1:]) <= 2  # never more than the backend's largest batch
 
 
@@ -516,15 +583,24 @@ sys.meta_path.insert(0, Block())
 def test_runtime_runs_without_torch(tiny_model: Path, tmp_path: Path) -> None:
     image = tmp_path / "part.png"
     Image.fromarray(np.full((70, 90, 3), 100, np.uint8)).save(image)
-    code = BLOCK_TORCH + f"""
+    code = (
+        BLOCK_TORCH
+        + f"""
 import protoad_edge.runtime, protoad_edge.runtime.loop, protoad_edge.runtime.backends.ort
 import protoad_edge.cli.run
 assert 'torch' not in sys.modules
 sys.argv = ['protoad-run', {str(image)!r}, '--model', {str(tiny_model)!r}, '--jsonl', '-']
 protoad_edge.cli.run.main()
 """
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert done.returncode == 0, done.stderr
     record = json.loads(done.stdout)
     assert record["source"] == str(image) and record["verdict"] in ("ok", "anomaly")
@@ -550,7 +626,8 @@ def test_a_folder_with_images_only_in_subfolders_names_them(tmp_path: Path) -> N
 
 
 def test_opening_keeps_the_video_libraries_quiet_and_quotes_them_in_the_error(
-        capfd: pytest.CaptureFixture[str]) -> None:
+    capfd: pytest.CaptureFixture[str],
+) -> None:
     """An absent camera printed a dozen OpenCV WARN/ERROR lines (and FFmpeg its own, on fd 2) before our error."""
     levels = []
 
@@ -564,9 +641,11 @@ def test_opening_keeps_the_video_libraries_quiet_and_quotes_them_in_the_error(
     spec = SourceSpec("stream", "rtsp://10.0.0.5/x", "rtsp://10.0.0.5/x", live=True)
     with pytest.raises(ProtoADError) as caught:
         open_source(spec, open_capture=noisy_open)
-    assert str(caught.value) == ("cannot open stream rtsp://10.0.0.5/x: unreachable, or a format OpenCV cannot "
-                                 "decode? (OpenCV's backend: Connection to tcp://10.0.0.5:554 failed: Connection "
-                                 "refused)")
+    assert str(caught.value) == (
+        "cannot open stream rtsp://10.0.0.5/x: unreachable, or a format OpenCV cannot "
+        "decode? (OpenCV's backend: Connection to tcp://10.0.0.5:554 failed: Connection "
+        "refused)"
+    )
     assert levels == [cv2.utils.logging.LOG_LEVEL_SILENT] and cv2.utils.logging.getLogLevel() == before
     assert capfd.readouterr().err == ""
     opened = open_source(spec, open_capture=lambda target, api: FakeCapture(Plan([True])))

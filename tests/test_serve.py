@@ -20,15 +20,17 @@ import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
 from conftest import normal_crops
+from triton_server import Server, serve_python
+
 from protoad_edge.cli.run import main as run_main
 from protoad_edge.errors import ProtoADError
-from triton_server import Server, serve_python
 
 FRAMES = 12
 if serve_python() is None and os.environ.get("PROTOAD_REQUIRE_SERVE") == "1":
-    raise RuntimeError("PROTOAD_REQUIRE_SERVE=1 but there is no serving environment (.venv-serve or $PROTOAD_SERVE_PYTHON)")
+    raise RuntimeError(
+        "PROTOAD_REQUIRE_SERVE=1 but there is no serving environment (.venv-serve or $PROTOAD_SERVE_PYTHON)"
+    )
 pytestmark = pytest.mark.skipif(serve_python() is None, reason="no serving environment: .ci/run makes .venv-serve")
 
 
@@ -113,16 +115,27 @@ def test_readiness_and_prometheus_metrics(server: Server, tmp_path: Path) -> Non
     status, body = server.http(f"/v2/models/{server.name}")
     assert status == 200 and json.loads(body)["name"] == server.name
     run_records(write_video(tmp_path / "m.avi", 3, seed=1), "--server", server.url)
-    lines = [line for line in server.metrics().splitlines()
-             if line.startswith("nv_inference_request_success") and f'model="{server.name}"' in line]
+    lines = [
+        line
+        for line in server.metrics().splitlines()
+        if line.startswith("nv_inference_request_success") and f'model="{server.name}"' in line
+    ]
     assert lines and float(lines[0].rsplit(" ", 1)[1]) >= 3
 
 
 def test_an_unknown_model_is_waited_for_then_named(server: Server, tmp_path: Path) -> None:
     """A model the server does not have may still be loading: waited for up to --reconnect-timeout, then named."""
     started = time.monotonic()
-    result = CliRunner().invoke(run_main, [str(write_video(tmp_path / "v.avi", 2, seed=1)), "--server",
-                                           server.url.replace(f"/{server.name}", "/cable"), "--reconnect-timeout", "1"])
+    result = CliRunner().invoke(
+        run_main,
+        [
+            str(write_video(tmp_path / "v.avi", 2, seed=1)),
+            "--server",
+            server.url.replace(f"/{server.name}", "/cable"),
+            "--reconnect-timeout",
+            "1",
+        ],
+    )
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "the server has no model 'cable'" in result.output and "waited" in result.output
     assert result.output.count("has no model 'cable' ready yet") == 1 and "waiting up to 1 s" in result.output
@@ -132,8 +145,8 @@ def test_an_unknown_model_is_waited_for_then_named(server: Server, tmp_path: Pat
 def test_a_refused_request_fails_at_once(server: Server) -> None:
     """A request the server refuses (INVALID_ARGUMENT: more images than its max_batch_size) is not sent again."""
     from protoad_edge.preprocess import to_batch
-    from protoad_edge.runtime.sources.capture import Reconnect
     from protoad_edge.runtime.serving.triton import TritonBackend
+    from protoad_edge.runtime.sources.capture import Reconnect
 
     with TritonBackend(server.url, retry=Reconnect(give_up_after=60.0)) as remote:
         remote.max_batch = 6  # the server's is 4: Triton refuses the request
@@ -156,8 +169,8 @@ def test_ready_means_the_model_answers(tiny_model: Path, tmp_path: Path) -> None
     """/v2/health/ready, polled from the moment the process starts, first says 200 when an inference succeeds
     right then, and the model's own readiness agrees."""
     from protoad_edge.preprocess import to_batch
-    from protoad_edge.runtime.sources.capture import Reconnect
     from protoad_edge.runtime.serving.triton import TritonBackend
+    from protoad_edge.runtime.sources.capture import Reconnect
 
     server = Server(tiny_model, tmp_path / "serve.log", max_batch=4).launch()
     try:
@@ -181,8 +194,20 @@ def test_a_line_started_with_its_server_judges_every_frame(tiny_model: Path, tmp
     says so) and judges every frame, as a local run does."""
     frames = write_images(tmp_path / "frames", 5, seed=7)
     server = Server(tiny_model, tmp_path / "serve.log", max_batch=4)
-    run_args = [sys.executable, "-c", "from protoad_edge.cli.run import main; main()", str(frames), "--server",
-                server.url, "--jsonl", "-", "--status-every", "0", "--reconnect-timeout", "120"]
+    run_args = [
+        sys.executable,
+        "-c",
+        "from protoad_edge.cli.run import main; main()",
+        str(frames),
+        "--server",
+        server.url,
+        "--jsonl",
+        "-",
+        "--status-every",
+        "0",
+        "--reconnect-timeout",
+        "120",
+    ]
     server.launch()
     try:
         run = subprocess.run(run_args, capture_output=True, text=True, timeout=300)
@@ -214,9 +239,23 @@ def test_a_model_that_fails_to_load_is_one_line_at_once(tiny_model: Path, tmp_pa
 def test_a_server_restart_mid_run_loses_and_repeats_nothing(tiny_model: Path, tmp_path: Path) -> None:
     video = write_video(tmp_path / "long.avi", 150, seed=2)
     with Server(tiny_model, tmp_path / "serve.log", max_batch=4) as server:
-        run = subprocess.Popen([sys.executable, "-c", "from protoad_edge.cli.run import main; main()", str(video),
-                                "--server", server.url, "--jsonl", "-", "--status-every", "0"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        run = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "from protoad_edge.cli.run import main; main()",
+                str(video),
+                "--server",
+                server.url,
+                "--jsonl",
+                "-",
+                "--status-every",
+                "0",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         lines = [run.stdout.readline() for _ in range(5)]  # records stream as frames are judged
         assert server.stop() == 0  # SIGTERM: a clean stop, in the middle of the run
         time.sleep(1.0)  # the client now finds no server, and retries

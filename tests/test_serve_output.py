@@ -19,9 +19,11 @@ CPU_HOST = (
 )
 HARMLESS_LINES = [1, 3, 4, 5]  # 1-based, in CPU_HOST
 # A real error must still show (the model failing to load, as Triton logged it).
-LOAD_FAILED = ('E1205 20:36:37.025810 10981 model_lifecycle.cc:642] "failed to load \'tiny\' version 1: Internal: '
-               'ModuleNotFoundError: No module named \'viztracer\'\\n\\nAt:\\n  /ws/model-store/tiny/1/model.py(381): '
-               'initialize\\n"')
+LOAD_FAILED = (
+    "E1205 20:36:37.025810 10981 model_lifecycle.cc:642] \"failed to load 'tiny' version 1: Internal: "
+    "ModuleNotFoundError: No module named 'viztracer'\\n\\nAt:\\n  /ws/model-store/tiny/1/model.py(381): "
+    'initialize\\n"'
+)
 
 
 def filtered(text: str, piece: int) -> tuple[str, list[str]]:
@@ -46,13 +48,14 @@ def test_the_gpu_lines_of_a_cpu_host_are_hidden_and_said_once() -> None:
 
 
 def test_nothing_hidden_says_nothing() -> None:
-    shown, logged = filtered('I1205 model_lifecycle.cc:839] "successfully loaded \'tiny\'"\n', 5)
-    assert shown == 'I1205 model_lifecycle.cc:839] "successfully loaded \'tiny\'"\n' and logged == []
+    shown, logged = filtered("I1205 model_lifecycle.cc:839] \"successfully loaded 'tiny'\"\n", 5)
+    assert shown == "I1205 model_lifecycle.cc:839] \"successfully loaded 'tiny'\"\n" and logged == []
 
 
 def test_why_triton_stopped_is_its_first_real_error() -> None:
     logs = CPU_HOST + LOAD_FAILED + "\nerror: creating server: Internal - failed to load all models\n"
     assert load_error(logs) == "ModuleNotFoundError: No module named 'viztracer'"
     assert load_error(CPU_HOST + "error: creating server: Invalid argument - --http-port\n") == (
-        "creating server: Invalid argument - --http-port")
+        "creating server: Invalid argument - --http-port"
+    )
     assert load_error(CPU_HOST) == "tritonserver exited (no error logged)"

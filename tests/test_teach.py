@@ -19,7 +19,6 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-
 from teaching import changed_lamp, crops, demo_frames, teach_bundle, with_hole, write_pngs
 
 from protoad_edge import versions
@@ -31,8 +30,8 @@ from protoad_edge.export import prototypes as xp
 from protoad_edge.export.fp16 import convert_to_mixed_fp16
 from protoad_edge.metadata import ModelInfo
 from protoad_edge.preprocess import to_batch
-from protoad_edge.runtime.sources.frames import Frames
 from protoad_edge.runtime.backends.ort import OrtBackend
+from protoad_edge.runtime.sources.frames import Frames
 from protoad_edge.teach.graph import BundleGraph
 from protoad_edge.teach.teach import teach
 
@@ -80,11 +79,13 @@ def frames_of(images: np.ndarray) -> Frames:
     from protoad_edge.preprocess import Preprocess
 
     pre = Preprocess(72, 64)
-    return Frames(crops(images), [f"frame{i}" for i in range(len(images))],
-                  [pre.geometry(f.shape[1], f.shape[0]) for f in images])
+    return Frames(
+        crops(images), [f"frame{i}" for i in range(len(images))], [pre.geometry(f.shape[1], f.shape[0]) for f in images]
+    )
 
 
 # --- features without torch ------------------------------------------------------------------------------------
+
 
 @pytest.mark.slow  # the fixture it names is built inside it
 @pytest.mark.parametrize("which", ["pristine", "projected"])
@@ -126,8 +127,9 @@ def test_a_graph_older_than_the_l2_scope_is_one_line(pristine: Path, frames: dic
     assert result.exit_code == 2 and result.output.count("\n") == 1 and "protoad-export" in result.output
 
 
-def test_a_graph_the_sidecar_does_not_vouch_for_is_not_extended(pristine: Path, frames: dict[str, Path],
-                                                                 tmp_path: Path) -> None:
+def test_a_graph_the_sidecar_does_not_vouch_for_is_not_extended(
+    pristine: Path, frames: dict[str, Path], tmp_path: Path
+) -> None:
     """A NAME.fp16.onnx copied in from elsewhere would be sealed into the new version: refused, nothing written."""
     onnx_path = copy_of(pristine, tmp_path)
     onnx.save(convert_to_mixed_fp16(onnx.load(str(onnx_path))), str(onnx_path.with_name("part.fp16.onnx")))
@@ -148,6 +150,7 @@ def test_a_bundle_without_its_onnx_says_where_to_get_it(pristine: Path, frames: 
 
 # --- the prototype stage extended ------------------------------------------------------------------------------
 
+
 def fresh_export(bundle: Bundle, prototypes: np.ndarray, out: Path) -> Path:
     """The bundle's network exported anew with ``prototypes`` (what a build with them would write)."""
     import torch
@@ -163,8 +166,9 @@ def fresh_export(bundle: Bundle, prototypes: np.ndarray, out: Path) -> Path:
 
 @pytest.mark.slow  # the fixture it names is built inside it
 @pytest.mark.parametrize("which, added", [("pristine", 300), ("pristine", 700), ("projected", 300)])
-def test_extended_graphs_are_a_fresh_export(which: str, added: int, request: pytest.FixtureRequest,
-                                            tmp_path: Path) -> None:
+def test_extended_graphs_are_a_fresh_export(
+    which: str, added: int, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
     """Appended prototypes fill the last block and add blocks of 512, as an export of them all would: the maps
     equal a fresh export's (FP32, and the mixed FP16 graph against its conversion), block by block."""
     from protoad_edge.teach.graph import BundleGraph
@@ -236,15 +240,19 @@ def test_wrong_width_of_prototypes_is_refused(pristine: Path) -> None:
 
 # --- teaching --------------------------------------------------------------------------------------------------
 
-def test_teaching_the_new_lamp_makes_it_normal_and_keeps_a_defect(pristine: Path, frames: dict[str, Path],
-                                                                 tmp_path: Path) -> None:
+
+def test_teaching_the_new_lamp_makes_it_normal_and_keeps_a_defect(
+    pristine: Path, frames: dict[str, Path], tmp_path: Path
+) -> None:
     onnx_path = copy_of(pristine, tmp_path)
     before = ModelInfo.load_json(onnx_path.with_suffix(".json"))
     threshold = before.image_threshold
     assert (scores(onnx_path, frames["held"]) > threshold).all()  # the new lamp: every frame flagged
     report = tmp_path / "teach.json"
-    result = CliRunner().invoke(teach_main, ["--model", str(onnx_path), str(frames["teach"]), "--held-out",
-                                             str(frames["held"]), "--json", str(report)])
+    result = CliRunner().invoke(
+        teach_main,
+        ["--model", str(onnx_path), str(frames["teach"]), "--held-out", str(frames["held"]), "--json", str(report)],
+    )
     assert result.exit_code == 0, result.output
     assert (scores(onnx_path, frames["held"]) <= threshold).all()  # held-out frames of the new lamp: normal
     assert (scores(onnx_path, frames["changed_holes"]) > threshold).all()  # a defect under the new lamp: anomalous
@@ -261,7 +269,12 @@ def test_teaching_the_new_lamp_makes_it_normal_and_keeps_a_defect(pristine: Path
     assert np.load(onnx_path.with_name("part.prototypes.npy")).shape == (after.num_prototypes, 1792)
     change = after.changes[-1]
     assert (change["what"], change["from"], change["frames"], change["k_before"], change["k_after"]) == (
-        "teach", 1, 8, before.num_prototypes, after.num_prototypes)
+        "teach",
+        1,
+        8,
+        before.num_prototypes,
+        after.num_prototypes,
+    )
     assert set(after.digests) == set(before.digests)  # sealed again: the run checks the new files against it
     assert "wrote version 2" in result.output and "held-out normal frames: false alarms 8/8 -> 0/8" in result.output
 
@@ -308,8 +321,9 @@ def test_frames_already_covered_write_no_version(pristine: Path, tmp_path: Path)
         assert result.version_after == 2 and len(prototypes) < bundle.info().num_prototypes
 
 
-def test_teaching_a_projected_bundle_extends_both_spaces(projected: Path, frames: dict[str, Path],
-                                                       tmp_path: Path) -> None:
+def test_teaching_a_projected_bundle_extends_both_spaces(
+    projected: Path, frames: dict[str, Path], tmp_path: Path
+) -> None:
     onnx_path = copy_of(projected, tmp_path)
     threshold = Bundle.of(onnx_path).info().image_threshold
     result = CliRunner().invoke(teach_main, ["--model", str(onnx_path), str(frames["teach"])])
@@ -332,8 +346,15 @@ def test_the_check_refuses_teaching_defects(pristine: Path, frames: dict[str, Pa
     onnx_path = copy_of(pristine, tmp_path)
     folder = onnx_path.parent
     before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
-    argv = ["--model", str(onnx_path), str(frames["holes_to_teach"]), "--check-normal", str(frames["normal"]),
-            "--check-defect", str(frames["holes"])]
+    argv = [
+        "--model",
+        str(onnx_path),
+        str(frames["holes_to_teach"]),
+        "--check-normal",
+        str(frames["normal"]),
+        "--check-defect",
+        str(frames["holes"]),
+    ]
     result = CliRunner().invoke(teach_main, argv)
     assert result.exit_code == 2 and "teach refused" in result.output and "image AUROC drops" in result.output
     assert result.output.splitlines()[-1].startswith("error: teach refused")
@@ -348,18 +369,33 @@ def test_the_check_passes_a_teach_of_the_new_lamp(pristine: Path, frames: dict[s
     """Sorted frames with normal ones of the new lamp among them: teaching the lamp drops their scores to the
     bottom (a new order, Spearman far below the gate's 0.99, which a teach is not judged by) and no AUROC."""
     onnx_path = copy_of(pristine, tmp_path)
-    result = CliRunner().invoke(teach_main, ["--model", str(onnx_path), str(frames["teach"]), "--check-normal",
-                                             str(frames["normal"]), "--check-normal", str(frames["held"]),
-                                             "--check-defect", str(frames["holes"])])
+    result = CliRunner().invoke(
+        teach_main,
+        [
+            "--model",
+            str(onnx_path),
+            str(frames["teach"]),
+            "--check-normal",
+            str(frames["normal"]),
+            "--check-normal",
+            str(frames["held"]),
+            "--check-defect",
+            str(frames["holes"]),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "check on 18 sorted frames: image AUROC" in result.output and ": passed" in result.output
     change = Bundle.of(onnx_path).info().changes[-1]
     assert change["check"]["passed"] and change["check"]["caught"] == [4, 4]
-    assert change["check"]["spearman"] < 0.9 and change["check"]["false_alarms"][0] >= 8 > 0 == change["check"]["false_alarms"][1]
+    assert (
+        change["check"]["spearman"] < 0.9
+        and change["check"]["false_alarms"][0] >= 8 > 0 == change["check"]["false_alarms"][1]
+    )
 
 
-def test_a_plan_is_left_out_of_the_new_version_where_no_tensorrt_builds_it(pristine: Path, frames: dict[str, Path],
-                                                                           tmp_path: Path) -> None:
+def test_a_plan_is_left_out_of_the_new_version_where_no_tensorrt_builds_it(
+    pristine: Path, frames: dict[str, Path], tmp_path: Path
+) -> None:
     """A TensorRT plan holds the old prototypes: the new version has none, one line says where to build it, and the
     version kept still has it (a rollback brings it back)."""
     from protoad_edge.export.engine import engine_unavailable
@@ -399,6 +435,7 @@ def test_frames_from_a_video_and_a_live_source(pristine: Path, tmp_path: Path) -
 
 # --- versions ---------------------------------------------------------------------------------------------------
 
+
 def test_rollback_restores_the_files_bit_for_bit(pristine: Path, frames: dict[str, Path], tmp_path: Path) -> None:
     onnx_path = copy_of(pristine, tmp_path)
     folder = onnx_path.parent
@@ -417,9 +454,11 @@ def test_rollback_restores_the_files_bit_for_bit(pristine: Path, frames: dict[st
     assert forward.exit_code == 0 and all((folder / n).read_bytes() == taught[n] for n in files)
     listing = CliRunner().invoke(teach_main, ["--model", str(onnx_path), "--list"])
     assert listing.output.splitlines() == [
-        "* version 2: teach from version 1 on " + Bundle.of(onnx_path).info().changes[-1]["when"]
+        "* version 2: teach from version 1 on "
+        + Bundle.of(onnx_path).info().changes[-1]["when"]
         + f": 8 frames, K 256 -> {Bundle.of(onnx_path).info().num_prototypes:,}",
-        "  version 1: as built"]
+        "  version 1: as built",
+    ]
     OrtBackend(onnx_path, providers=["CPUExecutionProvider"])  # the restored pair opens
 
 
@@ -436,8 +475,12 @@ def test_a_teach_with_torch_blocked(pristine: Path, frames: dict[str, Path], tmp
         "from protoad_edge.cli.teach import main\n"
         "main()\n"
     )
-    result = subprocess.run([sys.executable, "-c", code, "--model", str(onnx_path), str(frames["teach"]),
-                             "--threads", "2"], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", code, "--model", str(onnx_path), str(frames["teach"]), "--threads", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert "wrote version 2" in result.stdout
     assert Bundle.of(onnx_path).info().version == 2
@@ -445,11 +488,23 @@ def test_a_teach_with_torch_blocked(pristine: Path, frames: dict[str, Path], tmp
 
 # --- thresholds from the line's own frames ---------------------------------------------------------------------
 
+
 def test_set_threshold_on_frames_sorted_on_the_line(pristine: Path, frames: dict[str, Path], tmp_path: Path) -> None:
     onnx_path = copy_of(pristine, tmp_path)
     normal, defect = scores(onnx_path, frames["normal"]), scores(onnx_path, frames["holes"])
-    result = CliRunner().invoke(eval_main, ["--model", str(onnx_path), "--normal", str(frames["normal"]),
-                                            "--defect", str(frames["holes"]), "--set-threshold", "normal-max"])
+    result = CliRunner().invoke(
+        eval_main,
+        [
+            "--model",
+            str(onnx_path),
+            "--normal",
+            str(frames["normal"]),
+            "--defect",
+            str(frames["holes"]),
+            "--set-threshold",
+            "normal-max",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "6 normal and 4 defect frames sorted on the line" in result.output
     assert "normal-max" in result.output and "4/4" in result.output and "0/6" in result.output
@@ -461,6 +516,7 @@ def test_set_threshold_on_frames_sorted_on_the_line(pristine: Path, frames: dict
 
 
 # --- the search and the grouping, on their own -------------------------------------------------------------------
+
 
 def clustered(n: int, dims: int, clusters: int, spread: float, seed: int) -> np.ndarray:
     """Unit vectors around ``clusters`` random directions, like patch vectors of a few looks."""
@@ -528,8 +584,17 @@ def test_a_groups_mean_that_leaves_a_member_uncovered_is_checked() -> None:
 def test_the_level_is_the_pixel_threshold_in_force() -> None:
     from protoad_edge.teach.cover import level
 
-    info = ModelInfo(category="c", resize=72, crop=64, backbone="b", weights="none", feature_upsample="bilinear",
-                     num_prototypes=1, image_threshold=0.2, pixel_threshold=0.1)
+    info = ModelInfo(
+        category="c",
+        resize=72,
+        crop=64,
+        backbone="b",
+        weights="none",
+        feature_upsample="bilinear",
+        num_prototypes=1,
+        image_threshold=0.2,
+        pixel_threshold=0.1,
+    )
     assert level(info) == pytest.approx(0.9)
     assert level(dataclasses.replace(info, pixel_threshold=0.3)) == pytest.approx(0.8)  # capped at the image one
     assert level(dataclasses.replace(info, pixel_threshold=float("nan"))) == pytest.approx(0.8)

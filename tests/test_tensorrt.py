@@ -21,21 +21,20 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import TINY_CROP, normal_crops
 
-from protoad_edge.errors import ProtoADError
-from protoad_edge.export.engine import engine_for_bundle, engine_from_onnx, engine_summary, engine_unavailable
 from protoad_edge.bundle import Bundle
 from protoad_edge.constants import QDQ_SCHEME, feature_size
+from protoad_edge.errors import ProtoADError
+from protoad_edge.export.engine import engine_for_bundle, engine_from_onnx, engine_summary, engine_unavailable
 from protoad_edge.export.tensorrt import DEFAULT_WORKSPACE_MIB, batch_limit, build_engine
-from protoad_edge.metadata import ModelInfo
-from protoad_edge.preprocess import to_batch
 from protoad_edge.gpu import cuda as cm
 from protoad_edge.gpu import tensorrt as gpu_tensorrt
+from protoad_edge.metadata import ModelInfo
+from protoad_edge.preprocess import to_batch
 from protoad_edge.runtime.backends import trt as trt_backend
 from protoad_edge.runtime.backends.base import BackendOptions
 from protoad_edge.runtime.backends.trt import plan_mismatch
-
-from conftest import TINY_CROP, normal_crops
 
 # Maps are compared with onnxruntime's FP32 CPU run. FP32 engines: the ONNX parity tolerance.
 FP32_TOLERANCE = 1e-4
@@ -91,9 +90,20 @@ def test_file_names(tmp_path: Path) -> None:
 
 
 def info_with(**changes: Any) -> ModelInfo:
-    base = ModelInfo(category="x", resize=72, crop=64, backbone="b", weights="none", feature_upsample="bilinear",
-                     num_prototypes=4, image_threshold=0.1, pixel_threshold=0.2,
-                     tensorrt_version="10.3.0", gpu_name="Orin", tensorrt_precision="fp16")
+    base = ModelInfo(
+        category="x",
+        resize=72,
+        crop=64,
+        backbone="b",
+        weights="none",
+        feature_upsample="bilinear",
+        num_prototypes=4,
+        image_threshold=0.1,
+        pixel_threshold=0.2,
+        tensorrt_version="10.3.0",
+        gpu_name="Orin",
+        tensorrt_precision="fp16",
+    )
     for k, v in changes.items():
         setattr(base, k, v)
     return base
@@ -114,8 +124,11 @@ def test_build_options_are_checked_before_tensorrt(tiny_model: Path, tmp_path: P
     onnx = copy_bundle(tiny_model, tmp_path)
     with pytest.raises(ProtoADError, match="--precision"):
         build_engine(onnx, precision="int4")
-    with pytest.raises(ProtoADError, match=r"^--precision int8 builds from .*tiny\.int8\.onnx, which is not there: "
-                                           r"write it first with protoad-export --from-onnx .*tiny\.onnx --int8"):
+    with pytest.raises(
+        ProtoADError,
+        match=r"^--precision int8 builds from .*tiny\.int8\.onnx, which is not there: "
+        r"write it first with protoad-export --from-onnx .*tiny\.onnx --int8",
+    ):
         build_engine(onnx, precision="int8")
     with pytest.raises(ProtoADError, match="--max-batch 5000 .* at most 4681"):
         build_engine(onnx, max_batch=5000)
@@ -228,8 +241,9 @@ def test_pinned_round_trip() -> None:
 # --- the build's wiring, against a stand-in tensorrt module ----------------------------------
 
 
-def fake_tensorrt(version: str, fail_build: bool = False, fail_builder: bool = False,
-                  layer_names: str = "onnx") -> types.ModuleType:
+def fake_tensorrt(
+    version: str, fail_build: bool = False, fail_builder: bool = False, layer_names: str = "onnx"
+) -> types.ModuleType:
     """Just enough of TensorRT's Python API for build_engine; records what was asked of it.
 
     The fake parser reads the real ONNX and makes layers whose output tensors carry the ONNX tensor names, as
@@ -258,7 +272,7 @@ def fake_tensorrt(version: str, fail_build: bool = False, fail_builder: bool = F
             pass
 
     class Layer:
-        def __init__(self, name: str, node: Any, network: "Network", inputs: list[str], outputs: list[str]) -> None:
+        def __init__(self, name: str, node: Any, network: Network, inputs: list[str], outputs: list[str]) -> None:
             self.name, self.node, self.type, self.network = name, node.name, node.op_type, network
             self.inputs = [types.SimpleNamespace(name=n) if n else None for n in inputs]
             dtype = "int64" if node.op_type == "Shape" else "float32"
@@ -307,8 +321,10 @@ def fake_tensorrt(version: str, fail_build: bool = False, fail_builder: bool = F
             outputs = list(node.output)
             if layer_names == "lost":
                 outputs = [f"{own}_output_{j}" for j in range(len(outputs))]
-            return [Layer(helper, node, self, list(node.input), [f"{helper}_output"]),
-                    Layer(own, node, self, [f"{helper}_output"], outputs)]
+            return [
+                Layer(helper, node, self, list(node.input), [f"{helper}_output"]),
+                Layer(own, node, self, [f"{helper}_output"], outputs),
+            ]
 
     class OnnxParser:
         def __init__(self, network: Network, logger: Any) -> None:
@@ -461,8 +477,9 @@ def test_tensorrt10_fp16_pins_l2norm_to_fp32(fake_trt: Any, tiny_model: Path, tm
     assert "tiny.plan" in engine_summary(build) and f"TensorRT {version}" in engine_summary(build)
 
 
-def test_fp16_pins_the_layers_between_the_l2norm_tensors_whatever_their_names(fake_trt: Any, tiny_model: Path,
-                                                                               tmp_path: Path) -> None:
+def test_fp16_pins_the_layers_between_the_l2norm_tensors_whatever_their_names(
+    fake_trt: Any, tiny_model: Path, tmp_path: Path
+) -> None:
     """The parser may name helper layers by default ("(Unnamed Layer* 12) [Shuffle]"): pin by what they compute."""
     trt = fake_trt("10.3.0", layer_names="default")
     onnx = copy_bundle(tiny_model, tmp_path)
@@ -482,8 +499,11 @@ def test_fp16_build_fails_where_the_l2norm_cannot_be_pinned(fake_trt: Any, tiny_
 
     fake_trt("10.3.0", layer_names="lost")  # a parser that kept no ONNX tensor name
     onnx = copy_bundle(tiny_model, tmp_path / "lost")
-    with pytest.raises(ProtoADError, match="network has no tensor '/.*, '/l2norm/.*' \\(the input or output of "
-                                           "'/l2norm/' in .*tiny.onnx\\): the FP16 engine cannot keep"):
+    with pytest.raises(
+        ProtoADError,
+        match="network has no tensor '/.*, '/l2norm/.*' \\(the input or output of "
+        "'/l2norm/' in .*tiny.onnx\\): the FP16 engine cannot keep",
+    ):
         build_engine(onnx, log=lambda line: None)
     fake_trt("10.3.0")
     onnx = copy_bundle(tiny_model, tmp_path / "renamed")
@@ -497,8 +517,9 @@ def test_fp16_build_fails_where_the_l2norm_cannot_be_pinned(fake_trt: Any, tiny_
 
 
 @pytest.mark.parametrize("version", ["10.12.0", "10.16.1.11"])
-def test_tensorrt10_12_on_builds_fp16_strongly_typed(fake_trt: Any, tiny_model: Path, tmp_path: Path,
-                                                     version: str) -> None:
+def test_tensorrt10_12_on_builds_fp16_strongly_typed(
+    fake_trt: Any, tiny_model: Path, tmp_path: Path, version: str
+) -> None:
     """10.12 deprecated the FP16 flag, precision constraints and set_output_type: the stand-in refuses them."""
     trt = fake_trt(version)
     onnx = copy_bundle(tiny_model, tmp_path)
@@ -524,7 +545,11 @@ def test_tensorrt11_fp16_builds_from_the_mixed_precision_onnx(fake_trt: Any, tin
     assert build.plan.read_bytes() == b"plan of tiny.fp16.onnx"
     assert builder.network.flags == 0  # TensorRT 11 ignores the deprecated STRONGLY_TYPED flag: always strongly typed
     info = ModelInfo.load_json(Bundle.of(onnx).sidecar)
-    assert (info.tensorrt_version, info.tensorrt_precision, info.build["tensorrt"]["onnx"]) == ("11.0.0", "fp16", "tiny.fp16.onnx")
+    assert (info.tensorrt_version, info.tensorrt_precision, info.build["tensorrt"]["onnx"]) == (
+        "11.0.0",
+        "fp16",
+        "tiny.fp16.onnx",
+    )
     assert info.build["tensorrt"]["strongly_typed"]
 
 
@@ -541,10 +566,12 @@ def test_fp32_clears_tf32(fake_trt: Any, tiny_model: Path, tmp_path: Path, versi
 
 
 @pytest.mark.parametrize("version, flags", [("10.3.0", 1 << 1), ("11.0.0", 0)])
-def test_int8_builds_strongly_typed_from_the_qdq_model(fake_trt: Any, tiny_model: Path, tmp_path: Path, version: str,
-                                                       flags: int) -> None:
-    """The Q/DQ model's types decide: strongly typed on TensorRT 10 too (the STRONGLY_TYPED flag, 1 << 1) and 11 (always),
-    no precision flags, TF32 off for its FP32 part. (The stand-in parses any ONNX: a copy stands in for the Q/DQ model.)"""
+def test_int8_builds_strongly_typed_from_the_qdq_model(
+    fake_trt: Any, tiny_model: Path, tmp_path: Path, version: str, flags: int
+) -> None:
+    """The Q/DQ model's types decide: strongly typed on TensorRT 10 too (the STRONGLY_TYPED flag, 1 << 1) and 11
+    (always), no precision flags, TF32 off for its FP32 part. (The stand-in parses any ONNX: a copy stands in for the
+    Q/DQ model.)"""
     trt = fake_trt(version)
     onnx = copy_bundle(tiny_model, tmp_path)
     shutil.copy(onnx, Bundle.of(onnx).file("int8_onnx"))
@@ -560,28 +587,36 @@ def test_int8_builds_strongly_typed_from_the_qdq_model(fake_trt: Any, tiny_model
     assert any("INT8 Q/DQ ONNX for TensorRT" in line for line in lines)
     info = ModelInfo.load_json(Bundle.of(onnx).sidecar)
     assert (info.tensorrt_precision, info.build["tensorrt"]["onnx"], info.build["tensorrt"]["strongly_typed"]) == (
-        "int8", "tiny.int8.onnx", True)
+        "int8",
+        "tiny.int8.onnx",
+        True,
+    )
     assert not (tmp_path / "tiny.fp16.onnx").exists()
 
 
 def record_int8_scheme(onnx: Path, scheme: str | None) -> None:
-    """Record in the sidecar what ``protoad-export --int8`` records of its Q/DQ form (None: an older export's record)."""
+    """Record in the sidecar what ``protoad-export --int8`` records of its Q/DQ form (None: an older export's
+    record)."""
     info = ModelInfo.load_json(Bundle.of(onnx).sidecar)
     info.build = {**info.build, "int8": {"quantized": 43} | ({"scheme": scheme} if scheme else {})}
     info.save_json(Bundle.of(onnx).sidecar)
 
 
-def test_int8_model_in_another_qdq_form_is_refused_before_tensorrt(fake_trt: Any, tiny_model: Path,
-                                                                   tmp_path: Path) -> None:
+def test_int8_model_in_another_qdq_form_is_refused_before_tensorrt(
+    fake_trt: Any, tiny_model: Path, tmp_path: Path
+) -> None:
     """An INT8 model written before the TensorRT form (UINT8 activations, INT32 biases) is refused by name, with the
     command that writes it again: TensorRT's parser would reject it node by node."""
     trt = fake_trt("10.3.0")
     onnx = copy_bundle(tiny_model, tmp_path)
     shutil.copy(onnx, Bundle.of(onnx).file("int8_onnx"))
     record_int8_scheme(onnx, None)
-    with pytest.raises(ProtoADError, match=r"tiny\.int8\.onnx is not recorded as TensorRT's INT8 form \(int8 symmetric "
-                                           r".*\) in tiny\.json \(recorded: nothing\): write it again with "
-                                           r"protoad-export --from-onnx .*tiny\.onnx --int8"):
+    with pytest.raises(
+        ProtoADError,
+        match=r"tiny\.int8\.onnx is not recorded as TensorRT's INT8 form \(int8 symmetric "
+        r".*\) in tiny\.json \(recorded: nothing\): write it again with "
+        r"protoad-export --from-onnx .*tiny\.onnx --int8",
+    ):
         build_engine(onnx, precision="int8")
     assert getattr(trt, "last_builder", None) is None and not (tmp_path / "tiny.plan").exists()  # TensorRT never asked
 
@@ -622,8 +657,9 @@ def test_builder_that_tensorrt_cannot_create_is_one_line(fake_trt: Any, tiny_mod
     """pybind11's "factory function returned nullptr" becomes TensorRT's own logged reason."""
     fake_trt("10.3.0", fail_builder=True)
     onnx = copy_bundle(tiny_model, tmp_path)
-    with pytest.raises(ProtoADError, match="^TensorRT 10.3.0 could not create its Builder: CUDA initialization "
-                                           "failure with error: 35"):
+    with pytest.raises(
+        ProtoADError, match="^TensorRT 10.3.0 could not create its Builder: CUDA initialization failure with error: 35"
+    ):
         build_engine(onnx, log=lambda line: None)
     assert not Bundle.of(onnx).plan.exists()
 
@@ -644,11 +680,14 @@ class FailingImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         raise self.error
 
 
-@pytest.mark.parametrize("error", [
-    ImportError("libnvonnxparser.so.10: cannot open shared object file: No such file or directory"),
-    OSError("libnvinfer.so.10: cannot open shared object file: No such file or directory"),  # tensorrt_libs' ctypes
-    ModuleNotFoundError("No module named 'tensorrt_bindings'", name="tensorrt_bindings"),
-])
+@pytest.mark.parametrize(
+    "error",
+    [
+        ImportError("libnvonnxparser.so.10: cannot open shared object file: No such file or directory"),
+        OSError("libnvinfer.so.10: cannot open shared object file: No such file or directory"),  # tensorrt_libs' ctypes
+        ModuleNotFoundError("No module named 'tensorrt_bindings'", name="tensorrt_bindings"),
+    ],
+)
 def test_tensorrt_that_cannot_load_is_not_called_missing(monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
     monkeypatch.delitem(sys.modules, "tensorrt", raising=False)
     monkeypatch.setattr(sys, "meta_path", [FailingImport(error), *sys.meta_path])
@@ -679,20 +718,39 @@ def fake_cudart(driver: int, runtime: int) -> Any:
     )
 
 
-@pytest.mark.parametrize("driver,runtime,expected", [
-    (12020, 13000, "the NVIDIA driver supports CUDA 12.2, and this cuda-python's runtime needs CUDA 13.0; install "
-                   "the cuda-python \\(and TensorRT\\) of the driver's CUDA: pip install 'protoad-edge\\[gpu-cu12\\]'"),
-    (12060, 13050, "supports CUDA 12.6, and this cuda-python's runtime needs CUDA 13.5; .*'protoad-edge\\[gpu-cu12\\]"),
-    (12020, 12080, "supports CUDA 12.2, and this cuda-python's runtime needs CUDA 12.8; update the driver to one for "
-                   "CUDA 12.8$"),
-    (11080, 12000, "supports CUDA 11.8, .*needs CUDA 12.0; update the driver to one for CUDA 12.0$"),
-    (0, 13000, "no NVIDIA driver was found"),
-])
-def test_insufficient_driver_names_both_cuda_versions_and_the_fix(monkeypatch: pytest.MonkeyPatch, driver: int,
-                                                                  runtime: int, expected: str) -> None:
+@pytest.mark.parametrize(
+    "driver,runtime,expected",
+    [
+        (
+            12020,
+            13000,
+            "the NVIDIA driver supports CUDA 12.2, and this cuda-python's runtime needs CUDA 13.0; install "
+            "the cuda-python \\(and TensorRT\\) of the driver's CUDA: pip install 'protoad-edge\\[gpu-cu12\\]'",
+        ),
+        (
+            12060,
+            13050,
+            "supports CUDA 12.6, and this cuda-python's runtime needs CUDA 13.5; .*'protoad-edge\\[gpu-cu12\\]",
+        ),
+        (
+            12020,
+            12080,
+            "supports CUDA 12.2, and this cuda-python's runtime needs CUDA 12.8; update the driver to one for "
+            "CUDA 12.8$",
+        ),
+        (11080, 12000, "supports CUDA 11.8, .*needs CUDA 12.0; update the driver to one for CUDA 12.0$"),
+        (0, 13000, "no NVIDIA driver was found"),
+    ],
+)
+def test_insufficient_driver_names_both_cuda_versions_and_the_fix(
+    monkeypatch: pytest.MonkeyPatch, driver: int, runtime: int, expected: str
+) -> None:
     monkeypatch.setattr(cm, "_cudart", fake_cudart(driver, runtime))
-    with pytest.raises(ProtoADError, match="^no usable CUDA GPU: cudaErrorInsufficientDriver \\(CUDA driver version "
-                                           f"is insufficient for CUDA runtime version\\): .*{expected}"):
+    with pytest.raises(
+        ProtoADError,
+        match="^no usable CUDA GPU: cudaErrorInsufficientDriver \\(CUDA driver version "
+        f"is insufficient for CUDA runtime version\\): .*{expected}",
+    ):
         cm.require_gpu()
 
 
@@ -740,7 +798,7 @@ class NumpyMemory:
             def __init__(self) -> None:
                 self.tick = 0
 
-            def ms_since(self, start: "Event") -> float:
+            def ms_since(self, start: Event) -> float:
                 return float(self.tick - start.tick)
 
             def close(self) -> None:
@@ -804,8 +862,9 @@ class CudaMemory:
         cm.check(cm.cudart().cudaStreamSynchronize(stream_ptr), "sync")
 
 
-def fake_runtime_tensorrt(version: str, onnx: Path, memory: Any, max_batch: int, outputs: tuple[str, ...],
-                          fail_runtime: bool = False) -> Any:
+def fake_runtime_tensorrt(
+    version: str, onnx: Path, memory: Any, max_batch: int, outputs: tuple[str, ...], fail_runtime: bool = False
+) -> Any:
     """A TensorRT whose 'engine' runs the ONNX model with onnxruntime on whatever sits in device memory.
 
     ``fail_runtime``: ``trt.Runtime`` logs an error and fails as pybind11 does when TensorRT returns nullptr.
@@ -973,8 +1032,11 @@ def test_runtime_refuses_foreign_and_broken_plans(fake_plan: Any) -> None:
 
 def test_runtime_that_tensorrt_cannot_create_is_one_line(fake_plan: Any) -> None:
     fake_plan.install(fail_runtime=True)
-    with pytest.raises(ProtoADError, match="^TensorRT 10.3.0 could not create its Runtime: createInferRuntime: "
-                                           "Error Code 6: API Usage Error \\(CUDA driver is too old\\)$"):
+    with pytest.raises(
+        ProtoADError,
+        match="^TensorRT 10.3.0 could not create its Runtime: createInferRuntime: "
+        "Error Code 6: API Usage Error \\(CUDA driver is too old\\)$",
+    ):
         trt_backend.TrtBackend(fake_plan.plan)
 
 
@@ -1011,7 +1073,9 @@ def engines(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
 @needs_tensorrt
 @pytest.mark.tensorrt
 @pytest.mark.parametrize("precision,tolerance", [("fp32", FP32_TOLERANCE), ("fp16", FP16_TOLERANCE)])
-def test_engine_matches_onnxruntime(engines: dict[str, Path], tiny_model: Path, precision: str, tolerance: float) -> None:
+def test_engine_matches_onnxruntime(
+    engines: dict[str, Path], tiny_model: Path, precision: str, tolerance: float
+) -> None:
     from protoad_edge.runtime.backends.registry import open_backend
 
     crops = normal_crops(4, TINY_CROP, seed=5)
@@ -1036,14 +1100,18 @@ def test_int8_engine_matches_its_qdq_model(tiny_model: Path, tmp_path: Path) -> 
     convs accumulate in int32 and dequantize as the Q/DQ nodes say. Not yet run on a GPU (none lent so far)."""
     import onnx as onnx_module
 
-    from protoad_edge.runtime.backends.registry import open_backend
     from protoad_edge.export import int8
+    from protoad_edge.runtime.backends.registry import open_backend
 
     onnx = copy_bundle(tiny_model, tmp_path)
     qdq = Bundle.of(onnx).file("int8_onnx")
     model = onnx_module.load(str(onnx))
-    int8._quantize(onnx, qdq, int8.backbone_convs(model), int8._Reader(model.graph.input[0].name,
-                                                                      normal_crops(16, TINY_CROP, seed=7)))
+    int8._quantize(
+        onnx,
+        qdq,
+        int8.backbone_convs(model),
+        int8._Reader(model.graph.input[0].name, normal_crops(16, TINY_CROP, seed=7)),
+    )
     quantized = onnx_module.load(str(qdq))
     del quantized.metadata_props[:]
     quantized.metadata_props.extend(model.metadata_props)  # the bundle's metadata, as the export writes it
@@ -1060,10 +1128,12 @@ def test_int8_engine_matches_its_qdq_model(tiny_model: Path, tmp_path: Path) -> 
 
 @needs_tensorrt
 @pytest.mark.tensorrt
-@pytest.mark.parametrize("field,value,message", [("tensorrt_version", "0.0.0", "TensorRT 0.0.0"),
-                                                 ("gpu_name", "Other GPU", "'Other GPU'")])
-def test_plan_from_elsewhere_is_refused(engines: dict[str, Path], tmp_path: Path, field: str, value: str,
-                                        message: str) -> None:
+@pytest.mark.parametrize(
+    "field,value,message", [("tensorrt_version", "0.0.0", "TensorRT 0.0.0"), ("gpu_name", "Other GPU", "'Other GPU'")]
+)
+def test_plan_from_elsewhere_is_refused(
+    engines: dict[str, Path], tmp_path: Path, field: str, value: str, message: str
+) -> None:
     plan = tmp_path / "tiny.plan"
     shutil.copy(engines["fp16"], plan)
     data = json.loads(Bundle.of(engines["fp16"]).sidecar.read_text())
@@ -1100,10 +1170,12 @@ def test_module_imports_without_torch() -> None:
     """The engine build runs on a Jetson without torch: nothing here may import it at module level."""
     import subprocess
 
-    code = ("import sys\nclass Block:\n    def find_spec(self, name, path=None, target=None):\n"
-            "        if name.split('.')[0] in ('torch', 'onnx'):\n            raise ImportError(name)\n"
-            "sys.meta_path.insert(0, Block())\n"
-            "import protoad_edge.runtime, protoad_edge.runtime.backends.trt, protoad_edge.export.engine\n")
+    code = (
+        "import sys\nclass Block:\n    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'onnx'):\n            raise ImportError(name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import protoad_edge.runtime, protoad_edge.runtime.backends.trt, protoad_edge.export.engine\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert result.returncode == 0, result.stderr
 
@@ -1137,6 +1209,8 @@ assert 'torch' not in sys.modules
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "engine" in result.stdout and "tiny.plan" in result.stdout and "Traceback" not in result.stderr
-    assert (tmp_path / "tiny.plan").read_bytes() == b"plan of " + (b"tiny.fp16.onnx" if version.startswith("11") else b"tiny.onnx")
+    assert (tmp_path / "tiny.plan").read_bytes() == b"plan of " + (
+        b"tiny.fp16.onnx" if version.startswith("11") else b"tiny.onnx"
+    )
     info = ModelInfo.load_json(Bundle.of(onnx).sidecar)
     assert (info.tensorrt_version, info.gpu_name, info.tensorrt_precision) == (version, "Fake GPU", "fp16")

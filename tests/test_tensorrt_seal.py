@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_tensorrt import copy_bundle, fake_trt  # noqa: F401  (the stand-in TensorRT fixture)
 
 from protoad_edge.bundle import Bundle, sha256
 from protoad_edge.errors import ProtoADError
 from protoad_edge.export.tensorrt import build_engine
 from protoad_edge.metadata import ModelInfo
-from test_tensorrt import copy_bundle, fake_trt  # noqa: F401  (the stand-in TensorRT fixture)
 
 
 def sealed_copy(tiny_model: Path, folder: Path) -> Bundle:
@@ -23,8 +23,11 @@ def sealed_copy(tiny_model: Path, folder: Path) -> Bundle:
     return bundle
 
 
-def test_the_plan_and_the_fp16_onnx_it_came_from_are_recorded(fake_trt: Any, tiny_model: Path,  # noqa: F811
-                                                               tmp_path: Path) -> None:
+def test_the_plan_and_the_fp16_onnx_it_came_from_are_recorded(
+    fake_trt: Any,
+    tiny_model: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
     fake_trt("11.0.0")  # FP16 from NAME.fp16.onnx
     bundle = sealed_copy(tiny_model, tmp_path)
     built = build_engine(bundle.onnx, log=lambda _: None)
@@ -39,8 +42,11 @@ def test_the_plan_and_the_fp16_onnx_it_came_from_are_recorded(fake_trt: Any, tin
         bundle.check(built.plan)
 
 
-def test_a_build_from_the_onnx_records_only_the_plan(fake_trt: Any, tiny_model: Path,  # noqa: F811
-                                                     tmp_path: Path) -> None:
+def test_a_build_from_the_onnx_records_only_the_plan(
+    fake_trt: Any,
+    tiny_model: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
     fake_trt("10.3.0")
     bundle = sealed_copy(tiny_model, tmp_path)
     bundle.fp16_onnx.write_bytes(b"left by an earlier build")  # not this step's: not vouched for
@@ -48,8 +54,11 @@ def test_a_build_from_the_onnx_records_only_the_plan(fake_trt: Any, tiny_model: 
     assert set(ModelInfo.load_json(bundle.sidecar).digests) == {"onnx", "plan"}
 
 
-def test_an_unsealed_sidecar_stays_unsealed_and_a_new_one_is_sealed(fake_trt: Any, tiny_model: Path,  # noqa: F811
-                                                                    tmp_path: Path) -> None:
+def test_an_unsealed_sidecar_stays_unsealed_and_a_new_one_is_sealed(
+    fake_trt: Any,
+    tiny_model: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
     """Sealing only the plan beside an older sidecar would vouch for it alone and refuse the ONNX: it stays
     unsealed (with its warning) until re-sealed. Without a sidecar, the one the step writes records every file."""
     fake_trt("10.3.0")

@@ -16,14 +16,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner, Result
-
 from conftest import write_demo_category
+
 from protoad_edge.bundle import Bundle
 from protoad_edge.cli.eval import main as eval_main
 from protoad_edge.cli.run import main as run_main
 from protoad_edge.errors import ProtoADError
 from protoad_edge.evaluation.threshold_rules import (
-    F1, FPR, NORMAL_MAX, VALUE, Outcome, Rule, apply_rule, outcome, parse_rule, write_threshold,
+    F1,
+    FPR,
+    NORMAL_MAX,
+    VALUE,
+    Outcome,
+    Rule,
+    apply_rule,
+    outcome,
+    parse_rule,
+    write_threshold,
 )
 from protoad_edge.metadata import ModelInfo
 
@@ -87,8 +96,14 @@ def brute_force(labels: np.ndarray, scores: np.ndarray) -> list[tuple[float, int
     neighbouring distinct scores, and just outside both ends."""
     distinct = sorted(set(scores.tolist()))
     cuts = [distinct[0] - 1.0] + [(a + b) / 2 for a, b in zip(distinct, distinct[1:])] + [distinct[-1] + 1.0]
-    return [(t, sum(1 for s, y in zip(scores, labels) if s > t and y), sum(1 for s, y in zip(scores, labels)
-                                                                            if s > t and not y)) for t in cuts]
+    return [
+        (
+            t,
+            sum(1 for s, y in zip(scores, labels) if s > t and y),
+            sum(1 for s, y in zip(scores, labels) if s > t and not y),
+        )
+        for t in cuts
+    ]
 
 
 def best_f1_cut(labels: np.ndarray, scores: np.ndarray) -> tuple[float, int, int]:
@@ -145,11 +160,21 @@ def test_parse_rule() -> None:
     assert parse_rule("-1e-3") == Rule(VALUE, -0.001)
 
 
-@pytest.mark.parametrize("text, words", [
-    ("fpr=2", "0 <= X < 1"), ("fpr=1", "0 <= X < 1"), ("fpr=-0.1", "0 <= X < 1"), ("fpr=", "f1, normal-max"),
-    ("fpr=abc", "f1, normal-max"), ("garbage", "f1, normal-max"), ("", "f1, normal-max"), ("nan", "finite"),
-    ("inf", "finite"), ("fpr=nan", "finite"),
-])
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("fpr=2", "0 <= X < 1"),
+        ("fpr=1", "0 <= X < 1"),
+        ("fpr=-0.1", "0 <= X < 1"),
+        ("fpr=", "f1, normal-max"),
+        ("fpr=abc", "f1, normal-max"),
+        ("garbage", "f1, normal-max"),
+        ("", "f1, normal-max"),
+        ("nan", "finite"),
+        ("inf", "finite"),
+        ("fpr=nan", "finite"),
+    ],
+)
 def test_bad_rules_are_one_line_errors(text: str, words: str) -> None:
     with pytest.raises(ProtoADError) as error:
         parse_rule(text)
@@ -157,9 +182,15 @@ def test_bad_rules_are_one_line_errors(text: str, words: str) -> None:
     assert "\n" not in message and "--set-threshold" in message and words in message and repr(text) in message
 
 
-@pytest.mark.parametrize("text, labels", [
-    ("f1", [False, False, False]), ("f1", [True, True]), ("normal-max", [True, True]), ("fpr=0.1", [True]),
-])
+@pytest.mark.parametrize(
+    "text, labels",
+    [
+        ("f1", [False, False, False]),
+        ("f1", [True, True]),
+        ("normal-max", [True, True]),
+        ("fpr=0.1", [True]),
+    ],
+)
 def test_rules_that_cannot_be_computed_are_refused(text: str, labels: list[bool]) -> None:
     with pytest.raises(ProtoADError) as error:
         apply_rule(parse_rule(text), np.array(labels), np.linspace(0.1, 0.9, len(labels)))
@@ -199,10 +230,18 @@ def test_write_keeps_history_and_pixel_threshold(bundle: Path) -> None:
     keys = ("image_threshold", "pixel_threshold", "threshold_rule", "threshold_detail")
     old = [{k: h[k] for k in keys} for h in info.threshold_history]
     assert old == [
-        {"image_threshold": built.image_threshold, "pixel_threshold": built.pixel_threshold,
-         "threshold_rule": built.threshold_rule, "threshold_detail": built.threshold_detail},
-        {"image_threshold": 0.5, "pixel_threshold": built.pixel_threshold, "threshold_rule": "manual",
-         "threshold_detail": first.new.threshold_detail},
+        {
+            "image_threshold": built.image_threshold,
+            "pixel_threshold": built.pixel_threshold,
+            "threshold_rule": built.threshold_rule,
+            "threshold_detail": built.threshold_detail,
+        },
+        {
+            "image_threshold": 0.5,
+            "pixel_threshold": built.pixel_threshold,
+            "threshold_rule": "manual",
+            "threshold_detail": first.new.threshold_detail,
+        },
     ]
     named = write_threshold(bundle, Outcome("f1", 0.5, 3, 6, 1, 4), "the test split")
     assert named.new.threshold_rule == "f1@test-split" and named.new.digests == built.digests
@@ -210,13 +249,22 @@ def test_write_keeps_history_and_pixel_threshold(bundle: Path) -> None:
         assert datetime.fromisoformat(entry["replaced"]).tzinfo is not None
     # Everything but the thresholds and the version is the build's (its digests too), so the runtime still accepts
     # the pair; each threshold set is a new version, the ones it replaced kept beside the bundle (versions.py).
-    keep = {k: v for k, v in built.to_dict().items()
-            if not k.startswith("threshold") and k not in ("image_threshold", "version", "changes")}
+    keep = {
+        k: v
+        for k, v in built.to_dict().items()
+        if not k.startswith("threshold") and k not in ("image_threshold", "version", "changes")
+    }
     assert {k: info.to_dict()[k] for k in keep} == keep and set(built.digests) == {"onnx", "prototypes"}
-    assert (info.version, [(c["what"], c["from"]) for c in info.changes]) == (3, [("set-threshold", 1),
-                                                                                 ("set-threshold", 2)])
-    assert sorted(p.name for p in bundle.parent.iterdir()) == ["tiny.json", "tiny.onnx", "tiny.prototypes.npy",
-                                                               "tiny.versions"]
+    assert (info.version, [(c["what"], c["from"]) for c in info.changes]) == (
+        3,
+        [("set-threshold", 1), ("set-threshold", 2)],
+    )
+    assert sorted(p.name for p in bundle.parent.iterdir()) == [
+        "tiny.json",
+        "tiny.onnx",
+        "tiny.prototypes.npy",
+        "tiny.versions",
+    ]
 
 
 def test_failed_write_leaves_the_old_file(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -230,8 +278,12 @@ def test_failed_write_leaves_the_old_file(bundle: Path, monkeypatch: pytest.Monk
     with pytest.raises(OSError):
         write_threshold(bundle, chosen(0.5), "the test split")
     assert sidecar.read_bytes() == before
-    assert sorted(p.name for p in bundle.parent.iterdir()) == ["tiny.json", "tiny.onnx", "tiny.prototypes.npy",
-                                                               "tiny.versions"]  # the version in force, kept
+    assert sorted(p.name for p in bundle.parent.iterdir()) == [
+        "tiny.json",
+        "tiny.onnx",
+        "tiny.prototypes.npy",
+        "tiny.versions",
+    ]  # the version in force, kept
 
 
 def test_bundle_without_sidecar_gets_one_from_the_onnx_metadata(bundle: Path) -> None:
@@ -284,10 +336,13 @@ def run_eval(*args: object) -> Result:
 def printed_rules(stdout: str) -> dict[str, list[str]]:
     """The threshold table of the eval summary: rule -> [threshold, caught, misses, false alarms]."""
     lines = stdout.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.split() == ["rule", "threshold", "caught", "misses",
-                                                                       "false", "alarms"])
+    start = next(
+        i
+        for i, line in enumerate(lines)
+        if line.split() == ["rule", "threshold", "caught", "misses", "false", "alarms"]
+    )
     rows = {}
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         cells = line.split()
         if len(cells) != 5:
             break
@@ -301,27 +356,49 @@ def run_scores(model: Path, folder: Path) -> tuple[Result, np.ndarray, np.ndarra
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in result.stdout.splitlines()]
     labels = np.array([not Path(r["source"]).name.startswith("good_") for r in records])
-    return (result, labels, np.array([r["score"] for r in records]),
-            np.array([r["verdict"] == "anomaly" for r in records]))
+    return (
+        result,
+        labels,
+        np.array([r["score"] for r in records]),
+        np.array([r["verdict"] == "anomaly" for r in records]),
+    )
 
 
 @pytest.mark.slow
-def test_set_threshold_f1_is_what_protoad_run_applies(bundle: Path, data_root: Path, flat_images: Path,
-                                                      tmp_path: Path) -> None:
+def test_set_threshold_f1_is_what_protoad_run_applies(
+    bundle: Path, data_root: Path, flat_images: Path, tmp_path: Path
+) -> None:
     """The acceptance check: eval prints a threshold and its counts, writes it, and the run agrees exactly."""
     from protoad_edge.runtime.backends.registry import open_backend
     from protoad_edge.runtime.loop import RunOptions, run
 
     report = tmp_path / "eval.json"
-    result = run_eval("--model", bundle, "--any-category", "--category", CATEGORY, "--data-root", data_root,
-                      "--backend", "ort", "--set-threshold", "f1", "--json", report)
+    result = run_eval(
+        "--model",
+        bundle,
+        "--any-category",
+        "--category",
+        CATEGORY,
+        "--data-root",
+        data_root,
+        "--backend",
+        "ort",
+        "--set-threshold",
+        "f1",
+        "--json",
+        report,
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(report.read_text())["categories"][CATEGORY]
     f1 = next(r for r in summary["threshold_rules"] if r["rule"] == "f1")
     threshold = ModelInfo.load_json(bundle.with_suffix(".json")).image_threshold
     assert threshold == f1["image_threshold"]
-    assert printed_rules(result.stdout)["f1"] == [f"{threshold:.6g}", f"{f1['anomalous_caught']}/6",
-                                                 str(f1["misses"]), f"{f1['false_alarms']}/4"]
+    assert printed_rules(result.stdout)["f1"] == [
+        f"{threshold:.6g}",
+        f"{f1['anomalous_caught']}/6",
+        str(f1["misses"]),
+        f"{f1['false_alarms']}/4",
+    ]
     assert summary["set_threshold"]["new"]["image_threshold"] == threshold
 
     run_result, labels, scores, verdicts = run_scores(bundle, flat_images)
@@ -337,22 +414,39 @@ def test_set_threshold_f1_is_what_protoad_run_applies(bundle: Path, data_root: P
         assert run(str(flat_images), opened, RunOptions(log=lambda message: None)).threshold == threshold
 
 
-def test_summary_shows_every_rule_and_a_given_number(bundle: Path, data_root: Path, flat_images: Path,
-                                                    tmp_path: Path) -> None:
+def test_summary_shows_every_rule_and_a_given_number(
+    bundle: Path, data_root: Path, flat_images: Path, tmp_path: Path
+) -> None:
     _, labels, scores, _ = run_scores(bundle, flat_images)  # the same images, scored by protoad-run
     number = float(np.median(scores))
     report = tmp_path / "eval.json"
-    result = run_eval("--model", bundle, "--any-category", "--category", CATEGORY, "--data-root", data_root,
-                      "--json", report, "--set-threshold", repr(number))
+    result = run_eval(
+        "--model",
+        bundle,
+        "--any-category",
+        "--category",
+        CATEGORY,
+        "--data-root",
+        data_root,
+        "--json",
+        report,
+        "--set-threshold",
+        repr(number),
+    )
     assert result.exit_code == 0, result.output
     rows = json.loads(report.read_text())["categories"][CATEGORY]["threshold_rules"]
     assert [r["rule"] for r in rows] == ["current", "f1", "normal-max", "fpr=0.01", "fpr=0.05", repr(number)]
     built = ModelInfo.load_json(bundle.with_suffix(".json")).threshold_history[-1]["image_threshold"]
     cuts = brute_force(labels, scores)
     lowest_without_alarm = next(c for c in cuts if c[2] == 0)[0]
-    expected = {"current": built, "f1": best_f1_cut(labels, scores)[0], "normal-max": lowest_without_alarm,
-                "fpr=0.01": lowest_without_alarm, "fpr=0.05": lowest_without_alarm,  # of 4 normal images: none
-                repr(number): number}
+    expected = {
+        "current": built,
+        "f1": best_f1_cut(labels, scores)[0],
+        "normal-max": lowest_without_alarm,
+        "fpr=0.01": lowest_without_alarm,
+        "fpr=0.05": lowest_without_alarm,  # of 4 normal images: none
+        repr(number): number,
+    }
     printed = printed_rules(result.stdout)
     for row in rows:
         t = row["image_threshold"]
@@ -371,10 +465,14 @@ def test_set_threshold_refusals_are_one_line(bundle: Path, data_root: Path) -> N
     base = ["--model", bundle, "--category", CATEGORY, "--data-root", data_root]
     for rule, words in (("fpr=2", "0 <= X < 1"), ("garbage", "f1, normal-max"), ("inf", "finite")):
         assert_user_error(run_eval(*base, "--set-threshold", rule), "--set-threshold", words)
-    assert_user_error(run_eval(*base, "--set-threshold", "f1", "--compare", "torch,ort"),
-                      "--set-threshold", "--compare")
-    assert_user_error(run_eval("--model", bundle.parent, "--category", "all", "--data-root", data_root,
-                               "--set-threshold", "f1"), "--set-threshold", "all")
+    assert_user_error(
+        run_eval(*base, "--set-threshold", "f1", "--compare", "torch,ort"), "--set-threshold", "--compare"
+    )
+    assert_user_error(
+        run_eval("--model", bundle.parent, "--category", "all", "--data-root", data_root, "--set-threshold", "f1"),
+        "--set-threshold",
+        "all",
+    )
     assert sidecar.read_bytes() == before
 
 

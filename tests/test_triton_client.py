@@ -9,8 +9,9 @@ reached the server.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from concurrent import futures
-from typing import Any, Iterator
+from typing import Any
 
 import grpc
 import numpy as np
@@ -19,12 +20,21 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from protoad_edge.errors import ProtoADError
 from protoad_edge.metadata import ModelInfo
-from protoad_edge.runtime.sources.capture import Reconnect
 from protoad_edge.runtime.serving.triton import PARAMETER, TritonBackend, info_parameter, retryable, signature
+from protoad_edge.runtime.sources.capture import Reconnect
 
 CROP = 32
-INFO = ModelInfo(category="tiny", resize=36, crop=CROP, backbone="wide_resnet50_2", weights="none",
-                 feature_upsample="bilinear", num_prototypes=4, image_threshold=0.5, pixel_threshold=0.5)
+INFO = ModelInfo(
+    category="tiny",
+    resize=36,
+    crop=CROP,
+    backbone="wide_resnet50_2",
+    weights="none",
+    feature_upsample="bilinear",
+    num_prototypes=4,
+    image_threshold=0.5,
+    pixel_threshold=0.5,
+)
 Failure = tuple[grpc.StatusCode, str]
 
 
@@ -54,8 +64,10 @@ class Triton(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     def RepositoryIndex(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         return service_pb2.RepositoryIndexResponse(
-            models=[service_pb2.RepositoryIndexResponse.ModelIndex(name=n, version="1", state="READY")
-                    for n in self.served])
+            models=[
+                service_pb2.RepositoryIndexResponse.ModelIndex(name=n, version="1", state="READY") for n in self.served
+            ]
+        )
 
     def ModelInfer(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         self._fail("ModelInfer", context)
@@ -110,25 +122,32 @@ def test_a_refused_request_fails_at_once(serve: Any) -> None:
     logged: list[str] = []
     with TritonBackend(serve(triton), retry=Reconnect(give_up_after=5.0), log=logged.append) as remote:
         started = time.monotonic()
-        with pytest.raises(ProtoADError, match=r"cannot judge frames on grpc://127.0.0.1:\d+/tiny \(refused\): "
-                                               r".*batch-size must be <= 4"):
+        with pytest.raises(
+            ProtoADError,
+            match=r"cannot judge frames on grpc://127.0.0.1:\d+/tiny \(refused\): "
+            r".*batch-size must be <= 4",
+        ):
             remote.infer(images(1))
         assert triton.calls["ModelInfer"] == 1 and remote.retries == 0 and logged == []
         assert time.monotonic() - started < 2.5  # not the 5 s reconnect timeout
 
 
-@pytest.mark.parametrize("status, message", [
-    (grpc.StatusCode.UNAVAILABLE, "Socket closed"),  # the server went away mid-call
-    (grpc.StatusCode.UNAVAILABLE, "Connection reset by peer"),
-    (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"),
-])
+@pytest.mark.parametrize(
+    "status, message",
+    [
+        (grpc.StatusCode.UNAVAILABLE, "Socket closed"),  # the server went away mid-call
+        (grpc.StatusCode.UNAVAILABLE, "Connection reset by peer"),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"),
+    ],
+)
 def test_unavailable_in_any_words_is_sent_again(serve: Any, status: grpc.StatusCode, message: str) -> None:
     """A status of a server that is restarting is retried whatever its message says (not only 'failed to
     connect'), and the frames are judged once it answers."""
     triton = Triton({"ModelInfer": [(status, message), (status, message)]})
     logged: list[str] = []
-    with TritonBackend(serve(triton), retry=Reconnect(give_up_after=30.0), log=logged.append,
-                       sleep=lambda s: None) as remote:
+    with TritonBackend(
+        serve(triton), retry=Reconnect(give_up_after=30.0), log=logged.append, sleep=lambda s: None
+    ) as remote:
         _, scores = remote.infer(images(2))
     assert triton.calls["ModelInfer"] == 3 and remote.retries == 2
     assert scores.shape == (2,)
@@ -139,11 +158,13 @@ def test_a_model_still_loading_at_start_up_is_waited_for(serve: Any) -> None:
     """A line started with its server: the server answers but has no model yet. The client waits (one line says
     so) and runs once the model is there."""
     loading = [(grpc.StatusCode.UNAVAILABLE, "Request for unknown model: 'tiny' is not found")] * 2 + [
-        (grpc.StatusCode.NOT_FOUND, "Request for unknown model: 'tiny' version 1 is not ready")] * 2
+        (grpc.StatusCode.NOT_FOUND, "Request for unknown model: 'tiny' version 1 is not ready")
+    ] * 2
     triton = Triton({"ModelConfig": loading})
     logged: list[str] = []
-    with TritonBackend(serve(triton), retry=Reconnect(give_up_after=30.0), log=logged.append,
-                       sleep=lambda s: None) as remote:
+    with TritonBackend(
+        serve(triton), retry=Reconnect(give_up_after=30.0), log=logged.append, sleep=lambda s: None
+    ) as remote:
         assert remote.info == INFO and remote.retries == 4
         remote.infer(images(1))
     assert triton.calls["ModelConfig"] == 5
@@ -158,14 +179,17 @@ def test_a_model_that_never_comes_names_the_served_ones_after_the_timeout(serve:
     assert time.monotonic() - started >= 1.0 and triton.calls["ModelConfig"] >= 2  # waited, not refused
 
 
-@pytest.mark.parametrize("status, message, again", [
-    ("StatusCode.UNAVAILABLE", "Socket closed", True),  # no "failed to connect": the status alone decides
-    ("StatusCode.UNAVAILABLE", "", True),
-    ("StatusCode.DEADLINE_EXCEEDED", "", True),
-    ("StatusCode.INVALID_ARGUMENT", "inference request batch-size must be <= 4", False),
-    ("StatusCode.INVALID_ARGUMENT", "unexpected shape for input 'image'", False),
-    ("StatusCode.NOT_FOUND", "Request for unknown model: 'tiny' is not found", True),
-])
+@pytest.mark.parametrize(
+    "status, message, again",
+    [
+        ("StatusCode.UNAVAILABLE", "Socket closed", True),  # no "failed to connect": the status alone decides
+        ("StatusCode.UNAVAILABLE", "", True),
+        ("StatusCode.DEADLINE_EXCEEDED", "", True),
+        ("StatusCode.INVALID_ARGUMENT", "inference request batch-size must be <= 4", False),
+        ("StatusCode.INVALID_ARGUMENT", "unexpected shape for input 'image'", False),
+        ("StatusCode.NOT_FOUND", "Request for unknown model: 'tiny' is not found", True),
+    ],
+)
 def test_the_retry_decision(status: str, message: str, again: bool) -> None:
     """The decision table itself (tritonclient's exception: a status and a message)."""
     from tritonclient.utils import InferenceServerException

@@ -51,10 +51,14 @@ def test_onnx_and_plan_models_parse_as_triton_model_configs(bundle: Bundle, tmp_
     logged: list[str] = []
     written = write_repository(bundle.onnx, tmp_path / "repo", log=logged.append)
     assert [(m.name, m.platform, m.max_batch) for m in written] == [
-        ("tiny", "onnxruntime_onnx", 8), ("tiny_trt", "tensorrt_plan", 16)]
+        ("tiny", "onnxruntime_onnx", 8),
+        ("tiny_trt", "tensorrt_plan", 16),
+    ]
     info = bundle.info()
-    for model, file_name, platform, batch in (("tiny", "model.onnx", "onnxruntime_onnx", 8),
-                                              ("tiny_trt", "model.plan", "tensorrt_plan", 16)):
+    for model, file_name, platform, batch in (
+        ("tiny", "model.onnx", "onnxruntime_onnx", 8),
+        ("tiny_trt", "model.plan", "tensorrt_plan", 16),
+    ):
         folder = tmp_path / "repo" / model
         assert sorted(p.name for p in folder.iterdir()) == ["1", "config.pbtxt"]
         assert [p.name for p in (folder / "1").iterdir()] == [file_name]
@@ -65,7 +69,12 @@ def test_onnx_and_plan_models_parse_as_triton_model_configs(bundle: Bundle, tmp_
         amap, score = config.output
         assert (amap.name, list(amap.dims), amap.HasField("reshape")) == ("anomaly_map", [64, 64], False)
         # The ONNX score is [N]: [N, 1] on the wire, reshaped to the model's [N].
-        assert (score.name, list(score.dims), score.HasField("reshape"), list(score.reshape.shape)) == ("score", [1], True, [])
+        assert (score.name, list(score.dims), score.HasField("reshape"), list(score.reshape.shape)) == (
+            "score",
+            [1],
+            True,
+            [],
+        )
         assert config.dynamic_batching.max_queue_delay_microseconds == 2000
         assert config.version_policy.latest.num_versions == 1
         served = ModelInfo.from_dict(json.loads(config.parameters["protoad"].string_value))
@@ -84,7 +93,9 @@ def test_a_misspelt_field_fails_the_parse(bundle: Bundle, tmp_path: Path) -> Non
 
 def test_tensorrt_acceleration_of_onnxruntime_is_declared_for_the_gpu(bundle: Bundle, tmp_path: Path) -> None:
     write_repository(bundle.onnx, tmp_path / "repo", accelerate="tensorrt")
-    (accelerator,) = parse(tmp_path / "repo/tiny/config.pbtxt").optimization.execution_accelerators.gpu_execution_accelerator
+    (accelerator,) = parse(
+        tmp_path / "repo/tiny/config.pbtxt"
+    ).optimization.execution_accelerators.gpu_execution_accelerator
     assert accelerator.name == "tensorrt" and accelerator.parameters["precision_mode"] == "FP16"
     write_repository(bundle.onnx, tmp_path / "plain")
     assert not parse(tmp_path / "plain/tiny/config.pbtxt").HasField("optimization")
@@ -143,17 +154,37 @@ def test_a_failed_write_leaves_the_old_folder(tmp_path: Path) -> None:
 
 
 def test_export_from_onnx_writes_the_repository_without_the_engine(bundle: Bundle, tmp_path: Path) -> None:
-    result = CliRunner().invoke(export_main, ["--from-onnx", str(bundle.onnx), "--tensorrt", "no",
-                                              "--triton-repo", str(tmp_path / "repo"), "--triton-max-batch", "2"])
+    result = CliRunner().invoke(
+        export_main,
+        [
+            "--from-onnx",
+            str(bundle.onnx),
+            "--tensorrt",
+            "no",
+            "--triton-repo",
+            str(tmp_path / "repo"),
+            "--triton-max-batch",
+            "2",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert parse(tmp_path / "repo/tiny/config.pbtxt").max_batch_size == 2
     assert "triton        tiny (onnxruntime_onnx)" in result.output
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--from-onnx", "{tmp}/missing.onnx", "--triton-repo", "{tmp}/repo"], "--from-onnx {tmp}/missing.onnx: no such file"),
-    (["--from-onnx", "{onnx}", "--tensorrt", "no", "--triton-repo", "{onnx}"], "'--triton-repo': Directory '{onnx}' is a file"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--from-onnx", "{tmp}/missing.onnx", "--triton-repo", "{tmp}/repo"],
+            "--from-onnx {tmp}/missing.onnx: no such file",
+        ),
+        (
+            ["--from-onnx", "{onnx}", "--tensorrt", "no", "--triton-repo", "{onnx}"],
+            "'--triton-repo': Directory '{onnx}' is a file",
+        ),
+    ],
+)
 def test_repository_mistakes_are_one_line(bundle: Bundle, tmp_path: Path, args: list[str], message: str) -> None:
     fill = {"tmp": tmp_path, "onnx": bundle.onnx}
     result = CliRunner().invoke(export_main, [a.format(**fill) for a in args])
@@ -177,8 +208,14 @@ def test_server_urls() -> None:
     a = parse_server_url("grpc://line3.local/cable")
     assert (a.host, a.port, a.model, a.url) == ("line3.local", 8001, "cable", "grpc://line3.local:8001/cable")
     assert parse_server_url("grpc://10.0.0.5:9001/cable_trt/").port == 9001
-    for bad in ("http://h:8000/cable", "grpc://h:8001", "grpc://h:8001/a/b", "grpc://h:0/cable", "h:8001/cable",
-                "grpc://h:8001/line 3"):
+    for bad in (
+        "http://h:8000/cable",
+        "grpc://h:8001",
+        "grpc://h:8001/a/b",
+        "grpc://h:0/cable",
+        "h:8001/cable",
+        "grpc://h:8001/line 3",
+    ):
         with pytest.raises(ProtoADError, match="--server"):
             parse_server_url(bad)
 
@@ -197,15 +234,18 @@ class Refusal(Exception):
         return self._message
 
 
-@pytest.mark.parametrize("status, message, again", [
-    ("StatusCode.UNAVAILABLE", "failed to connect to all addresses", True),  # server down or restarting
-    ("StatusCode.DEADLINE_EXCEEDED", "Deadline Exceeded", True),
-    (None, "Request for unknown model: 'tiny' is not found", True),  # the restarted server still loading it
-    (None, "Request for unknown model: 'tiny' version 1 is not ready", True),
-    (None, "Request for unknown model: 'tiny' has no available versions", True),  # loading, another wording
-    ("StatusCode.INVALID_ARGUMENT", "unexpected shape for input 'image'", False),  # our request is wrong: final
-    ("StatusCode.INTERNAL", "model raised an exception", False),
-])
+@pytest.mark.parametrize(
+    "status, message, again",
+    [
+        ("StatusCode.UNAVAILABLE", "failed to connect to all addresses", True),  # server down or restarting
+        ("StatusCode.DEADLINE_EXCEEDED", "Deadline Exceeded", True),
+        (None, "Request for unknown model: 'tiny' is not found", True),  # the restarted server still loading it
+        (None, "Request for unknown model: 'tiny' version 1 is not ready", True),
+        (None, "Request for unknown model: 'tiny' has no available versions", True),  # loading, another wording
+        ("StatusCode.INVALID_ARGUMENT", "unexpected shape for input 'image'", False),  # our request is wrong: final
+        ("StatusCode.INTERNAL", "model raised an exception", False),
+    ],
+)
 def test_which_failures_are_sent_again(status: str | None, message: str, again: bool) -> None:
     assert retryable(Refusal(status, message)) is again
 
@@ -239,9 +279,11 @@ def test_a_python_without_a_shared_libpython_is_said_plainly(tmp_path: Path) -> 
 def test_a_model_that_fails_to_load_is_reported_by_its_error_not_its_traceback() -> None:
     from protoad_edge.runtime.serving.serve import failure
 
-    text = ("[400] load failed for model 'tiny': version 1 is at UNAVAILABLE state: Internal: TritonModelException: "
-            "Model initialize error: Traceback (most recent call last):\\n  File \"model.py\", line 419\\n"
-            "AttributeError: '_thread.RLock' object has no attribute '_recursion_count'\\n\\nAt:\\n")
+    text = (
+        "[400] load failed for model 'tiny': version 1 is at UNAVAILABLE state: Internal: TritonModelException: "
+        'Model initialize error: Traceback (most recent call last):\\n  File "model.py", line 419\\n'
+        "AttributeError: '_thread.RLock' object has no attribute '_recursion_count'\\n\\nAt:\\n"
+    )
     assert failure(text) == "AttributeError: '_thread.RLock' object has no attribute '_recursion_count'"
     assert failure("port 8001 in use\nmore") == "port 8001 in use"
 
@@ -250,20 +292,25 @@ def test_no_server_is_retried_then_one_line_naming_it(monkeypatch: pytest.Monkey
     """Nothing listens on the port: the client retries for the reconnect timeout, then says so (real gRPC)."""
     import socket
 
-    from protoad_edge.runtime.sources.capture import Reconnect
     from protoad_edge.runtime.serving.triton import TritonBackend
+    from protoad_edge.runtime.sources.capture import Reconnect
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     logged: list[str] = []
-    with pytest.raises(ProtoADError, match=rf"cannot read the model configuration of grpc://127.0.0.1:{port}/tiny "
-                                           r"\(no answer for [12] s\)"):
+    with pytest.raises(
+        ProtoADError,
+        match=rf"cannot read the model configuration of grpc://127.0.0.1:{port}/tiny "
+        r"\(no answer for [12] s\)",
+    ):
         TritonBackend(f"grpc://127.0.0.1:{port}/tiny", retry=Reconnect(give_up_after=1.0), log=logged.append)
     assert len(logged) == 1 and "retrying" in logged[0]  # said once, not per attempt
 
 
-def test_missing_client_and_server_libraries_name_their_extras(monkeypatch: pytest.MonkeyPatch, tiny_model: Path) -> None:
+def test_missing_client_and_server_libraries_name_their_extras(
+    monkeypatch: pytest.MonkeyPatch, tiny_model: Path
+) -> None:
     from protoad_edge.runtime.backends.ort import OrtBackend
     from protoad_edge.runtime.serving.serve import ServeOptions, serve
     from protoad_edge.runtime.serving.triton import TritonBackend
@@ -288,7 +335,9 @@ def test_serve_ports_must_differ_and_be_free() -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             free = s.getsockname()[1]
-        with pytest.raises(ProtoADError, match=rf"--grpc-port {port}: cannot listen on 127.0.0.1:{port} \(Address already in use\)"):
+        with pytest.raises(
+            ProtoADError, match=rf"--grpc-port {port}: cannot listen on 127.0.0.1:{port} \(Address already in use\)"
+        ):
             check_ports(ServeOptions("tiny", "127.0.0.1", http_port=free, grpc_port=port, metrics_port=free + 1))
     with pytest.raises(ProtoADError, match="the three ports must differ"):
         check_ports(ServeOptions("tiny", "127.0.0.1", http_port=free, grpc_port=free, metrics_port=free + 1))

@@ -22,8 +22,17 @@ def make(folder: Path, sealed: bool = True) -> Bundle:
     bundle.onnx.write_bytes(b"graph 1")
     bundle.prototypes.write_bytes(b"prototypes 1")
     bundle.plan.write_bytes(b"plan 1")
-    info = ModelInfo(category="part", resize=72, crop=64, backbone="b", weights="none", feature_upsample="bilinear",
-                     num_prototypes=10, image_threshold=0.5, pixel_threshold=0.4)
+    info = ModelInfo(
+        category="part",
+        resize=72,
+        crop=64,
+        backbone="b",
+        weights="none",
+        feature_upsample="bilinear",
+        num_prototypes=10,
+        image_threshold=0.5,
+        pixel_threshold=0.4,
+    )
     (bundle.seal(info) if sealed else info).save_json(bundle.sidecar)
     return bundle
 

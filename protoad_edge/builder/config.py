@@ -35,5 +35,7 @@ class BuildConfig:
     precision: str = "fp16"  # TensorRT engine precision (constants.ENGINE_PRECISIONS)
     opt_batch: int = 1  # batch TensorRT optimises for
     max_batch: int | None = None  # largest engine batch; None: most under 2^31 elements, at most 32
-    project_dims: int | None = None  # compare patches and prototypes in a D-dim PCA subspace; None: all 1792 (the paper)
+    project_dims: int | None = (
+        None  # compare patches and prototypes in a D-dim PCA subspace; None: all 1792 (the paper)
+    )
     projection: str = "centred"  # PROJECTIONS: subtract the patch vectors' mean before projecting, or not

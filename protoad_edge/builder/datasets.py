@@ -115,8 +115,10 @@ def root_mistake(root: Path, kind: str) -> str | None:
         return None
     plain = root.name not in ("", ".", "..") and root.parent != Path(".")
     above = root.parent if plain else root.resolve().parent
-    return (f"--data-root {root} is itself a category folder ({root.resolve().name!r} in {kind} layout: it has "
-            f"{sign}), not a data root: pass the folder above it, --data-root {above}")
+    return (
+        f"--data-root {root} is itself a category folder ({root.resolve().name!r} in {kind} layout: it has "
+        f"{sign}), not a data root: pass the folder above it, --data-root {above}"
+    )
 
 
 def _category_sign(directory: Path, kind: str) -> str | None:

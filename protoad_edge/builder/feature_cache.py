@@ -12,8 +12,9 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 
@@ -29,8 +30,18 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "protoad-edge" / "features"
 
 
-def features_key(*, dataset: str, category: str, images: Sequence[Path], weights: str, resize: int, crop: int,
-                 feature_upsample: str, region: object = None, version: str = __version__) -> str:
+def features_key(
+    *,
+    dataset: str,
+    category: str,
+    images: Sequence[Path],
+    weights: str,
+    resize: int,
+    crop: int,
+    feature_upsample: str,
+    region: object = None,
+    version: str = __version__,
+) -> str:
     """Hex digest of everything the features depend on.
 
     ``images`` are taken in row order (the rows follow it), each with its size and mtime, so an
@@ -41,15 +52,30 @@ def features_key(*, dataset: str, category: str, images: Sequence[Path], weights
     for path in images:
         st = Path(path).stat()
         files.append([str(Path(path).resolve()), st.st_size, st.st_mtime_ns])
-    parts = dict(dataset=dataset, category=category, images=files, weights=weights, resize=resize, crop=crop,
-                 feature_upsample=feature_upsample, version=version)
+    parts = dict(
+        dataset=dataset,
+        category=category,
+        images=files,
+        weights=weights,
+        resize=resize,
+        crop=crop,
+        feature_upsample=feature_upsample,
+        version=version,
+    )
     if region is not None:  # the ROI and fit; absent for the paper's whole-image crop, so older entries stay valid
         parts["region"] = region
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def cached_features(directory: Path, key: str, shape: tuple[int, int], fill: Callable[[np.ndarray], None], *,
-                    keep: bool = True, log: Callable[[str], None] = print) -> tuple[np.ndarray, bool]:
+def cached_features(
+    directory: Path,
+    key: str,
+    shape: tuple[int, int],
+    fill: Callable[[np.ndarray], None],
+    *,
+    keep: bool = True,
+    log: Callable[[str], None] = print,
+) -> tuple[np.ndarray, bool]:
     """(read-only FP16 memmap of the features, whether the cache had them), calling ``fill(out)`` to
     write them only on a miss.
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from ..constants import BACKBONE, FEATURE_INFO, UPSAMPLE_MODES, feature_size
+from ..constants import FEATURE_INFO, UPSAMPLE_MODES, feature_size
 from ..errors import ProtoADError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -89,7 +89,9 @@ def build_backbone(weights: str = "imagenet", seed: int = 0) -> tuple[Backbone, 
     try:
         missing, unexpected = backbone.load_state_dict(kept, strict=False)
     except RuntimeError as exc:  # shape mismatches
-        raise ProtoADError(f"--weights {weights}: not a wide_resnet50_2 state_dict ({str(exc).splitlines()[-1].strip()})") from None
+        raise ProtoADError(
+            f"--weights {weights}: not a wide_resnet50_2 state_dict ({str(exc).splitlines()[-1].strip()})"
+        ) from None
     if missing or unexpected:
         raise ProtoADError(
             f"--weights {weights}: not a wide_resnet50_2 state_dict "

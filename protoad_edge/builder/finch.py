@@ -79,8 +79,9 @@ def tile_rows(n: int, dim: int, itemsize: int, scratch_bytes: int) -> int:
     return max(1, min(n, fits, max(1024, -(-n // 8))))
 
 
-def first_neighbours(x: np.ndarray, *, scratch_bytes: int = DEFAULT_SCRATCH_BYTES,
-                     block: int | None = None, progress: str | None = None) -> Neighbours:
+def first_neighbours(
+    x: np.ndarray, *, scratch_bytes: int = DEFAULT_SCRATCH_BYTES, block: int | None = None, progress: str | None = None
+) -> Neighbours:
     """Exact cosine first neighbours of the rows of ``x`` (float16/32/64, may be a ``np.memmap``).
 
     Rows need not be normalised: each block is converted to float32 and L2-normalised as it is loaded
@@ -97,8 +98,9 @@ def first_neighbours(x: np.ndarray, *, scratch_bytes: int = DEFAULT_SCRATCH_BYTE
     best = np.full(n, -np.inf, np.float32)
     arg = np.zeros(n, np.int64)
     starts = list(range(0, n, b))
-    for i0 in progress_bar(starts, progress or "", progress is not None, unit="vectors",
-                           sizes=[min(b, n - i) for i in starts]):
+    for i0 in progress_bar(
+        starts, progress or "", progress is not None, unit="vectors", sizes=[min(b, n - i) for i in starts]
+    ):
         a = tiles.load(i0, 0)
         for j0 in range(i0, n, b):
             diagonal = j0 == i0
@@ -129,9 +131,16 @@ class FinchResult:
         return self.partitions[-1]
 
 
-def finch(x: np.ndarray, max_prototypes: int = DEFAULT_MAX_PROTOTYPES, *,
-          scratch_bytes: int = DEFAULT_SCRATCH_BYTES, search: Search | None = None, progress: bool = False,
-          budget: MemoryBudget | None = None, log: Callable[[str], None] = print) -> FinchResult:
+def finch(
+    x: np.ndarray,
+    max_prototypes: int = DEFAULT_MAX_PROTOTYPES,
+    *,
+    scratch_bytes: int = DEFAULT_SCRATCH_BYTES,
+    search: Search | None = None,
+    progress: bool = False,
+    budget: MemoryBudget | None = None,
+    log: Callable[[str], None] = print,
+) -> FinchResult:
     """FINCH levels on the rows of ``x`` (L2-normalised patch features, float16/32, may be a memmap).
 
     Stops at the first partition with fewer than ``max_prototypes`` clusters, or, if none gets there,
@@ -169,8 +178,10 @@ def finch(x: np.ndarray, max_prototypes: int = DEFAULT_MAX_PROTOTYPES, *,
         release_free_heap()
         if new_count == 1 or count - new_count <= 1:
             next_level(None)
-            log(f"FINCH level {level}: {new_count:,} clusters ({time.perf_counter() - start:.1f} s): "
-                f"merging stopped, keeping level {level - 1}")
+            log(
+                f"FINCH level {level}: {new_count:,} clusters ({time.perf_counter() - start:.1f} s): "
+                f"merging stopped, keeping level {level - 1}"
+            )
             break
         labels, count = merged[labels], new_count
         next_level(merged if count >= max_prototypes else None, count)
@@ -190,8 +201,10 @@ def _label(level: int, progress: bool) -> str | None:
 
 def _check_features(x: np.ndarray) -> tuple[int, int]:
     if not isinstance(x, np.ndarray) or x.ndim != 2 or x.dtype.kind != "f":
-        raise ValueError(f"expected a 2-D float array of features, got {type(x).__name__} "
-                         f"{getattr(x, 'shape', '')} {getattr(x, 'dtype', '')}")
+        raise ValueError(
+            f"expected a 2-D float array of features, got {type(x).__name__} "
+            f"{getattr(x, 'shape', '')} {getattr(x, 'dtype', '')}"
+        )
     if len(x) == 0:
         raise ValueError("no feature vectors to cluster")
     return x.shape
@@ -207,8 +220,8 @@ def load_normalised(x: np.ndarray, start: int, buffer: np.ndarray) -> np.ndarray
 
     Zero rows stay zero; a non-finite row raises ProtoADError naming the rows.
     """
-    src = x[start:start + len(buffer)]
-    out = buffer[:len(src)]
+    src = x[start : start + len(buffer)]
+    out = buffer[: len(src)]
     np.copyto(out, src, casting="same_kind")
     norms = np.sqrt(np.einsum("ij,ij->i", out, out))
     _check_norms(norms, start)
@@ -216,8 +229,7 @@ def load_normalised(x: np.ndarray, start: int, buffer: np.ndarray) -> np.ndarray
     return out
 
 
-def _offer(best: np.ndarray, arg: np.ndarray, start: int, vals: np.ndarray, idx: np.ndarray,
-           offset: int) -> None:
+def _offer(best: np.ndarray, arg: np.ndarray, start: int, vals: np.ndarray, idx: np.ndarray, offset: int) -> None:
     """Offer a tile's maxima (at indices ``offset + idx``) to rows ``start...`` of the running best.
 
     A row's candidates arrive in increasing index order and each maximum is the first one in its
@@ -247,7 +259,7 @@ class _NumpyTiles:
         return load_normalised(self.x, start, self.blocks[slot])
 
     def similarities(self, a: np.ndarray, c: np.ndarray, diagonal: bool) -> np.ndarray:
-        s = self.tile[:len(a) * len(c)].reshape(len(a), len(c))
+        s = self.tile[: len(a) * len(c)].reshape(len(a), len(c))
         np.matmul(a, c.T, out=s)
         if diagonal:
             np.fill_diagonal(s, -np.inf)
@@ -261,10 +273,10 @@ class _NumpyTiles:
         # numpy's argmax along axis 0 copies the tile; a maximum along it does not. The first row
         # reaching each column's maximum is the smallest row among the hits, in row-major order.
         vals = s.max(axis=0)
-        hit = self.hit[:s.size].reshape(s.shape)
+        hit = self.hit[: s.size].reshape(s.shape)
         np.equal(s, vals, out=hit)
         if np.count_nonzero(hit) > 4 * s.shape[1]:  # many tied rows (duplicates): slower, bounded
-            return vals, np.concatenate([hit[:, c:c + 256].argmax(axis=0) for c in range(0, s.shape[1], 256)])
+            return vals, np.concatenate([hit[:, c : c + 256].argmax(axis=0) for c in range(0, s.shape[1], 256)])
         rows, cols = np.divmod(np.flatnonzero(hit), s.shape[1])
         idx = np.full(s.shape[1], len(s))
         np.minimum.at(idx, cols, rows)
@@ -308,15 +320,16 @@ def _group_sums(x: np.ndarray, labels: np.ndarray, out: np.ndarray, scratch_byte
     source, index, sums = as_tensor(x), torch.from_numpy(labels), torch.from_numpy(out)
     buffer = None if source.dtype == torch.float32 else torch.empty(min(chunk, len(x)), x.shape[1])
     for start in range(0, len(x), chunk):
-        block = source[start:start + chunk]
+        block = source[start : start + chunk]
         if buffer is not None:
-            block = buffer[:len(block)].copy_(block)
-        sums.index_add_(0, index[start:start + chunk], block)
+            block = buffer[: len(block)].copy_(block)
+        sums.index_add_(0, index[start : start + chunk], block)
     return out
 
 
-def sum_groups_in_place(rows: torch.Tensor, labels: np.ndarray, count: int, chunk_bytes: int,
-                        divide: torch.Tensor | None = None) -> torch.Tensor:
+def sum_groups_in_place(
+    rows: torch.Tensor, labels: np.ndarray, count: int, chunk_bytes: int, divide: torch.Tensor | None = None
+) -> torch.Tensor:
     """``rows[:count]``, float32 [count, D], overwritten with the sums of ``rows`` grouped by ``labels`` (each row
     divided by ``divide[row]`` first, if given); the rows behind ``count`` are left used up.
 
@@ -333,11 +346,11 @@ def sum_groups_in_place(rows: torch.Tensor, labels: np.ndarray, count: int, chun
     chunk = max(1, chunk_bytes // (4 * dim))
     index, buffer = torch.from_numpy(labels), torch.empty(min(chunk, n), dim)
     for start in range(0, n, chunk):
-        block = buffer[:min(chunk, n - start)].copy_(rows[start:start + chunk])
+        block = buffer[: min(chunk, n - start)].copy_(rows[start : start + chunk])
         if divide is not None:
-            block /= divide[start:start + len(block), None]
-        rows[start:min(start + len(block), count)] = 0  # nothing summed into them yet: earlier rows' labels < start
-        rows.index_add_(0, index[start:start + len(block)], block)
+            block /= divide[start : start + len(block), None]
+        rows[start : min(start + len(block), count)] = 0  # nothing summed into them yet: earlier rows' labels < start
+        rows.index_add_(0, index[start : start + len(block)], block)
     return rows[:count]
 
 

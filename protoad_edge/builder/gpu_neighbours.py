@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Iterator
+from collections.abc import Iterator
+from typing import Callable
 
 import numpy as np
 import torch
@@ -51,10 +52,17 @@ def error_bound(precision: str, dim: int) -> float:
     return 2 * u + u * u + dim * FP32_EPS + output
 
 
-def gpu_first_neighbours(x: np.ndarray, *, device: str = "cuda", precision: str = DEFAULT_PRECISION,
-                         candidates: int = DEFAULT_CANDIDATES, block: int = DEFAULT_BLOCK,
-                         memory_bytes: int | None = None, progress: str | None = None,
-                         log: Callable[[str], None] = print) -> Neighbours:
+def gpu_first_neighbours(
+    x: np.ndarray,
+    *,
+    device: str = "cuda",
+    precision: str = DEFAULT_PRECISION,
+    candidates: int = DEFAULT_CANDIDATES,
+    block: int = DEFAULT_BLOCK,
+    memory_bytes: int | None = None,
+    progress: str | None = None,
+    log: Callable[[str], None] = print,
+) -> Neighbours:
     """Exact cosine first neighbours of the rows of ``x`` (float16/32, may be a memmap) on a torch device.
 
     ``precision``: "fp16" or "tf32" (fast products, checked as the module docstring says) or "fp32".
@@ -74,11 +82,14 @@ def gpu_first_neighbours(x: np.ndarray, *, device: str = "cuda", precision: str 
         retry = np.flatnonzero(~settled)
         if len(retry):
             with _matmul_precision("fp32"):
-                best[retry], arg[retry], _ = _scan(rows, retry, "fp32", 1, block,
-                                                   progress and f"{progress} (FP32 re-check)")
+                best[retry], arg[retry], _ = _scan(
+                    rows, retry, "fp32", 1, block, progress and f"{progress} (FP32 re-check)"
+                )
     if precision != "fp32":
-        log(f"first neighbours: {precision} products on {dev}, checked in FP32; "
-            f"{len(retry):,} of {n:,} rows ({len(retry) / n:.1%}) searched again in FP32")
+        log(
+            f"first neighbours: {precision} products on {dev}, checked in FP32; "
+            f"{len(retry):,} of {n:,} rows ({len(retry) / n:.1%}) searched again in FP32"
+        )
     return Neighbours(arg, best)
 
 
@@ -120,10 +131,10 @@ class _Rows:
         self.data = torch.empty(x.shape, dtype=self.dtype, device=dev) if resident else None
         norms = torch.empty(len(x), device=dev)
         for start in range(0, len(x), chunk):
-            part = self._upload(x[start:start + chunk])
-            norms[start:start + len(part)] = torch.linalg.vector_norm(part.float(), dim=1)
+            part = self._upload(x[start : start + chunk])
+            norms[start : start + len(part)] = torch.linalg.vector_norm(part.float(), dim=1)
             if self.data is not None:
-                self.data[start:start + len(part)] = part
+                self.data[start : start + len(part)] = part
         bad = torch.nonzero(~torch.isfinite(norms)).flatten()
         if len(bad):
             raise ProtoADError(f"features row {int(bad[0])} contains NaN or infinite values")
@@ -141,8 +152,9 @@ class _Rows:
         return raw.float() * self.inverse[key][:, None]
 
 
-def _scan(rows: _Rows, queries: np.ndarray, precision: str, candidates: int, block: int,
-          progress: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _scan(
+    rows: _Rows, queries: np.ndarray, precision: str, candidates: int, block: int, progress: str | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """First neighbours of the sorted row indices ``queries`` among all rows: (similarity, index, settled)."""
     fast, _ = PRECISIONS[precision]
     margin = 2 * error_bound(precision, rows.x.shape[1])
@@ -151,9 +163,14 @@ def _scan(rows: _Rows, queries: np.ndarray, precision: str, candidates: int, blo
     arg = np.zeros(len(queries), np.int64)
     settled = np.ones(len(queries), bool)
     starts = list(range(0, len(queries), block))
-    for q0 in progress_bar(starts, progress or "", progress is not None, unit="vectors",
-                           sizes=[min(block, len(queries) - q) for q in starts]):
-        q = queries[q0:q0 + block]
+    for q0 in progress_bar(
+        starts,
+        progress or "",
+        progress is not None,
+        unit="vectors",
+        sizes=[min(block, len(queries) - q) for q in starts],
+    ):
+        q = queries[q0 : q0 + block]
         a32 = rows.get(q)
         a = a32.to(fast)
         q_dev = torch.from_numpy(q).to(rows.dev)
@@ -182,8 +199,8 @@ def _scan(rows: _Rows, queries: np.ndarray, precision: str, candidates: int, blo
             better = vals > top
             top = torch.where(better, vals, top)
             idx = torch.where(better, cols + j0, idx)
-        best[q0:q0 + len(q)] = top.cpu().numpy()
-        arg[q0:q0 + len(q)] = idx.cpu().numpy()
+        best[q0 : q0 + len(q)] = top.cpu().numpy()
+        arg[q0 : q0 + len(q)] = idx.cpu().numpy()
         if precision != "fp32":
-            settled[q0:q0 + len(q)] = (top > left_out + margin).cpu().numpy()
+            settled[q0 : q0 + len(q)] = (top > left_out + margin).cpu().numpy()
     return best, arg, settled

@@ -92,9 +92,11 @@ def arrays_within(limit: int) -> int:
     """The bytes a build's anonymous memory ``limit`` leaves FINCH's large arrays; a limit too small to build is
     an error naming the flag."""
     if limit < RESERVE + MIN_ARRAYS:
-        raise ProtoADError(f"--memory-limit {format_size(limit)} is too small to build: the build needs "
-                           f"{format_size(RESERVE)} for itself and at least {format_size(MIN_ARRAYS)} for its arrays "
-                           f"(give at least {format_size(RESERVE + MIN_ARRAYS)})")
+        raise ProtoADError(
+            f"--memory-limit {format_size(limit)} is too small to build: the build needs "
+            f"{format_size(RESERVE)} for itself and at least {format_size(MIN_ARRAYS)} for its arrays "
+            f"(give at least {format_size(RESERVE + MIN_ARRAYS)})"
+        )
     return limit - RESERVE
 
 
@@ -111,8 +113,9 @@ class MemoryBudget:
     here, not a SIGBUS later. Every spill is logged: what, how big, where.
     """
 
-    def __init__(self, arrays: float = math.inf, spill_dir: Path | None = None,
-                 log: Callable[[str], None] = print) -> None:
+    def __init__(
+        self, arrays: float = math.inf, spill_dir: Path | None = None, log: Callable[[str], None] = print
+    ) -> None:
         """``arrays``: bytes in memory (default: unbounded, nothing spills; a build's: ``arrays_within``);
         ``spill_dir`` default: the temporary folder."""
         self.arrays = arrays
@@ -218,15 +221,22 @@ class MemoryBudget:
             try:
                 os.posix_fallocate(fd, 0, max(1, nbytes - head))  # 0 bytes is EINVAL
             except OSError as exc:
-                raise ProtoADError(f"no room to spill {what} ({format_size(nbytes - head)}) in {self.spill_dir}: "
-                                   f"{exc.strerror}; free disk space there or raise --memory-limit") from None
-            out = (np.memmap(name, dtype=dtype, mode="r+", shape=shape) if head == 0
-                   else _mapped(head, nbytes, shape, dtype, huge_pages, fd))
+                raise ProtoADError(
+                    f"no room to spill {what} ({format_size(nbytes - head)}) in {self.spill_dir}: "
+                    f"{exc.strerror}; free disk space there or raise --memory-limit"
+                ) from None
+            out = (
+                np.memmap(name, dtype=dtype, mode="r+", shape=shape)
+                if head == 0
+                else _mapped(head, nbytes, shape, dtype, huge_pages, fd)
+            )
         finally:
             os.close(fd)
             os.unlink(name)
-        said = (f"memory: spilled {what} ({format_size(nbytes)}) to a file in {self.spill_dir}: "
-                f"{format_size(self.held)} of the arrays' {format_size(self.arrays)} already in memory")
+        said = (
+            f"memory: spilled {what} ({format_size(nbytes)}) to a file in {self.spill_dir}: "
+            f"{format_size(self.held)} of the arrays' {format_size(self.arrays)} already in memory"
+        )
         if head:
             said += f"; its first {format_size(head)} fill the rest, {format_size(nbytes - head)} spilled"
         self._count(out, head, nbytes)
@@ -268,8 +278,9 @@ def _madvise(address: int, length: int, advice: int, strict: bool = True) -> Non
         raise _errno_error("madvise")
 
 
-def _mapped(head: int, nbytes: int, shape: tuple[int, ...], dtype: np.dtype, huge_pages: bool,
-            fd: int | None = None) -> np.ndarray:
+def _mapped(
+    head: int, nbytes: int, shape: tuple[int, ...], dtype: np.dtype, huge_pages: bool, fd: int | None = None
+) -> np.ndarray:
     """An array of ``nbytes`` whose first ``head`` bytes (whole pages, or all of it) are anonymous memory, in huge
     pages if ``huge_pages``, and the rest the file ``fd`` from offset 0, mapped right behind them. Freeing the array
     unmaps both (the anonymous mapping's range covers the file's)."""

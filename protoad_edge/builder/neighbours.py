@@ -68,9 +68,15 @@ class Projection(NamedTuple):
     inverse: torch.Tensor  # float32 [N]: the rows' inverse norms
 
 
-def make_search(device: str = "cpu", *, exact: bool = False, exact_up_to: int | None = None,
-                scratch_bytes: int = DEFAULT_SCRATCH_BYTES, budget: MemoryBudget | None = None,
-                log: Callable[[str], None] = print) -> Search:
+def make_search(
+    device: str = "cpu",
+    *,
+    exact: bool = False,
+    exact_up_to: int | None = None,
+    scratch_bytes: int = DEFAULT_SCRATCH_BYTES,
+    budget: MemoryBudget | None = None,
+    log: Callable[[str], None] = print,
+) -> Search:
     """The first-neighbour search for ``finch(search=...)``.
 
     On a GPU: ``gpu_first_neighbours``, exact (FP16 products checked in FP32; with ``exact``, FP32
@@ -84,8 +90,9 @@ def make_search(device: str = "cpu", *, exact: bool = False, exact_up_to: int | 
     exact_search = functools.partial(first_neighbours, scratch_bytes=scratch_bytes)
     if exact:
         return exact_search
-    return ApproximateSearch(exact_search, EXACT_UP_TO if exact_up_to is None else exact_up_to,
-                             budget or MemoryBudget(), log)
+    return ApproximateSearch(
+        exact_search, EXACT_UP_TO if exact_up_to is None else exact_up_to, budget or MemoryBudget(), log
+    )
 
 
 class ApproximateSearch:
@@ -103,13 +110,18 @@ class ApproximateSearch:
         if len(x) <= self.exact_up_to or x.shape[1] <= DEFAULT_DIMS:
             self._lists_room()
             return self.exact(x, progress=progress)
-        self.log(f"first neighbours: approximate ({DEFAULT_DIMS} of {x.shape[1]} dims, {DEFAULT_PROBES:g} nearest "
-                 f"k-means lists a row on average, top {DEFAULT_CANDIDATES} re-ranked exactly) for {len(x):,} rows; "
-                 "--exact-neighbours for exact")
+        self.log(
+            f"first neighbours: approximate ({DEFAULT_DIMS} of {x.shape[1]} dims, {DEFAULT_PROBES:g} nearest "
+            f"k-means lists a row on average, top {DEFAULT_CANDIDATES} re-ranked exactly) for {len(x):,} rows; "
+            "--exact-neighbours for exact"
+        )
         if summed is None:
             self._lists_room = self.budget.reserve(candidate_bytes(len(x)))
-        projection = (scale_projection(*summed, x) if summed is not None
-                      else project(x, DEFAULT_DIMS, DEFAULT_SAMPLE, 0, self.budget))
+        projection = (
+            scale_projection(*summed, x)
+            if summed is not None
+            else project(x, DEFAULT_DIMS, DEFAULT_SAMPLE, 0, self.budget)
+        )
         self._kept = projection
         self._lists_room()
         return search_projection(x, projection, progress=progress, budget=self.budget)
@@ -125,10 +137,19 @@ class ApproximateSearch:
             self._lists_room = self.budget.reserve(candidate_bytes(count))  # before FINCH's sums take the room
 
 
-def approximate_first_neighbours(x: np.ndarray, *, dims: int = DEFAULT_DIMS, candidates: int = DEFAULT_CANDIDATES,
-                                 sample: int = DEFAULT_SAMPLE, seed: int = 0, lists: int | None = None,
-                                 probes: float = DEFAULT_PROBES, iterations: int = DEFAULT_ITERATIONS,
-                                 scratch_bytes: int = DEFAULT_SCRATCH_BYTES, progress: str | None = None) -> Neighbours:
+def approximate_first_neighbours(
+    x: np.ndarray,
+    *,
+    dims: int = DEFAULT_DIMS,
+    candidates: int = DEFAULT_CANDIDATES,
+    sample: int = DEFAULT_SAMPLE,
+    seed: int = 0,
+    lists: int | None = None,
+    probes: float = DEFAULT_PROBES,
+    iterations: int = DEFAULT_ITERATIONS,
+    scratch_bytes: int = DEFAULT_SCRATCH_BYTES,
+    progress: str | None = None,
+) -> Neighbours:
     """Cosine first neighbours of the rows of ``x`` (float16/32, may be a memmap), approximately:
     ``search_projection`` in the top ``dims`` principal directions of ``sample`` rows (``project``).
 
@@ -137,13 +158,30 @@ def approximate_first_neighbours(x: np.ndarray, *, dims: int = DEFAULT_DIMS, can
     n, dim = x.shape
     if n <= candidates + 1 or dims >= dim:
         return first_neighbours(x, scratch_bytes=scratch_bytes, progress=progress)
-    return search_projection(x, project(x, dims, sample, seed), candidates=candidates, seed=seed, lists=lists,
-                             probes=probes, iterations=iterations, progress=progress)
+    return search_projection(
+        x,
+        project(x, dims, sample, seed),
+        candidates=candidates,
+        seed=seed,
+        lists=lists,
+        probes=probes,
+        iterations=iterations,
+        progress=progress,
+    )
 
 
-def search_projection(x: np.ndarray, projection: Projection, *, candidates: int = DEFAULT_CANDIDATES, seed: int = 0,
-                      lists: int | None = None, probes: float = DEFAULT_PROBES, iterations: int = DEFAULT_ITERATIONS,
-                      progress: str | None = None, budget: MemoryBudget | None = None) -> Neighbours:
+def search_projection(
+    x: np.ndarray,
+    projection: Projection,
+    *,
+    candidates: int = DEFAULT_CANDIDATES,
+    seed: int = 0,
+    lists: int | None = None,
+    probes: float = DEFAULT_PROBES,
+    iterations: int = DEFAULT_ITERATIONS,
+    progress: str | None = None,
+    budget: MemoryBudget | None = None,
+) -> Neighbours:
     """Approximate cosine first neighbours of the rows of ``x``, compared in ``projection`` (of x).
 
     Candidates: the ``candidates`` most similar rows in the projected space among the members of
@@ -157,7 +195,7 @@ def search_projection(x: np.ndarray, projection: Projection, *, candidates: int 
     """
     y = projection.y
     n = len(y)
-    coarse = y[:, :min(COARSE_DIMS, y.shape[1])]  # principal directions come first
+    coarse = y[:, : min(COARSE_DIMS, y.shape[1])]  # principal directions come first
     lists = min(n, lists or max(1, round(LISTS_PER_ROOT * math.sqrt(n))))
     centroids = _kmeans(coarse, lists, iterations, seed)
     near = _probes(coarse, centroids, probes, min(max(1, round(PROBE_SPREAD * probes)), lists))
@@ -170,13 +208,15 @@ def search_projection(x: np.ndarray, projection: Projection, *, candidates: int 
 def project(x: np.ndarray, dims: int, sample: int, seed: int, budget: MemoryBudget | None = None) -> Projection:
     """The rows of ``x`` in the top ``dims`` principal directions of ``sample`` of them (through ``budget``)."""
     basis = _basis(x, dims, sample, seed)
-    y = torch.from_numpy((budget or MemoryBudget()).empty((len(x), dims), np.float32, "the search's projection",
-                                                          huge_pages=False))
+    y = torch.from_numpy(
+        (budget or MemoryBudget()).empty((len(x), dims), np.float32, "the search's projection", huge_pages=False)
+    )
     return Projection(basis, y, _project(as_tensor(x), basis, y))
 
 
-def merge_projection(previous: Projection, merged: np.ndarray, count: int,
-                     budget: MemoryBudget | None = None) -> torch.Tensor:
+def merge_projection(
+    previous: Projection, merged: np.ndarray, count: int, budget: MemoryBudget | None = None
+) -> torch.Tensor:
     """float32 [count, dims]: the raw (not normalised) projections of the sums of ``previous``'s rows grouped by
     ``merged`` (``scale_projection`` normalises them once the sums exist), in ``previous``'s first rows: it is
     used up, and ``budget`` (default: unbounded) gets the rest of its memory back.
@@ -187,8 +227,10 @@ def merge_projection(previous: Projection, merged: np.ndarray, count: int,
     memory: at 3.2 million vectors a new array had to spill (2 GB written in 9 s) beside this level's.
     """
     if len(merged) != len(previous.y) or merged.max() + 1 != count:
-        raise ValueError(f"merged: {len(merged)} labels up to {merged.max()} for {len(previous.y)} projected rows "
-                         f"summed into {count}")
+        raise ValueError(
+            f"merged: {len(merged)} labels up to {merged.max()} for {len(previous.y)} projected rows "
+            f"summed into {count}"
+        )
     y = sum_groups_in_place(previous.y, merged, count, CHUNK_ROWS * previous.y.shape[1] * 4, divide=previous.inverse)
     return torch.from_numpy((budget or MemoryBudget()).shrink(y.numpy(), count))
 
@@ -199,8 +241,9 @@ def scale_projection(basis: torch.Tensor, raw: torch.Tensor, x: np.ndarray) -> P
     if len(raw) != len(x):
         raise ValueError(f"{len(raw)} projected rows for {len(x)} rows")
     source = as_tensor(x)
-    inverse = torch.cat([_inverse_norms(source[start:start + CHUNK_ROWS].float(), start)
-                         for start in range(0, len(x), CHUNK_ROWS)])
+    inverse = torch.cat(
+        [_inverse_norms(source[start : start + CHUNK_ROWS].float(), start) for start in range(0, len(x), CHUNK_ROWS)]
+    )
     raw *= inverse[:, None]
     return Projection(basis, raw, inverse)
 
@@ -236,7 +279,7 @@ def _project(x: torch.Tensor, basis: torch.Tensor, y: torch.Tensor) -> torch.Ten
     inverse = torch.empty(n)
     buffer = torch.empty(CHUNK_ROWS, dim)
     for start in range(0, n, CHUNK_ROWS):
-        block = buffer[:min(CHUNK_ROWS, n - start)].copy_(x[start:start + CHUNK_ROWS])  # FP16 -> FP32 here
+        block = buffer[: min(CHUNK_ROWS, n - start)].copy_(x[start : start + CHUNK_ROWS])  # FP16 -> FP32 here
         rows = slice(start, start + len(block))
         inverse[rows] = _inverse_norms(block, start)
         torch.mm(block, basis, out=y[rows]).mul_(inverse[rows, None])
@@ -277,9 +320,13 @@ def _nearest(y: torch.Tensor, centroids: torch.Tensor, p: int) -> tuple[torch.Te
     out = torch.empty(len(y), p, dtype=torch.int64)
     s = torch.empty(CHUNK_ROWS, len(centroids))
     for start in range(0, len(y), CHUNK_ROWS):
-        block = y[start:start + CHUNK_ROWS]
-        torch.topk(products(block, centroids, out=s[:len(block)]), p, dim=1,
-                   out=(vals[start:start + len(block)], out[start:start + len(block)]))
+        block = y[start : start + CHUNK_ROWS]
+        torch.topk(
+            products(block, centroids, out=s[: len(block)]),
+            p,
+            dim=1,
+            out=(vals[start : start + len(block)], out[start : start + len(block)]),
+        )
     return vals, out
 
 
@@ -301,8 +348,9 @@ def _probes(y: torch.Tensor, centroids: torch.Tensor, probes: float, most: int) 
     return near
 
 
-def _candidates(y: torch.Tensor, near: torch.Tensor, lists: int, c: int, progress: str | None,
-                budget: MemoryBudget) -> torch.Tensor:
+def _candidates(
+    y: torch.Tensor, near: torch.Tensor, lists: int, c: int, progress: str | None, budget: MemoryBudget
+) -> torch.Tensor:
     """int64 [N, c]: each row's ``c`` most similar other rows of ``y`` found in its probed lists, or
     among the rows that probe its list, any order.
 
@@ -328,7 +376,7 @@ def _candidates(y: torch.Tensor, near: torch.Tensor, lists: int, c: int, progres
         m = sizes[j]
         if m == 0:
             continue
-        entry = entries[bounds[j]:bounds[j + 1]]
+        entry = entries[bounds[j] : bounds[j + 1]]
         probe, rows = entry // n, entry % n
         mine = rows[:m]
         probing = y[rows]
@@ -363,13 +411,13 @@ def _best(y: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor, c: int) -> tor
     n = len(y)
     out = torch.empty(n, c, dtype=torch.int64)
     for start in range(0, n, CHUNK_ROWS):
-        v, i = vals[start:start + CHUNK_ROWS], idx[start:start + CHUNK_ROWS]
+        v, i = vals[start : start + CHUNK_ROWS], idx[start : start + CHUNK_ROWS]
         cand = i.gather(1, v.topk(c, dim=1).indices)  # sorted: the first is the best
-        out[start:start + len(v)] = torch.where(cand >= 0, cand, cand[:, :1])
+        out[start : start + len(v)] = torch.where(cand >= 0, cand, cand[:, :1])
     lonely = torch.nonzero(out[:, 0] < 0)[:, 0]
     step = max(1, CHUNK_ROWS * CHUNK_ROWS // n)  # similarity rows of N: at most a 64 MB chunk
     for start in range(0, len(lonely), step):
-        rows = lonely[start:start + step]
+        rows = lonely[start : start + step]
         s = products(y[rows], y)
         s[torch.arange(len(rows)), rows] = -math.inf
         out[rows] = s.topk(c, dim=1).indices
@@ -396,11 +444,11 @@ def _rerank(x: torch.Tensor, inverse: torch.Tensor, cand: torch.Tensor) -> Neigh
     similarity = torch.empty(n)
     for start in range(0, n, rows):
         m = min(rows, n - start)
-        block = cand[start:start + m]
-        torch.index_select(x, 0, block.reshape(-1), out=gathered[:m * c])
-        a[:m, 0].copy_(x[start:start + m])
-        s = torch.mul(gathered[:m * c].view(m, c, dim), a[:m], out=terms[:m]).sum(dim=2)
-        best, pick = (s * inverse[block] * inverse[start:start + m, None]).max(dim=1)
-        index[start:start + m] = block.gather(1, pick[:, None])[:, 0]
-        similarity[start:start + m] = best
+        block = cand[start : start + m]
+        torch.index_select(x, 0, block.reshape(-1), out=gathered[: m * c])
+        a[:m, 0].copy_(x[start : start + m])
+        s = torch.mul(gathered[: m * c].view(m, c, dim), a[:m], out=terms[:m]).sum(dim=2)
+        best, pick = (s * inverse[block] * inverse[start : start + m, None]).max(dim=1)
+        index[start : start + m] = block.gather(1, pick[:, None])[:, 0]
+        similarity[start : start + m] = best
     return Neighbours(index.numpy(), similarity.numpy())

@@ -168,8 +168,14 @@ class ProtoADNet(nn.Module):
     Input: float [N,3,S,S] RGB 0-255 (the centre crop). Outputs: anomaly map [N,1,S,S] and image score [N].
     """
 
-    def __init__(self, features: PatchFeatures, prototypes: torch.Tensor, crop: int, blur_sigma: float = 4.0,
-                 projection: Projection | None = None) -> None:
+    def __init__(
+        self,
+        features: PatchFeatures,
+        prototypes: torch.Tensor,
+        crop: int,
+        blur_sigma: float = 4.0,
+        projection: Projection | None = None,
+    ) -> None:
         super().__init__()
         self.features = features
         # Registered under the shared name: its ONNX nodes ("/l2norm/...") are what FP16 builds keep in FP32.

@@ -15,9 +15,10 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
@@ -45,6 +46,7 @@ from .memory import DEFAULT_SHARE, MemoryBudget, arrays_within, available_bytes,
 from .neighbours import make_search
 from .network import L2Norm, ProtoADNet
 from .projection import FittedProjection, check_dims, fit_projection, sample_rows, stage_flops
+from .reference import built_on
 from .thresholds import Thresholds, from_normal_maps
 
 Log = Callable[[str], None]
@@ -76,6 +78,7 @@ class Calibration:
     thresholds: Thresholds
     held_out: bool  # False: no held-out images, thresholds set on training images (optimistic)
     test_metrics: dict[str, float]
+    normal_scores: np.ndarray  # the image scores the thresholds were set on
 
 
 @dataclass
@@ -90,7 +93,7 @@ class NetworkFigures:
     gflop_per_image: float  # the prototype stage, with its projection
 
     @classmethod
-    def of(cls, network: str, metrics: dict[str, float], ms: float, flops: int) -> "NetworkFigures":
+    def of(cls, network: str, metrics: dict[str, float], ms: float, flops: int) -> NetworkFigures:
         return cls(network, metrics["image_auroc"], metrics.get("pixel_auroc"), metrics.get("pro"), ms, flops / 1e9)
 
 
@@ -144,17 +147,24 @@ def load_split(cfg: BuildConfig, pre: Preprocess, log: Log) -> Split:
     """Step 1: read the category, hold out normal images for the thresholds, decode and crop everything."""
     data = open_dataset(cfg.category, cfg.data_root, cfg.dataset)
     fit, val = split_train(data.train, cfg.val_split, cfg.seed)
-    log(f"data: {data.kind} {data.category} at {data.root}: {len(fit):,} training, {len(val):,} held-out, "
-        f"{len(data.test):,} test images")
-    return Split(data, fit, val,
-                 fit_crops=load_crops(fit, pre, "load train", cfg.progress),
-                 val_crops=load_crops(val, pre),
-                 test_crops=load_crops(data.test, pre, "load test", cfg.progress))
+    log(
+        f"data: {data.kind} {data.category} at {data.root}: {len(fit):,} training, {len(val):,} held-out, "
+        f"{len(data.test):,} test images"
+    )
+    return Split(
+        data,
+        fit,
+        val,
+        fit_crops=load_crops(fit, pre, "load train", cfg.progress),
+        val_crops=load_crops(val, pre),
+        test_crops=load_crops(data.test, pre, "load test", cfg.progress),
+    )
 
 
 @torch.no_grad()
-def extract_vectors(features: PatchFeatures, crops: np.ndarray, device: torch.device, batch_size: int, progress: bool,
-                    out: np.ndarray) -> None:
+def extract_vectors(
+    features: PatchFeatures, crops: np.ndarray, device: torch.device, batch_size: int, progress: bool, out: np.ndarray
+) -> None:
     """Write the L2-normalised patch vectors [N * h * w, 1792] into ``out`` (float16/32, may be a memmap),
     batch by batch - exactly the network's own features."""
     features = features.to(device).eval()
@@ -168,19 +178,32 @@ def extract_vectors(features: PatchFeatures, crops: np.ndarray, device: torch.de
         out[start * h * w : start * h * w + f.shape[0]] = f.float().cpu().numpy()
 
 
-def extract(cfg: BuildConfig, split: Split, features: PatchFeatures, weights: str, device: torch.device,
-            log: Log) -> tuple[np.ndarray, bool]:
+def extract(
+    cfg: BuildConfig, split: Split, features: PatchFeatures, weights: str, device: torch.device, log: Log
+) -> tuple[np.ndarray, bool]:
     """Step 2: the training patch vectors (a read-only FP16 memmap) and whether the cache already had them."""
-    key = features_key(dataset=split.data.kind, category=split.data.category, images=[s.path for s in split.fit],
-                       weights=weights, resize=cfg.resize, crop=cfg.crop, feature_upsample=cfg.feature_upsample,
-                       region=None if cfg.roi is None and cfg.fit == "crop" else [cfg.roi, cfg.fit])
+    key = features_key(
+        dataset=split.data.kind,
+        category=split.data.category,
+        images=[s.path for s in split.fit],
+        weights=weights,
+        resize=cfg.resize,
+        crop=cfg.crop,
+        feature_upsample=cfg.feature_upsample,
+        region=None if cfg.roi is None and cfg.fit == "crop" else [cfg.roi, cfg.fit],
+    )
     vectors, cached = cached_features(
-        features_dir(cfg), key,
+        features_dir(cfg),
+        key,
         (len(split.fit) * features.size**2, FEATURE_CHANNELS),
         lambda out: extract_vectors(features, split.fit_crops, device, cfg.batch_size, cfg.progress, out),
-        keep=cfg.cache, log=log)
-    log(f"features: {len(vectors):,} patch vectors x {FEATURE_CHANNELS} channels ({BACKBONE}, {cfg.feature_upsample}, "
-        f"{device.type})")
+        keep=cfg.cache,
+        log=log,
+    )
+    log(
+        f"features: {len(vectors):,} patch vectors x {FEATURE_CHANNELS} channels ({BACKBONE}, {cfg.feature_upsample}, "
+        f"{device.type})"
+    )
     return vectors, cached
 
 
@@ -204,8 +227,9 @@ def memory_budget(cfg: BuildConfig, log: Log) -> MemoryBudget:
     return budget
 
 
-def cluster(cfg: BuildConfig, vectors: np.ndarray, device: torch.device, log: Log,
-            budget: MemoryBudget | None = None) -> FinchResult:
+def cluster(
+    cfg: BuildConfig, vectors: np.ndarray, device: torch.device, log: Log, budget: MemoryBudget | None = None
+) -> FinchResult:
     """Step 3: FINCH prototypes of the training vectors, their large arrays within ``budget`` (default:
     ``memory_budget``)."""
     budget = budget or memory_budget(cfg, log)
@@ -219,23 +243,30 @@ def project(cfg: BuildConfig, vectors: np.ndarray, k: int, log: Log) -> FittedPr
     check_dims(cfg.project_dims, prototypes=k)
     fitted = fit_projection(sample_rows(vectors, seed=cfg.seed), cfg.project_dims, centred=cfg.projection == "centred")
     hw = feature_size(cfg.crop) ** 2
-    log(f"projection: {fitted.dims} dims ({cfg.projection}), fitted on {fitted.rows:,} training patch vectors "
+    log(
+        f"projection: {fitted.dims} dims ({cfg.projection}), fitted on {fitted.rows:,} training patch vectors "
         f"({100 * fitted.variance_kept:.1f}% of their variance); prototype stage "
-        f"{stage_flops(hw, k) / 1e9:.2f} -> {stage_flops(hw, k, fitted.dims) / 1e9:.2f} GFLOP per image")
+        f"{stage_flops(hw, k) / 1e9:.2f} -> {stage_flops(hw, k, fitted.dims) / 1e9:.2f} GFLOP per image"
+    )
     return fitted
 
 
-def calibrate_and_check(cfg: BuildConfig, net: ProtoADNet, draft: Path, split: Split, pre: Preprocess,
-                        log: Log) -> Calibration:
+def calibrate_and_check(
+    cfg: BuildConfig, net: ProtoADNet, draft: Path, split: Split, pre: Preprocess, log: Log
+) -> Calibration:
     """Step 4, on the exported draft graph: the parity gate against PyTorch, thresholds from the held-out
     normal images, and the metrics on a labelled test split."""
     probe = np.concatenate([split.val_crops[:PARITY_IMAGES], split.test_crops[:PARITY_IMAGES]])
-    parity = parity_gate(draft, net, to_batch(probe if len(probe) else split.fit_crops[:PARITY_IMAGES]), PARITY_TOLERANCE)
+    parity = parity_gate(
+        draft, net, to_batch(probe if len(probe) else split.fit_crops[:PARITY_IMAGES]), PARITY_TOLERANCE
+    )
     backend = OrtBackend(draft, providers=["CPUExecutionProvider"])
     held_out = len(split.val_crops) > 0
     normal = split.val_crops if held_out else split.fit_crops
-    thresholds = from_normal_maps(run_maps(backend, normal, cfg.batch_size, "thresholds", cfg.progress))
-    return Calibration(parity, thresholds, held_out, score_test_split(split, backend, pre, cfg))
+    maps = run_maps(backend, normal, cfg.batch_size, "thresholds", cfg.progress)
+    return Calibration(
+        parity, from_normal_maps(maps), held_out, score_test_split(split, backend, pre, cfg), image_scores(maps)
+    )
 
 
 def score_test_split(split: Split, backend: OrtBackend, pre: Preprocess, cfg: BuildConfig) -> dict[str, float]:
@@ -257,19 +288,33 @@ def score_test_split(split: Split, backend: OrtBackend, pre: Preprocess, cfg: Bu
     return result
 
 
-def side_by_side(cfg: BuildConfig, net: ProtoADNet, paper: ProtoADNet, info: ModelInfo, draft: Path, tmp: Path,
-                 split: Split, pre: Preprocess, projected: dict[str, float]) -> list[NetworkFigures]:
+def side_by_side(
+    cfg: BuildConfig,
+    net: ProtoADNet,
+    paper: ProtoADNet,
+    info: ModelInfo,
+    draft: Path,
+    tmp: Path,
+    split: Split,
+    pre: Preprocess,
+    projected: dict[str, float],
+) -> list[NetworkFigures]:
     """The paper's network beside the projected draft: exported the same way, scored on the same test split by
     the same code, and both timed through onnxruntime in turns on the same images (the load drifts)."""
     export_onnx(paper, dataclasses.replace(info, projection=None), tmp / "paper.onnx")
-    backends = {name: OrtBackend(path, providers=["CPUExecutionProvider"])
-                for name, path in (("paper", tmp / "paper.onnx"), ("projected", draft))}
+    backends = {
+        name: OrtBackend(path, providers=["CPUExecutionProvider"])
+        for name, path in (("paper", tmp / "paper.onnx"), ("projected", draft))
+    }
     paper_metrics = score_test_split(split, backends["paper"], pre, cfg)
     ms = ms_per_image(backends, split.test_crops[:TIMED_IMAGES], TIMING_ROUNDS)
     hw, k, p = feature_size(cfg.crop) ** 2, net.num_prototypes, net.projection
-    return [NetworkFigures.of(f"paper ({FEATURE_CHANNELS})", paper_metrics, ms["paper"], stage_flops(hw, k)),
-            NetworkFigures.of(f"projected ({p.dims}, {cfg.projection})", projected, ms["projected"],
-                              stage_flops(hw, k, p.dims))]
+    return [
+        NetworkFigures.of(f"paper ({FEATURE_CHANNELS})", paper_metrics, ms["paper"], stage_flops(hw, k)),
+        NetworkFigures.of(
+            f"projected ({p.dims}, {cfg.projection})", projected, ms["projected"], stage_flops(hw, k, p.dims)
+        ),
+    ]
 
 
 def ms_per_image(backends: dict[str, OrtBackend], crops: np.ndarray, rounds: int) -> dict[str, float]:
@@ -281,7 +326,7 @@ def ms_per_image(backends: dict[str, OrtBackend], crops: np.ndarray, rounds: int
         backends[name].infer(batches[0])
     seconds: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             for batch in batches:
                 start = time.perf_counter()
                 backends[name].infer(batch)
@@ -289,8 +334,14 @@ def ms_per_image(backends: dict[str, OrtBackend], crops: np.ndarray, rounds: int
     return {name: 1000.0 * statistics.median(s) for name, s in seconds.items()}
 
 
-def write(net: ProtoADNet, info: ModelInfo, prototypes: np.ndarray, tmp: Path, bundle: Bundle,
-          projection: FittedProjection | None = None) -> list[Path]:
+def write(
+    net: ProtoADNet,
+    info: ModelInfo,
+    prototypes: np.ndarray,
+    tmp: Path,
+    bundle: Bundle,
+    projection: FittedProjection | None = None,
+) -> list[Path]:
     """Step 5: the final graph (with the final metadata), prototypes, projection (if any) and the sidecar, which
     records their digests (``info.digests``), renamed into place, the sidecar last. A projection left by an
     earlier build of this name is removed: it describes another network."""
@@ -339,13 +390,24 @@ def build(cfg: BuildConfig, log: Log = print) -> BuildReport:
             projection = project(cfg, vectors, len(prototypes), log)
     del vectors
 
-    net = ProtoADNet(features.cpu(), torch.from_numpy(prototypes), cfg.crop,
-                     projection=projection.module() if projection else None).eval()
-    info = ModelInfo(category=cfg.category, resize=cfg.resize, crop=cfg.crop, roi=list(cfg.roi) if cfg.roi else None,
-                     fit=cfg.fit, backbone=BACKBONE, weights=cfg.weights,
-                     feature_upsample=cfg.feature_upsample, num_prototypes=len(prototypes),
-                     image_threshold=float("nan"), pixel_threshold=float("nan"), seed=cfg.seed,
-                     projection=projection.record if projection else None)
+    net = ProtoADNet(
+        features.cpu(), torch.from_numpy(prototypes), cfg.crop, projection=projection.module() if projection else None
+    ).eval()
+    info = ModelInfo(
+        category=cfg.category,
+        resize=cfg.resize,
+        crop=cfg.crop,
+        roi=list(cfg.roi) if cfg.roi else None,
+        fit=cfg.fit,
+        backbone=BACKBONE,
+        weights=cfg.weights,
+        feature_upsample=cfg.feature_upsample,
+        num_prototypes=len(prototypes),
+        image_threshold=float("nan"),
+        pixel_threshold=float("nan"),
+        seed=cfg.seed,
+        projection=projection.record if projection else None,
+    )
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     bundle = Bundle(out / cfg.category)
@@ -356,17 +418,26 @@ def build(cfg: BuildConfig, log: Log = print) -> BuildReport:
             export_onnx(net, info, tmp / "draft.onnx")
         with clock("calibrate"):
             calibration = calibrate_and_check(cfg, net, tmp / "draft.onnx", split, pre, log)
+        info.built_on = built_on(
+            split.fit + split.val,
+            [*split.fit_crops, *split.val_crops],
+            pre,
+            calibration.normal_scores,
+            calibration.held_out,
+        )
         comparison = []
         if projection is not None and calibration.test_metrics:
             with clock("compare"):
                 paper = ProtoADNet(net.features, torch.from_numpy(prototypes), cfg.crop).eval()
-                comparison = side_by_side(cfg, net, paper, info, tmp / "draft.onnx", tmp, split, pre,
-                                          calibration.test_metrics)
+                comparison = side_by_side(
+                    cfg, net, paper, info, tmp / "draft.onnx", tmp, split, pre, calibration.test_metrics
+                )
         t = calibration.thresholds
         info.image_threshold, info.pixel_threshold = t.image, t.pixel
         info.threshold_rule = t.rule if calibration.held_out else TRAINING
-        info.threshold_detail = t.detail + ("" if calibration.held_out else
-                                            " (no held-out images: set on training images, optimistic)")
+        info.threshold_detail = t.detail + (
+            "" if calibration.held_out else " (no held-out images: set on training images, optimistic)"
+        )
         info.build = {
             "weights": weights,
             "dataset": split.data.kind,
@@ -381,9 +452,24 @@ def build(cfg: BuildConfig, log: Log = print) -> BuildReport:
         with clock("write"):
             files = write(net, info, prototypes, tmp, bundle, projection)
     with clock("tensorrt"):
-        engine = engine_for_bundle(bundle.onnx, cfg.tensorrt, precision=cfg.precision, opt_batch=cfg.opt_batch,
-                                   max_batch=cfg.max_batch, log=log)
-    return BuildReport(info=info, files=files, images=split.counts, vectors=len(split.fit) * features.size**2,
-                       features_cached=cached, finch_counts=clusters.counts, stage_seconds=clock.seconds,
-                       parity=calibration.parity, test_metrics=calibration.test_metrics, engine=engine,
-                       comparison=comparison)
+        engine = engine_for_bundle(
+            bundle.onnx,
+            cfg.tensorrt,
+            precision=cfg.precision,
+            opt_batch=cfg.opt_batch,
+            max_batch=cfg.max_batch,
+            log=log,
+        )
+    return BuildReport(
+        info=info,
+        files=files,
+        images=split.counts,
+        vectors=len(split.fit) * features.size**2,
+        features_cached=cached,
+        finch_counts=clusters.counts,
+        stage_seconds=clock.seconds,
+        parity=calibration.parity,
+        test_metrics=calibration.test_metrics,
+        engine=engine,
+        comparison=comparison,
+    )

@@ -54,8 +54,13 @@ class FittedProjection:
     @property
     def record(self) -> dict[str, Any]:
         """The sidecar's ``projection`` field (an identity field: the ONNX metadata must carry the same)."""
-        return {"dims": self.dims, "centred": self.centred, "fitted_on": self.fitted_on, "rows": self.rows,
-                "variance_kept": round(self.variance_kept, 6)}
+        return {
+            "dims": self.dims,
+            "centred": self.centred,
+            "fitted_on": self.fitted_on,
+            "rows": self.rows,
+            "variance_kept": round(self.variance_kept, 6),
+        }
 
     def module(self) -> Any:
         """The network's ``Projection`` (imports torch only when a network is built)."""
@@ -75,11 +80,15 @@ def check_dims(dims: int, channels: int = FEATURE_CHANNELS, prototypes: int | No
     """Refuse a --project-dims that cannot reduce the features (checked before anything is extracted), or
     that exceeds the number of prototypes (checked after clustering)."""
     if not 1 <= dims < channels:
-        raise ProtoADError(f"bad --project-dims {dims}: must be between 1 and {channels - 1} "
-                           f"(fewer than the features' {channels} channels)")
+        raise ProtoADError(
+            f"bad --project-dims {dims}: must be between 1 and {channels - 1} "
+            f"(fewer than the features' {channels} channels)"
+        )
     if prototypes is not None and dims > prototypes:
-        raise ProtoADError(f"bad --project-dims {dims}: more than the {prototypes:,} prototypes FINCH found "
-                           f"(choose at most {prototypes:,}, or raise --max-prototypes)")
+        raise ProtoADError(
+            f"bad --project-dims {dims}: more than the {prototypes:,} prototypes FINCH found "
+            f"(choose at most {prototypes:,}, or raise --max-prototypes)"
+        )
 
 
 def sample_rows(vectors: np.ndarray, rows: int = FIT_ROWS, seed: int = 0) -> np.ndarray:
@@ -100,25 +109,32 @@ def fit_projection(rows: np.ndarray, dims: int, centred: bool = True, fitted_on:
         raise ValueError(f"expected [M,C] rows, got shape {list(rows.shape)}")
     check_dims(dims, rows.shape[1])
     if dims > len(rows):
-        raise ProtoADError(f"bad --project-dims {dims}: more than the {len(rows):,} {fitted_on} the projection "
-                           "is fitted on")
+        raise ProtoADError(
+            f"bad --project-dims {dims}: more than the {len(rows):,} {fitted_on} the projection is fitted on"
+        )
     c, starts = rows.shape[1], range(0, len(rows), CHUNK_ROWS)
     mean = np.zeros(c)
     if centred:
         for i in starts:
-            mean += np.asarray(rows[i:i + CHUNK_ROWS], dtype=np.float64).sum(axis=0)
+            mean += np.asarray(rows[i : i + CHUNK_ROWS], dtype=np.float64).sum(axis=0)
         mean /= len(rows)
     moment = np.zeros((c, c))
     for i in starts:  # float32 products (the BLAS's fast path), summed in float64
-        chunk = (np.asarray(rows[i:i + CHUNK_ROWS], dtype=np.float64) - mean).astype(np.float32)
+        chunk = (np.asarray(rows[i : i + CHUNK_ROWS], dtype=np.float64) - mean).astype(np.float32)
         moment += chunk.T @ chunk
     values, vectors = np.linalg.eigh(moment)  # all of them: 4x faster here than scipy's subset driver
     values, vectors = values[::-1][:dims], vectors[:, ::-1][:, :dims].T  # largest first, one direction per row
     signs = np.sign(vectors[np.arange(dims), np.abs(vectors).argmax(axis=1)])
     total = float(np.trace(moment))
     kept = float(np.clip(values, 0.0, None).sum() / total) if total > 0 else 1.0
-    return FittedProjection(mean=mean.astype(np.float32), matrix=(vectors * signs[:, None]).astype(np.float32),
-                            centred=centred, fitted_on=fitted_on, rows=len(rows), variance_kept=kept)
+    return FittedProjection(
+        mean=mean.astype(np.float32),
+        matrix=(vectors * signs[:, None]).astype(np.float32),
+        centred=centred,
+        fitted_on=fitted_on,
+        rows=len(rows),
+        variance_kept=kept,
+    )
 
 
 def load_projection(path: str | os.PathLike, record: dict[str, Any]) -> FittedProjection:
@@ -128,17 +144,25 @@ def load_projection(path: str | os.PathLike, record: dict[str, Any]) -> FittedPr
         with np.load(path, allow_pickle=False) as data:
             mean, matrix = np.asarray(data["mean"], np.float32), np.asarray(data["matrix"], np.float32)
     except FileNotFoundError:
-        raise ProtoADError(f"projection not found: {path} (written beside the model by protoad-export "
-                           "--project-dims)") from None
+        raise ProtoADError(
+            f"projection not found: {path} (written beside the model by protoad-export --project-dims)"
+        ) from None
     except (OSError, ValueError, KeyError) as exc:
         raise ProtoADError(f"cannot read projection {path}: {exc}") from None
     dims = record.get("dims")
     if matrix.shape != (dims, FEATURE_CHANNELS) or mean.shape != (FEATURE_CHANNELS,):
-        raise ProtoADError(f"{path}: mean {list(mean.shape)} and matrix {list(matrix.shape)} do not match the "
-                           f"metadata ({dims} x {FEATURE_CHANNELS})")
-    return FittedProjection(mean=mean, matrix=matrix, centred=bool(record.get("centred", True)),
-                            fitted_on=str(record.get("fitted_on", FITTED_ON)), rows=int(record.get("rows", 0)),
-                            variance_kept=float(record.get("variance_kept", float("nan"))))
+        raise ProtoADError(
+            f"{path}: mean {list(mean.shape)} and matrix {list(matrix.shape)} do not match the "
+            f"metadata ({dims} x {FEATURE_CHANNELS})"
+        )
+    return FittedProjection(
+        mean=mean,
+        matrix=matrix,
+        centred=bool(record.get("centred", True)),
+        fitted_on=str(record.get("fitted_on", FITTED_ON)),
+        rows=int(record.get("rows", 0)),
+        variance_kept=float(record.get("variance_kept", float("nan"))),
+    )
 
 
 def stage_flops(positions: int, prototypes: int, dims: int | None = None, channels: int = FEATURE_CHANNELS) -> int:

@@ -47,8 +47,13 @@ class TorchBackend(Backend):
         return maps[:, 0].float().cpu().numpy(), scores.float().cpu().numpy()
 
     def describe(self) -> BackendFacts:
-        return BackendFacts(self.name, str(self.path), "fp16" if self.fp16 else "fp32", self.device.type,
-                            details={"threads": torch.get_num_threads(), "mode": "eager"})
+        return BackendFacts(
+            self.name,
+            str(self.path),
+            "fp16" if self.fp16 else "fp32",
+            self.device.type,
+            details={"threads": torch.get_num_threads(), "mode": "eager"},
+        )
 
 
 def load_prototypes(bundle: Bundle, info: ModelInfo) -> np.ndarray:

@@ -20,8 +20,13 @@ EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 def threads_option(what: str) -> Callable[[F], F]:
     """--threads, one meaning in every CLI that has it: CPU threads for ``what``, 0 = all cores."""
-    return click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
-                        help=f"CPU threads for {what} (0 = all cores).")
+    return click.option(
+        "--threads",
+        type=click.IntRange(min=0),
+        default=0,
+        show_default=True,
+        help=f"CPU threads for {what} (0 = all cores).",
+    )
 
 
 def cpu_threads(threads: int) -> int:

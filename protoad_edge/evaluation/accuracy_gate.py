@@ -45,11 +45,15 @@ class GateFigures:
 
     def line(self) -> str:
         """``image AUROC 86.67 -> 69.17 (-17.50 pt), pixel ..., Spearman 0.871``: the figures for a message."""
-        parts = [f"image AUROC {100 * self.reference_image_auroc:.2f} -> {100 * self.image_auroc:.2f} "
-                 f"({-self.image_drop_pt:+.2f} pt)"]
+        parts = [
+            f"image AUROC {100 * self.reference_image_auroc:.2f} -> {100 * self.image_auroc:.2f} "
+            f"({-self.image_drop_pt:+.2f} pt)"
+        ]
         if self.pixel_drop_pt is not None:
-            parts.append(f"pixel AUROC {100 * self.reference_pixel_auroc:.2f} -> {100 * self.pixel_auroc:.2f} "
-                         f"({-self.pixel_drop_pt:+.2f} pt)")
+            parts.append(
+                f"pixel AUROC {100 * self.reference_pixel_auroc:.2f} -> {100 * self.pixel_auroc:.2f} "
+                f"({-self.pixel_drop_pt:+.2f} pt)"
+            )
         parts.append(f"Spearman {self.spearman:.4f}")
         return ", ".join(parts)
 
@@ -65,9 +69,15 @@ class Verdict:
 
     def to_dict(self) -> dict[str, Any]:
         """For the sidecar and JSON reports: the figures, the limits and the outcome."""
-        return {**asdict(self.figures), "image_drop_pt": self.figures.image_drop_pt,
-                "pixel_drop_pt": self.figures.pixel_drop_pt, "max_auroc_drop_pt": MAX_AUROC_DROP_PT,
-                "min_spearman": MIN_SPEARMAN, "passed": self.passed, "failures": list(self.failures)}
+        return {
+            **asdict(self.figures),
+            "image_drop_pt": self.figures.image_drop_pt,
+            "pixel_drop_pt": self.figures.pixel_drop_pt,
+            "max_auroc_drop_pt": MAX_AUROC_DROP_PT,
+            "min_spearman": MIN_SPEARMAN,
+            "passed": self.passed,
+            "failures": list(self.failures),
+        }
 
 
 def judge(figures: GateFigures, rank: bool = True) -> Verdict:
@@ -92,8 +102,10 @@ def enforce(verdict: Verdict, refused: str, accept: bool) -> None:
     if verdict.passed or accept:
         return
     f = verdict.figures
-    raise ProtoADError(f"{f.what} fails the accuracy gate on {f.images} labelled images against FP32: {f.line()} - "
-                       f"{'; '.join(verdict.failures)}. {refused}; pass {ACCEPT_FLAG} to accept the loss knowingly")
+    raise ProtoADError(
+        f"{f.what} fails the accuracy gate on {f.images} labelled images against FP32: {f.line()} - "
+        f"{'; '.join(verdict.failures)}. {refused}; pass {ACCEPT_FLAG} to accept the loss knowingly"
+    )
 
 
 def _drop(reference: float, value: float) -> float:

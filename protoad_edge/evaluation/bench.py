@@ -42,8 +42,12 @@ DEFAULT_FRAME = (1280, 720)  # width, height: a common industrial camera mode
 # backend splits it further into h2d / compute / d2h.
 STAGES = ("preprocess", "h2d", "compute", "d2h", "infer", "end_to_end")
 STAGE_LABELS = {
-    "preprocess": "host preprocess", "h2d": "H2D copy", "compute": "GPU compute", "d2h": "D2H copy",
-    "infer": "inference", "end_to_end": "end to end",
+    "preprocess": "host preprocess",
+    "h2d": "H2D copy",
+    "compute": "GPU compute",
+    "d2h": "D2H copy",
+    "infer": "inference",
+    "end_to_end": "end to end",
 }
 
 
@@ -89,8 +93,11 @@ class BatchResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "batch": self.batch, "iterations": self.iterations, "warmup": self.warmup,
-            "throughput_images_per_s": self.throughput, "model_throughput_images_per_s": self.model_throughput,
+            "batch": self.batch,
+            "iterations": self.iterations,
+            "warmup": self.warmup,
+            "throughput_images_per_s": self.throughput,
+            "model_throughput_images_per_s": self.model_throughput,
             "latency_ms": {name: asdict(lat) for name, lat in self.stages.items()},
             "paper_ratio": {name: self.model_throughput / fps for name, fps in PAPER_FPS.items()},
         }
@@ -112,7 +119,11 @@ class BenchReport:
         return write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     def lines(self) -> list[str]:
-        return header_lines(self.header) + [line for r in self.results for line in result_lines(r)] + paper_lines(self.results)
+        return (
+            header_lines(self.header)
+            + [line for r in self.results for line in result_lines(r)]
+            + paper_lines(self.results)
+        )
 
 
 def run_batch(
@@ -130,8 +141,10 @@ def run_batch(
     ``duration`` seconds (trtexec's ``--iterations`` / ``--duration``).
     """
     if batch < 1 or iterations < 1 or warmup < 0 or duration < 0:
-        raise ProtoADError(f"bad benchmark settings: batch {batch}, iterations {iterations}, warm-up {warmup}, "
-                           f"duration {duration} (need batch >= 1, iterations >= 1, warm-up >= 0, duration >= 0)")
+        raise ProtoADError(
+            f"bad benchmark settings: batch {batch}, iterations {iterations}, warm-up {warmup}, "
+            f"duration {duration} (need batch >= 1, iterations >= 1, warm-up >= 0, duration >= 0)"
+        )
     preprocess = backend.info.preprocess
     frames = [frame] * batch
     samples: dict[str, list[float]] = {name: [] for name in STAGES}
@@ -157,7 +170,9 @@ def run_batch(
     return BatchResult(batch=batch, iterations=len(samples["infer"]), warmup=warmup, stages=stages)
 
 
-def make_frame(size: tuple[int, int] = DEFAULT_FRAME, image: str | os.PathLike | None = None, seed: int = 0) -> np.ndarray:
+def make_frame(
+    size: tuple[int, int] = DEFAULT_FRAME, image: str | os.PathLike | None = None, seed: int = 0
+) -> np.ndarray:
     """A decoded camera frame: ``image`` read from disk, or seeded noise of ``size`` (width, height).
 
     Resize cost depends on the frame's size, not its content, so noise is a fair stand-in.
@@ -201,8 +216,12 @@ def describe(backend: Backend, frame: np.ndarray | None = None, frame_source: st
         "machine": machine(),
         "software": software_versions(),
         "model": {
-            "path": facts.model, "category": info.category, "num_prototypes": info.num_prototypes,
-            "input": [3, info.crop, info.crop], "resize": info.resize, "crop": info.crop,
+            "path": facts.model,
+            "category": info.category,
+            "num_prototypes": info.num_prototypes,
+            "input": [3, info.crop, info.crop],
+            "resize": info.resize,
+            "crop": info.crop,
             "feature_upsample": info.feature_upsample,
         },
         "backend": facts.to_dict(),
@@ -216,8 +235,11 @@ def machine() -> dict[str, Any]:
     """CPU model and cores from /proc/cpuinfo; the NVIDIA GPU and driver, if any, from nvidia-smi."""
     cpu, physical = _cpuinfo()
     out: dict[str, Any] = {
-        "hostname": platform.node(), "os": f"{platform.system()} {platform.release()}", "arch": platform.machine(),
-        "cpu": cpu or platform.processor() or "unknown", "logical_cores": os.cpu_count() or 0,
+        "hostname": platform.node(),
+        "os": f"{platform.system()} {platform.release()}",
+        "arch": platform.machine(),
+        "cpu": cpu or platform.processor() or "unknown",
+        "logical_cores": os.cpu_count() or 0,
         "physical_cores": physical or os.cpu_count() or 0,
     }
     out.update(gpu())
@@ -248,8 +270,13 @@ def gpu() -> dict[str, Any]:
     smi = shutil.which("nvidia-smi")
     if smi:
         try:
-            res = subprocess.run([smi, "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=20, check=False)
+            res = subprocess.run(
+                [smi, "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+                check=False,
+            )
             first = res.stdout.strip().splitlines()[0] if res.returncode == 0 and res.stdout.strip() else ""
             if first:
                 name, _, driver = first.partition(",")
@@ -271,8 +298,17 @@ def software_versions() -> dict[str, str]:
     """Versions of the inference stack that are installed (read from package metadata: importing
     torch or TensorRT only to print a version would cost seconds and, for torch, is not allowed here)."""
     out = {"python": platform.python_version(), "numpy": np.__version__}
-    for dist in ("onnxruntime", "onnxruntime-gpu", "tensorrt", "tensorrt-cu12", "tensorrt-cu13", "cuda-python",
-                 "cuda-bindings", "opencv-python", "pillow"):
+    for dist in (
+        "onnxruntime",
+        "onnxruntime-gpu",
+        "tensorrt",
+        "tensorrt-cu12",
+        "tensorrt-cu13",
+        "cuda-python",
+        "cuda-bindings",
+        "opencv-python",
+        "pillow",
+    ):
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -308,18 +344,24 @@ def header_lines(h: dict[str, Any]) -> list[str]:
         f"date        {h['date']}",
         f"machine     {m['cpu']}, {m['physical_cores']} cores ({m['logical_cores']} logical), {gpu_text}",
         f"software    python {s['python']}, {soft or 'no inference library found'}",
-        (f"model       {mod['path']}: {mod['category']}, K = {mod['num_prototypes']:,} prototypes, "
-         f"input Nx3x{mod['crop']}x{mod['crop']} (resize {mod['resize']} px, crop {mod['crop']} px)"),
+        (
+            f"model       {mod['path']}: {mod['category']}, K = {mod['num_prototypes']:,} prototypes, "
+            f"input Nx3x{mod['crop']}x{mod['crop']} (resize {mod['resize']} px, crop {mod['crop']} px)"
+        ),
         f"backend     {b['name']} on {where}, precision {b['precision']}" + (f"; {details}" if details else ""),
     ]
     if "frame" in h:
         f = h["frame"]
-        lines.append(f"frame       {f['width']}x{f['height']} RGB uint8 ({f['source']}) -> the model's preprocessing "
-                     f"-> batch -> network -> maps and scores")
+        lines.append(
+            f"frame       {f['width']}x{f['height']} RGB uint8 ({f['source']}) -> the model's preprocessing "
+            f"-> batch -> network -> maps and scores"
+        )
     if "run" in h:
         r = h["run"]
-        lines.append(f"run         warm-up {r['warmup']:,} iterations, then >= {r['iterations']:,} iterations and "
-                     f">= {r['duration_s']:g} s per batch size; sequential, one stream")
+        lines.append(
+            f"run         warm-up {r['warmup']:,} iterations, then >= {r['iterations']:,} iterations and "
+            f">= {r['duration_s']:g} s per batch size; sequential, one stream"
+        )
     return lines
 
 
@@ -344,5 +386,7 @@ def paper_lines(results: list[BatchResult]) -> list[str]:
     for r in results:
         ratios = ", ".join(f"{r.model_throughput / fps:.3g}x {name}" for name, fps in PAPER_FPS.items())
         lines.append(f"  batch {r.batch}: inference {r.model_throughput:,.2f} images/s = {ratios}")
-    lines.append(f"  The paper's figures were measured on an {PAPER_GPU}; a ratio from another machine is indicative only.")
+    lines.append(
+        f"  The paper's figures were measured on an {PAPER_GPU}; a ratio from another machine is indicative only."
+    )
     return lines

@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 
-from ..runtime.backends.registry import AUTO, BackendEntry, choose, locate, open_file, parse_spec, with_precision
 from ..builder.datasets import Sample, load_crops, load_masks, open_dataset
 from ..bundle import Bundle
 from ..decision import image_scores
@@ -29,6 +28,7 @@ from ..metadata import ModelInfo
 from ..metrics import PRO_FPR_LIMIT, curve_area, pro_area, pro_curve, roc_curve, spearman
 from ..preprocess import Preprocess, to_batch
 from ..runtime.backends.base import Backend, BackendOptions, run_maps
+from ..runtime.backends.registry import AUTO, BackendEntry, choose, locate, open_file, parse_spec, with_precision
 from .accuracy_gate import GateFigures, Verdict, judge
 from .threshold_rules import Outcome, Rule, outcome, rule_table
 
@@ -220,8 +220,10 @@ def check_category(path: Path, info: ModelInfo, category: str, any_category: boo
     so that takes ``any_category``. A bundle named after the category (what a folder of bundles gives) passes."""
     if any_category or info.category == category or Bundle.of(path).name == category:
         return
-    raise ProtoADError(f"{path} was built for category {info.category!r}, not {category!r}: evaluate it with "
-                       f"--category {info.category}, or pass --any-category to score it on {category!r} anyway")
+    raise ProtoADError(
+        f"{path} was built for category {info.category!r}, not {category!r}: evaluate it with "
+        f"--category {info.category}, or pass --any-category to score it on {category!r} anyway"
+    )
 
 
 def _resolve(model: str | os.PathLike, category: str, backend: str) -> tuple[BackendEntry, Path]:
@@ -320,9 +322,13 @@ def compare_backends(
     bundles = [b.partition("@")[2] or model for b in backends]  # NAME@FILE: another bundle (another network)
     specs = [parse_spec(b.partition("@")[0]) for b in backends]
     if specs[0][1] is not None:
-        raise ProtoADError(f"--compare {','.join(backends)}: the first backend is the FP32 reference the others are "
-                           f"judged against, so give it without a precision ({specs[0][0]})")
-    chosen = [_resolve(m, category, name) for m, (name, _) in zip(bundles, specs)]  # every file exists before anything runs
+        raise ProtoADError(
+            f"--compare {','.join(backends)}: the first backend is the FP32 reference the others are "
+            f"judged against, so give it without a precision ({specs[0][0]})"
+        )
+    chosen = [
+        _resolve(m, category, name) for m, (name, _) in zip(bundles, specs)
+    ]  # every file exists before anything runs
     first = Bundle.of(chosen[0][1]).info().preprocess
     for _, path in chosen[1:]:  # and every bundle sees the same images
         if (pre := Bundle.of(path).info().preprocess) != first:
@@ -336,17 +342,32 @@ def compare_backends(
             if test is None:
                 test = load_test_set(category, data_root, dataset, opened.info.preprocess, progress)
             maps, seconds = _timed_maps(opened, test, batch_size, progress)
-            runs.append(BackendRun(spec, opened.describe().line(), path, maps, compute_metrics(test, maps), seconds,
-                                   reduced=precision not in (None, "fp32")))
+            runs.append(
+                BackendRun(
+                    spec,
+                    opened.describe().line(),
+                    path,
+                    maps,
+                    compute_metrics(test, maps),
+                    seconds,
+                    reduced=precision not in (None, "fp32"),
+                )
+            )
     assert test is not None
     return Comparison(category, test, runs)
 
 
 def gate_figures(what: str, test: LabelledSplit, reference: Metrics, metrics: Metrics, rank: float) -> GateFigures:
     """The accuracy gate's figures for ``metrics`` against FP32's ``reference`` on the same labelled images."""
-    return GateFigures(what=what, images=len(test.labels), reference_image_auroc=reference.image_auroc,
-                       image_auroc=metrics.image_auroc, spearman=rank, reference_pixel_auroc=reference.pixel_auroc,
-                       pixel_auroc=metrics.pixel_auroc)
+    return GateFigures(
+        what=what,
+        images=len(test.labels),
+        reference_image_auroc=reference.image_auroc,
+        image_auroc=metrics.image_auroc,
+        spearman=rank,
+        reference_pixel_auroc=reference.pixel_auroc,
+        pixel_auroc=metrics.pixel_auroc,
+    )
 
 
 def _finite(value: Any) -> Any:

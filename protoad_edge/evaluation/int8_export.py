@@ -43,8 +43,9 @@ class Int8Export:
     verdict: Verdict
 
 
-def calibration_samples(train: list[Sample], held_out: int, seed: int, minimum: int = MIN_CALIBRATION_IMAGES
-                        ) -> tuple[list[Sample], int]:
+def calibration_samples(
+    train: list[Sample], held_out: int, seed: int, minimum: int = MIN_CALIBRATION_IMAGES
+) -> tuple[list[Sample], int]:
     """(images to calibrate INT8 on, how many are held out): the bundle's held-out normal images - the build's
     seeded split, ``build.pipeline.split_train`` (a test checks they agree) - topped up to ``minimum`` with
     training images in the same seeded order. Never a test image."""
@@ -54,9 +55,17 @@ def calibration_samples(train: list[Sample], held_out: int, seed: int, minimum: 
     return held + top_up, len(held)
 
 
-def export_int8(onnx_path: str | os.PathLike, category: str, data_root: str | os.PathLike | None = None,
-                dataset: str = "mvtec", accept: bool = False, batch_size: int = 8, threads: int = 0,
-                progress: bool = False, log: Callable[[str], None] = print) -> Int8Export:
+def export_int8(
+    onnx_path: str | os.PathLike,
+    category: str,
+    data_root: str | os.PathLike | None = None,
+    dataset: str = "mvtec",
+    accept: bool = False,
+    batch_size: int = 8,
+    threads: int = 0,
+    progress: bool = False,
+    log: Callable[[str], None] = print,
+) -> Int8Export:
     """``protoad-export --int8``: calibrate and search on the bundle's held-out normal images
     (``export.int8``), score FP32 and INT8 through onnxruntime's CPU provider on the labelled test split, search
     again with less noise allowed while the accuracy gate fails (``search_within_gate``), and write
@@ -71,8 +80,10 @@ def export_int8(onnx_path: str | os.PathLike, category: str, data_root: str | os
     data = open_dataset(category, data_root, dataset)
     samples, held = calibration_samples(data.train, int(info.build.get("images", {}).get("held_out", 0)), info.seed)
     if held < len(samples):
-        log(f"int8: the bundle holds out {held} normal images; {len(samples) - held} training images top them up to "
-            f"{len(samples)} for the calibration")
+        log(
+            f"int8: the bundle holds out {held} normal images; {len(samples) - held} training images top them up to "
+            f"{len(samples)} for the calibration"
+        )
     calibration = load_crops(samples, info.preprocess, "load calibration", progress)
     test = load_test_set(category, data_root, dataset, info.preprocess, progress)
     ort = REGISTRY["ort"].load()
@@ -91,16 +102,33 @@ def export_int8(onnx_path: str | os.PathLike, category: str, data_root: str | os
 
         found = search_within_gate(search.draft, gate, lambda verdict: verdict.passed, log)
         if found is None:
-            raise ProtoADError(f"{onnx_path}: no backbone conv can be quantized within the search tolerance "
-                               f"({SEARCH_TOLERANCE} of the FP32 score spread): keep the FP32 model")
+            raise ProtoADError(
+                f"{onnx_path}: no backbone conv can be quantized within the search tolerance "
+                f"({SEARCH_TOLERANCE} of the FP32 score spread): keep the FP32 model"
+            )
         draft, verdict, tried = found
-        enforce(verdict, f"{bundle.file('int8_onnx')} was not written (the most accurate of {len(tried)} "
-                         f"searched, with {len(draft.quantized)} convs in INT8)", accept)
-        record = {**verdict.to_dict(), "measured_with": "onnxruntime CPUExecutionProvider",
-                  "split": f"the {test.kind} test split of {category!r} ({len(test.labels)} images)",
-                  "accepted_knowingly": not verdict.passed,
-                  "attempts": [{"tolerance": d.record["search"]["tolerance"], "quantized": len(d.quantized),
-                                "image_drop_pt": v.figures.image_drop_pt, "pixel_drop_pt": v.figures.pixel_drop_pt,
-                                "spearman": v.figures.spearman, "passed": v.passed} for d, v in tried]}
+        enforce(
+            verdict,
+            f"{bundle.file('int8_onnx')} was not written (the most accurate of {len(tried)} "
+            f"searched, with {len(draft.quantized)} convs in INT8)",
+            accept,
+        )
+        record = {
+            **verdict.to_dict(),
+            "measured_with": "onnxruntime CPUExecutionProvider",
+            "split": f"the {test.kind} test split of {category!r} ({len(test.labels)} images)",
+            "accepted_knowingly": not verdict.passed,
+            "attempts": [
+                {
+                    "tolerance": d.record["search"]["tolerance"],
+                    "quantized": len(d.quantized),
+                    "image_drop_pt": v.figures.image_drop_pt,
+                    "pixel_drop_pt": v.figures.pixel_drop_pt,
+                    "spearman": v.figures.spearman,
+                    "passed": v.passed,
+                }
+                for d, v in tried
+            ],
+        }
         path = write_int8(draft, onnx_path, record)
     return Int8Export(path, draft, verdict)

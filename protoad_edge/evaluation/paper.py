@@ -127,8 +127,15 @@ def comparison_rows(kind: str, ours: dict[str, dict[str, float | None]]) -> list
                 row.paper[m] = _mean(metric.categories.get(c) for c in present)
         rows.append(row)
     if not evaluated_any and ours:
-        rows.append(Row(ALL, list(order), {m: _mean(ours[c].get(m) for c in order) for m in METRICS},
-                        dict.fromkeys(METRICS), is_mean=True))
+        rows.append(
+            Row(
+                ALL,
+                list(order),
+                {m: _mean(ours[c].get(m) for c in order) for m in METRICS},
+                dict.fromkeys(METRICS),
+                is_mean=True,
+            )
+        )
     return rows
 
 

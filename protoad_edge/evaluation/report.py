@@ -35,14 +35,27 @@ def write_report(result: CategoryResult, out_dir: str | os.PathLike, cases: int 
     curves = [(f"image AUROC {100 * m.image_auroc:.1f}", *m.image_roc, BLUE)]
     if m.pixel_roc is not None and m.pixel_auroc is not None:
         curves.append((f"pixel AUROC {100 * m.pixel_auroc:.1f}", *m.pixel_roc, ORANGE))
-    written.append(write_png(out / f"{name}.roc.png", plot_curves(
-        curves, f"ROC - {name}", "false positive rate", "true positive rate", diagonal=True)))
+    written.append(
+        write_png(
+            out / f"{name}.roc.png",
+            plot_curves(curves, f"ROC - {name}", "false positive rate", "true positive rate", diagonal=True),
+        )
+    )
     if m.pro_curve is not None and m.pro is not None:
         fpr, pro = m.pro_curve
-        written.append(write_png(out / f"{name}.pro.png", plot_curves(
-            [(f"PRO {100 * m.pro:.1f} (area to FPR {PRO_FPR_LIMIT}, normalised)", fpr, pro, ORANGE)],
-            f"per-region overlap - {name}", "false positive rate (defect-free pixels)", "per-region overlap",
-            x_max=PRO_FPR_LIMIT, fill=True)))
+        written.append(
+            write_png(
+                out / f"{name}.pro.png",
+                plot_curves(
+                    [(f"PRO {100 * m.pro:.1f} (area to FPR {PRO_FPR_LIMIT}, normalised)", fpr, pro, ORANGE)],
+                    f"per-region overlap - {name}",
+                    "false positive rate (defect-free pixels)",
+                    "per-region overlap",
+                    x_max=PRO_FPR_LIMIT,
+                    fill=True,
+                ),
+            )
+        )
     return written
 
 
@@ -77,11 +90,11 @@ def plot_curves(
 
     x_step = _tick_step(x_max)
     for v in np.arange(0, x_max + 1e-9, x_step):
-        (x, _), = px(np.array([v]), np.array([0.0]))
+        ((x, _),) = px(np.array([v]), np.array([0.0]))
         cv2.line(img, (round(x), y0), (round(x), y1), LIGHT, 1)
         _text(img, f"{v:.2f}".rstrip("0").rstrip(".") if v else "0", (round(x), y0 + 18), center=True)
     for v in np.arange(0, 1.0 + 1e-9, 0.1):
-        (_, y), = px(np.array([0.0]), np.array([v]))
+        ((_, y),) = px(np.array([0.0]), np.array([v]))
         cv2.line(img, (x0, round(y)), (x1, round(y)), LIGHT, 1)
         if round(v * 10) % 2 == 0:
             _text(img, f"{v:.1f}", (x0 - 30, round(y) + 5))
@@ -90,7 +103,7 @@ def plot_curves(
         for a in np.arange(0, 1, 0.04):
             p = px(np.array([a, a + 0.02]) * x_max, np.array([a, a + 0.02]))
             cv2.line(img, tuple(np.round(p[0]).astype(int)), tuple(np.round(p[1]).astype(int)), GREY, 1, cv2.LINE_AA)
-    for label, x, y, colour in curves:
+    for _label, x, y, colour in curves:
         x, y = _clip_curve(np.asarray(x, np.float64), np.asarray(y, np.float64), x_max)
         pts = _thin(px(x, y))
         if fill:
@@ -139,8 +152,15 @@ def _tint(colour: tuple[int, int, int]) -> tuple[int, int, int]:
     return tuple(int(c + (255 - c) * 0.5) for c in colour)  # type: ignore[return-value]
 
 
-def _text(img: np.ndarray, text: str, org: tuple[int, int], scale: float = 0.5, colour: tuple[int, int, int] = BLACK,
-          center: bool = False, thickness: int = 1) -> None:
+def _text(
+    img: np.ndarray,
+    text: str,
+    org: tuple[int, int],
+    scale: float = 0.5,
+    colour: tuple[int, int, int] = BLACK,
+    center: bool = False,
+    thickness: int = 1,
+) -> None:
     if center:
         (w, _), _ = cv2.getTextSize(text, FONT, scale, thickness)
         org = (org[0] - w // 2, org[1])
@@ -193,8 +213,18 @@ def _column_header(width: int, tile: int, gap: int) -> np.ndarray:
     return img
 
 
-def _case_row(result: CategoryResult, i: int, title: str, image_thr: float, pixel_thr: float,
-              lo: float, hi: float, tile: int, gap: int, header: int) -> np.ndarray:
+def _case_row(
+    result: CategoryResult,
+    i: int,
+    title: str,
+    image_thr: float,
+    pixel_thr: float,
+    lo: float,
+    hi: float,
+    tile: int,
+    gap: int,
+    header: int,
+) -> np.ndarray:
     test = result.test
     sample = test.samples[i]
     score = float(result.scores[i])
@@ -222,11 +252,17 @@ def _case_row(result: CategoryResult, i: int, title: str, image_thr: float, pixe
     row = np.full((header + tile + gap, width, 3), 255, np.uint8)
     name = "/".join(sample.path.parts[-2:])
     colour = RED if verdict in ("MISSED", "FALSE ALARM") else BLACK
-    _text(row, f"{title}: {name} ({'anomalous' if anomalous else 'normal'})  score {score:.4f} "
-               f"{'>' if flagged else '<='} {image_thr:.4f}  {verdict}", (gap, header - 7), colour=colour, scale=0.45)
+    _text(
+        row,
+        f"{title}: {name} ({'anomalous' if anomalous else 'normal'})  score {score:.4f} "
+        f"{'>' if flagged else '<='} {image_thr:.4f}  {verdict}",
+        (gap, header - 7),
+        colour=colour,
+        scale=0.45,
+    )
     for c, part in enumerate((image, truth, heat, outline)):
         x = gap + c * (tile + gap)
-        row[header:header + tile, x:x + tile] = part
+        row[header : header + tile, x : x + tile] = part
     return row
 
 

@@ -69,9 +69,15 @@ class Outcome:
         return self.anomalous - self.anomalous_caught
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rule": self.rule, "image_threshold": self.image_threshold, "anomalous_caught": self.anomalous_caught,
-                "anomalous": self.anomalous, "misses": self.misses, "false_alarms": self.false_alarms,
-                "normal": self.normal}
+        return {
+            "rule": self.rule,
+            "image_threshold": self.image_threshold,
+            "anomalous_caught": self.anomalous_caught,
+            "anomalous": self.anomalous,
+            "misses": self.misses,
+            "false_alarms": self.false_alarms,
+            "normal": self.normal,
+        }
 
 
 def parse_rule(text: str) -> Rule:
@@ -80,7 +86,7 @@ def parse_rule(text: str) -> Rule:
     if spec in (F1, NORMAL_MAX):
         return Rule(spec)
     if spec.startswith(FPR + "="):
-        share = _number(spec[len(FPR) + 1:], text)
+        share = _number(spec[len(FPR) + 1 :], text)
         if not 0.0 <= share < 1.0:
             raise ProtoADError(f"bad {FLAG} {text!r}: the share X of normal images flagged must be 0 <= X < 1")
         return Rule(FPR, share)
@@ -131,9 +137,14 @@ def outcome(rule: str, threshold: float, labels: np.ndarray, scores: np.ndarray)
     """What ``threshold`` flags among ``scores``: the verdict is ``decision.is_anomalous``, nothing else."""
     labels = np.asarray(labels, dtype=bool)
     flagged = is_anomalous(np.asarray(scores, dtype=np.float64), threshold)
-    return Outcome(rule=rule, image_threshold=float(threshold),
-                   anomalous_caught=int((flagged & labels).sum()), anomalous=int(labels.sum()),
-                   false_alarms=int((flagged & ~labels).sum()), normal=int((~labels).sum()))
+    return Outcome(
+        rule=rule,
+        image_threshold=float(threshold),
+        anomalous_caught=int((flagged & labels).sum()),
+        anomalous=int(labels.sum()),
+        false_alarms=int((flagged & ~labels).sum()),
+        normal=int((~labels).sum()),
+    )
 
 
 def apply_rule(rule: Rule, labels: np.ndarray, scores: np.ndarray) -> Outcome:
@@ -143,8 +154,9 @@ def apply_rule(rule: Rule, labels: np.ndarray, scores: np.ndarray) -> Outcome:
     normal, anomalous = int((~labels).sum()), int(labels.sum())
     if rule.kind == F1:
         if not normal or not anomalous:
-            raise ProtoADError(f"{FLAG} f1 needs both normal and anomalous test images "
-                               f"({normal} normal, {anomalous} anomalous)")
+            raise ProtoADError(
+                f"{FLAG} f1 needs both normal and anomalous test images ({normal} normal, {anomalous} anomalous)"
+            )
         threshold = f1_threshold(labels, scores)
     elif rule.kind == VALUE:
         threshold = float(rule.value)
@@ -177,9 +189,12 @@ class ThresholdChange:
 
     def to_dict(self) -> dict[str, Any]:
         keys = ("image_threshold", "pixel_threshold", "threshold_rule")
-        return {"sidecar": str(self.sidecar), "created": self.created,
-                "old": {k: _finite(getattr(self.old, k)) for k in keys},
-                "new": {k: _finite(getattr(self.new, k)) for k in keys}}
+        return {
+            "sidecar": str(self.sidecar),
+            "created": self.created,
+            "old": {k: _finite(getattr(self.old, k)) for k in keys},
+            "new": {k: _finite(getattr(self.new, k)) for k in keys},
+        }
 
 
 def write_threshold(model: str | os.PathLike, chosen: Outcome, split: str, on: str = ON_TEST_SPLIT) -> ThresholdChange:
@@ -192,19 +207,28 @@ def write_threshold(model: str | os.PathLike, chosen: Outcome, split: str, on: s
     created = not bundle.sidecar.exists()
     with versions.writing(bundle) as version:  # a new version: a running line switches to it, a rollback undoes it
         old = version.before  # the sidecar, or the ONNX metadata when there is none
-        previous = {"image_threshold": old.image_threshold, "pixel_threshold": old.pixel_threshold,
-                    "threshold_rule": old.threshold_rule, "threshold_detail": old.threshold_detail,
-                    "replaced": versions.now()}
-        detail = (f"image: {chosen.rule} ({FLAG}) on {split}: flags {chosen.anomalous_caught}/{chosen.anomalous} "
-                  f"anomalous and {chosen.false_alarms}/{chosen.normal} normal images; "
-                  "pixel: unchanged (see threshold_history), capped at the image threshold in force")
-        new = replace(old, image_threshold=chosen.image_threshold,
-                      threshold_rule=parse_rule(chosen.rule).recorded(on), threshold_detail=detail,
-                      threshold_history=[*old.threshold_history, previous])
+        previous = {
+            "image_threshold": old.image_threshold,
+            "pixel_threshold": old.pixel_threshold,
+            "threshold_rule": old.threshold_rule,
+            "threshold_detail": old.threshold_detail,
+            "replaced": versions.now(),
+        }
+        detail = (
+            f"image: {chosen.rule} ({FLAG}) on {split}: flags {chosen.anomalous_caught}/{chosen.anomalous} "
+            f"anomalous and {chosen.false_alarms}/{chosen.normal} normal images; "
+            "pixel: unchanged (see threshold_history), capped at the image threshold in force"
+        )
+        new = replace(
+            old,
+            image_threshold=chosen.image_threshold,
+            threshold_rule=parse_rule(chosen.rule).recorded(on),
+            threshold_detail=detail,
+            threshold_history=[*old.threshold_history, previous],
+        )
         if created:  # a first sidecar vouches for the files beside it now, as a re-seal does
             new = bundle.seal(new)
-        new = version.info(new, "set-threshold", rule=chosen.rule, image_threshold=chosen.image_threshold,
-                           split=split)
+        new = version.info(new, "set-threshold", rule=chosen.rule, image_threshold=chosen.image_threshold, split=split)
         version.commit(new)
     return ThresholdChange(bundle.sidecar, old, new, created)
 

@@ -28,9 +28,17 @@ def engine_unavailable(device: int = 0) -> str | None:
     return None
 
 
-def engine_for_bundle(onnx_path: str | os.PathLike, tensorrt: str = "auto", *, precision: str = "fp16",
-                      opt_batch: int = 1, max_batch: int | None = None, workspace_mib: int = DEFAULT_WORKSPACE_MIB,
-                      device: int = 0, log: Callable[[str], None] = print) -> EngineBuild | None:
+def engine_for_bundle(
+    onnx_path: str | os.PathLike,
+    tensorrt: str = "auto",
+    *,
+    precision: str = "fp16",
+    opt_batch: int = 1,
+    max_batch: int | None = None,
+    workspace_mib: int = DEFAULT_WORKSPACE_MIB,
+    device: int = 0,
+    log: Callable[[str], None] = print,
+) -> EngineBuild | None:
     """Build the bundle's engine as ``tensorrt`` asks; None when skipped (the reason is logged for ``auto``)."""
     _check_choice(tensorrt)
     if tensorrt == "no":
@@ -40,8 +48,15 @@ def engine_for_bundle(onnx_path: str | os.PathLike, tensorrt: str = "auto", *, p
         if why:
             log(f"TensorRT engine skipped: {why}. Build it on the target with: protoad-export --from-onnx {onnx_path}")
             return None
-    return build_engine(onnx_path, precision=precision, opt_batch=opt_batch, max_batch=max_batch,
-                        workspace_mib=workspace_mib, device=device, log=log)
+    return build_engine(
+        onnx_path,
+        precision=precision,
+        opt_batch=opt_batch,
+        max_batch=max_batch,
+        workspace_mib=workspace_mib,
+        device=device,
+        log=log,
+    )
 
 
 def engine_from_onnx(onnx_path: str | os.PathLike, tensorrt: str = "auto", **options: Any) -> EngineBuild:
@@ -59,8 +74,10 @@ def engine_from_onnx(onnx_path: str | os.PathLike, tensorrt: str = "auto", **opt
 
 def engine_summary(build: EngineBuild) -> str:
     """One summary line: where the plan is and what it is bound to."""
-    return (f"{build.plan} (TensorRT {build.tensorrt_version}, {build.precision}, {build.gpu_name}, "
-            f"batch 1..{build.max_batch}, opt {build.opt_batch}; built in {build.seconds:.1f} s)")
+    return (
+        f"{build.plan} (TensorRT {build.tensorrt_version}, {build.precision}, {build.gpu_name}, "
+        f"batch 1..{build.max_batch}, opt {build.opt_batch}; built in {build.seconds:.1f} s)"
+    )
 
 
 def _check_choice(tensorrt: str) -> None:

@@ -77,8 +77,11 @@ def scope_boundary(graph: onnx.GraphProto, scope: str) -> tuple[list[str], list[
     """(entries, exits) of the nodes named in ``scope``: the tensors they read that are computed outside it
     (not weights or constants), and the tensors they compute that are read outside it or are graph outputs."""
     inside = [node for node in graph.node if scope in node.name]
-    not_entries = {name for node in inside for name in node.output} | {t.name for t in graph.initializer} | {
-        name for node in graph.node if node.op_type in ("Constant", "ConstantOfShape") for name in node.output}
+    not_entries = (
+        {name for node in inside for name in node.output}
+        | {t.name for t in graph.initializer}
+        | {name for node in graph.node if node.op_type in ("Constant", "ConstantOfShape") for name in node.output}
+    )
     read_outside = {name for node in graph.node if scope not in node.name for name in node.input}
     read_outside |= {o.name for o in graph.output}
     entries = [name for node in inside for name in node.input if name and name not in not_entries]
@@ -91,9 +94,11 @@ def read_scope_boundary(onnx_path: str | os.PathLike, scope: str = FP32_SCOPE) -
     model = _load(onnx_path, "the FP16 engine build on TensorRT < 10.12 (to keep the L2 normalisation in FP32)")
     entries, exits = scope_boundary(model.graph, scope)
     if not entries or not exits:
-        raise ProtoADError(f"{onnx_path}: no computation in scope {scope!r} (nodes named so, with an input and an "
-                           "output): the FP16 engine would normalise in FP16 and overflow; re-export the ONNX with "
-                           "this version of protoad-edge")
+        raise ProtoADError(
+            f"{onnx_path}: no computation in scope {scope!r} (nodes named so, with an input and an "
+            "output): the FP16 engine would normalise in FP16 and overflow; re-export the ONNX with "
+            "this version of protoad-edge"
+        )
     return entries, exits
 
 
@@ -115,8 +120,12 @@ def _store_half(graph: onnx.GraphProto, floats: set[str], scopes: _Scopes) -> se
     """Convert constants read by FP16 nodes and retype FP16 nodes' Casts; return the tensors now stored as FP16."""
     from onnx import TensorProto
 
-    read_as_half = {name for node in graph.node for i, name in enumerate(node.input)
-                    if name in floats and scopes.wants_half(node, i)}
+    read_as_half = {
+        name
+        for node in graph.node
+        for i, name in enumerate(node.input)
+        if name in floats and scopes.wants_half(node, i)
+    }
     half: set[str] = set()
     for init in graph.initializer:
         if init.name in floats and init.name in read_as_half:
@@ -151,13 +160,17 @@ def _fp32_outputs(graph: onnx.GraphProto, floats: set[str], half: set[str]) -> l
             half.discard(output.name)
             half.add(inner)
             floats.add(inner)
-            tail.append(helper.make_node("Cast", [inner], [output.name], name=f"cast_to_fp32_{output.name}",
-                                         to=TensorProto.FLOAT))
+            tail.append(
+                helper.make_node(
+                    "Cast", [inner], [output.name], name=f"cast_to_fp32_{output.name}", to=TensorProto.FLOAT
+                )
+            )
     return tail
 
 
-def _insert_casts(graph: onnx.GraphProto, floats: set[str], half: set[str], scopes: _Scopes,
-                  tail: list[onnx.NodeProto]) -> None:
+def _insert_casts(
+    graph: onnx.GraphProto, floats: set[str], half: set[str], scopes: _Scopes, tail: list[onnx.NodeProto]
+) -> None:
     """A Cast on every edge whose producer and consumer differ in precision (one per tensor and direction)."""
     from onnx import TensorProto, helper
 
@@ -173,15 +186,18 @@ def _insert_casts(graph: onnx.GraphProto, floats: set[str], half: set[str], scop
                     kind = "fp16" if target else "fp32"
                     casts[key] = f"{name}/{kind}"
                     to = TensorProto.FLOAT16 if target else TensorProto.FLOAT
-                    nodes.append(helper.make_node("Cast", [name], [casts[key]], name=f"cast_to_{kind}_{len(casts)}", to=to))
+                    nodes.append(
+                        helper.make_node("Cast", [name], [casts[key]], name=f"cast_to_{kind}_{len(casts)}", to=to)
+                    )
                 node.input[i] = casts[key]
         nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes + tail)
 
 
-def write_fp16_onnx(onnx_path: str | os.PathLike, out_path: str | os.PathLike | None = None,
-                    fp32_scopes: tuple[str, ...] = FP32_SCOPES) -> Path:
+def write_fp16_onnx(
+    onnx_path: str | os.PathLike, out_path: str | os.PathLike | None = None, fp32_scopes: tuple[str, ...] = FP32_SCOPES
+) -> Path:
     """Write the mixed-precision copy of ``NAME.onnx`` as ``NAME.fp16.onnx`` (atomically); returns its path."""
     src = Path(onnx_path)
     dst = Path(out_path) if out_path is not None else Bundle.of(src).fp16_onnx
@@ -213,7 +229,9 @@ def _to_fp16_tensor(tensor: onnx.TensorProto, owner: str = "") -> onnx.TensorPro
 
     values = numpy_helper.to_array(tensor)
     if values.size and float(np.abs(values).max()) > FP16_MAX:
-        raise ProtoADError(f"{owner or tensor.name}: a value exceeds the FP16 range ({FP16_MAX:g}); keep it in FP32 scope")
+        raise ProtoADError(
+            f"{owner or tensor.name}: a value exceeds the FP16 range ({FP16_MAX:g}); keep it in FP32 scope"
+        )
     return numpy_helper.from_array(values.astype(np.float16), tensor.name)
 
 

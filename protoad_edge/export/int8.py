@@ -29,9 +29,10 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import numpy as np
 
@@ -170,13 +171,28 @@ def _quantize(src: Path, dst: Path, nodes: list[str], reader: _Reader) -> None:
     speed-up."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    options = {"ActivationSymmetric": True, "CalibTensorRangeSymmetric": True, "QuantizeBias": False,
-               "CalibPercentile": PERCENTILE, "CalibStridedMinMax": _stride(len(reader)),
-               "OpTypesToExcludeOutputQuantization": ["Conv"]}
+    options = {
+        "ActivationSymmetric": True,
+        "CalibTensorRangeSymmetric": True,
+        "QuantizeBias": False,
+        "CalibPercentile": PERCENTILE,
+        "CalibStridedMinMax": _stride(len(reader)),
+        "OpTypesToExcludeOutputQuantization": ["Conv"],
+    }
     with _quiet():
-        quantize_static(str(src), str(dst), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"],
-                        per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        nodes_to_quantize=nodes, calibrate_method=CalibrationMethod.Percentile, extra_options=options)
+        quantize_static(
+            str(src),
+            str(dst),
+            reader,
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=["Conv"],
+            per_channel=True,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_quantize=nodes,
+            calibrate_method=CalibrationMethod.Percentile,
+            extra_options=options,
+        )
 
 
 def tensorrt_problems(model: onnx.ModelProto) -> list[str]:
@@ -193,12 +209,15 @@ def tensorrt_problems(model: onnx.ModelProto) -> list[str]:
         zero = inits.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         points = None if zero is None else numpy_helper.to_array(zero)
         if zero is not None and (zero.data_type != TensorProto.INT8 or points.any()):
-            problems.append(f"{node.name}: zero point {TensorProto.DataType.Name(zero.data_type)} "
-                            f"{points.ravel()[:3].tolist()} (needs INT8 zeros)")
+            problems.append(
+                f"{node.name}: zero point {TensorProto.DataType.Name(zero.data_type)} "
+                f"{points.ravel()[:3].tolist()} (needs INT8 zeros)"
+            )
         data = inits.get(node.input[0])
         if node.op_type == "DequantizeLinear" and data is not None and data.data_type != TensorProto.INT8:
-            problems.append(f"{node.name}: dequantizes {TensorProto.DataType.Name(data.data_type)} {data.name} "
-                            "(needs INT8)")
+            problems.append(
+                f"{node.name}: dequantizes {TensorProto.DataType.Name(data.data_type)} {data.name} (needs INT8)"
+            )
     return problems
 
 
@@ -235,7 +254,9 @@ def only(qdq: onnx.ModelProto, float_model: onnx.ModelProto, keep: set[str]) -> 
             if replacement not in have:
                 graph.initializer.append(weights[replacement])
                 have.add(replacement)
-            if replacement == dq.output[0]:  # the DQ computed the weight under its own name: the initializer replaces it
+            if (
+                replacement == dq.output[0]
+            ):  # the DQ computed the weight under its own name: the initializer replaces it
                 graph.node.remove(dq)
                 continue
         for user in users:
@@ -273,8 +294,13 @@ class _Scorer:
         self.features, self.batch, self.threads = features, to_batch(crops), threads
         self.input_name = model.graph.input[0].name
         reference = self.run(model)
-        prototypes = np.concatenate([_constant(model, node) for node in model.graph.node
-                                     if node.op_type == "MatMul" and node.name in prototype_matmuls(model)])
+        prototypes = np.concatenate(
+            [
+                _constant(model, node)
+                for node in model.graph.node
+                if node.op_type == "MatMul" and node.name in prototype_matmuls(model)
+            ]
+        )
         similarity = reference @ prototypes.T
         self.nearest = prototypes[similarity.argmax(axis=1)]
         self.spread = float(np.std(1.0 - similarity.max(axis=1), dtype=np.float64))
@@ -288,8 +314,9 @@ class _Scorer:
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
         session = ort.InferenceSession(truncated.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        out = np.concatenate([session.run(None, {self.input_name: self.batch[i : i + 1]})[0]
-                              for i in range(len(self.batch))])
+        out = np.concatenate(
+            [session.run(None, {self.input_name: self.batch[i : i + 1]})[0] for i in range(len(self.batch))]
+        )
         return out.transpose(0, 2, 3, 1).reshape(-1, out.shape[1])
 
     def error(self, model: onnx.ModelProto) -> float:
@@ -322,29 +349,41 @@ class Int8Search:
     """Calibrated once, then drafts at any search tolerance: the trials' errors are kept, so a tighter draft after a
     failed accuracy gate costs only the few bisection trials the tighter tolerance adds."""
 
-    def __init__(self, onnx_path: str | os.PathLike, calibration: np.ndarray, workdir: str | os.PathLike, *,
-                 threads: int = 0, log: Log = print) -> None:
+    def __init__(
+        self,
+        onnx_path: str | os.PathLike,
+        calibration: np.ndarray,
+        workdir: str | os.PathLike,
+        *,
+        threads: int = 0,
+        log: Log = print,
+    ) -> None:
         """Calibrate on ``calibration`` (uint8 [N,S,S,3] normal crops, held out from the test split) into
         ``workdir``."""
         import onnx
 
         self.src, self.work, self.log = Path(onnx_path), Path(workdir), log
         if len(calibration) < MIN_CALIBRATION_IMAGES:
-            raise ProtoADError(f"INT8 calibration needs at least {MIN_CALIBRATION_IMAGES} normal images, got "
-                               f"{len(calibration)}")
+            raise ProtoADError(
+                f"INT8 calibration needs at least {MIN_CALIBRATION_IMAGES} normal images, got {len(calibration)}"
+            )
         calibration = calibration[:MAX_CALIBRATION_IMAGES]
         self.float_model = _load(self.src, "the INT8 export (protoad-export --int8)")
         self.convs = backbone_convs(self.float_model)
         full = self.work / "all.int8.onnx"
         self.start = time.perf_counter()
         _quantize(self.src, full, self.convs, _Reader(self.float_model.graph.input[0].name, calibration))
-        log(f"int8: calibrated {len(self.convs)} backbone convs on {len(calibration)} held-out normal images "
-            f"(percentile {PERCENTILE}) in {time.perf_counter() - self.start:.0f} s")
+        log(
+            f"int8: calibrated {len(self.convs)} backbone convs on {len(calibration)} held-out normal images "
+            f"(percentile {PERCENTILE}) in {time.perf_counter() - self.start:.0f} s"
+        )
         self.qdq = onnx.load(str(full))
         problems = tensorrt_problems(self.qdq)
         if problems:  # onnxruntime's quantizer wrote another form than asked: nothing TensorRT could build
-            raise ProtoADError(f"the INT8 quantizer wrote Q/DQ that TensorRT cannot build ({len(problems)} nodes, "
-                               f"first: {problems[0]}): check the onnxruntime version")
+            raise ProtoADError(
+                f"the INT8 quantizer wrote Q/DQ that TensorRT cannot build ({len(problems)} nodes, "
+                f"first: {problems[0]}): check the onnxruntime version"
+            )
         _, exits = scope_boundary(self.float_model.graph, FP32_SCOPE)
         self.scorer = _Scorer(self.float_model, exits[0], calibration[:SEARCH_IMAGES], threads or os.cpu_count() or 1)
         self.calibration_images = len(calibration)
@@ -369,26 +408,36 @@ class Int8Search:
             return None
         final = self.error(chosen)
         share = sum(self.macs[c] for c in chosen) / sum(self.macs.values())
-        self.log(f"int8: {len(chosen)} of {len(self.convs)} backbone convs in INT8, {100 * share:.0f} % of their "
-                 f"multiply-adds (patch score error {final:.3f} of the FP32 spread, tolerance {tolerance:.4g}); "
-                 f"{len(self.trials)} trials in {time.perf_counter() - self.start:.0f} s")
+        self.log(
+            f"int8: {len(chosen)} of {len(self.convs)} backbone convs in INT8, {100 * share:.0f} % of their "
+            f"multiply-adds (patch score error {final:.3f} of the FP32 spread, tolerance {tolerance:.4g}); "
+            f"{len(self.trials)} trials in {time.perf_counter() - self.start:.0f} s"
+        )
         path = self.work / f"draft-{len(chosen)}.int8.onnx"
         model = only(self.qdq, self.float_model, set(chosen))
         del model.metadata_props[:]
-        model.metadata_props.extend(self.float_model.metadata_props)  # the bundle's metadata, nothing the quantizer adds
+        model.metadata_props.extend(
+            self.float_model.metadata_props
+        )  # the bundle's metadata, nothing the quantizer adds
         onnx.save(model, str(path))
         kept = [n for n in self.convs if n not in chosen]
         record = {
             "quantized": len(chosen),
             "int8_share_of_backbone_macs": round(share, 4),
             "kept_fp32": kept,
-            "fp32": f"conv outputs, residual adds, L2 normalisation ({FP32_SCOPE}), prototype MatMuls, upsampling, blur",
+            "fp32": f"conv outputs, residual adds, L2 normalisation ({FP32_SCOPE}), prototype MatMuls, upsampling, "
+            "blur",
             "scheme": QDQ_SCHEME,
             "weights": "per output channel",
             "activations": f"per tensor, histogram percentile {PERCENTILE}, read rounded by the INT8 convs only",
             "calibration_images": self.calibration_images,
-            "search": {"images": len(self.scorer.batch), "tolerance": tolerance, "score_error": round(final, 5),
-                       "trials": len(self.trials), "sensitivity": {n: round(e, 5) for n, e in sensitivity.items()}},
+            "search": {
+                "images": len(self.scorer.batch),
+                "tolerance": tolerance,
+                "score_error": round(final, 5),
+                "trials": len(self.trials),
+                "sensitivity": {n: round(e, 5) for n, e in sensitivity.items()},
+            },
         }
         return Int8Draft(path, chosen, kept, final, record)
 
@@ -396,9 +445,12 @@ class Int8Search:
 Verdict = TypeVar("Verdict")
 
 
-def search_within_gate(draft: Callable[[float], Int8Draft | None], gate: Callable[[Int8Draft], Verdict],
-                       passed: Callable[[Verdict], bool], log: Log = print
-                       ) -> tuple[Int8Draft, Verdict, list[tuple[Int8Draft, Verdict]]] | None:
+def search_within_gate(
+    draft: Callable[[float], Int8Draft | None],
+    gate: Callable[[Int8Draft], Verdict],
+    passed: Callable[[Verdict], bool],
+    log: Log = print,
+) -> tuple[Int8Draft, Verdict, list[tuple[Int8Draft, Verdict]]] | None:
     """The first draft that passes the accuracy ``gate``: at ``SEARCH_TOLERANCE``, then up to :data:`GATE_RETRIES`
     times within :data:`BACKOFF` x the score error of the draft that failed; else the last (most accurate) draft
     tried. None when not one conv fits even the first tolerance. Also every (draft, verdict) tried, in order.
@@ -417,8 +469,10 @@ def search_within_gate(draft: Callable[[float], Int8Draft | None], gate: Callabl
             break
         tolerance = BACKOFF * candidate.search_error
         if attempt < GATE_RETRIES:
-            log(f"int8: {len(candidate.quantized)} convs in INT8 fail the accuracy gate; searching again within "
-                f"{tolerance:.4g} of the FP32 spread")
+            log(
+                f"int8: {len(candidate.quantized)} convs in INT8 fail the accuracy gate; searching again within "
+                f"{tolerance:.4g} of the FP32 spread"
+            )
     if not tried:
         return None
     return (*tried[-1], tried)
@@ -429,8 +483,13 @@ def search_order(sensitivity: dict[str, float], macs: dict[str, int]) -> list[st
     return sorted(sensitivity, key=lambda c: sensitivity[c] ** 2 / macs[c])
 
 
-def _search(convs: list[str], macs: dict[str, int], error: Callable[[list[str]], float], log: Log,
-            tolerance: float = SEARCH_TOLERANCE) -> tuple[list[str], dict[str, float]]:
+def _search(
+    convs: list[str],
+    macs: dict[str, int],
+    error: Callable[[list[str]], float],
+    log: Log,
+    tolerance: float = SEARCH_TOLERANCE,
+) -> tuple[list[str], dict[str, float]]:
     """The convs to quantize: all when that is within tolerance, else those that buy the most multiply-adds in INT8
     for the least noise.
 
@@ -445,8 +504,10 @@ def _search(convs: list[str], macs: dict[str, int], error: Callable[[list[str]],
     sensitivity = {c: error([c]) for c in convs}
     order = search_order(sensitivity, macs)
     bound = int(np.searchsorted(np.sqrt(np.cumsum([sensitivity[c] ** 2 for c in order])), tolerance, "right"))
-    log(f"int8: all convs in INT8 move the patch scores by {error(convs):.3f} of their spread; per-layer sensitivity "
-        f"{min(sensitivity.values()):.4f}..{max(sensitivity.values()):.4f}; at most {bound} can fit")
+    log(
+        f"int8: all convs in INT8 move the patch scores by {error(convs):.3f} of their spread; per-layer sensitivity "
+        f"{min(sensitivity.values()):.4f}..{max(sensitivity.values()):.4f}; at most {bound} can fit"
+    )
     fits, fails = 0, bound + 1
     if bound:
         if error(order[:bound]) <= tolerance:

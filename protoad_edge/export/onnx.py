@@ -25,7 +25,7 @@ PARITY_TOLERANCE = 1e-4  # max abs difference of FP32 maps and scores, ONNX vs P
 PARITY_CHUNK = 4
 
 
-def export_onnx(net: "ProtoADNet", info: ModelInfo, path: str | os.PathLike) -> Path:
+def export_onnx(net: ProtoADNet, info: ModelInfo, path: str | os.PathLike) -> Path:
     """Export ``net`` (FP32, dynamic batch) with ``info`` in ``metadata_props``; atomic; checker-verified.
 
     The graph must contain the L2 normalisation's scope (``constants.FP32_SCOPE``): FP16 graphs and
@@ -51,8 +51,10 @@ def export_onnx(net: "ProtoADNet", info: ModelInfo, path: str | os.PathLike) -> 
             )
         model = onnx.load(str(tmp))
         if not any(FP32_SCOPE in node.name for node in model.graph.node):
-            raise ProtoADError(f"the exported graph has no node in scope {FP32_SCOPE!r}: the L2 normalisation would "
-                               "not be kept in FP32 by FP16 builds (was ProtoADNet's module renamed?)")
+            raise ProtoADError(
+                f"the exported graph has no node in scope {FP32_SCOPE!r}: the L2 normalisation would "
+                "not be kept in FP32 by FP16 builds (was ProtoADNet's module renamed?)"
+            )
         onnx.helper.set_model_props(model, info.to_props())
         model.producer_name = "protoad-edge"
         model.producer_version = info.toolkit_version
@@ -78,10 +80,13 @@ def onnx_parity(onnx_path: str | os.PathLike, net: torch.nn.Module, batch: np.nd
     return worst
 
 
-def parity_gate(onnx_path: str | os.PathLike, net: torch.nn.Module, batch: np.ndarray,
-                tolerance: float = PARITY_TOLERANCE) -> float:
+def parity_gate(
+    onnx_path: str | os.PathLike, net: torch.nn.Module, batch: np.ndarray, tolerance: float = PARITY_TOLERANCE
+) -> float:
     """``onnx_parity``, refusing the export (ProtoADError) when it exceeds ``tolerance``; returns it."""
     parity = onnx_parity(onnx_path, net, batch)
     if not parity <= tolerance:
-        raise ProtoADError(f"ONNX parity check failed: max abs difference {parity:.2e} > {tolerance:.0e} against PyTorch")
+        raise ProtoADError(
+            f"ONNX parity check failed: max abs difference {parity:.2e} > {tolerance:.0e} against PyTorch"
+        )
     return parity

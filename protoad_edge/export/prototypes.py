@@ -70,13 +70,21 @@ def find_stage(model: onnx.ModelProto, where: str = "the graph") -> Stage:
     blocks = [next((inits[i] for i in n.input if i in inits), None) for n in matmuls]
     reduces = [next((r for r in readers.get(n.output[0], []) if r.op_type == "ReduceMax"), None) for n in matmuls]
     if not matmuls or None in blocks or None in reduces:
-        raise ProtoADError(f"{where}: no prototype stage (MatMuls of prototype blocks, each with a ReduceMax) after "
-                           f"the L2 normalisation: re-export it with this version of protoad-edge")
+        raise ProtoADError(
+            f"{where}: no prototype stage (MatMuls of prototype blocks, each with a ReduceMax) after "
+            f"the L2 normalisation: re-export it with this version of protoad-edge"
+        )
     outputs = {r.output[0] for r in reduces}
     current, merged = reduces[0].output[0], {reduces[0].output[0]}
     while True:
-        step = next((n for n in readers.get(current, []) if n.op_type == "Max" and len(n.input) == 2
-                     and set(n.input) - {current} <= outputs), None)
+        step = next(
+            (
+                n
+                for n in readers.get(current, [])
+                if n.op_type == "Max" and len(n.input) == 2 and set(n.input) - {current} <= outputs
+            ),
+            None,
+        )
         if step is None:
             break
         merged |= set(step.input) & outputs
@@ -113,19 +121,22 @@ def append_prototypes(model: onnx.ModelProto, rows: np.ndarray, info: ModelInfo,
         stale = {n.output[0] for n in stage.matmuls}  # shapes recorded for a block's product no longer hold
         for info_ in [v for v in graph.value_info if v.name in stale]:
             graph.value_info.remove(info_)
-    names = {t.name for t in graph.initializer} | {n.name for n in graph.node} | {
-        o for n in graph.node for o in n.output}
+    names = (
+        {t.name for t in graph.initializer} | {n.name for n in graph.node} | {o for n in graph.node for o in n.output}
+    )
     new_nodes = []
     current = stage.output
     for index, start in enumerate(range(fill, len(rows), PROTOTYPE_CHUNK)):
         tag = _fresh(names, f"{TAUGHT}_{len(stage.blocks) + index}")
-        block = numpy_helper.from_array(rows[start:start + PROTOTYPE_CHUNK].astype(dtype), f"prototypes.blocks.{tag}")
+        block = numpy_helper.from_array(rows[start : start + PROTOTYPE_CHUNK].astype(dtype), f"prototypes.blocks.{tag}")
         graph.initializer.append(block)
         matmul = _clone(stage.matmuls[-1], f"/prototypes/MatMul_{tag}", {stage.blocks[-1].name: block.name})
-        reduce = _clone(stage.reduces[-1], f"/prototypes/ReduceMax_{tag}",
-                        {stage.matmuls[-1].output[0]: matmul.output[0]})
-        merge = helper.make_node("Max", [current, reduce.output[0]], [f"/prototypes/Max_{tag}_output_0"],
-                                 name=f"/prototypes/Max_{tag}")
+        reduce = _clone(
+            stage.reduces[-1], f"/prototypes/ReduceMax_{tag}", {stage.matmuls[-1].output[0]: matmul.output[0]}
+        )
+        merge = helper.make_node(
+            "Max", [current, reduce.output[0]], [f"/prototypes/Max_{tag}_output_0"], name=f"/prototypes/Max_{tag}"
+        )
         new_nodes += [matmul, reduce, merge]
         current = merge.output[0]
     if new_nodes:
@@ -137,8 +148,9 @@ def append_prototypes(model: onnx.ModelProto, rows: np.ndarray, info: ModelInfo,
         for offset, node in enumerate(new_nodes):
             graph.node.insert(producer + 1 + offset, node)
     if info.num_prototypes != count:
-        raise ProtoADError(f"{where}: {count:,} prototypes after appending, but the metadata says "
-                           f"{info.num_prototypes:,}")
+        raise ProtoADError(
+            f"{where}: {count:,} prototypes after appending, but the metadata says {info.num_prototypes:,}"
+        )
     set_metadata(model, info)
     return count
 
@@ -187,8 +199,10 @@ class Taps:
 def taps(model: onnx.ModelProto, where: str = "the graph") -> Taps:
     entries, exits = scope_boundary(model.graph, FP32_SCOPE)
     if len(entries) != 1 or len(exits) != 1:
-        raise ProtoADError(f"{where}: no L2 normalisation scope {FP32_SCOPE!r} with one input and one output (an "
-                           "export older than it): rebuild the bundle with protoad-export")
+        raise ProtoADError(
+            f"{where}: no L2 normalisation scope {FP32_SCOPE!r} with one input and one output (an "
+            "export older than it): rebuild the bundle with protoad-export"
+        )
     stage = find_stage(model, where)
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
@@ -227,8 +241,11 @@ def tail_graph(model: onnx.ModelProto) -> bytes:
     if model.graph.input[0].name in read:
         raise ProtoADError("the map and score depend on the image beyond the patch scores: re-export the model")
     graph = helper.make_graph(
-        nodes, "tail", [helper.make_tensor_value_info(t.patch_scores, TensorProto.FLOAT, ["n", 1, "h", "w"])],
+        nodes,
+        "tail",
+        [helper.make_tensor_value_info(t.patch_scores, TensorProto.FLOAT, ["n", 1, "h", "w"])],
         [o for o in model.graph.output if o.name in (MAP_NAME, SCORE_NAME)],
-        [i for i in model.graph.initializer if i.name in read])
+        [i for i in model.graph.initializer if i.name in read],
+    )
     tail = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
     return tail.SerializeToString()

@@ -54,8 +54,10 @@ def batch_limit(num_prototypes: int, crop: int, cap: int = DEFAULT_MAX_BATCH) ->
     per_image = max(num_prototypes, FEATURE_CHANNELS) * h * h
     limit = MAX_TENSOR_ELEMENTS // per_image
     if limit < 1:
-        raise ProtoADError(f"one image at crop {crop} with {num_prototypes:,} prototypes needs {per_image:,} elements, "
-                           "over TensorRT's 2^31 limit: export with fewer prototypes or a smaller crop")
+        raise ProtoADError(
+            f"one image at crop {crop} with {num_prototypes:,} prototypes needs {per_image:,} elements, "
+            "over TensorRT's 2^31 limit: export with fewer prototypes or a smaller crop"
+        )
     return min(limit, cap)
 
 
@@ -64,8 +66,11 @@ def strongly_typed(version: str, precision: str) -> bool:
     Q/DQ graph (explicit quantization) says which convs are INT8 and that the rest is FP32, and a weakly typed build
     could also pick INT8 or FP16 kernels elsewhere, outside what the accuracy gate measured."""
     found = tensorrt_version(version)
-    return (found >= ALWAYS_STRONGLY_TYPED_FROM or precision == "int8"
-            or (precision == "fp16" and found >= STRONGLY_TYPED_FP16_FROM))
+    return (
+        found >= ALWAYS_STRONGLY_TYPED_FROM
+        or precision == "int8"
+        or (precision == "fp16" and found >= STRONGLY_TYPED_FP16_FROM)
+    )
 
 
 def check_int8_scheme(info: ModelInfo, int8_onnx: Path, onnx_path: Path) -> None:
@@ -73,9 +78,11 @@ def check_int8_scheme(info: ModelInfo, int8_onnx: Path, onnx_path: Path) -> None
     before TensorRT's form was (UINT8 activations, INT32 biases), which its ONNX parser rejects node by node."""
     scheme = info.build.get("int8", {}).get("scheme")
     if scheme != QDQ_SCHEME:
-        raise ProtoADError(f"{int8_onnx} is not recorded as TensorRT's INT8 form ({QDQ_SCHEME}) in "
-                           f"{Bundle.of(onnx_path).sidecar.name} (recorded: {scheme or 'nothing'}): write it again with "
-                           f"protoad-export --from-onnx {onnx_path} --int8 --category ...")
+        raise ProtoADError(
+            f"{int8_onnx} is not recorded as TensorRT's INT8 form ({QDQ_SCHEME}) in "
+            f"{Bundle.of(onnx_path).sidecar.name} (recorded: {scheme or 'nothing'}): write it again with "
+            f"protoad-export --from-onnx {onnx_path} --int8 --category ..."
+        )
 
 
 def network_flags(trt: Any, typed: bool) -> int:
@@ -119,11 +126,13 @@ def layers_between(network: Any, entries: list[str], exits: list[str]) -> list[A
     unknown += [name for name in exits if name not in producer]
     if unknown:
         raise ProtoADError(f"TensorRT's network has no tensor {', '.join(map(repr, unknown))}")
-    downstream = _reach([i for name in entries for i in consumers.get(name, [])],
-                        lambda i: [c for j in range(layers[i].num_outputs)
-                                   for c in consumers.get(layers[i].get_output(j).name, [])])
-    upstream = _reach([producer[name] for name in exits],
-                      lambda i: [producer[name] for name in inputs[i] if name in producer])
+    downstream = _reach(
+        [i for name in entries for i in consumers.get(name, [])],
+        lambda i: [c for j in range(layers[i].num_outputs) for c in consumers.get(layers[i].get_output(j).name, [])],
+    )
+    upstream = _reach(
+        [producer[name] for name in exits], lambda i: [producer[name] for name in inputs[i] if name in producer]
+    )
     return [layers[i] for i in sorted(downstream & upstream)]
 
 
@@ -150,8 +159,10 @@ def pin_fp32_layers(trt: Any, network: Any, onnx_path: Path, scope: str = FP32_S
     try:
         layers = layers_between(network, entries, exits)
     except ProtoADError as exc:
-        raise ProtoADError(f"{exc} (the input or output of {scope!r} in {onnx_path}): the FP16 engine cannot keep "
-                           "the L2 normalisation in FP32") from None
+        raise ProtoADError(
+            f"{exc} (the input or output of {scope!r} in {onnx_path}): the FP16 engine cannot keep "
+            "the L2 normalisation in FP32"
+        ) from None
     pinned = 0
     for layer in layers:
         outputs = [layer.get_output(j) for j in range(layer.num_outputs)]
@@ -162,13 +173,25 @@ def pin_fp32_layers(trt: Any, network: Any, onnx_path: Path, scope: str = FP32_S
             layer.set_output_type(j, trt.float32)
         pinned += 1
     if pinned == 0:
-        raise ProtoADError(f"no float layer lies between {entries} and {exits} ({scope!r} in {onnx_path}) in "
-                           "TensorRT's network: the FP16 engine would normalise in FP16 and overflow")
+        raise ProtoADError(
+            f"no float layer lies between {entries} and {exits} ({scope!r} in {onnx_path}) in "
+            "TensorRT's network: the FP16 engine would normalise in FP16 and overflow"
+        )
     return pinned
 
 
-def builder_config(trt: Any, builder: Any, network: Any, info: ModelInfo, *, precision: str, typed: bool,
-                   opt_batch: int, max_batch: int, workspace_mib: int) -> Any:
+def builder_config(
+    trt: Any,
+    builder: Any,
+    network: Any,
+    info: ModelInfo,
+    *,
+    precision: str,
+    typed: bool,
+    opt_batch: int,
+    max_batch: int,
+    workspace_mib: int,
+) -> Any:
     """Precision flags, workspace limit and the batch-axis optimisation profile.
 
     A strongly typed network takes its precision from its tensors' types: only weakly typed FP16 builds
@@ -229,9 +252,16 @@ class EngineBuild:
     seconds: float
 
 
-def build_engine(onnx_path: str | os.PathLike, *, precision: str = "fp16", opt_batch: int = 1,
-                 max_batch: int | None = None, workspace_mib: int = DEFAULT_WORKSPACE_MIB, device: int = 0,
-                 log: Callable[[str], None] = print) -> EngineBuild:
+def build_engine(
+    onnx_path: str | os.PathLike,
+    *,
+    precision: str = "fp16",
+    opt_batch: int = 1,
+    max_batch: int | None = None,
+    workspace_mib: int = DEFAULT_WORKSPACE_MIB,
+    device: int = 0,
+    log: Callable[[str], None] = print,
+) -> EngineBuild:
     """Build ``NAME.plan`` beside ``NAME.onnx`` on this machine's GPU and record the build, and the digests of the
     files it wrote, in ``NAME.json``.
 
@@ -246,8 +276,10 @@ def build_engine(onnx_path: str | os.PathLike, *, precision: str = "fp16", opt_b
     bundle = Bundle.of(onnx_path)
     int8_onnx = bundle.file("int8_onnx")
     if precision == "int8" and not int8_onnx.is_file():
-        raise ProtoADError(f"--precision int8 builds from {int8_onnx}, which is not there: write it first with "
-                           f"protoad-export --from-onnx {onnx_path} --int8 --category ... (the accuracy gate decides)")
+        raise ProtoADError(
+            f"--precision int8 builds from {int8_onnx}, which is not there: write it first with "
+            f"protoad-export --from-onnx {onnx_path} --int8 --category ... (the accuracy gate decides)"
+        )
     if max_batch is not None and max_batch < 1:
         raise ProtoADError(f"--max-batch {max_batch} must be at least 1")
     bundle.check(onnx_path)  # a plan built from a stranger would be sealed into the bundle
@@ -258,8 +290,10 @@ def build_engine(onnx_path: str | os.PathLike, *, precision: str = "fp16", opt_b
         check_int8_scheme(info, int8_onnx, onnx_path)
     limit = batch_limit(info.num_prototypes, info.crop, cap=max_batch or DEFAULT_MAX_BATCH)
     if max_batch is not None and max_batch > limit:
-        raise ProtoADError(f"--max-batch {max_batch} is too large for {info.num_prototypes:,} prototypes at crop "
-                           f"{info.crop}: a tensor would reach 2^31 elements; at most {limit}")
+        raise ProtoADError(
+            f"--max-batch {max_batch} is too large for {info.num_prototypes:,} prototypes at crop "
+            f"{info.crop}: a tensor would reach 2^31 elements; at most {limit}"
+        )
     max_batch = limit
     if not 1 <= opt_batch <= max_batch:
         raise ProtoADError(f"--opt-batch {opt_batch} must be between 1 and the largest batch {max_batch}")
@@ -284,20 +318,41 @@ def build_engine(onnx_path: str | os.PathLike, *, precision: str = "fp16", opt_b
     facts: dict[str, Any] = {"strongly_typed": typed}
     if precision == "fp16" and not typed:
         facts["fp32_layers"] = pin_fp32_layers(trt, network, source)
-        log(f"FP16 flag build (TensorRT {trt.__version__}): {facts['fp32_layers']} layers of the L2 normalisation "
-            "pinned to FP32")
-    config = builder_config(trt, builder, network, info, precision=precision, typed=typed, opt_batch=opt_batch,
-                            max_batch=max_batch, workspace_mib=workspace_mib)
+        log(
+            f"FP16 flag build (TensorRT {trt.__version__}): {facts['fp32_layers']} layers of the L2 normalisation "
+            "pinned to FP32"
+        )
+    config = builder_config(
+        trt,
+        builder,
+        network,
+        info,
+        precision=precision,
+        typed=typed,
+        opt_batch=opt_batch,
+        max_batch=max_batch,
+        workspace_mib=workspace_mib,
+    )
     attach_timing_cache(config, cache_file, log)
-    log(f"building the TensorRT {trt.__version__} {precision} engine on {gpu} (batch 1..{max_batch}, opt {opt_batch}) ...")
+    log(
+        f"building the TensorRT {trt.__version__} {precision} engine on {gpu} (batch 1..{max_batch}, opt {opt_batch}) "
+        "..."
+    )
     plan = serialized_plan(trt, builder, network, config, source)
     seconds = time.perf_counter() - started
     del parser
     write_atomic(plan_file, lambda f: f.write(plan))
     write_atomic(cache_file, lambda f: f.write(config.get_timing_cache().serialize()))
     info.tensorrt_version, info.gpu_name, info.tensorrt_precision = trt.__version__, gpu, precision
-    info.build["tensorrt"] = {"plan": plan_file.name, "onnx": source.name, **facts, "build_seconds": round(seconds, 1),
-                              "opt_batch": opt_batch, "max_batch": max_batch, "workspace_mib": workspace_mib}
+    info.build["tensorrt"] = {
+        "plan": plan_file.name,
+        "onnx": source.name,
+        **facts,
+        "build_seconds": round(seconds, 1),
+        "opt_batch": opt_batch,
+        "max_batch": max_batch,
+        "workspace_mib": workspace_mib,
+    }
     wrote = ("plan", "fp16_onnx") if source == bundle.fp16_onnx else ("plan",)
     sidecar = bundle.seal(info, SEALED if created else wrote).save_json(bundle.sidecar)
     for warning in dict.fromkeys(logger.warnings):

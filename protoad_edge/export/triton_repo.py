@@ -24,7 +24,15 @@ from ..atomic import atomic_folder
 from ..bundle import Bundle
 from ..errors import ProtoADError
 from ..metadata import ModelInfo
-from ..runtime.serving.triton import DEFAULT_MAX_BATCH, DEFAULT_QUEUE_DELAY_US, PARAMETER, TensorSpec, check_model_name, info_parameter, signature
+from ..runtime.serving.triton import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_QUEUE_DELAY_US,
+    PARAMETER,
+    TensorSpec,
+    check_model_name,
+    info_parameter,
+    signature,
+)
 from .tensorrt import DEFAULT_WORKSPACE_MIB, batch_limit
 
 ACCELERATORS = ("none", "tensorrt")
@@ -42,10 +50,16 @@ class RepositoryModel:
     max_batch: int
 
 
-def write_repository(model: str | Path, repo: str | Path, *, name: str | None = None,
-                     max_batch: int = DEFAULT_MAX_BATCH, accelerate: str = "none",
-                     queue_delay_us: int = DEFAULT_QUEUE_DELAY_US,
-                     log: Callable[[str], None] = lambda m: None) -> list[RepositoryModel]:
+def write_repository(
+    model: str | Path,
+    repo: str | Path,
+    *,
+    name: str | None = None,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    accelerate: str = "none",
+    queue_delay_us: int = DEFAULT_QUEUE_DELAY_US,
+    log: Callable[[str], None] = lambda m: None,
+) -> list[RepositoryModel]:
     """Write ``repo/NAME`` (and ``repo/NAME_trt`` where the plan exists) for the bundle of ``model``.
 
     Each model folder is written whole to a temporary folder and then renamed into place, so a server
@@ -73,20 +87,27 @@ def write_repository(model: str | Path, repo: str | Path, *, name: str | None = 
         trt_name = name + TRT_SUFFIX
         text = model_config(info, trt_name, "tensorrt_plan", int(plan_batch), queue_delay_us)
         written.append(_write_model(repo / trt_name, text, bundle.plan, "model.plan", "tensorrt_plan", int(plan_batch)))
-        log(f"  {trt_name}: built with TensorRT {info.tensorrt_version} on {info.gpu_name}: serve it with the Triton "
-            "release that ships this TensorRT, on that GPU model (plans are not portable)")
+        log(
+            f"  {trt_name}: built with TensorRT {info.tensorrt_version} on {info.gpu_name}: serve it with the Triton "
+            "release that ships this TensorRT, on that GPU model (plans are not portable)"
+        )
     elif bundle.plan.is_file():
-        log(f"  {bundle.plan} left out: its sidecar does not record the engine's batch range (rebuild it with "
-            "protoad-export --from-onnx)")
+        log(
+            f"  {bundle.plan} left out: its sidecar does not record the engine's batch range (rebuild it with "
+            "protoad-export --from-onnx)"
+        )
     for m in written:
         log(f"  {m.folder}: {m.platform}, batch up to {m.max_batch}")
-    log(f"  Triton repository {repo} written in {time.perf_counter() - started:.1f} s: "
-        f"tritonserver --model-repository {repo.resolve()}")
+    log(
+        f"  Triton repository {repo} written in {time.perf_counter() - started:.1f} s: "
+        f"tritonserver --model-repository {repo.resolve()}"
+    )
     return written
 
 
-def _write_model(folder: Path, config_text: str, source: Path, file_name: str, platform: str,
-                 max_batch: int) -> RepositoryModel:
+def _write_model(
+    folder: Path, config_text: str, source: Path, file_name: str, platform: str, max_batch: int
+) -> RepositoryModel:
     with atomic_folder(folder) as tmp:
         (tmp / "config.pbtxt").write_text(config_text, encoding="utf-8")
         (tmp / VERSION).mkdir()
@@ -94,20 +115,27 @@ def _write_model(folder: Path, config_text: str, source: Path, file_name: str, p
     return RepositoryModel(folder.name, platform, folder, max_batch)
 
 
-def model_config(info: ModelInfo, name: str, platform: str, max_batch: int, queue_delay_us: int, *,
-                 accelerate: str = "none") -> str:
+def model_config(
+    info: ModelInfo, name: str, platform: str, max_batch: int, queue_delay_us: int, *, accelerate: str = "none"
+) -> str:
     """The ``config.pbtxt`` text of the bundle's network as ``platform`` (protobuf text format of ModelConfig)."""
     inputs, outputs = signature(info)
-    lines = [f"name: {quote(name)}", f"platform: {quote(platform)}", f"max_batch_size: {max_batch}",
-             "version_policy: { latest: { num_versions: 1 } }"]
+    lines = [
+        f"name: {quote(name)}",
+        f"platform: {quote(platform)}",
+        f"max_batch_size: {max_batch}",
+        "version_policy: { latest: { num_versions: 1 } }",
+    ]
     lines += [f"input {tensor(t)}" for t in inputs] + [f"output {tensor(t)}" for t in outputs]
     lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us} }}")
     if accelerate == "tensorrt":
         # onnxruntime's TensorRT provider inside Triton, FP16 (the graph's L2 norm is FP16-safe, as for protoad-run).
         settings = {"precision_mode": "FP16", "max_workspace_size_bytes": str(DEFAULT_WORKSPACE_MIB * 2**20)}
         params = " ".join(f"parameters {{ key: {quote(k)} value: {quote(v)} }}" for k, v in settings.items())
-        lines.append("optimization { execution_accelerators { gpu_execution_accelerator: "
-                     f"[ {{ name: \"tensorrt\" {params} }} ] }} }}")
+        lines.append(
+            "optimization { execution_accelerators { gpu_execution_accelerator: "
+            f'[ {{ name: "tensorrt" {params} }} ] }} }}'
+        )
     lines.append(f"parameters {{ key: {quote(PARAMETER)} value: {{ string_value: {quote(info_parameter(info))} }} }}")
     return "\n".join(lines) + "\n"
 

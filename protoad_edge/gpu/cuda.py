@@ -30,8 +30,10 @@ def cudart() -> Any:
             try:
                 from cuda import cudart as runtime  # type: ignore[no-redef]
             except ImportError:
-                raise ProtoADError("cuda-python is not installed (needed for the TensorRT backend): pip install "
-                                  "'protoad-edge[gpu-cu12]', or [gpu-cu13] with a CUDA 13 driver") from None
+                raise ProtoADError(
+                    "cuda-python is not installed (needed for the TensorRT backend): pip install "
+                    "'protoad-edge[gpu-cu12]', or [gpu-cu13] with a CUDA 13 driver"
+                ) from None
         _cudart = runtime
     return _cudart
 
@@ -51,7 +53,9 @@ def error_text(err: Any) -> str:
     rt = cudart()
     name = rt.cudaGetErrorName(err)[1]
     text = rt.cudaGetErrorString(err)[1]
-    return f"{name.decode() if isinstance(name, bytes) else name} ({text.decode() if isinstance(text, bytes) else text})"
+    return (
+        f"{name.decode() if isinstance(name, bytes) else name} ({text.decode() if isinstance(text, bytes) else text})"
+    )
 
 
 def require_gpu(device: int = 0) -> None:
@@ -85,8 +89,10 @@ def driver_mismatch() -> str:
         return "no NVIDIA driver was found (cudaDriverGetVersion reports none): install the GPU's driver"
     need, have = cuda_version(runtime), cuda_version(driver)
     if runtime // 1000 > driver // 1000 and driver // 1000 in CUDA_EXTRAS:
-        fix = (f"install the cuda-python (and TensorRT) of the driver's CUDA: pip install "
-               f"'protoad-edge[gpu-cu{driver // 1000}]', or update the driver")
+        fix = (
+            f"install the cuda-python (and TensorRT) of the driver's CUDA: pip install "
+            f"'protoad-edge[gpu-cu{driver // 1000}]', or update the driver"
+        )
     else:
         fix = f"update the driver to one for CUDA {need}"
     return f"the NVIDIA driver supports CUDA {have}, and this cuda-python's runtime needs CUDA {need}; {fix}"
@@ -148,16 +154,20 @@ class Stream:
     def to_device(self, buf: HostDeviceBuffer, nbytes: int | None = None) -> None:
         rt = cudart()
         n = buf.nbytes if nbytes is None else nbytes
-        check(rt.cudaMemcpyAsync(buf.device, buf.host_ptr, n, rt.cudaMemcpyKind.cudaMemcpyHostToDevice, self.handle),
-              "host-to-device copy")
+        check(
+            rt.cudaMemcpyAsync(buf.device, buf.host_ptr, n, rt.cudaMemcpyKind.cudaMemcpyHostToDevice, self.handle),
+            "host-to-device copy",
+        )
 
     def to_host(self, buf: HostDeviceBuffer, nbytes: int | None = None) -> None:
         rt = cudart()
         n = buf.nbytes if nbytes is None else nbytes
-        check(rt.cudaMemcpyAsync(buf.host_ptr, buf.device, n, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.handle),
-              "device-to-host copy")
+        check(
+            rt.cudaMemcpyAsync(buf.host_ptr, buf.device, n, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.handle),
+            "device-to-host copy",
+        )
 
-    def record(self, event: "Event") -> None:
+    def record(self, event: Event) -> None:
         check(cudart().cudaEventRecord(event.handle, self.handle), "cudaEventRecord")
 
     def synchronize(self) -> None:
@@ -175,7 +185,7 @@ class Event:
     def __init__(self) -> None:
         self.handle = check(cudart().cudaEventCreate(), "cudaEventCreate")
 
-    def ms_since(self, start: "Event") -> float:
+    def ms_since(self, start: Event) -> float:
         """Milliseconds from ``start`` to this event (both recorded, stream synchronised)."""
         return float(check(cudart().cudaEventElapsedTime(start.handle, self.handle), "cudaEventElapsedTime"))
 

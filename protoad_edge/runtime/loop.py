@@ -23,10 +23,10 @@ from ..errors import ProtoADError
 from ..metadata import OVERRIDE, ModelInfo, rule_name
 from ..preprocess import Geometry, Preprocess, to_batch
 from .backends.base import Backend
-from .sources.capture import STOP_POLL_S, Capture, Frame, Reconnect
 from .outputs.overlay import render
-from .result import FrameResult, Region, RunContext
 from .outputs.sinks import JsonlSink, MaskSink, Sink, VideoSink, WindowSink
+from .result import FrameResult, Region, RunContext
+from .sources.capture import STOP_POLL_S, Capture, Frame, Reconnect
 from .sources.source import Source, SourceSpec, open_source
 
 if TYPE_CHECKING:
@@ -76,8 +76,12 @@ class RunOptions:
     log: Callable[[str], None] = _stderr  # notices for the user (never the JSON lines)
     on_frame: Callable[[FrameResult], None] | None = None  # e.g. to drive a reject gate
     stop: StopRequest | None = None  # set (by a signal handler) to end the run between two frames
-    sinks: list[Sink] = field(default_factory=list)  # the caller's own (e.g. MQTT), after the others; the run closes them
+    sinks: list[Sink] = field(
+        default_factory=list
+    )  # the caller's own (e.g. MQTT), after the others; the run closes them
     watch: ModelWatch | None = None  # hands over a new version of the bundle, taken between two batches
+    # the caller's own sinks of the i-th source (e.g. the station's), after its others; the run closes them
+    lane_sinks: Callable[[int, Source], list[Sink]] | None = None
 
 
 @dataclass
@@ -176,8 +180,11 @@ class Judge:
         threshold, pixel_threshold = thresholds_in_force(info, options.threshold)
         pre = info.preprocess if options.roi is None else dataclasses.replace(info.preprocess, roi=tuple(options.roi))
         rule = rule_name(info.threshold_rule) if options.threshold is None else OVERRIDE
-        return cls(backend, pre, RunContext(backend.describe().model, info.category, threshold, rule, pixel_threshold,
-                                            info.version))
+        return cls(
+            backend,
+            pre,
+            RunContext(backend.describe().model, info.category, threshold, rule, pixel_threshold, info.version),
+        )
 
     def geometry(self, width: int, height: int, source_name: str) -> Geometry:
         if (width, height) not in self.geometries:
@@ -197,24 +204,50 @@ class Judge:
         results = []
         for (frame, _), crop, amap, score, geometry in zip(frames, crops, maps, scores, geometries):
             anomalous = bool(is_anomalous(float(score), self.context.threshold))
-            regions = [Region(geometry.box_to_frame(*box), round(count * geometry.scale[0] * geometry.scale[1]), peak)
-                       for box, count, peak in defect_regions(amap, self.context.pixel_threshold, MAX_REGIONS)] if anomalous else []
-            results.append(FrameResult(frame.index, frame.timestamp, frame.label, float(score), anomalous, latency_ms,
-                                       frame.rgb, crop, amap, geometry, self.context, regions, frame.pos_ms))
+            regions = (
+                [
+                    Region(geometry.box_to_frame(*box), round(count * geometry.scale[0] * geometry.scale[1]), peak)
+                    for box, count, peak in defect_regions(amap, self.context.pixel_threshold, MAX_REGIONS)
+                ]
+                if anomalous
+                else []
+            )
+            results.append(
+                FrameResult(
+                    frame.index,
+                    frame.timestamp,
+                    frame.label,
+                    float(score),
+                    anomalous,
+                    latency_ms,
+                    frame.rgb,
+                    crop,
+                    amap,
+                    geometry,
+                    self.context,
+                    regions,
+                    frame.pos_ms,
+                )
+            )
         return results
 
 
 def status_line(lanes: list[Lane]) -> str:
     """The periodic sign of life of a headless run (stderr, so stdout keeps only data)."""
-    def one(summary: RunSummary, capture: Capture) -> str:
-        return (f"{summary.frames:,} frames in {summary.seconds:,.0f} s ({summary.fps:.1f} FPS), "
-                f"{summary.anomalies:,} anomalies, {capture.dropped:,} dropped, {capture.reconnects:,} reconnects")
+
+    def one(lane: Lane) -> str:
+        summary, capture = lane.summary, lane.capture
+        notes = "".join(f", {note}" for sink in lane.sinks if (note := sink.status()))
+        return (
+            f"{summary.frames:,} frames in {summary.seconds:,.0f} s ({summary.fps:.1f} FPS), "
+            f"{summary.anomalies:,} anomalies, {capture.dropped:,} dropped, {capture.reconnects:,} reconnects" + notes
+        )
 
     if len(lanes) == 1:
-        return "status: " + one(lanes[0].summary, lanes[0].capture)
+        return "status: " + one(lanes[0])
     total = sum(lane.summary.frames for lane in lanes)
     seconds = max(lane.summary.seconds for lane in lanes)
-    parts = [f"{lane.summary.source}: " + one(lane.summary, lane.capture) for lane in lanes]
+    parts = [f"{lane.summary.source}: " + one(lane) for lane in lanes]
     return f"status: {total:,} frames ({total / seconds if seconds else 0.0:.1f} FPS in all); " + "; ".join(parts)
 
 
@@ -261,8 +294,9 @@ def run(source: str | SourceSpec | Source, backend: Backend, options: RunOptions
     return summary
 
 
-def run_many(sources: list[str | SourceSpec | Source], backend: Backend,
-             options: RunOptions | None = None) -> list[RunSummary]:
+def run_many(
+    sources: list[str | SourceSpec | Source], backend: Backend, options: RunOptions | None = None
+) -> list[RunSummary]:
     """Judge the frames of several sources with one backend: one capture thread per source, the frames
     waiting across sources judged in one backend call (up to ``backend.max_batch``), every result routed to
     its source's outputs (``per_source`` names them) and to the shared JSON log and caller's sinks.
@@ -278,15 +312,30 @@ def run_many(sources: list[str | SourceSpec | Source], backend: Backend,
     arrived = threading.Event()
     opened = [s if isinstance(s, Source) else open_source(s) for s in sources]
     count = len(opened)
-    lanes = [Lane(src, Capture(src, options.queue_size, options.reconnect, log=options.log, arrived=arrived), [],
-                  RunSummary(source=src.name, model=info.category, threshold=threshold)) for src in opened]
+    lanes = [
+        Lane(
+            src,
+            Capture(src, options.queue_size, options.reconnect, log=options.log, arrived=arrived),
+            [],
+            RunSummary(source=src.name, model=info.category, threshold=threshold),
+        )
+        for src in opened
+    ]
     shared: list[Sink] = []
     try:
-        shared = open_sinks(RunOptions(jsonl=options.jsonl, sinks=options.sinks, log=options.log), opened[0],
-                            f"protoad-run: {info.category}")
+        shared = open_sinks(
+            RunOptions(jsonl=options.jsonl, sinks=options.sinks, log=options.log),
+            opened[0],
+            f"protoad-run: {info.category}",
+        )
         for i, lane in enumerate(lanes):
-            lane_options = dataclasses.replace(options, jsonl=None, sinks=[], save=per_source(options.save, i, count),
-                                               save_masks=per_source(options.save_masks, i, count))
+            lane_options = dataclasses.replace(
+                options,
+                jsonl=None,
+                save=per_source(options.save, i, count),
+                sinks=options.lane_sinks(i, lane.source) if options.lane_sinks else [],
+                save_masks=per_source(options.save_masks, i, count),
+            )
             title = f"protoad-run: {info.category}" + (f" ({lane.source.name})" if count > 1 else "")
             lane.sinks = open_sinks(lane_options, lane.source, title)
         for lane in lanes:  # the order a frame's sinks are written in: masks before the records that name them
@@ -311,7 +360,11 @@ def run_many(sources: list[str | SourceSpec | Source], backend: Backend,
         for lane in lanes:
             lane.capture.stop()
             s = lane.summary
-            s.dropped, s.reconnects, s.longest_gap = lane.capture.dropped, lane.capture.reconnects, lane.capture.longest_gap
+            s.dropped, s.reconnects, s.longest_gap = (
+                lane.capture.dropped,
+                lane.capture.reconnects,
+                lane.capture.longest_gap,
+            )
             s.written = close_sinks(lane.sinks, keep=s.frames > 0)
         written = close_sinks(shared, keep=any(lane.summary.frames for lane in lanes))
         lanes[0].summary.written[:0] = written
@@ -334,12 +387,15 @@ def switch(judge: Judge, backend: Backend, options: RunOptions, lanes: list[Lane
         new = Judge.of(backend, options)
     except ProtoADError as exc:
         backend.close()
-        options.log(f"model: version {backend.info.version} refused, still judging with version {old.model_version}: "
-                    f"{exc}")
+        options.log(
+            f"model: version {backend.info.version} refused, still judging with version {old.model_version}: {exc}"
+        )
         return
-    options.log(f"model: version {old.model_version} -> {new.context.model_version} "
-                f"({backend.info.num_prototypes:,} prototypes), threshold {old.threshold:.6g} -> "
-                f"{new.context.threshold:.6g} ({new.context.threshold_rule or 'rule not recorded'})")
+    options.log(
+        f"model: version {old.model_version} -> {new.context.model_version} "
+        f"({backend.info.num_prototypes:,} prototypes), threshold {old.threshold:.6g} -> "
+        f"{new.context.threshold:.6g} ({new.context.threshold_rule or 'rule not recorded'})"
+    )
     if judge.backend is not given:
         judge.backend.close()
     judge.backend, judge.pre, judge.context = new.backend, new.pre, new.context
@@ -395,10 +451,21 @@ def _judge_until_done(lanes: list[Lane], judge: Judge, options: RunOptions) -> N
             rate = 1.0 / max(now - lane.last, 1e-9)
             lane.fps = rate if lane.fps == 0.0 else (1 - FPS_SMOOTHING) * lane.fps + FPS_SMOOTHING * rate
             lane.last = now
-            view = render(frame.rgb, result.anomaly_map, result.geometry, score=result.score,
-                          anomalous=result.anomalous, threshold=result.context.threshold,
-                          pixel_threshold=result.context.pixel_threshold,
-                          fps=lane.fps, view_width=options.view_width) if lane.needs_view else None
+            view = (
+                render(
+                    frame.rgb,
+                    result.anomaly_map,
+                    result.geometry,
+                    score=result.score,
+                    anomalous=result.anomalous,
+                    threshold=result.context.threshold,
+                    pixel_threshold=result.context.pixel_threshold,
+                    fps=lane.fps,
+                    view_width=options.view_width,
+                )
+                if lane.needs_view
+                else None
+            )
             if not all([sink.write(result, view) for sink in lane.writes]):
                 _end(lane, "window closed")
             if options.on_frame is not None:

@@ -3,8 +3,9 @@
 A teach, a rollback or ``protoad-eval --set-threshold`` rewrites the bundle's files and its sidecar last
 (``versions.py``). :class:`ModelWatch` looks every ``every`` seconds, on a thread, at the sidecar and the file the
 backend runs (a ``stat`` each; for a ``--server`` model, the served configuration); when they change it opens the
-new version there, beside the backend that keeps judging, warms it up on one frame, and hands it over. The run loop takes it between two batches (``poll``), so no
-frame is judged twice or skipped and the capture and every output stay open; the old backend is closed after.
+new version there, beside the backend that keeps judging, warms it up on one frame, and hands it over. The run
+loop takes it between two batches (``poll``), so no frame is judged twice or skipped and the capture and every
+output stay open; the old backend is closed after.
 
 A version that cannot be opened (half written, corrupt, its sidecar not matching its graph, a plan of another
 GPU) is refused with one line and the run goes on with the version it has; the watch tries again when the files
@@ -36,8 +37,15 @@ class ModelWatch:
     """Watches the model of ``backend``: ``look()`` says what it is now (None: not now, a version is being
     written), and when that changes ``open_()`` opens it (``local`` and ``served`` make the pair)."""
 
-    def __init__(self, backend: Backend, open_: Callable[[], Backend], look: Callable[[], object],
-                 every: float = CHECK_EVERY_S, log: Log = print, what: str = "") -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        open_: Callable[[], Backend],
+        look: Callable[[], object],
+        every: float = CHECK_EVERY_S,
+        log: Log = print,
+        what: str = "",
+    ) -> None:
         self.open_, self.look, self.every, self.log = open_, look, every, log
         self.what = what or str(backend.path)
         self.seen = look()  # the model running (or last refused)
@@ -68,8 +76,10 @@ class ModelWatch:
             return None
 
     def _refuse(self, exc: BaseException) -> None:
-        self.log(f"model: the new version of {self.what} was refused, still judging with version {self.version}: "
-                 f"{_one_line(exc)}")
+        self.log(
+            f"model: the new version of {self.what} was refused, still judging with version {self.version}: "
+            f"{_one_line(exc)}"
+        )
 
     def _watch(self) -> None:
         while not self._stop.wait(self.every):

@@ -52,6 +52,7 @@ class FrameResult:
     regions: list[Region] = field(default_factory=list)
     pos_ms: float | None = None  # position in a video file
     mask_file: str | None = None  # the mask written for this frame, if any
+    health: dict[str, Any] | None = None  # the source's health after this frame (runtime.health), if watched
 
     def record(self) -> dict[str, Any]:
         """The JSON record (README: "JSON records")."""
@@ -74,4 +75,6 @@ class FrameResult:
             record["pos_ms"] = round(self.pos_ms, 3)
         if self.mask_file is not None:
             record["mask"] = self.mask_file
+        if self.health is not None:
+            record["health"] = self.health
         return record

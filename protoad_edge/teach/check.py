@@ -38,19 +38,28 @@ class CheckResult:
     normal: int
 
     def line(self) -> str:
-        return (f"check on {self.what}: {self.verdict.figures.line()}; at the image threshold defects caught "
-                f"{self.caught_before}/{self.defects} -> {self.caught_after}/{self.defects}, false alarms "
-                f"{self.false_alarms_before}/{self.normal} -> {self.false_alarms_after}/{self.normal}: "
-                + ("passed" if self.verdict.passed else "; ".join(self.verdict.failures)))
+        return (
+            f"check on {self.what}: {self.verdict.figures.line()}; at the image threshold defects caught "
+            f"{self.caught_before}/{self.defects} -> {self.caught_after}/{self.defects}, false alarms "
+            f"{self.false_alarms_before}/{self.normal} -> {self.false_alarms_after}/{self.normal}: "
+            + ("passed" if self.verdict.passed else "; ".join(self.verdict.failures))
+        )
 
     def refusal(self, bundle: Bundle) -> str:
-        return (f"teach refused, {bundle.stem} left as it is: {self.line()}. Were defects among the frames taught? "
-                f"Pass {ACCEPT_FLAG} to teach them anyway")
+        return (
+            f"teach refused, {bundle.stem} left as it is: {self.line()}. Were defects among the frames taught? "
+            f"Pass {ACCEPT_FLAG} to teach them anyway"
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"on": self.what, **{k: v for k, v in self.verdict.to_dict().items() if k != "min_spearman"},
-                "caught": [self.caught_before, self.caught_after], "defects": self.defects,
-                "false_alarms": [self.false_alarms_before, self.false_alarms_after], "normal": self.normal}
+        return {
+            "on": self.what,
+            **{k: v for k, v in self.verdict.to_dict().items() if k != "min_spearman"},
+            "caught": [self.caught_before, self.caught_after],
+            "defects": self.defects,
+            "false_alarms": [self.false_alarms_before, self.false_alarms_after],
+            "normal": self.normal,
+        }
 
 
 @dataclass
@@ -66,11 +75,25 @@ class Check:
         before, after = maps(split.crops)
         old, new = compute_metrics(split, before), compute_metrics(split, after)
         rank = spearman(image_scores(before), image_scores(after))
-        figures = GateFigures(what="the taught bundle", images=len(split.labels),
-                              reference_image_auroc=old.image_auroc, image_auroc=new.image_auroc, spearman=rank,
-                              reference_pixel_auroc=old.pixel_auroc, pixel_auroc=new.pixel_auroc)
+        figures = GateFigures(
+            what="the taught bundle",
+            images=len(split.labels),
+            reference_image_auroc=old.image_auroc,
+            image_auroc=new.image_auroc,
+            spearman=rank,
+            reference_pixel_auroc=old.pixel_auroc,
+            pixel_auroc=new.pixel_auroc,
+        )
         flagged = [is_anomalous(image_scores(m), threshold) for m in (before, after)]
         labels = split.labels
-        return CheckResult(self.what, judge(figures, rank=False), threshold,
-                           int((flagged[0] & labels).sum()), int((flagged[1] & labels).sum()), int(labels.sum()),
-                           int((flagged[0] & ~labels).sum()), int((flagged[1] & ~labels).sum()), int((~labels).sum()))
+        return CheckResult(
+            self.what,
+            judge(figures, rank=False),
+            threshold,
+            int((flagged[0] & labels).sum()),
+            int((flagged[1] & labels).sum()),
+            int(labels.sum()),
+            int((flagged[0] & ~labels).sum()),
+            int((flagged[1] & ~labels).sum()),
+            int((~labels).sum()),
+        )

@@ -46,8 +46,13 @@ class Cover:
     centres: np.ndarray  # float32 [G, D]: the cells' centres
 
 
-def cover(compared: np.ndarray, unit: np.ndarray | None, cosine: float,
-          to_graph: Callable[[np.ndarray], np.ndarray], seed: int = 0) -> Cover:
+def cover(
+    compared: np.ndarray,
+    unit: np.ndarray | None,
+    cosine: float,
+    to_graph: Callable[[np.ndarray], np.ndarray],
+    seed: int = 0,
+) -> Cover:
     """Prototypes covering every row of ``compared`` [M, D] (uncovered patches, unit vectors as the graph compares
     them; ``unit`` [M, 1792] the same before any projection, None where the graph does not project) at ``cosine``;
     ``to_graph`` maps 1792-d prototypes to the graph's space."""
@@ -93,7 +98,7 @@ def _leaders(z: np.ndarray, cell: np.ndarray, cosine: float) -> np.ndarray:
         mine = np.flatnonzero(cell == g)
         heads: list[int] = []
         for start in range(0, len(mine), BLOCK):
-            part = mine[start:start + BLOCK]
+            part = mine[start : start + BLOCK]
             if heads:
                 similarity = z[part] @ z[heads].T
                 best = np.argmax(similarity, axis=1)

@@ -46,9 +46,11 @@ class BundleGraph:
         import onnxruntime as ort
 
         if not bundle.onnx.is_file():
-            raise ProtoADError(f"teaching reads {bundle.onnx} (the features and the prototype stage come from it), and "
-                               f"it does not exist: copy it beside {bundle.sidecar.name}, or rebuild the bundle with "
-                               "protoad-export")
+            raise ProtoADError(
+                f"teaching reads {bundle.onnx} (the features and the prototype stage come from it), and "
+                f"it does not exist: copy it beside {bundle.sidecar.name}, or rebuild the bundle with "
+                "protoad-export"
+            )
         where = str(bundle.onnx)
         self.bundle, self.info = bundle, info
         bundle.check(bundle.onnx)  # what is taught must be the bundle's own graph (its sidecar's digest)
@@ -56,8 +58,10 @@ class BundleGraph:
         self.taps = xp.taps(self.model, where)
         self.prototypes = xp.read_prototypes(self.model, where)
         if len(self.prototypes) != info.num_prototypes:
-            raise ProtoADError(f"{where} holds {len(self.prototypes):,} prototypes, its sidecar says "
-                               f"{info.num_prototypes:,}: restore the pair the build or the last teach wrote")
+            raise ProtoADError(
+                f"{where} holds {len(self.prototypes):,} prototypes, its sidecar says "
+                f"{info.num_prototypes:,}: restore the pair the build or the last teach wrote"
+            )
         self.projection: FittedProjection | None = None
         if info.projection:
             bundle.check(bundle.file("projection"))
@@ -70,17 +74,18 @@ class BundleGraph:
         graph = self.model.graph
         graph.output.extend([_value(name) for name in extra])
         try:
-            self.session = ort.InferenceSession(self.model.SerializeToString(), options,
-                                                providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(
+                self.model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+            )
         finally:
-            del graph.output[len(graph.output) - len(extra):]
+            del graph.output[len(graph.output) - len(extra) :]
         self.tail = ort.InferenceSession(xp.tail_graph(self.model), options, providers=["CPUExecutionProvider"])
 
     def see(self, crops: np.ndarray) -> Seen:
         """The patch vectors, patch scores, maps and scores of uint8 [N, S, S, 3] ``crops``."""
         parts: list[list[np.ndarray]] = [[] for _ in self.outputs]
         for start in range(0, len(crops), BATCH):
-            out = self.session.run(self.outputs, {self.info.input_name: to_batch(crops[start:start + BATCH])})
+            out = self.session.run(self.outputs, {self.info.input_name: to_batch(crops[start : start + BATCH])})
             for part, value in zip(parts, out):
                 part.append(value)
         compared, patch, maps, scores, *raw = (np.concatenate(p) for p in parts)
@@ -95,8 +100,9 @@ class BundleGraph:
 
     def judge(self, patch_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Maps [N, S, S] and image scores [N] of patch scores [N, h, w], as the graph's tail computes them."""
-        maps, scores = self.tail.run([MAP_NAME, SCORE_NAME],
-                                     {self.taps.patch_scores: patch_scores[:, None].astype(np.float32)})
+        maps, scores = self.tail.run(
+            [MAP_NAME, SCORE_NAME], {self.taps.patch_scores: patch_scores[:, None].astype(np.float32)}
+        )
         return maps[:, 0], scores
 
     def to_graph(self, unit: np.ndarray) -> np.ndarray:

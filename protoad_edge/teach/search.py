@@ -63,7 +63,7 @@ class Cells:
         self.radius = radius  # -inf: an empty cell
 
     def cell(self, g: int) -> np.ndarray:
-        return self.rows[self.starts[g]:self.starts[g + 1]]
+        return self.rows[self.starts[g] : self.starts[g + 1]]
 
     def best(self, z: np.ndarray, near: np.ndarray, floor: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(the highest similarity of each of ``z`` [M, D] to the rows, which row, as given) - exactly. ``near`` is
@@ -87,8 +87,9 @@ class Cells:
                 bound[todo] = distance(best[todo]) + MARGIN
         return best, which
 
-    def _visit(self, z: np.ndarray, patches: np.ndarray, cells: np.ndarray, best: np.ndarray,
-               which: np.ndarray) -> None:
+    def _visit(
+        self, z: np.ndarray, patches: np.ndarray, cells: np.ndarray, best: np.ndarray, which: np.ndarray
+    ) -> None:
         """Compare ``patches`` with the rows of their ``cells``, keeping the best of each."""
         order = np.argsort(cells, kind="stable")
         patches, cells = patches[order], cells[order]
@@ -98,7 +99,7 @@ class Cells:
             if not len(rows):
                 continue
             for first in range(start, end, BLOCK):
-                part = patches[first:min(end, first + BLOCK)]
+                part = patches[first : min(end, first + BLOCK)]
                 similarity = z[part] @ rows.T
                 top = np.argmax(similarity, axis=1)
                 value = similarity[np.arange(len(part)), top]

@@ -57,9 +57,14 @@ class FrameReport:
     bbox: list[int] | None  # where those patches lie, [x, y, w, h] in frame pixels (None: none)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"frame": self.label, "score_before": round(self.score_before, 6),
-                "score_after": round(self.score_after, 6), "patches": self.patches, "share": round(self.share, 4),
-                "bbox": self.bbox}
+        return {
+            "frame": self.label,
+            "score_before": round(self.score_before, 6),
+            "score_after": round(self.score_after, 6),
+            "patches": self.patches,
+            "share": round(self.share, 4),
+            "bbox": self.bbox,
+        }
 
 
 @dataclass
@@ -73,10 +78,13 @@ class HeldOut:
     rule_after: Thresholds
 
     def to_dict(self) -> dict[str, Any]:
-        return {"frames": self.frames, "false_alarms_before": self.false_alarms_before,
-                "false_alarms_after": self.false_alarms_after,
-                "rule_before": {"image": self.rule_before.image, "pixel": self.rule_before.pixel},
-                "rule_after": {"image": self.rule_after.image, "pixel": self.rule_after.pixel}}
+        return {
+            "frames": self.frames,
+            "false_alarms_before": self.false_alarms_before,
+            "false_alarms_after": self.false_alarms_after,
+            "rule_before": {"image": self.rule_before.image, "pixel": self.rule_before.pixel},
+            "rule_after": {"image": self.rule_after.image, "pixel": self.rule_after.pixel},
+        }
 
 
 @dataclass
@@ -101,9 +109,18 @@ class TeachResult:
         return self.k_after - self.k_before
 
 
-def teach(bundle: Bundle, frames: Frames, *, graph: BundleGraph | None = None, check: Check | None = None,
-          held_out: Frames | None = None, accept: bool = False, keep: int = versions.KEEP, threads: int = 0,
-          log: Log = print) -> TeachResult:
+def teach(
+    bundle: Bundle,
+    frames: Frames,
+    *,
+    graph: BundleGraph | None = None,
+    check: Check | None = None,
+    held_out: Frames | None = None,
+    accept: bool = False,
+    keep: int = versions.KEEP,
+    threads: int = 0,
+    log: Log = print,
+) -> TeachResult:
     """Teach ``frames`` (judged normal by an operator) to ``bundle``; see the module's docstring."""
     clock: dict[str, float] = {}
     start = time.perf_counter()
@@ -120,8 +137,18 @@ def teach(bundle: Bundle, frames: Frames, *, graph: BundleGraph | None = None, c
     cosine = level(info)
     n, hw = seen.patch_scores.shape[0], seen.patch_scores[0].size
     uncovered = seen.patch_scores.reshape(n, hw) > 1.0 - cosine
-    result = TeachResult(bundle, info.image_threshold, 1.0 - cosine, info.num_prototypes, info.num_prototypes, [],
-                         int(uncovered.sum()), info.version, None, seconds=clock)
+    result = TeachResult(
+        bundle,
+        info.image_threshold,
+        1.0 - cosine,
+        info.num_prototypes,
+        info.num_prototypes,
+        [],
+        int(uncovered.sum()),
+        info.version,
+        None,
+        seconds=clock,
+    )
     if not uncovered.any():
         result.frames = _reports(frames, seen, seen.scores, uncovered)
         result.notes.append("every patch of these frames is covered already: nothing to teach, no new version")
@@ -146,10 +173,16 @@ def teach(bundle: Bundle, frames: Frames, *, graph: BundleGraph | None = None, c
     if result.check is not None and not result.check.verdict.passed and not accept:
         raise ProtoADError(result.check.refusal(bundle))
     with versions.writing(bundle) as new:
-        record = {"frames": n, "sources": sorted({label.rsplit("#", 1)[0] for label in frames.labels})[:20],
-                  "patches": result.patches, "prototypes_added": len(covered.rows), "k_before": result.k_before,
-                  "k_after": result.k_after, "cosine": cosine,
-                  "per_frame": [r.to_dict() for r in result.frames[:RECORDED_FRAMES]]}
+        record = {
+            "frames": n,
+            "sources": sorted({label.rsplit("#", 1)[0] for label in frames.labels})[:20],
+            "patches": result.patches,
+            "prototypes_added": len(covered.rows),
+            "k_before": result.k_before,
+            "k_after": result.k_after,
+            "cosine": cosine,
+            "per_frame": [r.to_dict() for r in result.frames[:RECORDED_FRAMES]],
+        }
         if result.check is not None:
             record["check"] = result.check.to_dict()
         new_info = new.info(dataclasses.replace(info, num_prototypes=result.k_after), "teach", **record)
@@ -177,7 +210,7 @@ def _maps(graph: BundleGraph, cells: Cells, crops: np.ndarray) -> tuple[np.ndarr
     """Maps of ``crops`` before and after teaching, a few at a time (their features are not kept)."""
     before, after = [], []
     for start in range(0, len(crops), BATCH):
-        seen = graph.see(crops[start:start + BATCH])
+        seen = graph.see(crops[start : start + BATCH])
         before.append(seen.maps)
         after.append(_after(graph, cells, seen)[0])
     return np.concatenate(before), np.concatenate(after)
@@ -212,9 +245,13 @@ def taught_region(mask: np.ndarray, crop: int, geometry: Geometry) -> tuple[floa
 
 def _held_out(maps: tuple[np.ndarray, np.ndarray], frames: int, info: ModelInfo) -> HeldOut:
     before, after = maps
-    return HeldOut(frames, int(is_anomalous(image_scores(before), info.image_threshold).sum()),
-                   int(is_anomalous(image_scores(after), info.image_threshold).sum()), from_normal_maps(before),
-                   from_normal_maps(after))
+    return HeldOut(
+        frames,
+        int(is_anomalous(image_scores(before), info.image_threshold).sum()),
+        int(is_anomalous(image_scores(after), info.image_threshold).sum()),
+        from_normal_maps(before),
+        from_normal_maps(after),
+    )
 
 
 def _write(bundle: Bundle, graph: BundleGraph, covered: Cover, new: versions.NewVersion, info: ModelInfo) -> list[str]:
@@ -233,8 +270,10 @@ def _write(bundle: Bundle, graph: BundleGraph, covered: Cover, new: versions.New
     if bundle.prototypes.is_file():
         old = np.load(bundle.prototypes, allow_pickle=False)
         if old.shape != (info.num_prototypes - len(covered.rows), covered.prototypes.shape[1]):
-            raise ProtoADError(f"{bundle.prototypes}: shape {list(old.shape)} does not match the bundle's "
-                               f"{info.num_prototypes - len(covered.rows):,} prototypes: restore the bundle's files")
+            raise ProtoADError(
+                f"{bundle.prototypes}: shape {list(old.shape)} does not match the bundle's "
+                f"{info.num_prototypes - len(covered.rows):,} prototypes: restore the bundle's files"
+            )
         with open(new.stage("prototypes"), "wb") as f:
             np.save(f, np.concatenate([old.astype(np.float32), covered.prototypes]))
         written.append("prototypes")
@@ -253,15 +292,17 @@ def _plan(bundle: Bundle, before: ModelInfo, log: Log) -> str:
 
     why = engine_unavailable()
     if why:
-        return (f"{bundle.plan.name} held the old prototypes and is not part of the new version ({why}): rebuild it "
-                f"on its GPU with protoad-export --from-onnx {bundle.onnx}")
+        return (
+            f"{bundle.plan.name} held the old prototypes and is not part of the new version ({why}): rebuild it "
+            f"on its GPU with protoad-export --from-onnx {bundle.onnx}"
+        )
     recorded = before.build.get("tensorrt", {})
-    built = build_engine(bundle.onnx, precision=before.tensorrt_precision or "fp16",
-                         opt_batch=int(recorded.get("opt_batch", 1)), log=log)
+    built = build_engine(
+        bundle.onnx, precision=before.tensorrt_precision or "fp16", opt_batch=int(recorded.get("opt_batch", 1)), log=log
+    )
     return f"rebuilt {engine_summary(built)}"
 
 
 def _save(model: Any, path: Any) -> None:
     with open(path, "wb") as f:
         f.write(model.SerializeToString())
-

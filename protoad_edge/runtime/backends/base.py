@@ -29,7 +29,8 @@ class BackendOptions:
     fp16: bool | None = None  # torch: None = FP16 on CUDA, FP32 on the CPU; ort's TensorRT provider: FP16 unless False
     timing: bool = False  # trt: CUDA events around the copies and the compute (``stage_times``)
     # Compute precision where a backend can lower it at run time (openvino: fp32, bf16, fp16); None = the backend's
-    # full precision (FP32), never a reduced default. A reduced one must pass the accuracy gate (evaluation.accuracy_gate).
+    # full precision (FP32), never a reduced default. A reduced one must pass the accuracy gate
+    # (evaluation.accuracy_gate).
     precision: str | None = None
 
 
@@ -73,10 +74,10 @@ class Backend(ABC):
         """Milliseconds of the last ``infer`` by stage (h2d / compute / d2h), where the backend measures them."""
         return None
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional: most backends hold nothing to release
         """Release device resources (no-op for backends that hold none)."""
 
-    def __enter__(self) -> "Backend":
+    def __enter__(self) -> Backend:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -87,11 +88,15 @@ def check_batch(batch: np.ndarray, info: ModelInfo) -> np.ndarray:
     """Validate the input once, at the edge, so backends can trust it."""
     batch = np.ascontiguousarray(batch, dtype=np.float32)
     if batch.ndim != 4 or batch.shape[1:] != (3, info.crop, info.crop):
-        raise ProtoADError(f"model {info.category!r} expects input [N,3,{info.crop},{info.crop}], got {list(batch.shape)}")
+        raise ProtoADError(
+            f"model {info.category!r} expects input [N,3,{info.crop},{info.crop}], got {list(batch.shape)}"
+        )
     return batch
 
 
-def run_maps(backend: Backend, crops: np.ndarray, batch_size: int, label: str = "", progress: bool = False) -> np.ndarray:
+def run_maps(
+    backend: Backend, crops: np.ndarray, batch_size: int, label: str = "", progress: bool = False
+) -> np.ndarray:
     """Anomaly maps [N,S,S] of uint8 [N,S,S,3] ``crops``, ``batch_size`` at a time."""
     maps = np.empty(crops.shape[:3], dtype=np.float32)
     starts = list(range(0, len(crops), batch_size))

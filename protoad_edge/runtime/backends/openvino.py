@@ -32,8 +32,13 @@ from .openvino_precision import (
 )
 
 # What each BackendOptions.precision runs, in words (describe's precision).
-RUNS = {"fp32": "fp32", "bf16": "bf16 backbone + fp32 scope", "fp16": "fp16 backbone + fp32 scope",
-        "bf16-all": "bf16 (whole network)", "fp16-all": "fp16 (whole network)"}
+RUNS = {
+    "fp32": "fp32",
+    "bf16": "bf16 backbone + fp32 scope",
+    "fp16": "fp16 backbone + fp32 scope",
+    "bf16-all": "bf16 (whole network)",
+    "fp16-all": "fp16 (whole network)",
+}
 HINT_NAMES = {"f32": "fp32", "bf16": "bf16-all", "f16": "fp16-all"}
 # Compiled models are cached beside the model (like ort's .ort_trt_cache): a GPU compiles its kernels once.
 CACHE_DIR = ".ov_cache"
@@ -44,8 +49,10 @@ def resolve_device(available: list[str], device: str) -> str:
     """BackendOptions.device -> an OpenVINO device: cpu -> CPU; auto -> the first GPU where one exists, else CPU;
     an OpenVINO device name (``GPU.1``) as it is."""
     if device == "cuda":
-        raise ProtoADError("--device cuda: OpenVINO runs on Intel CPUs and GPUs, not on NVIDIA's: use --device cpu or "
-                           "auto (an Intel GPU where one is present), or --backend ort / trt on an NVIDIA GPU")
+        raise ProtoADError(
+            "--device cuda: OpenVINO runs on Intel CPUs and GPUs, not on NVIDIA's: use --device cpu or "
+            "auto (an Intel GPU where one is present), or --backend ort / trt on an NVIDIA GPU"
+        )
     if device == "cpu":
         return "CPU"
     if device == "auto":
@@ -83,8 +90,12 @@ class OpenVinoBackend(Backend):
         if kind_of(path) is not None:
             self.info = Bundle.of(path).in_force(self.info, path)
         if self.asked != "fp32":
-            check_capability(self.asked, self.device, self.device_name,
-                             list(core.get_property(self.device, "OPTIMIZATION_CAPABILITIES")))
+            check_capability(
+                self.asked,
+                self.device,
+                self.device_name,
+                list(core.get_property(self.device, "OPTIMIZATION_CAPABILITIES")),
+            )
         scope = scope_names(model) if self.asked != "fp32" else set()
         if low:
             check_not_quantized(model, self.asked, str(path))
@@ -101,23 +112,30 @@ class OpenVinoBackend(Backend):
         try:
             self.compiled = core.compile_model(model, self.device, config)
         except Exception as exc:
-            raise ProtoADError(f"OpenVINO cannot compile {path} for {self.device}: {str(exc).splitlines()[0]}") from None
+            raise ProtoADError(
+                f"OpenVINO cannot compile {path} for {self.device}: {str(exc).splitlines()[0]}"
+            ) from None
         self.request = self.compiled.create_infer_request()
         compiled_hint = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         self.hint = HINT_NAMES.get(compiled_hint, compiled_hint)
         self.read = read_back(self.compiled, scope)
         if low and self.read.scope_not_fp32:
-            raise ProtoADError(f"openvino:{self.asked}: OpenVINO {self.version} on {self.device} runs "
-                               f"{len(self.read.scope_not_fp32)} node(s) of the FP32 scope in a reduced precision "
-                               f"({', '.join(self.read.scope_not_fp32[:3])}): run --backend openvino (FP32)")
+            raise ProtoADError(
+                f"openvino:{self.asked}: OpenVINO {self.version} on {self.device} runs "
+                f"{len(self.read.scope_not_fp32)} node(s) of the FP32 scope in a reduced precision "
+                f"({', '.join(self.read.scope_not_fp32[:3])}): run --backend openvino (FP32)"
+            )
         self.precision = self.asked if low and low in self.read.lowered else self.hint
         if self.asked != self.precision:
             print(f"openvino: {self.note}", file=sys.stderr, flush=True)
 
     @property
     def note(self) -> str:
-        return f"{self.asked} asked, {self.device} runs {RUNS.get(self.precision, self.precision)}" \
-            if self.asked != self.precision else ""
+        return (
+            f"{self.asked} asked, {self.device} runs {RUNS.get(self.precision, self.precision)}"
+            if self.asked != self.precision
+            else ""
+        )
 
     def _check_signature(self, model: Any) -> None:
         """The graph's outputs and input are the ones its metadata promises."""
@@ -128,8 +146,10 @@ class OpenVinoBackend(Backend):
         expected = [3, self.info.crop, self.info.crop]
         shape = inputs.get(self.info.input_name)
         if shape is None or shape.rank.get_length() != 4 or [d.get_length() for d in list(shape)[1:]] != expected:
-            raise ProtoADError(f"{self.path}: input {inputs} does not match its metadata "
-                               f"({self.info.input_name} [N,{','.join(map(str, expected))}])")
+            raise ProtoADError(
+                f"{self.path}: input {inputs} does not match its metadata "
+                f"({self.info.input_name} [N,{','.join(map(str, expected))}])"
+            )
 
     @property
     def int8_layers(self) -> int:

@@ -38,8 +38,6 @@ MODES: dict[str, tuple[str, str | None]] = {
 NEEDS = {"bf16": "BF16", "fp16": "FP16"}
 # Layer types whose runtime precision says what the heavy compute ran in.
 COMPUTE_LAYERS = ("Convolution", "MatMul", "FullyConnected")
-# Inputs that stay FP32 whatever the data's type: Interpolate's scales (port 1 of v11, ports 1-2 of v4).
-FLOAT32_ONLY_PORTS = {"Interpolate": 1}
 
 
 def mode(precision: str) -> tuple[str, str | None]:
@@ -57,9 +55,11 @@ def check_capability(precision: str, device: str, device_name: str, capabilities
     needed = NEEDS.get(precision.split("-")[0])
     if needed is None or needed in capabilities:
         return
-    raise ProtoADError(f"openvino:{precision}: {device} ({device_name}) has no {needed} units (its optimization "
-                       f"capabilities: {', '.join(capabilities) or 'none'}); run --backend openvino (FP32)"
-                       + (", or BF16 on a CPU with AVX512-BF16 or AMX" if needed == "BF16" else ""))
+    raise ProtoADError(
+        f"openvino:{precision}: {device} ({device_name}) has no {needed} units (its optimization "
+        f"capabilities: {', '.join(capabilities) or 'none'}); run --backend openvino (FP32)"
+        + (", or BF16 on a CPU with AVX512-BF16 or AMX" if needed == "BF16" else "")
+    )
 
 
 def scope_names(model: Any, scope: str = FP32_SCOPE) -> set[str]:
@@ -72,8 +72,10 @@ def scope_names(model: Any, scope: str = FP32_SCOPE) -> set[str]:
         if scope in name or any(i.get_source_output().get_node().get_friendly_name() in inside for i in op.inputs()):
             inside.add(name)
     if not inside:
-        raise ProtoADError(f"no node in scope {scope!r} (the L2 normalisation): re-export the ONNX with this version "
-                           "of protoad-edge, or run --backend openvino (FP32)")
+        raise ProtoADError(
+            f"no node in scope {scope!r} (the L2 normalisation): re-export the ONNX with this version "
+            "of protoad-edge, or run --backend openvino (FP32)"
+        )
     return inside
 
 
@@ -82,9 +84,11 @@ def check_not_quantized(model: Any, precision: str, path: str) -> None:
     precision transformations and every INT8 layer ran in BF16 instead (measured with OpenVINO 2026.4, also with the
     quantized layers and their dequantization left in FP32)."""
     if any(op.get_type_name() == "FakeQuantize" for op in model.get_ordered_ops()):
-        raise ProtoADError(f"openvino:{precision} on {path}: an INT8 model's other layers cannot be lowered without "
-                           f"losing its INT8 layers in OpenVINO; run it with --backend openvino (INT8 + FP32), or the "
-                           f"FP32 model with openvino:{precision}")
+        raise ProtoADError(
+            f"openvino:{precision} on {path}: an INT8 model's other layers cannot be lowered without "
+            f"losing its INT8 layers in OpenVINO; run it with --backend openvino (INT8 + FP32), or the "
+            f"FP32 model with openvino:{precision}"
+        )
 
 
 def lower_outside(model: Any, low: str, scope: set[str]) -> None:
@@ -116,7 +120,7 @@ def lower_outside(model: Any, low: str, scope: set[str]) -> None:
                 src = i.get_source_output()
                 if inside and src.get_element_type() == low_type:
                     i.replace_source_output(convert(src, f32))
-                elif not inside and src.get_element_type() == f32 and i.get_index() < FLOAT32_ONLY_PORTS.get(kind, 99):
+                elif not inside and src.get_element_type() == f32:
                     i.replace_source_output(convert(src, low_type))
             op.validate_and_infer_types()
         model.validate_nodes_and_infer_types()
@@ -137,8 +141,11 @@ class ReadBack:
     lowered: tuple[str, ...]  # reduced float types found in the compute layers
 
     def to_dict(self) -> dict[str, Any]:
-        return {"compute_layers_by_precision": dict(self.compute), "fp32_scope_nodes": self.scope_nodes,
-                "fp32_scope_not_fp32": list(self.scope_not_fp32)}
+        return {
+            "compute_layers_by_precision": dict(self.compute),
+            "fp32_scope_nodes": self.scope_nodes,
+            "fp32_scope_not_fp32": list(self.scope_not_fp32),
+        }
 
 
 def read_back(compiled: Any, scope: set[str]) -> ReadBack:

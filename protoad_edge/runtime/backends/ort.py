@@ -17,9 +17,10 @@ import re
 import struct
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -66,8 +67,12 @@ def provider_problem(ort: ModuleType, provider: str) -> str | None:
         except OSError as exc:
             detail = str(exc)
             why = f"needs {detail}" if detail.startswith(name) else f"needs {name}: {detail}"
-            built = [f"{what} {m.group(1)}" for what, pattern in BUILT_FOR for need in needs
-                     if (m := pattern.fullmatch(need))]
+            built = [
+                f"{what} {m.group(1)}"
+                for what, pattern in BUILT_FOR
+                for need in needs
+                if (m := pattern.fullmatch(need))
+            ]
             if built:
                 why += f"; onnxruntime {ort.__version__} built it for {' and '.join(built)}"
             return why
@@ -84,11 +89,11 @@ def needed_libraries(path: Path) -> list[str]:
         wide, order = data[4] == 2, "<" if data[5] == 1 else ">"
         try:
             if wide:
-                shoff, = struct.unpack_from(order + "Q", data, 0x28)
+                (shoff,) = struct.unpack_from(order + "Q", data, 0x28)
                 shentsize, shnum = struct.unpack_from(order + "HH", data, 0x3A)
                 section, dyn = order + "IIQQQQIIQQ", order + "qQ"
             else:
-                shoff, = struct.unpack_from(order + "I", data, 0x20)
+                (shoff,) = struct.unpack_from(order + "I", data, 0x20)
                 shentsize, shnum = struct.unpack_from(order + "HH", data, 0x2E)
                 section, dyn = order + "IIIIIIIIII", order + "iI"
             sections = [struct.unpack_from(section, data, shoff + i * shentsize) for i in range(shnum)]
@@ -101,7 +106,7 @@ def needed_libraries(path: Path) -> list[str]:
                     tag, value = struct.unpack_from(dyn, data, at)
                     if tag == DT_NEEDED:
                         end = data.find(b"\0", strings + value)
-                        needed.append(data[strings + value:end].decode(errors="replace"))
+                        needed.append(data[strings + value : end].decode(errors="replace"))
             return needed
         except (struct.error, IndexError):
             return []
@@ -151,8 +156,9 @@ class OrtBackend(Backend):
 
     name = "ort"
 
-    def __init__(self, path: str | os.PathLike, options: BackendOptions | None = None,
-                 providers: list[str] | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike, options: BackendOptions | None = None, providers: list[str] | None = None
+    ) -> None:
         import onnxruntime as ort
 
         options = options or BackendOptions()
@@ -167,8 +173,10 @@ class OrtBackend(Backend):
         chosen = [p for p in chosen if p not in unavailable]
         if not chosen:
             reasons = "".join(f"; {p} {why}" for p, why in unavailable.items())
-            raise ProtoADError(f"none of the providers {wanted} is available here (have {available}{reasons})"
-                               + (": --device cuda needs onnxruntime-gpu and a GPU" if options.device == "cuda" else ""))
+            raise ProtoADError(
+                f"none of the providers {wanted} is available here (have {available}{reasons})"
+                + (": --device cuda needs onnxruntime-gpu and a GPU" if options.device == "cuda" else "")
+            )
         self.fp16_provider = options.fp16 is not False
         session_options = ort.SessionOptions()
         session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -177,11 +185,16 @@ class OrtBackend(Backend):
         provider_args: list[tuple[str, dict]] = []
         for p in chosen:
             if p == "TensorrtExecutionProvider":
-                provider_args.append((p, {
-                    "trt_fp16_enable": self.fp16_provider,
-                    "trt_engine_cache_enable": True,
-                    "trt_engine_cache_path": str(path.parent / CACHE_DIR),
-                }))
+                provider_args.append(
+                    (
+                        p,
+                        {
+                            "trt_fp16_enable": self.fp16_provider,
+                            "trt_engine_cache_enable": True,
+                            "trt_engine_cache_path": str(path.parent / CACHE_DIR),
+                        },
+                    )
+                )
             else:
                 provider_args.append((p, {}))
         try:
@@ -196,8 +209,11 @@ class OrtBackend(Backend):
                 unavailable[p] = "onnxruntime could not create it: see its message above"
         self.note = ""
         if unavailable:
-            self.note = ("onnxruntime: " + "; ".join(f"{p} unavailable ({why})" for p, why in unavailable.items())
-                         + f", using {self.providers[0]}")
+            self.note = (
+                "onnxruntime: "
+                + "; ".join(f"{p} unavailable ({why})" for p, why in unavailable.items())
+                + f", using {self.providers[0]}"
+            )
             if options.device == "cuda" and self.providers[0] == CPU_PROVIDER:
                 raise ProtoADError(f"--device cuda: {path} would run on the CPU ({self.note})")
             print(self.note, file=sys.stderr, flush=True)
@@ -209,7 +225,10 @@ class OrtBackend(Backend):
         inputs = {i.name: i.shape for i in self.session.get_inputs()}
         expected = [3, self.info.crop, self.info.crop]
         if self.info.input_name not in inputs or list(inputs[self.info.input_name])[1:] != expected:
-            raise ProtoADError(f"{path}: input {inputs} does not match its metadata ({self.info.input_name} [N,{','.join(map(str, expected))}])")
+            raise ProtoADError(
+                f"{path}: input {inputs} does not match its metadata ({self.info.input_name} "
+                f"[N,{','.join(map(str, expected))}])"
+            )
         if kind_of(path) is not None:
             self.info = Bundle.of(path).in_force(self.info, path)
 

@@ -47,29 +47,57 @@ class BackendEntry:
             raise ProtoADError(f"backend {self.name} is not available here ({exc}): {self.install}") from None
 
 
-REGISTRY: dict[str, BackendEntry] = {entry.name: entry for entry in (
-    BackendEntry("ort", "protoad_edge.runtime.backends.ort:OrtBackend", ("onnx", "fp16_onnx", "int8_onnx"),
-                 "onnxruntime",
-                 "pip install onnxruntime (or onnxruntime-gpu)", "onnxruntime, best available execution provider"),
-    BackendEntry("trt", "protoad_edge.runtime.backends.trt:TrtBackend", ("plan",), "tensorrt",
-                 "pip install 'protoad-edge[gpu]' (on a Jetson TensorRT comes with JetPack)", "TensorRT plan on this GPU"),
-    BackendEntry("torch", "protoad_edge.builder.torch_backend:TorchBackend", ("sidecar", "prototypes"), "torch",
-                 "pip install 'protoad-edge[build]'", "the PyTorch network rebuilt from the bundle (the yardstick)"),
-    BackendEntry("openvino", "protoad_edge.runtime.backends.openvino:OpenVinoBackend", ("onnx", "int8_onnx", "fp16_onnx"),
-                 "openvino", "pip install 'protoad-edge[openvino]'",
-                 "OpenVINO on an Intel CPU or GPU, FP32 unless asked (openvino:bf16 or :fp16 the backbone only, "
-                 "the cosine stage in FP32; :bf16-all the whole network)",
-                 ("fp32", "bf16", "fp16", "bf16-all", "fp16-all")),
-)}
+REGISTRY: dict[str, BackendEntry] = {
+    entry.name: entry
+    for entry in (
+        BackendEntry(
+            "ort",
+            "protoad_edge.runtime.backends.ort:OrtBackend",
+            ("onnx", "fp16_onnx", "int8_onnx"),
+            "onnxruntime",
+            "pip install onnxruntime (or onnxruntime-gpu)",
+            "onnxruntime, best available execution provider",
+        ),
+        BackendEntry(
+            "trt",
+            "protoad_edge.runtime.backends.trt:TrtBackend",
+            ("plan",),
+            "tensorrt",
+            "pip install 'protoad-edge[gpu]' (on a Jetson TensorRT comes with JetPack)",
+            "TensorRT plan on this GPU",
+        ),
+        BackendEntry(
+            "torch",
+            "protoad_edge.builder.torch_backend:TorchBackend",
+            ("sidecar", "prototypes"),
+            "torch",
+            "pip install 'protoad-edge[build]'",
+            "the PyTorch network rebuilt from the bundle (the yardstick)",
+        ),
+        BackendEntry(
+            "openvino",
+            "protoad_edge.runtime.backends.openvino:OpenVinoBackend",
+            ("onnx", "int8_onnx", "fp16_onnx"),
+            "openvino",
+            "pip install 'protoad-edge[openvino]'",
+            "OpenVINO on an Intel CPU or GPU, FP32 unless asked (openvino:bf16 or :fp16 the backbone only, "
+            "the cosine stage in FP32; :bf16-all the whole network)",
+            ("fp32", "bf16", "fp16", "bf16-all", "fp16-all"),
+        ),
+    )
+}
 NAMES = tuple(REGISTRY)
 CHOICES = (AUTO, *NAMES)
 # What --backend takes: a name, or NAME:PRECISION for a backend that lowers its precision at run time.
 SPECS = (*CHOICES, *(f"{e.name}:{p}" for e in REGISTRY.values() for p in e.precisions if p != "fp32"))
 # ``auto`` on a bundle (not on one runnable file): the first of these whose file exists and whose library is installed.
 AUTO_ORDER = ("trt", "ort", "torch")
-HELP = ("auto: the named file's own backend (.onnx -> ort, .plan -> trt); for a .json, a folder or no --model: "
-        "trt where TensorRT is installed and the plan exists, else ort. "
-        + "; ".join(f"{e.name}: {e.summary}" for e in REGISTRY.values()) + ".")
+HELP = (
+    "auto: the named file's own backend (.onnx -> ort, .plan -> trt); for a .json, a folder or no --model: "
+    "trt where TensorRT is installed and the plan exists, else ort. "
+    + "; ".join(f"{e.name}: {e.summary}" for e in REGISTRY.values())
+    + "."
+)
 
 
 def parse_spec(spec: str) -> tuple[str, str | None]:
@@ -97,11 +125,20 @@ def choose(bundle: Bundle, given: Path | None, backend: str = AUTO) -> tuple[Bac
     given_kind = kind_of(given) if given is not None else None
     if backend == AUTO:
         own = next((e for e in REGISTRY.values() if given_kind in e.files and not e.needs_torch), None)
-        candidates = [own] if own else [REGISTRY[n] for n in AUTO_ORDER
-                                        if bundle.file(REGISTRY[n].files[0]).is_file() and REGISTRY[n].available()]
+        candidates = (
+            [own]
+            if own
+            else [
+                REGISTRY[n]
+                for n in AUTO_ORDER
+                if bundle.file(REGISTRY[n].files[0]).is_file() and REGISTRY[n].available()
+            ]
+        )
         if not candidates:
-            raise ProtoADError(f"model bundle {bundle.stem}: no file that an installed backend can run "
-                               f"({', '.join(str(bundle.file(REGISTRY[n].files[0])) for n in AUTO_ORDER)})")
+            raise ProtoADError(
+                f"model bundle {bundle.stem}: no file that an installed backend can run "
+                f"({', '.join(str(bundle.file(REGISTRY[n].files[0])) for n in AUTO_ORDER)})"
+            )
         entry = candidates[0]
     else:
         entry = REGISTRY[backend]
@@ -112,8 +149,13 @@ def choose(bundle: Bundle, given: Path | None, backend: str = AUTO) -> tuple[Bac
     return entry, path
 
 
-def open_backend(model: str | os.PathLike | None, backend: str = AUTO, *, category: str | None = None,
-                 options: BackendOptions | None = None) -> Backend:
+def open_backend(
+    model: str | os.PathLike | None,
+    backend: str = AUTO,
+    *,
+    category: str | None = None,
+    options: BackendOptions | None = None,
+) -> Backend:
     """Open ``model`` (any file of a bundle, a folder with ``category``, or None: the one bundle in
     ./models) with ``backend``."""
     backend, options = with_precision(backend, options or BackendOptions())

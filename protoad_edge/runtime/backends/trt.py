@@ -22,13 +22,16 @@ from ...gpu.tensorrt import create_with_logger, import_tensorrt, trt_logger
 from ...metadata import MAP_NAME, SCORE_NAME, ModelInfo
 from .base import Backend, BackendFacts, BackendOptions, check_batch
 
+
 def plan_mismatch(info: ModelInfo, tensorrt_version: str, gpu_name: str) -> str | None:
     """Why a plan described by ``info`` cannot run on this TensorRT/GPU, or None if it can."""
     if not info.tensorrt_version or not info.gpu_name:
         return "its sidecar records no TensorRT version or GPU (not built by protoad-export)"
     problems = []
     if info.tensorrt_version != tensorrt_version:
-        problems.append(f"it was built with TensorRT {info.tensorrt_version}, this machine has TensorRT {tensorrt_version}")
+        problems.append(
+            f"it was built with TensorRT {info.tensorrt_version}, this machine has TensorRT {tensorrt_version}"
+        )
     if info.gpu_name != gpu_name:
         problems.append(f"it was built on GPU {info.gpu_name!r}, this machine has {gpu_name!r}")
     return "; ".join(problems) or None
@@ -63,8 +66,10 @@ class TrtBackend(Backend):
         why = plan_mismatch(self.info, trt.__version__, self.gpu)
         rebuild = f"protoad-export --from-onnx {bundle.onnx}"
         if why:
-            raise ProtoADError(f"{path} cannot run here: {why}. TensorRT plans are not portable: "
-                               f"rebuild it on this machine with {rebuild}")
+            raise ProtoADError(
+                f"{path} cannot run here: {why}. TensorRT plans are not portable: "
+                f"rebuild it on this machine with {rebuild}"
+            )
         data = path.read_bytes()
         if not data:
             raise ProtoADError(f"{path} is empty: rebuild it with {rebuild}")
@@ -73,8 +78,10 @@ class TrtBackend(Backend):
         self._runtime = create_with_logger(trt, trt.Runtime, "Runtime")
         self.engine = self._runtime.deserialize_cuda_engine(data)
         if self.engine is None:
-            raise ProtoADError(f"{path} is not a TensorRT {trt.__version__} plan this GPU can load (truncated, corrupt "
-                               f"or built elsewhere): {self._logger.last_error('no detail from TensorRT')}")
+            raise ProtoADError(
+                f"{path} is not a TensorRT {trt.__version__} plan this GPU can load (truncated, corrupt "
+                f"or built elsewhere): {self._logger.last_error('no detail from TensorRT')}"
+            )
         self.context = self.engine.create_execution_context()
         self.max_batch = self._check_io(trt)
         self.last_times: StageTimes | None = None
@@ -103,17 +110,24 @@ class TrtBackend(Backend):
     def _check_io(self, trt: Any) -> int:
         """Check the plan's tensors against the sidecar; return the profile's largest batch."""
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        want = {self.info.input_name: trt.TensorIOMode.INPUT, MAP_NAME: trt.TensorIOMode.OUTPUT,
-                SCORE_NAME: trt.TensorIOMode.OUTPUT}
+        want = {
+            self.info.input_name: trt.TensorIOMode.INPUT,
+            MAP_NAME: trt.TensorIOMode.OUTPUT,
+            SCORE_NAME: trt.TensorIOMode.OUTPUT,
+        }
         for name, mode in want.items():
             if name not in names or self.engine.get_tensor_mode(name) != mode:
                 raise ProtoADError(f"{self.path}: plan tensors {names} do not match the model's {list(want)}")
             if self.engine.get_tensor_dtype(name) != trt.float32:
-                raise ProtoADError(f"{self.path}: tensor {name!r} is {self.engine.get_tensor_dtype(name)}, expected float32")
+                raise ProtoADError(
+                    f"{self.path}: tensor {name!r} is {self.engine.get_tensor_dtype(name)}, expected float32"
+                )
         shape = tuple(self.engine.get_tensor_shape(self.info.input_name))
         if shape[1:] != (3, self.info.crop, self.info.crop):
-            raise ProtoADError(f"{self.path}: plan input {list(shape)} does not match the sidecar's crop {self.info.crop} "
-                               f"({Bundle.of(self.path).sidecar})")
+            raise ProtoADError(
+                f"{self.path}: plan input {list(shape)} does not match the sidecar's crop {self.info.crop} "
+                f"({Bundle.of(self.path).sidecar})"
+            )
         return int(self.engine.get_tensor_profile_shape(self.info.input_name, 0)[2][0])
 
     def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -147,7 +161,9 @@ class TrtBackend(Backend):
         if ev:
             self.stream.record(ev[1])
         if not self.context.execute_async_v3(self.stream.ptr):
-            raise ProtoADError(f"{self.path}: TensorRT execution failed: {self._logger.last_error('no detail from TensorRT')}")
+            raise ProtoADError(
+                f"{self.path}: TensorRT execution failed: {self._logger.last_error('no detail from TensorRT')}"
+            )
         if ev:
             self.stream.record(ev[2])
         self.stream.to_host(amap, k * amap.nbytes // self.max_batch)
@@ -160,8 +176,14 @@ class TrtBackend(Backend):
         return np.array([ev[1].ms_since(ev[0]), ev[2].ms_since(ev[1]), ev[3].ms_since(ev[2])])
 
     def describe(self) -> BackendFacts:
-        return BackendFacts(self.name, str(self.path), self.info.tensorrt_precision or "unknown", self.gpu,
-                            [f"TensorRT {self.tensorrt_version}"], {"max_batch": self.max_batch})
+        return BackendFacts(
+            self.name,
+            str(self.path),
+            self.info.tensorrt_precision or "unknown",
+            self.gpu,
+            [f"TensorRT {self.tensorrt_version}"],
+            {"max_batch": self.max_batch},
+        )
 
     def stage_times(self) -> dict[str, float] | None:
         t = self.last_times

@@ -28,16 +28,19 @@ import os
 import ssl
 import sys
 import threading
+import time
 from collections import OrderedDict, deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, NamedTuple
 from urllib.parse import urlsplit
 
 import numpy as np
 
 from ...errors import ProtoADError
 from ...redact import redact
+from ..latency import Latencies
 from ..result import FrameResult
 from .sinks import Sink
 from .spool import Spool
@@ -72,8 +75,10 @@ def parse_mqtt_url(url: str) -> BrokerUrl:
     if parts.scheme not in DEFAULT_PORTS:
         raise bad("it must start with mqtt:// or mqtts://")
     if parts.username is not None:
-        raise bad(f"a URL is no place for credentials (ps shows them): give --mqtt-user, and the password in "
-                  f"{PASSWORD_ENV} or --mqtt-password-file")
+        raise bad(
+            f"a URL is no place for credentials (ps shows them): give --mqtt-user, and the password in "
+            f"{PASSWORD_ENV} or --mqtt-password-file"
+        )
     if "#" in url or "+" in parts.path or "?" in url:
         raise bad("a topic to publish to cannot contain '#', '+' or '?'")
     try:
@@ -103,9 +108,16 @@ class BrokerAccess:
     insecure: bool = False  # do not verify the broker's certificate
 
     @classmethod
-    def from_options(cls, user: str | None = None, password_file: Path | None = None, ca: Path | None = None,
-                     cert: Path | None = None, key: Path | None = None, insecure: bool = False,
-                     environ: Mapping[str, str] = os.environ) -> "BrokerAccess":
+    def from_options(
+        cls,
+        user: str | None = None,
+        password_file: Path | None = None,
+        ca: Path | None = None,
+        cert: Path | None = None,
+        key: Path | None = None,
+        insecure: bool = False,
+        environ: Mapping[str, str] = os.environ,
+    ) -> BrokerAccess:
         """The CLI's options: the password from ``password_file`` (its first line), else from ``PASSWORD_ENV``."""
         password = None
         if password_file is not None:
@@ -114,8 +126,9 @@ class BrokerAccess:
             try:
                 lines = Path(password_file).read_text(encoding="utf-8").splitlines()
             except (OSError, UnicodeDecodeError) as exc:
-                raise ProtoADError(f"cannot read --mqtt-password-file {password_file}: "
-                                   f"{getattr(exc, 'strerror', None) or exc}") from None
+                raise ProtoADError(
+                    f"cannot read --mqtt-password-file {password_file}: {getattr(exc, 'strerror', None) or exc}"
+                ) from None
             if not lines or not lines[0]:
                 raise ProtoADError(f"--mqtt-password-file {password_file}: its first line is empty")
             password = lines[0]
@@ -186,9 +199,18 @@ class MqttSink(Sink):
     returned; they add up to ``from_spool`` + ``written``.
     """
 
-    def __init__(self, url: str, anomalies_only: bool = False, buffer: int = 10_000, client_id: str | None = None,
-                 log: Callable[[str], None] = _stderr, drain_timeout: float = 5.0, max_backoff: int = 10,
-                 access: BrokerAccess | None = None, spool: str | os.PathLike | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        anomalies_only: bool = False,
+        buffer: int = 10_000,
+        client_id: str | None = None,
+        log: Callable[[str], None] = _stderr,
+        drain_timeout: float = 5.0,
+        max_backoff: int = 10,
+        access: BrokerAccess | None = None,
+        spool: str | os.PathLike | None = None,
+    ) -> None:
         self.host, self.port, self.topic, tls = broker = parse_mqtt_url(url)
         if buffer < 1:
             raise ProtoADError(f"the MQTT buffer must hold at least one message, not {buffer}")
@@ -215,6 +237,8 @@ class MqttSink(Sink):
         self._mids: dict[int, int] = {}  # paho's message id -> our sequence number, this connection
         self._early: set[int] = set()  # PUBACKs that came before publish() returned their message id
         self._next_seq = 0
+        self._captured: dict[int, float] = {}  # sequence number -> capture time of the frame, until published
+        self.latency = Latencies()  # capture -> handed to the broker's connection (first time)
         self._connected = False
         self._outage = False  # an outage was logged; the next connect logs the recovery
         self._closing = False
@@ -227,8 +251,10 @@ class MqttSink(Sink):
         for payload in earlier:  # first, oldest first
             self._append(payload)
         if access.insecure:
-            log(f"mqtt: WARNING: --mqtt-insecure: the certificate of {self.host}:{self.port} is not verified; "
-                f"anyone between here and the broker can read and change the verdicts")
+            log(
+                f"mqtt: WARNING: --mqtt-insecure: the certificate of {self.host}:{self.port} is not verified; "
+                f"anyone between here and the broker can read and change the verdicts"
+            )
         elif access.password is not None and not tls:
             log(f"mqtt: WARNING: the password for {self.host}:{self.port} travels unencrypted: use mqtts://")
 
@@ -258,19 +284,26 @@ class MqttSink(Sink):
         if self.anomalies_only and not result.anomalous:
             return True
         self.written += 1
-        self._append(json.dumps(result.record()).encode())
+        self._append(json.dumps(result.record()).encode(), result.timestamp)
         return True
 
-    def _append(self, payload: bytes) -> None:
-        """Buffers one message; over the bound the oldest is dropped."""
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    def _append(self, payload: bytes, captured: float | None = None) -> None:
+        """Buffers one message (of a frame captured at ``captured``); over the bound the oldest is dropped."""
         with self._state:
+            if captured is not None:
+                self._captured[self._next_seq] = captured
             self._unsent.append((self._next_seq, payload))
             self._next_seq += 1
             if len(self._unsent) + len(self._inflight) > self.buffer:
                 if self._inflight:  # the oldest; its PUBACK, should it still come, is ignored
-                    self._inflight.popitem(last=False)
+                    seq, _ = self._inflight.popitem(last=False)
                 else:
-                    self._unsent.popleft()
+                    seq, _ = self._unsent.popleft()
+                self._captured.pop(seq, None)
                 self.dropped += 1
             self._state.notify_all()
 
@@ -294,8 +327,10 @@ class MqttSink(Sink):
         try:
             over = spool.save(owed)
         except OSError as exc:
-            self.log(f"mqtt: cannot write the spool {spool.path} ({exc.strerror or exc}): "
-                     f"{len(owed)} undelivered records are lost")
+            self.log(
+                f"mqtt: cannot write the spool {spool.path} ({exc.strerror or exc}): "
+                f"{len(owed)} undelivered records are lost"
+            )
         else:
             self._inflight.clear()
             self._unsent.clear()
@@ -307,8 +342,10 @@ class MqttSink(Sink):
         """What became of every message: the summary's line."""
         origin = f"{self.from_spool} from the spool + {self.written} new: " if self.from_spool else ""
         where = f" (spool {self.spool.path})" if self.spool is not None else ""
-        return (f"{self.url}: {origin}{self.delivered} delivered, {self.queued} queued, {self.spooled} spooled, "
-                f"{self.dropped} dropped{where}")
+        return (
+            f"{self.url}: {origin}{self.delivered} delivered, {self.queued} queued, {self.spooled} spooled, "
+            f"{self.dropped} dropped{where}"
+        )
 
     def shortfall(self) -> str | None:
         """After ``close``: one line saying what did not reach the broker and where it is, or None if all did."""
@@ -317,8 +354,10 @@ class MqttSink(Sink):
         parts = []
         if self.spooled:
             assert self.spool is not None
-            parts.append(f"{self.spooled} spooled in {self.spool.path} (the next run to this broker and topic, or "
-                         f"protoad-run --mqtt {self.url} --mqtt-flush, sends them first)")
+            parts.append(
+                f"{self.spooled} spooled in {self.spool.path} (the next run to this broker and topic, or "
+                f"protoad-run --mqtt {self.url} --mqtt-flush, sends them first)"
+            )
         if self.queued:
             parts.append(f"{self.queued} lost (not spooled)")
         if self.dropped:
@@ -343,12 +382,16 @@ class MqttSink(Sink):
                     seq, payload = self._unsent.popleft()
                     self._inflight[seq] = payload
                 mid = self._client.publish(self.topic, payload, qos=1).mid
+                sent = time.time()
                 with self._state:
+                    captured = self._captured.pop(seq, None)
                     if mid in self._early:
                         self._early.discard(mid)
                         self._acknowledged(seq)
                     else:
                         self._mids[mid] = seq
+                if captured is not None:
+                    self.latency.since_capture(captured, sent)
 
     def _acknowledged(self, seq: int) -> None:
         """Counts a PUBACK, unless its message was dropped meanwhile. Call holding ``_state``."""
@@ -366,8 +409,11 @@ class MqttSink(Sink):
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if reason.is_failure:
-            hint = (f": check --mqtt-user and the password ({PASSWORD_ENV} or --mqtt-password-file)"
-                    if str(reason) in AUTH_REFUSALS else "")
+            hint = (
+                f": check --mqtt-user and the password ({PASSWORD_ENV} or --mqtt-password-file)"
+                if str(reason) in AUTH_REFUSALS
+                else ""
+            )
             self._note_outage(f"broker {self.host}:{self.port} refused the connection ({reason}){hint}")
             return
         with self._send_lock:

@@ -33,15 +33,24 @@ def view_size(frame: tuple[int, int], view_width: int | None) -> tuple[int, int]
     return width - width % 2, height - height % 2
 
 
-def render(frame_rgb: np.ndarray, anomaly_map: np.ndarray, geometry: Geometry, *, score: float, anomalous: bool,
-           threshold: float, pixel_threshold: float, fps: float | None = None,
-           view_width: int | None = None) -> np.ndarray:
+def render(
+    frame_rgb: np.ndarray,
+    anomaly_map: np.ndarray,
+    geometry: Geometry,
+    *,
+    score: float,
+    anomalous: bool,
+    threshold: float,
+    pixel_threshold: float,
+    fps: float | None = None,
+    view_width: int | None = None,
+) -> np.ndarray:
     """BGR view of the frame with the overlay and the header drawn in it, ``view_width`` wide (else the frame's
     size)."""
     image = cv2.cvtColor(frame_rgb, cv2.COLOR_RGB2BGR).astype(np.float32)
     judged = np.zeros(image.shape[:2], bool)
     x, y, w, h = geometry.judged
-    judged[y:y + h, x:x + w] = True
+    judged[y : y + h, x : x + w] = True
     image[~judged] *= DIM
     heat_map = geometry.to_frame(anomaly_map)
     start, high = HEAT_FROM * pixel_threshold, max(COLOUR_HIGH * threshold, pixel_threshold * 1.01)
@@ -69,8 +78,9 @@ def render(frame_rgb: np.ndarray, anomaly_map: np.ndarray, geometry: Geometry, *
     return image
 
 
-def _rectangle(image: np.ndarray, box: tuple[int, int, int, int], scale: float, colour: tuple[int, int, int],
-               thickness: int) -> None:
+def _rectangle(
+    image: np.ndarray, box: tuple[int, int, int, int], scale: float, colour: tuple[int, int, int], thickness: int
+) -> None:
     x, y, w, h = (round(v * scale) for v in box)
     cv2.rectangle(image, (x, y), (x + w - 1, y + h - 1), colour, thickness)
 
@@ -83,11 +93,20 @@ def _header(image: np.ndarray, score: float, anomalous: bool, threshold: float, 
     header = image[:height]
     header[:] = (header * (1.0 - HEADER_SHADE)).astype(np.uint8)
     colour = ANOMALY_BGR if anomalous else OK_BGR
-    cv2.putText(header, f"{'ANOMALY' if anomalous else 'OK'}  score {score:.5f}", (6, round(0.42 * height)),
-                cv2.FONT_HERSHEY_SIMPLEX, font, colour, max(1, round(font)), cv2.LINE_AA)
+    cv2.putText(
+        header,
+        f"{'ANOMALY' if anomalous else 'OK'}  score {score:.5f}",
+        (6, round(0.42 * height)),
+        cv2.FONT_HERSHEY_SIMPLEX,
+        font,
+        colour,
+        max(1, round(font)),
+        cv2.LINE_AA,
+    )
     line2 = f"threshold {threshold:.5f}" + (f"   {fps:.1f} FPS" if fps else "")
-    cv2.putText(header, line2, (6, round(0.86 * height)), cv2.FONT_HERSHEY_SIMPLEX, 0.82 * font, (220, 220, 220),
-                1, cv2.LINE_AA)
+    cv2.putText(
+        header, line2, (6, round(0.86 * height)), cv2.FONT_HERSHEY_SIMPLEX, 0.82 * font, (220, 220, 220), 1, cv2.LINE_AA
+    )
 
 
 def preview(frame_rgb: np.ndarray, geometry: Geometry) -> np.ndarray:
@@ -95,7 +114,7 @@ def preview(frame_rgb: np.ndarray, geometry: Geometry) -> np.ndarray:
     image = cv2.cvtColor(frame_rgb, cv2.COLOR_RGB2BGR)
     judged = np.zeros(image.shape[:2], bool)
     x, y, w, h = geometry.judged
-    judged[y:y + h, x:x + w] = True
+    judged[y : y + h, x : x + w] = True
     image[~judged] = (image[~judged] * DIM).astype(np.uint8)
     thick = max(1, round(2 * geometry.frame[0] / 640))
     _rectangle(image, geometry.roi, 1.0, ROI_BGR, thick)
@@ -103,7 +122,10 @@ def preview(frame_rgb: np.ndarray, geometry: Geometry) -> np.ndarray:
     width, height = geometry.frame
     rx, ry, rw, rh = geometry.roi
     font = max(0.45, 0.55 * width / 640)
-    lines = [f"frame {width}x{height}; --roi {rx},{ry},{rw},{rh} (grey)", f"judged: {x},{y} {w}x{h} (outlined, rest dimmed)"]
+    lines = [
+        f"frame {width}x{height}; --roi {rx},{ry},{rw},{rh} (grey)",
+        f"judged: {x},{y} {w}x{h} (outlined, rest dimmed)",
+    ]
     for i, line in enumerate(lines):
         org = (8, round((i + 1) * 30 * font / 0.55))
         cv2.putText(image, line, org, cv2.FONT_HERSHEY_SIMPLEX, font, (0, 0, 0), max(2, round(3 * font)), cv2.LINE_AA)

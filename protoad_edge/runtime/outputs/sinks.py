@@ -44,6 +44,10 @@ class Sink(ABC):
     def close(self, keep: bool) -> str | None:
         """Finish; with ``keep`` commit what was written. Returns what was written, for the summary."""
 
+    def status(self) -> str | None:
+        """A few words for the run's periodic status line (None: nothing to say)."""
+        return None
+
 
 class JsonlSink(Sink):
     """One JSON object per line; ``-`` streams to stdout (flushed per line, for pipes)."""
@@ -171,7 +175,7 @@ class WindowSink(Sink):
         cv2.namedWindow(title, cv2.WINDOW_AUTOSIZE)
 
     @classmethod
-    def open(cls, title: str, log: Callable[[str], None]) -> "WindowSink | None":
+    def open(cls, title: str, log: Callable[[str], None]) -> WindowSink | None:
         """The window, or None after telling the user why there is none (the run carries on)."""
         problem = display_problem()
         if problem is None:

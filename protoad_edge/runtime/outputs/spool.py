@@ -62,8 +62,10 @@ class Spool:
             self.records = self._load()
         except BlockingIOError:
             self._lock.close()
-            raise ProtoADError(f"the MQTT spool {self.path} is in use by another protoad-run with the same broker and "
-                               f"topic: give this one its own --mqtt-spool DIR") from None
+            raise ProtoADError(
+                f"the MQTT spool {self.path} is in use by another protoad-run with the same broker and "
+                f"topic: give this one its own --mqtt-spool DIR"
+            ) from None
         except BaseException:
             self._lock.close()
             raise
@@ -76,8 +78,10 @@ class Spool:
         except OSError as exc:
             raise ProtoADError(f"cannot read the MQTT spool {self.path}: {exc.strerror or exc}") from None
         if not lines or lines[0] != self.header:
-            raise ProtoADError(f"{self.path} is not this broker's and topic's MQTT spool (its first line should be "
-                               f"{self.header.decode()}): move it away")
+            raise ProtoADError(
+                f"{self.path} is not this broker's and topic's MQTT spool (its first line should be "
+                f"{self.header.decode()}): move it away"
+            )
         return lines[1:]
 
     def save(self, records: list[bytes]) -> int:

@@ -29,9 +29,10 @@ import sysconfig
 import threading
 import time
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, TextIO
+from typing import Any, Callable, TextIO
 
 import numpy as np
 
@@ -47,8 +48,10 @@ PYTRITON = "nvidia-pytriton>=0.5.5,<0.8"  # the local model store, and the inter
 # Triton's start-up lines about a GPU it cannot use, which on a healthy CPU host read as errors ("E... CudaDriverHelper
 # has not been initialized", "Error: Failed to initialize NVML", "DCGM ... initialization error"). protoad-serve's
 # model runs in this process, on the backend's own device, so Triton's CUDA only serves pinned memory and GPU metrics.
-HARMLESS = re.compile(r"CudaDriverHelper has not been initialized|Failed to initialize NVML|DCGM unable to start|"
-                      r"pinned memory pool will not be available")
+HARMLESS = re.compile(
+    r"CudaDriverHelper has not been initialized|Failed to initialize NVML|DCGM unable to start|"
+    r"pinned memory pool will not be available"
+)
 
 
 @dataclass(frozen=True)
@@ -70,8 +73,10 @@ class ServeOptions:
 
     def endpoints(self) -> str:
         host = self.host
-        return (f"grpc://{host}:{self.grpc_port}/{self.name}, http://{host}:{self.http_port}/v2/models/{self.name}, "
-                f"metrics http://{host}:{self.metrics_port}/metrics")
+        return (
+            f"grpc://{host}:{self.grpc_port}/{self.name}, http://{host}:{self.http_port}/v2/models/{self.name}, "
+            f"metrics http://{host}:{self.metrics_port}/metrics"
+        )
 
 
 def stub_library_path(config: Mapping[str, Any], environ: Mapping[str, str]) -> tuple[str | None, str]:
@@ -81,16 +86,24 @@ def stub_library_path(config: Mapping[str, Any], environ: Mapping[str, str]) -> 
     libdir = config.get("LIBDIR") or ""
     current = environ.get("LD_LIBRARY_PATH", "")
     if not config.get("Py_ENABLE_SHARED") or not libdir or not (Path(libdir) / soname).is_file():
-        return None, (f"this Python has no shared {soname} (built without --enable-shared): Triton's Python stub loads "
-                      f"the system's {soname} if there is one, and fails to start the model if that is another "
-                      "release; if it does, serve from a Python built with --enable-shared")
+        return None, (
+            f"this Python has no shared {soname} (built without --enable-shared): Triton's Python stub loads "
+            f"the system's {soname} if there is one, and fails to start the model if that is another "
+            "release; if it does, serve from a Python built with --enable-shared"
+        )
     if current.split(":")[0] == libdir:
         return None, f"Triton's Python stub loads {Path(libdir) / soname} (already first on LD_LIBRARY_PATH)"
     return ":".join(p for p in (libdir, current) if p), f"Triton's Python stub loads {Path(libdir) / soname}"
 
 
-def serve(backend: Backend, options: ServeOptions, *, log: Callable[[str], None],
-          stop: threading.Event | None = None, ready: Callable[[], None] | None = None) -> None:
+def serve(
+    backend: Backend,
+    options: ServeOptions,
+    *,
+    log: Callable[[str], None],
+    stop: threading.Event | None = None,
+    ready: Callable[[], None] | None = None,
+) -> None:
     """Serve ``backend`` until ``stop`` is set (or the server dies: a ProtoADError). ``ready`` is called once the
     model answers."""
     try:
@@ -102,8 +115,9 @@ def serve(backend: Backend, options: ServeOptions, *, log: Callable[[str], None]
     try:
         from pytriton.triton import TritonLifecyclePolicy
     except ImportError:
-        raise ProtoADError(f"this nvidia-pytriton has no local model store, which ready-means-ready needs: install "
-                           f"{PYTRITON}") from None
+        raise ProtoADError(
+            f"this nvidia-pytriton has no local model store, which ready-means-ready needs: install {PYTRITON}"
+        ) from None
     check_model_name(options.name, "--name")
     check_ports(options)
     path, line = stub_library_path(sysconfig.get_config_vars(), os.environ)
@@ -112,8 +126,9 @@ def serve(backend: Backend, options: ServeOptions, *, log: Callable[[str], None]
     log(line)
     limit = backend.max_batch or options.max_batch
     if options.max_batch > limit:
-        raise ProtoADError(f"--max-batch {options.max_batch}: {backend.describe().line()} runs at most {limit} images "
-                           "per call")
+        raise ProtoADError(
+            f"--max-batch {options.max_batch}: {backend.describe().line()} runs at most {limit} images per call"
+        )
     inputs, outputs = signature(backend.info)
     (image,) = inputs
     amap, score = outputs
@@ -123,19 +138,30 @@ def serve(backend: Backend, options: ServeOptions, *, log: Callable[[str], None]
         maps, scores = backend.infer(tensors[image.name])
         return {amap.name: maps, score.name: scores.reshape(-1, 1)}
 
-    config = TritonConfig(http_address=options.address, http_port=options.http_port, grpc_address=options.address,
-                          grpc_port=options.grpc_port, metrics_port=options.metrics_port, allow_metrics=True,
-                          allow_cpu_metrics=True)
+    config = TritonConfig(
+        http_address=options.address,
+        http_port=options.http_port,
+        grpc_address=options.address,
+        grpc_port=options.grpc_port,
+        metrics_port=options.metrics_port,
+        allow_metrics=True,
+        allow_cpu_metrics=True,
+    )
     stop = stop or threading.Event()
     output = TritonOutput(sys.stdout, log)
     with contextlib.redirect_stdout(output):  # PyTriton prints tritonserver's output to stdout
         triton = Triton(config=config, triton_lifecycle_policy=TritonLifecyclePolicy(local_model_store=True))
         try:
-            triton.bind(model_name=options.name, infer_func=infer,
-                        inputs=[Tensor(name=image.name, dtype=np.float32, shape=image.dims)],
-                        outputs=[Tensor(name=t.name, dtype=np.float32, shape=t.dims) for t in outputs],
-                        config=ModelConfig(max_batch_size=options.max_batch,
-                                           batcher=DynamicBatcher(max_queue_delay_microseconds=options.queue_delay_us)))
+            triton.bind(
+                model_name=options.name,
+                infer_func=infer,
+                inputs=[Tensor(name=image.name, dtype=np.float32, shape=image.dims)],
+                outputs=[Tensor(name=t.name, dtype=np.float32, shape=t.dims) for t in outputs],
+                config=ModelConfig(
+                    max_batch_size=options.max_batch,
+                    batcher=DynamicBatcher(max_queue_delay_microseconds=options.queue_delay_us),
+                ),
+            )
             publish_info(triton, options.name, info_parameter(backend.info))
             started = time.monotonic()
             start(triton, options, line)
@@ -143,8 +169,10 @@ def serve(backend: Backend, options: ServeOptions, *, log: Callable[[str], None]
                 triton.connect()
             except Exception as exc:  # PyTriton raises its own types, with the model's traceback inside
                 raise ProtoADError(f"Triton did not start model {options.name}: {failure(str(exc))} ({line})") from None
-            log(f"serving {options.name} ({backend.describe().line()}, batch up to {options.max_batch}, queue delay "
-                f"{options.queue_delay_us} us) at {options.endpoints()}; ready in {time.monotonic() - started:.1f} s")
+            log(
+                f"serving {options.name} ({backend.describe().line()}, batch up to {options.max_batch}, queue delay "
+                f"{options.queue_delay_us} us) at {options.endpoints()}; ready in {time.monotonic() - started:.1f} s"
+            )
             if ready:
                 ready()
             while not stop.wait(ALIVE_CHECK_S):
@@ -170,8 +198,9 @@ def start(triton: Any, options: ServeOptions, stub: str) -> None:
         if not server.is_alive():
             raise ProtoADError(f"Triton did not start model {options.name}: {load_error(server.logs())} ({stub})")
         if time.monotonic() > end:
-            raise ProtoADError(f"Triton did not start model {options.name}: {url} not ready after "
-                               f"{START_TIMEOUT_S:.0f} s")
+            raise ProtoADError(
+                f"Triton did not start model {options.name}: {url} not ready after {START_TIMEOUT_S:.0f} s"
+            )
         time.sleep(START_POLL_S)
 
 
@@ -219,8 +248,10 @@ class TritonOutput(io.TextIOBase):
             self.stream.flush()
         elif not self.said:
             self.said = True
-            self.log("Triton found no usable GPU for itself (CUDA, NVML, DCGM): its lines about that are hidden; the "
-                     "model runs on the backend's device, Triton's metrics cover the CPU")
+            self.log(
+                "Triton found no usable GPU for itself (CUDA, NVML, DCGM): its lines about that are hidden; the "
+                "model runs on the backend's device, Triton's metrics cover the CPU"
+            )
 
     def finish(self) -> None:
         """Pass on a last line that has no newline."""
@@ -242,7 +273,9 @@ def check_ports(options: ServeOptions) -> None:
             try:
                 probe.bind((options.address, port))
             except OSError as exc:
-                raise ProtoADError(f"{flag} {port}: cannot listen on {options.address}:{port} ({exc.strerror})") from None
+                raise ProtoADError(
+                    f"{flag} {port}: cannot listen on {options.address}:{port} ({exc.strerror})"
+                ) from None
 
 
 def publish_info(triton: Any, name: str, text: str) -> None:
@@ -261,8 +294,9 @@ def publish_info(triton: Any, name: str, text: str) -> None:
         config.backend_parameters[PARAMETER] = text
         ModelConfigGenerator(config=config).to_file(triton._workspace.model_store_path / name / "config.pbtxt")
     except (AttributeError, ImportError, StopIteration, TypeError):
-        raise ProtoADError(f"this nvidia-pytriton cannot carry the bundle's metadata to clients: install "
-                           f"{PYTRITON}") from None
+        raise ProtoADError(
+            f"this nvidia-pytriton cannot carry the bundle's metadata to clients: install {PYTRITON}"
+        ) from None
 
 
 def failure(text: str) -> str:

@@ -69,8 +69,10 @@ def info_from_config(config: dict[str, Any], source: str) -> ModelInfo:
     """The bundle's metadata from a Triton model configuration (as JSON), or an error saying what serves it."""
     text = config.get("parameters", {}).get(PARAMETER, {}).get("string_value")
     if not text:
-        raise ProtoADError(f"{source} carries no protoad-edge metadata (parameter {PARAMETER!r}): serve the model with "
-                           "protoad-serve, or a repository written by protoad-export --triton-repo")
+        raise ProtoADError(
+            f"{source} carries no protoad-edge metadata (parameter {PARAMETER!r}): serve the model with "
+            "protoad-serve, or a repository written by protoad-export --triton-repo"
+        )
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -105,7 +107,9 @@ def parse_server_url(url: str) -> ServerAddress:
     """``grpc://HOST[:PORT]/NAME`` (port 8001, Triton's gRPC default); anything else is an error naming --server."""
     match = re.match(r"^([a-z]+)://([^/:\s]+)(?::(\d+))?/([^/\s]+)/?$", url)
     if not match or match.group(1) not in SCHEMES:
-        raise ProtoADError(f"--server {url!r}: expected grpc://HOST[:PORT]/MODEL (Triton's gRPC endpoint and the model name)")
+        raise ProtoADError(
+            f"--server {url!r}: expected grpc://HOST[:PORT]/MODEL (Triton's gRPC endpoint and the model name)"
+        )
     scheme, host, port, name = match.groups()
     port_number = int(port) if port else SCHEMES[scheme]
     if not 0 < port_number < 65536:
@@ -141,9 +145,16 @@ class TritonBackend(Backend):
 
     name = "triton"
 
-    def __init__(self, url: str, options: BackendOptions | None = None, *, retry: Reconnect = Reconnect(),
-                 log: Callable[[str], None] | None = None, sleep: Callable[[float], None] = time.sleep,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        url: str,
+        options: BackendOptions | None = None,
+        *,
+        retry: Reconnect = Reconnect(),  # noqa: B008 - frozen: one shared default is safe
+        log: Callable[[str], None] | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         try:
             import tritonclient.grpc as grpcclient
         except ImportError:
@@ -154,8 +165,9 @@ class TritonBackend(Backend):
         self.retries = 0  # calls sent again after a failure, for the summary and the tests
         self.grpc = grpcclient
         self.client = grpcclient.InferenceServerClient(self.address.target)
-        config = self._call(lambda: self.client.get_model_config(self.address.model, as_json=True),
-                            "read the model configuration of")
+        config = self._call(
+            lambda: self.client.get_model_config(self.address.model, as_json=True), "read the model configuration of"
+        )
         self.config = config.get("config", config)
         self.info = info_from_config(self.config, f"model {self.address.model} on {self.address.target}")
         self.max_batch = int(self.config.get("max_batch_size", 0)) or 1
@@ -170,8 +182,10 @@ class TritonBackend(Backend):
             served = ": it serves " + ", ".join(sorted(m["name"] for m in index if m.get("state") == "READY"))
         except Exception:  # a server may restrict its repository API (PyTriton's does)
             served = ""
-        return (f"--server {self.address.url}: the server has no model {self.address.model!r}{served} (waited "
-                f"{waited:.0f} s for it to load)")
+        return (
+            f"--server {self.address.url}: the server has no model {self.address.model!r}{served} (waited "
+            f"{waited:.0f} s for it to load)"
+        )
 
     def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         batch = check_batch(batch, self.info)
@@ -186,14 +200,20 @@ class TritonBackend(Backend):
         (spec,) = self._inputs
         tensor = self.grpc.InferInput(spec.name, list(chunk.shape), "FP32")
         tensor.set_data_from_numpy(chunk)
-        result = self._call(lambda: self.client.infer(self.address.model, [tensor], outputs=self._wanted,
-                                                      client_timeout=CALL_TIMEOUT_S), "judge frames on")
+        result = self._call(
+            lambda: self.client.infer(
+                self.address.model, [tensor], outputs=self._wanted, client_timeout=CALL_TIMEOUT_S
+            ),
+            "judge frames on",
+        )
         map_spec, score_spec = self._outputs
         amap = result.as_numpy(map_spec.name)
         score = result.as_numpy(score_spec.name)
         if amap is None or score is None or amap.shape != (len(chunk), *map_spec.dims) or score.size != len(chunk):
-            raise ProtoADError(f"{self.address.url} answered {len(chunk)} images with outputs of shapes "
-                               f"{None if amap is None else amap.shape} and {None if score is None else score.shape}")
+            raise ProtoADError(
+                f"{self.address.url} answered {len(chunk)} images with outputs of shapes "
+                f"{None if amap is None else amap.shape} and {None if score is None else score.shape}"
+            )
         return amap.astype(np.float32, copy=False), score.reshape(len(chunk)).astype(np.float32, copy=False)
 
     def _call(self, call: Callable[[], Any], what: str) -> Any:
@@ -216,16 +236,25 @@ class TritonBackend(Backend):
                 if absent not in said and self.log:
                     said.add(absent)
                     limit = f"up to {self.retry.give_up_after:.0f} s"
-                    self.log(f"server {self.address.url} has no model {self.address.model!r} ready yet ({first}): "
-                             f"waiting {limit} for it to load" if absent else
-                             f"server {self.address.url} not answering ({first}): retrying for {limit}")
+                    self.log(
+                        f"server {self.address.url} has no model {self.address.model!r} ready yet ({first}): "
+                        f"waiting {limit} for it to load"
+                        if absent
+                        else f"server {self.address.url} not answering ({first}): retrying for {limit}"
+                    )
                 self.sleep(self.retry.pause(attempt))
                 attempt += 1
                 self.retries += 1
 
     def describe(self) -> BackendFacts:
-        return BackendFacts(self.name, self.address.url, "as served", "server", [self.platform] if self.platform else [],
-                            {"max_batch": self.max_batch, "retries": self.retries})
+        return BackendFacts(
+            self.name,
+            self.address.url,
+            "as served",
+            "server",
+            [self.platform] if self.platform else [],
+            {"max_batch": self.max_batch, "retries": self.retries},
+        )
 
     def close(self) -> None:
         self.client.close()

@@ -86,7 +86,7 @@ class Capture:
         self.arrived = arrived or threading.Event()  # set whenever something is queued: shared by a run's captures
         self._thread = threading.Thread(target=self._run, name=f"capture {source.name}", daemon=True)
 
-    def start(self) -> "Capture":
+    def start(self) -> Capture:
         self._thread.start()
         return self
 
@@ -178,8 +178,9 @@ class Capture:
             if failures:
                 self.reconnects += 1
                 self.gaps.append(self._clock() - since)
-                self._log(f"{name}: frames again after {self.gaps[-1]:.1f} s without frames "
-                          f"({failures} reconnect attempts)")
+                self._log(
+                    f"{name}: frames again after {self.gaps[-1]:.1f} s without frames ({failures} reconnect attempts)"
+                )
                 failures = 0
             rgb, label = got
             self._put(Frame(index, rgb, label, time.time(), self.source.position_ms()), drop_old=self.source.live)

@@ -14,9 +14,10 @@ import sys
 import tempfile
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import cv2
 import numpy as np
@@ -72,7 +73,7 @@ class Source(ABC):
     def read(self) -> tuple[np.ndarray, str] | None:
         """The next frame as HxWx3 uint8 RGB and a label (file path or source name); None: no frame."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional: a source may hold nothing to release
         """Release the device or file."""
 
     def position_ms(self) -> float | None:
@@ -283,4 +284,3 @@ class ImageFiles(Source):
         path = self.paths[self.position]
         self.position += 1
         return np.asarray(load_rgb(path)), str(path)
-
