@@ -139,8 +139,9 @@ def test_a_graph_the_sidecar_does_not_vouch_for_is_not_extended(
     assert {p.name: p.read_bytes() for p in onnx_path.parent.iterdir() if p.is_file()} == before
 
 
-def test_a_bundle_without_its_onnx_says_where_to_get_it(pristine: Path, frames: dict[str, Path],
-                                                        tmp_path: Path) -> None:
+def test_a_bundle_without_its_onnx_says_where_to_get_it(
+    pristine: Path, frames: dict[str, Path], tmp_path: Path
+) -> None:
     onnx_path = copy_of(pristine, tmp_path)
     onnx_path.unlink()
     result = CliRunner().invoke(teach_main, ["--model", str(onnx_path.with_suffix(".json")), str(frames["teach"])])
