@@ -63,7 +63,7 @@ def scenario(model: Path, category: str, data_root: Path, largest: int) -> dict[
     """The frames of the benchmark: to teach, held out (normal, new lamp), and the test split both ways."""
     from protoad_edge.builder.datasets import open_dataset
     from protoad_edge.bundle import Bundle
-    from protoad_edge.evaluation.evaluate import calibration_samples
+    from protoad_edge.evaluation.int8_export import calibration_samples
 
     info = Bundle.of(model).info()
     data = open_dataset(category, data_root, "mvtec")

@@ -17,7 +17,7 @@ from protoad_edge.cli.eval import main as eval_main
 from protoad_edge.cli.run import main as run_main
 from protoad_edge.errors import ProtoADError
 from protoad_edge.runtime.backends.base import Backend, BackendOptions
-from protoad_edge.runtime.backends.registry import AUTO, CHOICES, NAMES, REGISTRY, choose, open_backend
+from protoad_edge.runtime.backends.registry import AUTO, CHOICES, NAMES, REGISTRY, SPECS, choose, open_backend
 
 
 def test_every_file_of_a_bundle_comes_from_its_stem(tmp_path: Path) -> None:
@@ -146,7 +146,9 @@ def test_the_three_clis_take_the_same_backend_names() -> None:
         assert isinstance(option.type, click.Choice)
         return tuple(option.type.choices)
 
-    assert choices(run_main) == choices(eval_main) == choices(bench_main) == CHOICES
+    # every backend, and each lower precision it can run (openvino:bf16), on every command that runs a model
+    assert choices(run_main) == choices(eval_main) == choices(bench_main) == SPECS
+    assert set(CHOICES) < set(SPECS) and "openvino:bf16" in SPECS and "ort:bf16" not in SPECS
     for command in (run_main, eval_main, bench_main):
         model = next(p for p in command.params if p.name == "model")
         assert "NAME.onnx" in (model.help or "") or "bundle" in (model.help or "")

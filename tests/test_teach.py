@@ -87,6 +87,7 @@ def frames_of(images: np.ndarray) -> Frames:
 # --- features without torch ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # the fixture it names is built inside it
 @pytest.mark.parametrize("which", ["pristine", "projected"])
 def test_the_graphs_features_are_pytorchs(which: str, request: pytest.FixtureRequest) -> None:
     """The cut of NAME.onnx gives the network's own normalised patch vectors (and, projected, what the prototype
@@ -113,7 +114,7 @@ def test_the_graphs_features_are_pytorchs(which: str, request: pytest.FixtureReq
     assert np.abs(tail_maps - maps).max() < GRAPH_TOLERANCE and np.abs(tail_scores - image).max() < GRAPH_TOLERANCE
 
 
-def test_a_graph_older_than_the_l2_scope_is_one_line(pristine: Path, tmp_path: Path) -> None:
+def test_a_graph_older_than_the_l2_scope_is_one_line(pristine: Path, frames: dict[str, Path], tmp_path: Path) -> None:
     onnx_path = copy_of(pristine, tmp_path)
     model = onnx.load(str(onnx_path))
     for node in model.graph.node:
@@ -122,7 +123,7 @@ def test_a_graph_older_than_the_l2_scope_is_one_line(pristine: Path, tmp_path: P
     Bundle.of(onnx_path).reseal()
     with pytest.raises(ProtoADError, match=r"no L2 normalisation scope .* rebuild the bundle with protoad-export"):
         BundleGraph(Bundle.of(onnx_path), Bundle.of(onnx_path).info())
-    result = CliRunner().invoke(teach_main, ["--model", str(onnx_path), str(tmp_path)])
+    result = CliRunner().invoke(teach_main, ["--model", str(onnx_path), str(frames["teach"])])
     assert result.exit_code == 2 and result.output.count("\n") == 1 and "protoad-export" in result.output
 
 
@@ -138,10 +139,12 @@ def test_a_graph_the_sidecar_does_not_vouch_for_is_not_extended(
     assert {p.name: p.read_bytes() for p in onnx_path.parent.iterdir() if p.is_file()} == before
 
 
-def test_a_bundle_without_its_onnx_says_where_to_get_it(pristine: Path, tmp_path: Path) -> None:
+def test_a_bundle_without_its_onnx_says_where_to_get_it(
+    pristine: Path, frames: dict[str, Path], tmp_path: Path
+) -> None:
     onnx_path = copy_of(pristine, tmp_path)
     onnx_path.unlink()
-    result = CliRunner().invoke(teach_main, ["--model", str(onnx_path.with_suffix(".json")), str(tmp_path)])
+    result = CliRunner().invoke(teach_main, ["--model", str(onnx_path.with_suffix(".json")), str(frames["teach"])])
     assert result.exit_code == 2 and "teaching reads" in result.output and "protoad-export" in result.output
     assert "Traceback" not in result.output
 
@@ -162,6 +165,7 @@ def fresh_export(bundle: Bundle, prototypes: np.ndarray, out: Path) -> Path:
     return export_onnx(fresh, dataclasses.replace(info, num_prototypes=len(prototypes)), out)
 
 
+@pytest.mark.slow  # the fixture it names is built inside it
 @pytest.mark.parametrize("which, added", [("pristine", 300), ("pristine", 700), ("projected", 300)])
 def test_extended_graphs_are_a_fresh_export(
     which: str, added: int, request: pytest.FixtureRequest, tmp_path: Path

@@ -185,14 +185,17 @@ def _teach(
     """Teach and print the report (``main``'s options, checked)."""
     from .. import versions
     from ..runtime.sources.frames import read_frames
+    from ..runtime.sources.source import parse_source
     from ..teach.check import Check
     from ..teach.graph import BundleGraph
     from ..teach.teach import teach
 
+    for source in [*sources, *held_out, *check_normal, *check_defect]:
+        parse_source(source)  # a mistyped source fails before the bundle is read
     info = bundle.info()
-    graph = BundleGraph(bundle, info, threads)
     pre = info.preprocess
     frames = read_frames(sources, pre, max_frames)
+    graph = BundleGraph(bundle, info, threads)
     check = None
     if check_category:
         from ..evaluation.evaluate import load_test_set
