@@ -5,6 +5,7 @@ on; the schema is versioned and documented."""
 from __future__ import annotations
 
 import os
+import re
 import resource
 import signal
 import sqlite3
@@ -116,7 +117,11 @@ def test_the_database_holds_exactly_the_frames_judged(
         if record["verdict"] == "ok":
             normal_seen += 1
         expected.append(record["verdict"] == "anomaly" or normal_seen % 5 == 0 and record["verdict"] == "ok")
-    assert [row["images"] is not None for row in stored] == expected
+    kept = [row["images"] is not None for row in stored]
+    # a file judged faster than its pictures are written leaves some without (counted in the summary)
+    skipped = re.search(r"(\d+) without pictures \(writer behind\)", result.output)
+    assert all(want or not got for want, got in zip(expected, kept))
+    assert sum(expected) - sum(kept) == (int(skipped.group(1)) if skipped else 0)
     folder = db.with_name("line.db.images")
     for row in stored:
         if row["images"]:
@@ -124,7 +129,7 @@ def test_the_database_holds_exactly_the_frames_judged(
             assert frame.shape == (120, 160, 3)
             mask = cv2.imread(str(folder / row["images"] / FILES["mask"]), cv2.IMREAD_GRAYSCALE)
             assert mask.shape == (120, 160) and (mask.max() == 255) == (row["verdict"] == "anomaly")
-    assert f"database    {db}: {FRAMES} judgements recorded, {sum(expected)} frames' pictures kept" in result.output
+    assert f"database    {db}: {FRAMES} judgements recorded, {sum(kept)} frames' pictures kept" in result.output
     assert "latency     capture -> database: p50 " in result.output and f"({FRAMES} frames)" in result.output
     run_row = rows(db, "SELECT * FROM runs")[0]
     assert run_row["ended"] >= run_row["started"] and json_of(run_row["sources"]) == [str(video)]
