@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -108,6 +109,11 @@ def make_bundle(
     info.save_json(out / f"{name}.json")
     np.save(out / f"{name}.prototypes.npy", prototypes)
     return onnx_path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSONL file, in order."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def normal_crops(n: int, crop: int, seed: int = 0) -> np.ndarray:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-from conftest import normal_crops
+from conftest import normal_crops, read_jsonl
 from paho.mqtt.client import CallbackAPIVersion, Client
 
 from protoad_edge.runtime.backends.ort import OrtBackend
@@ -225,10 +225,6 @@ def some_parts(parts: Path, n: int, tmp_path: Path) -> Path:
         if not (folder / path.name).exists():
             (folder / path.name).symlink_to(path)
     return folder
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def quiet(message: str) -> None:

@@ -4,7 +4,6 @@ a headless Chromium driven by Selenium."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -154,10 +153,6 @@ def rows(db: Path, sql: str = "SELECT * FROM frames ORDER BY id", args: tuple = 
     with sqlite3.connect(db) as connection:
         connection.row_factory = sqlite3.Row
         return [dict(row) for row in connection.execute(sql, args)]
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import normal_crops
+from conftest import normal_crops, read_jsonl
 from PIL import Image
 
 from protoad_edge.cli.run import main
@@ -33,10 +33,6 @@ DEFECT_FRAMES = (3, 7, 11)
 
 def invoke(*args: str | Path):
     return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def video_frames(path: Path) -> list[np.ndarray]:

@@ -17,8 +17,8 @@ import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import normal_crops
-from station_helpers import Camera, RunProcess, read_jsonl, rows, wait_until
+from conftest import normal_crops, read_jsonl
+from station_helpers import Camera, RunProcess, rows, wait_until
 
 from protoad_edge.cli.run import main as run_main
 from protoad_edge.errors import ProtoADError
