@@ -37,6 +37,9 @@ from protoad_edge.teach.teach import teach
 
 FEATURE_TOLERANCE = 1e-5  # max abs difference of unit patch vectors, onnxruntime vs PyTorch (float32 rounding)
 GRAPH_TOLERANCE = 1e-6  # max abs difference of maps: an extended graph against a fresh export of the same prototypes
+# Patch scores found by teaching's search against the line's graph: the same float32 dot products of unit vectors
+# summed in another order (numpy's against onnxruntime's), each within ~1e-7; scores are 1 minus the best of them.
+SEARCH_TOLERANCE = 1e-6
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +94,7 @@ def frames_of(images: np.ndarray) -> Frames:
 @pytest.mark.parametrize("which", ["pristine", "projected"])
 def test_the_graphs_features_are_pytorchs(which: str, request: pytest.FixtureRequest) -> None:
     """The cut of NAME.onnx gives the network's own normalised patch vectors (and, projected, what the prototype
-    stage compares), and its patch scores, maps and image scores are the full graph's."""
+    stage compares), and the patch scores its search finds give the full graph's maps and image scores."""
     import torch
 
     from protoad_edge.builder.torch_backend import load_torch_network
@@ -109,9 +112,7 @@ def test_the_graphs_features_are_pytorchs(which: str, request: pytest.FixtureReq
     assert np.abs(seen.unit - unit).max() < FEATURE_TOLERANCE
     assert np.abs(seen.compared - compared).max() < FEATURE_TOLERANCE
     maps, image = OrtBackend(onnx_path, providers=["CPUExecutionProvider"]).infer(to_batch(x))
-    assert np.array_equal(seen.maps, maps) and np.array_equal(seen.scores, image)
-    tail_maps, tail_scores = graph.judge(seen.patch_scores)
-    assert np.abs(tail_maps - maps).max() < GRAPH_TOLERANCE and np.abs(tail_scores - image).max() < GRAPH_TOLERANCE
+    assert np.abs(seen.maps - maps).max() < SEARCH_TOLERANCE and np.abs(seen.scores - image).max() < SEARCH_TOLERANCE
 
 
 def test_a_graph_older_than_the_l2_scope_is_one_line(pristine: Path, frames: dict[str, Path], tmp_path: Path) -> None:

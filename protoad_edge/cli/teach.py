@@ -195,7 +195,9 @@ def _teach(
     info = bundle.info()
     pre = info.preprocess
     frames = read_frames(sources, pre, max_frames)
+    read = time.perf_counter() - started
     graph = BundleGraph(bundle, info, threads)
+    opened = time.perf_counter() - started - read
     check = None
     if check_category:
         from ..evaluation.evaluate import load_test_set
@@ -264,7 +266,8 @@ def _teach(
             f"version {result.version_before} kept in "
             f"{versions.folder(bundle) / f'v{result.version_before}'} (--rollback restores it)"
         )
-    seconds = {**{k: round(v, 2) for k, v in result.seconds.items()}, "total": round(time.perf_counter() - started, 2)}
+    steps = {"read": read, **result.seconds, "open": opened + result.seconds.get("open", 0.0)}
+    seconds = {**{k: round(v, 2) for k, v in steps.items()}, "total": round(time.perf_counter() - started, 2)}
     click.echo("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
     if json_path is not None:
         report = {

@@ -11,7 +11,8 @@ prototype MatMuls are never quantized), each block in the precision the graph al
 The features are the graph's own: :func:`taps` names the L2 normalisation scope's (``FP32_SCOPE``) output, what
 the prototype stage compares (the normalised patch vectors, or with ``--project-dims`` their projection), its
 input (the raw features a projection reads) and the patch scores the upsampling reads; a graph without that scope
-predates it: re-export. :func:`tail_graph` is the graph's end: patch scores to map and image score.
+predates it: re-export. :func:`head_graph` is the graph up to those
+features, :func:`tail_graph` its end: patch scores to map and image score.
 """
 
 from __future__ import annotations
@@ -220,32 +221,50 @@ def taps(model: onnx.ModelProto, where: str = "the graph") -> Taps:
     raise ProtoADError(f"{where}: no upsampling after the prototype stage: re-export it")
 
 
+def head_graph(model: onnx.ModelProto, raw: bool) -> bytes:
+    """The graph from the image (its one input) to the patch vectors the prototype stage compares (and with ``raw``
+    the features the L2 normalisation reads): the backbone without the prototype stage, whose cost grows with K (at
+    K 7,000, four fifths of a frame's time on a CPU); teaching finds the nearest prototypes itself
+    (``teach.search``)."""
+    t = taps(model)
+    return _cut(model, model.graph.input[0].name, [t.compared, t.raw][: 1 + raw], "head").SerializeToString()
+
+
 def tail_graph(model: onnx.ModelProto) -> bytes:
     """The graph from the patch scores [N, 1, h, w] (its one input) to the anomaly map and the image score:
     upsampling, blur and maximum, as the bundle computes them."""
+    tail = _cut(model, taps(model).patch_scores, [MAP_NAME, SCORE_NAME], "tail")
+    if model.graph.input[0].name in {name for node in tail.graph.node for name in node.input}:
+        raise ProtoADError("the map and score depend on the image beyond the patch scores: re-export the model")
+    return tail.SerializeToString()
+
+
+def _cut(model: onnx.ModelProto, start: str, outputs: list[str], name: str) -> onnx.ModelProto:
+    """The nodes of ``model`` that ``outputs`` need, read from ``start`` on, as a graph with ``start`` its input."""
     from onnx import TensorProto, helper
 
-    t = taps(model)
     producer = {o: n for n in model.graph.node for o in n.output}
     needed: set[str] = set()
-    todo = [MAP_NAME, SCORE_NAME]
+    todo = list(outputs)
     while todo:
-        name = todo.pop()
-        node = producer.get(name)
-        if name == t.patch_scores or node is None or node.name in needed:
+        tensor = todo.pop()
+        node = producer.get(tensor)
+        if tensor == start or node is None or node.name in needed:
             continue
         needed.add(node.name)
         todo.extend(node.input)
     nodes = [n for n in model.graph.node if n.name in needed]
-    read = {name for n in nodes for name in n.input}
-    if model.graph.input[0].name in read:
-        raise ProtoADError("the map and score depend on the image beyond the patch scores: re-export the model")
+    read = {tensor for n in nodes for tensor in n.input}
+    if start == model.graph.input[0].name:
+        inputs = [model.graph.input[0]]
+    else:
+        inputs = [helper.make_tensor_value_info(start, TensorProto.FLOAT, ["n", 1, "h", "w"])]
+    declared = {o.name: o for o in model.graph.output}
     graph = helper.make_graph(
         nodes,
-        "tail",
-        [helper.make_tensor_value_info(t.patch_scores, TensorProto.FLOAT, ["n", 1, "h", "w"])],
-        [o for o in model.graph.output if o.name in (MAP_NAME, SCORE_NAME)],
+        name,
+        inputs,
+        [declared.get(o) or helper.make_empty_tensor_value_info(o) for o in outputs],
         [i for i in model.graph.initializer if i.name in read],
     )
-    tail = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
-    return tail.SerializeToString()
+    return helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)

@@ -1,10 +1,12 @@
 """The bundle's ``NAME.onnx`` as teaching reads it, through onnxruntime (no torch, as on a Jetson).
 
-One session runs the bundle's own graph with three more outputs (``export.prototypes.taps``): the patch vectors
-the prototype stage compares, the raw features the L2 normalisation reads (a projected graph's prototypes are
-stored in 1792 dimensions, so teaching needs them unprojected too), and the patch scores. So a frame's features,
-its scores before teaching and its map are the line's own, computed once. A second, small session is the graph's
-tail (upsampling, blur, maximum), which turns patch scores after teaching into maps and image scores.
+One session runs the bundle's own graph up to its features (``export.prototypes.head_graph``): the patch vectors
+the prototype stage compares and, where the graph projects, the raw features the L2 normalisation reads (a projected
+graph's prototypes are stored in 1792 dimensions, so teaching needs them unprojected too). The prototype stage is
+left out: at K 7,000 it costs four times the backbone, while the exact search of ``teach.search`` finds each patch's
+nearest prototype at a third of a brute-force product. So a frame's patch scores before teaching are the line's
+own up to float32 rounding (the same dot products summed in another order). A second, small session is the graph's
+tail (upsampling, blur, maximum), which turns patch scores, before and after teaching, into maps and image scores.
 
 Why a cut of ``NAME.onnx`` and not an extra file or an extra output of the graph: the backbone is already in the
 bundle (an extra file would carry its 100 MB again), every bundle built so far has the scope it is cut at (no
@@ -24,6 +26,7 @@ from ..errors import ProtoADError
 from ..export import prototypes as xp
 from ..metadata import MAP_NAME, SCORE_NAME, ModelInfo
 from ..preprocess import to_batch
+from .search import Cells, centres
 
 BATCH = 4  # frames per session call (bounds the memory of the feature outputs)
 
@@ -69,17 +72,12 @@ class BundleGraph:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        extra = [self.taps.compared, self.taps.patch_scores] + ([self.taps.raw] if self.projection else [])
-        self.outputs = [*extra[:2], MAP_NAME, SCORE_NAME, *extra[2:]]
-        graph = self.model.graph
-        graph.output.extend([_value(name) for name in extra])
-        try:
-            self.session = ort.InferenceSession(
-                self.model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-            )
-        finally:
-            del graph.output[len(graph.output) - len(extra) :]
+        raw = self.projection is not None
+        self.outputs = [self.taps.compared, self.taps.raw][: 1 + raw]
+        head = xp.head_graph(self.model, raw)
+        self.session = ort.InferenceSession(head, options, providers=["CPUExecutionProvider"])
         self.tail = ort.InferenceSession(xp.tail_graph(self.model), options, providers=["CPUExecutionProvider"])
+        self.cells = Cells(self.prototypes, centres(self.prototypes, seed=info.seed))  # the old prototypes' tree
 
     def see(self, crops: np.ndarray) -> Seen:
         """The patch vectors, patch scores, maps and scores of uint8 [N, S, S, 3] ``crops``."""
@@ -88,15 +86,19 @@ class BundleGraph:
             out = self.session.run(self.outputs, {self.info.input_name: to_batch(crops[start : start + BATCH])})
             for part, value in zip(parts, out):
                 part.append(value)
-        compared, patch, maps, scores, *raw = (np.concatenate(p) for p in parts)
-        n, d = compared.shape[:2]
+        compared, *raw = (np.concatenate(p) for p in parts)
+        n, d, h, w = compared.shape
         compared = np.ascontiguousarray(compared.reshape(n, d, -1).transpose(0, 2, 1))
+        flat = compared.reshape(n * h * w, d)
+        best, _ = self.cells.best(flat, flat @ self.cells.centres.T)
+        patch = (1.0 - best).reshape(n, h, w)
+        maps, scores = self.judge(patch)
         if self.projection is None:
             unit = compared
         else:
             unit = raw[0].reshape(n, raw[0].shape[1], -1).transpose(0, 2, 1)
             unit = np.ascontiguousarray(unit / np.maximum(np.linalg.norm(unit, axis=2, keepdims=True), 1e-12))
-        return Seen(compared, unit, patch[:, 0], maps[:, 0], scores)
+        return Seen(compared, unit, patch, maps, scores)
 
     def judge(self, patch_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Maps [N, S, S] and image scores [N] of patch scores [N, h, w], as the graph's tail computes them."""
@@ -113,9 +115,3 @@ class BundleGraph:
         p = self.projection
         rows = (unit.astype(np.float32) - p.mean[None, :]) @ p.matrix.T
         return (rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)).astype(np.float32)
-
-
-def _value(name: str) -> object:
-    from onnx import helper
-
-    return helper.make_empty_tensor_value_info(name)
