@@ -559,6 +559,23 @@ def test_frames_of_several_sources_share_one_backend_call(tiny_backend: OrtBacke
     assert max(counting.batches[1:]) <= 2  # never more than the backend's largest batch
 
 
+def test_a_backend_answering_for_fewer_frames_than_it_was_given_stops_the_run(tiny_backend: OrtBackend) -> None:
+    """Results are paired with frames by position: a batch answered short would leave a frame without a record in
+    silence, so it is an error naming the model instead."""
+
+    class Short(OrtBackend):
+        def __init__(self, inner: OrtBackend) -> None:
+            self.__dict__.update(inner.__dict__)
+
+        def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            maps, scores = super().infer(batch)
+            return (maps[:-1], scores[:-1]) if len(batch) > 1 else (maps, scores)
+
+    sources = [colour_source(4, live=False)[0] for _ in range(2)]
+    with pytest.raises(RuntimeError, match=r"tiny.* 1 scores for a batch of 2 frames"):
+        run_many(sources, Short(tiny_backend), RunOptions(status_every=0, log=lambda m: None))
+
+
 def test_error_before_the_first_frame_leaves_no_files(tiny_backend: OrtBackend, tmp_path: Path) -> None:
     source = fake_source(Plan([]), live=False)
     with pytest.raises(ProtoADError, match="no frame could be read") as caught:

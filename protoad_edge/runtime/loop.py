@@ -201,6 +201,8 @@ class Judge:
         crops = [self.pre(f.rgb) for f, _ in frames]
         maps, scores = self.backend.infer(to_batch(crops))
         latency_ms = (time.perf_counter() - t0) * 1000.0
+        if len(maps) != len(frames) or len(scores) != len(frames):  # a frame must never go unjudged in silence
+            raise RuntimeError(f"{self.context.model}: {len(scores)} scores for a batch of {len(frames)} frames")
         results = []
         for (frame, _), crop, amap, score, geometry in zip(frames, crops, maps, scores, geometries):
             anomalous = bool(is_anomalous(float(score), self.context.threshold))
