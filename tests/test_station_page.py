@@ -20,6 +20,8 @@ from selenium.webdriver.common.by import By
 from station_helpers import Camera, RunProcess, browser, rows, wait_until  # noqa: F401
 from test_station_db import part, write_video
 
+from protoad_edge import versions
+from protoad_edge.bundle import Bundle
 from protoad_edge.metadata import ModelInfo
 from protoad_edge.preprocess import to_batch
 from protoad_edge.runtime.backends.ort import OrtBackend
@@ -383,6 +385,40 @@ def test_teaching_the_false_alarms_makes_them_pass(station: dict, scores: dict[s
     )
     assert max(r["score"] for r in judged) < min(r["score"] for r in good)  # the same good parts, known now
     assert [a["operator"] for a in rows(station["db"], "SELECT * FROM actions WHERE action = 'teach'")] == ["Dee"]
+
+
+def test_rolling_back_from_the_page_puts_the_version_before_back(station: dict, browser) -> None:  # noqa: F811
+    """After the teach above, "Roll back the last change" puts the version it was made from back in force, bit for
+    bit; the running line judges the next frames with it, and who did it is logged."""
+    model = station["model"]
+    taught = ModelInfo.load_json(model.with_suffix(".json"))
+    if not taught.changes:  # run alone, without the tests above: a change to undo first
+        status, _ = post(station["url"] + "api/apply", {"threshold": 2 * taught.image_threshold, "operator": "Flo"})
+        assert status == 200
+        taught = ModelInfo.load_json(model.with_suffix(".json"))
+    earlier = int(taught.changes[-1]["from"])
+    last = max(r["id"] for r in rows(station["db"]))
+    browser.get(station["url"])
+    browser.find_element(By.ID, "operator").send_keys("Flo")
+    browser.find_element(By.ID, "rollback").click()
+    message = wait_until(
+        lambda: "rolled back" in (t := browser.find_element(By.ID, "review-result").text) and t, 60, "the rollback"
+    )
+    after = ModelInfo.load_json(model.with_suffix(".json"))
+    assert after.version == earlier and f"version {taught.version} rolled back to version {earlier}" in message
+    kept = versions.kept(Bundle.of(model))
+    assert model.read_bytes() == (kept[earlier] / model.name).read_bytes()  # the version before, bit for bit
+    assert taught.version in kept  # the version undone stays on disk
+    judged = wait_until(
+        lambda: rows(station["db"], "SELECT * FROM frames WHERE id > ? AND model_version = ?", (last, earlier)),
+        30,
+        "frames judged with the version rolled back to",
+    )
+    assert all(r["threshold"] == after.image_threshold for r in judged)
+    logged = rows(station["db"], "SELECT * FROM actions WHERE action = 'rollback'")
+    assert [(a["operator"], json.loads(a["detail"])) for a in logged] == [
+        ("Flo", {"from": taught.version, "version": earlier})
+    ]
 
 
 def test_apply_is_refused_where_the_bundle_does_not_decide(tiny_model: Path, tmp_path: Path) -> None:

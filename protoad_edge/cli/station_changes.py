@@ -1,7 +1,8 @@
-"""What the station page's "Apply" and "Teach" do to the run's bundle: each writes a new version of it
-(``versions.py``), which the running line switches to between two frames (``protoad-run --reload-every``) and
-``protoad-teach --rollback`` undoes. The same code as ``protoad-eval --set-threshold`` and ``protoad-teach``: the
-station only chooses the frames (the ones its operators marked)."""
+"""What the station page's "Apply", "Teach" and "Roll back" do to the run's bundle: the first two write a new version
+of it (``versions.py``), which the running line switches to between two frames (``protoad-run --reload-every``),
+and "Roll back" puts the version it was made from back in force, as ``protoad-teach --rollback`` does. The same code
+as ``protoad-eval --set-threshold`` and ``protoad-teach``: the station only chooses the frames (the ones its
+operators marked)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .. import versions
 from ..bundle import Bundle
 from ..runtime.station.review import KIND
 
@@ -66,4 +68,14 @@ class BundleChanges:
             "message": f"version {result.version_after} of {self.bundle.name} knows the {len(result.frames)} "
             f"false alarms as normal ({result.added:,} prototypes added, K {result.k_before:,} -> "
             f"{result.k_after:,}){checked}; the line switches to it between two frames",
+        }
+
+    def rollback(self) -> dict[str, Any]:
+        """The version the one in force was made from, back in force bit for bit; the one undone stays kept."""
+        done = versions.rollback(self.bundle)
+        return {
+            "from": done.old,
+            "version": done.new,
+            "message": f"{self.bundle.name}: version {done.old} rolled back to version {done.new} "
+            f"({', '.join(done.files)} restored; version {done.old} kept); the line switches to it between two frames",
         }

@@ -29,11 +29,13 @@ CONTENT_TYPES = {".png": "image/png", ".jpg": "image/jpeg"}
 
 
 class Changes(Protocol):
-    """What "Apply" and "Teach" do to the run's bundle (``cli.station_changes.BundleChanges``)."""
+    """What "Apply", "Teach" and "Roll back" do to the run's bundle (``cli.station_changes.BundleChanges``)."""
 
     def set_threshold(self, threshold: float, reviewed: list[dict[str, Any]], operator: str) -> dict[str, Any]: ...
 
     def teach(self, normal: Path, defect: Path) -> dict[str, Any]: ...
+
+    def rollback(self) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -259,6 +261,8 @@ class Station:
             return self._apply(body, operator, address)
         if action == "teach":
             return self._teach(operator, address)
+        if action == "rollback":
+            return self._rollback(operator, address)
         raise ProtoADError(f"no such action: {action}")
 
     def _changes(self, what: str) -> Changes:
@@ -299,6 +303,17 @@ class Station:
         finally:
             db.close()
         self.log(f"station: {operator} ({address}) taught: {done['message']}")
+        return done
+
+    def _rollback(self, operator: str, address: str) -> dict[str, Any]:
+        """The version the one in force was made from back in force (an Apply or a Teach undone)."""
+        done = self._changes("rollback").rollback()
+        db = self._db()
+        try:
+            database.log_action(db, operator, address, "rollback", {"from": done["from"], "version": done["version"]})
+        finally:
+            db.close()
+        self.log(f"station: {operator} ({address}): {done['message']}")
         return done
 
     def _export(self, operator: str, address: str) -> dict[str, Any]:

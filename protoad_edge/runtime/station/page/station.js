@@ -250,7 +250,7 @@ async function galleryLoop(verdict, rootId, labels, newestKey) {
   }
 }
 
-// ------------------------------------------------------------------ review: the trade, export, apply, teach
+// ------------------------------------------------------------------ review: the trade, export, apply, teach, roll back
 
 async function refreshReview() {
   let answer;
@@ -336,3 +336,4 @@ actionsLoop();
 reviewLoop();
 document.getElementById("export").addEventListener("click", () => act("export", {}));
 document.getElementById("teach").addEventListener("click", () => act("teach", {}));
+document.getElementById("rollback").addEventListener("click", () => act("rollback", {}));
