@@ -32,6 +32,7 @@ from .atomic import PendingFile
 from .bundle import FILES, Bundle, kind_of, sha256
 from .errors import ProtoADError
 from .metadata import ModelInfo
+from .owner import own
 
 SUFFIX = ".versions"
 # The files that make a version: all but the TensorRT timing cache, which only speeds up engine builds.
@@ -64,22 +65,16 @@ def now() -> str:
 def locked(bundle: Bundle) -> Iterator[None]:
     """One writer of ``bundle``'s versions at a time (a second one is refused, not queued: it would write a version
     made from one that is no longer in force)."""
-    import fcntl
-
     root = folder(bundle)
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ProtoADError(
-                f"another teach, rollback or threshold change of {bundle.stem} is in progress "
-                f"(it holds {root / '.lock'}): wait for it to finish"
-            ) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    lock = own(root / ".lock", "w")
+    if lock is None:
+        raise ProtoADError(
+            f"another teach, rollback or threshold change of {bundle.stem} is in progress "
+            f"(it holds {root / '.lock'}): wait for it to finish"
+        )
+    with lock:
+        yield
 
 
 def writing_now(bundle: Bundle) -> bool:

@@ -23,6 +23,7 @@ LAYERS = (
             "protoad_edge",
             "errors",
             "atomic",
+            "owner",
             "progress",
             "constants",
             "preprocess",

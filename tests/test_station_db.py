@@ -361,6 +361,25 @@ def test_a_read_only_database_is_one_line_and_judging_goes_on(tiny_model: Path, 
     assert f"frames      {FRAMES}" in result.output and f"0 judgements recorded, {FRAMES} not recorded" in result.output
 
 
+def test_a_database_another_run_records_into_is_refused_in_one_line(
+    tiny_model: Path, video: Path, tmp_path: Path
+) -> None:
+    """Two runs recording into one file would trim each other's pictures and interleave their rows: while one
+    records, another is refused before it judges; once the first has ended (or died), the file is free."""
+    path = tmp_path / "line.db"
+    holder = Recorder(path, "tiny", "tiny", ["cam"], log=lambda m: None)
+    try:
+        args = [str(video), "--model", str(tiny_model), "--db", str(path), "--status-every", "0"]
+        result = CliRunner().invoke(run_main, args)
+        errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+        assert result.exit_code == 2 and len(errors) == 1 and "Traceback" not in result.output, result.output
+        assert f"the station database {path} is being recorded into by another protoad-run" in errors[0]
+    finally:
+        holder.close()
+    result = CliRunner().invoke(run_main, args)
+    assert result.exit_code == 0 and f"{FRAMES} judgements recorded" in result.output, result.output
+
+
 class read_only:
     """The file cannot be written, even by root: immutable (chattr +i) for root, mode 0444 for anyone else."""
 

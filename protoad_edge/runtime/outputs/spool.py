@@ -10,7 +10,6 @@ spool at a time; the kernel drops the lock with the process however it ends.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from ...atomic import write_atomic
 from ...errors import ProtoADError
+from ...owner import own
 
 FORMAT = 1
 MAX_BYTES = 64 * 1024 * 1024  # beyond this the oldest records are dropped (the count is bounded by the buffer)
@@ -54,18 +54,17 @@ class Spool:
         self.max_bytes = max_bytes
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            self._lock = open(self.path.with_suffix(".lock"), "ab")
+            lock = own(self.path.with_suffix(".lock"))
         except OSError as exc:
             raise ProtoADError(f"cannot use the MQTT spool folder {self.folder}: {exc.strerror or exc}") from None
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            self.records = self._load()
-        except BlockingIOError:
-            self._lock.close()
+        if lock is None:
             raise ProtoADError(
                 f"the MQTT spool {self.path} is in use by another protoad-run with the same broker and "
                 f"topic: give this one its own --mqtt-spool DIR"
-            ) from None
+            )
+        self._lock = lock
+        try:
+            self.records = self._load()
         except BaseException:
             self._lock.close()
             raise

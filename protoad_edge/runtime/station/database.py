@@ -27,8 +27,9 @@ import sqlite3
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+from ... import owner
 from ...errors import ProtoADError
 
 SCHEMA_VERSION = 1
@@ -112,6 +113,24 @@ CURRENT_LABELS = "SELECT frame, label FROM labels WHERE id IN (SELECT max(id) FR
 
 class Unwritable(ProtoADError):
     """The database's storage refuses writes (read-only, full, locked): judging goes on without the record."""
+
+
+def own(path: str | Path) -> IO[bytes] | None:
+    """This run's hold on the database file, kept open while it records: one run at a time records into a file
+    (two would trim each other's pictures and interleave their rows), so a second is refused in one line. None
+    where the file cannot be opened for writing: the recorder says why once, and judging goes on."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = owner.own(path)
+    except OSError:
+        return None
+    if handle is None:
+        raise ProtoADError(
+            f"the station database {path} is being recorded into by another protoad-run: give this run its own "
+            "--db FILE"
+        )
+    return handle
 
 
 def connect(path: str | Path, *, create: bool = False) -> sqlite3.Connection:

@@ -86,6 +86,7 @@ class Recorder:
         self._lock = threading.Lock()
         self._dropped_logged = False
         self.db: sqlite3.Connection | None = None
+        self._owner = database.own(self.path)  # one run records into a file at a time
         self.images: ImageStore | None = None
         self.run = 0
         self._run_facts = (model, category, self.lanes)
@@ -134,6 +135,8 @@ class Recorder:
             except sqlite3.Error:
                 pass  # the rows are what counts; their failure was logged
             self.db.close()
+        if self._owner is not None:
+            self._owner.close()
         kept = f", {len(self.images.kept):,} frames' pictures kept" if self.images is not None else ""
         lost = f", {self.not_recorded:,} not recorded" if self.not_recorded else ""
         skipped = f", {self.images_skipped:,} without pictures (writer behind)" if self.images_skipped else ""
