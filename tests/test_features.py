@@ -40,6 +40,7 @@ def test_none_is_seeded_and_deterministic() -> None:
     assert not torch.equal(a["conv1.weight"], c["conv1.weight"])
 
 
+@pytest.mark.slow  # 1.5-4 s: out of the fast tier (2 minutes)
 def test_weights_from_state_dict_file(tmp_path: Path) -> None:
     full = torchvision.models.wide_resnet50_2(weights=None)
     path = tmp_path / "wrn.pth"

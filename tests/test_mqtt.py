@@ -203,6 +203,7 @@ def test_without_a_broker_the_run_goes_on_and_counts(backend: OrtBackend, parts:
     assert len(logs) == 1 and f"cannot connect to 127.0.0.1:{sink.port} (Connection refused)" in logs[0]
 
 
+@pytest.mark.slow  # 1.5-4 s: out of the fast tier (2 minutes)
 @needs_broker
 def test_a_late_broker_gets_the_newest_messages_in_order(backend: OrtBackend, parts: Path, tmp_path: Path) -> None:
     """The buffer drops the oldest: a broker that appears only at the end of the run gets the last 3 frames."""

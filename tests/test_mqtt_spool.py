@@ -151,6 +151,7 @@ def test_a_run_without_a_broker_spools_all(backend: OrtBackend, parts: Path, tmp
     assert [json.loads(r) for r in Spool(tmp_path / "spool", "127.0.0.1", sink.port, TOPIC).records] == written
 
 
+@pytest.mark.slow  # 1.5-4 s: out of the fast tier (2 minutes)
 def test_close_waits_the_drain_timeout_for_pubacks(tmp_path: Path) -> None:
     url = down_url()
     left_by_an_earlier_run(tmp_path, url, 2)

@@ -285,6 +285,7 @@ def test_retention_removes_the_oldest_pictures_first_and_keeps_every_row(
     assert kept == [FRAMES - 2, FRAMES - 1] and len(rows(sized)) == FRAMES
 
 
+@pytest.mark.slow  # 1.5-4 s: out of the fast tier (2 minutes)
 def test_pictures_that_cannot_be_written_are_one_line_and_judging_goes_on(tiny_model: Path, tmp_path: Path) -> None:
     """Files may not grow past 256 KB (RLIMIT_FSIZE, as a full disk would stop them): every 640x480 frame's picture
     fails (EFBIG). The run judges every frame, says so once, and records every row without pictures."""

@@ -6,6 +6,7 @@ import time
 
 import cv2
 import numpy as np
+import pytest
 
 from protoad_edge.preprocess import Preprocess
 from protoad_edge.runtime.outputs.overlay import render
@@ -80,6 +81,7 @@ def test_nothing_is_drawn_until_asked_and_each_frame_once_per_width() -> None:
     assert cv2.imdecode(np.frombuffer(view.picture(10**6).jpeg, np.uint8), cv2.IMREAD_COLOR).shape[1] == 1280
 
 
+@pytest.mark.slow  # 1.5-4 s: out of the fast tier (2 minutes)
 def test_drawing_stays_within_its_share_of_a_core() -> None:
     """A page asking for every new frame as fast as it can: the drawing takes at most LIVE_SHARE of the time (plus
     the one drawing that may run over), and the page gets the newest picture drawn meanwhile."""

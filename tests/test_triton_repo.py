@@ -288,6 +288,7 @@ def test_a_model_that_fails_to_load_is_reported_by_its_error_not_its_traceback()
     assert failure("port 8001 in use\nmore") == "port 8001 in use"
 
 
+@pytest.mark.slow  # 1.5-4 s: out of the fast tier (2 minutes)
 def test_no_server_is_retried_then_one_line_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
     """Nothing listens on the port: the client retries for the reconnect timeout, then says so (real gRPC)."""
     import socket
