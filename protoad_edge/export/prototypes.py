@@ -11,8 +11,8 @@ prototype MatMuls are never quantized), each block in the precision the graph al
 The features are the graph's own: :func:`taps` names the L2 normalisation scope's (``FP32_SCOPE``) output, what
 the prototype stage compares (the normalised patch vectors, or with ``--project-dims`` their projection), its
 input (the raw features a projection reads) and the patch scores the upsampling reads; a graph without that scope
-predates it: re-export. :func:`head_graph` is the graph up to those
-features, :func:`tail_graph` its end: patch scores to map and image score.
+predates it: re-export. :func:`head_graph` is the graph up to those features (no prototype stage), :func:`tail_graph`
+its end: patch scores to map and image score; both are cuts of the same graph (``_cut``).
 """
 
 from __future__ import annotations
@@ -240,7 +240,8 @@ def tail_graph(model: onnx.ModelProto) -> bytes:
 
 
 def _cut(model: onnx.ModelProto, start: str, outputs: list[str], name: str) -> onnx.ModelProto:
-    """The nodes of ``model`` that ``outputs`` need, read from ``start`` on, as a graph with ``start`` its input."""
+    """The nodes of ``model`` that ``outputs`` need, read from ``start`` on, as a graph with ``start`` its input (the
+    image input, or else the patch scores, [N, 1, h, w])."""
     from onnx import TensorProto, helper
 
     producer = {o: n for n in model.graph.node for o in n.output}
