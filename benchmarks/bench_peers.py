@@ -24,13 +24,17 @@ Two steps in two environments, because anomalib is never a dependency of the run
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
 import statistics
 import sys
 import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -183,16 +187,35 @@ def slug(name: str) -> str:
 # --- step 2: accuracy and speed (the project's environment) ----------------------------------------------------
 
 
+Infer = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # float32 NCHW 0-255 -> (maps, scores)
+
+
 @dataclass
 class Run:
     model: str
     label: str
     ran: str
-    infer: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # float32 NCHW 0-255 -> (maps, scores)
+    opener: Callable[[], Infer]
+    keep_open: bool = True  # False: opened for each use and closed after it (see --keep-open-below)
     image_auroc: float = float("nan")
     pixel_auroc: float = float("nan")
     scores: np.ndarray | None = None
     ms: dict[int, list[float]] = field(default_factory=lambda: {1: [], 8: []})
+    held: Infer | None = None
+
+    @contextmanager
+    def opened(self) -> Iterator[Infer]:
+        """The run's session: opened once and kept, or - for a model too large to keep one session per row in
+        memory (PaDiM's 3.9 GB of inverse covariances, three rows) - opened for this use and released after it."""
+        infer = self.held or self.opener()
+        if self.keep_open:
+            self.held = infer
+        try:
+            yield infer
+        finally:
+            del infer
+            if not self.keep_open:
+                gc.collect()
 
 
 def ours(bundle: Path, threads: int) -> list[Run]:
@@ -205,30 +228,42 @@ def ours(bundle: Path, threads: int) -> list[Run]:
     runs = []
     for label, spec in OURS:
         backend = open_backend(bundle, spec, options=BackendOptions(device="cpu", threads=threads))
-        runs.append(Run(name, label, backend.describe().line(), backend.infer))
+        runs.append(Run(name, label, backend.describe().line(), lambda b=backend: b.infer, held=backend.infer))
     return runs
 
 
-def peer(name: str, onnx_files: str | dict[str, str], threads: int) -> list[Run]:
+def peer(name: str, onnx_files: str | dict[str, str], threads: int, keep_open_below_gb: float) -> list[Run]:
     """anomalib's exported graph (one, or one per batch size where the export fixed it): input the crop in [0, 1],
-    outputs anomaly_map and pred_score."""
+    outputs anomaly_map and pred_score. Kept open between uses only where its files weigh less than
+    ``keep_open_below_gb``."""
     files = {0: onnx_files} if isinstance(onnx_files, str) else {int(b): f for b, f in onnx_files.items()}
-    runs = []
-    for label, runtime, hint in PEER_RUNS:
-        calls = {b: session(f, runtime, hint, threads) for b, f in files.items()}
+    keep = graph_bytes(files.values()) < keep_open_below_gb * 2**30
+    return [
+        Run(name, label, f"{runtime} {hint or 'default'}", partial(peer_infer, files, runtime, hint, threads), keep)
+        for label, runtime, hint in PEER_RUNS
+    ]
 
-        def infer(batch: np.ndarray, calls: dict = calls) -> tuple[np.ndarray, np.ndarray]:
-            n = len(batch)
-            size = 0 if 0 in calls else min((b for b in calls if b >= n), default=max(calls))
-            x = np.ascontiguousarray(batch / 255.0, dtype=np.float32)
-            if size and size != n:  # a fixed batch: padded with copies of the last image, which are dropped
-                x = np.concatenate([x, np.repeat(x[-1:], size - n, axis=0)])
-            out = calls[size](x)
-            maps = np.asarray(out["anomaly_map"]).reshape(len(x), *batch.shape[2:])
-            return maps[:n], np.ravel(out["pred_score"])[:n]
 
-        runs.append(Run(name, label, f"{runtime} {hint or 'default'}", infer))
-    return runs
+def graph_bytes(paths: Iterable[str]) -> int:
+    """What ONNX graphs weigh on disk, their external weights (``NAME.onnx.data``) included."""
+    return sum(f.stat().st_size for p in map(Path, paths) for f in (p, p.with_name(p.name + ".data")) if f.exists())
+
+
+def peer_infer(files: dict[int, str], runtime: str, hint: str | None, threads: int) -> Infer:
+    """A peer's graphs opened: a call takes our batches and pads a fixed-batch graph's."""
+    calls = {b: session(f, runtime, hint, threads) for b, f in files.items()}
+
+    def infer(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n = len(batch)
+        size = 0 if 0 in calls else min((b for b in calls if b >= n), default=max(calls))
+        x = np.ascontiguousarray(batch / 255.0, dtype=np.float32)
+        if size and size != n:  # a fixed batch: padded with copies of the last image, which are dropped
+            x = np.concatenate([x, np.repeat(x[-1:], size - n, axis=0)])
+        out = calls[size](x)
+        maps = np.asarray(out["anomaly_map"]).reshape(len(x), *batch.shape[2:])
+        return maps[:n], np.ravel(out["pred_score"])[:n]
+
+    return infer
 
 
 def session(path: str, runtime: str, hint: str | None, threads: int) -> Callable[[np.ndarray], dict[str, Any]]:
@@ -256,10 +291,11 @@ def accuracy(run: Run, test: Any, batch: int) -> None:
     from protoad_edge.preprocess import to_batch
 
     maps, scores = [], []
-    for i in range(0, len(test.crops), batch):
-        m, s = run.infer(to_batch(test.crops[i : i + batch]))
-        maps.append(m)
-        scores.append(np.ravel(s))
+    with run.opened() as infer:
+        for i in range(0, len(test.crops), batch):
+            m, s = infer(to_batch(test.crops[i : i + batch]))
+            maps.append(m)
+            scores.append(np.ravel(s))
     maps_all, run.scores = np.concatenate(maps), np.concatenate(scores)
     run.image_auroc = curve_area(*roc_curve(test.labels, run.scores)[:2])
     usable = test.pixel_usable
@@ -272,23 +308,28 @@ def accuracy(run: Run, test: Any, batch: int) -> None:
 
 
 def timing(runs: list[Run], test: Any, rounds: int) -> None:
-    """Every run in turn (the order rotates each round), one batch-1 and one batch-8 call each."""
+    """Every run in turn (the order rotates each round), one batch-1 and one batch-8 call each, after untimed
+    warm-up calls on each session it opens."""
     from protoad_edge.preprocess import to_batch
 
     singles = [to_batch(test.crops[i : i + 1]) for i in range(rounds)]
     eight = to_batch(test.crops[:8])
-    for run in runs:
-        run.infer(singles[0])
-        run.infer(eight)
+    warm = set()
     for r in range(rounds):
         shift = r % len(runs)
         for run in runs[shift:] + runs[:shift]:
-            start = time.perf_counter()
-            run.infer(singles[r])
-            run.ms[1].append(1000 * (time.perf_counter() - start))
-            start = time.perf_counter()
-            run.infer(eight)
-            run.ms[8].append(1000 * (time.perf_counter() - start) / 8)
+            fresh = not run.keep_open or id(run) not in warm
+            with run.opened() as infer:
+                if fresh:
+                    infer(singles[0])
+                    infer(eight)
+                    warm.add(id(run))
+                start = time.perf_counter()
+                infer(singles[r])
+                run.ms[1].append(1000 * (time.perf_counter() - start))
+                start = time.perf_counter()
+                infer(eight)
+                run.ms[8].append(1000 * (time.perf_counter() - start) / 8)
 
 
 def table(runs: list[Run], test: Any) -> str:
@@ -346,7 +387,9 @@ def measure(args: argparse.Namespace, argv: list[str]) -> None:
     test = load_test_set(args.category, args.data_root, "mvtec", Bundle.of(args.bundle[0]).info().preprocess)
     record = json.loads((args.peers / "peers.json").read_text()) if args.peers else {"models": {}}
     runs = [run for bundle in args.bundle for run in ours(bundle, args.threads)]
-    runs += [run for name, m in record["models"].items() for run in peer(name, m["onnx"], args.threads)]
+    runs += [
+        run for name, m in record["models"].items() for run in peer(name, m["onnx"], args.threads, args.keep_open_below)
+    ]
     for run in runs:
         if not (args.timing_only_fp32 and run.label == "OpenVINO FP32"):
             accuracy(run, test, 8)
@@ -416,6 +459,14 @@ def main(argv: list[str]) -> None:
         action="store_true",
         help="time: time the OpenVINO FP32 rows but do not rescore them (the same FP32 graph as "
         "onnxruntime's; saves a pass over the test split each on a slow machine)",
+    )
+    parser.add_argument(
+        "--keep-open-below",
+        type=float,
+        default=1.0,
+        metavar="GB",
+        help="time: keep a peer's sessions open between uses only where its graph files weigh less (default 1 GB);"
+        " a heavier one (PaDiM: 3.9 GB) is opened for each use, one at a time, so a 24 GB machine holds the run",
     )
     parser.add_argument("--note", type=Path, help="time: a file whose text goes after the table")
     parser.add_argument("--no-write", action="store_true", help="print the section, leave RESULTS.md alone")
