@@ -35,8 +35,14 @@ from PIL import Image
 
 # The changed lamps: (gamma, gain, white balance R/G/B). "issue": the issue's, a gamma of 0.75, 8 % brighter, a
 # warmer white - a digital gamma on 8-bit frames, which also amplifies the sensor's noise in the dark parts 1.7x;
+# "issue-inverse": the same lamp with the other reading of "a gamma of 0.75", the exponent 1 / 0.75 (the gamma
+# tables of common OpenCV recipes), which darkens the dark parts and compresses their noise;
 # "aged": a lamp grown 15 % dimmer and warmer, the light changing and nothing else.
-LAMPS = {"issue": (0.75, 1.08, (1.06, 1.0, 0.92)), "aged": (1.0, 0.85, (1.06, 1.0, 0.92))}
+LAMPS = {
+    "issue": (0.75, 1.08, (1.06, 1.0, 0.92)),
+    "issue-inverse": (1 / 0.75, 1.08, (1.06, 1.0, 0.92)),
+    "aged": (1.0, 0.85, (1.06, 1.0, 0.92)),
+}
 HELD_OUT_DEMO = 40  # held-out variant frames of the demo (its test split has 8 normal images)
 
 
