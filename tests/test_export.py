@@ -51,6 +51,7 @@ def test_summary_reports_every_stage(demo_export: tuple[Path, str]) -> None:
     for needle in (
         "images",
         "train 18, held out 2, test 24",
+        "warning       thresholds set on 2 held-out images: with so few, the rule is expected to flag about 16 %",
         "patch vectors 14,112",
         "FINCH levels",
         "K = ",

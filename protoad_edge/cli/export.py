@@ -11,6 +11,7 @@ import click
 
 from ..builder.config import PROJECTIONS, BuildConfig
 from ..builder.memory import parse_size
+from ..builder.thresholds import few_held_out_warning
 from ..bundle import Bundle
 from ..constants import DATASET_KINDS, DEVICES, ENGINE_PRECISIONS, FEATURE_CHANNELS, TENSORRT_CHOICES, UPSAMPLE_MODES
 from ..errors import ProtoADError
@@ -357,6 +358,8 @@ def main(
     click.echo("  time          " + ", ".join(f"{k} {v:,.1f} s" for k, v in report.stage_seconds.items()))
     click.echo(f"  ONNX parity   max |onnxruntime - PyTorch| = {report.parity:.2e} (tolerance {PARITY_TOLERANCE:.0e})")
     click.echo(f"  thresholds    image {info.image_threshold:.5f}, pixel {info.pixel_threshold:.5f}")
+    if warning := few_held_out_warning(n["held_out"]):
+        click.echo(f"  warning       {warning}")
     m = report.test_metrics
     if m:
         line = f"  test          image AUROC {100 * m['image_auroc']:.1f} %"
