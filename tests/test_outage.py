@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from bench_outage import free_port, start_server
+from processes import finish
 
 
 def protoad_run(port: int, model: Path, *args: str) -> subprocess.Popen:
@@ -42,7 +43,7 @@ def test_a_stream_restarted_mid_run_is_survived(tiny_model: Path) -> None:
         server.wait()
         time.sleep(3.0)  # the camera's server is down for 3 s (the benchmark does the 10 s)
         server = start_server(port)
-        rest, stderr = run.communicate(timeout=120)
+        rest, stderr = finish(run, 120)
     finally:
         run.kill()
         server.kill()

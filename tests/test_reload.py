@@ -14,6 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from processes import finish
 from teaching import changed_lamp, crops, demo_frames, teach_bundle
 from triton_server import Server, serve_python
 
@@ -88,7 +89,7 @@ def test_a_run_switches_to_a_taught_version_between_two_frames(bundle_dir: Path,
         lines = read_records(process, 40)
         teach_lamp(model)
         wait_for(log, "model: version 1 -> 2", process, lines)
-        rest, _ = process.communicate(timeout=600)
+        rest, _ = finish(process, 600)
     finally:
         process.kill()
     records = [json.loads(line) for line in "".join(lines).splitlines() + rest.splitlines()]
@@ -128,7 +129,7 @@ def test_a_broken_version_is_refused_and_the_run_goes_on(bundle_dir: Path, video
             time.sleep(0.5)  # the run looks meanwhile, and waits for the writer
             replace(sidecar, good_sidecar)
         wait_for(log, "model: version 1 -> 1", process, lines)
-        rest, _ = process.communicate(timeout=600)
+        rest, _ = finish(process, 600)
     finally:
         process.kill()
     records = [json.loads(line) for line in "".join(lines).splitlines() + rest.splitlines()]
@@ -168,7 +169,7 @@ def test_a_line_on_a_server_switches_when_the_server_serves_a_new_version(
             teach_lamp(model)
             server.restart()
             wait_for(log, "model: version 1 -> 2", process, lines)
-            rest, _ = process.communicate(timeout=600)
+            rest, _ = finish(process, 600)
         finally:
             process.kill()
     records = [json.loads(line) for line in "".join(lines).splitlines() + rest.splitlines()]

@@ -21,6 +21,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import normal_crops, read_jsonl
 from PIL import Image
+from processes import finish
 
 from protoad_edge.cli.run import main
 from protoad_edge.preprocess import load_rgb, to_batch
@@ -323,7 +324,7 @@ def test_a_signal_mid_run_finalises_every_output(
         assert json.loads(first)["frame"] == 0
         time.sleep(0.3)
         process.send_signal(signum)
-        rest, stderr = process.communicate(timeout=60)
+        rest, stderr = finish(process, 60)
     finally:
         process.kill()
     records = [json.loads(line) for line in (first + rest).splitlines()]  # every stdout line is a JSON record

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import normal_crops
+from processes import finish
 from triton_server import Server, serve_python
 
 from protoad_edge.cli.run import main as run_main
@@ -260,7 +261,7 @@ def test_a_server_restart_mid_run_loses_and_repeats_nothing(tiny_model: Path, tm
         assert server.stop() == 0  # SIGTERM: a clean stop, in the middle of the run
         time.sleep(1.0)  # the client now finds no server, and retries
         server.start()
-        rest, stderr = run.communicate(timeout=300)
+        rest, stderr = finish(run, 300)
     assert run.returncode == 0, stderr
     assert "not answering" in stderr and "retrying" in stderr
     records = [json.loads(line) for line in lines + rest.splitlines()]
