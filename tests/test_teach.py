@@ -279,6 +279,7 @@ def test_teaching_the_new_lamp_makes_it_normal_and_keeps_a_defect(
     )
     assert set(after.digests) == set(before.digests)  # sealed again: the run checks the new files against it
     assert "wrote version 2" in result.output and "held-out normal frames: false alarms 8/8 -> 0/8" in result.output
+    assert "largest group (x,y,w,h)" in result.output  # the box is one group's, not the hull of every taught patch
 
 
 def test_a_defect_taught_by_mistake_is_taught_like_any_look(pristine: Path, tmp_path: Path) -> None:

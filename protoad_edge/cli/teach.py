@@ -229,7 +229,7 @@ def _teach(
         f"a patch is taught when no prototype reaches cosine {1 - result.pixel_threshold:.6g} "
         f"(1 - the pixel threshold {result.pixel_threshold:.6g} in force)"
     )
-    rows = [["frame", "score before", "after", "taught patches", "share", "where (x,y,w,h)"]]
+    rows = [["frame", "score before", "after", "taught patches", "share", "largest group (x,y,w,h)"]]
     for r in result.frames:
         rows.append(
             [
