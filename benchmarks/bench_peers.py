@@ -361,6 +361,7 @@ def table(runs: list[Run], test: Any) -> str:
                     spearman(ref.scores, run.scores),
                     ref.pixel_auroc,
                     run.pixel_auroc,
+                    int(test.labels.sum()),
                 )
             )
             f = verdict.figures

@@ -55,6 +55,29 @@ def test_each_failure_is_named_with_its_figure() -> None:
     assert verdict.to_dict()["passed"] is False and verdict.to_dict()["image_drop_pt"] == 20.0
 
 
+def test_a_split_too_small_to_resolve_the_limit_says_so_and_still_refuses() -> None:
+    """The demo's 8 normal and 16 anomalous images: one reordered pair is 100 / 128 = 0.78 pt, so any reorder
+    fails - the refusal stands, and says more labelled images are what is needed. MVTec bottle's 20 + 63 images
+    (0.08 pt a pair) resolve the limit: no such note."""
+    one_pair = 1 - 1 / 128
+    small = judge(GateFigures("openvino bf16", 24, 1.0, one_pair, 0.999, None, None, anomalous=16))
+    assert small.figures.pair_pt == pytest.approx(0.78125)
+    assert not small.passed and len(small.failures) == 1
+    assert small.failures[0] == (
+        "image AUROC drops 0.78 pt (limit 0.5; on 8 normal and 16 anomalous images one pair ranked the other way "
+        "moves it 0.78 pt: judge on more labelled images)"
+    )
+    bottle = judge(GateFigures("openvino bf16", 83, 0.9, 0.89, 0.999, None, None, anomalous=63))
+    assert bottle.figures.pair_pt == pytest.approx(100 / (20 * 63))
+    assert bottle.failures == ("image AUROC drops 1.00 pt (limit 0.5)",)
+    at_limit = judge(GateFigures("x", 30, 1.0, 0.99, 0.999, None, None, anomalous=20))  # 200 pairs: 0.5 pt each
+    assert at_limit.figures.pair_pt == 0.5 and "labelled" not in at_limit.failures[0]  # the limit is resolved
+    past = judge(GateFigures("x", 200, 1.0, 0.99, 0.999, None, None, anomalous=199))  # 199 pairs: 0.503 pt each
+    assert "judge on more labelled images" in past.failures[0]
+    assert judge(figures(image=0.8)).figures.pair_pt is None  # counts unknown: no note
+    assert judge(GateFigures("x", 24, 1.0, 0.99, 0.999, anomalous=24)).figures.pair_pt is None  # no normal image
+
+
 def test_a_failure_is_refused_with_the_figures_unless_accepted() -> None:
     verdict = judge(GateFigures("bottle.int8.onnx", 83, 0.8667, 0.6917, 0.87, 0.8432, 0.8349))
     with pytest.raises(ProtoADError) as caught:

@@ -367,6 +367,7 @@ def gate_figures(what: str, test: LabelledSplit, reference: Metrics, metrics: Me
         spearman=rank,
         reference_pixel_auroc=reference.pixel_auroc,
         pixel_auroc=metrics.pixel_auroc,
+        anomalous=int(test.labels.sum()),
     )
 
 

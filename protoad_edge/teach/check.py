@@ -83,6 +83,7 @@ class Check:
             spearman=rank,
             reference_pixel_auroc=old.pixel_auroc,
             pixel_auroc=new.pixel_auroc,
+            anomalous=int(split.labels.sum()),
         )
         flagged = [is_anomalous(image_scores(m), threshold) for m in (before, after)]
         labels = split.labels
