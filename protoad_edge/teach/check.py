@@ -18,8 +18,8 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..decision import image_scores, is_anomalous
-from ..evaluation.accuracy_gate import ACCEPT_FLAG, GateFigures, Verdict, judge
-from ..evaluation.evaluate import LabelledSplit, compute_metrics
+from ..evaluation.accuracy_gate import ACCEPT_FLAG, Verdict, judge
+from ..evaluation.evaluate import LabelledSplit, compute_metrics, gate_figures
 from ..metrics import spearman
 
 Maps = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # crops -> (maps before, maps after)
@@ -75,16 +75,7 @@ class Check:
         before, after = maps(split.crops)
         old, new = compute_metrics(split, before), compute_metrics(split, after)
         rank = spearman(image_scores(before), image_scores(after))
-        figures = GateFigures(
-            what="the taught bundle",
-            images=len(split.labels),
-            reference_image_auroc=old.image_auroc,
-            image_auroc=new.image_auroc,
-            spearman=rank,
-            reference_pixel_auroc=old.pixel_auroc,
-            pixel_auroc=new.pixel_auroc,
-            anomalous=int(split.labels.sum()),
-        )
+        figures = gate_figures("the taught bundle", split, old, new, rank)
         flagged = [is_anomalous(image_scores(m), threshold) for m in (before, after)]
         labels = split.labels
         return CheckResult(
