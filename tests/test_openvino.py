@@ -398,3 +398,30 @@ def test_a_compiled_model_that_lowers_the_scope_is_refused(tiny_model: Path, mon
         r"in a reduced precision \(/l2norm/.*\): run --backend openvino \(FP32\)$",
     ):
         open_backend(tiny_model, "openvino", options=BackendOptions(device="cpu", precision="bf16"))
+
+
+@needs_openvino
+def test_the_lowered_weights_are_rounded_to_nearest_not_truncated() -> None:
+    """OpenVINO folds a Convert to BF16 by truncating (1.005 -> 1.0); lower_outside rounds the constants first, to
+    nearest with ties to even, as torch does: 1.005 -> 1.0078125, 1 + 2^-8 (a tie) -> 1.0."""
+    import openvino as ov
+    import openvino.opset13 as ops
+    import torch
+
+    from protoad_edge.runtime.backends.openvino_precision import lower_outside, round_to_bf16
+
+    values = np.float32([1.005, -1.005, 1 + 2**-8, 1 + 3 * 2**-8, 0.30001, 3.14159])
+    nearest = torch.from_numpy(values).to(torch.bfloat16).float().numpy()
+    assert nearest[0] == np.float32(1.0078125) and nearest[2] == 1.0 and nearest[3] == np.float32(1.015625)
+    many = np.random.default_rng(0).standard_normal(100_000).astype(np.float32) * np.float32(2.0) ** np.arange(-20, 20)[
+        np.random.default_rng(1).integers(0, 40, 100_000)
+    ].astype(np.float32)
+    assert np.array_equal(round_to_bf16(many), torch.from_numpy(many).to(torch.bfloat16).float().numpy())
+
+    image = ops.parameter([6], ov.Type.f32, name="image")
+    model = ov.Model([ops.multiply(image, ops.constant(values))], [image])
+    lower_outside(model, "bf16", scope=set())
+    folded = [op.get_data() for op in model.get_ordered_ops() if op.get_type_name() == "Constant"]
+    assert len(folded) == 1 and folded[0].dtype != np.float32  # the weight was lowered to BF16
+    request = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}).create_infer_request()
+    np.testing.assert_array_equal(request.infer({0: np.ones(6, np.float32)})[0], nearest)
