@@ -25,6 +25,7 @@ from .base import Backend, BackendFacts, BackendOptions, check_batch
 from .openvino_precision import (
     check_capability,
     check_not_quantized,
+    input_scaling,
     lower_outside,
     mode,
     read_back,
@@ -96,7 +97,7 @@ class OpenVinoBackend(Backend):
                 self.device_name,
                 list(core.get_property(self.device, "OPTIMIZATION_CAPABILITIES")),
             )
-        scope = scope_names(model) if self.asked != "fp32" else set()
+        scope = scope_names(model) | input_scaling(model) if self.asked != "fp32" else set()
         if low:
             check_not_quantized(model, self.asked, str(path))
             lower_outside(model, low, scope)
@@ -122,8 +123,8 @@ class OpenVinoBackend(Backend):
         if low and self.read.scope_not_fp32:
             raise ProtoADError(
                 f"openvino:{self.asked}: OpenVINO {self.version} on {self.device} runs "
-                f"{len(self.read.scope_not_fp32)} node(s) of the FP32 scope in a reduced precision "
-                f"({', '.join(self.read.scope_not_fp32[:3])}): run --backend openvino (FP32)"
+                f"{len(self.read.scope_not_fp32)} node(s) kept in FP32 (the input scaling, the scope) in a reduced "
+                f"precision ({', '.join(self.read.scope_not_fp32[:3])}): run --backend openvino (FP32)"
             )
         self.precision = self.asked if low and low in self.read.lowered else self.hint
         if self.asked != self.precision:

@@ -1,19 +1,21 @@
 """Mixed precision for OpenVINO: the backbone in BF16 or FP16, every node from the L2 normalisation's input to the
-score in FP32 (``constants.FP32_SCOPE`` and all that follows it; the TensorRT FP16 build keeps the L2 norm alone).
+score in FP32 (``constants.FP32_SCOPE`` and all that follows it; the TensorRT FP16 build keeps the L2 norm alone),
+and the input's scaling ahead of the first convolution in FP32 too (:func:`input_scaling`).
 
 The score is 1 minus a cosine near 1: BF16's 8-bit significand erases it (whole network in BF16 on bottle, random
 weights: image AUROC 86.9 -> 84.0, pixel 84.2 -> 73.6), while the backbone alone in BF16 keeps it (issue 29); the
 L2 norm alone in FP32 is not enough (tests: the gate refuses that scope).
 
 How the scope is kept: by the graph's own element types. The model is read in FP32 and lowered outside the scope -
-a ``Convert`` to BF16/FP16 after the input, the backbone's constants converted, a ``Convert`` back to FP32 on every
-edge entering the scope - and compiled with ``INFERENCE_PRECISION_HINT`` f32, under which OpenVINO's CPU plugin
-lowers nothing itself (``Graph::EnforceInferencePrecision`` returns at once) and runs each node in the precision the
-model gives it. OpenVINO's mark for this, the ``DisablePrecisionConversion`` rt_info (``disable_conversion``, what
-``ov::disable_fp16_compression`` became), was tried first: the CPU plugin honours it per node under a BF16 hint
-(``Node::keepOrigPrecision``), but it is not copyable, and nodes its own passes rebuild (ConvertDivide's Power,
-1 - x, the Resize, the blur) lost it and ran in BF16 (OpenVINO 2026.4). So the compiled model is read back instead
-(:func:`read_back`): every node of the scope must run and write FP32, and a device that does otherwise is refused.
+a ``Convert`` to BF16/FP16 after the input's scaling, the backbone's constants converted (rounded to nearest), a
+``Convert`` back to FP32 on every edge entering the scope - and compiled with ``INFERENCE_PRECISION_HINT`` f32, under
+which OpenVINO's CPU plugin lowers nothing itself (``Graph::EnforceInferencePrecision`` returns at once) and runs each
+node in the precision the model gives it. OpenVINO's mark for this, the ``DisablePrecisionConversion`` rt_info
+(``disable_conversion``, what ``ov::disable_fp16_compression`` became), was tried first: the CPU plugin honours it per
+node under a BF16 hint (``Node::keepOrigPrecision``), but it is not copyable, and nodes its own passes rebuild
+(ConvertDivide's Power, 1 - x, the Resize, the blur) lost it and ran in BF16 (OpenVINO 2026.4). So the compiled model
+is read back instead (:func:`read_back`): every node kept in FP32 must run and write FP32, and a device that does
+otherwise is refused.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ MODES: dict[str, tuple[str, str | None]] = {
 NEEDS = {"bf16": "BF16", "fp16": "FP16"}
 # Layer types whose runtime precision says what the heavy compute ran in.
 COMPUTE_LAYERS = ("Convolution", "MatMul", "FullyConnected")
+# The same in the model as read (before the CPU plugin turns MatMuls into FullyConnected).
+COMPUTE_OPS = ("Convolution", "GroupConvolution", "MatMul")
 
 
 def mode(precision: str) -> tuple[str, str | None]:
@@ -79,6 +83,25 @@ def scope_names(model: Any, scope: str = FP32_SCOPE) -> set[str]:
             "of protoad-edge, or run --backend openvino (FP32)"
         )
     return inside
+
+
+def input_scaling(model: Any) -> set[str]:
+    """Friendly names of the nodes between the input and the first convolution or matrix product: the pixels'
+    scaling to the backbone's range, kept in FP32 beside the scope.
+
+    Lowered, the 0-255 input is exact in BF16 but each step of its scaling rounds again, and the image reaches the
+    stem a little off everywhere; kept in FP32 it is rounded once, at the first convolution (as torch's autocast
+    does). It costs nothing (a few elementwise operations on the image) and on the demo's projected network it
+    took the rank agreement with FP32 from 0.986 to 0.997 (benchmarks/RESULTS.md, bench_bf16_scope)."""
+    head: set[str] = set()
+    for op in model.get_ordered_ops():
+        if op.get_type_name() in ("Constant", "Parameter", "Result", *COMPUTE_OPS):
+            continue
+        sources = [i.get_source_output().get_node() for i in op.inputs()]
+        fed = [s.get_type_name() == "Parameter" or s.get_friendly_name() in head for s in sources]
+        if any(fed) and all(f or s.get_type_name() == "Constant" for f, s in zip(fed, sources)):
+            head.add(op.get_friendly_name())
+    return head
 
 
 def check_not_quantized(model: Any, precision: str, path: str) -> None:
