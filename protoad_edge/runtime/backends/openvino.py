@@ -131,12 +131,18 @@ class OpenVinoBackend(Backend):
             print(f"openvino: {self.note}", file=sys.stderr, flush=True)
 
     @property
+    def runs(self) -> str:
+        """What ran, in words. Under a whole-network hint OpenVINO keeps some compute layers in FP32 itself (2026.4:
+        the prototype stage's matrix products, whose constant is their first operand), and the words say how many."""
+        runs = RUNS.get(self.precision, self.precision)
+        kept, total = self.read.compute.get("f32", 0), sum(self.read.compute.values())
+        if self.precision.endswith("-all") and kept:
+            runs = f"{runs[:-1]}; {kept} of {total} compute layers fp32, OpenVINO's choice)"
+        return runs
+
+    @property
     def note(self) -> str:
-        return (
-            f"{self.asked} asked, {self.device} runs {RUNS.get(self.precision, self.precision)}"
-            if self.asked != self.precision
-            else ""
-        )
+        return f"{self.asked} asked, {self.device} runs {self.runs}" if self.asked != self.precision else ""
 
     def _check_signature(self, model: Any) -> None:
         """The graph's outputs and input are the ones its metadata promises."""
@@ -162,8 +168,7 @@ class OpenVinoBackend(Backend):
         return out[MAP_NAME][:, 0], out[SCORE_NAME]
 
     def describe(self) -> BackendFacts:
-        runs = RUNS.get(self.precision, self.precision)
-        precision = runs if not self.int8_layers else f"int8 + {runs}"
+        precision = self.runs if not self.int8_layers else f"int8 + {self.runs}"
         details: dict[str, Any] = {
             "device_name": self.device_name,
             "openvino": self.version,
