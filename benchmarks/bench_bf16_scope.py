@@ -1,11 +1,11 @@
 """Where openvino:bf16's error comes from (issue 29): the mixed model with more, or less, of it kept in FP32.
 
 ``openvino:bf16`` keeps the input's scaling and every node from the L2 normalisation's input to the score in FP32
-and runs the backbone in BF16. This asks whether one part carries the error - the input scaling (lowered, as
-openvino:bf16 did before 2026-12-06), the stem, the last blocks of layer3, the feature resize and concat - by moving
-that part in or out of FP32 and measuring, on the bundle's labelled test split, the gate's figures against
-onnxruntime FP32 and the speed (batch 1, every model in turn, medians). Each variant's FP32 nodes are read back from
-the compiled model: a variant whose FP32 nodes did not run in FP32 is an error, not a row.
+and runs the backbone in BF16. This asks whether one part carries the error - the input scaling (lowered right after
+the input, as openvino:bf16 did before 2026-12-06), the stem, the last blocks of layer3, the feature resize and
+concat - by moving that part in or out of FP32 and measuring, on the bundle's labelled test split, the gate's
+figures against onnxruntime FP32 and the speed (batch 1, every model in turn, medians). Each variant's FP32 nodes
+are read back from the compiled model: a variant whose FP32 nodes did not run in FP32 is an error, not a row.
 
     python benchmarks/bench_bf16_scope.py --model /tmp/demo256/demo.onnx --category demo --data-root data
 """
@@ -34,7 +34,7 @@ from protoad_edge.runtime.backends.openvino_precision import input_scaling, lowe
 # leave them; None: openvino:bf16 as it is)
 VARIANTS = (
     ("openvino:bf16", None, True),
-    ("- input scaling (openvino:bf16 before 2026-12-06)", r"^/features/(Mul|Add)$", False),
+    ("- input scaling (lowered right after the input)", r"^/features/(Mul|Add)$", False),
     ("+ feature resize and concat", r"^/features/(Resize|Concat|Shape|Slice)", True),
     ("+ stem", r"/backbone/(conv1|bn1|relu|maxpool)/", True),
     ("+ layer3's last block", r"/layer3\.5/", True),

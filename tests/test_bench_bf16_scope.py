@@ -27,7 +27,7 @@ def test_every_variant_names_its_part_and_runs_it_in_fp32(tiny_model: Path) -> N
         nodes,
     ) in parts.items():  # what a variant keeps lies outside openvino:bf16's FP32 nodes; what it lowers in
         assert label == "openvino:bf16" or (nodes and not nodes & scope and bool(nodes & head) != keeps[label]), label
-    assert parts["- input scaling (openvino:bf16 before 2026-12-06)"] == head
+    assert parts["- input scaling (lowered right after the input)"] == head
     assert parts["+ layer3's last block"] < parts["+ layer3's last two blocks"] < parts["+ all of layer3"]
     assert all("layer" not in n for n in parts["+ stem"])
     if "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
