@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bench_common import DEFAULT_DATA, command_line, machine_text, median_ms, update_results
+from bench_common import DEFAULT_DATA, command_line, machine_text, median_ms, network_key, update_results
 
 from protoad_edge.decision import image_scores
 from protoad_edge.evaluation.accuracy_gate import judge
@@ -160,8 +160,7 @@ def main(argv: list[str]) -> None:
     )
     print(section)
     if not args.no_write:
-        key = f"bench_bf16_scope_{args.category}_{'p' + str(info.projection['dims']) if info.projection else 'paper'}"
-        print(f"wrote {update_results(key, section)}")
+        print(f"wrote {update_results(f'bench_bf16_scope_{args.category}_{network_key(info)}', section)}")
 
 
 if __name__ == "__main__":

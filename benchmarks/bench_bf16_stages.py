@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bench_common import command_line, machine_text, update_results
+from bench_common import command_line, machine_text, network_key, update_results
 
 from protoad_edge.metadata import ModelInfo
 from protoad_edge.runtime.backends import openvino_precision as precision
@@ -180,8 +180,7 @@ def main(argv: list[str]) -> None:
     )
     print(section)
     if not args.no_write:
-        key = f"bench_bf16_stages_{info.category}_{'p' + str(info.projection['dims']) if info.projection else 'paper'}"
-        print(f"wrote {update_results(key, section)}")
+        print(f"wrote {update_results(f'bench_bf16_stages_{info.category}_{network_key(info)}', section)}")
 
 
 if __name__ == "__main__":

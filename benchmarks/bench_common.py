@@ -132,5 +132,11 @@ def update_results(key: str, body: str, path: Path = RESULTS) -> Path:
     return write_text_atomic(path, text)
 
 
+def network_key(info: object) -> str:
+    """A bundle's network in a RESULTS.md section key: ``p256`` for ``--project-dims 256``, else ``paper``."""
+    projection = getattr(info, "projection", None)
+    return f"p{projection['dims']}" if projection else "paper"
+
+
 def command_line(argv: list[str]) -> str:
     return shlex.join(["python", os.path.relpath(argv[0], ROOT), *argv[1:]])

@@ -56,3 +56,12 @@ def test_the_benchmark_runs_on_a_bundle(tiny_model: Path, capsys: pytest.Capture
     out = capsys.readouterr().out
     assert "| backbone |" in out and "| prototypes (FP32) |" in out and "| **wall, per call** |" in out
     assert "onnxruntime FP32:" in out and "openvino:bf16-all {" in out
+
+
+def test_a_bundles_section_key_names_its_network() -> None:
+    from types import SimpleNamespace
+
+    from bench_common import network_key
+
+    assert network_key(SimpleNamespace(projection={"dims": 256})) == "p256"
+    assert network_key(SimpleNamespace(projection=None)) == "paper"
