@@ -28,7 +28,7 @@ from protoad_edge.evaluation.evaluate import compute_metrics, gate_figures, load
 from protoad_edge.metadata import ModelInfo
 from protoad_edge.metrics import spearman
 from protoad_edge.preprocess import to_batch
-from protoad_edge.runtime.backends.openvino_precision import input_scaling, lower_outside, read_back, scope_names
+from protoad_edge.runtime.backends.openvino_precision import kept_fp32, lower_outside, read_back
 
 # (label, regular expression over OpenVINO's friendly node names, whether those join openvino:bf16's FP32 nodes or
 # leave them; None: openvino:bf16 as it is)
@@ -66,7 +66,7 @@ def compiled(path: Path, pattern: str | None, threads: int, keep: bool = True) -
 
     core = ov.Core()
     model = core.read_model(str(path))
-    fp32 = scope_names(model) | input_scaling(model)
+    fp32 = kept_fp32(model)
     scope = fp32 | named_nodes(model, pattern) if keep else fp32 - named_nodes(model, pattern)
     lower_outside(model, "bf16", scope)
     config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}

@@ -84,7 +84,7 @@ def compiled(path: Path, mode: str, threads: int) -> Any:
     model = core.read_model(str(path))
     hint, low = precision.mode(mode)
     if low:
-        precision.lower_outside(model, low, precision.scope_names(model) | precision.input_scaling(model))
+        precision.lower_outside(model, low, precision.kept_fp32(model))
     config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
     return core.compile_model(model, "CPU", {**config, "PERF_COUNT": True})
 

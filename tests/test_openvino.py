@@ -306,7 +306,7 @@ def test_the_gate_passes_the_mixed_model_and_refuses_it_with_the_scope_broken(
     tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from protoad_edge.cli.eval import main as eval_main
-    from protoad_edge.runtime.backends import openvino as openvino_backend
+    from protoad_edge.runtime.backends import openvino_precision
 
     data = write_graded(tmp_path / "data")
     report = tmp_path / "gate.json"
@@ -335,7 +335,7 @@ def test_the_gate_passes_the_mixed_model_and_refuses_it_with_the_scope_broken(
     assert gate["passed"] and gate["images"] == 16 and gate["spearman"] >= 0.99
     # Broken on purpose: the L2 norm alone kept in FP32 (as TensorRT's FP16 build does), the cosine and 1 - x in BF16.
     monkeypatch.setattr(
-        openvino_backend,
+        openvino_precision,
         "scope_names",
         lambda model: {
             op.get_friendly_name() for op in model.get_ordered_ops() if "/l2norm/" in op.get_friendly_name()

@@ -25,11 +25,10 @@ from .base import Backend, BackendFacts, BackendOptions, check_batch
 from .openvino_precision import (
     check_capability,
     check_not_quantized,
-    input_scaling,
+    kept_fp32,
     lower_outside,
     mode,
     read_back,
-    scope_names,
 )
 
 # What each BackendOptions.precision runs, in words (describe's precision).
@@ -97,7 +96,7 @@ class OpenVinoBackend(Backend):
                 self.device_name,
                 list(core.get_property(self.device, "OPTIMIZATION_CAPABILITIES")),
             )
-        scope = scope_names(model) | input_scaling(model) if self.asked != "fp32" else set()
+        scope = kept_fp32(model) if self.asked != "fp32" else set()
         if low:
             check_not_quantized(model, self.asked, str(path))
             lower_outside(model, low, scope)

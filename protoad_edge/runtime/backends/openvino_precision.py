@@ -104,6 +104,12 @@ def input_scaling(model: Any) -> set[str]:
     return head
 
 
+def kept_fp32(model: Any) -> set[str]:
+    """Every node the mixed form keeps in FP32: the input's scaling and the scope (what the backend lowers around
+    and reads back, and what the benchmarks start from)."""
+    return scope_names(model) | input_scaling(model)
+
+
 def check_not_quantized(model: Any, precision: str, path: str) -> None:
     """Refuse the mixed form on an INT8 (Q/DQ) model: lowered, its FakeQuantize nodes no longer meet OpenVINO's low
     precision transformations and every INT8 layer ran in BF16 instead (measured with OpenVINO 2026.4, also with the
